@@ -1,0 +1,1 @@
+"""The DIMSE server: association policy and one thin handler per service, each calling `pacs`."""

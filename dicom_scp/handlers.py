@@ -1,0 +1,83 @@
+"""DIMSE event handlers: adapt pynetdicom events onto `pacs` services and nothing more."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+from pydicom.dataset import Dataset
+from pynetdicom import evt
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+
+from dicom_scp.statuses import REFUSED_NOT_AUTHORIZED, error_comment, store_status
+from pacs.context import AppContext
+from pacs.db.models import ApplicationEntity
+from pacs.ingest import Ingestor, IngestSource
+
+log = logging.getLogger("dicom_scp")
+
+
+def handle_echo(event: evt.Event) -> int:
+    return 0x0000
+
+
+def handle_store(event: evt.Event, ingestor: Ingestor, ctx: AppContext) -> Dataset:
+    requestor = event.assoc.requestor
+    calling_ae = requestor.ae_title.strip() if isinstance(requestor.ae_title, str) else ""
+    status = Dataset()
+    if not ctx.settings.accept_unknown_store_aes and not _may_store(ctx, calling_ae):
+        status.Status = REFUSED_NOT_AUTHORIZED
+        status.ErrorComment = error_comment(f"AE {calling_ae} is not registered to store")
+        return status
+    request = event.request
+    outcome = ingestor.ingest(
+        event.encoded_dataset(include_meta=True),
+        IngestSource("dimse", calling_ae=calling_ae, address=f"{requestor.address}:{requestor.port}"),
+        expected_sop_instance_uid=str(request.AffectedSOPInstanceUID or "") or None,
+        expected_sop_class_uid=str(request.AffectedSOPClassUID or "") or None,
+    )
+    status.Status = store_status(outcome)
+    if not outcome.ok:
+        status.ErrorComment = error_comment(outcome.message)
+        log.warning("C-STORE from %s refused (0x%04X): %s", calling_ae, status.Status, outcome.message)
+    counts = event.assoc.__dict__.setdefault("_pacs_counts", {"ok": 0, "failed": 0})
+    counts["ok" if outcome.ok else "failed"] += 1
+    return status
+
+
+def _may_store(ctx: AppContext, calling_ae: str) -> bool:
+    try:
+        with ctx.sessions() as session:
+            return bool(session.scalar(
+                select(ApplicationEntity.allow_store).where(ApplicationEntity.ae_title == calling_ae)
+            ))
+    except SQLAlchemyError:
+        return False
+
+
+def on_conn_open(event: evt.Event) -> None:
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+def on_accepted(event: evt.Event) -> None:
+    r = event.assoc.requestor
+    log.info("association accepted: %s@%s:%s -> %s (max PDU %s)", r.ae_title, r.address, r.port,
+             event.assoc.acceptor.ae_title, r.maximum_length)
+
+
+def on_released(event: evt.Event) -> None:
+    r = event.assoc.requestor
+    counts = event.assoc.__dict__.get("_pacs_counts", {"ok": 0, "failed": 0})
+    log.info("association released: %s@%s:%s stored=%d failed=%d", r.ae_title, r.address, r.port,
+             counts["ok"], counts["failed"])
+
+
+def on_aborted(event: evt.Event) -> None:
+    r = event.assoc.requestor
+    log.warning("association aborted: %s@%s:%s", r.ae_title, r.address, r.port)

@@ -1,0 +1,1 @@
+"""The `pacs` command line."""

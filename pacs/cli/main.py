@@ -1,0 +1,281 @@
+"""`pacs`: run the servers, manage the index, register peers, import studies."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from pacs.settings import Settings
+
+app = typer.Typer(help="Filmless PACS/RIS: DICOM archive, DICOMweb, reports.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+db_app = typer.Typer(help="Index database schema.", no_args_is_help=True)
+ae_app = typer.Typer(help="Registered DICOM peers (application entities).", no_args_is_help=True)
+config_app = typer.Typer(help="Configuration.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(ae_app, name="ae")
+app.add_typer(config_app, name="config")
+console = Console(stderr=True)
+out = Console()
+
+
+def _settings() -> Settings:
+    try:
+        settings = Settings()
+    except Exception as exc:
+        console.print(f"[red]invalid configuration:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s %(threadName)s: %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    return settings
+
+
+def _ensure_schema(settings: Settings, upgrade: bool) -> None:
+    from pacs.db import migrate
+    from pacs.db.engine import make_engine
+
+    if not settings.database_url:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.effective_database_url)
+    try:
+        if upgrade:
+            migrate.upgrade(engine)
+        elif not migrate.is_current(engine):
+            console.print("[red]the index schema is not current: run `pacs db upgrade` first[/red]")
+            raise typer.Exit(2)
+    finally:
+        engine.dispose()
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+@app.command()
+def serve() -> None:
+    """Run everything in one process: DICOM SCP, HTTP API and workers (embedded defaults)."""
+    import uvicorn
+
+    from dicom_scp.server import start_scp
+    from pacs.runtime import Pipeline
+    from viewer_api.app import create_app
+
+    settings = _settings()
+    _ensure_schema(settings, upgrade=True)
+    pipeline = Pipeline.start(settings)
+    scp = start_scp(pipeline.ctx, pipeline.ingestor)
+    console.print(f"[green]PACS ready[/green]: DICOM {settings.ae_title}@{settings.dicom_host}:"
+                  f"{scp.server_address[1]}, HTTP http://{settings.http_host}:{settings.http_port}, "
+                  f"index {pipeline.ctx.engine.url.render_as_string(hide_password=True)}, "
+                  f"store {pipeline.ctx.store.describe()}, workers "
+                  f"{'in-process' if settings.embedded_workers else 'celery'}")
+    try:
+        uvicorn.run(create_app(pipeline.ctx), host=settings.http_host, port=settings.http_port,
+                    log_level="warning")
+    finally:
+        scp.shutdown()
+        pipeline.stop()
+
+
+@app.command()
+def scp() -> None:
+    """Run the DICOM SCP only (scaled deployments run several)."""
+    from dicom_scp.server import start_scp
+    from pacs.runtime import Pipeline
+
+    settings = _settings()
+    _ensure_schema(settings, upgrade=False)
+    pipeline = Pipeline.start(settings)
+    server = start_scp(pipeline.ctx, pipeline.ingestor)
+    console.print(f"[green]DICOM SCP ready[/green] {settings.ae_title}@{settings.dicom_host}:"
+                  f"{server.server_address[1]}")
+    try:
+        _wait_for_signal()
+    finally:
+        server.shutdown()
+        pipeline.stop()
+
+
+@app.command()
+def api() -> None:
+    """Run the HTTP API only."""
+    import uvicorn
+
+    from pacs.context import AppContext
+    from viewer_api.app import create_app
+
+    settings = _settings()
+    _ensure_schema(settings, upgrade=False)
+    ctx = AppContext.create(settings)
+    uvicorn.run(create_app(ctx), host=settings.http_host, port=settings.http_port, log_level="warning")
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[int, typer.Option(help="Worker processes")] = 2,
+) -> None:
+    """Run a Celery worker for derived work (needs PACS_BROKER_URL)."""
+    settings = _settings()
+    if settings.embedded_workers:
+        console.print("[red]PACS_BROKER_URL is not set: the embedded mode runs workers inside `pacs serve`[/red]")
+        raise typer.Exit(2)
+    _ensure_schema(settings, upgrade=False)
+    from workers.celery_app import app as celery_app
+
+    celery_app.worker_main(["worker", "--loglevel", settings.log_level.upper(), "--concurrency",
+                            str(concurrency), "-Q", "pacs-derived", "--without-gossip", "--without-mingle"])
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Create or migrate the index schema to the newest revision."""
+    settings = _settings()
+    _ensure_schema(settings, upgrade=True)
+    out.print("index schema is current")
+
+
+@ae_app.command("add")
+def ae_add(
+    ae_title: str,
+    host: str,
+    port: int,
+    description: Annotated[str, typer.Option(help="Free text")] = "",
+    store: Annotated[bool, typer.Option(help="May send C-STORE")] = True,
+    query: Annotated[bool, typer.Option(help="May query (C-FIND)")] = True,
+    retrieve: Annotated[bool, typer.Option(help="May retrieve (C-MOVE/C-GET) and be a C-MOVE destination")] = True,
+) -> None:
+    """Register a DICOM peer: AE title, host and port (a C-MOVE destination needs all three)."""
+    from pacs.aes import add_ae
+    from pacs.context import AppContext
+    from pacs.errors import PacsError
+
+    settings = _settings()
+    _ensure_schema(settings, upgrade=False)
+    ctx = AppContext.create(settings)
+    try:
+        with ctx.sessions() as session, session.begin():
+            rec = add_ae(session, ae_title, host, port, description, store, query, retrieve)
+    except PacsError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    out.print(f"registered {rec.ae_title} at {rec.host}:{rec.port}")
+
+
+@ae_app.command("list")
+def ae_list(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False) -> None:
+    """List registered DICOM peers."""
+    from dataclasses import asdict
+
+    from pacs.aes import list_aes
+    from pacs.context import AppContext
+
+    settings = _settings()
+    _ensure_schema(settings, upgrade=False)
+    ctx = AppContext.create(settings)
+    with ctx.sessions() as session:
+        rows = list_aes(session)
+    if as_json:
+        out.print_json(json.dumps([asdict(r) for r in rows]))
+        return
+    table = Table("AE title", "host", "port", "store", "query", "retrieve", "description")
+    for r in rows:
+        table.add_row(r.ae_title, r.host, str(r.port), _yn(r.allow_store), _yn(r.allow_query),
+                      _yn(r.allow_retrieve), r.description)
+    out.print(table)
+
+
+@ae_app.command("remove")
+def ae_remove(ae_title: str) -> None:
+    """Unregister a DICOM peer."""
+    from pacs.aes import remove_ae
+    from pacs.context import AppContext
+    from pacs.errors import PacsError
+
+    settings = _settings()
+    _ensure_schema(settings, upgrade=False)
+    ctx = AppContext.create(settings)
+    try:
+        with ctx.sessions() as session, session.begin():
+            remove_ae(session, ae_title)
+    except PacsError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    out.print(f"removed {ae_title}")
+
+
+@config_app.command("show")
+def config_show() -> None:
+    """Print the effective configuration, secrets masked."""
+    settings = _settings()
+    out.print_json(json.dumps(settings.masked(), default=str))
+
+
+@app.command("import")
+def import_(
+    path: Annotated[Path, typer.Argument(help="A folder (walked recursively), a zip file or a single file")],
+) -> None:
+    """Import DICOM files through the same ingest as C-STORE; prints what was stored, duplicated, refused."""
+    from pacs.importer import ImportSummary, collect, import_items
+    from pacs.runtime import Pipeline
+
+    settings = _settings()
+    _ensure_schema(settings, upgrade=True)
+    try:
+        items = collect(path)
+    except (FileNotFoundError, OSError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+    pipeline = Pipeline.start(settings)
+    summary = ImportSummary()
+    try:
+        with Progress(TextColumn("[bold]importing"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[mb]:.1f} MB"), TimeRemainingColumn(), console=console) as bar:
+            task = bar.add_task("import", total=len(items), mb=0.0)
+            done_bytes = 0
+            for item, outcome in import_items(pipeline.ingestor, items, settings.max_object_bytes):
+                summary.add(item.name, outcome)
+                done_bytes += item.size
+                bar.update(task, advance=1, mb=done_bytes / 1e6)
+    finally:
+        pipeline.stop()  # embedded mode: waits for the thumbnails of what was imported
+    table = Table("outcome", "files")
+    for status, count in sorted(summary.counts.items()):
+        table.add_row(status, str(count))
+    out.print(table)
+    for name, reason in summary.rejected:
+        out.print(f"[yellow]refused[/yellow] {name}: {reason}")
+    for name, reason in summary.failed:
+        out.print(f"[red]failed (import again later)[/red] {name}: {reason}")
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    import pacs
+
+    out.print(pacs.__version__)
+
+
+def _yn(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,1 @@
+"""The SQL index: schema, engine and session handling."""

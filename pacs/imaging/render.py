@@ -1,0 +1,727 @@
+"""Render one frame of a DICOM image as an 8-bit picture, and make thumbnails.
+
+This is the archive's single rendering path: the thumbnail worker uses it now,
+WADO-RS ``/rendered`` and the viewer will use it later, so all of them show the
+same grey levels and colours for the same instance.
+
+Grayscale pipeline (the order of PS3.4 N.2, "Pixel Transformation Sequence")::
+
+    stored values -> Modality LUT -> VOI (window / VOI LUT / auto) -> polarity -> 8 bit
+
+* **Modality LUT first.** Rescale Slope/Intercept (or a Modality LUT Sequence)
+  turn stored values into modality units, e.g. Hounsfield units for CT. Window
+  Center/Width in the dataset, and the window a viewer asks for, are expressed
+  in those units, so windowing raw stored values would show the wrong tissue.
+* **VOI second.** It picks which part of the 12-16 bit modality range is spread
+  over the 256 display levels: an explicit ``window`` wins, then the dataset's
+  first window, then its VOI LUT Sequence, then a robust automatic window
+  (0.5th-99.5th percentile) so that a frame that is not constant is never shown
+  as a blank square.
+* **Polarity last.** MONOCHROME1 means "low values are bright". The window is
+  defined on values before polarity is applied, so inverting earlier would turn
+  a bone window into a soft-tissue window. Inverting the 8-bit display values
+  after VOI keeps the window's meaning and shows the image as intended.
+
+Colour data has no VOI step (windows are defined for grayscale only):
+PALETTE COLOR goes through its lookup tables, YBR is converted to RGB, and
+anything deeper than 8 bits per sample is scaled down.
+
+Enhanced multi-frame objects keep rescale and window per frame in functional
+groups (Shared/Per-frame Functional Groups Sequences); those values are used
+for the rendered frame in preference to the top-level ones.
+
+Everything here is pure: datasets and bytes in, images and bytes out.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Final
+
+import numpy as np
+import pydicom
+from numpy.typing import NDArray
+from PIL import Image, ImageDraw
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import get_frame
+from pydicom.pixels import (
+    apply_color_lut,
+    apply_modality_lut,
+    apply_voi_lut,
+    convert_color_space,
+    get_decoder,
+)
+from pydicom.uid import (
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000TransferSyntaxes,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
+)
+
+__all__ = [
+    "AUTO_WINDOW_PERCENTILES",
+    "MAX_DIMENSION",
+    "MAX_SAMPLES_PER_PIXEL",
+    "RenderError",
+    "placeholder",
+    "render_bytes",
+    "render_frame",
+    "thumbnail",
+]
+
+#: Largest Rows or Columns we agree to decode (decompression-bomb guard).
+MAX_DIMENSION: Final = 16384
+#: More samples per pixel than this is not an image we can display.
+MAX_SAMPLES_PER_PIXEL: Final = 4
+#: Percentiles of the modality values used for the automatic window.
+AUTO_WINDOW_PERCENTILES: Final = (0.5, 99.5)
+#: The automatic window is estimated on at most this many pixels (a strided sample).
+_AUTO_WINDOW_SAMPLE: Final = 1 << 20
+
+_PIXEL_KEYWORDS: Final = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_MONOCHROME: Final = ("MONOCHROME1", "MONOCHROME2")
+_YBR_FULL: Final = ("YBR_FULL", "YBR_FULL_422")
+_VOI_FUNCTIONS: Final = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
+_PLACEHOLDER_GREY: Final = 48
+_PLACEHOLDER_CROSS: Final = 96
+
+# PS3.3 C.7.6.3.1.2: RGB -> YBR_PARTIAL (8-bit) as given by the standard; the
+# inverse is computed so both directions use exactly the standard's numbers.
+_RGB_TO_YBR_PARTIAL: Final = np.array(
+    [
+        [0.2568, 0.5041, 0.0979],
+        [-0.1482, -0.2910, 0.4392],
+        [0.4392, -0.3678, -0.0714],
+    ]
+)
+_YBR_PARTIAL_TO_RGB: Final = np.linalg.inv(_RGB_TO_YBR_PARTIAL)
+
+
+class RenderError(Exception):
+    """The pixel data cannot be rendered; ``str(exc)`` says why, in plain words.
+
+    Raised for: no pixel data, a transfer syntax with no installed decoder,
+    corrupt or truncated pixel data, an out-of-range frame, and dimensions
+    that are absurd or too large to decode safely.
+    """
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    rows: int
+    columns: int
+    samples: int
+    frames: int
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def render_frame(
+    ds: Dataset,
+    frame: int = 0,
+    window: tuple[float, float] | None = None,
+) -> Image.Image:
+    """Render one frame of ``ds`` as an 8-bit ``'L'`` or ``'RGB'`` PIL image.
+
+    Only the requested frame is decoded (pydicom decodes a single frame of
+    encapsulated data and slices native data), so picking a frame of a
+    thousand-frame cine does not decode the other 999.
+
+    Args:
+        ds: The dataset, as read by :func:`pydicom.dcmread`.
+        frame: Zero-based frame index.
+        window: ``(center, width)`` in modality units (HU for CT). Overrides the
+            dataset's own VOI; ignored for colour images.
+
+    Raises:
+        RenderError: with a readable reason when the frame cannot be rendered.
+    """
+    geometry = _geometry(ds)
+    if isinstance(frame, bool) or not isinstance(frame, (int, np.integer)):
+        raise RenderError(f"frame index must be an integer, got {frame!r}")
+    frame = int(frame)
+    if not 0 <= frame < geometry.frames:
+        raise RenderError(
+            f"frame {frame} is out of range: the image has {geometry.frames} frame(s) "
+            f"(valid indices 0..{geometry.frames - 1})"
+        )
+    window = _validate_window(window)
+    tsyntax = _transfer_syntax(ds)
+    arr, pi, bits_stored = _decode(ds, frame, geometry, tsyntax)
+
+    if geometry.samples == 1:
+        if pi == "PALETTE COLOR":
+            return Image.fromarray(_palette_to_rgb(arr, ds))
+        if pi not in _MONOCHROME:
+            raise RenderError(f"photometric interpretation {pi!r} is not supported for one-sample data")
+        attrs = _frame_attributes(ds, frame, tsyntax)
+        grey = _grey_to_display(arr, attrs, window, inverse=pi == "MONOCHROME1")
+        return Image.fromarray(grey)
+    if geometry.samples == 3:
+        return Image.fromarray(_colour_to_rgb(arr, pi, bits_stored))
+    raise RenderError(
+        f"{geometry.samples} samples per pixel ({pi or 'no photometric interpretation'}) "
+        "is not a displayable colour model"
+    )
+
+
+def thumbnail(ds: Dataset, size: int = 128, quality: int = 85, fmt: str = "jpeg") -> bytes:
+    """Render a representative frame of ``ds`` and encode it as a small JPEG or PNG.
+
+    The middle frame is used for multi-frame images (the first and last frames
+    of cine loops and stacks are often the least typical); single-frame images
+    use frame 0. The image is fitted inside ``size`` x ``size`` keeping its
+    *physical* aspect ratio: pixels that are not square (Pixel Spacing or Pixel
+    Aspect Ratio, common for ultrasound and some CR) are corrected, otherwise
+    anatomy would look stretched. Images are never enlarged.
+
+    Args:
+        ds: The dataset.
+        size: Bounding box edge in pixels (>= 1).
+        quality: JPEG quality 1-95 (ignored for PNG).
+        fmt: ``"jpeg"`` (or ``"jpg"``) or ``"png"``.
+
+    Raises:
+        RenderError: when the pixel data cannot be rendered.
+        ValueError: for a bad ``size``, ``quality`` or ``fmt`` (caller bugs).
+    """
+    fmt_name = _check_output_args(size, quality, fmt)
+    geometry = _geometry(ds)
+    frame = geometry.frames // 2
+    image = render_frame(ds, frame=frame)
+    target = _thumbnail_size(image.size, _pixel_aspect(ds, frame), size)
+    if target != image.size:
+        image = image.resize(target, resample=Image.Resampling.LANCZOS, reducing_gap=2.0)
+    return _encode(image, fmt_name, quality)
+
+
+def placeholder(size: int = 128, reason: str = "") -> bytes:
+    """Return a dark-grey JPEG square with a faint cross, shown when rendering fails.
+
+    ``reason`` is accepted so call sites read naturally, but it is deliberately
+    not drawn: the caller logs it, and text in pixels would need fonts and
+    could leak internal details to whoever sees the thumbnail.
+    """
+    _check_output_args(size, 85, "jpeg")
+    image = Image.new("L", (size, size), _PLACEHOLDER_GREY)
+    if size >= 8:
+        draw = ImageDraw.Draw(image)
+        inset = size // 3
+        line = max(1, size // 48)
+        far = size - 1 - inset
+        draw.line([(inset, inset), (far, far)], fill=_PLACEHOLDER_CROSS, width=line)
+        draw.line([(inset, far), (far, inset)], fill=_PLACEHOLDER_CROSS, width=line)
+    return _encode(image, "JPEG", 85)
+
+
+def render_bytes(
+    data: bytes | bytearray | memoryview | BinaryIO,
+    size: int = 128,
+    quality: int = 85,
+    fmt: str = "jpeg",
+) -> bytes:
+    """Read a DICOM file from bytes or a binary stream and return :func:`thumbnail` of it.
+
+    The file is read with ``force=True`` so files without a preamble or file
+    meta (common from older modalities) still render.
+
+    Raises:
+        RenderError: the bytes are not parseable DICOM or cannot be rendered.
+    """
+    stream: BinaryIO = io.BytesIO(bytes(data)) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    try:
+        ds = pydicom.dcmread(stream, force=True)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise RenderError(f"cannot parse the DICOM data: {_one_line(exc)}") from exc
+    return thumbnail(ds, size=size, quality=quality, fmt=fmt)
+
+
+# --------------------------------------------------------------------------- geometry and decoding
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _int_attr(ds: Dataset, keyword: str, default: int | None = None) -> int:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        if default is None:
+            raise RenderError(f"the image has no {keyword} value")
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError) as exc:
+        raise RenderError(f"invalid {keyword} value {value!r}") from exc
+
+
+def _geometry(ds: Dataset) -> _Geometry:
+    """Validate the image dimensions *before* any decoding (decompression-bomb guard)."""
+    if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
+        sop = ds.get("SOPClassUID")
+        what = f"{UID(str(sop)).name} object" if sop else "dataset"
+        raise RenderError(f"no pixel data: the {what} has no Pixel Data element")
+    rows = _int_attr(ds, "Rows")
+    columns = _int_attr(ds, "Columns")
+    samples = _int_attr(ds, "SamplesPerPixel", 1)
+    frames = _int_attr(ds, "NumberOfFrames", 1)
+    if rows < 1 or columns < 1:
+        raise RenderError(f"absurd image size {columns}x{rows}")
+    if rows > MAX_DIMENSION or columns > MAX_DIMENSION:
+        raise RenderError(
+            f"image size {columns}x{rows} exceeds the {MAX_DIMENSION}x{MAX_DIMENSION} rendering limit"
+        )
+    if not 1 <= samples <= MAX_SAMPLES_PER_PIXEL:
+        raise RenderError(f"absurd Samples per Pixel value {samples}")
+    # pydicom treats a missing/zero Number of Frames as one frame; so do we.
+    return _Geometry(rows=rows, columns=columns, samples=samples, frames=max(frames, 1))
+
+
+def _transfer_syntax(ds: Dataset) -> UID:
+    """The transfer syntax of the pixel data, inferred for datasets without file meta."""
+    meta = getattr(ds, "file_meta", None)
+    tsyntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if tsyntax:
+        return UID(str(tsyntax))
+    # No file meta (e.g. a bare dataset read with force=True): only native
+    # encodings can be inferred, from how pydicom actually parsed the dataset.
+    for keyword in _PIXEL_KEYWORDS:
+        if keyword in ds and ds[keyword].is_undefined_length:
+            raise RenderError("encapsulated (compressed) pixel data without a Transfer Syntax UID")
+    implicit, little = ds.original_encoding
+    if little is False:
+        return ExplicitVRBigEndian
+    return ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+
+
+def _ts_label(tsyntax: UID) -> str:
+    name = tsyntax.name
+    return f"'{name}'" if name == str(tsyntax) else f"'{name}' ({tsyntax})"
+
+
+def _decode(ds: Dataset, frame: int, geometry: _Geometry, tsyntax: UID) -> tuple[NDArray[Any], str, int]:
+    """Decode one frame; return (array, photometric interpretation *of the array*, bits stored).
+
+    pydicom 3 decoders convert YBR_FULL/YBR_FULL_422 to RGB themselves (its
+    ``as_rgb`` option, on by default) and report the resulting photometric
+    interpretation; colour handling must follow that reported value, not the
+    dataset's, or YBR data would be converted twice.
+    """
+    try:
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError as exc:
+        raise RenderError(f"transfer syntax {_ts_label(tsyntax)} is not supported for rendering") from exc
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies) or "no plugin installed"
+        raise RenderError(f"no decoder installed for transfer syntax {_ts_label(tsyntax)} ({missing})")
+
+    pi = str(ds.get("PhotometricInterpretation") or "").strip().upper()
+    options: dict[str, Any] = {"as_rgb": True, "number_of_frames": geometry.frames}
+    if not pi and geometry.samples == 1:
+        options["photometric_interpretation"] = "MONOCHROME2"
+    elif pi == "YBR_PARTIAL_420" and not tsyntax.is_encapsulated:
+        raise RenderError("YBR_PARTIAL_420 is only defined for MPEG video, not native pixel data")
+    elif pi.startswith("YBR_PARTIAL") and tsyntax.is_encapsulated:
+        # The JPEG codestream's own colour model is full-range YCbCr whatever
+        # the (retired) attribute says; decode it as YBR_FULL like DCMTK does.
+        options["photometric_interpretation"] = "YBR_FULL"
+    elif pi == "YBR_PARTIAL_422":
+        # Native 4:2:2 data has the YBR_FULL_422 byte layout: let pydicom undo
+        # the subsampling, but not the colour conversion (partial range differs).
+        options["photometric_interpretation"] = "YBR_FULL_422"
+        options["as_rgb"] = False
+
+    if tsyntax.is_encapsulated:
+        _check_codestream(ds, frame, geometry, tsyntax)
+
+    try:
+        arr, props = decoder.as_array(ds, index=frame, validate=True, **options)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise RenderError(f"cannot decode frame {frame} ({_ts_label(tsyntax)}): {_one_line(exc)}") from exc
+
+    out_pi = props.get("photometric_interpretation", pi)
+    out_pi = str(getattr(out_pi, "value", out_pi)).strip().upper()
+    if pi == "YBR_PARTIAL_422" and not tsyntax.is_encapsulated:
+        out_pi = "YBR_PARTIAL_422"
+    expected = (geometry.rows, geometry.columns) + ((geometry.samples,) if geometry.samples > 1 else ())
+    if arr.shape != expected:
+        raise RenderError(f"decoded frame has shape {arr.shape}, expected {expected}")
+    bits_stored = int(props.get("bits_stored") or ds.get("BitsStored") or arr.dtype.itemsize * 8)
+    return arr, out_pi, bits_stored
+
+
+def _check_codestream(ds: Dataset, frame: int, geometry: _Geometry, tsyntax: UID) -> None:
+    """Refuse a JPEG-family frame whose codestream header claims more pixels than the dataset.
+
+    Codecs allocate from their own header, not from Rows/Columns, so checking
+    the dataset alone would not stop a small file that inflates to gigabytes.
+    """
+    # JPEG2000TransferSyntaxes includes the HTJ2K syntaxes in pydicom 3.
+    if tsyntax not in (*JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes, *JPEG2000TransferSyntaxes):
+        return
+    try:
+        extended = None
+        if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+            extended = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+        data = get_frame(ds.PixelData, frame, number_of_frames=geometry.frames, extended_offsets=extended)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise RenderError(
+            f"cannot locate frame {frame} in the encapsulated pixel data: {_one_line(exc)}"
+        ) from exc
+    dims = _codestream_dimensions(data)
+    if dims is None:
+        return  # unknown layout: leave the verdict to the decoder
+    width, height = dims
+    if width > geometry.columns or height > geometry.rows:
+        raise RenderError(
+            f"compressed frame {frame} claims {width}x{height} pixels but the dataset says "
+            f"{geometry.columns}x{geometry.rows}; refusing to decode"
+        )
+
+
+def _codestream_dimensions(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG/JPEG-LS SOF or JPEG 2000 SIZ header, or None."""
+    if len(data) >= 16 and data[:4] == b"\xff\x4f\xff\x51":  # J2K: SOC then SIZ
+        x_siz, y_siz, x_off, y_off = (int.from_bytes(data[i : i + 4], "big") for i in (8, 12, 16, 20))
+        return max(x_siz - x_off, 0), max(y_siz - y_off, 0)
+    if data[:2] != b"\xff\xd8":  # JPEG / JPEG-LS start of image
+        return None
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        # SOF0..SOF15 except DHT (C4), JPG (C8), DAC (CC); SOF55 for JPEG-LS.
+        if (0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)) or marker == 0xF7:
+            if pos + 9 > len(data):
+                return None
+            height = int.from_bytes(data[pos + 5 : pos + 7], "big")
+            width = int.from_bytes(data[pos + 7 : pos + 9], "big")
+            return width, height
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        pos += 2 + length
+    return None
+
+
+# --------------------------------------------------------------------------- grayscale
+
+
+def _frame_attributes(ds: Dataset, frame: int, tsyntax: UID) -> Dataset:
+    """The attributes that drive the grayscale pipeline, as they apply to ``frame``.
+
+    Top-level values first, then the Shared and finally the Per-frame
+    Functional Groups of enhanced multi-frame objects (most specific wins).
+    The result also carries a file meta so pydicom can read OW lookup tables
+    with the right byte order.
+    """
+    attrs = Dataset()
+    for keyword in (
+        "PhotometricInterpretation",
+        "BitsStored",
+        "PixelRepresentation",
+        "RescaleSlope",
+        "RescaleIntercept",
+        "ModalityLUTSequence",
+        "WindowCenter",
+        "WindowWidth",
+        "VOILUTFunction",
+        "VOILUTSequence",
+    ):
+        if keyword in ds:
+            attrs.add(ds[keyword])
+    groups: list[Dataset] = []
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared:
+        groups.append(shared[0])
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame and frame < len(per_frame):
+        groups.append(per_frame[frame])
+    for group in groups:
+        for sequence in ("PixelValueTransformationSequence", "FrameVOILUTSequence"):
+            items = group.get(sequence)
+            if items:
+                for elem in items[0]:
+                    attrs[elem.tag] = elem
+    attrs.file_meta = FileMetaDataset()
+    attrs.file_meta.TransferSyntaxUID = tsyntax
+    return attrs
+
+
+def _float_or_none(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, (str, bytes)) and hasattr(value, "__len__"):
+        if len(value) == 0:
+            return None
+        value = value[0]  # multi-valued: the first value is the default
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        return None
+    return result if math.isfinite(result) else None
+
+
+def _modality_values(arr: NDArray[Any], attrs: Dataset) -> NDArray[np.float64]:
+    """Apply the Modality LUT (LUT Sequence or Rescale Slope/Intercept) -> float64."""
+    shim = Dataset()
+    shim.file_meta = attrs.file_meta
+    if attrs.get("ModalityLUTSequence"):
+        shim.ModalityLUTSequence = attrs.ModalityLUTSequence
+    else:
+        slope = _float_or_none(attrs.get("RescaleSlope"))
+        intercept = _float_or_none(attrs.get("RescaleIntercept"))
+        if slope is not None or intercept is not None:
+            # A zero or garbage slope would flatten the image; treat it as 1.
+            shim["RescaleSlope"] = attrs["RescaleSlope"] if slope else _ds_element(0x00281053, 1)
+            shim["RescaleIntercept"] = (
+                attrs["RescaleIntercept"] if intercept is not None else _ds_element(0x00281052, 0)
+            )
+    try:
+        values = np.asarray(apply_modality_lut(arr, shim), dtype=np.float64)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise RenderError(f"invalid Modality LUT: {_one_line(exc)}") from exc
+    finite = np.isfinite(values)
+    if not finite.all():  # float pixel data may carry NaN/inf; show them as the minimum
+        values = np.where(finite, values, values[finite].min() if finite.any() else 0.0)
+    return values
+
+
+def _ds_element(tag: int, value: float) -> pydicom.DataElement:
+    return pydicom.DataElement(tag, "DS", str(value))
+
+
+def _grey_to_display(
+    arr: NDArray[Any], attrs: Dataset, window: tuple[float, float] | None, *, inverse: bool
+) -> NDArray[np.uint8]:
+    values = _modality_values(arr, attrs)
+    display = _voi(values, attrs, window)
+    if inverse:  # MONOCHROME1: after VOI, so the window keeps its meaning
+        display = 255.0 - display
+    return np.clip(np.rint(display), 0, 255).astype(np.uint8)
+
+
+def _voi_function(attrs: Dataset) -> str:
+    function = str(attrs.get("VOILUTFunction") or "LINEAR").strip().upper()
+    return function if function in _VOI_FUNCTIONS else "LINEAR"
+
+
+def _voi(
+    values: NDArray[np.float64], attrs: Dataset, window: tuple[float, float] | None
+) -> NDArray[np.float64]:
+    """Map modality values to display levels 0..255 (float)."""
+    if window is not None:
+        return _apply_window(values, window[0], window[1], _voi_function(attrs))
+    center = _float_or_none(attrs.get("WindowCenter"))
+    width = _float_or_none(attrs.get("WindowWidth"))
+    if center is not None and width is not None and width > 0:
+        return _apply_window(values, center, width, _voi_function(attrs))
+    if attrs.get("VOILUTSequence"):
+        mapped = _apply_voi_lut_sequence(values, attrs)
+        if mapped is not None:
+            return mapped
+    return _auto_window(values)
+
+
+def _apply_window(
+    values: NDArray[np.float64], center: float, width: float, function: str
+) -> NDArray[np.float64]:
+    """Window ``values`` to 0..255 with the VOI LUT Function formulas of PS3.3 C.11.2.1.2/3.
+
+    Equivalent to :func:`pydicom.pixels.apply_windowing` with an 8-bit output
+    range, written out here so the output range is exactly the display range
+    (pydicom's depends on the dataset's Bits Stored and rescale).
+    """
+    if function == "LINEAR" and width < 1:
+        # LINEAR needs width >= 1; sub-unit windows (PET SUV, parametric maps)
+        # use the exact form, which LINEAR approaches as the width grows.
+        function = "LINEAR_EXACT"
+    out = np.empty_like(values)
+    if function == "SIGMOID":
+        with np.errstate(over="ignore"):
+            out[...] = 255.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+        return out
+    if function == "LINEAR":
+        center, width = center - 0.5, width - 1.0
+    low, high = center - width / 2.0, center + width / 2.0
+    below = values <= low
+    above = values > high
+    out[below] = 0.0
+    out[above] = 255.0
+    between = ~(below | above)
+    if width > 0:
+        out[between] = ((values[between] - center) / width + 0.5) * 255.0
+    return out
+
+
+def _apply_voi_lut_sequence(values: NDArray[np.float64], attrs: Dataset) -> NDArray[np.float64] | None:
+    """Apply the first VOI LUT of the sequence; None when the LUT is unusable."""
+    shim = Dataset()
+    shim.file_meta = attrs.file_meta
+    shim.VOILUTSequence = attrs.VOILUTSequence
+    try:
+        descriptor = [int(v) for v in shim.VOILUTSequence[0].LUTDescriptor]
+        entries = descriptor[0] or 65536
+        first = descriptor[1]
+        nominal_bits = descriptor[2]
+        lut_range = np.asarray(apply_voi_lut(np.arange(first, first + entries, dtype=np.int64), shim))
+        mapped = np.asarray(apply_voi_lut(np.rint(values).astype(np.int64), shim), dtype=np.float64)
+    except MemoryError:
+        raise
+    except Exception:
+        return None
+    lut_max = float(lut_range.max())
+    top = float(2**nominal_bits - 1)
+    if lut_max > top or lut_max < top / 8:
+        # The descriptor's bit depth is wrong (a classic: 12-bit entries declared
+        # as 16 bits, which would render almost black); use the bits actually used.
+        top = float(2 ** max(int(lut_max).bit_length(), 1) - 1)
+    return mapped * (255.0 / top)
+
+
+def _auto_window(values: NDArray[np.float64]) -> NDArray[np.float64]:
+    """A robust window from the data itself, ignoring the extreme 0.5% at each end."""
+    flat = values.reshape(-1)
+    sample = flat[:: max(1, flat.size // _AUTO_WINDOW_SAMPLE)]
+    low, high = (float(v) for v in np.percentile(sample, AUTO_WINDOW_PERCENTILES))
+    if not high > low:  # a mostly constant frame with a few outliers: use the full range
+        low, high = float(flat.min()), float(flat.max())
+    if not high > low:  # truly constant: nothing to show
+        return np.zeros_like(values)
+    return _apply_window(values, (low + high) / 2.0, high - low, "LINEAR_EXACT")
+
+
+def _validate_window(window: tuple[float, float] | None) -> tuple[float, float] | None:
+    if window is None:
+        return None
+    try:
+        center, width = (float(v) for v in window)
+    except (TypeError, ValueError) as exc:
+        raise RenderError(f"window must be (center, width), got {window!r}") from exc
+    if not (math.isfinite(center) and math.isfinite(width)) or width <= 0:
+        raise RenderError(f"window width must be a positive finite number, got {window!r}")
+    return center, width
+
+
+# --------------------------------------------------------------------------- colour
+
+
+def _palette_to_rgb(arr: NDArray[Any], ds: Dataset) -> NDArray[np.uint8]:
+    try:
+        rgb = np.asarray(apply_color_lut(arr, ds))
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise RenderError(f"invalid palette colour lookup tables: {_one_line(exc)}") from exc
+    if rgb.dtype.itemsize == 1:
+        return rgb.astype(np.uint8)
+    if rgb.max() <= 255:
+        # 16-bit tables that hold 8-bit entries exist in the wild; dividing by
+        # 257 would render them black.
+        return rgb.astype(np.uint8)
+    return np.clip(np.rint(rgb / 257.0), 0, 255).astype(np.uint8)
+
+
+def _colour_to_rgb(arr: NDArray[Any], pi: str, bits_stored: int) -> NDArray[np.uint8]:
+    if pi in _YBR_FULL:
+        # Only reached if a decoder did not convert (pydicom normally does).
+        arr = convert_color_space(arr, pi, "RGB")
+    elif pi == "YBR_PARTIAL_422":
+        arr = _ybr_partial_to_rgb(arr, bits_stored)
+    elif pi != "RGB":
+        raise RenderError(f"photometric interpretation {pi!r} is not supported for colour rendering")
+    bits = bits_stored if 1 <= bits_stored <= 32 else 8
+    if bits == 8 and arr.dtype == np.uint8:
+        return np.ascontiguousarray(arr)
+    scaled = arr.astype(np.float64) * (255.0 / float(2**bits - 1))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _ybr_partial_to_rgb(arr: NDArray[Any], bits_stored: int) -> NDArray[Any]:
+    """YBR_PARTIAL (studio range, Y 16-235, Cb/Cr 16-240 at 8 bits) -> full-range RGB."""
+    scale = float(2 ** (max(bits_stored, 8) - 8))
+    ybr = arr.astype(np.float64) - np.array([16.0, 128.0, 128.0]) * scale
+    rgb = ybr @ _YBR_PARTIAL_TO_RGB.T
+    top = float(2 ** max(bits_stored, 8) - 1)
+    return np.clip(np.rint(rgb), 0, top).astype(np.uint16 if top > 255 else np.uint8)
+
+
+# --------------------------------------------------------------------------- thumbnails
+
+
+def _pixel_aspect(ds: Dataset, frame: int) -> float:
+    """Physical width / height of one pixel (1.0 when unknown or implausible)."""
+    spacing = None
+    groups: list[Dataset] = []
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame and frame < len(per_frame):
+        groups.append(per_frame[frame])
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared:
+        groups.append(shared[0])
+    for group in groups:
+        measures = group.get("PixelMeasuresSequence")
+        if measures and measures[0].get("PixelSpacing"):
+            spacing = measures[0].PixelSpacing
+            break
+    if spacing is None:
+        spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    ratio = None
+    try:
+        if spacing is not None and len(spacing) == 2:
+            row_spacing, column_spacing = float(spacing[0]), float(spacing[1])  # vertical, horizontal
+            ratio = column_spacing / row_spacing
+        elif ds.get("PixelAspectRatio") is not None and len(ds.PixelAspectRatio) == 2:
+            vertical, horizontal = (float(v) for v in ds.PixelAspectRatio)
+            ratio = horizontal / vertical
+    except (TypeError, ValueError, ZeroDivisionError):
+        ratio = None
+    if ratio is None or not math.isfinite(ratio) or not 0.1 <= ratio <= 10.0 or abs(ratio - 1.0) < 0.01:
+        return 1.0
+    return ratio
+
+
+def _thumbnail_size(image_size: tuple[int, int], pixel_aspect: float, size: int) -> tuple[int, int]:
+    width = image_size[0] * pixel_aspect  # physical width in units of one pixel's height
+    height = float(image_size[1])
+    scale = min(1.0, size / width, size / height)
+    return max(1, min(size, round(width * scale))), max(1, min(size, round(height * scale)))
+
+
+def _check_output_args(size: int, quality: int, fmt: str) -> str:
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_DIMENSION:
+        raise ValueError(f"size must be an integer in 1..{MAX_DIMENSION}, got {size!r}")
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 95:
+        raise ValueError(f"quality must be an integer in 1..95, got {quality!r}")
+    name = {"jpeg": "JPEG", "jpg": "JPEG", "png": "PNG"}.get(str(fmt).lower())
+    if name is None:
+        raise ValueError(f"fmt must be 'jpeg' or 'png', got {fmt!r}")
+    return name
+
+
+def _encode(image: Image.Image, fmt_name: str, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    if fmt_name == "JPEG":
+        image.save(buffer, format="JPEG", quality=quality, optimize=True)
+    else:
+        image.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -1,0 +1,237 @@
+"""The one door in: every transport (C-STORE, STOW-RS, `pacs import`) archives objects through here.
+
+Order of writes (nothing acknowledged is ever lost, nothing half-written is ever visible):
+
+1. Parse and validate the received bytes (pure; a refusal here writes nothing).
+2. Look up the SOP Instance UID in the index. Identical content (same SHA-256) is an
+   idempotent success and writes nothing. Different content follows the duplicate policy.
+3. Put the bytes, unchanged, in the object store under a content-addressed key
+   (``dicom/{study}/{series}/{sop}/{sha256}.dcm``), durable when ``put`` returns. A prior
+   version has another key, so nothing is ever overwritten. Store down → failure, nothing indexed.
+4. One index transaction: patient/study/series/instance rows, the prior version (if any),
+   the outbox rows for derived work, and the audit event. Only after this commit is success
+   reported. If the commit fails, the object written in step 3 is removed again when this call
+   created it (it stays invisible either way: queries read the index, and ``pacs check`` lists
+   unreferenced objects).
+5. After commit, the outbox rows are handed to the publisher without waiting on the broker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from pacs.db.models import AuditEvent, DerivedTask, Instance
+from pacs.dicom_object import ObjectRejected, ReceivedObject, RejectReason, parse_received
+from pacs.index_writer import index_instance
+from pacs.settings import DuplicatePolicy
+from storage import ObjectStore, StorageError
+from storage.keys import instance_key
+
+log = logging.getLogger(__name__)
+
+DERIVED_KINDS = ("thumbnail",)
+
+
+class IngestStatus(StrEnum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"  # identical content was already stored: idempotent success
+    NEW_VERSION = "new-version"  # replaced a different object with the same SOP Instance UID
+    KEPT_EXISTING = "kept-existing"  # policy keep-existing: acknowledged, the stored one stays
+    REJECTED = "rejected"  # the object cannot be archived; see reason
+    STORAGE_UNAVAILABLE = "storage-unavailable"
+    INDEX_UNAVAILABLE = "index-unavailable"
+
+
+_OK = {IngestStatus.STORED, IngestStatus.DUPLICATE, IngestStatus.NEW_VERSION, IngestStatus.KEPT_EXISTING}
+
+
+@dataclass(frozen=True)
+class IngestSource:
+    """Where an object came from: the transport and the peer."""
+
+    transport: str  # dimse, stow, import
+    calling_ae: str = ""
+    address: str = ""
+    user: str = ""
+
+
+@dataclass(frozen=True)
+class IngestOutcome:
+    status: IngestStatus
+    message: str = ""
+    reason: RejectReason | None = None
+    sop_instance_uid: str = ""
+    sop_class_uid: str = ""
+    study_instance_uid: str = ""
+    sha256: str = ""
+    derived_task_ids: tuple[int, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.status in _OK
+
+
+TaskNotifier = Callable[[Iterable[int]], None]
+
+
+class Ingestor:
+    """Archives received objects; one per process, shared by all transports and threads."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        store: ObjectStore,
+        *,
+        duplicate_policy: DuplicatePolicy = DuplicatePolicy.VERSION,
+        max_object_bytes: int = 4 * 1024**3,
+        assume_utf8_for_latin1: bool = True,
+        notify: TaskNotifier | None = None,
+    ) -> None:
+        self._sessions = sessions
+        self._store = store
+        self._policy = duplicate_policy
+        self._max_bytes = max_object_bytes
+        self._utf8 = assume_utf8_for_latin1
+        self._notify = notify
+
+    def ingest(
+        self,
+        data: bytes,
+        source: IngestSource,
+        *,
+        expected_sop_instance_uid: str | None = None,
+        expected_sop_class_uid: str | None = None,
+    ) -> IngestOutcome:
+        """Archive one object; never raises for bad input or unavailable servers."""
+        try:
+            obj = parse_received(
+                data,
+                max_bytes=self._max_bytes,
+                assume_utf8_for_latin1=self._utf8,
+                expected_sop_instance_uid=expected_sop_instance_uid,
+                expected_sop_class_uid=expected_sop_class_uid,
+            )
+        except ObjectRejected as exc:
+            log.warning("refused object from %s: %s", _who(source), exc.message)
+            return IngestOutcome(IngestStatus.REJECTED, exc.message, reason=exc.reason,
+                                 sop_instance_uid=expected_sop_instance_uid or "")
+        sha256 = hashlib.sha256(obj.data).hexdigest()
+        try:
+            outcome = self._archive(obj, sha256, source)
+        except IntegrityError:
+            # A concurrent sender committed the same SOP instance first: decide again against it.
+            log.info("concurrent store of %s; re-checking", obj.sop_instance_uid)
+            try:
+                outcome = self._archive(obj, sha256, source)
+            except SQLAlchemyError as exc:
+                outcome = self._index_failed(obj, sha256, exc)
+        if outcome.ok and outcome.derived_task_ids and self._notify is not None:
+            self._notify(outcome.derived_task_ids)
+        return outcome
+
+    def _archive(self, obj: ReceivedObject, sha256: str, source: IngestSource) -> IngestOutcome:
+        ids = {"sop_instance_uid": obj.sop_instance_uid, "sop_class_uid": obj.sop_class_uid,
+               "study_instance_uid": obj.study_instance_uid, "sha256": sha256}
+        try:
+            with self._sessions() as session:
+                current = session.scalars(
+                    select(Instance).where(Instance.sop_instance_uid == obj.sop_instance_uid)
+                ).one_or_none()
+                current_sha = current.sha256 if current is not None else None
+        except SQLAlchemyError as exc:
+            return self._index_failed(obj, sha256, exc, stored=False)
+
+        if current_sha == sha256:
+            return IngestOutcome(IngestStatus.DUPLICATE, "identical object already stored", **ids)
+        if current_sha is not None and self._policy is DuplicatePolicy.REJECT:
+            return IngestOutcome(IngestStatus.REJECTED, "a different object with this SOP Instance UID "
+                                 "is already stored", reason=RejectReason.MISMATCH, **ids)
+        if current_sha is not None and self._policy is DuplicatePolicy.KEEP_EXISTING:
+            self._audit_only(obj, source, "instance.duplicate-discarded", sha256)
+            return IngestOutcome(IngestStatus.KEPT_EXISTING, "a different object with this SOP Instance "
+                                 "UID is already stored; kept the stored one", **ids)
+
+        key = instance_key(obj.study_instance_uid, obj.series_instance_uid, obj.sop_instance_uid, sha256)
+        try:
+            existed = self._store.exists(key)
+            self._store.put(key, obj.data, length=len(obj.data), content_type="application/dicom")
+        except StorageError as exc:
+            log.error("object store failed for %s: %s", obj.sop_instance_uid, exc)
+            return IngestOutcome(IngestStatus.STORAGE_UNAVAILABLE, f"object store unavailable: {exc}"[:200],
+                                 **ids)
+
+        now = datetime.now(UTC)
+        try:
+            with self._sessions() as session, session.begin():
+                replaces = session.scalars(
+                    select(Instance).where(Instance.sop_instance_uid == obj.sop_instance_uid).with_for_update()
+                ).one_or_none()
+                if replaces is not None and replaces.sha256 == sha256:
+                    return IngestOutcome(IngestStatus.DUPLICATE, "identical object already stored", **ids)
+                if (replaces is None) != (current_sha is None):
+                    raise IntegrityError("instance changed concurrently", None, Exception())
+                index_instance(session, obj, object_key=key, sha256=sha256, received_at=now,
+                               source=source.transport, source_ae=source.calling_ae,
+                               source_address=source.address, replaces=replaces)
+                tasks = [DerivedTask(kind=kind, sop_instance_uid=obj.sop_instance_uid, sha256=sha256)
+                         for kind in DERIVED_KINDS]
+                session.add_all(tasks)
+                session.add(_audit(obj, source, "instance.store" if replaces is None
+                                   else "instance.store-new-version",
+                                   f"sha256={sha256}" + (f" replaces={replaces.sha256 if replaces else ''}")))
+                session.flush()
+                task_ids = tuple(t.id for t in tasks)
+        except IntegrityError:
+            raise
+        except SQLAlchemyError as exc:
+            if not existed:
+                self._discard(key)
+            return self._index_failed(obj, sha256, exc)
+        status = IngestStatus.STORED if current_sha is None else IngestStatus.NEW_VERSION
+        return IngestOutcome(status, "", derived_task_ids=task_ids, **ids)
+
+    def _audit_only(self, obj: ReceivedObject, source: IngestSource, action: str, sha256: str) -> None:
+        try:
+            with self._sessions() as session, session.begin():
+                session.add(_audit(obj, source, action, f"sha256={sha256}"))
+        except SQLAlchemyError as exc:
+            log.error("audit write failed: %s", exc)
+
+    def _discard(self, key: str) -> None:
+        try:
+            self._store.delete(key)
+        except StorageError as exc:
+            log.error("could not remove unindexed object %s (pacs check will list it): %s", key, exc)
+
+    @staticmethod
+    def _index_failed(obj: ReceivedObject, sha256: str, exc: Exception, stored: bool = True) -> IngestOutcome:
+        log.error("index unavailable for %s: %s", obj.sop_instance_uid, str(exc).splitlines()[0][:300])
+        return IngestOutcome(IngestStatus.INDEX_UNAVAILABLE, "index database unavailable",
+                             sop_instance_uid=obj.sop_instance_uid, sop_class_uid=obj.sop_class_uid,
+                             study_instance_uid=obj.study_instance_uid, sha256=sha256)
+
+
+def _audit(obj: ReceivedObject, source: IngestSource, action: str, detail: str) -> AuditEvent:
+    return AuditEvent(
+        actor=source.user or source.calling_ae,
+        role="modality" if source.transport == "dimse" else "",
+        source_address=source.address[:64],
+        action=action,
+        outcome="success",
+        patient_id=obj.patient["patient_id"],
+        study_instance_uid=obj.study_instance_uid,
+        detail=f"transport={source.transport} sop={obj.sop_instance_uid} {detail}"[:2000],
+    )
+
+
+def _who(source: IngestSource) -> str:
+    return f"{source.transport}:{source.calling_ae or source.user or '-'}@{source.address or '-'}"

@@ -1,0 +1,41 @@
+"""Assembles a running pipeline for one process: context, outbox relay, ingest service."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pacs.context import AppContext
+from pacs.ingest import Ingestor
+from pacs.settings import Settings
+from workers.publisher import InProcessPublisher, OutboxRelay, make_publisher
+
+
+@dataclass
+class Pipeline:
+    ctx: AppContext
+    relay: OutboxRelay
+    ingestor: Ingestor
+
+    @classmethod
+    def start(cls, settings: Settings) -> Pipeline:
+        ctx = AppContext.create(settings)
+        publisher = make_publisher(ctx)
+        relay = OutboxRelay(ctx, publisher, poll_s=settings.outbox_poll_s,
+                            requeue_all_queued=settings.embedded_workers).start()
+        ingestor = Ingestor(
+            ctx.sessions,
+            ctx.store,
+            duplicate_policy=settings.duplicate_policy,
+            max_object_bytes=settings.max_object_bytes,
+            assume_utf8_for_latin1=settings.assume_utf8_for_latin1,
+            notify=relay.notify,
+        )
+        ctx.extras["publisher"] = publisher
+        return cls(ctx, relay, ingestor)
+
+    def stop(self) -> None:
+        self.relay.stop()
+        publisher = self.ctx.extras.get("publisher")
+        if isinstance(publisher, InProcessPublisher):
+            publisher.shutdown()
+        self.ctx.close()

@@ -1,0 +1,134 @@
+"""One typed settings object, built at each entry point and passed down.
+
+Values come from ``PACS_*`` environment variables, then an optional TOML file named by
+``PACS_CONFIG_FILE``, then the embedded defaults: everything under one data folder
+(SQLite index, filesystem objects, in-process workers).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class DuplicatePolicy(StrEnum):
+    """What to do when a SOP Instance UID arrives again with different content."""
+
+    VERSION = "version"  # keep the new one current, keep the old one retrievable as a prior version
+    REJECT = "reject"  # refuse the new one; the stored one stays
+    KEEP_EXISTING = "keep-existing"  # acknowledge, keep the stored one, discard the new bytes
+
+
+class _TomlFileSource(PydanticBaseSettingsSource):
+    """Reads the optional config file named by PACS_CONFIG_FILE (keys as field names)."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+        path = os.environ.get("PACS_CONFIG_FILE")
+        self._data: dict[str, Any] = {}
+        if path:
+            with open(path, "rb") as fh:
+                self._data = tomllib.load(fh)
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: v for k, v in self._data.items() if k in self.settings_cls.model_fields}
+
+
+class Settings(BaseSettings):
+    """The effective configuration of one process."""
+
+    model_config = SettingsConfigDict(env_prefix="PACS_", extra="ignore")
+
+    data_dir: Path = Field(default=Path("pacs-data"), description="Folder holding all embedded-mode state")
+    database_url: str = Field(default="", description="SQLAlchemy URL; default SQLite in the data folder")
+    storage_url: str = Field(default="", description="file:// path or s3://KEY:SECRET@host:port/bucket")
+    broker_url: str = Field(default="", description="Celery broker; empty runs tasks in-process")
+
+    ae_title: str = "PACS"
+    dicom_host: str = "0.0.0.0"
+    dicom_port: int = 11112
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+
+    max_pdu_size: int = Field(default=262_144, ge=4096, le=16_777_216)
+    max_associations: int = Field(default=32, ge=1, le=1000)
+    network_timeout_s: float = Field(default=60.0, gt=0)
+    accept_unknown_store_aes: bool = True
+    max_object_bytes: int = Field(default=4 * 1024**3, description="Largest single object accepted")
+
+    duplicate_policy: DuplicatePolicy = DuplicatePolicy.VERSION
+    assume_utf8_for_latin1: bool = Field(
+        default=True,
+        description="Decode text labelled ISO_IR 100 as UTF-8 when it is valid UTF-8 (common with "
+        "Vietnamese modalities that send UTF-8 under the default label)",
+    )
+    in_process_workers: int = Field(default=2, ge=0, le=64)
+    outbox_poll_s: float = Field(default=5.0, gt=0)
+    thumbnail_size: int = Field(default=128, ge=16, le=1024)
+    log_level: str = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _TomlFileSource(settings_cls))
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae_title(cls, value: str) -> str:
+        value = value.strip()
+        if not 1 <= len(value) <= 16 or "\\" in value or not value.isprintable():
+            raise ValueError("AE title must be 1-16 printable characters without backslash")
+        return value
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'index.sqlite3').resolve()}"
+
+    @property
+    def effective_storage_url(self) -> str:
+        if self.storage_url:
+            return self.storage_url
+        return f"file://{(self.data_dir / 'objects').resolve()}"
+
+    @property
+    def embedded_workers(self) -> bool:
+        """True when derived work runs in this process instead of on a Celery broker."""
+        return not self.broker_url
+
+    def masked(self) -> dict[str, Any]:
+        """The effective configuration with passwords and secret keys replaced by ***."""
+        out: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            out[name] = str(value) if isinstance(value, Path | StrEnum) else value
+        out["database_url"] = mask_url(self.effective_database_url)
+        out["storage_url"] = mask_url(self.effective_storage_url)
+        out["broker_url"] = mask_url(self.broker_url) if self.broker_url else "(in-process)"
+        return out
+
+
+def mask_url(url: str) -> str:
+    """Hide the password part of a URL's credentials."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

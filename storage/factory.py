@@ -1,0 +1,102 @@
+"""Build an object store from a URL (the one configuration string an operator sets)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
+
+from storage.base import ObjectStore
+from storage.filesystem import FilesystemStore
+from storage.s3 import S3Store
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+_S3_SCHEMES = {"s3": None, "s3+http": False, "s3+https": True}
+_S3_PARAMS = {"secure", "region", "connect_timeout", "read_timeout", "retries"}
+
+
+def open_store(url: str) -> ObjectStore:
+    """Open the store a URL names.
+
+    * ``/abs/path`` or ``file:///abs/path`` — :class:`FilesystemStore`
+    * ``s3://ACCESS:SECRET@host:port/bucket[?secure=true&region=x]`` and
+      ``s3+https://...`` (TLS) / ``s3+http://...`` — :class:`S3Store`.
+      Credentials are percent-decoded, so encode ``@ : / %`` in them. Optional
+      query parameters ``connect_timeout``, ``read_timeout`` (seconds) and
+      ``retries`` tune how fast an unreachable server is reported.
+    """
+    if not isinstance(url, str) or not url.strip():
+        raise ValueError("storage URL is empty")
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if not scheme or url.startswith("/"):
+        return FilesystemStore(Path(url))
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise ValueError(f"file URL must be file:///absolute/path, got {url!r}")
+        path = unquote(parts.path)
+        if not path.startswith("/"):
+            raise ValueError(f"file URL must hold an absolute path, got {url!r}")
+        return FilesystemStore(Path(path))
+    if scheme in _S3_SCHEMES:
+        return _open_s3(url, parts, _S3_SCHEMES[scheme])
+    raise ValueError(
+        f"unsupported storage URL scheme {parts.scheme!r}: use a filesystem path, file:///path, "
+        "s3://ACCESS:SECRET@host:port/bucket or s3+https://..."
+    )
+
+
+def _masked(url: str) -> str:
+    """The URL with the password replaced, for error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def _open_s3(url: str, parts: SplitResult, scheme_secure: bool | None) -> S3Store:
+    shown = _masked(url)
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError as exc:
+        raise ValueError(f"invalid port in storage URL {shown}") from exc
+    if not host:
+        raise ValueError(f"storage URL has no host: {shown}")
+    if parts.username is None or parts.password is None:
+        raise ValueError(f"storage URL needs credentials (s3://ACCESS:SECRET@host:port/bucket): {shown}")
+    bucket = parts.path.strip("/")
+    if not bucket or "/" in bucket:
+        raise ValueError(f"storage URL must name exactly one bucket as its path: {shown}")
+
+    query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=False)
+    unknown = set(query) - _S3_PARAMS
+    if unknown:
+        raise ValueError(f"unknown storage URL parameter(s) {sorted(unknown)} in {shown}")
+    params = {name: values[-1] for name, values in query.items()}
+
+    secure = scheme_secure
+    if "secure" in params:
+        flag = params["secure"].lower()
+        if flag not in _TRUE | _FALSE:
+            raise ValueError(f"secure must be true or false, got {params['secure']!r}")
+        if scheme_secure is not None and scheme_secure != (flag in _TRUE):
+            raise ValueError(f"secure={params['secure']} contradicts the URL scheme in {shown}")
+        secure = flag in _TRUE
+
+    host_part = f"[{host}]" if ":" in host else host
+    endpoint = f"{host_part}:{port}" if port else host_part
+    try:
+        return S3Store(
+            endpoint=endpoint,
+            access_key=unquote(parts.username),
+            secret_key=unquote(parts.password),
+            bucket=bucket,
+            secure=bool(secure),
+            region=params.get("region") or None,
+            connect_timeout=float(params.get("connect_timeout", 3.0)),
+            read_timeout=float(params.get("read_timeout", 30.0)),
+            retries=int(params.get("retries", 1)),
+        )
+    except ValueError as exc:
+        raise ValueError(f"invalid storage URL {shown}: {exc}") from exc

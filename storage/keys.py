@@ -1,0 +1,126 @@
+"""Object key layout, derived only from validated DICOM UIDs and digests.
+
+Keys are the one place where data that arrived over the network (UIDs in a
+C-STORE dataset) turns into paths on a disk, so they are validated twice:
+UIDs here, and every key again by :func:`validate_key` inside each store
+method, which guarantees nothing is ever written outside the store's root.
+"""
+
+from __future__ import annotations
+
+import re
+
+from storage.errors import InvalidKey
+
+#: PS3.5 §9.1 says components have no leading zeros, but real-world files often
+#: have them (e.g. ``1.2.840.0010...``); we stay strict on charset and length only.
+UID_RE = re.compile(r"^[0-9]+(?:\.[0-9]+)*$")
+UID_MAX_LEN = 64
+
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+KEY_MAX_LEN = 1024
+_SEGMENT_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+_PARTIAL_SEGMENT_RE = re.compile(r"^[A-Za-z0-9._-]*$")
+
+_INSTANCE_KEY_RE = re.compile(
+    r"^dicom/(?P<study>[0-9.]+)/(?P<series>[0-9.]+)/(?P<sop>[0-9.]+)/(?P<sha>[0-9a-f]{64})\.dcm$"
+)
+
+
+def _show(value: object, limit: int = 80) -> str:
+    """repr() for error messages, truncated so hostile input cannot flood logs."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def is_valid_uid(s: object) -> bool:
+    """Digits and dots only, no empty component, at most 64 characters."""
+    return isinstance(s, str) and 0 < len(s) <= UID_MAX_LEN and UID_RE.match(s) is not None
+
+
+def require_uid(s: object, what: str) -> str:
+    """Return ``s`` if it is a valid UID, else raise ``InvalidKey`` naming ``what`` and the value."""
+    if not is_valid_uid(s):
+        raise InvalidKey(f"invalid {what}: {_show(s)}")
+    return s  # type: ignore[return-value]
+
+
+def _require_sha256(sha256_hex: object) -> str:
+    if not isinstance(sha256_hex, str) or not SHA256_RE.match(sha256_hex):
+        raise InvalidKey(f"invalid sha256 (need 64 lowercase hex digits): {_show(sha256_hex)}")
+    return sha256_hex
+
+
+def instance_key(study_uid: str, series_uid: str, sop_uid: str, sha256_hex: str) -> str:
+    """``dicom/{study}/{series}/{sop}/{sha256}.dcm``: content-addressed, so re-puts are idempotent."""
+    study = require_uid(study_uid, "StudyInstanceUID")
+    series = require_uid(series_uid, "SeriesInstanceUID")
+    sop = require_uid(sop_uid, "SOPInstanceUID")
+    sha = _require_sha256(sha256_hex)
+    return f"dicom/{study}/{series}/{sop}/{sha}.dcm"
+
+
+def thumbnail_key(study_uid: str, series_uid: str, sop_uid: str) -> str:
+    """``derived/thumbnails/{study}/{series}/{sop}.jpg``."""
+    study = require_uid(study_uid, "StudyInstanceUID")
+    series = require_uid(series_uid, "SeriesInstanceUID")
+    sop = require_uid(sop_uid, "SOPInstanceUID")
+    return f"derived/thumbnails/{study}/{series}/{sop}.jpg"
+
+
+def parse_instance_key(key: str) -> tuple[str, str, str, str] | None:
+    """Inverse of :func:`instance_key`: ``(study, series, sop, sha256)``, or None if ``key`` is not one."""
+    m = _INSTANCE_KEY_RE.match(key) if isinstance(key, str) else None
+    if m is None:
+        return None
+    parts = m.group("study", "series", "sop")
+    if not all(is_valid_uid(p) for p in parts):
+        return None
+    return (*parts, m.group("sha"))
+
+
+def is_valid_segment(name: str) -> bool:
+    """Whether ``name`` may be one '/'-separated segment of a key."""
+    return _SEGMENT_RE.match(name) is not None and not name.startswith(".")
+
+
+def validate_key(key: object) -> str:
+    """Return ``key`` if it is a safe object key, else raise ``InvalidKey``.
+
+    A key is 1-1024 characters of '/'-separated segments made of
+    ``[A-Za-z0-9._-]``: no leading '/', no empty segment (``a//b``, trailing
+    '/'), and no segment starting with '.', which rules out ``.`` and ``..``
+    and keeps names like ``.tmp-*`` free for the filesystem store's temp files.
+    """
+    if not isinstance(key, str) or not key:
+        raise InvalidKey(f"invalid key: {_show(key)}")
+    if len(key) > KEY_MAX_LEN:
+        raise InvalidKey(f"invalid key (longer than {KEY_MAX_LEN} characters): {_show(key)}")
+    for segment in key.split("/"):
+        if not is_valid_segment(segment):
+            raise InvalidKey(f"invalid key: {_show(key)}")
+    return key
+
+
+def validate_prefix(prefix: object) -> str:
+    """Return ``prefix`` if it is a valid listing prefix, else raise ``InvalidKey``.
+
+    A prefix is empty, or a valid key followed by '/', or a valid key prefix
+    ending in a partial segment (``dicom/1.2`` matches ``dicom/1.2.3/...``).
+    """
+    if not isinstance(prefix, str):
+        raise InvalidKey(f"invalid prefix: {_show(prefix)}")
+    if len(prefix) > KEY_MAX_LEN:
+        raise InvalidKey(f"invalid prefix (longer than {KEY_MAX_LEN} characters): {_show(prefix)}")
+    head, _, partial = prefix.rpartition("/")
+    if head:
+        try:
+            validate_key(head)
+        except InvalidKey:
+            raise InvalidKey(f"invalid prefix: {_show(prefix)}") from None
+    elif prefix.startswith("/"):
+        raise InvalidKey(f"invalid prefix: {_show(prefix)}")
+    if not _PARTIAL_SEGMENT_RE.match(partial):
+        raise InvalidKey(f"invalid prefix: {_show(prefix)}")
+    return prefix

@@ -1,0 +1,99 @@
+"""Runs `pacs` subcommands as real processes, the way an operator would start them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from tests.support.net import free_port, wait_until
+
+PACS = str(Path(sys.executable).with_name("pacs"))
+
+
+def dicom_echo(port: int, aec: str = "PACS") -> bool:
+    ae = AE(ae_title="PROBE")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 3
+    assoc = ae.associate("127.0.0.1", port, ae_title=aec)
+    if not assoc.is_established:
+        return False
+    try:
+        status = assoc.send_c_echo()
+        return bool(status) and status.Status == 0
+    finally:
+        assoc.release()
+
+
+class PacsProcess:
+    """One `pacs` process with its own environment and log file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.args = args
+        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> PacsProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen([PACS, *self.args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_dicom(self, port: int, timeout: float = 60) -> None:
+        def ready() -> bool:
+            if not self.alive():
+                raise RuntimeError(f"pacs {self.args} exited early:\n{self.log_tail()}")
+            return dicom_echo(port)
+
+        wait_until(ready, timeout=timeout, interval=0.3, what=f"pacs {self.args[0]} on port {port}")
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the process and its children (Celery forks workers)."""
+        assert self.proc is not None
+        proc = psutil.Process(self.proc.pid)
+        total = proc.memory_info().rss
+        for child in proc.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                total += child.memory_info().rss
+        return total
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def log_tail(self, lines: int = 80) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def run_pacs(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run a one-shot `pacs` command (db upgrade, ae add, import...) and return its output."""
+    return subprocess.run([PACS, *args], env={**os.environ, **env, "COLUMNS": "200"}, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def embedded_env(data_dir: Path) -> dict[str, str]:
+    return {"PACS_DATA_DIR": str(data_dir), "PACS_DICOM_PORT": str(free_port()),
+            "PACS_HTTP_PORT": str(free_port()), "PACS_OUTBOX_POLL_S": "1"}

@@ -1,0 +1,51 @@
+"""The Celery application. Start workers with ``pacs worker`` (it reads the same PACS_* settings)."""
+
+from __future__ import annotations
+
+import logging
+from functools import cache
+
+from celery import Celery, Task
+
+from pacs.context import AppContext
+from pacs.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def make_celery(broker_url: str) -> Celery:
+    app = Celery("pacs", broker=broker_url)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        broker_connection_timeout=3,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": 3600, "max_retries": 1},
+        task_default_queue="pacs-derived",
+    )
+    return app
+
+
+@cache
+def worker_context() -> AppContext:
+    """One context per worker process, built from the environment like every entry point."""
+    return AppContext.create(Settings())
+
+
+settings = Settings()
+app = make_celery(settings.broker_url or "memory://")
+
+
+@app.task(name="pacs.derived.run", bind=True, acks_late=True, max_retries=None,
+          soft_time_limit=300, time_limit=360)
+def run_derived(self: Task, task_id: int) -> str:
+    from workers.derived import TransientError, run_derived_task
+
+    try:
+        return run_derived_task(worker_context(), task_id)
+    except TransientError as exc:
+        delay = min(300, 2 ** min(self.request.retries, 8))
+        log.warning("derived task %s: %s; retrying in %ss", task_id, exc, delay)
+        raise self.retry(exc=exc, countdown=delay) from exc

@@ -1,0 +1,173 @@
+"""Publishing outbox rows: to Celery (scaled) or to an in-process pool (embedded).
+
+Ingest hands committed row ids to :class:`OutboxRelay` and returns at once; the relay's
+own thread publishes them. Rows the relay could not publish (broker down) stay
+``pending`` and are picked up by its periodic sweep, as are rows ``queued`` long ago
+whose task never finished (lost with a restarted broker or process). Tasks are
+idempotent, so publishing twice costs work, never correctness.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from pacs.context import AppContext
+from pacs.db.models import DerivedTask
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "pacs.derived.run"
+
+
+class Publisher(Protocol):
+    def publish(self, task_id: int) -> None:
+        """Hand one outbox row to whatever runs it; raise if that is not possible now."""
+
+
+class CeleryPublisher:
+    """Sends task messages to the broker; fails fast when the broker is down."""
+
+    def __init__(self, broker_url: str) -> None:
+        from workers.celery_app import make_celery
+
+        self._app = make_celery(broker_url)
+
+    def publish(self, task_id: int) -> None:
+        self._app.send_task(TASK_NAME, args=[task_id], retry=False)
+
+
+class InProcessPublisher:
+    """Runs task functions on a small thread pool inside this process (embedded mode)."""
+
+    def __init__(self, ctx: AppContext, workers: int) -> None:
+        from workers.derived import TransientError, run_derived_task
+
+        self._ctx = ctx
+        self._run = run_derived_task
+        self._transient = TransientError
+        self._pool = ThreadPoolExecutor(max_workers=max(workers, 1), thread_name_prefix="pacs-worker")
+
+    def publish(self, task_id: int) -> None:
+        self._pool.submit(self._safe_run, task_id)
+
+    def _safe_run(self, task_id: int) -> None:
+        try:
+            self._run(self._ctx, task_id)
+        except self._transient as exc:
+            log.warning("derived task %s will be retried by the sweep: %s", task_id, exc)
+            _mark_pending(self._ctx, task_id)
+        except Exception:
+            log.exception("derived task %s failed", task_id)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=False)
+
+
+def _mark_pending(ctx: AppContext, task_id: int) -> None:
+    try:
+        with ctx.sessions() as session, session.begin():
+            session.execute(update(DerivedTask).where(DerivedTask.id == task_id, DerivedTask.state == "queued")
+                            .values(state="pending"))
+    except SQLAlchemyError:
+        pass
+
+
+class OutboxRelay:
+    """Moves outbox rows from ``pending`` to ``queued`` by publishing them, off the ingest path."""
+
+    def __init__(self, ctx: AppContext, publisher: Publisher, *, poll_s: float = 5.0,
+                 requeue_after: timedelta = timedelta(minutes=10), requeue_all_queued: bool = False) -> None:
+        self._ctx = ctx
+        self._publisher = publisher
+        self._poll_s = poll_s
+        self._requeue_after = requeue_after
+        self._requeue_all_queued = requeue_all_queued  # in-process: a previous run's queue died with it
+        self._inbox: queue.Queue[int | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="pacs-outbox", daemon=True)
+
+    def start(self) -> OutboxRelay:
+        self._thread.start()
+        return self
+
+    def notify(self, task_ids: Iterable[int]) -> None:
+        """Called by ingest after commit; never blocks."""
+        for task_id in task_ids:
+            self._inbox.put(task_id)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        self.sweep(startup=True)
+        while not self._stop.is_set():
+            try:
+                task_id = self._inbox.get(timeout=self._poll_s)
+            except queue.Empty:
+                self.sweep()
+                continue
+            if task_id is None:
+                break
+            self._publish(task_id)
+
+    def sweep(self, startup: bool = False) -> int:
+        """Publish every pending row, and queued rows that look lost; returns how many were published."""
+        cutoff = datetime.now(UTC) - self._requeue_after
+        stale_queued = DerivedTask.state == "queued"
+        if not (startup and self._requeue_all_queued):
+            stale_queued = stale_queued & (DerivedTask.updated_at < cutoff)
+        try:
+            with self._ctx.sessions() as session:
+                ids = list(session.scalars(
+                    select(DerivedTask.id).where(or_(DerivedTask.state == "pending", stale_queued))
+                    .order_by(DerivedTask.id).limit(10_000)
+                ))
+        except SQLAlchemyError as exc:
+            log.warning("outbox sweep: index unavailable: %s", str(exc).splitlines()[0])
+            return 0
+        published = 0
+        for task_id in ids:
+            if self._stop.is_set() or not self._publish(task_id, from_sweep=True):
+                break
+            published += 1
+        if published:
+            log.info("outbox sweep published %d derived task(s)", published)
+        return published
+
+    def _publish(self, task_id: int, from_sweep: bool = False) -> bool:
+        try:
+            with self._ctx.sessions() as session, session.begin():
+                states = ["pending", "queued"] if from_sweep else ["pending"]
+                claimed = session.execute(
+                    update(DerivedTask).where(DerivedTask.id == task_id, DerivedTask.state.in_(states))
+                    .values(state="queued")
+                ).rowcount
+        except SQLAlchemyError as exc:
+            log.warning("outbox: index unavailable, will retry: %s", str(exc).splitlines()[0])
+            return False
+        if not claimed:
+            return True
+        try:
+            self._publisher.publish(task_id)
+        except Exception as exc:
+            log.warning("outbox: could not publish task %s (will retry): %s", task_id, exc)
+            _mark_pending(self._ctx, task_id)
+            return False
+        return True
+
+
+def make_publisher(ctx: AppContext) -> Publisher:
+    if ctx.settings.embedded_workers:
+        return InProcessPublisher(ctx, ctx.settings.in_process_workers)
+    return CeleryPublisher(ctx.settings.broker_url)
