@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pacs.ingest import IngestOutcome, Ingestor, IngestSource, IngestStatus
+from pacs.ingest import Ingestor, IngestOutcome, IngestSource, IngestStatus
 
 
 @dataclass(frozen=True)

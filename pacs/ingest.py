@@ -182,9 +182,7 @@ class Ingestor:
                 index_instance(session, obj, object_key=key, sha256=sha256, received_at=now,
                                source=source.transport, source_ae=source.calling_ae,
                                source_address=source.address, replaces=replaces)
-                tasks = [DerivedTask(kind=kind, sop_instance_uid=obj.sop_instance_uid, sha256=sha256)
-                         for kind in DERIVED_KINDS]
-                session.add_all(tasks)
+                tasks = _arm_derived_tasks(session, obj.sop_instance_uid, sha256)
                 session.add(_audit(obj, source, "instance.store" if replaces is None
                                    else "instance.store-new-version",
                                    f"sha256={sha256}" + (f" replaces={replaces.sha256 if replaces else ''}")))
@@ -218,6 +216,23 @@ class Ingestor:
         return IngestOutcome(IngestStatus.INDEX_UNAVAILABLE, "index database unavailable",
                              sop_instance_uid=obj.sop_instance_uid, sop_class_uid=obj.sop_class_uid,
                              study_instance_uid=obj.study_instance_uid, sha256=sha256)
+
+
+def _arm_derived_tasks(session: Session, sop_uid: str, sha256: str) -> list[DerivedTask]:
+    """Outbox rows for the new current content; content that was current before (A, B, A again)
+    re-arms its existing row instead of adding a second one."""
+    existing = {t.kind: t for t in session.scalars(
+        select(DerivedTask).where(DerivedTask.sop_instance_uid == sop_uid, DerivedTask.sha256 == sha256))}
+    tasks = []
+    for kind in DERIVED_KINDS:
+        task = existing.get(kind)
+        if task is None:
+            task = DerivedTask(kind=kind, sop_instance_uid=sop_uid, sha256=sha256)
+            session.add(task)
+        else:
+            task.state, task.attempts, task.last_error = "pending", 0, ""
+        tasks.append(task)
+    return tasks
 
 
 def _audit(obj: ReceivedObject, source: IngestSource, action: str, detail: str) -> AuditEvent:

@@ -18,7 +18,8 @@ _S3_PARAMS = {"secure", "region", "connect_timeout", "read_timeout", "retries"}
 def open_store(url: str) -> ObjectStore:
     """Open the store a URL names.
 
-    * ``/abs/path`` or ``file:///abs/path`` — :class:`FilesystemStore`
+    * a path without a scheme (``/srv/pacs``, ``data/objects``) or ``file:///abs/path`` —
+      :class:`FilesystemStore`
     * ``s3://ACCESS:SECRET@host:port/bucket[?secure=true&region=x]`` and
       ``s3+https://...`` (TLS) / ``s3+http://...`` — :class:`S3Store`.
       Credentials are percent-decoded, so encode ``@ : / %`` in them. Optional

@@ -97,6 +97,24 @@ def test_changed_content_keeps_both_versions(backend: Backend) -> None:
     assert len(backend.objects()) == 2
 
 
+def test_previous_content_sent_again_becomes_current_again(backend: Backend) -> None:
+    """A, then B, then A again (a modality resending an old copy): A is current, B is kept as prior."""
+    ds = make_dataset()
+    a = to_bytes(ds)
+    ds.PatientName = "B^VERSION"
+    b = to_bytes(ds)
+    ingestor = backend.ingestor()
+    statuses = [ingestor.ingest(x, SOURCE).status for x in (a, b, a)]
+    assert statuses == [IngestStatus.STORED, IngestStatus.NEW_VERSION, IngestStatus.NEW_VERSION]
+    with backend.sessions() as s:
+        current = s.scalars(select(Instance)).one()
+        assert backend.store.get_bytes(current.object_key) == a and current.version == 3
+        assert s.scalar(select(func.count()).select_from(InstanceVersion)) == 2
+        tasks = list(s.scalars(select(DerivedTask)))
+        assert len(tasks) == 2 and {t.state for t in tasks} == {"pending"}
+    assert len(backend.objects()) == 2  # content-addressed: A is stored once
+
+
 @pytest.mark.parametrize(("policy", "status"), [(DuplicatePolicy.REJECT, IngestStatus.REJECTED),
                                                 (DuplicatePolicy.KEEP_EXISTING, IngestStatus.KEPT_EXISTING)])
 def test_other_duplicate_policies_keep_the_stored_object(backend: Backend, policy: DuplicatePolicy,
@@ -130,7 +148,7 @@ class _FailingPuts:
     def __init__(self, store: ObjectStore) -> None:
         self._store = store
 
-    def __getattr__(self, name: str):  # noqa: ANN204
+    def __getattr__(self, name: str):
         return getattr(self._store, name)
 
     def put(self, *args, **kwargs) -> None:

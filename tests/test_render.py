@@ -391,6 +391,26 @@ def test_uncompressed_ybr_partial_422_renders_as_rgb(rgb_reference: np.ndarray) 
     assert np.abs(_px(render_frame(ds)) - rgb_reference).mean() > 3 * max(diff.mean(), 1.0)
 
 
+def test_jpeg_labelled_ybr_partial_422_decodes_like_ybr_full(rgb_reference: np.ndarray) -> None:
+    """Old devices label lossy JPEG as (retired) YBR_PARTIAL_422; the codestream itself is
+    full-range YCbCr, so it must render like the same file labelled YBR_FULL."""
+    ds = _read("SC_rgb_jpeg_dcmtk.dcm")
+    expected = _px(render_frame(ds))
+    ds.PhotometricInterpretation = "YBR_PARTIAL_422"
+    rendered = _px(render_frame(ds))
+    assert np.array_equal(rendered, expected)
+    assert np.abs(rendered - rgb_reference).mean() < 3.5
+
+
+def test_planar_configuration_1_is_handled(rgb_reference: np.ndarray) -> None:
+    """Derived: the RGB reference stored colour-by-plane (RRR..GGG..BBB..)."""
+    planes = np.ascontiguousarray(rgb_reference.astype(np.uint8).transpose(2, 0, 1))
+    ds = _native_dataset(rgb_reference.astype(np.uint8), "RGB")
+    ds.PlanarConfiguration = 1
+    ds.PixelData = planes.tobytes()
+    assert np.array_equal(_px(render_frame(ds)), rgb_reference)
+
+
 def test_colour_image_with_odd_size_and_jpeg() -> None:
     reference = _px(render_frame(_read("SC_rgb_small_odd.dcm")))
     lossy = _px(render_frame(_read("SC_rgb_small_odd_jpeg.dcm")))  # JPEG baseline YBR_FULL, 3x3

@@ -275,6 +275,8 @@ def test_exists_and_size(store: ObjectStore, ns: str) -> None:
     assert not store.exists(f"{ns}dir")
     with pytest.raises(ObjectNotFound):
         store.size(f"{ns}dir")
+    with pytest.raises(ObjectNotFound):
+        store.get_bytes(f"{ns}dir")
 
 
 def test_missing_object_raises_not_found(store: ObjectStore, ns: str) -> None:

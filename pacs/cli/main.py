@@ -228,6 +228,7 @@ def config_show() -> None:
 @app.command("import")
 def import_(
     path: Annotated[Path, typer.Argument(help="A folder (walked recursively), a zip file or a single file")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON")] = False,
 ) -> None:
     """Import DICOM files through the same ingest as C-STORE; prints what was stored, duplicated, refused."""
     from pacs.importer import ImportSummary, collect, import_items
@@ -253,6 +254,10 @@ def import_(
                 bar.update(task, advance=1, mb=done_bytes / 1e6)
     finally:
         pipeline.stop()  # embedded mode: waits for the thumbnails of what was imported
+    if as_json:
+        out.print_json(json.dumps({"counts": dict(summary.counts), "rejected": summary.rejected,
+                                   "failed": summary.failed}))
+        raise typer.Exit(1 if summary.failed else 0)
     table = Table("outcome", "files")
     for status, count in sorted(summary.counts.items()):
         table.add_row(status, str(count))

@@ -184,7 +184,7 @@ def thumbnail(ds: Dataset, size: int = 128, quality: int = 85, fmt: str = "jpeg"
     Args:
         ds: The dataset.
         size: Bounding box edge in pixels (>= 1).
-        quality: JPEG quality 1-95 (ignored for PNG).
+        quality: JPEG quality 1-100 (ignored for PNG).
         fmt: ``"jpeg"`` (or ``"jpg"``) or ``"png"``.
 
     Raises:
@@ -480,34 +480,35 @@ def _float_or_none(value: Any) -> float | None:
 
 
 def _modality_values(arr: NDArray[Any], attrs: Dataset) -> NDArray[np.float64]:
-    """Apply the Modality LUT (LUT Sequence or Rescale Slope/Intercept) -> float64."""
-    shim = Dataset()
-    shim.file_meta = attrs.file_meta
+    """Apply the Modality LUT -> float64 modality values (e.g. HU).
+
+    A Modality LUT Sequence goes through :func:`pydicom.pixels.apply_modality_lut`;
+    Rescale Slope/Intercept (the linear special case) is applied directly so a
+    missing, zero or garbage slope can be treated as 1 instead of flattening
+    or failing the image.
+    """
     if attrs.get("ModalityLUTSequence"):
+        shim = Dataset()
+        shim.file_meta = attrs.file_meta  # byte order for OW LUT Data
         shim.ModalityLUTSequence = attrs.ModalityLUTSequence
+        try:
+            values = np.asarray(apply_modality_lut(arr, shim), dtype=np.float64)
+        except MemoryError:
+            raise
+        except Exception as exc:
+            raise RenderError(f"invalid Modality LUT Sequence: {_one_line(exc)}") from exc
     else:
-        slope = _float_or_none(attrs.get("RescaleSlope"))
-        intercept = _float_or_none(attrs.get("RescaleIntercept"))
-        if slope is not None or intercept is not None:
-            # A zero or garbage slope would flatten the image; treat it as 1.
-            shim["RescaleSlope"] = attrs["RescaleSlope"] if slope else _ds_element(0x00281053, 1)
-            shim["RescaleIntercept"] = (
-                attrs["RescaleIntercept"] if intercept is not None else _ds_element(0x00281052, 0)
-            )
-    try:
-        values = np.asarray(apply_modality_lut(arr, shim), dtype=np.float64)
-    except MemoryError:
-        raise
-    except Exception as exc:
-        raise RenderError(f"invalid Modality LUT: {_one_line(exc)}") from exc
+        slope = _float_or_none(attrs.get("RescaleSlope")) or 1.0
+        intercept = _float_or_none(attrs.get("RescaleIntercept")) or 0.0
+        values = arr.astype(np.float64)
+        if slope != 1.0:
+            values *= slope
+        if intercept != 0.0:
+            values += intercept
     finite = np.isfinite(values)
     if not finite.all():  # float pixel data may carry NaN/inf; show them as the minimum
         values = np.where(finite, values, values[finite].min() if finite.any() else 0.0)
     return values
-
-
-def _ds_element(tag: int, value: float) -> pydicom.DataElement:
-    return pydicom.DataElement(tag, "DS", str(value))
 
 
 def _grey_to_display(
@@ -710,8 +711,8 @@ def _thumbnail_size(image_size: tuple[int, int], pixel_aspect: float, size: int)
 def _check_output_args(size: int, quality: int, fmt: str) -> str:
     if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_DIMENSION:
         raise ValueError(f"size must be an integer in 1..{MAX_DIMENSION}, got {size!r}")
-    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 95:
-        raise ValueError(f"quality must be an integer in 1..95, got {quality!r}")
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise ValueError(f"quality must be an integer in 1..100, got {quality!r}")
     name = {"jpeg": "JPEG", "jpg": "JPEG", "png": "PNG"}.get(str(fmt).lower())
     if name is None:
         raise ValueError(f"fmt must be 'jpeg' or 'png', got {fmt!r}")

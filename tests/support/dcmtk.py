@@ -8,6 +8,18 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+# pynetdicom installs its own echoscu/storescu/... into the virtualenv's bin folder, ahead of
+# DCMTK's on PATH: always call DCMTK's by absolute path.
+DCMTK_BIN = Path(os.environ.get("DCMTK_BIN", "/usr/bin"))
+
+
+def dcmtk(tool: str) -> str:
+    path = DCMTK_BIN / tool
+    if not path.exists():
+        raise FileNotFoundError(f"DCMTK's {tool} not found in {DCMTK_BIN} (apt-get install dcmtk)")
+    return str(path)
+
+
 # storescu option that proposes a file's own transfer syntax (plus uncompressed fallbacks).
 STORESCU_TS_OPTION = {
     "1.2.840.10008.1.2": "-xi",
@@ -25,8 +37,7 @@ STORESCU_TS_OPTION = {
     "1.2.840.10008.1.2.4.91": "-xw",
 }
 
-_STATUS_RE = re.compile(r"Received Store Response.*?\(([^)]*)\)")
-_HEX_RE = re.compile(r"0x([0-9A-Fa-f]{4})")
+_STATUS_RE = re.compile(r"DIMSE Status\s*:\s*0x([0-9A-Fa-f]{4})")
 _COMMENT_RE = re.compile(r"\(0000,0902\)\s+LO\s+\[([^\]]*)\]")
 
 
@@ -48,21 +59,46 @@ class StoreResult:
 
 
 def echoscu(port: int, aec: str = "PACS", aet: str = "ECHOSCU") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["echoscu", "-aet", aet, "-aec", aec, "127.0.0.1", str(port)],
+    return subprocess.run([dcmtk("echoscu"), "-aet", aet, "-aec", aec, "127.0.0.1", str(port)],
                           capture_output=True, text=True, env=dcmtk_env(), timeout=30)
 
 
 def storescu(port: int, files: list[Path], ts_option: str = "-xe", aec: str = "PACS", aet: str = "STORESCU",
              extra: tuple[str, ...] = ()) -> StoreResult:
     """Send ``files`` on one association; returns the status of the last response received."""
-    cmd = ["storescu", "-d", "-nh", "-aet", aet, "-aec", aec, ts_option, *extra, "127.0.0.1", str(port),
+    cmd = [dcmtk("storescu"), "-d", "-nh", "-aet", aet, "-aec", aec, ts_option, *extra, "127.0.0.1", str(port),
            *map(str, files)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dcmtk_env(), timeout=600)
     output = proc.stdout + proc.stderr
-    status = None
     statuses = _STATUS_RE.findall(output)
-    if statuses:
-        hexes = _HEX_RE.findall(statuses[-1])
-        status = int(hexes[0], 16) if hexes else (0 if "Success" in statuses[-1] else None)
+    status = int(statuses[-1], 16) if statuses else None
     comments = _COMMENT_RE.findall(output)
     return StoreResult(proc.returncode, status, comments[-1].strip() if comments else "", output)
+
+
+class ReferenceStoreSCP:
+    """DCMTK's storescp in bit-preserving mode: records exactly the dataset bytes a sender put on the wire."""
+
+    def __init__(self, out_dir: Path, port: int, aet: str = "REFSCP") -> None:
+        self.out_dir, self.port, self.aet = out_dir, port, aet
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ReferenceStoreSCP:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        log = (self.out_dir.parent / f"storescp-{self.port}.log").open("ab")
+        self.proc = subprocess.Popen(
+            [dcmtk("storescp"), "-B", "+xa", "-aet", self.aet, "-od", str(self.out_dir), "-uf", str(self.port)],
+            stdout=log, stderr=subprocess.STDOUT, env=dcmtk_env())
+        return self
+
+    def received(self) -> list[Path]:
+        return sorted(p for p in self.out_dir.iterdir() if p.is_file())
+
+    def clear(self) -> None:
+        for p in self.received():
+            p.unlink()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)

@@ -1,13 +1,12 @@
 """initial index schema
 
 Revision ID: 0001
-Revises: 
+Revises:
 Create Date: 2026-11-28 06:46:47.988675
 """
 
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 revision = '0001'
 down_revision = None

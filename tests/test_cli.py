@@ -1,0 +1,149 @@
+"""The `pacs` command line, run as a real process the way an operator would."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from pacs.context import AppContext
+from pacs.db.models import Instance, Study
+from pacs.settings import Settings
+from tests.conftest import corpus_files
+from tests.support.datasets import make_dataset
+from tests.support.net import wait_until
+from tests.support.pacs_process import run_pacs
+
+
+@pytest.fixture()
+def env(tmp_path: Path) -> dict[str, str]:
+    return {"PACS_DATA_DIR": str(tmp_path / "data")}
+
+
+def test_help_lists_the_commands() -> None:
+    out = run_pacs(["--help"], {}).stdout
+    for command in ("serve", "scp", "api", "worker", "db", "ae", "import", "config"):
+        assert command in out
+
+
+def test_config_show_masks_secrets(env: dict[str, str]) -> None:
+    env = {**env, "PACS_DATABASE_URL": "postgresql+psycopg://pacs:hunter2@db:5432/pacs",
+           "PACS_STORAGE_URL": "s3://minio:topsecret@minio:9000/dicom", "PACS_AE_TITLE": "ARCHIVE1"}
+    result = run_pacs(["config", "show"], env)
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["ae_title"] == "ARCHIVE1"
+    assert "hunter2" not in result.stdout and "topsecret" not in result.stdout
+    assert shown["database_url"] == "postgresql+psycopg://pacs:***@db:5432/pacs"
+
+
+def test_invalid_configuration_is_a_clear_error(env: dict[str, str]) -> None:
+    result = run_pacs(["config", "show"], {**env, "PACS_AE_TITLE": "THIS-TITLE-IS-FAR-TOO-LONG"})
+    assert result.returncode == 2 and "AE title" in result.stderr
+
+
+def test_ae_add_list_remove(env: dict[str, str]) -> None:
+    assert run_pacs(["db", "upgrade"], env).returncode == 0
+    added = run_pacs(["ae", "add", "CT01", "10.0.0.5", "104", "--description", "Ward CT", "--no-query"], env)
+    assert added.returncode == 0, added.stderr
+    again = run_pacs(["ae", "add", "CT01", "10.0.0.6", "104"], env)
+    assert again.returncode == 1 and "already registered" in again.stderr
+    assert run_pacs(["ae", "add", "BAD\\AE", "h", "104"], env).returncode == 1
+    listed = json.loads(run_pacs(["ae", "list", "--json"], env).stdout)
+    assert listed == [{"ae_title": "CT01", "host": "10.0.0.5", "port": 104, "description": "Ward CT",
+                       "allow_store": True, "allow_query": False, "allow_retrieve": True}]
+    assert run_pacs(["ae", "remove", "CT01"], env).returncode == 0
+    assert run_pacs(["ae", "remove", "CT01"], env).returncode == 1
+    assert json.loads(run_pacs(["ae", "list", "--json"], env).stdout) == []
+
+
+def test_commands_refuse_an_unmigrated_database(env: dict[str, str]) -> None:
+    result = run_pacs(["ae", "list"], env)
+    assert result.returncode == 2 and "pacs db upgrade" in result.stderr
+
+
+def test_db_upgrade_on_postgresql(fresh_pg_url: str, env: dict[str, str]) -> None:
+    env = {**env, "PACS_DATABASE_URL": fresh_pg_url}
+    assert run_pacs(["db", "upgrade"], env).returncode == 0
+    assert run_pacs(["db", "upgrade"], env).returncode == 0  # idempotent
+    assert run_pacs(["ae", "list", "--json"], env).stdout.strip() == "[]"
+
+
+def test_worker_without_broker_explains_embedded_mode(env: dict[str, str]) -> None:
+    result = run_pacs(["worker"], env)
+    assert result.returncode == 2 and "PACS_BROKER_URL" in result.stderr
+
+
+def _import(path: Path, env: dict[str, str]) -> dict:
+    result = run_pacs(["import", "--json", str(path)], env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+def test_import_whole_corpus_reports_stored_duplicates_and_refusals(env: dict[str, str]) -> None:
+    """`pacs import` over every file pydicom ships (DICOM or not): a summary, and a reason per refusal."""
+    corpus = Path(corpus_files()[0]).parent
+    summary = _import(corpus, env)
+    counts = summary["counts"]
+    assert counts["stored"] > 80 and counts["new-version"] > 0  # corpus files share SOP Instance UIDs
+    assert sum(counts.values()) == len(corpus_files())
+    reasons = {Path(name).name: reason for name, reason in summary["rejected"]}
+    assert "not a DICOM object" in reasons["README.txt"]
+    assert "truncated" in reasons["MR_truncated.dcm"]
+    assert "media index" in reasons["DICOMDIR"]
+    assert reasons["meta_missing_tsyntax.dcm"] == "File Meta Information has no Transfer Syntax UID"
+    ctx = AppContext.create(Settings(data_dir=Path(env["PACS_DATA_DIR"])))
+    with ctx.sessions() as s:
+        instances = s.scalar(select(func.count()).select_from(Instance))
+        # Thumbnails were made in-process before the command returned.
+        assert s.scalar(select(func.count()).select_from(Instance).where(Instance.thumbnail_key.is_(None))) == 0
+    assert instances == counts["stored"]
+    # Importing again stores nothing new.
+    again = _import(corpus, env)["counts"]
+    assert again.get("stored", 0) == 0 and again["rejected"] == counts["rejected"]
+    with ctx.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Instance)) == instances
+    ctx.close()
+
+
+def test_import_zip(env: dict[str, str], tmp_path: Path) -> None:
+    zpath = tmp_path / "study.zip"
+    study = make_dataset().StudyInstanceUID
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for i in range(3):
+            ds = make_dataset(StudyInstanceUID=study, InstanceNumber=i)
+            path = tmp_path / f"{i}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            zf.write(path, f"dir/{i}.dcm")
+        zf.writestr("dir/notes.txt", "not an image")
+    summary = _import(zpath, env)
+    assert summary["counts"] == {"stored": 3, "rejected": 1}
+    assert summary["rejected"][0][0] == "dir/notes.txt" and "not a DICOM object" in summary["rejected"][0][1]
+    ctx = AppContext.create(Settings(data_dir=Path(env["PACS_DATA_DIR"])))
+    with ctx.sessions() as s:
+        assert s.scalars(select(Study.number_of_instances)).one() == 3
+    ctx.close()
+
+
+def test_import_missing_path_is_a_clear_error(env: dict[str, str], tmp_path: Path) -> None:
+    result = run_pacs(["import", str(tmp_path / "nope")], env)
+    assert result.returncode == 2 and "neither a folder nor a file" in result.stderr
+
+
+def test_serve_prints_where_it_listens(env: dict[str, str], tmp_path: Path) -> None:
+    from tests.support.pacs_process import PacsProcess, embedded_env
+
+    env = embedded_env(tmp_path / "d")
+    proc = PacsProcess(["serve"], env, tmp_path / "serve.log").start()
+    try:
+        proc.wait_dicom(int(env["PACS_DICOM_PORT"]))
+        wait_until(lambda: "PACS ready" in proc.log_tail(), what="banner")
+        import httpx
+
+        health = httpx.get(f"http://127.0.0.1:{env['PACS_HTTP_PORT']}/health", timeout=5).json()
+        assert health == {"status": "ok", "checks": {"index": "ok", "storage": "ok"}}
+    finally:
+        proc.stop()

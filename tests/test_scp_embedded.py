@@ -1,0 +1,217 @@
+"""Embedded mode end to end: `pacs serve` on a temporary data folder, driven by DCMTK and pynetdicom."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pytest
+from PIL import Image
+from sqlalchemy import select
+
+from bench.generate_ct import write_ct_series
+from pacs.context import AppContext
+from pacs.db.models import Instance, Patient, Series, Study
+from pacs.settings import Settings
+from storage.keys import thumbnail_key
+from tests.conftest import corpus_dicom_files
+from tests.support.datasets import dataset_bytes, make_dataset
+from tests.support.dcmtk import STORESCU_TS_OPTION, ReferenceStoreSCP, echoscu, storescu
+from tests.support.net import free_port, port_open, wait_until
+from tests.support.pacs_process import PacsProcess, embedded_env
+from tests.support.senders import send_dataset, send_file_raw
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Server:
+    proc: PacsProcess
+    port: int
+    ctx: AppContext  # the test's own view of the same index and store, read-only by convention
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("embedded")
+    env = embedded_env(root / "data")
+    proc = PacsProcess(["serve"], env, root / "serve.log").start()
+    port = int(env["PACS_DICOM_PORT"])
+    try:
+        proc.wait_dicom(port)
+        ctx = AppContext.create(Settings(data_dir=root / "data"))
+        yield Server(proc, port, ctx)
+        ctx.close()
+    finally:
+        proc.stop()
+
+
+def _stored(server: Server, sop_uid: str) -> Instance | None:
+    with server.ctx.sessions() as s:
+        return s.scalars(select(Instance).where(Instance.sop_instance_uid == sop_uid)).one_or_none()
+
+
+def test_echoscu(server: Server) -> None:
+    result = echoscu(server.port)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.fixture()
+def reference_scp(tmp_path: Path) -> Iterator[ReferenceStoreSCP]:
+    ref = ReferenceStoreSCP(tmp_path / "reference", free_port()).start()
+    wait_until(lambda: port_open(ref.port), what="reference storescp")
+    yield ref
+    ref.stop()
+
+
+def test_whole_pydicom_corpus_is_stored_exactly_or_refused_with_a_reason(
+    server: Server, reference_scp: ReferenceStoreSCP
+) -> None:
+    """Every corpus file, sent the way a modality would, is either stored with exactly the dataset
+    bytes that were on the wire, or refused with a failure status and an Error Comment.
+
+    storescu (proposing the file's own transfer syntax) re-encodes some datasets while sending (it
+    drops trailing padding, for one), so what it put on the wire is taken from DCMTK's storescp in
+    bit-preserving mode receiving the same send. Syntaxes DCMTK 3.6.7 cannot propose (deflate,
+    HTJ2K, video...) go through a raw pynetdicom sender, whose wire bytes are the file's own.
+    """
+    tally: Counter[str] = Counter()
+    problems: list[str] = []
+    for path in corpus_dicom_files():
+        try:
+            meta = pydicom.dcmread(path, stop_before_pixels=True)
+            tsyntax, sop_uid = str(meta.file_meta.TransferSyntaxUID), str(meta.SOPInstanceUID)
+        except Exception:
+            tsyntax, sop_uid = "", ""
+        if tsyntax in STORESCU_TS_OPTION and tsyntax != "1.2.840.10008.1.2.1.99":
+            option = STORESCU_TS_OPTION[tsyntax]
+            reference_scp.clear()
+            storescu(reference_scp.port, [path], option, aec=reference_scp.aet)
+            on_wire = [dataset_bytes(p.read_bytes()) for p in reference_scp.received()]
+            res = storescu(server.port, [path], option)
+            status, comment, sender = res.status, res.error_comment, "storescu"
+        else:
+            raw = send_file_raw(server.port, path)
+            status, comment, sender = raw.status, raw.error_comment, "pynetdicom"
+            on_wire = [dataset_bytes(path.read_bytes())] if status is not None else []
+        if status is None:
+            tally["unsendable"] += 1  # no peer could read the file to send it: it never reached us
+            continue
+        if status == 0:
+            inst = _stored(server, sop_uid)
+            if inst is None:
+                problems.append(f"{path.name}: Success but not indexed")
+                continue
+            stored = dataset_bytes(server.ctx.store.get_bytes(inst.object_key))
+            if len(on_wire) != 1:
+                problems.append(f"{path.name}: reference receiver got {len(on_wire)} objects")
+            elif stored != on_wire[0]:
+                problems.append(f"{path.name}: stored dataset differs from the bytes sent ({sender}, {tsyntax})")
+            tally[f"stored via {sender}"] += 1
+        else:
+            if not comment:
+                problems.append(f"{path.name}: failure 0x{status:04X} without an Error Comment")
+            tally[f"refused 0x{status:04X}"] += 1
+    print(dict(tally))
+    assert not problems, "\n".join(problems)
+    assert tally["stored via storescu"] > 100 and tally["stored via pynetdicom"] >= 1
+    assert sum(v for k, v in tally.items() if k.startswith("refused")) >= 1
+    assert echoscu(server.port).returncode == 0  # still up
+
+
+def test_generated_ct_series_is_stored_with_thumbnails(server: Server, tmp_path: Path) -> None:
+    files = write_ct_series(tmp_path / "ct", slices=100, size=256)
+    result = storescu(server.port, files, "-xe")
+    assert result.status == 0 and result.returncode == 0, result.output[-2000:]
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    with server.ctx.sessions() as s:
+        study = s.scalars(select(Study).where(Study.study_instance_uid == first.StudyInstanceUID)).one()
+        assert (study.number_of_instances, study.number_of_series, study.modalities_in_study) == (100, 1, "CT")
+
+    def all_thumbnails() -> bool:
+        with server.ctx.sessions() as s:
+            keys = list(s.scalars(select(Instance.thumbnail_key).join(Series)
+                                  .where(Series.series_instance_uid == first.SeriesInstanceUID)))
+        return len(keys) == 100 and all(keys)
+
+    wait_until(all_thumbnails, timeout=120, what="100 thumbnails")
+    thumb = server.ctx.store.get_bytes(
+        thumbnail_key(first.StudyInstanceUID, first.SeriesInstanceUID, first.SOPInstanceUID))
+    image = Image.open(io.BytesIO(thumb))
+    assert image.format == "JPEG" and max(image.size) == 128
+    assert image.getextrema()[1] > 200 and image.getextrema()[0] < 30  # windowed phantom: bone and air
+
+
+def test_vietnamese_name_round_trips_and_is_searchable(server: Server, tmp_path: Path) -> None:
+    ds = make_dataset(PatientName="Nguyễn^Văn An", PatientID="VN-0001", SpecificCharacterSet="ISO_IR 192")
+    path = tmp_path / "vn.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert storescu(server.port, [path]).status == 0
+    inst = _stored(server, ds.SOPInstanceUID)
+    assert inst is not None
+    back = pydicom.dcmread(io.BytesIO(server.ctx.store.get_bytes(inst.object_key)))
+    assert str(back.PatientName) == "Nguyễn^Văn An"
+    with server.ctx.sessions() as s:
+        patient = s.scalars(select(Patient).where(Patient.patient_id == "VN-0001")).one()
+        assert patient.patient_name == "Nguyễn^Văn An" and patient.patient_name_search == "NGUYEN^VAN AN"
+
+
+def test_duplicates_and_new_versions_over_dimse(server: Server, tmp_path: Path) -> None:
+    ds = make_dataset()
+    a, b = tmp_path / "a.dcm", tmp_path / "b.dcm"
+    ds.save_as(a, enforce_file_format=True)
+    assert storescu(server.port, [a, a]).status == 0
+    first = _stored(server, ds.SOPInstanceUID)
+    ds.PatientName = "FIXED^NAME"
+    ds.save_as(b, enforce_file_format=True)
+    assert storescu(server.port, [b]).status == 0
+    second = _stored(server, ds.SOPInstanceUID)
+    assert first is not None and second is not None
+    assert (first.version, second.version) == (1, 2) and first.object_key != second.object_key
+    old = dataset_bytes(server.ctx.store.get_bytes(first.object_key))
+    assert old == dataset_bytes(a.read_bytes())  # the old version stays retrievable
+
+
+@pytest.mark.parametrize(("uid", "where"), [("../../etc", "SOPInstanceUID"), ("1.2.abc.4", "StudyInstanceUID"),
+                                            ("1.2.3/../../x", "SeriesInstanceUID")])
+def test_path_like_uids_are_refused_and_write_nothing(server: Server, uid: str, where: str) -> None:
+    before = _files(server)
+    ds = make_dataset(**{where: uid})
+    result = send_dataset(server.port, ds, "1.2.840.10008.1.2.1")
+    assert result.status == 0xC001, result
+    assert where in result.error_comment
+    assert _files(server) == before
+    assert not any(".." in p or "etc" in p.split(os.sep)[-1:] for p in _all_paths(server))
+
+
+def test_truncated_and_non_dicom_files_are_refused(server: Server, tmp_path: Path) -> None:
+    before = _files(server)
+    ds = make_dataset()
+    path = tmp_path / "t.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    data = path.read_bytes()
+    # storescu refuses to read a truncated file itself; a raw sender puts it on the wire as it is.
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[:-100])
+    raw = send_file_raw(server.port, cut)
+    assert raw.status == 0xC002 and "truncated" in raw.error_comment, raw
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(data[:132] + data[132:400] + b"this is not a DICOM element stream" * 40)
+    junk_result = send_file_raw(server.port, junk)
+    assert junk_result.status is not None and junk_result.status != 0 and junk_result.error_comment
+    assert _files(server) == before
+    assert echoscu(server.port).returncode == 0
+
+
+def _files(server: Server) -> set[str]:
+    return {o.key for o in server.ctx.store.list("dicom/")}
+
+
+def _all_paths(server: Server) -> list[str]:
+    root = server.ctx.settings.data_dir.resolve()
+    return [str(p) for p in root.parent.rglob("*")]
