@@ -6,4 +6,4 @@ test:   ## install and run the whole test suite
 lint:
 	.venv/bin/ruff check .
 bench:  ## ingest benchmark against Orthanc (prints figures; never fails on time)
-	scripts/bootstrap.sh --test && .venv/bin/python -m bench.ingest
+	scripts/bench.sh

