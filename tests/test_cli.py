@@ -147,3 +147,13 @@ def test_serve_prints_where_it_listens(env: dict[str, str], tmp_path: Path) -> N
         assert health == {"status": "ok", "checks": {"index": "ok", "storage": "ok"}}
     finally:
         proc.stop()
+
+
+def test_config_file_is_read_and_environment_wins(env: dict[str, str], tmp_path: Path) -> None:
+    config = tmp_path / "pacs.toml"
+    config.write_text('ae_title = "FROMFILE"\ndicom_port = 4242\nduplicate_policy = "reject"\n')
+    shown = json.loads(run_pacs(["config", "show"], {**env, "PACS_CONFIG_FILE": str(config)}).stdout)
+    assert (shown["ae_title"], shown["dicom_port"], shown["duplicate_policy"]) == ("FROMFILE", 4242, "reject")
+    shown = json.loads(run_pacs(["config", "show"], {**env, "PACS_CONFIG_FILE": str(config),
+                                                      "PACS_AE_TITLE": "FROMENV"}).stdout)
+    assert (shown["ae_title"], shown["dicom_port"]) == ("FROMENV", 4242)

@@ -147,6 +147,20 @@ def test_generated_ct_series_is_stored_with_thumbnails(server: Server, tmp_path:
     assert image.getextrema()[1] > 200 and image.getextrema()[0] < 30  # windowed phantom: bone and air
 
 
+def test_four_modalities_at_once(server: Server, tmp_path: Path) -> None:
+    """Four DCMTK senders on four associations into one study: every image stored, counts exact."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    study = make_dataset().StudyInstanceUID
+    batches = [write_ct_series(tmp_path / f"s{i}", slices=15, size=64, study_uid=study) for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda files: storescu(server.port, files, "-xe", aet=f"CT{len(files)}"), batches))
+    assert all(r.status == 0 and r.returncode == 0 for r in results)
+    with server.ctx.sessions() as s:
+        row = s.scalars(select(Study).where(Study.study_instance_uid == study)).one()
+        assert (row.number_of_instances, row.number_of_series) == (60, 4)
+
+
 def test_vietnamese_name_round_trips_and_is_searchable(server: Server, tmp_path: Path) -> None:
     ds = make_dataset(PatientName="Nguyễn^Văn An", PatientID="VN-0001", SpecificCharacterSet="ISO_IR 192")
     path = tmp_path / "vn.dcm"
