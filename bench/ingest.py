@@ -537,7 +537,8 @@ def print_results(results: list[RunResult], systems: list[str], modes: list[str]
     out.print(runs_table)
 
 
-_NOISE = re.compile(r"^\[?[\d-]+ [\d:,.]+:? |\b\d+(\.\d+){3,}\b|\[[0-9a-f-]{36}\]|\b\d+(\.\d+)?s\b")
+_NOISE = re.compile(r"\d{4}-\d\d-\d\d[ T][\d:,.]+|\b\d+(\.\d+){3,}\b|\[[0-9a-f-]{36}\]|\b\d+(\.\d+)?s\b"
+                    r"|\b\d{4} \d\d:\d\d:\d\d\.\d+")
 
 
 def print_log_summary(results: list[RunResult]) -> None:

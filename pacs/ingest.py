@@ -38,7 +38,8 @@ from storage.keys import instance_key
 
 log = logging.getLogger(__name__)
 
-DERIVED_KINDS = ("thumbnail",)
+INSTANCE_TASKS = ("thumbnail",)  # armed for each new current content of an instance
+SERIES_TASKS = ("series-metadata",)  # armed for the instance's series (one row per series, re-armed)
 
 
 class IngestStatus(StrEnum):
@@ -182,7 +183,8 @@ class Ingestor:
                 index_instance(session, obj, object_key=key, sha256=sha256, received_at=now,
                                source=source.transport, source_ae=source.calling_ae,
                                source_address=source.address, replaces=replaces)
-                tasks = _arm_derived_tasks(session, obj.sop_instance_uid, sha256)
+                tasks = _arm_derived_tasks(session, obj.sop_instance_uid, sha256, INSTANCE_TASKS)
+                tasks += _arm_derived_tasks(session, obj.series_instance_uid, "", SERIES_TASKS)
                 session.add(_audit(obj, source, "instance.store" if replaces is None
                                    else "instance.store-new-version",
                                    f"sha256={sha256}" + (f" replaces={replaces.sha256 if replaces else ''}")))
@@ -218,18 +220,19 @@ class Ingestor:
                              study_instance_uid=obj.study_instance_uid, sha256=sha256)
 
 
-def _arm_derived_tasks(session: Session, sop_uid: str, sha256: str) -> list[DerivedTask]:
-    """Outbox rows for the new current content; content that was current before (A, B, A again)
-    re-arms its existing row instead of adding a second one."""
+def _arm_derived_tasks(session: Session, subject_uid: str, sha256: str, kinds: tuple[str, ...]) -> list[DerivedTask]:
+    """Outbox rows for ``subject_uid``; an existing row (content that was current before, or a
+    series already known) is re-armed instead of adding a second one."""
     existing = {t.kind: t for t in session.scalars(
-        select(DerivedTask).where(DerivedTask.sop_instance_uid == sop_uid, DerivedTask.sha256 == sha256))}
+        select(DerivedTask).where(DerivedTask.subject_uid == subject_uid, DerivedTask.sha256 == sha256,
+                                  DerivedTask.kind.in_(kinds)))}
     tasks = []
-    for kind in DERIVED_KINDS:
+    for kind in kinds:
         task = existing.get(kind)
         if task is None:
-            task = DerivedTask(kind=kind, sop_instance_uid=sop_uid, sha256=sha256)
+            task = DerivedTask(kind=kind, subject_uid=subject_uid, sha256=sha256)
             session.add(task)
-        else:
+        elif task.state != "pending":
             task.state, task.attempts, task.last_error = "pending", 0, ""
         tasks.append(task)
     return tasks

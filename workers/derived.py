@@ -35,14 +35,14 @@ def run_derived_task(ctx: AppContext, task_id: int) -> str:
                 return "missing"
             if task.state == "done":
                 return "done"
-            kind, sop_uid, sha256 = task.kind, task.sop_instance_uid, task.sha256
+            kind, subject_uid, sha256 = task.kind, task.subject_uid, task.sha256
     except SQLAlchemyError as exc:
         raise TransientError(f"index unavailable: {exc}") from exc
     handler = _HANDLERS.get(kind)
     if handler is None:
         return _finish(ctx, task_id, "failed", f"unknown task kind {kind!r}")
     try:
-        error = handler(ctx, sop_uid, sha256)
+        error = handler(ctx, subject_uid, sha256)
     except (StorageUnavailable, SQLAlchemyError) as exc:
         _record_attempt(ctx, task_id, str(exc))
         raise TransientError(str(exc)) from exc

@@ -64,6 +64,7 @@ class Study(Base):
     number_of_series: Mapped[int] = mapped_column(Integer, default=0)
     number_of_instances: Mapped[int] = mapped_column(Integer, default=0)
     specific_character_set: Mapped[str] = mapped_column(String(128), default="")
+    thumbnail_key: Mapped[str | None] = mapped_column(String(400), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
@@ -87,6 +88,8 @@ class Series(Base):
     series_time: Mapped[str] = mapped_column(String(16), default="")
     station_name: Mapped[str] = mapped_column(String(64), default="")
     number_of_instances: Mapped[int] = mapped_column(Integer, default=0)
+    thumbnail_key: Mapped[str | None] = mapped_column(String(400), nullable=True)
+    metadata_key: Mapped[str | None] = mapped_column(String(400), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
     study: Mapped[Study] = relationship(back_populates="series")
@@ -155,24 +158,66 @@ class ApplicationEntity(Base):
 
 
 class DerivedTask(Base):
-    """Outbox row: derived work for an instance, written in the ingest transaction.
+    """Outbox row: derived work, written in the same transaction as the instance it derives from.
 
+    ``subject_uid`` is a SOP Instance UID for instance-level work (``sha256`` names the content
+    version it was armed for) or a Series Instance UID for series-level work (``sha256`` empty).
     A row is published to the task queue after commit; if the broker is down it stays
     ``pending`` and the relay publishes it later, so derived work is delayed, never lost.
     """
 
     __tablename__ = "derived_task"
     __table_args__ = (
-        UniqueConstraint("kind", "sop_instance_uid", "sha256", name="uq_derived_task"),
+        UniqueConstraint("kind", "subject_uid", "sha256", name="uq_derived_task"),
         Index("ix_derived_task_state", "state", "updated_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     kind: Mapped[str] = mapped_column(String(32))
-    sop_instance_uid: Mapped[str] = mapped_column(UID)
-    sha256: Mapped[str] = mapped_column(String(64))
+    subject_uid: Mapped[str] = mapped_column(UID)
+    sha256: Mapped[str] = mapped_column(String(64), default="")
     state: Mapped[str] = mapped_column(String(16), default="pending")  # pending, queued, done, failed
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )
+
+
+class ForwardRule(Base):
+    """Send newly received instances that match to a registered DICOM node. Empty match fields match anything."""
+
+    __tablename__ = "forward_rule"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    destination_ae: Mapped[str] = mapped_column(String(16))
+    source_ae: Mapped[str] = mapped_column(String(16), default="")
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    body_part_examined: Mapped[str] = mapped_column(String(64), default="")
+    sop_class_uid: Mapped[str] = mapped_column(UID, default="")
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class ForwardJob(Base):
+    """One instance waiting for (or done with) delivery to one destination: the per-destination queue."""
+
+    __tablename__ = "forward_job"
+    __table_args__ = (
+        UniqueConstraint("destination_ae", "sop_instance_uid", "sha256", name="uq_forward_job"),
+        Index("ix_forward_job_queue", "destination_ae", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rule_id: Mapped[int | None] = mapped_column(ForeignKey("forward_rule.id", ondelete="SET NULL"), nullable=True)
+    destination_ae: Mapped[str] = mapped_column(String(16))
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    sha256: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending, sent, failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     last_error: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(

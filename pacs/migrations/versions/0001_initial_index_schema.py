@@ -1,8 +1,8 @@
 """initial index schema
 
 Revision ID: 0001
-Revises:
-Create Date: 2026-11-28 06:46:47.988675
+Revises: (none)
+Create Date: 2026-11-28 07:08:24.331356
 """
 
 import sqlalchemy as sa
@@ -50,7 +50,7 @@ def upgrade() -> None:
     op.create_table('derived_task',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('kind', sa.String(length=32), nullable=False),
-    sa.Column('sop_instance_uid', sa.String(length=64), nullable=False),
+    sa.Column('subject_uid', sa.String(length=64), nullable=False),
     sa.Column('sha256', sa.String(length=64), nullable=False),
     sa.Column('state', sa.String(length=16), nullable=False),
     sa.Column('attempts', sa.Integer(), nullable=False),
@@ -58,11 +58,24 @@ def upgrade() -> None:
     sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
     sa.Column('updated_at', sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
     sa.PrimaryKeyConstraint('id'),
-    sa.UniqueConstraint('kind', 'sop_instance_uid', 'sha256', name='uq_derived_task')
+    sa.UniqueConstraint('kind', 'subject_uid', 'sha256', name='uq_derived_task')
     )
     with op.batch_alter_table('derived_task', schema=None) as batch_op:
         batch_op.create_index('ix_derived_task_state', ['state', 'updated_at'], unique=False)
 
+    op.create_table('forward_rule',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('name', sa.String(length=64), nullable=False),
+    sa.Column('destination_ae', sa.String(length=16), nullable=False),
+    sa.Column('source_ae', sa.String(length=16), nullable=False),
+    sa.Column('modality', sa.String(length=16), nullable=False),
+    sa.Column('body_part_examined', sa.String(length=64), nullable=False),
+    sa.Column('sop_class_uid', sa.String(length=64), nullable=False),
+    sa.Column('enabled', sa.Boolean(), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
+    sa.PrimaryKeyConstraint('id'),
+    sa.UniqueConstraint('name')
+    )
     op.create_table('instance_version',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('sop_instance_uid', sa.String(length=64), nullable=False),
@@ -95,6 +108,25 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_patient_patient_id'), ['patient_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_patient_patient_name_search'), ['patient_name_search'], unique=False)
 
+    op.create_table('forward_job',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('rule_id', sa.Integer(), nullable=True),
+    sa.Column('destination_ae', sa.String(length=16), nullable=False),
+    sa.Column('sop_instance_uid', sa.String(length=64), nullable=False),
+    sa.Column('sha256', sa.String(length=64), nullable=False),
+    sa.Column('state', sa.String(length=16), nullable=False),
+    sa.Column('attempts', sa.Integer(), nullable=False),
+    sa.Column('next_attempt_at', sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
+    sa.Column('last_error', sa.Text(), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
+    sa.Column('updated_at', sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
+    sa.ForeignKeyConstraint(['rule_id'], ['forward_rule.id'], ondelete='SET NULL'),
+    sa.PrimaryKeyConstraint('id'),
+    sa.UniqueConstraint('destination_ae', 'sop_instance_uid', 'sha256', name='uq_forward_job')
+    )
+    with op.batch_alter_table('forward_job', schema=None) as batch_op:
+        batch_op.create_index('ix_forward_job_queue', ['destination_ae', 'state', 'next_attempt_at'], unique=False)
+
     op.create_table('study',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('study_instance_uid', sa.String(length=64), nullable=False),
@@ -111,6 +143,7 @@ def upgrade() -> None:
     sa.Column('number_of_series', sa.Integer(), nullable=False),
     sa.Column('number_of_instances', sa.Integer(), nullable=False),
     sa.Column('specific_character_set', sa.String(length=128), nullable=False),
+    sa.Column('thumbnail_key', sa.String(length=400), nullable=True),
     sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
     sa.Column('updated_at', sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
     sa.ForeignKeyConstraint(['patient_fk'], ['patient.id'], ),
@@ -135,6 +168,8 @@ def upgrade() -> None:
     sa.Column('series_time', sa.String(length=16), nullable=False),
     sa.Column('station_name', sa.String(length=64), nullable=False),
     sa.Column('number_of_instances', sa.Integer(), nullable=False),
+    sa.Column('thumbnail_key', sa.String(length=400), nullable=True),
+    sa.Column('metadata_key', sa.String(length=400), nullable=True),
     sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
     sa.ForeignKeyConstraint(['study_fk'], ['study.id'], ),
     sa.PrimaryKeyConstraint('id'),
@@ -191,6 +226,10 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_study_accession_number'))
 
     op.drop_table('study')
+    with op.batch_alter_table('forward_job', schema=None) as batch_op:
+        batch_op.drop_index('ix_forward_job_queue')
+
+    op.drop_table('forward_job')
     with op.batch_alter_table('patient', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_patient_patient_name_search'))
         batch_op.drop_index(batch_op.f('ix_patient_patient_id'))
@@ -200,6 +239,7 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_instance_version_sop_instance_uid'))
 
     op.drop_table('instance_version')
+    op.drop_table('forward_rule')
     with op.batch_alter_table('derived_task', schema=None) as batch_op:
         batch_op.drop_index('ix_derived_task_state')
 
