@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -93,6 +94,7 @@ class OutboxRelay:
         self._requeue_all_queued = requeue_all_queued  # in-process: a previous run's queue died with it
         self._inbox: queue.Queue[int | None] = queue.Queue()
         self._stop = threading.Event()
+        self._backoff_until = 0.0
         self._thread = threading.Thread(target=self._loop, name="pacs-outbox", daemon=True)
 
     def start(self) -> OutboxRelay:
@@ -104,22 +106,28 @@ class OutboxRelay:
         for task_id in task_ids:
             self._inbox.put(task_id)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 60) -> None:
+        """Publish what was notified so far, then stop (rows not published stay pending)."""
         self._stop.set()
         self._inbox.put(None)
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=timeout)
 
     def _loop(self) -> None:
         self.sweep(startup=True)
-        while not self._stop.is_set():
+        while True:
             try:
                 task_id = self._inbox.get(timeout=self._poll_s)
             except queue.Empty:
+                if self._stop.is_set():
+                    break
                 self.sweep()
                 continue
-            if task_id is None:
+            if task_id is None:  # stop() puts this after every id notified before it
                 break
-            self._publish(task_id)
+            if time.monotonic() < self._backoff_until:
+                continue  # the publisher failed recently: the row stays pending for the next sweep
+            if not self._publish(task_id):
+                self._backoff_until = time.monotonic() + self._poll_s
 
     def sweep(self, startup: bool = False) -> int:
         """Publish every pending row, and queued rows that look lost; returns how many were published."""
