@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 from pacs.context import AppContext
 from pacs.ingest import Ingestor
@@ -21,6 +22,7 @@ class Pipeline:
         ctx = AppContext.create(settings)
         publisher = make_publisher(ctx)
         relay = OutboxRelay(ctx, publisher, poll_s=settings.outbox_poll_s,
+                            requeue_after=timedelta(seconds=settings.task_requeue_s),
                             requeue_all_queued=settings.embedded_workers).start()
         ingestor = Ingestor(
             ctx.sessions,

@@ -74,6 +74,12 @@ class Settings(BaseSettings):
     )
     in_process_workers: int = Field(default=2, ge=0, le=64)
     outbox_poll_s: float = Field(default=5.0, gt=0)
+    task_requeue_s: float = Field(
+        default=600.0, gt=0, description="Publish again derived work queued this long ago and still not done "
+        "(its message was lost with a broker or worker); also the Redis visibility timeout")
+    task_queue: str = Field(default="pacs-derived", pattern=r"^[A-Za-z0-9._-]{1,64}$",
+                            description="Celery queue for derived work (one per archive on a shared broker)")
+    task_max_attempts: int = Field(default=10, ge=1, description="Transient failures before a task is failed")
     thumbnail_size: int = Field(default=128, ge=16, le=1024)
     log_level: str = "INFO"
 

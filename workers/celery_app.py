@@ -13,7 +13,7 @@ from pacs.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def make_celery(broker_url: str) -> Celery:
+def make_celery(broker_url: str, visibility_timeout_s: float = 600.0, queue: str = "pacs-derived") -> Celery:
     app = Celery("pacs", broker=broker_url)
     app.conf.update(
         task_acks_late=True,
@@ -22,8 +22,9 @@ def make_celery(broker_url: str) -> Celery:
         task_ignore_result=True,
         broker_connection_timeout=3,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": 3600, "max_retries": 1},
-        task_default_queue="pacs-derived",
+        # Redis: an unacknowledged message (its worker died) is delivered again after this long.
+        broker_transport_options={"visibility_timeout": int(visibility_timeout_s), "max_retries": 1},
+        task_default_queue=queue,
     )
     return app
 
@@ -35,7 +36,7 @@ def worker_context() -> AppContext:
 
 
 settings = Settings()
-app = make_celery(settings.broker_url or "memory://")
+app = make_celery(settings.broker_url or "memory://", settings.task_requeue_s, settings.task_queue)
 
 
 @app.task(name="pacs.derived.run", bind=True, acks_late=True, max_retries=None,

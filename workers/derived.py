@@ -44,8 +44,15 @@ def run_derived_task(ctx: AppContext, task_id: int) -> str:
     try:
         error = handler(ctx, subject_uid, sha256)
     except (StorageUnavailable, SQLAlchemyError) as exc:
-        _record_attempt(ctx, task_id, str(exc))
+        attempts = _record_attempt(ctx, task_id, str(exc))
+        if attempts >= ctx.settings.task_max_attempts:
+            log.error("derived task %s (%s %s) failed after %d attempts: %s", task_id, kind, subject_uid,
+                      attempts, exc)
+            return _finish(ctx, task_id, "failed", f"gave up after {attempts} attempts: {exc}", count=False)
         raise TransientError(str(exc)) from exc
+    except Exception as exc:  # a bug or an unexpected input: recorded for `pacs tasks failed`, not retried
+        log.exception("derived task %s (%s %s) failed", task_id, kind, subject_uid)
+        return _finish(ctx, task_id, "failed", f"{type(exc).__name__}: {exc}"[:2000])
     return _finish(ctx, task_id, "done", error or "")
 
 
@@ -86,25 +93,29 @@ def build_thumbnail(ctx: AppContext, sop_uid: str, sha256: str) -> str | None:
 _HANDLERS = {"thumbnail": build_thumbnail}
 
 
-def _finish(ctx: AppContext, task_id: int, state: str, error: str) -> str:
+def _finish(ctx: AppContext, task_id: int, state: str, error: str, count: bool = True) -> str:
     try:
         with ctx.sessions() as session, session.begin():
             task = session.get(DerivedTask, task_id)
             if task is not None:
                 task.state = state
-                task.attempts += 1
+                task.attempts += 1 if count else 0
                 task.last_error = error
     except SQLAlchemyError as exc:
         raise TransientError(f"index unavailable: {exc}") from exc
     return state
 
 
-def _record_attempt(ctx: AppContext, task_id: int, error: str) -> None:
+def _record_attempt(ctx: AppContext, task_id: int, error: str) -> int:
+    """Count a transient failure on the row; returns the attempts so far (0 if the index is down too)."""
     try:
         with ctx.sessions() as session, session.begin():
             task = session.get(DerivedTask, task_id)
-            if task is not None:
-                task.attempts += 1
-                task.last_error = error[:2000]
+            if task is None:
+                return 0
+            task.attempts += 1
+            task.last_error = error[:2000]
+            return task.attempts
     except SQLAlchemyError:
         log.warning("could not record attempt of derived task %s", task_id)
+        return 0

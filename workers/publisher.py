@@ -37,13 +37,14 @@ class Publisher(Protocol):
 class CeleryPublisher:
     """Sends task messages to the broker; fails fast when the broker is down."""
 
-    def __init__(self, broker_url: str) -> None:
+    def __init__(self, broker_url: str, queue: str) -> None:
         from workers.celery_app import make_celery
 
-        self._app = make_celery(broker_url)
+        self._app = make_celery(broker_url, queue=queue)
+        self._queue = queue
 
     def publish(self, task_id: int) -> None:
-        self._app.send_task(TASK_NAME, args=[task_id], retry=False)
+        self._app.send_task(TASK_NAME, args=[task_id], queue=self._queue, retry=False)
 
 
 class InProcessPublisher:
@@ -178,4 +179,4 @@ class OutboxRelay:
 def make_publisher(ctx: AppContext) -> Publisher:
     if ctx.settings.embedded_workers:
         return InProcessPublisher(ctx, ctx.settings.in_process_workers)
-    return CeleryPublisher(ctx.settings.broker_url)
+    return CeleryPublisher(ctx.settings.broker_url, ctx.settings.task_queue)

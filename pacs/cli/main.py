@@ -138,7 +138,7 @@ def worker(
     from workers.celery_app import app as celery_app
 
     celery_app.worker_main(["worker", "--loglevel", settings.log_level.upper(), "--concurrency",
-                            str(concurrency), "-Q", "pacs-derived", "--without-gossip", "--without-mingle"])
+                            str(concurrency), "-Q", settings.task_queue, "--without-gossip", "--without-mingle"])
 
 
 @db_app.command("upgrade")
@@ -280,6 +280,12 @@ def version() -> None:
 
 def _yn(flag: bool) -> str:
     return "yes" if flag else "no"
+
+
+# --- command groups in their own modules (each adds itself with register(app)) ---
+from pacs.cli import tasks as _tasks_cli  # noqa: E402
+
+_tasks_cli.register(app)
 
 
 if __name__ == "__main__":  # pragma: no cover
