@@ -362,7 +362,11 @@ class RunResult:
     elapsed_s: float = 0.0
     idle_rss: dict[str, int] = field(default_factory=dict)
     peak_rss: dict[str, int] = field(default_factory=dict)
-    cpu_s: float = 0.0
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds (user + system) during the send
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(self.cpu.values())
     stored: int = -1
     problems: list[str] = field(default_factory=list)  # software failures: make the exit status 1
     log_errors: list[str] = field(default_factory=list)  # error lines in server logs during the run
@@ -398,10 +402,10 @@ def run_once(system: str, mode: str, parallel: int, repeat: int, files: list[Pat
             time.sleep(1.0)  # let start-up work (imports, schema checks, first connections) finish
             offsets = {name: path.stat().st_size if path.exists() else 0 for name, (path, _) in server.logs.items()}
             result.idle_rss = {name: tree_rss(pid) for name, pid in server.pids.items()}
-            cpu_before = sum(tree_cpu_s(pid) for pid in server.pids.values())
+            cpu_before = {name: tree_cpu_s(pid) for name, pid in server.pids.items()}
             with RssSampler(server.pids) as sampler:
                 sent = send(server.port, server.aec, files, parallel, run_dir / "storescu")
-            result.cpu_s = sum(tree_cpu_s(pid) for pid in server.pids.values()) - cpu_before
+            result.cpu = {name: tree_cpu_s(pid) - cpu_before[name] for name, pid in server.pids.items()}
             result.peak_rss = sampler.peak
             result.elapsed_s = sent.elapsed_s
             if any(rc != 0 for rc in sent.returncodes):
@@ -472,7 +476,7 @@ def print_environment(args: argparse.Namespace, files: list[Path], total_bytes: 
         from tests.support.seaweed import find_weed
 
         weed = find_weed()
-        table.add_row("SeaweedFS", _version([weed], r"version\s+\S+\s+(\S+)") if weed else "not found")
+        table.add_row("SeaweedFS", _version([weed, "version"], r"version\s+\S+\s+(\S+)") if weed else "not found")
     table.add_row("study", f"{len(files)} CT slices {args.size}×{args.size}, Explicit VR LE, "
                            f"{total_bytes / 1e6:.1f} MB in all ({total_bytes / len(files) / 1e6:.3f} MB per file)")
     table.add_row("runs", f"{args.repeats} repeat(s) × modes (1 association, {args.parallel} in parallel) × systems, "
@@ -502,7 +506,8 @@ def print_results(results: list[RunResult], systems: list[str], modes: list[str]
                 medians[system, mode] = rate
                 mb = statistics.median(r.mb_s for r in good)
                 spread = f"{min(r.rate for r in good):.1f}–{max(r.rate for r in good):.1f}"
-                cpu = f"{statistics.median(r.cpu_s for r in good):.1f}"
+                cpu = " + ".join(f"{name} {statistics.median(r.cpu.get(name, 0.0) for r in good):.1f}"
+                                 for name in dict.fromkeys(n for r in good for n in r.cpu))
             else:
                 rate = mb = 0.0
                 spread = cpu = "-"
@@ -533,7 +538,8 @@ def print_results(results: list[RunResult], systems: list[str], modes: list[str]
         runs_table.add_column(col, justify="left" if col in ("system", "mode", "status") else "right")
     for r in results:
         runs_table.add_row(str(r.repeat), r.system, r.mode, f"{r.elapsed_s:.2f}", f"{r.rate:.1f}", f"{r.mb_s:.1f}",
-                           f"{r.cpu_s:.1f}", str(r.stored), "ok" if r.ok else "FAILED")
+                           " + ".join(f"{k} {v:.1f}" for k, v in r.cpu.items()) or "-", str(r.stored),
+                           "ok" if r.ok else "FAILED")
     out.print(runs_table)
 
 

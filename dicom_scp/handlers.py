@@ -49,7 +49,7 @@ def handle_store(event: evt.Event, ingestor: Ingestor, ctx: AppContext) -> Datas
 
 def _may_store(ctx: AppContext, calling_ae: str) -> bool:
     try:
-        with ctx.sessions() as session:
+        with ctx.read_sessions() as session:
             return bool(session.scalar(
                 select(ApplicationEntity.allow_store).where(ApplicationEntity.ae_title == calling_ae)
             ))

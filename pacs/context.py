@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacs.db.engine import make_engine, make_session_factory
+from pacs.db.engine import make_engine, make_read_session_factory, make_session_factory
 from pacs.settings import Settings
 from storage import ObjectStore, open_store
 
@@ -17,6 +17,7 @@ class AppContext:
     settings: Settings
     engine: Engine
     sessions: sessionmaker[Session]
+    read_sessions: sessionmaker[Session]  # for queries that write nothing
     store: ObjectStore
     extras: dict[str, object] = field(default_factory=dict)
 
@@ -26,7 +27,7 @@ class AppContext:
             settings.data_dir.mkdir(parents=True, exist_ok=True)
         engine = make_engine(settings.effective_database_url)
         return cls(settings=settings, engine=engine, sessions=make_session_factory(engine),
-                   store=open_store(settings.effective_storage_url))
+                   read_sessions=make_read_session_factory(engine), store=open_store(settings.effective_storage_url))
 
     def close(self) -> None:
         self.engine.dispose()

@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pacs.db.models import AuditEvent, DerivedTask, Instance
 from pacs.dicom_object import ObjectRejected, ReceivedObject, RejectReason, parse_received
+from pacs.forwarding.rules import queue_forwards
 from pacs.index_writer import index_instance
 from pacs.settings import DuplicatePolicy
 from storage import ObjectStore, StorageError
@@ -96,8 +97,10 @@ class Ingestor:
         max_object_bytes: int = 4 * 1024**3,
         assume_utf8_for_latin1: bool = True,
         notify: TaskNotifier | None = None,
+        read_sessions: sessionmaker[Session] | None = None,
     ) -> None:
         self._sessions = sessions
+        self._read_sessions = read_sessions or sessions
         self._store = store
         self._policy = duplicate_policy
         self._max_bytes = max_object_bytes
@@ -143,7 +146,7 @@ class Ingestor:
         ids = {"sop_instance_uid": obj.sop_instance_uid, "sop_class_uid": obj.sop_class_uid,
                "study_instance_uid": obj.study_instance_uid, "sha256": sha256}
         try:
-            with self._sessions() as session:
+            with self._read_sessions() as session:
                 current = session.scalars(
                     select(Instance).where(Instance.sop_instance_uid == obj.sop_instance_uid)
                 ).one_or_none()
@@ -183,8 +186,9 @@ class Ingestor:
                 index_instance(session, obj, object_key=key, sha256=sha256, received_at=now,
                                source=source.transport, source_ae=source.calling_ae,
                                source_address=source.address, replaces=replaces)
-                tasks = _arm_derived_tasks(session, obj.sop_instance_uid, sha256, INSTANCE_TASKS)
-                tasks += _arm_derived_tasks(session, obj.series_instance_uid, "", SERIES_TASKS)
+                tasks = arm_derived_tasks(session, obj.sop_instance_uid, sha256, INSTANCE_TASKS)
+                tasks += arm_derived_tasks(session, obj.series_instance_uid, "", SERIES_TASKS)
+                queue_forwards(session, obj, source, sha256)
                 session.add(_audit(obj, source, "instance.store" if replaces is None
                                    else "instance.store-new-version",
                                    f"sha256={sha256}" + (f" replaces={replaces.sha256 if replaces else ''}")))
@@ -220,7 +224,7 @@ class Ingestor:
                              study_instance_uid=obj.study_instance_uid, sha256=sha256)
 
 
-def _arm_derived_tasks(session: Session, subject_uid: str, sha256: str, kinds: tuple[str, ...]) -> list[DerivedTask]:
+def arm_derived_tasks(session: Session, subject_uid: str, sha256: str, kinds: tuple[str, ...]) -> list[DerivedTask]:
     """Outbox rows for ``subject_uid``; an existing row (content that was current before, or a
     series already known) is re-armed instead of adding a second one."""
     existing = {t.kind: t for t in session.scalars(
@@ -232,7 +236,7 @@ def _arm_derived_tasks(session: Session, subject_uid: str, sha256: str, kinds: t
         if task is None:
             task = DerivedTask(kind=kind, subject_uid=subject_uid, sha256=sha256)
             session.add(task)
-        elif task.state != "pending":
+        elif task.state in ("done", "failed"):  # pending or queued rows will run and see the new state
             task.state, task.attempts, task.last_error = "pending", 0, ""
         tasks.append(task)
     return tasks

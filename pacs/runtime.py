@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from pacs.context import AppContext
+from pacs.forwarding.delivery import ForwardDelivery
 from pacs.ingest import Ingestor
 from pacs.settings import Settings
 from workers.publisher import InProcessPublisher, OutboxRelay, make_publisher
@@ -16,6 +17,7 @@ class Pipeline:
     ctx: AppContext
     relay: OutboxRelay
     ingestor: Ingestor
+    forwarder: ForwardDelivery | None = None  # embedded mode; `pacs worker` runs it when scaled
 
     @classmethod
     def start(cls, settings: Settings) -> Pipeline:
@@ -31,11 +33,15 @@ class Pipeline:
             max_object_bytes=settings.max_object_bytes,
             assume_utf8_for_latin1=settings.assume_utf8_for_latin1,
             notify=relay.notify,
+            read_sessions=ctx.read_sessions,
         )
         ctx.extras["publisher"] = publisher
-        return cls(ctx, relay, ingestor)
+        forwarder = ForwardDelivery(ctx).start() if settings.embedded_workers else None
+        return cls(ctx, relay, ingestor, forwarder)
 
     def stop(self) -> None:
+        if self.forwarder is not None:
+            self.forwarder.stop()
         self.relay.stop()
         publisher = self.ctx.extras.get("publisher")
         if isinstance(publisher, InProcessPublisher):

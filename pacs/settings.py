@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     task_max_attempts: int = Field(default=10, ge=1, description="Transient failures before a task is failed")
     thumbnail_size: int = Field(default=128, ge=16, le=1024)
     log_level: str = "INFO"
+    series_settle_s: float = Field(
+        default=2.0, ge=0, description="A series' metadata document is rebuilt once no instance has arrived "
+        "for it for this long (not once per instance while a study streams in)")
 
     @classmethod
     def settings_customise_sources(
@@ -129,6 +132,15 @@ class Settings(BaseSettings):
         out["storage_url"] = mask_url(self.effective_storage_url)
         out["broker_url"] = mask_url(self.broker_url) if self.broker_url else "(in-process)"
         return out
+
+    # -- forwarding (pacs.forwarding): the C-STORE sender's queue ---------------------------------
+    forward_poll_s: float = Field(default=2.0, gt=0, description="How often the forward queue is checked")
+    forward_batch_size: int = Field(default=50, ge=1, le=128, description="Objects sent per association")
+    forward_max_attempts: int = Field(default=20, ge=1, description="Failed attempts before a job is failed")
+    forward_retry_base_s: float = Field(default=5.0, gt=0, description="First retry wait; doubles per attempt")
+    forward_retry_max_s: float = Field(default=600.0, gt=0, description="Longest wait between attempts")
+    forward_lease_s: float = Field(default=600.0, gt=0, description="A claimed batch is left to others this long "
+                                   "(renewed while sending); jobs of a crashed sender wait at most this long")
 
 
 def mask_url(url: str) -> str:

@@ -69,6 +69,34 @@ def thumbnail_key(study_uid: str, series_uid: str, sop_uid: str) -> str:
     return f"derived/thumbnails/{study}/{series}/{sop}.jpg"
 
 
+def series_thumbnail_key(study_uid: str, series_uid: str) -> str:
+    """``derived/thumbnails/{study}/{series}.jpg``: the series' representative thumbnail."""
+    study = require_uid(study_uid, "StudyInstanceUID")
+    series = require_uid(series_uid, "SeriesInstanceUID")
+    return f"derived/thumbnails/{study}/{series}.jpg"
+
+
+def study_thumbnail_key(study_uid: str) -> str:
+    """``derived/thumbnails/{study}.jpg``: the study's representative thumbnail."""
+    study = require_uid(study_uid, "StudyInstanceUID")
+    return f"derived/thumbnails/{study}.jpg"
+
+
+def instance_metadata_key(study_uid: str, series_uid: str, sop_uid: str) -> str:
+    """``derived/metadata/{study}/{series}/{sop}.json``: one instance's DICOM JSON object."""
+    study = require_uid(study_uid, "StudyInstanceUID")
+    series = require_uid(series_uid, "SeriesInstanceUID")
+    sop = require_uid(sop_uid, "SOPInstanceUID")
+    return f"derived/metadata/{study}/{series}/{sop}.json"
+
+
+def series_metadata_key(study_uid: str, series_uid: str) -> str:
+    """``derived/metadata/{study}/{series}.json``: the series' DICOM JSON document (array of instances)."""
+    study = require_uid(study_uid, "StudyInstanceUID")
+    series = require_uid(series_uid, "SeriesInstanceUID")
+    return f"derived/metadata/{study}/{series}.json"
+
+
 def parse_instance_key(key: str) -> tuple[str, str, str, str] | None:
     """Inverse of :func:`instance_key`: ``(study, series, sop, sha256)``, or None if ``key`` is not one."""
     m = _INSTANCE_KEY_RE.match(key) if isinstance(key, str) else None

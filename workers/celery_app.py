@@ -50,3 +50,6 @@ def run_derived(self: Task, task_id: int) -> str:
         delay = min(300, 2 ** min(self.request.retries, 8))
         log.warning("derived task %s: %s; retrying in %ss", task_id, exc, delay)
         raise self.retry(exc=exc, countdown=delay) from exc
+
+
+import workers.forwarding  # noqa: E402, F401  (the forwarding delivery loop, started on worker_ready)

@@ -3,33 +3,78 @@
 The same functions run in a Celery worker (scaled mode) and in the in-process pool
 (embedded mode). A transient failure (store or index unavailable) raises
 :class:`TransientError` so the caller retries; anything else is recorded on the row.
+A handler that cannot do its work *yet* raises :class:`Deferred`: the row goes back to
+``pending`` without counting an attempt, and the outbox relay's sweep publishes it again.
+
+Kinds (armed by :mod:`pacs.ingest`): ``thumbnail``, per instance version, makes its thumbnail
+*and* its DICOM JSON fragment from one read of the stored object (the kind keeps its first name
+so that rows already in outboxes still run); ``series-metadata``, per series, assembles the
+series' DICOM JSON document and copies the representative series and study thumbnails.
+
+A series row is re-armed by every instance the series receives, so its handler debounces: it
+defers while the series received an instance less than ``series_settle_s`` ago or while some
+current instance's fragment is still to be built, and it checks that the instances did not
+change while it built, in the same transaction that marks the row done (see
+:func:`build_series_metadata`). A 500-slice CT is then assembled once or twice, not 500 times.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import BinaryIO
 
-import pydicom
-from sqlalchemy import select
+from sqlalchemy import and_, select, update
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
+from pacs import metadata
 from pacs.context import AppContext
 from pacs.db.models import DerivedTask, Instance, Series, Study
 from pacs.imaging.render import RenderError, placeholder, thumbnail
-from storage import StorageError, StorageUnavailable
-from storage.keys import thumbnail_key
+from storage import ObjectNotFound, ObjectStore, StorageUnavailable
+from storage.keys import (
+    instance_metadata_key,
+    series_metadata_key,
+    series_thumbnail_key,
+    study_thumbnail_key,
+    thumbnail_key,
+)
 
 log = logging.getLogger(__name__)
+
+
+INSTANCE_KIND = "thumbnail"  # pacs.ingest.INSTANCE_TASKS
+SERIES_KIND = "series-metadata"  # pacs.ingest.SERIES_TASKS
+
+#: Objects read from a store that cannot seek (S3) are copied to a temporary file, in memory up to this size.
+_SPOOL_BYTES = 32 * 1024 * 1024
 
 
 class TransientError(Exception):
     """A dependency is down; the task should run again later."""
 
 
+class Deferred(Exception):
+    """The work cannot be done yet (more input is expected): retry later, not a failure."""
+
+
+@dataclass(frozen=True)
+class Completed:
+    """A handler's result when it marked its row done itself, atomically with its last check."""
+
+    note: str = ""
+
+
 def run_derived_task(ctx: AppContext, task_id: int) -> str:
     """Run one outbox row's work; returns the row's final state."""
     try:
-        with ctx.sessions() as session:
+        with ctx.read_sessions() as session:
             task = session.get(DerivedTask, task_id)
             if task is None:
                 return "missing"
@@ -43,6 +88,8 @@ def run_derived_task(ctx: AppContext, task_id: int) -> str:
         return _finish(ctx, task_id, "failed", f"unknown task kind {kind!r}")
     try:
         error = handler(ctx, subject_uid, sha256)
+    except Deferred as exc:
+        return _defer(ctx, task_id, str(exc))
     except (StorageUnavailable, SQLAlchemyError) as exc:
         attempts = _record_attempt(ctx, task_id, str(exc))
         if attempts >= ctx.settings.task_max_attempts:
@@ -53,12 +100,19 @@ def run_derived_task(ctx: AppContext, task_id: int) -> str:
     except Exception as exc:  # a bug or an unexpected input: recorded for `pacs tasks failed`, not retried
         log.exception("derived task %s (%s %s) failed", task_id, kind, subject_uid)
         return _finish(ctx, task_id, "failed", f"{type(exc).__name__}: {exc}"[:2000])
+    if isinstance(error, Completed):
+        return "done"
     return _finish(ctx, task_id, "done", error or "")
 
 
-def build_thumbnail(ctx: AppContext, sop_uid: str, sha256: str) -> str | None:
-    """Render and store the instance's thumbnail; returns a note when a placeholder was used."""
-    with ctx.sessions() as session:
+def build_instance_derived(ctx: AppContext, sop_uid: str, sha256: str) -> str | None:
+    """Thumbnail and DICOM JSON fragment of one instance version, from one read of its stored object.
+
+    The object is parsed once with its long values deferred: the fragment never touches the pixel
+    data, and the thumbnail then reads just the pixel data from the same (local, seekable) copy.
+    Returns a note when a placeholder thumbnail was used or no fragment could be made.
+    """
+    with ctx.read_sessions() as session:
         row = session.execute(
             select(Instance.object_key, Instance.sha256, Series.series_instance_uid, Study.study_instance_uid)
             .join(Series, Series.id == Instance.series_fk)
@@ -70,27 +124,200 @@ def build_thumbnail(ctx: AppContext, sop_uid: str, sha256: str) -> str | None:
     object_key, current_sha, series_uid, study_uid = row
     if current_sha != sha256:
         return "superseded by a newer version"
-    note = None
-    try:
-        with ctx.store.open(object_key) as stream:
-            ds = pydicom.dcmread(stream, force=True)
-        image = thumbnail(ds, size=ctx.settings.thumbnail_size)
-    except StorageUnavailable:
-        raise
-    except (RenderError, StorageError, Exception) as exc:  # unreadable pixel data must not kill a worker
-        note = f"placeholder: {exc}"[:500]
-        log.warning("thumbnail for %s uses a placeholder: %s", sop_uid, exc)
-        image = placeholder(ctx.settings.thumbnail_size, str(exc))
+    size = ctx.settings.thumbnail_size
+    fragment: bytes | None = None
+    image: bytes | None = None
+    note = ""
+    with _open_seekable(ctx.store, object_key) as fp:
+        try:
+            ds = metadata.read_dataset(fp)
+            fragment = metadata.encode_json(metadata.instance_json(
+                ds, study_uid, series_uid, sop_uid, assume_utf8_for_latin1=ctx.settings.assume_utf8_for_latin1))
+            image = thumbnail(ds, size=size)
+        except (RenderError, Exception) as exc:  # unreadable pixel data must not kill a worker
+            note = f"placeholder: {exc}"[:500] if fragment else f"unreadable: {exc}"[:500]
+            log.warning("thumbnail for %s uses a placeholder: %s", sop_uid, exc)
+    if image is None:
+        image = placeholder(size, note)
     key = thumbnail_key(study_uid, series_uid, sop_uid)
     ctx.store.put(key, image, length=len(image), content_type="image/jpeg")
+    if fragment is not None:
+        ctx.store.put(instance_metadata_key(study_uid, series_uid, sop_uid), fragment, length=len(fragment),
+                      content_type="application/dicom+json")
     with ctx.sessions() as session, session.begin():
-        instance = session.scalars(select(Instance).where(Instance.sop_instance_uid == sop_uid)).one_or_none()
+        instance = session.scalars(
+            select(Instance).where(Instance.sop_instance_uid == sop_uid).with_for_update()
+        ).one_or_none()
         if instance is not None and instance.sha256 == sha256:
             instance.thumbnail_key = key
-    return note
+        elif instance is not None:
+            _redo_newer_version(session, instance)
+    return note or None
 
 
-_HANDLERS = {"thumbnail": build_thumbnail}
+def build_series_metadata(ctx: AppContext, series_uid: str, _sha256: str) -> Completed | str:
+    """The series' DICOM JSON document and its representative thumbnails; see the module docstring.
+
+    The document is the JSON array of the current instances' fragments, ordered by Instance Number
+    then SOP Instance UID, copied one after the other into a temporary file (never parsed). The
+    series thumbnail is the middle instance's, the study thumbnail its first series' (by Series
+    Number). Raises :class:`Deferred` while the series is still arriving.
+    """
+    with ctx.read_sessions() as session:
+        found = session.execute(
+            select(Series.id, Study.id, Study.study_instance_uid).join(Study, Study.id == Series.study_fk)
+            .where(Series.series_instance_uid == series_uid)
+        ).one_or_none()
+        if found is None:
+            return "series no longer indexed"
+        series_id, study_id, study_uid = found
+        members = _series_members(session, series_id)
+        first_series = session.scalar(select(Series.id).where(Series.study_fk == study_id)
+                                      .order_by(Series.series_number.asc().nulls_last(), Series.id).limit(1))
+    if not members:
+        return "series has no instances"
+    _require_settled(members, ctx.settings.series_settle_s)
+
+    notes: list[str] = []
+    doc_key = series_metadata_key(study_uid, series_uid)
+    with tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES) as out:
+        writer = metadata.JsonArrayWriter(out)  # type: ignore[arg-type]
+        for member in members:
+            _add_fragment(ctx, writer, study_uid, series_uid, member, notes)
+        length = writer.finish()
+        out.seek(0)
+        ctx.store.put(doc_key, out, length=length, content_type="application/dicom+json")  # type: ignore[arg-type]
+    series_thumb = _representative_thumbnail(ctx.store, members, series_thumbnail_key(study_uid, series_uid))
+    study_thumb = None
+    if series_thumb is not None and first_series == series_id:
+        study_thumb = study_thumbnail_key(study_uid)
+        _copy(ctx.store, series_thumb, study_thumb)
+
+    with ctx.sessions() as session, session.begin():
+        # Ingest holds this lock from before it adds an instance until after it re-arms this row, so
+        # no instance can slip in between this check and marking the row done.
+        study = session.scalars(select(Study).where(Study.id == study_id).with_for_update()).one()
+        now = [(m.sop_uid, m.sha256) for m in _series_members(session, series_id)]
+        if now != [(m.sop_uid, m.sha256) for m in members]:
+            raise Deferred("instances changed while the document was built")
+        series = session.get(Series, series_id)
+        if series is not None:
+            series.metadata_key = doc_key
+            series.thumbnail_key = series_thumb or series.thumbnail_key
+        if study_thumb is not None:
+            study.thumbnail_key = study_thumb
+        note = "; ".join(notes)[:2000]
+        session.execute(update(DerivedTask).where(
+            DerivedTask.kind == SERIES_KIND, DerivedTask.subject_uid == series_uid, DerivedTask.sha256 == ""
+        ).values(state="done", attempts=DerivedTask.attempts + 1, last_error=note))
+    log.info("series %s: metadata document of %d instance(s) built", series_uid, writer.count)
+    return Completed(note)
+
+
+Handler = Callable[[AppContext, str, str], "str | Completed | None"]
+_HANDLERS: dict[str, Handler] = {INSTANCE_KIND: build_instance_derived, SERIES_KIND: build_series_metadata}
+
+
+@dataclass(frozen=True)
+class _Member:
+    """One current instance of a series, as the series handler sees it."""
+
+    sop_uid: str
+    sha256: str
+    object_key: str
+    thumbnail_key: str | None
+    received_at: datetime
+    task_state: str | None  # of its instance-level row for this version
+
+
+def _series_members(session: Session, series_id: int) -> list[_Member]:
+    rows = session.execute(
+        select(Instance.sop_instance_uid, Instance.sha256, Instance.object_key, Instance.thumbnail_key,
+               Instance.received_at, DerivedTask.state)
+        .outerjoin(DerivedTask, and_(DerivedTask.kind == INSTANCE_KIND,
+                                     DerivedTask.subject_uid == Instance.sop_instance_uid,
+                                     DerivedTask.sha256 == Instance.sha256))
+        .where(Instance.series_fk == series_id)
+        .order_by(Instance.instance_number.asc().nulls_last(), Instance.sop_instance_uid)
+    )
+    return [_Member(*row) for row in rows]
+
+
+def _require_settled(members: list[_Member], settle_s: float) -> None:
+    latest = max(m.received_at if m.received_at.tzinfo else m.received_at.replace(tzinfo=UTC) for m in members)
+    quiet_s = (datetime.now(UTC) - latest).total_seconds()
+    if quiet_s < settle_s:
+        raise Deferred(f"the series received an instance {quiet_s:.1f}s ago")
+    busy = sum(1 for m in members if m.task_state in ("pending", "queued"))
+    if busy:
+        raise Deferred(f"{busy} instance(s) still being processed")
+
+
+def _add_fragment(ctx: AppContext, writer: metadata.JsonArrayWriter, study_uid: str, series_uid: str,
+                  member: _Member, notes: list[str]) -> None:
+    key = instance_metadata_key(study_uid, series_uid, member.sop_uid)
+    try:
+        stream = ctx.store.open(key)
+    except ObjectNotFound:  # its instance task failed, or ran before fragments existed: make it here
+        try:
+            with _open_seekable(ctx.store, member.object_key) as fp:
+                data = metadata.instance_metadata(fp, study_uid, series_uid, member.sop_uid,
+                                                  assume_utf8_for_latin1=ctx.settings.assume_utf8_for_latin1)
+        except StorageUnavailable:
+            raise
+        except Exception as exc:
+            notes.append(f"{member.sop_uid} left out: {exc}"[:300])
+            log.warning("series %s: instance %s left out of the metadata: %s", series_uid, member.sop_uid, exc)
+            return
+        ctx.store.put(key, data, length=len(data), content_type="application/dicom+json")
+        writer.add(data)
+        return
+    with stream:
+        writer.add(stream)
+
+
+def _representative_thumbnail(store: ObjectStore, members: list[_Member], target: str) -> str | None:
+    """Copy the middle instance's thumbnail (or the nearest one that has one) to ``target``."""
+    middle = len(members) // 2
+    for i in sorted(range(len(members)), key=lambda i: abs(i - middle)):
+        source = members[i].thumbnail_key
+        if source and _copy(store, source, target):
+            return target
+    return None
+
+
+def _copy(store: ObjectStore, source: str, target: str) -> bool:
+    try:
+        data = store.get_bytes(source)
+    except ObjectNotFound:
+        return False
+    store.put(target, data, length=len(data), content_type="image/jpeg")
+    return True
+
+
+def _redo_newer_version(session: Session, instance: Instance) -> None:
+    """We were superseded while working, so our puts may have landed after the newer version's:
+    put its instance row (and its series row) back to pending so that they are written again."""
+    series = session.get(Series, instance.series_fk)
+    for kind, subject, sha in ((INSTANCE_KIND, instance.sop_instance_uid, instance.sha256),
+                               (SERIES_KIND, series.series_instance_uid if series else "", "")):
+        session.execute(update(DerivedTask).where(
+            DerivedTask.kind == kind, DerivedTask.subject_uid == subject, DerivedTask.sha256 == sha,
+            DerivedTask.state == "done").values(state="pending"))
+
+
+@contextmanager
+def _open_seekable(store: ObjectStore, key: str) -> Iterator[BinaryIO]:
+    """The stored object as a seekable stream: pydicom seeks back to read deferred values."""
+    with ExitStack() as stack:
+        stream = stack.enter_context(store.open(key))
+        if not stream.seekable():
+            spool = stack.enter_context(tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES))
+            shutil.copyfileobj(stream, spool, 1024 * 1024)
+            stream.close()  # release the connection before the caller works on the copy
+            spool.seek(0)
+            stream = spool  # type: ignore[assignment]
+        yield stream
 
 
 def _finish(ctx: AppContext, task_id: int, state: str, error: str, count: bool = True) -> str:
@@ -119,3 +346,14 @@ def _record_attempt(ctx: AppContext, task_id: int, error: str) -> int:
     except SQLAlchemyError:
         log.warning("could not record attempt of derived task %s", task_id)
         return 0
+
+
+def _defer(ctx: AppContext, task_id: int, reason: str) -> str:
+    """Back to pending without counting an attempt; the relay's sweep publishes it again."""
+    try:
+        with ctx.sessions() as session, session.begin():
+            session.execute(update(DerivedTask).where(DerivedTask.id == task_id, DerivedTask.state != "done")
+                            .values(state="pending", last_error=f"deferred: {reason}"[:2000]))
+    except SQLAlchemyError as exc:
+        raise TransientError(f"index unavailable: {exc}") from exc
+    return "deferred"

@@ -27,6 +27,7 @@ from pacs.db.models import DerivedTask
 log = logging.getLogger(__name__)
 
 TASK_NAME = "pacs.derived.run"
+BATCH = 500  # outbox rows claimed in one transaction
 
 
 class Publisher(Protocol):
@@ -66,7 +67,7 @@ class InProcessPublisher:
             self._run(self._ctx, task_id)
         except self._transient as exc:
             log.warning("derived task %s will be retried by the sweep: %s", task_id, exc)
-            _mark_pending(self._ctx, task_id)
+            _mark_pending(self._ctx, [task_id])
         except Exception:
             log.exception("derived task %s failed", task_id)
 
@@ -74,10 +75,11 @@ class InProcessPublisher:
         self._pool.shutdown(wait=True, cancel_futures=False)
 
 
-def _mark_pending(ctx: AppContext, task_id: int) -> None:
+def _mark_pending(ctx: AppContext, task_ids: list[int]) -> None:
+    """Rows handed out but not run (publisher down, transient failure): back to the sweep."""
     try:
         with ctx.sessions() as session, session.begin():
-            session.execute(update(DerivedTask).where(DerivedTask.id == task_id, DerivedTask.state == "queued")
+            session.execute(update(DerivedTask).where(DerivedTask.id.in_(task_ids), DerivedTask.state == "queued")
                             .values(state="pending"))
     except SQLAlchemyError:
         pass
@@ -115,20 +117,31 @@ class OutboxRelay:
 
     def _loop(self) -> None:
         self.sweep(startup=True)
-        while True:
-            try:
-                task_id = self._inbox.get(timeout=self._poll_s)
-            except queue.Empty:
+        next_sweep = time.monotonic() + self._poll_s
+        stopping = False
+        while not stopping:
+            batch, stopping = self._next_batch(timeout=max(next_sweep - time.monotonic(), 0.01))
+            if batch and time.monotonic() >= self._backoff_until and not self._publish(batch):
+                self._backoff_until = time.monotonic() + self._poll_s  # rows stay pending for the sweep
+            if not stopping and time.monotonic() >= next_sweep:  # also under continuous traffic
                 if self._stop.is_set():
                     break
                 self.sweep()
-                continue
-            if task_id is None:  # stop() puts this after every id notified before it
-                break
-            if time.monotonic() < self._backoff_until:
-                continue  # the publisher failed recently: the row stays pending for the next sweep
-            if not self._publish(task_id):
-                self._backoff_until = time.monotonic() + self._poll_s
+                next_sweep = time.monotonic() + self._poll_s
+
+    def _next_batch(self, timeout: float) -> tuple[list[int], bool]:
+        """Ids waiting in the inbox (up to BATCH), and whether the stop sentinel was reached."""
+        batch: list[int] = []
+        try:
+            item = self._inbox.get(timeout=timeout)
+            while item is not None:
+                batch.append(item)
+                if len(batch) >= BATCH:
+                    break
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            return batch, False
+        return batch, item is None
 
     def sweep(self, startup: bool = False) -> int:
         """Publish every pending row, and queued rows that look lost; returns how many were published."""
@@ -137,7 +150,7 @@ class OutboxRelay:
         if not (startup and self._requeue_all_queued):
             stale_queued = stale_queued & (DerivedTask.updated_at < cutoff)
         try:
-            with self._ctx.sessions() as session:
+            with self._ctx.read_sessions() as session:
                 ids = list(session.scalars(
                     select(DerivedTask.id).where(or_(DerivedTask.state == "pending", stale_queued))
                     .order_by(DerivedTask.id).limit(10_000)
@@ -146,33 +159,33 @@ class OutboxRelay:
             log.warning("outbox sweep: index unavailable: %s", str(exc).splitlines()[0])
             return 0
         published = 0
-        for task_id in ids:
-            if self._stop.is_set() or not self._publish(task_id, from_sweep=True):
+        for i in range(0, len(ids), BATCH):
+            chunk = ids[i:i + BATCH]
+            if self._stop.is_set() or not self._publish(chunk, states=("pending", "queued")):
                 break
-            published += 1
+            published += len(chunk)
         if published:
             log.info("outbox sweep published %d derived task(s)", published)
         return published
 
-    def _publish(self, task_id: int, from_sweep: bool = False) -> bool:
+    def _publish(self, task_ids: list[int], states: tuple[str, ...] = ("pending",)) -> bool:
+        """Claim the rows still in ``states`` in one transaction, then hand each to the publisher."""
         try:
             with self._ctx.sessions() as session, session.begin():
-                states = ["pending", "queued"] if from_sweep else ["pending"]
-                claimed = session.execute(
-                    update(DerivedTask).where(DerivedTask.id == task_id, DerivedTask.state.in_(states))
-                    .values(state="queued")
-                ).rowcount
+                claimed = list(session.scalars(
+                    update(DerivedTask).where(DerivedTask.id.in_(task_ids), DerivedTask.state.in_(states))
+                    .values(state="queued").returning(DerivedTask.id)
+                ))
         except SQLAlchemyError as exc:
             log.warning("outbox: index unavailable, will retry: %s", str(exc).splitlines()[0])
             return False
-        if not claimed:
-            return True
-        try:
-            self._publisher.publish(task_id)
-        except Exception as exc:
-            log.warning("outbox: could not publish task %s (will retry): %s", task_id, exc)
-            _mark_pending(self._ctx, task_id)
-            return False
+        for i, task_id in enumerate(claimed):
+            try:
+                self._publisher.publish(task_id)
+            except Exception as exc:
+                log.warning("outbox: could not publish %d task(s) (will retry): %s", len(claimed) - i, exc)
+                _mark_pending(self._ctx, claimed[i:])
+                return False
         return True
 
 

@@ -287,6 +287,14 @@ from pacs.cli import tasks as _tasks_cli  # noqa: E402
 
 _tasks_cli.register(app)
 
+from pacs.cli import forward as _forward_cli  # noqa: E402
+
+_forward_cli.register(app)
+
+from pacs.cli import maintenance as _maintenance_cli  # noqa: E402
+
+_maintenance_cli.register(app)
+
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

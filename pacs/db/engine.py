@@ -5,6 +5,8 @@ from __future__ import annotations
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+READ_ONLY_OPTION = "pacs_read_only"
+
 
 def make_engine(url: str) -> Engine:
     """Create the process's engine; SQLite gets WAL and a busy timeout for concurrent associations."""
@@ -24,9 +26,11 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn) -> None:  # type: ignore[no-untyped-def]
-            # BEGIN IMMEDIATE takes the write lock up front: concurrent associations then wait
-            # on busy_timeout instead of failing with "database is locked" on lock upgrade.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # Writers take the write lock up front (BEGIN IMMEDIATE): concurrent associations then
+            # wait on busy_timeout instead of failing with "database is locked" on lock upgrade.
+            # Read-only sessions (see make_read_session_factory) must not queue behind writers.
+            read_only = conn.get_execution_options().get(READ_ONLY_OPTION, False)
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
     return create_engine(
@@ -41,3 +45,8 @@ def make_engine(url: str) -> Engine:
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def make_read_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions for queries that write nothing: on SQLite they read a WAL snapshot without the write lock."""
+    return sessionmaker(engine.execution_options(**{READ_ONLY_OPTION: True}), expire_on_commit=False)

@@ -1,0 +1,156 @@
+"""`pacs forward`: rules that send received instances to other DICOM nodes, and their queue."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from datetime import datetime
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+forward_app = typer.Typer(help="Forwarding rules: send received instances to other DICOM nodes (C-STORE).",
+                          no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(forward_app, name="forward")
+
+
+def _context():  # -> AppContext, imported lazily to keep `pacs --help` fast
+    from pacs.cli.main import _ensure_schema, _settings
+    from pacs.context import AppContext
+
+    settings = _settings()
+    _ensure_schema(settings, upgrade=False)
+    return AppContext.create(settings)
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    from pacs.cli.main import console
+
+    console.print(f"[red]{exc}[/red]")
+    return typer.Exit(1)
+
+
+@forward_app.command("add")
+def add(
+    name: Annotated[str, typer.Argument(help="Unique rule name")],
+    to: Annotated[str, typer.Option("--to", help="Destination: a registered AE (`pacs ae add`)")],
+    source_ae: Annotated[str, typer.Option("--source-ae", help="Only instances sent by this AE")] = "",
+    modality: Annotated[str, typer.Option(help="Only this modality (CT, MR, ...; any case)")] = "",
+    body_part: Annotated[str, typer.Option("--body-part", help="Only this Body Part Examined (any case)")] = "",
+    sop_class: Annotated[str, typer.Option("--sop-class", help="Only this SOP Class UID")] = "",
+) -> None:
+    """Forward newly received instances that match (empty criteria match anything) to --to."""
+    from pacs.cli.main import out
+    from pacs.errors import PacsError
+    from pacs.forwarding.rules import add_rule
+
+    ctx = _context()
+    try:
+        with ctx.sessions() as session, session.begin():
+            rule = add_rule(session, name, to, source_ae=source_ae, modality=modality, body_part_examined=body_part,
+                            sop_class_uid=sop_class)
+    except PacsError as exc:
+        raise _fail(exc) from exc
+    finally:
+        ctx.close()
+    out.print(f"rule {rule.name}: {_criteria(rule) or 'every instance'} → {rule.destination_ae}")
+
+
+@forward_app.command("list")
+def list_(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False) -> None:
+    """List forwarding rules."""
+    from pacs.cli.main import out
+    from pacs.forwarding.rules import list_rules
+
+    ctx = _context()
+    try:
+        with ctx.sessions() as session:
+            rules = list_rules(session)
+    finally:
+        ctx.close()
+    if as_json:
+        out.print_json(json.dumps([asdict(r) for r in rules]))
+        return
+    table = Table("name", "to", "source AE", "modality", "body part", "SOP class", "enabled")
+    for r in rules:
+        table.add_row(r.name, r.destination_ae, r.source_ae or "*", r.modality or "*", r.body_part_examined or "*",
+                      r.sop_class_uid or "*", "yes" if r.enabled else "no")
+    out.print(table)
+
+
+@forward_app.command("remove")
+def remove(name: str) -> None:
+    """Remove a rule (instances it already queued are still sent)."""
+    from pacs.cli.main import out
+    from pacs.errors import PacsError
+    from pacs.forwarding.rules import remove_rule
+
+    ctx = _context()
+    try:
+        with ctx.sessions() as session, session.begin():
+            remove_rule(session, name)
+    except PacsError as exc:
+        raise _fail(exc) from exc
+    finally:
+        ctx.close()
+    out.print(f"removed rule {name}")
+
+
+@forward_app.command("queue")
+def queue(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False) -> None:
+    """Per destination: pending, sent and failed instances, the oldest pending one, the last error."""
+    from pacs.cli.main import out
+    from pacs.forwarding.delivery import queue_stats
+
+    ctx = _context()
+    try:
+        with ctx.sessions() as session:
+            stats = queue_stats(session)
+    finally:
+        ctx.close()
+    if as_json:
+        out.print_json(json.dumps([asdict(s) for s in stats], default=_iso))
+        return
+    table = Table("destination", "pending", "sent", "failed", "oldest pending", "next attempt", "last error")
+    for s in stats:
+        table.add_row(s.destination_ae, str(s.pending), str(s.sent), str(s.failed), _when(s.oldest_pending),
+                      _when(s.next_attempt_at), s.last_error[:80])
+    out.print(table)
+
+
+@forward_app.command("retry")
+def retry(
+    destination: Annotated[str, typer.Option("--destination", help="Only this destination AE")] = "",
+) -> None:
+    """Queue failed deliveries again (the running sender picks them up within its poll interval)."""
+    from pacs.cli.main import out
+    from pacs.forwarding.delivery import retry_failed
+
+    ctx = _context()
+    try:
+        with ctx.sessions() as session, session.begin():
+            n = retry_failed(session, destination or None)
+    finally:
+        ctx.close()
+    out.print(f"{n} failed deliver{'y' if n == 1 else 'ies'} queued again")
+
+
+def _criteria(rule: object) -> str:
+    parts = [(label, getattr(rule, attr)) for label, attr in (
+        ("source AE", "source_ae"), ("modality", "modality"), ("body part", "body_part_examined"),
+        ("SOP class", "sop_class_uid"))]
+    return ", ".join(f"{label} {value}" for label, value in parts if value)
+
+
+def _iso(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def _when(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S UTC") if value is not None else "-"

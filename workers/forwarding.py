@@ -1,0 +1,45 @@
+"""Runs the forwarding delivery loop inside `pacs worker` (scaled mode): one loop per worker node.
+
+``worker_ready`` is sent once, in the worker's main process, after the prefork pool has started;
+``worker_shutdown`` likewise. Pool processes (forked from the main one) never run the loop. The
+loop uses its own engine, not :func:`workers.celery_app.worker_context`, and that engine's
+pooled connections are dropped in every later fork (a pool process replaced by Celery) without
+being closed, so parent and child never share a database socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from celery.signals import worker_ready, worker_shutdown
+
+from pacs.context import AppContext
+from pacs.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_running: dict[str, Any] = {}
+
+
+@worker_ready.connect
+def start_forwarding(**_: Any) -> None:
+    from pacs.forwarding.delivery import ForwardDelivery
+
+    if "delivery" in _running:
+        return
+    ctx = AppContext.create(Settings())
+    os.register_at_fork(after_in_child=lambda: ctx.engine.dispose(close=False))
+    _running["ctx"] = ctx
+    _running["delivery"] = ForwardDelivery(ctx).start()
+
+
+@worker_shutdown.connect
+def stop_forwarding(**_: Any) -> None:
+    delivery = _running.pop("delivery", None)
+    if delivery is not None:
+        delivery.stop()
+    ctx = _running.pop("ctx", None)
+    if ctx is not None:
+        ctx.close()
