@@ -9,10 +9,10 @@ Order of writes (nothing acknowledged is ever lost, nothing half-written is ever
    (``dicom/{study}/{series}/{sop}/{sha256}.dcm``), durable when ``put`` returns. A prior
    version has another key, so nothing is ever overwritten. Store down → failure, nothing indexed.
 4. One index transaction: patient/study/series/instance rows, the prior version (if any),
-   the outbox rows for derived work, and the audit event. Only after this commit is success
-   reported. If the commit fails, the object written in step 3 is removed again when this call
-   created it (it stays invisible either way: queries read the index, and ``pacs check`` lists
-   unreferenced objects).
+   the outbox rows for derived work, the forward jobs of matching rules, and the audit event.
+   Only after this commit is success reported. If the commit fails, the object written in step 3
+   is removed again when this call created it (it stays invisible either way: queries read the
+   index, and ``pacs check`` lists unreferenced objects).
 5. After commit, the outbox rows are handed to the publisher without waiting on the broker.
 """
 
