@@ -19,10 +19,6 @@ from pacs.ingest import Ingestor, IngestSource
 log = logging.getLogger("dicom_scp")
 
 
-def handle_echo(event: evt.Event) -> int:
-    return 0x0000
-
-
 def handle_store(event: evt.Event, ingestor: Ingestor, ctx: AppContext) -> Dataset:
     requestor = event.assoc.requestor
     calling_ae = requestor.ae_title.strip() if isinstance(requestor.ae_title, str) else ""

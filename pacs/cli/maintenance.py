@@ -75,7 +75,7 @@ def reindex_command(
     settings = _settings()
     ctx = AppContext.create(settings)
     try:
-        _ensure_schema(settings, upgrade=migrate.current_revision(ctx.engine) is None)
+        _ensure_schema(settings, upgrade=not migrate.current_revisions(ctx.engine))
         with _RichProgress(console) as bar:
             summary = reindex(ctx.sessions, ctx.store, force=force, progress=bar,
                               assume_utf8_for_latin1=settings.assume_utf8_for_latin1, actor=os.environ.get("USER", ""))

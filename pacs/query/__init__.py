@@ -1,0 +1,1 @@
+"""The one query layer for C-FIND, the worklist and (later) QIDO-RS."""
