@@ -10,9 +10,24 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from dicom_scp import storage_service, verification
+from dicom_scp import (
+    commitment_service,
+    find_service,
+    get_service,
+    move_service,
+    mpps_service,
+    storage_service,
+    verification,
+    worklist_service,
+)
 
 SERVICES: tuple[ModuleType, ...] = (
     verification,
     storage_service,
+    find_service,  # C-FIND SCP (Patient Root, Study Root); C-FIND is dispatched by SOP class in server.py
+    commitment_service,
+    mpps_service,
+    move_service,  # C-MOVE SCP (Patient Root, Study Root)
+    get_service,  # C-GET SCP (Patient Root, Study Root)
+    worklist_service,  # Modality Worklist C-FIND SCP
 )

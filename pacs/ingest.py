@@ -155,7 +155,7 @@ class Ingestor:
             return self._index_failed(obj, sha256, exc, stored=False)
 
         if current_sha == sha256:
-            return IngestOutcome(IngestStatus.DUPLICATE, "identical object already stored", **ids)
+            return self._duplicate(obj, sha256, current.object_key, source, ids)  # type: ignore[union-attr]
         if current_sha is not None and self._policy is DuplicatePolicy.REJECT:
             return IngestOutcome(IngestStatus.REJECTED, "a different object with this SOP Instance UID "
                                  "is already stored", reason=RejectReason.MISMATCH, **ids)
@@ -202,6 +202,22 @@ class Ingestor:
             return self._index_failed(obj, sha256, exc)
         status = IngestStatus.STORED if current_sha is None else IngestStatus.NEW_VERSION
         return IngestOutcome(status, "", derived_task_ids=task_ids, **ids)
+
+    def _duplicate(self, obj: ReceivedObject, sha256: str, key: str, source: IngestSource,
+                   ids: dict[str, str]) -> IngestOutcome:
+        """Identical content is already indexed. If its object went missing from the store (a lost
+        disk, a bad restore), the bytes just received are exactly the missing ones: write them back."""
+        try:
+            if self._store.exists(key):
+                return IngestOutcome(IngestStatus.DUPLICATE, "identical object already stored", **ids)
+            self._store.put(key, obj.data, length=len(obj.data), content_type="application/dicom")
+        except StorageError as exc:
+            log.error("object store failed for %s: %s", obj.sop_instance_uid, exc)
+            return IngestOutcome(IngestStatus.STORAGE_UNAVAILABLE, f"object store unavailable: {exc}"[:200], **ids)
+        log.warning("object %s was missing from the store; restored from a re-send by %s", key, _who(source))
+        self._audit_only(obj, source, "instance.object-restored", sha256)
+        return IngestOutcome(IngestStatus.DUPLICATE, "identical object already indexed; missing object restored",
+                             **ids)
 
     def _audit_only(self, obj: ReceivedObject, source: IngestSource, action: str, sha256: str) -> None:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
+from pacs.commitment import CommitmentReporter
 from pacs.context import AppContext
 from pacs.forwarding.delivery import ForwardDelivery
 from pacs.ingest import Ingestor
@@ -18,6 +19,7 @@ class Pipeline:
     relay: OutboxRelay
     ingestor: Ingestor
     forwarder: ForwardDelivery | None = None  # embedded mode; `pacs worker` runs it when scaled
+    commitment: CommitmentReporter | None = None  # storage commitment reports: every `pacs serve` / `pacs scp`
 
     @classmethod
     def start(cls, settings: Settings) -> Pipeline:
@@ -37,9 +39,12 @@ class Pipeline:
         )
         ctx.extras["publisher"] = publisher
         forwarder = ForwardDelivery(ctx).start() if settings.embedded_workers else None
-        return cls(ctx, relay, ingestor, forwarder)
+        commitment = _start_commitment_reporter(ctx)
+        return cls(ctx, relay, ingestor, forwarder, commitment)
 
     def stop(self) -> None:
+        if self.commitment is not None:
+            self.commitment.stop()
         if self.forwarder is not None:
             self.forwarder.stop()
         self.relay.stop()
@@ -47,3 +52,13 @@ class Pipeline:
         if isinstance(publisher, InProcessPublisher):
             publisher.shutdown()
         self.ctx.close()
+
+
+def _start_commitment_reporter(ctx: AppContext) -> CommitmentReporter:
+    """Runs wherever the SCP does (it sends what the SCP accepted); several processes share the
+    table safely. The N-ACTION handler finds it in ``ctx.extras`` to wake it."""
+    from dicom_scp.commitment_service import send_event_report  # the DIMSE transport of the report
+
+    reporter = CommitmentReporter(ctx, send_event_report).start()
+    ctx.extras["commitment_reporter"] = reporter
+    return reporter

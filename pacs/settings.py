@@ -134,6 +134,11 @@ class Settings(BaseSettings):
         return out
 
     # -- forwarding (pacs.forwarding): the C-STORE sender's queue ---------------------------------
+    commitment_poll_s: float = Field(default=2.0, gt=0, description="How often pending commitment reports are tried")
+    commitment_max_attempts: int = Field(default=40, ge=1, description="Report attempts before a request is failed")
+    commitment_retry_base_s: float = Field(default=10.0, gt=0, description="First wait between report attempts")
+    commitment_retry_max_s: float = Field(default=600.0, gt=0, description="Longest wait between report attempts")
+    commitment_lease_s: float = Field(default=600.0, gt=0, description="A claimed report is left to others this long")
     forward_poll_s: float = Field(default=2.0, gt=0, description="How often the forward queue is checked")
     forward_batch_size: int = Field(default=50, ge=1, le=128, description="Objects sent per association")
     forward_max_attempts: int = Field(default=20, ge=1, description="Failed attempts before a job is failed")

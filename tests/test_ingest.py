@@ -77,6 +77,21 @@ def test_store_then_identical_resend_is_one_instance(backend: Backend) -> None:
         assert kinds == ["series-metadata", "thumbnail"]  # armed once, not twice
 
 
+def test_resend_restores_an_object_missing_from_the_store(backend: Backend) -> None:
+    """An indexed object lost from the store (bad disk, partial restore) is written back by a re-send."""
+    data = make_instance()
+    ingestor = backend.ingestor()
+    ingestor.ingest(data, SOURCE)
+    with backend.sessions() as s:
+        key = s.scalars(select(Instance.object_key)).one()
+    backend.store.delete(key)
+    outcome = ingestor.ingest(data, SOURCE)
+    assert outcome.status is IngestStatus.DUPLICATE and "restored" in outcome.message
+    assert backend.store.get_bytes(key) == data
+    with backend.sessions() as s:
+        assert "instance.object-restored" in set(s.scalars(select(AuditEvent.action)))
+
+
 def test_changed_content_keeps_both_versions(backend: Backend) -> None:
     ds = make_dataset()
     old = to_bytes(ds)

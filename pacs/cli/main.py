@@ -295,6 +295,10 @@ from pacs.cli import maintenance as _maintenance_cli  # noqa: E402
 
 _maintenance_cli.register(app)
 
+from pacs.cli import orders as _orders_cli  # noqa: E402
+
+_orders_cli.register(app)
+
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

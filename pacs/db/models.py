@@ -32,7 +32,14 @@ class Base(DeclarativeBase):
 
 class Patient(Base):
     __tablename__ = "patient"
-    __table_args__ = (UniqueConstraint("patient_id", "issuer_of_patient_id", name="uq_patient_identity"),)
+    __table_args__ = (
+        UniqueConstraint("patient_id", "issuer_of_patient_id", name="uq_patient_identity"),
+        # PostgreSQL only (migration 0002): prefix LIKE (PatientID=ABC*, PatientName=NGUYEN*) under any collation.
+        Index("ix_patient_patient_id_pattern", "patient_id",
+              postgresql_ops={"patient_id": "text_pattern_ops"}).ddl_if(dialect="postgresql"),
+        Index("ix_patient_patient_name_search_pattern", "patient_name_search",
+              postgresql_ops={"patient_name_search": "text_pattern_ops"}).ddl_if(dialect="postgresql"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     patient_id: Mapped[str] = mapped_column(String(64), index=True)
@@ -48,6 +55,10 @@ class Patient(Base):
 
 class Study(Base):
     __tablename__ = "study"
+    __table_args__ = (
+        Index("ix_study_accession_number_pattern", "accession_number",
+              postgresql_ops={"accession_number": "text_pattern_ops"}).ddl_if(dialect="postgresql"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
@@ -240,3 +251,5 @@ class AuditEvent(Base):
     patient_id: Mapped[str] = mapped_column(String(64), default="")
     study_instance_uid: Mapped[str] = mapped_column(String(64), default="", index=True)
     detail: Mapped[str] = mapped_column(Text, default="")
+import pacs.commitment_models  # noqa: E402  (registers the storage_commitment table on Base)
+import pacs.ris.models  # noqa: E402, F401  (registers the RIS tables on Base)

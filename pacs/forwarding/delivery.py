@@ -43,7 +43,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pacs.context import AppContext
 from pacs.db.models import ApplicationEntity, ForwardJob, Instance
 from pacs.settings import Settings
-from storage import ObjectNotFound, StorageError
+from storage import ObjectNotFound, ObjectStore, StorageError
 from storage.base import CHUNK_SIZE
 from storage.filesystem import FilesystemStore
 
@@ -148,7 +148,8 @@ class _Results:
         self.sent, self.retry, self.give_up, self.release = [], [], [], []
 
 
-def _nodelay(event: evt.Event) -> None:
+def tcp_nodelay(event: evt.Event) -> None:
+    """EVT_CONN_OPEN handler for associations we request: no Nagle delay on small PDUs."""
     sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
     if sock is not None:
         with contextlib.suppress(OSError):
@@ -277,7 +278,7 @@ class ForwardDelivery:
         for pair in dict.fromkeys((s.sop_class_uid, s.transfer_syntax_uid) for _, s in batch):
             ae.add_requested_context(pair[0], [pair[1]])
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, max_pdu=cfg.max_pdu,
-                             evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+                             evt_handlers=[(evt.EVT_CONN_OPEN, tcp_nodelay)])
         if not assoc.is_established:
             if assoc.is_aborted and assoc.rejected_contexts and not assoc.accepted_contexts:
                 # It answered, but takes none of these objects as stored: counts against them, not the destination.
@@ -335,7 +336,7 @@ class ForwardDelivery:
 
     def _send_one(self, assoc: Association, stored: _Stored) -> Dataset | None:
         """C-STORE one stored object from a file; None when the association broke (no response)."""
-        with self._local_file(stored.object_key) as path:
+        with local_file(self._ctx.store, stored.object_key) as path:
             try:
                 status = assoc.send_c_store(path)
             except (RuntimeError, OSError) as exc:  # association no longer established / socket gone
@@ -345,22 +346,6 @@ class ForwardDelivery:
             return None
         return status
 
-    @contextlib.contextmanager
-    def _local_file(self, key: str) -> Iterator[Path]:
-        """A file holding the object: the filesystem store's own, else a temporary copy (streamed)."""
-        store = self._ctx.store
-        if isinstance(store, FilesystemStore):
-            path = store.root.joinpath(*key.split("/"))
-            if not path.is_file():
-                raise ObjectNotFound(key)
-            yield path
-            return
-        with tempfile.NamedTemporaryFile(prefix="pacs-forward-", suffix=".dcm") as tmp:
-            with store.open(key) as src:
-                shutil.copyfileobj(src, tmp, CHUNK_SIZE)
-            tmp.flush()
-            yield Path(tmp.name)
-
     def _destination_down(self, dest: Destination, batch: list[tuple[_Job, _Stored]], results: _Results,
                           error: str) -> None:
         """The whole rest of the batch waits; this process also leaves the destination alone meanwhile."""
@@ -369,6 +354,23 @@ class ForwardDelivery:
         wait = min(retry_delay(job.attempts + 1, self.config.retry_base_s, self.config.retry_max_s)
                    for job, _ in batch)
         self._down_until[dest.ae_title] = time.monotonic() + wait
+
+
+@contextlib.contextmanager
+def local_file(store: ObjectStore, key: str) -> Iterator[Path]:
+    """A file holding the stored object, for pynetdicom to stream as it is: the filesystem store's
+    own file, else a temporary copy (streamed from S3, deleted on exit)."""
+    if isinstance(store, FilesystemStore):
+        path = store.root.joinpath(*key.split("/"))
+        if not path.is_file():
+            raise ObjectNotFound(key)
+        yield path
+        return
+    with tempfile.NamedTemporaryFile(prefix="pacs-send-", suffix=".dcm") as tmp:
+        with store.open(key) as src:
+            shutil.copyfileobj(src, tmp, CHUNK_SIZE)
+        tmp.flush()
+        yield Path(tmp.name)
 
 
 def _no_context(dest: Destination, stored: _Stored) -> str:

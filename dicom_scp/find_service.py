@@ -1,0 +1,277 @@
+"""Query/Retrieve C-FIND SCP (Patient Root and Study Root, all four levels): a thin adapter onto
+pacs.query.engine.
+
+The identifier's values are decoded with its Specific Character Set (and, like ingest, UTF-8
+bytes labelled ISO_IR 100 or the default are read as UTF-8 when ``assume_utf8_for_latin1``),
+handed to the engine as strings, and each match goes back as a Pending response in UTF-8
+(ISO_IR 192) with the keys that were asked for, the Query/Retrieve Level and our AE title as
+Retrieve AE Title. Keys the engine does not know come back empty (PS3.4 C.4.1.1.3.2).
+
+Statuses:
+
+=========  =====================================================================================
+0xFF00     Pending, one per match
+0x0000     Success, after the last match
+0xFE00     Cancel: the SCU sent C-CANCEL
+0xA900     Identifier does not match SOP Class: no or an unknown Query/Retrieve Level, a level
+           the model lacks (PATIENT in Study Root), missing unique keys of the levels above
+           (relational queries are not supported)
+0xC000     Unable to process: a value that cannot be matched (malformed date range, more than
+           1000 UIDs, a number that is not one), or an identifier that cannot be decoded
+0xA700     Out of resources: the index database cannot be read
+0xC001     Unable to process: an unexpected error (logged)
+=========  =====================================================================================
+
+Failures carry an Error Comment saying why.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from pydicom import config as pydicom_config
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
+from pydicom.tag import Tag
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import evt
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+)
+
+from dicom_scp.statuses import error_comment
+from pacs.context import AppContext
+from pacs.errors import IndexUnavailable
+from pacs.ingest import Ingestor
+from pacs.query.attributes import ATTRIBUTES, Root
+from pacs.query.engine import IdentifierError, MatchValueError, Query, QueryEngine
+
+log = logging.getLogger("dicom_scp")
+
+ROOTS = {
+    str(PatientRootQueryRetrieveInformationModelFind): Root.PATIENT_ROOT,
+    str(StudyRootQueryRetrieveInformationModelFind): Root.STUDY_ROOT,
+}
+TRANSFER_SYNTAXES = [str(ImplicitVRLittleEndian), str(ExplicitVRLittleEndian), "1.2.840.10008.1.2.2"]
+
+PENDING, CANCEL = 0xFF00, 0xFE00
+OUT_OF_RESOURCES = 0xA700
+IDENTIFIER_DOES_NOT_MATCH = 0xA900
+UNABLE_TO_PROCESS = 0xC000
+UNABLE_TO_PROCESS_INTERNAL = 0xC001
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+
+RESPONSE_CHARSET = "ISO_IR 192"
+_LATIN1_LABELS = {"", "ISO_IR 100", "ISO_IR 6", "ISO 2022 IR 6", "ISO 2022 IR 100"}
+_TEXT_VRS = {"PN", "LO", "SH", "ST", "LT", "UT", "UC"}
+_NOT_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC"}
+
+FindResponse = Iterator[tuple[int | Dataset, Dataset | None]]
+
+
+def contexts(ctx: AppContext) -> list[tuple[str, list[str]]]:
+    return [(uid, TRANSFER_SYNTAXES) for uid in ROOTS]
+
+
+def handlers(ctx: AppContext, ingestor: Ingestor) -> list[tuple]:
+    return [(evt.EVT_C_FIND, handle_find, [QueryEngine(ctx.read_sessions), ctx])]
+
+
+class Identifier:
+    """A C-FIND request identifier read into strings: the level, the keys and what else to echo."""
+
+    def __init__(self, level: str, filters: dict[str, str], returns: list[str],
+                 echo_empty: list[tuple[int, str]]) -> None:
+        self.level = level
+        self.filters = filters  # keyword -> value as received ('' for a return key)
+        self.returns = returns  # keywords whose value is a sequence: returned, not matched
+        self.echo_empty = echo_empty  # (tag, VR) of elements that have no keyword: returned empty
+
+
+def handle_find(event: evt.Event, engine: QueryEngine, ctx: AppContext) -> FindResponse:
+    calling_ae = str(event.assoc.requestor.ae_title).strip()
+    root = ROOTS.get(str(event.request.AffectedSOPClassUID))
+    if root is None:
+        yield _failure(SOP_CLASS_NOT_SUPPORTED, "not a Query/Retrieve FIND SOP class"), None
+        return
+    try:
+        identifier = read_identifier(_decoded(event), ctx.settings.assume_utf8_for_latin1)
+        if not identifier.level:
+            raise IdentifierError("no QueryRetrieveLevel in the identifier")
+        query = Query(identifier.level, root, identifier.filters, identifier.returns)
+        rows = iter(engine.search(query))
+        first = next(rows, None)  # runs the query: a database failure is reported before any match
+    except IdentifierError as exc:
+        log.info("C-FIND from %s refused (0xA900): %s", calling_ae, exc)
+        yield _failure(IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
+        return
+    except (MatchValueError, _Undecodable) as exc:
+        log.info("C-FIND from %s refused (0xC000): %s", calling_ae, exc)
+        yield _failure(UNABLE_TO_PROCESS, str(exc)), None
+        return
+    except IndexUnavailable:
+        log.warning("C-FIND from %s: index database unavailable", calling_ae)
+        yield _failure(OUT_OF_RESOURCES, "index database unavailable"), None
+        return
+    except Exception as exc:
+        log.exception("C-FIND from %s failed", calling_ae)
+        yield _failure(UNABLE_TO_PROCESS_INTERNAL, f"internal error: {type(exc).__name__}"), None
+        return
+
+    count = 0
+    try:
+        row = first
+        while row is not None:
+            if event.is_cancelled:
+                log.info("C-FIND from %s cancelled after %d match(es)", calling_ae, count)
+                yield CANCEL, None
+                return
+            yield PENDING, response(row, identifier, ctx.settings.ae_title)
+            count += 1
+            row = next(rows, None)
+    except IndexUnavailable:
+        log.warning("C-FIND from %s: index database lost after %d match(es)", calling_ae, count)
+        yield _failure(OUT_OF_RESOURCES, "index database unavailable"), None
+        return
+    finally:
+        close = getattr(rows, "close", None)
+        if close is not None:
+            close()  # release the database cursor at once if the SCU stopped early
+    log.info("C-FIND from %s: %s level, %d match(es)", calling_ae, identifier.level, count)
+
+
+class _Undecodable(ValueError):
+    """The identifier (or one of its values) cannot be decoded."""
+
+
+def _decoded(event: evt.Event) -> Dataset:
+    try:
+        return event.identifier
+    except Exception as exc:
+        raise _Undecodable(f"cannot decode the identifier: {_short(exc)}") from None
+
+
+def read_identifier(ds: Dataset, assume_utf8_for_latin1: bool = True) -> Identifier:
+    """Decode every element of ``ds`` to a string with its character set; never trusts a value's form."""
+    try:
+        charsets = _charsets(ds)
+        tags = list(ds.keys())
+    except Exception as exc:
+        raise _Undecodable(f"cannot read the identifier: {_short(exc)}") from None
+    utf8_fallback = assume_utf8_for_latin1 and all(c in _LATIN1_LABELS for c in charsets or [""])
+    level, filters, returns, echo = "", {}, [], []
+    for tag in tags:
+        tag = Tag(tag)
+        if tag.element == 0 or tag.is_private:
+            continue  # group lengths; private keys are neither matched nor returned
+        keyword = keyword_for_tag(tag)
+        vr = _vr(ds, tag)
+        if vr == "SQ":
+            if keyword:
+                returns.append(keyword)
+            else:
+                echo.append((int(tag), vr))
+            continue
+        if not keyword:
+            echo.append((int(tag), vr))
+            continue
+        value = _value_text(ds, tag, vr, utf8_fallback)
+        if keyword == "QueryRetrieveLevel":
+            level = value.strip().upper()
+        elif keyword not in _NOT_KEYS:
+            filters[keyword] = value
+    return Identifier(level, filters, returns, echo)
+
+
+def response(row: dict[str, Any], identifier: Identifier, ae_title: str) -> Dataset:
+    """One Pending response's identifier: the row's keys, the empty echoes, level and AE title."""
+    ds = Dataset()
+    _put(ds, 0x00080005, "CS", RESPONSE_CHARSET)
+    _put(ds, 0x00080052, "CS", identifier.level)
+    for keyword, value in row.items():
+        if keyword in _NOT_KEYS:
+            continue
+        attr = ATTRIBUTES.get(keyword)
+        tag = Tag(keyword)
+        vr = attr.vr if attr is not None else _dictionary_vr(tag)
+        _put(ds, int(tag), vr, value)
+    for tag, vr in identifier.echo_empty:
+        _put(ds, tag, vr, None)
+    _put(ds, 0x00080054, "AE", ae_title)  # Retrieve AE Title: where a C-MOVE for this match goes
+    if "InstanceAvailability" in row:
+        _put(ds, 0x00080056, "CS", "ONLINE")
+    return ds
+
+
+def _put(ds: Dataset, tag: int, vr: str, value: Any) -> None:
+    """Add an element without pydicom's value validation (stored values come from modalities as sent)."""
+    if vr == "SQ":
+        value = Sequence([])
+    elif value == "":
+        value = None
+    ds.add(DataElement(tag, vr, value, validation_mode=pydicom_config.IGNORE))
+
+
+def _vr(ds: Dataset, tag: Any) -> str:
+    raw = ds.get_item(tag)
+    vr = getattr(raw, "VR", None)
+    if vr:
+        return str(vr)
+    return _dictionary_vr(tag)
+
+
+def _dictionary_vr(tag: Any) -> str:
+    try:
+        vr = dictionary_VR(tag)
+    except KeyError:
+        return "UN"
+    return vr.split(" or ")[0]  # 'US or SS' and the like: the first is as good as any for an empty value
+
+
+def _value_text(ds: Dataset, tag: Any, vr: str, utf8_fallback: bool) -> str:
+    raw = ds.get_item(tag)
+    raw_bytes = raw.value if isinstance(raw, RawDataElement) and isinstance(raw.value, bytes) else None
+    if utf8_fallback and raw_bytes and vr in _TEXT_VRS and any(b > 0x7F for b in raw_bytes):
+        try:
+            return raw_bytes.decode("utf-8").strip(" \x00")
+        except UnicodeDecodeError:
+            pass
+    try:
+        value = ds[tag].value
+    except Exception:
+        if raw_bytes is None:
+            raise _Undecodable(f"cannot decode {keyword_for_tag(tag) or tag}") from None
+        return raw_bytes.decode("ascii", errors="replace").strip(" \x00")  # e.g. 'abc' for an IS key
+    if value is None:
+        return ""
+    if isinstance(value, MultiValue | list | tuple):
+        return "\\".join(str(v) for v in value).strip(" \x00")
+    if isinstance(value, bytes):
+        return value.decode("ascii", errors="replace").strip(" \x00")
+    return str(value).strip(" \x00")
+
+
+def _charsets(ds: Dataset) -> list[str]:
+    value = ds.get("SpecificCharacterSet", "")
+    if not value:
+        return []
+    if isinstance(value, str):
+        return [value.strip()]
+    return [str(v).strip() for v in value]
+
+
+def _failure(code: int, comment: str) -> Dataset:
+    status = Dataset()
+    status.Status = code
+    status.ErrorComment = error_comment(comment)
+    return status
+
+
+def _short(exc: BaseException) -> str:
+    return (str(exc) or type(exc).__name__).splitlines()[0][:120]

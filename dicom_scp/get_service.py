@@ -1,0 +1,336 @@
+"""Query/Retrieve C-GET SCP (Patient Root, Study Root), and the C-STORE sub-operation machinery
+that the C-MOVE SCP (:mod:`dicom_scp.move_service`) shares with it.
+
+pynetdicom drives both services: the handler yields the number of sub-operations, then one
+``(Pending, dataset)`` pair per object, and pynetdicom sends each dataset with
+``send_c_store(dataset)`` on the association that carries the sub-operations (the requester's
+own for C-GET, one it opens to the destination for C-MOVE), counting results and sending the
+Pending and final responses. It would *encode* a dataset, which changes what was stored (pydicom
+drops group lengths, for one) and needs the whole object decoded in memory. So the handlers
+yield a :class:`PendingStore` placeholder that only carries the UIDs and the index row, and
+:class:`StoredObjectSender` replaces that association's ``send_c_store`` with one that sends the
+stored file as it is, streamed in PDU-sized chunks (``_config.STORE_SEND_CHUNKED_DATASET`` with
+a file path): the bytes on the wire are the bytes in the store, one object at a time.
+
+Only when the peer accepted no context for an object's stored transfer syntax is it converted:
+decompressed with pydicom (the pylibjpeg / openjpeg / RLE plugins) and written as Explicit, else
+Implicit, VR Little Endian to a temporary file, which is then sent the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, AllTransferSyntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AllStoragePresentationContexts, _config, evt
+from pynetdicom.association import Association
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelGet,
+)
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+
+from dicom_scp.statuses import REFUSED_NOT_AUTHORIZED, error_comment
+from dicom_scp.verification import UNCOMPRESSED
+from pacs.context import AppContext
+from pacs.db.models import ApplicationEntity
+from pacs.errors import IndexUnavailable
+from pacs.forwarding.delivery import local_file
+from pacs.ingest import Ingestor
+from pacs.retrieve import (
+    IdentifierMismatch,
+    InvalidIdentifier,
+    Model,
+    RetrieveItem,
+    RetrievePlan,
+    iter_items,
+    parse_identifier,
+    plan,
+)
+from storage import ObjectStore
+
+log = logging.getLogger("dicom_scp")
+
+# Query/Retrieve statuses (PS3.4 C.4.2.1.5 / C.4.3.1.4)
+PENDING = 0xFF00
+CANCEL = 0xFE00
+UNABLE_TO_CALCULATE = 0xA701  # out of resources: unable to calculate number of matches
+UNABLE_TO_PERFORM = 0xA702  # out of resources: unable to perform sub-operations
+IDENTIFIER_MISMATCH = 0xA900  # identifier does not match SOP class
+UNABLE_TO_PROCESS = 0xC000
+
+UNCOMPRESSED_TARGETS = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)  # decompression fallback, in preference
+STORAGE_SOP_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
+
+GET_MODELS = {
+    str(PatientRootQueryRetrieveInformationModelGet): Model.PATIENT_ROOT,
+    str(StudyRootQueryRetrieveInformationModelGet): Model.STUDY_ROOT,
+}
+
+
+def failure(status: int, comment: str) -> Dataset:
+    """A final status with an Error Comment (an LO: cut to 64 characters)."""
+    ds = Dataset()
+    ds.Status = status
+    ds.ErrorComment = error_comment(comment)
+    return ds
+
+
+# -- deciding what to send ------------------------------------------------------------------------
+
+
+def calling_ae(event: evt.Event) -> str:
+    title = event.assoc.requestor.ae_title
+    return title.strip() if isinstance(title, str) else ""
+
+
+def prepare(event: evt.Event, ctx: AppContext, model: Model) -> tuple[Dataset | None, RetrievePlan | None]:
+    """Authorize the caller, validate the identifier and count the matches.
+
+    Returns ``(refusal, None)`` with a failure status to answer, or ``(None, plan)``.
+    """
+    caller = calling_ae(event)
+    try:
+        if not _may_retrieve(ctx, caller):
+            log.warning("retrieve from %s refused: AE not registered or not allowed to retrieve", caller)
+            return failure(REFUSED_NOT_AUTHORIZED, f"AE {caller} is not allowed to retrieve"), None
+        request = parse_identifier(event.identifier, model)
+        retrieve = plan(ctx.read_sessions, request)
+    except (SQLAlchemyError, IndexUnavailable) as exc:
+        log.warning("retrieve from %s: index unavailable: %s", caller, exc)
+        return failure(UNABLE_TO_CALCULATE, "index database unavailable"), None
+    except InvalidIdentifier as exc:
+        status = IDENTIFIER_MISMATCH if isinstance(exc, IdentifierMismatch) else UNABLE_TO_PROCESS
+        log.warning("retrieve from %s refused (0x%04X): %s", caller, status, exc)
+        return failure(status, str(exc)), None
+    except Exception as exc:  # e.g. an identifier pynetdicom could not decode
+        log.warning("retrieve from %s refused: unreadable identifier: %s", caller, exc)
+        return failure(UNABLE_TO_PROCESS, f"identifier cannot be decoded: {exc}"), None
+    log.info("retrieve from %s: %s level, %d instance(s)", caller, request.level, retrieve.count)
+    return None, retrieve
+
+
+def _may_retrieve(ctx: AppContext, title: str) -> bool:
+    """The per-request rule: only registered AEs with retrieve rights (SPEC §5)."""
+    with ctx.read_sessions() as session:
+        return bool(session.scalar(
+            select(ApplicationEntity.allow_retrieve).where(ApplicationEntity.ae_title == title)))
+
+
+def sub_operations(event: evt.Event, ctx: AppContext, retrieve: RetrievePlan) -> Iterator[tuple[Any, Any]]:
+    """The ``(status, dataset)`` pairs after the count: one Pending per instance, stopping on cancel."""
+    try:
+        for item in iter_items(ctx.read_sessions, retrieve):
+            if event.is_cancelled:
+                log.info("retrieve cancelled by %s", calling_ae(event))
+                yield CANCEL, None  # pynetdicom adds the counts and the Failed SOP Instance UID List
+                return
+            yield PENDING, PendingStore.of(item)
+    except IndexUnavailable as exc:
+        log.warning("retrieve for %s stopped: %s", calling_ae(event), exc)
+        yield failure(UNABLE_TO_PERFORM, "index database unavailable"), None
+
+
+def refuse(refusal: Dataset) -> Iterator[Any]:
+    """Answer a refusal through pynetdicom's generator contract.
+
+    A failure can only follow a sub-operation count of at least 1 (a count of 0 is answered
+    Success), so one is announced and the final response reports it failed.
+    """
+    yield 1
+    yield refusal, None
+
+
+# -- sending stored objects as they are ------------------------------------------------------------
+
+
+class PendingStore(Dataset):
+    """What a handler yields for one sub-operation: SOP Class and Instance UIDs only (pynetdicom
+    lists failed ones from it) and, as a plain attribute, the index row of the object to send."""
+
+    retrieve_item: RetrieveItem
+
+    @classmethod
+    def of(cls, item: RetrieveItem) -> PendingStore:
+        ds = cls()
+        ds.SOPClassUID = item.sop_class_uid
+        ds.SOPInstanceUID = item.sop_instance_uid
+        ds.retrieve_item = item
+        return ds
+
+
+class NoAcceptedContext(Exception):
+    """The peer accepted neither the stored transfer syntax nor an uncompressed one for this SOP class."""
+
+
+class StoredObjectSender:
+    """Makes an association's ``send_c_store`` send :class:`PendingStore` objects from the store."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+        # Send a file's dataset as it is, in chunks (pynetdicom reads it from the path, never decodes
+        # it). Process-wide, but it only changes send_c_store() given a path: forwarding sets it too.
+        _config.STORE_SEND_CHUNKED_DATASET = True
+
+    def install(self, assoc: Association, move_originator: str | None = None) -> None:
+        """Wrap ``assoc.send_c_store`` (once per association; other datasets pass through unchanged).
+
+        ``move_originator``: the C-MOVE requester's AE title, sent as Move Originator Application
+        Entity Title (pynetdicom would send our own title there, which PS3.7 9.1.1.1 does not mean).
+        """
+        if assoc.__dict__.get("_pacs_stored_sender") is self:
+            return
+        original: Callable[..., Dataset] = assoc.send_c_store
+        sending = threading.Event()
+
+        def send_c_store(dataset: Any, msg_id: int = 1, priority: int = 2, originator_aet: str | None = None,
+                         originator_id: int | None = None) -> Dataset:
+            if move_originator and originator_aet is not None:
+                originator_aet = move_originator
+            kwargs = {"msg_id": msg_id, "priority": priority, "originator_aet": originator_aet,
+                      "originator_id": originator_id}
+            sending.set()
+            try:
+                if isinstance(dataset, PendingStore):
+                    return self.send(assoc, original, dataset.retrieve_item, **kwargs)
+                return original(dataset, **kwargs)
+            finally:
+                sending.clear()
+
+        assoc.send_c_store = send_c_store  # type: ignore[method-assign]
+        assoc.__dict__["_pacs_stored_sender"] = self
+        if assoc.is_requestor:
+            _return_stolen_responses(assoc, sending)
+
+    def on_conn_open(self, event: evt.Event, move_originator: str | None = None) -> None:
+        """EVT_CONN_OPEN handler for an association we request (to a C-MOVE destination)."""
+        self.install(event.assoc, move_originator)
+
+    def send(self, assoc: Association, send_c_store: Callable[..., Dataset], item: RetrieveItem,
+             **kwargs: Any) -> Dataset:
+        """C-STORE one stored object: as stored when its syntax was accepted, else converted."""
+        accepted = accepted_syntaxes(assoc, item.sop_class_uid)
+        stored = UID(item.transfer_syntax_uid)
+        target = stored if stored in accepted else next((ts for ts in UNCOMPRESSED_TARGETS if ts in accepted), None)
+        if target is None:
+            raise NoAcceptedContext(f"peer accepted no context for {item.sop_class_uid} in {stored} or uncompressed")
+        with local_file(self.store, item.object_key) as path:
+            if target == stored:
+                return send_c_store(path, **kwargs)
+            log.info("sending %s converted from %s to %s (peer does not accept it as stored)",
+                     item.sop_instance_uid, stored.name, target.name)
+            with converted_copy(path, target) as copy:
+                return send_c_store(copy, **kwargs)
+
+
+def _return_stolen_responses(assoc: Association, sending: threading.Event) -> None:
+    """Work around a race in pynetdicom (3.0) on associations we request, whose reactor thread
+    runs beside the thread calling ``send_c_store``.
+
+    ``send_c_store`` pauses the reactor by clearing a checkpoint and waiting for ``_is_paused``,
+    but the reactor sets that flag just *before* its checkpoint wait: caught right after the wait,
+    it goes on to take the C-STORE response off the DIMSE queue, logs "Received unexpected
+    C-STORE service message" and drops it, and the sender waits out the DIMSE timeout (seen
+    about once in a hundred sub-operations here). A response the reactor takes while a send is
+    in progress is put back on the queue, where the sender is waiting for it.
+    """
+    serve_request = assoc._serve_request
+
+    def serve(msg: Any, context_id: int) -> None:
+        if sending.is_set() and not msg.is_valid_request:
+            assoc.dimse.msg_queue.put((context_id, msg))
+            log.info("C-STORE response taken by the reactor returned to the sender (pynetdicom race)")
+            return
+        serve_request(msg, context_id)
+
+    assoc._serve_request = serve  # type: ignore[method-assign]
+
+
+def accepted_syntaxes(assoc: Association, sop_class_uid: str) -> list[UID]:
+    """Transfer syntaxes of the contexts in which we may send ``sop_class_uid`` (as SCU)."""
+    return [cx.transfer_syntax[0] for cx in assoc.accepted_contexts
+            if cx.abstract_syntax == sop_class_uid and cx.as_scu]
+
+
+@contextlib.contextmanager
+def converted_copy(path: Path, target: UID) -> Iterator[Path]:
+    """A temporary Part-10 file of the object decompressed (if it was) and encoded in ``target``."""
+    ds = dcmread(path)
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        # Same instance in another transfer syntax: it keeps its UID (pydicom would make a new one).
+        ds.decompress(generate_instance_uid=False)  # raises when no plugin decodes it: the sub-operation fails
+    ds.file_meta.TransferSyntaxUID = target
+    with tempfile.NamedTemporaryFile(prefix="pacs-converted-", suffix=".dcm") as tmp:
+        ds.save_as(tmp, enforce_file_format=True)
+        del ds
+        tmp.flush()
+        yield Path(tmp.name)
+
+
+# -- the C-GET service -----------------------------------------------------------------------------
+
+
+def accept_storage_scp_role(event: evt.Event) -> None:
+    """EVT_REQUESTED: let a C-GET requester have us act as SCU for the storage SOP classes it
+    proposes the SCP role for, and choose the transfer syntaxes that serve a retrieve best.
+
+    pynetdicom accepts an SCP/SCU Role Selection only for contexts supported with explicit roles,
+    and the services contract (``contexts()``: abstract and transfer syntaxes) carries none, so
+    this association's own copy of the supported contexts is adjusted, before negotiation. Only
+    SOP classes the requester wants to receive are touched; ordinary C-STORE associations are not.
+
+    pynetdicom accepts, for each proposed context, the first of *our* transfer syntaxes that the
+    requester listed. For these contexts that order becomes: Explicit, then Implicit VR Little
+    Endian (any object can then be delivered, decompressed if need be), then the requester's own
+    order. A requester wanting compressed objects as stored proposes a context per syntax.
+    """
+    requestor = event.assoc.requestor
+    wanted = {str(uid) for uid, item in requestor.role_selection.items() if item.scp_role}
+    if not wanted:
+        return
+    proposed: dict[str, list[UID]] = {}
+    for rq in requestor.primitive.presentation_context_definition_list:
+        proposed.setdefault(str(rq.abstract_syntax), list(rq.transfer_syntax))
+    for cx in event.assoc.acceptor.supported_contexts:
+        if cx.abstract_syntax in wanted and cx.abstract_syntax in STORAGE_SOP_CLASSES:
+            cx.scu_role = True
+            cx.scp_role = True
+            cx.transfer_syntax = _retrieve_order(cx.transfer_syntax, proposed.get(str(cx.abstract_syntax), []))
+
+
+def _retrieve_order(ours: list[UID], theirs: list[UID]) -> list[UID]:
+    first = [ts for ts in UNCOMPRESSED_TARGETS if ts in theirs and ts in ours]
+    then = [ts for ts in theirs if ts in ours and ts not in first]
+    return first + then + [ts for ts in ours if ts not in first and ts not in then]
+
+
+def handle_get(event: evt.Event, ctx: AppContext, sender: StoredObjectSender) -> Iterator[Any]:
+    model = GET_MODELS[str(event.context.abstract_syntax)]
+    refusal, retrieve = prepare(event, ctx, model)
+    if refusal is not None or retrieve is None:
+        yield from refuse(refusal or failure(UNABLE_TO_PROCESS, "retrieve could not be planned"))
+        return
+    sender.install(event.assoc)
+    yield retrieve.count
+    yield from sub_operations(event, ctx, retrieve)
+
+
+def contexts(ctx: AppContext) -> list[tuple[str, list[str]]]:
+    """The GET models, and the storage SOP classes the C-STOREs go out in (also the Storage SCP's)."""
+    all_syntaxes = [str(ts) for ts in AllTransferSyntaxes]
+    return ([(uid, UNCOMPRESSED) for uid in GET_MODELS]
+            + [(uid, all_syntaxes) for uid in sorted(STORAGE_SOP_CLASSES)])
+
+
+def handlers(ctx: AppContext, ingestor: Ingestor) -> list[tuple]:
+    sender = StoredObjectSender(ctx.store)
+    return [(evt.EVT_REQUESTED, accept_storage_scp_role), (evt.EVT_C_GET, handle_get, [ctx, sender])]

@@ -1,0 +1,135 @@
+"""Query/Retrieve C-MOVE SCP (Patient Root, Study Root): the matching objects go, as stored, to a
+registered AE over an association this SCP opens to it.
+
+pynetdicom opens that association after the handler yields the destination (with the presentation
+contexts to propose) and the number of sub-operations; the sub-operations themselves are the
+C-GET SCP's (:mod:`dicom_scp.get_service`): each object is proposed with its SOP class in its
+stored transfer syntax, and Explicit and Implicit VR Little Endian are proposed beside it for the
+decompression fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import build_context, evt
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+
+from dicom_scp.get_service import (
+    UNABLE_TO_PROCESS,
+    StoredObjectSender,
+    calling_ae,
+    failure,
+    prepare,
+    refuse,
+    sub_operations,
+)
+from dicom_scp.verification import UNCOMPRESSED
+from pacs.context import AppContext
+from pacs.db.models import ApplicationEntity
+from pacs.errors import IndexUnavailable
+from pacs.forwarding.delivery import MAX_CONTEXTS, tcp_nodelay
+from pacs.ingest import Ingestor
+from pacs.retrieve import Model
+
+log = logging.getLogger("dicom_scp")
+
+MOVE_MODELS = {
+    str(PatientRootQueryRetrieveInformationModelMove): Model.PATIENT_ROOT,
+    str(StudyRootQueryRetrieveInformationModelMove): Model.STUDY_ROOT,
+}
+
+
+@dataclass(frozen=True)
+class MoveDestination:
+    ae_title: str
+    host: str
+    port: int
+
+
+def find_destination(ctx: AppContext, title: str) -> MoveDestination | None:
+    """The registered AE named ``title``, if it has an address and may take part in retrieves.
+
+    ``pacs ae add --no-retrieve`` bars an AE both from retrieving and from being a move destination.
+    """
+    if not title:
+        return None
+    try:
+        with ctx.read_sessions() as session:
+            row = session.execute(select(ApplicationEntity.ae_title, ApplicationEntity.host, ApplicationEntity.port,
+                                         ApplicationEntity.allow_retrieve)
+                                  .where(ApplicationEntity.ae_title == title)).one_or_none()
+    except SQLAlchemyError as exc:
+        raise IndexUnavailable("index database unavailable") from exc
+    if row is None or not row.allow_retrieve or not row.host or not 1 <= row.port <= 65535:
+        return None
+    return MoveDestination(row.ae_title, row.host, row.port)
+
+
+def store_contexts(syntaxes: tuple[tuple[str, str], ...]) -> list[PresentationContext]:
+    """One context per (SOP class, stored transfer syntax), then Explicit and Implicit VR Little
+    Endian per SOP class for objects the destination does not take as stored.
+
+    Each context proposes a single transfer syntax, so that the destination's choice among several
+    cannot hide the stored one. Beyond the 128 contexts an association can carry, fallbacks go first.
+    """
+    pairs = dict.fromkeys(syntaxes)
+    for sop_class in dict.fromkeys(sop for sop, _ in syntaxes):
+        for ts in (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)):
+            pairs.setdefault((sop_class, ts))
+    if len(pairs) > MAX_CONTEXTS:
+        log.warning("C-MOVE: %d presentation contexts needed, proposing the first %d", len(pairs), MAX_CONTEXTS)
+    contexts = [build_context(sop, ts) for sop, ts in list(pairs)[:MAX_CONTEXTS]]
+    return contexts or [build_context(Verification)]
+
+
+def handle_move(event: evt.Event, ctx: AppContext, sender: StoredObjectSender) -> Iterator[Any]:
+    model = MOVE_MODELS[str(event.context.abstract_syntax)]
+    caller = calling_ae(event)
+    title = (event.move_destination or "").strip()
+    destination = find_destination(ctx, title)
+    if destination is None:
+        log.warning("C-MOVE from %s refused: move destination %r is not a registered AE with an address",
+                    caller, title[:16])
+        yield None, None  # pynetdicom answers 0xA801 Refused: Move destination unknown
+        return
+    refusal, retrieve = prepare(event, ctx, model)
+    # pynetdicom opens the association to the destination between the two next yields, even
+    # for a refusal (a failure status can only follow a non-zero count): it is released at once.
+    yield destination.host, destination.port, {
+        "ae_title": destination.ae_title,
+        "contexts": store_contexts(retrieve.syntaxes if retrieve else ()),
+        "max_pdu": ctx.settings.max_pdu_size,
+        "evt_handlers": [(evt.EVT_CONN_OPEN, _on_store_conn_open, [sender, caller])],
+    }
+    if refusal is not None or retrieve is None:
+        yield from refuse(refusal or failure(UNABLE_TO_PROCESS, "retrieve could not be planned"))
+        return
+    log.info("C-MOVE from %s: %d object(s) to %s@%s:%s", caller, retrieve.count, destination.ae_title,
+             destination.host, destination.port)
+    yield retrieve.count
+    yield from sub_operations(event, ctx, retrieve)
+
+
+def _on_store_conn_open(event: evt.Event, sender: StoredObjectSender, caller: str) -> None:
+    tcp_nodelay(event)
+    sender.on_conn_open(event, move_originator=caller)
+
+
+def contexts(ctx: AppContext) -> list[tuple[str, list[str]]]:
+    return [(uid, UNCOMPRESSED) for uid in MOVE_MODELS]
+
+
+def handlers(ctx: AppContext, ingestor: Ingestor) -> list[tuple]:
+    return [(evt.EVT_C_MOVE, handle_move, [ctx, StoredObjectSender(ctx.store)])]

@@ -1,0 +1,124 @@
+"""Modality Performed Procedure Step SCP (PS3.4 F.7): N-CREATE and N-SET, a thin adapter onto pacs.ris.mpps.
+
+Statuses (PS3.4 F.7.2.1.2, F.7.2.2.2, PS3.7 C):
+
+- 0x0000 Success;
+- 0x0111 Duplicate SOP Instance: N-CREATE of a step that exists;
+- 0x0112 No such SOP Instance: N-SET of a step we never created;
+- 0x0110 Processing failure, Error ID 0xA710 "Performed Procedure Step object may no longer be
+  updated": N-SET of a COMPLETED or DISCONTINUED step (0xC310, "not in progress", is the UPS
+  service's status, not MPPS's);
+- 0x0106 Invalid attribute value: N-CREATE not IN PROGRESS, an unknown status, a malformed UID;
+- 0x0110 Processing failure: the index cannot be written (the modality retries).
+
+The step is committed before the response is sent, so a Success is never lost. Any other error in
+the handler is answered 0x0110 by pynetdicom itself.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import evt
+from pynetdicom.sop_class import ModalityPerformedProcedureStep
+from sqlalchemy.exc import SQLAlchemyError
+
+from dicom_scp.statuses import error_comment
+from pacs.context import AppContext
+from pacs.errors import PacsError
+from pacs.ingest import Ingestor
+from pacs.ris import mpps
+
+log = logging.getLogger("dicom_scp")
+
+MPPS = str(ModalityPerformedProcedureStep)
+TRANSFER_SYNTAXES = [str(ImplicitVRLittleEndian), str(ExplicitVRLittleEndian), "1.2.840.10008.1.2.2"]
+SUCCESS = 0x0000
+INVALID_ATTRIBUTE_VALUE = 0x0106
+PROCESSING_FAILURE = 0x0110
+DUPLICATE_SOP_INSTANCE = 0x0111
+NO_SUCH_SOP_INSTANCE = 0x0112
+NO_SUCH_SOP_CLASS = 0x0118
+MAY_NO_LONGER_BE_UPDATED = 0xA710  # Error ID with PROCESSING_FAILURE (PS3.4 Table F.7.2-2)
+
+_STATUS: list[tuple[type[PacsError], int]] = [
+    (mpps.DuplicateStep, DUPLICATE_SOP_INSTANCE),
+    (mpps.NoSuchStep, NO_SUCH_SOP_INSTANCE),
+    (mpps.StepFinal, PROCESSING_FAILURE),
+    (mpps.InvalidStep, INVALID_ATTRIBUTE_VALUE),
+]
+
+
+def contexts(ctx: AppContext) -> list[tuple[str, list[str]]]:
+    return [(MPPS, TRANSFER_SYNTAXES)]
+
+
+def handlers(ctx: AppContext, ingestor: Ingestor) -> list[tuple]:
+    return [(evt.EVT_N_CREATE, handle_n_create, [ctx]), (evt.EVT_N_SET, handle_n_set, [ctx])]
+
+
+def handle_n_create(event: evt.Event, ctx: AppContext) -> tuple[Dataset | int, Dataset | None]:
+    request = event.request
+    if str(request.AffectedSOPClassUID) != MPPS:
+        return _failure(NO_SUCH_SOP_CLASS, "only Modality Performed Procedure Step is created here"), None
+    uid = str(request.AffectedSOPInstanceUID or "") or generate_uid(prefix=None)
+    calling_ae = _calling_ae(event)
+    try:
+        attributes = event.attribute_list
+    except Exception as exc:  # an attribute list pydicom cannot decode
+        return _refused("N-CREATE", calling_ae, uid, mpps.InvalidStep(f"cannot read the attribute list: {exc}")), None
+    try:
+        with ctx.sessions() as session, session.begin():
+            step = mpps.create_step(session, uid, attributes, calling_ae)
+    except (PacsError, SQLAlchemyError) as exc:
+        return _refused("N-CREATE", calling_ae, uid, exc), None
+    log.info("MPPS %s IN PROGRESS from %s (order %s)", uid, calling_ae, step.order_accession_number or "none")
+    reply = Dataset()
+    if request.AffectedSOPInstanceUID is None:  # we assigned the UID: pynetdicom moves it into the response
+        reply.AffectedSOPInstanceUID = uid
+    return SUCCESS, reply
+
+
+def handle_n_set(event: evt.Event, ctx: AppContext) -> tuple[Dataset | int, Dataset | None]:
+    request = event.request
+    if str(request.RequestedSOPClassUID) != MPPS:
+        return _failure(NO_SUCH_SOP_CLASS, "only Modality Performed Procedure Step is updated here"), None
+    uid = str(request.RequestedSOPInstanceUID or "")
+    calling_ae = _calling_ae(event)
+    try:
+        modification = event.modification_list
+    except Exception as exc:  # a modification list pydicom cannot decode
+        return _refused("N-SET", calling_ae, uid, mpps.InvalidStep(f"cannot read the modification list: {exc}")), None
+    try:
+        with ctx.sessions() as session, session.begin():
+            step = mpps.set_step(session, uid, modification)
+    except (PacsError, SQLAlchemyError) as exc:
+        return _refused("N-SET", calling_ae, uid, exc), None
+    log.info("MPPS %s %s from %s (order %s: %s, %d series)", uid, step.state, calling_ae,
+             step.order_accession_number or "none", step.order_state or "-", len(step.series_instance_uids))
+    return SUCCESS, None
+
+
+def _refused(operation: str, calling_ae: str, uid: str, exc: Exception) -> Dataset:
+    if isinstance(exc, SQLAlchemyError):
+        log.warning("MPPS %s %s from %s failed: %s", operation, uid, calling_ae, exc)
+        return _failure(PROCESSING_FAILURE, "index database unavailable")
+    code = next((c for kind, c in _STATUS if isinstance(exc, kind)), PROCESSING_FAILURE)
+    log.warning("MPPS %s %s from %s refused (0x%04X): %s", operation, uid, calling_ae, code, exc)
+    status = _failure(code, str(exc))
+    if isinstance(exc, mpps.StepFinal):
+        status.ErrorID = MAY_NO_LONGER_BE_UPDATED
+    return status
+
+
+def _failure(code: int, comment: str) -> Dataset:
+    status = Dataset()
+    status.Status = code
+    status.ErrorComment = error_comment(comment)
+    return status
+
+
+def _calling_ae(event: evt.Event) -> str:
+    return str(event.assoc.requestor.ae_title).strip()

@@ -1,0 +1,71 @@
+"""Applies pacs.network_policy to each association request, before negotiation.
+
+Bound to ``EVT_REQUESTED``, which pynetdicom triggers once the A-ASSOCIATE-RQ has been read and
+before it negotiates anything; a handler may answer with an A-ASSOCIATE-RJ there (see
+``Association.run_reactor``). Refused abstract syntaxes are removed from this association's own
+copy of the supported contexts, so negotiation rejects those presentation contexts.
+
+The handler fails closed: if the registry cannot be read or anything goes wrong, a request
+for anything but Verification and Storage is rejected (transient), while Verification and
+Storage go on (C-STORE then reports an unavailable index with its own status).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pynetdicom import evt
+from pynetdicom.association import Association
+
+from pacs import network_policy
+from pacs.context import AppContext
+from pacs.network_policy import Decision
+
+log = logging.getLogger("dicom_scp")
+
+
+def on_requested(event: evt.Event, ctx: AppContext) -> None:
+    assoc = event.assoc
+    request = assoc.requestor.primitive
+    calling_ae = str(getattr(request, "calling_ae_title", "") or "").strip()
+    address = str(assoc.requestor.address or "")
+    syntaxes = [str(cx.abstract_syntax) for cx in (request.presentation_context_definition_list or [])]
+    decision = _decide(ctx, calling_ae, address, syntaxes)
+    if not decision.accept:
+        assert decision.reject is not None
+        log.warning("association from %s@%s rejected %s: %s", calling_ae, address, decision.reject, decision.reason)
+        _reject(assoc, decision.reject)
+        return
+    if decision.refused:
+        log.info("association from %s@%s: %d presentation context(s) refused: %s", calling_ae, address,
+                 len(decision.refused), decision.reason)
+        assoc.acceptor.supported_contexts = [
+            cx for cx in assoc.acceptor.supported_contexts if str(cx.abstract_syntax) not in decision.refused
+        ]
+
+
+def _decide(ctx: AppContext, calling_ae: str, address: str, syntaxes: list[str]) -> Decision:
+    try:
+        if not network_policy.needs_registry(syntaxes):
+            return Decision(True, "")
+        with ctx.read_sessions() as session:
+            registered = network_policy.lookup(session, calling_ae)
+        return network_policy.decide(calling_ae, address, syntaxes, registered,
+                                     accept_unknown_store_aes=ctx.settings.accept_unknown_store_aes)
+    except Exception as exc:  # the registry is unreadable (or a bug): never fail open for query/retrieve
+        try:
+            open_only = network_policy.only_open_services(syntaxes)
+        except Exception:
+            open_only = False
+        if open_only:
+            log.warning("association policy for %s@%s not checked (%s): verification/storage only, accepted",
+                        calling_ae, address, exc)
+            return Decision(True, "")
+        return Decision(False, f"AE registry unavailable: {exc}", network_policy.REJECT_TRANSIENT)
+
+
+def _reject(assoc: Association, reason: tuple[int, int, int]) -> None:
+    """What pynetdicom's own acceptor does when it rejects (ACSE._negotiate_as_acceptor)."""
+    assoc.acse.send_reject(*reason)
+    evt.trigger(assoc, evt.EVT_REJECTED, {})
+    assoc.kill()

@@ -1,0 +1,81 @@
+"""Modality Worklist Information Model – FIND SCP: a thin adapter onto pacs.ris.worklist.
+
+Statuses (as the Query/Retrieve C-FIND SCP answers them): 0xFF00 Pending per worklist item, then
+0x0000; 0xFE00 when the modality cancels; 0xC000 Unable to process, with an Error Comment, for a
+value that cannot be matched (a malformed date range, say) or an identifier that cannot be decoded;
+0xA700 Out of resources when the index cannot be read; 0x0122 for a C-FIND of another model.
+Which orders are listed, and the matching keys, are in pacs.ris.worklist.
+
+C-FIND is bound by both this service and Query/Retrieve; ``dicom_scp.server`` dispatches each
+C-FIND to the service that offers the request's presentation context.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import evt
+from pynetdicom.sop_class import ModalityWorklistInformationFind
+from sqlalchemy.exc import SQLAlchemyError
+
+from dicom_scp.statuses import error_comment
+from pacs.context import AppContext
+from pacs.ingest import Ingestor
+from pacs.query.matching import InvalidMatchValue
+from pacs.ris import worklist
+
+log = logging.getLogger("dicom_scp")
+
+MWL_FIND = str(ModalityWorklistInformationFind)
+TRANSFER_SYNTAXES = [str(ImplicitVRLittleEndian), str(ExplicitVRLittleEndian), "1.2.840.10008.1.2.2"]
+PENDING, CANCELLED = 0xFF00, 0xFE00
+OUT_OF_RESOURCES, UNABLE_TO_PROCESS, SOP_CLASS_NOT_SUPPORTED = 0xA700, 0xC000, 0x0122
+
+FindResponse = Iterator[tuple[int | Dataset, Dataset | None]]
+
+
+def contexts(ctx: AppContext) -> list[tuple[str, list[str]]]:
+    return [(MWL_FIND, TRANSFER_SYNTAXES)]
+
+
+def handlers(ctx: AppContext, ingestor: Ingestor) -> list[tuple]:
+    return [(evt.EVT_C_FIND, handle_find, [ctx])]
+
+
+def handle_find(event: evt.Event, ctx: AppContext) -> FindResponse:
+    """Answer one worklist C-FIND."""
+    if str(event.request.AffectedSOPClassUID) != MWL_FIND:
+        yield _failure(SOP_CLASS_NOT_SUPPORTED, "only the Modality Worklist is queried here"), None
+        return
+    calling_ae = str(event.assoc.requestor.ae_title).strip()
+    try:
+        identifier = event.identifier
+        with ctx.read_sessions() as session:
+            items = worklist.find(session, identifier)
+    except InvalidMatchValue as exc:
+        yield _failure(UNABLE_TO_PROCESS, str(exc)), None
+        return
+    except SQLAlchemyError as exc:
+        log.warning("worklist query from %s failed: %s", calling_ae, exc)
+        yield _failure(OUT_OF_RESOURCES, "index database unavailable"), None
+        return
+    except Exception as exc:  # an identifier pydicom cannot decode
+        log.warning("worklist query from %s refused: %s", calling_ae, exc)
+        yield _failure(UNABLE_TO_PROCESS, f"cannot read the identifier: {exc}"), None
+        return
+    log.info("worklist query from %s: %d item(s)", calling_ae, len(items))
+    for item in items:
+        if event.is_cancelled:
+            yield CANCELLED, None
+            return
+        yield PENDING, item
+
+
+def _failure(code: int, comment: str) -> Dataset:
+    status = Dataset()
+    status.Status = code
+    status.ErrorComment = error_comment(comment)
+    return status

@@ -1,0 +1,290 @@
+"""The one query engine behind C-FIND and QIDO-RS, independent of any transport.
+
+A :class:`Query` names a level, an information model (root), the keys to match (DICOM keyword
+-> value string as received, PS3.4 C.2.2.2) and the keys to return. :meth:`QueryEngine.search`
+checks it against the model at once (so a transport can answer with a failure status before
+sending anything) and returns a :class:`QueryResult`: iterating it streams ``{keyword: value}``
+dicts from the database in batches; ``count()`` counts the same matches.
+
+Rules (PS3.4 C.4.1.2, C.2.2.1):
+
+- a key is matched at its own level and at every level below (patient keys at study level...);
+- a keyword the index does not know at the level (or at all) is not matched and is returned
+  with no value (``None``), as PS3.4 asks for unsupported keys;
+- hierarchical search: each level above the query level must be pinned by its unique key with
+  a single value (Patient Root: PatientID, then StudyInstanceUID, then SeriesInstanceUID;
+  Study Root: StudyInstanceUID, SeriesInstanceUID). Relational queries are an optional
+  feature of C-FIND that we do not offer: they fail with :class:`IdentifierError`. QIDO-RS
+  searches series and instances across studies, so it sets ``relational=True``;
+- every response carries the unique key of the query level and those of the levels above.
+
+Values come from the network: they are bound as SQL parameters, never spliced into SQL text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import ColumnElement, Select, and_, exists, func, or_, select
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError
+from sqlalchemy.orm import Session, aliased, sessionmaker
+
+from pacs.db.models import Series, Study
+from pacs.errors import IndexUnavailable, InvalidInput
+from pacs.query import matching
+from pacs.query.attributes import (
+    INTEGER_VRS,
+    MODELS,
+    PARENT_JOINS,
+    UNIQUE_KEYS,
+    Attribute,
+    Level,
+    Matching,
+    Root,
+    attribute_at,
+)
+from pacs.text import fold
+
+Value = str | int | None
+Row = dict[str, Value]
+
+
+class QueryError(InvalidInput):
+    """The query cannot be run; the message says why (for an Error Comment or an HTTP 400)."""
+
+
+class IdentifierError(QueryError):
+    """The query does not fit the information model: unknown level, missing hierarchical keys.
+
+    C-FIND answers 0xA900 (Identifier does not match SOP Class).
+    """
+
+
+class MatchValueError(QueryError):
+    """A key's value cannot be matched: malformed range, oversized list, not a number...
+
+    C-FIND answers with a 0xC000-range failure (unable to process).
+    """
+
+
+@dataclass(frozen=True)
+class Query:
+    level: Level | str
+    root: Root | str = Root.STUDY_ROOT
+    filters: Mapping[str, str] = field(default_factory=dict)  # keyword -> value as received ('' = universal)
+    returns: Collection[str] = ()  # keywords to return besides the filter keys and the unique keys
+    limit: int | None = None
+    offset: int = 0
+    relational: bool = False  # allow levels above without their unique keys (QIDO-RS, not C-FIND)
+
+
+@dataclass(frozen=True)
+class PreparedQuery:
+    """A checked query: the SQL to list and count its matches, and the keys each row carries."""
+
+    level: Level
+    root: Root
+    keys: tuple[str, ...]  # every keyword of a response row, in response order
+    statement: Select  # rows, ordered, limited
+    count_statement: Select  # the number of matches, without limit/offset
+    columns: tuple[str, ...]  # the keys read from SQL; the others in ``keys`` are always None
+
+
+def prepare(query: Query) -> PreparedQuery:
+    """Check ``query`` against the model and build its SQL; raises :class:`QueryError`. Pure."""
+    level, root = _level_and_root(query)
+    if (query.limit is not None and query.limit < 0) or query.offset < 0:
+        raise QueryError("limit and offset must not be negative")
+    hierarchy = root.levels[: root.levels.index(level) + 1]
+    if not query.relational:
+        _check_hierarchical_keys(query.filters, level, hierarchy[:-1])
+
+    unique = [UNIQUE_KEYS[lv] for lv in hierarchy]
+    keys = list(dict.fromkeys([*unique, *query.filters, *query.returns]))
+    known = {k: a for k in keys if (a := attribute_at(k, level)) is not None}
+
+    conditions: list[ColumnElement[bool]] = []
+    for keyword, value in query.filters.items():
+        attr = known.get(keyword)
+        if attr is None or attr.matching is Matching.RETURN_ONLY:
+            continue  # PS3.4: unsupported keys are not matched; counts are return keys only
+        cond = _condition(attr, value)
+        if cond is not None:
+            conditions.append(cond)
+
+    top = min((a.level for a in known.values()), key=lambda lv: lv.depth, default=level)
+    from_clause = _from_clause(level, top)
+    base = MODELS[level]
+    columns = [a.column.label(k) for k, a in known.items()]
+    statement = select(*columns).select_from(from_clause).where(*conditions).order_by(base.id)
+    if query.offset:
+        statement = statement.offset(query.offset)
+    if query.limit is not None:
+        statement = statement.limit(query.limit)
+    count_statement = select(func.count(base.id)).select_from(from_clause).where(*conditions)
+    return PreparedQuery(level, root, tuple(keys), statement, count_statement, tuple(known))
+
+
+class QueryResult:
+    """The matches of one prepared query. Iterate once to stream them; ``count()`` at any time."""
+
+    def __init__(self, prepared: PreparedQuery, sessions: sessionmaker[Session], batch_size: int) -> None:
+        self.prepared = prepared
+        self._sessions = sessions
+        self._batch_size = batch_size
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return self.prepared.keys
+
+    def __iter__(self) -> Iterator[Row]:
+        """Rows streamed from the database (a server-side cursor on PostgreSQL), ``batch_size`` at a time.
+
+        The session stays open while the iterator is alive: close it (``.close()`` on the
+        generator, or let it go) when a consumer stops early.
+        """
+        missing = [k for k in self.prepared.keys if k not in self.prepared.columns]
+        statement = self.prepared.statement.execution_options(yield_per=self._batch_size)
+        with _index_errors(), self._sessions() as session:
+            for mapping in session.execute(statement).mappings():
+                row: Row = {k: _plain(mapping[k]) for k in self.prepared.columns}
+                row.update(dict.fromkeys(missing))
+                yield {k: row[k] for k in self.prepared.keys}
+
+    def count(self) -> int:
+        with _index_errors(), self._sessions() as session:
+            return int(session.scalar(self.prepared.count_statement) or 0)
+
+
+class QueryEngine:
+    """Runs queries against the index. One per process; thread-safe (a session per call)."""
+
+    def __init__(self, sessions: sessionmaker[Session], batch_size: int = 200) -> None:
+        self._sessions = sessions  # read-only sessions (AppContext.read_sessions) are enough
+        self._batch_size = batch_size
+
+    def search(self, query: Query) -> QueryResult:
+        """Check ``query`` (raising :class:`QueryError` now) and return its lazily run result."""
+        return QueryResult(prepare(query), self._sessions, self._batch_size)
+
+    def count(self, query: Query) -> int:
+        return self.search(query).count()
+
+
+# -- building blocks ------------------------------------------------------------------------------
+
+def _level_and_root(query: Query) -> tuple[Level, Root]:
+    try:
+        level = Level(str(query.level).strip().upper())
+    except ValueError:
+        raise IdentifierError(f"unknown query level {str(query.level)[:20]!r}") from None
+    try:
+        root = Root(str(query.root).strip().upper())
+    except ValueError:
+        raise IdentifierError(f"unknown information model {str(query.root)[:20]!r}") from None
+    if level not in root.levels:
+        raise IdentifierError(f"level {level} is not part of the {root.name.replace('_', ' ').title()} model")
+    return level, root
+
+
+def _check_hierarchical_keys(filters: Mapping[str, str], level: Level, above: tuple[Level, ...]) -> None:
+    """PS3.4 C.4.1.3.1.1: the unique key of each level above the query level, with a single value.
+
+    (The message fits an Error Comment's 64 characters.)
+    """
+    for lv in above:
+        keyword = UNIQUE_KEYS[lv]
+        value = (filters.get(keyword) or "").strip(" \x00")
+        if matching.is_universal(value) or "\\" in value or any(w in value for w in matching.WILDCARDS):
+            raise IdentifierError(f"{level} level needs one {keyword} (no relational queries)")
+
+
+def _from_clause(level: Level, top: Level) -> Any:
+    """The query level's table joined up to ``top`` (inner joins along the foreign keys)."""
+    clause: Any = MODELS[level].__table__
+    current = level
+    while current.depth > top.depth:
+        child_fk, parent_pk = PARENT_JOINS[current]
+        parent = Level(list(Level)[current.depth - 1])
+        clause = clause.join(MODELS[parent].__table__, child_fk == parent_pk)
+        current = parent
+    return clause
+
+
+def _condition(attr: Attribute, raw: str) -> ColumnElement[bool] | None:
+    """The SQL condition for one key (None: universal matching)."""
+    value = (raw or "").strip(" \x00")
+    if matching.is_universal(value):
+        return None
+    try:
+        if attr.matching is Matching.MULTI_VALUED:
+            return _modalities_in_study(attr, value)
+        if attr.vr == "UI":
+            return matching.condition(attr.column, value, "UI")  # handles UID lists and their bound
+        values = [v.strip(" ") for v in value.split("\\")]
+        if len(values) > matching.MAX_UID_LIST:
+            raise matching.InvalidMatchValue(f"list of {len(values)} values exceeds {matching.MAX_UID_LIST}")
+        parts = [c for v in values if v and (c := _single(attr, v)) is not None]
+        if len(parts) < len([v for v in values if v]):
+            return None  # one of the values is universal ('*'): the key matches everything
+        return parts[0] if len(parts) == 1 else or_(*parts)
+    except matching.InvalidMatchValue as exc:
+        raise MatchValueError(f"{attr.keyword}: {exc}") from None
+
+
+def _single(attr: Attribute, value: str) -> ColumnElement[bool] | None:
+    if matching.is_universal(value):
+        return None
+    if attr.matching is Matching.PERSON_NAME:
+        return matching.person_name(attr.matched_on, value)
+    if attr.matching is Matching.FOLDED:
+        return matching.condition(attr.matched_on, fold(value), attr.vr)
+    if attr.vr in INTEGER_VRS:
+        try:
+            return attr.column == int(value)
+        except ValueError:
+            raise matching.InvalidMatchValue(f"not an integer: {value[:20]!r}") from None
+    cond = matching.condition(attr.column, value, attr.vr)
+    if cond is not None and attr.vr in matching.RANGE_VRS and "-" in value:
+        cond = and_(cond, attr.column != "")  # an open range does not match a missing date (C.2.2.2.5)
+    return cond
+
+
+def _modalities_in_study(attr: Attribute, value: str) -> ColumnElement[bool]:
+    """matching.multi_valued on Study.modalities_in_study, plus an equivalent index-backed test.
+
+    multi_valued's LIKE '%\\CT\\%' cannot use an index; the EXISTS on the series' own modality
+    (ix_series_modality) says the same thing and lets the database start from the series that
+    have the modality instead of scanning every study.
+    """
+    wanted = [v.strip(" ") for v in value.split("\\") if v.strip(" ")]
+    if not wanted:
+        raise matching.InvalidMatchValue(f"no modality in {value[:20]!r}")
+    if len(wanted) > matching.MAX_UID_LIST:
+        raise matching.InvalidMatchValue(f"list of {len(wanted)} values exceeds {matching.MAX_UID_LIST}")
+    series = aliased(Series)  # the outer query may select from series itself
+    has_series = exists().where(series.study_fk == Study.id, series.modality.in_(wanted))
+    return and_(matching.multi_valued(attr.column, "\\".join(wanted)), has_series)
+
+
+def _plain(value: Any) -> Value:
+    if value is None or isinstance(value, int | str):
+        return value
+    return int(value) if isinstance(value, Decimal) else str(value)
+
+
+class _index_errors:
+    """Turn a lost or unreachable database into IndexUnavailable, a driver-rejected value into MatchValueError."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+        if isinstance(exc, OperationalError | InterfaceError):
+            raise IndexUnavailable("index database unavailable") from exc
+        if isinstance(exc, DataError):
+            raise MatchValueError(f"value refused by the database: {str(exc.orig)[:100]}") from exc
+        return False
