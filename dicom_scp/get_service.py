@@ -100,10 +100,15 @@ def prepare(event: evt.Event, ctx: AppContext, model: Model) -> tuple[Dataset | 
     """
     caller = calling_ae(event)
     try:
+        identifier = event.identifier
+    except Exception as exc:  # pynetdicom could not decode it
+        log.warning("retrieve from %s refused: unreadable identifier: %s", caller, exc)
+        return failure(UNABLE_TO_PROCESS, "identifier cannot be decoded"), None
+    try:
         if not _may_retrieve(ctx, caller):
             log.warning("retrieve from %s refused: AE not registered or not allowed to retrieve", caller)
             return failure(REFUSED_NOT_AUTHORIZED, f"AE {caller} is not allowed to retrieve"), None
-        request = parse_identifier(event.identifier, model)
+        request = parse_identifier(identifier, model)
         retrieve = plan(ctx.read_sessions, request)
     except (SQLAlchemyError, IndexUnavailable) as exc:
         log.warning("retrieve from %s: index unavailable: %s", caller, exc)
@@ -112,9 +117,6 @@ def prepare(event: evt.Event, ctx: AppContext, model: Model) -> tuple[Dataset | 
         status = IDENTIFIER_MISMATCH if isinstance(exc, IdentifierMismatch) else UNABLE_TO_PROCESS
         log.warning("retrieve from %s refused (0x%04X): %s", caller, status, exc)
         return failure(status, str(exc)), None
-    except Exception as exc:  # e.g. an identifier pynetdicom could not decode
-        log.warning("retrieve from %s refused: unreadable identifier: %s", caller, exc)
-        return failure(UNABLE_TO_PROCESS, f"identifier cannot be decoded: {exc}"), None
     log.info("retrieve from %s: %s level, %d instance(s)", caller, request.level, retrieve.count)
     return None, retrieve
 
@@ -168,8 +170,9 @@ class PendingStore(Dataset):
         return ds
 
 
-class NoAcceptedContext(Exception):
-    """The peer accepted neither the stored transfer syntax nor an uncompressed one for this SOP class."""
+class NotSendable(Exception):
+    """The object can be sent neither as stored nor converted to a syntax the peer accepted (the
+    sub-operation fails with this message in the log)."""
 
 
 class StoredObjectSender:
@@ -222,7 +225,7 @@ class StoredObjectSender:
         stored = UID(item.transfer_syntax_uid)
         target = stored if stored in accepted else next((ts for ts in UNCOMPRESSED_TARGETS if ts in accepted), None)
         if target is None:
-            raise NoAcceptedContext(f"peer accepted no context for {item.sop_class_uid} in {stored} or uncompressed")
+            raise NotSendable(f"peer accepted no context for {item.sop_class_uid} in {stored} or uncompressed")
         with local_file(self.store, item.object_key) as path:
             if target == stored:
                 return send_c_store(path, **kwargs)
@@ -265,6 +268,9 @@ def accepted_syntaxes(assoc: Association, sop_class_uid: str) -> list[UID]:
 def converted_copy(path: Path, target: UID) -> Iterator[Path]:
     """A temporary Part-10 file of the object decompressed (if it was) and encoded in ``target``."""
     ds = dcmread(path)
+    if not ds.file_meta.TransferSyntaxUID.is_little_endian:
+        # pydicom would write OW/OF values (pixel data) without swapping their bytes: refuse, never corrupt.
+        raise NotSendable("an Explicit VR Big Endian object is only sent as stored")
     if ds.file_meta.TransferSyntaxUID.is_compressed:
         # Same instance in another transfer syntax: it keeps its UID (pydicom would make a new one).
         ds.decompress(generate_instance_uid=False)  # raises when no plugin decodes it: the sub-operation fails

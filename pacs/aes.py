@@ -21,6 +21,7 @@ class AERecord:
     allow_store: bool
     allow_query: bool
     allow_retrieve: bool
+    check_host: bool
 
 
 def validate_ae_title(title: str) -> str:
@@ -31,12 +32,14 @@ def validate_ae_title(title: str) -> str:
 
 
 def add_ae(session: Session, title: str, host: str, port: int, description: str = "",
-           allow_store: bool = True, allow_query: bool = True, allow_retrieve: bool = True) -> AERecord:
+           allow_store: bool = True, allow_query: bool = True, allow_retrieve: bool = True,
+           check_host: bool = False) -> AERecord:
     title = validate_ae_title(title)
     if not 1 <= port <= 65535:
         raise InvalidInput(f"invalid port {port}")
     row = ApplicationEntity(ae_title=title, host=host, port=port, description=description,
-                            allow_store=allow_store, allow_query=allow_query, allow_retrieve=allow_retrieve)
+                            allow_store=allow_store, allow_query=allow_query, allow_retrieve=allow_retrieve,
+                            check_host=check_host)
     session.add(row)
     try:
         session.flush()
@@ -56,4 +59,4 @@ def remove_ae(session: Session, title: str) -> None:
 
 def _record(row: ApplicationEntity) -> AERecord:
     return AERecord(row.ae_title, row.host, row.port, row.description, row.allow_store, row.allow_query,
-                    row.allow_retrieve)
+                    row.allow_retrieve, row.check_host)

@@ -54,7 +54,7 @@ def test_ae_add_list_remove(env: dict[str, str]) -> None:
     assert run_pacs(["ae", "add", "BAD\\AE", "h", "104"], env).returncode == 1
     listed = json.loads(run_pacs(["ae", "list", "--json"], env).stdout)
     assert listed == [{"ae_title": "CT01", "host": "10.0.0.5", "port": 104, "description": "Ward CT",
-                       "allow_store": True, "allow_query": False, "allow_retrieve": True}]
+                       "allow_store": True, "allow_query": False, "allow_retrieve": True, "check_host": False}]
     assert run_pacs(["ae", "remove", "CT01"], env).returncode == 0
     assert run_pacs(["ae", "remove", "CT01"], env).returncode == 1
     assert json.loads(run_pacs(["ae", "list", "--json"], env).stdout) == []

@@ -29,6 +29,7 @@ from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelGet, St
 from sqlalchemy import func, select, update
 
 from bench.generate_ct import write_ct_series
+from dicom_scp.get_service import NotSendable, converted_copy
 from pacs.aes import add_ae
 from pacs.context import AppContext
 from pacs.db import migrate
@@ -505,13 +506,14 @@ def test_get_of_a_large_series_streams_it(embedded: Pacs, large_series: tuple[st
     warm = getscu(embedded, tmp_path / "warm", keys)  # first-use allocations, imports
     assert warm.status == 0, warm.output[-2000:]
     baseline = embedded.proc.rss_bytes()
-    peak = baseline
+    peak, samples = baseline, 0
     done = threading.Event()
 
     def sample() -> None:
-        nonlocal peak
+        nonlocal peak, samples
         while not done.is_set():
             peak = max(peak, embedded.proc.rss_bytes())
+            samples += 1
             time.sleep(0.005)
 
     sampler = threading.Thread(target=sample)
@@ -525,7 +527,8 @@ def test_get_of_a_large_series_streams_it(embedded: Pacs, large_series: tuple[st
     assert len(list((tmp_path / "get").iterdir())) == 100
     growth = peak - baseline
     print(f"series {series_bytes / 2**20:.1f} MiB, server RSS {baseline / 2**20:.0f} MiB, "
-          f"peak growth during C-GET {growth / 2**20:.2f} MiB")
+          f"peak growth during C-GET {growth / 2**20:.2f} MiB ({samples} samples)")
+    assert samples >= 20  # the sampler really watched the transfer
     assert growth < series_bytes / 4
 
 
@@ -547,3 +550,22 @@ def test_a_store_response_taken_by_the_reactor_goes_back_to_the_sender() -> None
     sending.clear()
     assoc._serve_request(rsp, 1)  # not sending: pynetdicom's own handling (logged and dropped)
     assert assoc.dimse.get_msg(block=False) == (None, None)
+
+
+@pytest.mark.parametrize("name", ["JPEG2000.dcm", "MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm",
+                                  "SC_rgb_jpeg_dcmtk.dcm", "image_dfl.dcm", "CT_small.dcm"])
+def test_conversion_fallback_keeps_pixels_and_uid(name: str) -> None:
+    path = {p.name: p for p in corpus_dicom_files()}[name]
+    original = pydicom.dcmread(path)
+    for target in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        with converted_copy(path, target) as copy:
+            ds = pydicom.dcmread(copy)
+        assert ds.file_meta.TransferSyntaxUID == target
+        assert ds.SOPInstanceUID == original.SOPInstanceUID
+        assert np.array_equal(ds.pixel_array, original.pixel_array)
+
+
+def test_big_endian_objects_are_only_sent_as_stored() -> None:
+    path = {p.name: p for p in corpus_dicom_files()}["MR_small_bigendian.dcm"]
+    with pytest.raises(NotSendable), converted_copy(path, ExplicitVRLittleEndian):
+        pass

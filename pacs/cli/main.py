@@ -158,6 +158,7 @@ def ae_add(
     store: Annotated[bool, typer.Option(help="May send C-STORE")] = True,
     query: Annotated[bool, typer.Option(help="May query (C-FIND)")] = True,
     retrieve: Annotated[bool, typer.Option(help="May retrieve (C-MOVE/C-GET) and be a C-MOVE destination")] = True,
+    check_host: Annotated[bool, typer.Option(help="Accept this AE title only from HOST")] = False,
 ) -> None:
     """Register a DICOM peer: AE title, host and port (a C-MOVE destination needs all three)."""
     from pacs.aes import add_ae
@@ -169,7 +170,7 @@ def ae_add(
     ctx = AppContext.create(settings)
     try:
         with ctx.sessions() as session, session.begin():
-            rec = add_ae(session, ae_title, host, port, description, store, query, retrieve)
+            rec = add_ae(session, ae_title, host, port, description, store, query, retrieve, check_host)
     except PacsError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from exc
@@ -192,10 +193,10 @@ def ae_list(as_json: Annotated[bool, typer.Option("--json", help="Machine-readab
     if as_json:
         out.print_json(json.dumps([asdict(r) for r in rows]))
         return
-    table = Table("AE title", "host", "port", "store", "query", "retrieve", "description")
+    table = Table("AE title", "host", "port", "store", "query", "retrieve", "host checked", "description")
     for r in rows:
         table.add_row(r.ae_title, r.host, str(r.port), _yn(r.allow_store), _yn(r.allow_query),
-                      _yn(r.allow_retrieve), r.description)
+                      _yn(r.allow_retrieve), _yn(r.check_host), r.description)
     out.print(table)
 
 

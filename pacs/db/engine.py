@@ -22,6 +22,8 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
+            # PS3.4 matching is case-sensitive (PN is matched on folded columns); SQLite's LIKE is not by default.
+            cur.execute("PRAGMA case_sensitive_like=ON")
             cur.close()
 
         @event.listens_for(engine, "begin")

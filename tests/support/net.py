@@ -56,6 +56,8 @@ class TcpProxy:
     def cut(self) -> None:
         self._running = False
         if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
             self._listener.close()
             self._listener = None
         with self._lock:
