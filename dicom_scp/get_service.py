@@ -242,9 +242,9 @@ def _return_stolen_responses(assoc: Association, sending: threading.Event) -> No
     ``send_c_store`` pauses the reactor by clearing a checkpoint and waiting for ``_is_paused``,
     but the reactor sets that flag just *before* its checkpoint wait: caught right after the wait,
     it goes on to take the C-STORE response off the DIMSE queue, logs "Received unexpected
-    C-STORE service message" and drops it, and the sender waits out the DIMSE timeout (seen
-    about once in a hundred sub-operations here). A response the reactor takes while a send is
-    in progress is put back on the queue, where the sender is waiting for it.
+    C-STORE service message" and drops it, and the sender waits out the DIMSE timeout (seen once
+    in this project's C-MOVE tests; rare, and then it costs the rest of the move). A response the
+    reactor takes while a send is in progress is put back on the queue, where the sender waits.
     """
     serve_request = assoc._serve_request
 

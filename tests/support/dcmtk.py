@@ -87,7 +87,7 @@ class ReferenceStoreSCP:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         log = (self.out_dir.parent / f"storescp-{self.port}.log").open("ab")
         self.proc = subprocess.Popen(
-            [dcmtk("storescp"), "-B", "+xa", "-aet", self.aet, "-od", str(self.out_dir), "-uf", str(self.port)],
+            [dcmtk("storescp"), "+B", "+xa", "-aet", self.aet, "-od", str(self.out_dir), "-uf", str(self.port)],
             stdout=log, stderr=subprocess.STDOUT, env=dcmtk_env())
         return self
 
