@@ -39,6 +39,7 @@ from pacs.commitment_models import StorageCommitment
 from pacs.context import AppContext
 from pacs.db.models import ApplicationEntity, Instance
 from pacs.forwarding.delivery import Destination, retry_delay
+from pacs.polling import PollingLoop
 from pacs.settings import Settings
 from storage import ObjectNotFound, ObjectStore, StorageError
 
@@ -286,45 +287,21 @@ class _Claimed:
     attempts: int
 
 
-class CommitmentReporter:
+class CommitmentReporter(PollingLoop):
     """The report loop (one thread); any number of processes may run one against the same index."""
 
+    what = "storage commitment"
+
     def __init__(self, ctx: AppContext, send: ReportSender, config: CommitmentConfig | None = None) -> None:
+        super().__init__("pacs-commitment")
         self._ctx = ctx
         self._send = send
         self.config = config or CommitmentConfig.from_settings(ctx.settings)
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="pacs-commitment", daemon=True)
 
     def start(self) -> CommitmentReporter:
-        self._thread.start()
+        super().start()
         log.info("storage commitment: report loop started (poll %ss)", self.config.poll_s)
         return self
-
-    def wake(self) -> None:
-        """A request was recorded: look now instead of at the next poll."""
-        self._wake.set()
-
-    def stop(self, timeout: float = 30) -> None:
-        """Finish the report being sent (bounded by the network timeouts), stop."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=timeout)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            busy = False
-            try:
-                busy = self.run_once()
-            except SQLAlchemyError as exc:
-                log.warning("storage commitment: index unavailable, will retry: %s", str(exc).splitlines()[0][:300])
-            except Exception:
-                log.exception("storage commitment: report pass failed")
-            if not busy:
-                self._wake.wait(self.config.poll_s)
-                self._wake.clear()
 
     def run_once(self) -> bool:
         """Report due requests, claimed one at a time (so the lease covers only the one being sent);

@@ -10,28 +10,14 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from pacs.cli.common import fail, open_context, out
+
 forward_app = typer.Typer(help="Forwarding rules: send received instances to other DICOM nodes (C-STORE).",
                           no_args_is_help=True)
 
 
 def register(app: typer.Typer) -> None:
     app.add_typer(forward_app, name="forward")
-
-
-def _context():  # -> AppContext, imported lazily to keep `pacs --help` fast
-    from pacs.cli.main import _ensure_schema, _settings
-    from pacs.context import AppContext
-
-    settings = _settings()
-    _ensure_schema(settings, upgrade=False)
-    return AppContext.create(settings)
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    from pacs.cli.main import console
-
-    console.print(f"[red]{exc}[/red]")
-    return typer.Exit(1)
 
 
 @forward_app.command("add")
@@ -44,17 +30,16 @@ def add(
     sop_class: Annotated[str, typer.Option("--sop-class", help="Only this SOP Class UID")] = "",
 ) -> None:
     """Forward newly received instances that match (empty criteria match anything) to --to."""
-    from pacs.cli.main import out
     from pacs.errors import PacsError
     from pacs.forwarding.rules import add_rule
 
-    ctx = _context()
+    ctx = open_context()
     try:
         with ctx.sessions() as session, session.begin():
             rule = add_rule(session, name, to, source_ae=source_ae, modality=modality, body_part_examined=body_part,
                             sop_class_uid=sop_class)
     except PacsError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     finally:
         ctx.close()
     out.print(f"rule {rule.name}: {_criteria(rule) or 'every instance'} → {rule.destination_ae}")
@@ -63,10 +48,9 @@ def add(
 @forward_app.command("list")
 def list_(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False) -> None:
     """List forwarding rules."""
-    from pacs.cli.main import out
     from pacs.forwarding.rules import list_rules
 
-    ctx = _context()
+    ctx = open_context()
     try:
         with ctx.sessions() as session:
             rules = list_rules(session)
@@ -85,16 +69,15 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable
 @forward_app.command("remove")
 def remove(name: str) -> None:
     """Remove a rule (instances it already queued are still sent)."""
-    from pacs.cli.main import out
     from pacs.errors import PacsError
     from pacs.forwarding.rules import remove_rule
 
-    ctx = _context()
+    ctx = open_context()
     try:
         with ctx.sessions() as session, session.begin():
             remove_rule(session, name)
     except PacsError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     finally:
         ctx.close()
     out.print(f"removed rule {name}")
@@ -103,10 +86,9 @@ def remove(name: str) -> None:
 @forward_app.command("queue")
 def queue(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False) -> None:
     """Per destination: pending, sent and failed instances, the oldest pending one, the last error."""
-    from pacs.cli.main import out
     from pacs.forwarding.delivery import queue_stats
 
-    ctx = _context()
+    ctx = open_context()
     try:
         with ctx.sessions() as session:
             stats = queue_stats(session)
@@ -127,10 +109,9 @@ def retry(
     destination: Annotated[str, typer.Option("--destination", help="Only this destination AE")] = "",
 ) -> None:
     """Queue failed deliveries again (the running sender picks them up within its poll interval)."""
-    from pacs.cli.main import out
     from pacs.forwarding.delivery import retry_failed
 
-    ctx = _context()
+    ctx = open_context()
     try:
         with ctx.sessions() as session, session.begin():
             n = retry_failed(session, destination or None)

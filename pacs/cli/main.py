@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import signal
 import sys
 import threading
@@ -11,11 +10,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from pacs.settings import Settings
+from pacs.cli.common import console, ensure_schema, fail, load_settings, open_context, out
 
 app = typer.Typer(help="Filmless PACS/RIS: the DICOM archive of a province's hospitals.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -25,38 +23,6 @@ config_app = typer.Typer(help="Configuration.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(ae_app, name="ae")
 app.add_typer(config_app, name="config")
-console = Console(stderr=True)
-out = Console()
-
-
-def _settings() -> Settings:
-    try:
-        settings = Settings()
-    except Exception as exc:
-        console.print(f"[red]invalid configuration:[/red] {exc}")
-        raise typer.Exit(2) from exc
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s %(threadName)s: %(message)s")
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    return settings
-
-
-def _ensure_schema(settings: Settings, upgrade: bool) -> None:
-    from pacs.db import migrate
-    from pacs.db.engine import make_engine
-
-    if not settings.database_url:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(settings.effective_database_url)
-    try:
-        if upgrade:
-            migrate.upgrade(engine)
-        elif not migrate.is_current(engine):
-            console.print("[red]the index schema is not current: run `pacs db upgrade` first[/red]")
-            raise typer.Exit(2)
-    finally:
-        engine.dispose()
 
 
 def _wait_for_signal() -> None:
@@ -75,8 +41,8 @@ def serve() -> None:
     from pacs.runtime import Pipeline
     from viewer_api.app import create_app
 
-    settings = _settings()
-    _ensure_schema(settings, upgrade=True)
+    settings = load_settings()
+    ensure_schema(settings, upgrade=True)
     pipeline = Pipeline.start(settings)
     scp = start_scp(pipeline.ctx, pipeline.ingestor)
     console.print(f"[green]PACS ready[/green]: DICOM {settings.ae_title}@{settings.dicom_host}:"
@@ -98,8 +64,8 @@ def scp() -> None:
     from dicom_scp.server import start_scp
     from pacs.runtime import Pipeline
 
-    settings = _settings()
-    _ensure_schema(settings, upgrade=False)
+    settings = load_settings()
+    ensure_schema(settings, upgrade=False)
     pipeline = Pipeline.start(settings)
     server = start_scp(pipeline.ctx, pipeline.ingestor)
     console.print(f"[green]DICOM SCP ready[/green] {settings.ae_title}@{settings.dicom_host}:"
@@ -119,8 +85,8 @@ def api() -> None:
     from pacs.context import AppContext
     from viewer_api.app import create_app
 
-    settings = _settings()
-    _ensure_schema(settings, upgrade=False)
+    settings = load_settings()
+    ensure_schema(settings, upgrade=False)
     ctx = AppContext.create(settings)
     uvicorn.run(create_app(ctx), host=settings.http_host, port=settings.http_port, log_level="warning")
 
@@ -130,11 +96,11 @@ def worker(
     concurrency: Annotated[int, typer.Option(help="Worker processes")] = 2,
 ) -> None:
     """Run a Celery worker for derived work (needs PACS_BROKER_URL)."""
-    settings = _settings()
+    settings = load_settings()
     if settings.embedded_workers:
         console.print("[red]PACS_BROKER_URL is not set: the embedded mode runs workers inside `pacs serve`[/red]")
         raise typer.Exit(2)
-    _ensure_schema(settings, upgrade=False)
+    ensure_schema(settings, upgrade=False)
     from workers.celery_app import app as celery_app
 
     celery_app.worker_main(["worker", "--loglevel", settings.log_level.upper(), "--concurrency",
@@ -144,8 +110,8 @@ def worker(
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Create or migrate the index schema to the newest revision."""
-    settings = _settings()
-    _ensure_schema(settings, upgrade=True)
+    settings = load_settings()
+    ensure_schema(settings, upgrade=True)
     out.print("index schema is current")
 
 
@@ -162,18 +128,14 @@ def ae_add(
 ) -> None:
     """Register a DICOM peer: AE title, host and port (a C-MOVE destination needs all three)."""
     from pacs.aes import add_ae
-    from pacs.context import AppContext
     from pacs.errors import PacsError
 
-    settings = _settings()
-    _ensure_schema(settings, upgrade=False)
-    ctx = AppContext.create(settings)
+    ctx = open_context()
     try:
         with ctx.sessions() as session, session.begin():
             rec = add_ae(session, ae_title, host, port, description, store, query, retrieve, check_host)
     except PacsError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from exc
+        raise fail(exc) from exc
     out.print(f"registered {rec.ae_title} at {rec.host}:{rec.port}")
 
 
@@ -183,12 +145,9 @@ def ae_list(as_json: Annotated[bool, typer.Option("--json", help="Machine-readab
     from dataclasses import asdict
 
     from pacs.aes import list_aes
-    from pacs.context import AppContext
 
-    settings = _settings()
-    _ensure_schema(settings, upgrade=False)
-    ctx = AppContext.create(settings)
-    with ctx.sessions() as session:
+    ctx = open_context()
+    with ctx.read_sessions() as session:
         rows = list_aes(session)
     if as_json:
         out.print_json(json.dumps([asdict(r) for r in rows]))
@@ -204,25 +163,21 @@ def ae_list(as_json: Annotated[bool, typer.Option("--json", help="Machine-readab
 def ae_remove(ae_title: str) -> None:
     """Unregister a DICOM peer."""
     from pacs.aes import remove_ae
-    from pacs.context import AppContext
     from pacs.errors import PacsError
 
-    settings = _settings()
-    _ensure_schema(settings, upgrade=False)
-    ctx = AppContext.create(settings)
+    ctx = open_context()
     try:
         with ctx.sessions() as session, session.begin():
             remove_ae(session, ae_title)
     except PacsError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from exc
+        raise fail(exc) from exc
     out.print(f"removed {ae_title}")
 
 
 @config_app.command("show")
 def config_show() -> None:
     """Print the effective configuration, secrets masked."""
-    settings = _settings()
+    settings = load_settings()
     out.print_json(json.dumps(settings.masked(), default=str))
 
 
@@ -235,8 +190,8 @@ def import_(
     from pacs.importer import ImportSummary, collect, import_items
     from pacs.runtime import Pipeline
 
-    settings = _settings()
-    _ensure_schema(settings, upgrade=True)
+    settings = load_settings()
+    ensure_schema(settings, upgrade=True)
     try:
         items = collect(path)
     except (FileNotFoundError, OSError) as exc:

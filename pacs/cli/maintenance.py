@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from pacs.cli.common import console, ensure_schema, load_settings, out
+
 
 def register(app: typer.Typer) -> None:
     app.command("reindex")(reindex_command)
@@ -66,16 +68,15 @@ def reindex_command(
     """
     from sqlalchemy.exc import SQLAlchemyError
 
-    from pacs.cli.main import _ensure_schema, _settings, console, out
     from pacs.context import AppContext
     from pacs.db import migrate
     from pacs.maintenance.reindex import IndexNotEmpty, reindex
     from storage import StorageUnavailable
 
-    settings = _settings()
+    settings = load_settings()
     ctx = AppContext.create(settings)
     try:
-        _ensure_schema(settings, upgrade=not migrate.current_revisions(ctx.engine))
+        ensure_schema(settings, upgrade=not migrate.current_revisions(ctx.engine))
         with _RichProgress(console) as bar:
             summary = reindex(ctx.sessions, ctx.store, force=force, progress=bar,
                               assume_utf8_for_latin1=settings.assume_utf8_for_latin1, actor=os.environ.get("USER", ""))
@@ -118,13 +119,12 @@ def check_command(
     """
     from sqlalchemy.exc import SQLAlchemyError
 
-    from pacs.cli.main import _ensure_schema, _settings, console, out
     from pacs.context import AppContext
     from pacs.maintenance.check import check
     from storage import StorageUnavailable
 
-    settings = _settings()
-    _ensure_schema(settings, upgrade=False)
+    settings = load_settings()
+    ensure_schema(settings, upgrade=False)
     ctx = AppContext.create(settings)
     try:
         with _RichProgress(console) as bar:

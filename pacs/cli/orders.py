@@ -10,27 +10,13 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from pacs.cli.common import fail, open_context, out
+
 order_app = typer.Typer(help="RIS orders: what the Modality Worklist offers to modalities.", no_args_is_help=True)
 
 
 def register(app: typer.Typer) -> None:
     app.add_typer(order_app, name="order")
-
-
-def _context():  # -> AppContext, imported lazily to keep `pacs --help` fast
-    from pacs.cli.main import _ensure_schema, _settings
-    from pacs.context import AppContext
-
-    settings = _settings()
-    _ensure_schema(settings, upgrade=False)
-    return AppContext.create(settings)
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    from pacs.cli.main import console
-
-    console.print(f"[red]{exc}[/red]")
-    return typer.Exit(1)
 
 
 @order_app.command("add")
@@ -54,7 +40,6 @@ def add(
     as_json: Annotated[bool, typer.Option("--json", help="Print the order as JSON")] = False,
 ) -> None:
     """Schedule an imaging order: it appears on the worklist of --station-ae."""
-    from pacs.cli.main import out
     from pacs.errors import PacsError
     from pacs.ris.orders import NewOrder, create_order
 
@@ -63,12 +48,12 @@ def add(
                    requested_procedure_id=procedure_id, scheduled_procedure_step_id=step_id,
                    patient_birth_date=birth_date, patient_sex=sex, referring_physician_name=referring_physician,
                    performing_physician_name=performing_physician)
-    ctx = _context()
+    ctx = open_context()
     try:
         with ctx.sessions() as session, session.begin():
             order = create_order(session, new)
     except PacsError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     finally:
         ctx.close()
     if as_json:
@@ -87,16 +72,15 @@ def list_(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """List orders by scheduled date and time."""
-    from pacs.cli.main import out
     from pacs.errors import PacsError
     from pacs.ris.orders import list_orders
 
-    ctx = _context()
+    ctx = open_context()
     try:
         with ctx.sessions() as session:
             orders = list_orders(session, state or None, date or None, station_ae or None)
     except PacsError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     finally:
         ctx.close()
     if as_json:
@@ -113,16 +97,15 @@ def list_(
 @order_app.command("cancel")
 def cancel(accession: Annotated[str, typer.Argument(help="Accession number")]) -> None:
     """Discontinue an order that has not finished: it leaves the worklist."""
-    from pacs.cli.main import out
     from pacs.errors import PacsError
     from pacs.ris.orders import cancel_order
 
-    ctx = _context()
+    ctx = open_context()
     try:
         with ctx.sessions() as session, session.begin():
             order = cancel_order(session, accession)
     except PacsError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     finally:
         ctx.close()
     out.print(f"order {order.accession_number} {order.state}")

@@ -9,6 +9,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from pacs.cli.common import open_context, out
+
 tasks_app = typer.Typer(help="Derived work: status, failed tasks, retry.", no_args_is_help=True)
 
 
@@ -16,22 +18,12 @@ def register(app: typer.Typer) -> None:
     app.add_typer(tasks_app, name="tasks")
 
 
-def _context():  # -> AppContext, imported lazily to keep `pacs --help` fast
-    from pacs.cli.main import _ensure_schema, _settings
-    from pacs.context import AppContext
-
-    settings = _settings()
-    _ensure_schema(settings, upgrade=False)
-    return AppContext.create(settings)
-
-
 @tasks_app.command("status")
 def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False) -> None:
     """Counts of derived tasks by kind and state (pending, queued, done, failed)."""
-    from pacs.cli.main import out
     from pacs.derived_tasks import counts
 
-    ctx = _context()
+    ctx = open_context()
     with ctx.sessions() as session:
         result = counts(session)
     if as_json:
@@ -46,10 +38,9 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
 @tasks_app.command("failed")
 def failed(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False) -> None:
     """List failed derived tasks with their last error."""
-    from pacs.cli.main import out
     from pacs.derived_tasks import failed as list_failed
 
-    ctx = _context()
+    ctx = open_context()
     with ctx.sessions() as session:
         rows = list_failed(session)
     if as_json:
@@ -66,10 +57,9 @@ def retry(
     ids: Annotated[list[int] | None, typer.Argument(help="Task ids (default: every failed task)")] = None,
 ) -> None:
     """Queue failed derived tasks again (the running server publishes them within its poll interval)."""
-    from pacs.cli.main import out
     from pacs.derived_tasks import retry as retry_tasks
 
-    ctx = _context()
+    ctx = open_context()
     with ctx.sessions() as session, session.begin():
         n = retry_tasks(session, ids or None)
     out.print(f"{n} task(s) queued again")

@@ -26,7 +26,6 @@ import logging
 import shutil
 import socket
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,11 +36,11 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from sqlalchemy import exists, func, select, update
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs.context import AppContext
 from pacs.db.models import ApplicationEntity, ForwardJob, Instance
+from pacs.polling import PollingLoop
 from pacs.settings import Settings
 from storage import ObjectNotFound, ObjectStore, StorageError
 from storage.base import CHUNK_SIZE
@@ -156,42 +155,25 @@ def tcp_nodelay(event: evt.Event) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-class ForwardDelivery:
+class ForwardDelivery(PollingLoop):
     """The delivery loop (one thread). Any number of processes may run one against the same index."""
 
+    what = "forwarding"
+
     def __init__(self, ctx: AppContext, config: DeliveryConfig | None = None) -> None:
+        super().__init__("pacs-forward")
         self._ctx = ctx
         self.config = config or DeliveryConfig.from_settings(ctx.settings)
-        self._stop = threading.Event()
         self._down_until: dict[str, float] = {}  # destination → monotonic time; skip it until then
-        self._thread = threading.Thread(target=self._loop, name="pacs-forward", daemon=True)
         # Send each dataset from its file as it is, in chunks: no decode/re-encode, no whole object in
         # memory. Process-wide, and only affects send_c_store() given a path (datasets are unaffected).
         _config.STORE_SEND_CHUNKED_DATASET = True
 
     def start(self) -> ForwardDelivery:
-        self._thread.start()
+        super().start()
         log.info("forwarding: delivery loop started (poll %ss, batch %d)", self.config.poll_s,
                  self.config.batch_size)
         return self
-
-    def stop(self, timeout: float = 30) -> None:
-        """Finish the object being sent, hand the rest of the batch back, stop."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=timeout)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            busy = False
-            try:
-                busy = self.run_once()
-            except SQLAlchemyError as exc:
-                log.warning("forwarding: index unavailable, will retry: %s", str(exc).splitlines()[0][:300])
-            except Exception:
-                log.exception("forwarding: delivery pass failed")
-            if not busy:
-                self._stop.wait(self.config.poll_s)
 
     def run_once(self) -> bool:
         """One pass over the destinations with due jobs; True when a full batch was sent (more may wait)."""

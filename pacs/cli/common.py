@@ -1,0 +1,57 @@
+"""What the `pacs` commands share: consoles, settings from the environment, the schema check, the context."""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+from rich.console import Console
+
+from pacs.context import AppContext
+from pacs.settings import Settings
+
+console = Console(stderr=True)
+out = Console()
+
+
+def load_settings() -> Settings:
+    try:
+        settings = Settings()
+    except Exception as exc:
+        console.print(f"[red]invalid configuration:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s %(threadName)s: %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    return settings
+
+
+def ensure_schema(settings: Settings, upgrade: bool) -> None:
+    from pacs.db import migrate
+    from pacs.db.engine import make_engine
+
+    if not settings.database_url:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.effective_database_url)
+    try:
+        if upgrade:
+            migrate.upgrade(engine)
+        elif not migrate.is_current(engine):
+            console.print("[red]the index schema is not current: run `pacs db upgrade` first[/red]")
+            raise typer.Exit(2)
+    finally:
+        engine.dispose()
+
+
+def open_context() -> AppContext:
+    """Settings from the environment, a current schema, and the process's context: what most commands need."""
+    settings = load_settings()
+    ensure_schema(settings, upgrade=False)
+    return AppContext.create(settings)
+
+
+def fail(exc: Exception) -> typer.Exit:
+    """Print a PacsError for the operator and exit 1."""
+    console.print(f"[red]{exc}[/red]")
+    return typer.Exit(1)
