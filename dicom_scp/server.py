@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from pynetdicom import AE, evt
@@ -11,6 +12,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_scp import handlers, policy
 from dicom_scp.services import SERVICES
+from dicom_scp.tls import server_ssl_context
 from pacs.context import AppContext
 from pacs.ingest import Ingestor
 
@@ -31,7 +33,24 @@ def build_ae(ctx: AppContext) -> AE:
     return ae
 
 
-def start_scp(ctx: AppContext, ingestor: Ingestor) -> ThreadedAssociationServer:
+@dataclass
+class Listeners:
+    """The plain DICOM listener and, when a certificate is configured, the TLS one (same services)."""
+
+    plain: ThreadedAssociationServer
+    tls: ThreadedAssociationServer | None = None
+
+    @property
+    def server_address(self) -> tuple[str, int]:
+        return self.plain.server_address[:2]
+
+    def shutdown(self) -> None:
+        for server in (self.tls, self.plain):
+            if server is not None:
+                server.shutdown()
+
+
+def start_scp(ctx: AppContext, ingestor: Ingestor) -> Listeners:
     """Start listening in background threads; call ``shutdown()`` on the result to stop."""
     ae = build_ae(ctx)
     evt_handlers = [
@@ -43,9 +62,15 @@ def start_scp(ctx: AppContext, ingestor: Ingestor) -> ThreadedAssociationServer:
     ]
     evt_handlers += service_bindings(ctx, ingestor)
     address = (ctx.settings.dicom_host, ctx.settings.dicom_port)
-    server = ae.start_server(address, block=False, evt_handlers=evt_handlers)
-    log.info("DICOM SCP %s listening on %s:%s", ctx.settings.ae_title, *server.server_address[:2])
-    return server
+    listeners = Listeners(ae.start_server(address, block=False, evt_handlers=evt_handlers))
+    log.info("DICOM SCP %s listening on %s:%s", ctx.settings.ae_title, *listeners.server_address)
+    ssl_context = server_ssl_context(ctx.settings)
+    if ssl_context is not None:
+        tls_address = (ctx.settings.dicom_host, ctx.settings.dicom_tls_port)
+        listeners.tls = ae.start_server(tls_address, block=False, evt_handlers=evt_handlers, ssl_context=ssl_context)
+        log.info("DICOM TLS listening on %s:%s (client certificate %s)", *listeners.tls.server_address[:2],
+                 "required" if ctx.settings.tls_require_client_cert else "optional")
+    return listeners
 
 
 Route = tuple[set[str], Callable[..., Any], list[Any]]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     ae_title: str = "PACS"
     dicom_host: str = "0.0.0.0"
     dicom_port: int = 11112
+    dicom_tls_port: int = Field(default=2762, description="DICOM TLS listener, started when tls_cert_file is set")
+    tls_cert_file: Path | None = Field(default=None, description="PEM certificate (chain) of the DICOM TLS listener")
+    tls_key_file: Path | None = Field(default=None, description="PEM private key of that certificate")
+    tls_ca_file: Path | None = Field(default=None, description="PEM CA bundle that peers' certificates must chain to")
+    tls_require_client_cert: bool = Field(default=False, description="Mutual TLS: refuse peers without a valid cert")
     http_host: str = "127.0.0.1"
     http_port: int = 8000
 
@@ -104,6 +109,14 @@ class Settings(BaseSettings):
         if not 1 <= len(value) <= 16 or "\\" in value or not value.isprintable():
             raise ValueError("AE title must be 1-16 printable characters without backslash")
         return value
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("DICOM TLS needs both tls_cert_file and tls_key_file")
+        if self.tls_require_client_cert and self.tls_ca_file is None:
+            raise ValueError("tls_require_client_cert needs tls_ca_file to verify client certificates")
+        return self
 
     @property
     def effective_database_url(self) -> str:

@@ -49,7 +49,8 @@ def serve() -> None:
                   f"{scp.server_address[1]}, HTTP http://{settings.http_host}:{settings.http_port}, "
                   f"index {pipeline.ctx.engine.url.render_as_string(hide_password=True)}, "
                   f"store {pipeline.ctx.store.describe()}, workers "
-                  f"{'in-process' if settings.embedded_workers else 'celery'}")
+                  f"{'in-process' if settings.embedded_workers else 'celery'}"
+                  + (f", DICOM TLS on port {scp.tls.server_address[1]}" if scp.tls else ""))
     try:
         uvicorn.run(create_app(pipeline.ctx), host=settings.http_host, port=settings.http_port,
                     log_level="warning")
@@ -68,8 +69,9 @@ def scp() -> None:
     ensure_schema(settings, upgrade=False)
     pipeline = Pipeline.start(settings)
     server = start_scp(pipeline.ctx, pipeline.ingestor)
+    tls = f", TLS on port {server.tls.server_address[1]}" if server.tls else ""
     console.print(f"[green]DICOM SCP ready[/green] {settings.ae_title}@{settings.dicom_host}:"
-                  f"{server.server_address[1]}")
+                  f"{server.server_address[1]}{tls}")
     try:
         _wait_for_signal()
     finally:
