@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.metadata
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -36,6 +34,7 @@ from minio.deleteobjects import DeleteObject
 from rich.console import Console
 from rich.table import Table
 
+from bench.environment import environment_table
 from bench.generate_ct import write_ct_series
 from bench.orthanc import OrthancServer, find_orthanc, orthanc_version
 from tests.support.dcmtk import dcmtk, dcmtk_env
@@ -150,9 +149,10 @@ def send(port: int, aec: str, files: list[Path], parallel: int, log_dir: Path) -
     """
     n = max(1, min(parallel, len(files)))
     chunk = -(-len(files) // n)
-    shares = [files[i * chunk:(i + 1) * chunk] for i in range(n)]
+    # contiguous shares (each association sends consecutive slices); never an empty one
+    shares = [share for i in range(n) if (share := files[i * chunk:(i + 1) * chunk])]
     log_dir.mkdir(parents=True, exist_ok=True)
-    logs = [log_dir / f"storescu-{i + 1}.log" for i in range(n)]
+    logs = [log_dir / f"storescu-{i + 1}.log" for i in range(len(shares))]
     env = dcmtk_env()
     procs = []
     start = time.perf_counter()
@@ -448,28 +448,7 @@ def _version(cmd: list[str], pattern: str) -> str:
 
 
 def print_environment(args: argparse.Namespace, files: list[Path], total_bytes: int) -> None:
-    cpu_model = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-
-    def pkg(name: str) -> str:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return "not installed"
-
-    table = Table(title="Environment", show_header=False)
-    table.add_row("date", datetime.now().astimezone().isoformat(timespec="seconds"))
-    table.add_row("host", f"{platform.node()} {platform.system()} {platform.release()}")
-    table.add_row("CPU", f"{os.cpu_count()} logical CPUs ({psutil.cpu_count(logical=False)} physical), {cpu_model}")
-    table.add_row("memory", f"{psutil.virtual_memory().total / 2**30:.1f} GiB; load average "
-                            + " ".join(f"{x:.2f}" for x in os.getloadavg()))
-    table.add_row("python", platform.python_version())
-    table.add_row("filmless-pacs / pynetdicom / pydicom",
-                  f"{pkg('filmless-pacs')} / {pkg('pynetdicom')} / {pkg('pydicom')}")
+    table = environment_table()
     table.add_row("DCMTK (storescu)", _version([dcmtk("storescu"), "--version"], r"v(\d+\.\d+\.\d+)"))
     table.add_row("Orthanc", orthanc_version())
     if not args.skip_scaled:

@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.metadata
 import logging
-import os
-import platform
 import random
 import re
 import shutil
@@ -41,7 +38,6 @@ from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
-import psutil
 import psycopg
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -52,6 +48,7 @@ from rich.table import Table
 from sqlalchemy.engine import make_url
 
 from bench.bulk_index import FAMILY, GIVEN, MIDDLE, MODALITIES, ROOT, load
+from bench.environment import environment_table
 from bench.ingest import (
     _NOISE,
     ORTHANC_ERRORS,
@@ -943,26 +940,7 @@ def print_log_lines(phase: str, lines: list[str]) -> None:
 
 
 def print_environment(args: argparse.Namespace) -> None:
-    def pkg(name: str) -> str:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return "not installed"
-
-    cpu_model = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    table = Table(title="Environment", show_header=False)
-    table.add_row("date", datetime.now().astimezone().isoformat(timespec="seconds"))
-    table.add_row("host", f"{platform.node()} {platform.system()} {platform.release()}")
-    table.add_row("CPU", f"{os.cpu_count()} logical CPUs, {cpu_model}")
-    table.add_row("memory", f"{psutil.virtual_memory().total / 2**30:.1f} GiB; load average "
-                            + " ".join(f"{x:.2f}" for x in os.getloadavg()))
-    table.add_row("python / filmless-pacs / pynetdicom / pydicom",
-                  f"{platform.python_version()} / {pkg('filmless-pacs')} / {pkg('pynetdicom')} / {pkg('pydicom')}")
+    table = environment_table()
     table.add_row("DCMTK (getscu)", _version([dcmtk("getscu"), "--version"], r"v(\d+\.\d+\.\d+)"))
     table.add_row("Orthanc", "skipped" if args.skip_orthanc else orthanc_version())
     table.add_row("ours", "pacs scp, PostgreSQL index (fresh database), file:// storage, no broker (derived work "
