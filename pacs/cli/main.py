@@ -61,7 +61,8 @@ def serve() -> None:
 
 @app.command()
 def scp() -> None:
-    """Run the DICOM SCP only (scaled deployments run several)."""
+    """Run the DICOM services only (scaled deployments run several); also publishes derived work
+    to the broker and sends storage-commitment reports."""
     from dicom_scp.server import start_scp
     from pacs.runtime import Pipeline
 
@@ -97,7 +98,7 @@ def api() -> None:
 def worker(
     concurrency: Annotated[int, typer.Option(help="Worker processes")] = 2,
 ) -> None:
-    """Run a Celery worker for derived work (needs PACS_BROKER_URL)."""
+    """Run a Celery worker: thumbnails, metadata documents, and forwarding delivery (needs PACS_BROKER_URL)."""
     settings = load_settings()
     if settings.embedded_workers:
         console.print("[red]PACS_BROKER_URL is not set: the embedded mode runs workers inside `pacs serve`[/red]")
