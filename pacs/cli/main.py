@@ -61,8 +61,7 @@ def serve() -> None:
 
 @app.command()
 def scp() -> None:
-    """Run the DICOM services only (scaled deployments run several); also publishes derived work
-    to the broker and sends storage-commitment reports."""
+    """Run the DICOM services only (several in scaled deployments); also relays derived work and commitment reports."""
     from dicom_scp.server import start_scp
     from pacs.runtime import Pipeline
 
