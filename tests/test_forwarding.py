@@ -41,7 +41,7 @@ from tests.conftest import REDIS_URL
 from tests.support.datasets import dataset_bytes, make_instance
 from tests.support.dcmtk import ReferenceStoreSCP, storescu
 from tests.support.net import free_port, port_open, wait_until
-from tests.support.pacs_process import PacsProcess, embedded_env, run_pacs
+from tests.support.pacs_process import EmbeddedPacs, PacsProcess, run_pacs
 from tests.support.postgres import create_database, drop_database
 from tests.support.seaweed import SeaweedS3
 
@@ -450,23 +450,12 @@ def reference_scp(tmp_path: Path) -> Iterator[ReferenceStoreSCP]:
 
 @pytest.mark.integration
 def test_embedded_forwarding_end_to_end(tmp_path: Path, reference_scp: ReferenceStoreSCP) -> None:
-    env = {**embedded_env(tmp_path / "data"), **FAST}
-    port = int(env["PACS_DICOM_PORT"])
-    ctx = AppContext.create(Settings(data_dir=tmp_path / "data"))
-    _setup_rule(ctx, reference_scp.port)
-    procs = [PacsProcess(["serve"], env, tmp_path / "serve.log").start()]
-
-    def restart() -> None:
-        procs[-1].stop()
-        procs.append(PacsProcess(["serve"], env, tmp_path / "serve.log").start())
-        procs[-1].wait_dicom(port)
-
+    pacs = EmbeddedPacs(tmp_path, FAST)
     try:
-        procs[0].wait_dicom(port)
-        _forwarding_scenario(port, ctx, reference_scp, env, tmp_path, restart)
+        _setup_rule(pacs.ctx, reference_scp.port)
+        _forwarding_scenario(pacs.port, pacs.ctx, reference_scp, pacs.env, tmp_path, pacs.restart)
     finally:
-        procs[-1].stop()
-        ctx.close()
+        pacs.close()
 
 
 @pytest.mark.integration

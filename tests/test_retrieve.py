@@ -49,7 +49,7 @@ from tests.conftest import REDIS_URL, corpus_dicom_files
 from tests.support.datasets import dataset_bytes, make_instance
 from tests.support.dcmtk import STORESCU_TS_OPTION, ReferenceStoreSCP, dcmtk, dcmtk_env, echoscu, storescu
 from tests.support.net import free_port, port_open, wait_until
-from tests.support.pacs_process import PacsProcess, embedded_env, run_pacs
+from tests.support.pacs_process import EmbeddedPacs, PacsProcess, run_pacs
 from tests.support.postgres import create_database, drop_database
 from tests.support.seaweed import SeaweedS3
 
@@ -196,22 +196,15 @@ def _stop_peers(pacs: Pacs) -> None:
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pacs]:
     root = tmp_path_factory.mktemp("retrieve-embedded")
-    env = embedded_env(root / "data")
-    proc = PacsProcess(["serve"], env, root / "serve.log").start()
-    port = int(env["PACS_DICOM_PORT"])
-    ctx: AppContext | None = None
+    running = EmbeddedPacs(root)
     pacs: Pacs | None = None
     try:
-        proc.wait_dicom(port)
-        ctx = AppContext.create(Settings(data_dir=root / "data"))
-        pacs = _with_peers(Pacs("embedded", proc, port, env, ctx, root))
+        pacs = _with_peers(Pacs("embedded", running.proc, running.port, running.env, running.ctx, root))
         yield pacs
     finally:
         if pacs is not None:
             _stop_peers(pacs)
-        proc.stop()
-        if ctx is not None:
-            ctx.close()
+        running.close()
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,12 @@ from sqlalchemy import select
 from bench.generate_ct import write_ct_series
 from pacs.context import AppContext
 from pacs.db.models import Instance, Patient, Series, Study
-from pacs.settings import Settings
 from storage.keys import thumbnail_key
 from tests.conftest import corpus_dicom_files
 from tests.support.datasets import dataset_bytes, make_dataset
 from tests.support.dcmtk import STORESCU_TS_OPTION, ReferenceStoreSCP, echoscu, storescu
 from tests.support.net import free_port, port_open, wait_until
-from tests.support.pacs_process import PacsProcess, embedded_env
+from tests.support.pacs_process import EmbeddedPacs, PacsProcess
 from tests.support.senders import send_dataset, send_file_raw
 
 pytestmark = pytest.mark.integration
@@ -38,17 +37,11 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("embedded")
-    env = embedded_env(root / "data")
-    proc = PacsProcess(["serve"], env, root / "serve.log").start()
-    port = int(env["PACS_DICOM_PORT"])
+    pacs = EmbeddedPacs(tmp_path_factory.mktemp("embedded"))
     try:
-        proc.wait_dicom(port)
-        ctx = AppContext.create(Settings(data_dir=root / "data"))
-        yield Server(proc, port, ctx)
-        ctx.close()
+        yield Server(pacs.proc, pacs.port, pacs.ctx)
     finally:
-        proc.stop()
+        pacs.close()
 
 
 def _stored(server: Server, sop_uid: str) -> Instance | None:

@@ -51,7 +51,7 @@ from tests.conftest import REDIS_URL, corpus_dicom_files
 from tests.support.datasets import make_dataset, make_instance, to_bytes
 from tests.support.dcmtk import storescu
 from tests.support.net import free_port, wait_until
-from tests.support.pacs_process import PacsProcess, embedded_env, run_pacs
+from tests.support.pacs_process import EmbeddedPacs, PacsProcess, run_pacs
 from tests.support.postgres import create_database, drop_database
 from tests.support.seaweed import SeaweedS3
 from workers.derived import INSTANCE_KIND, SERIES_KIND, run_derived_task
@@ -374,17 +374,11 @@ def _series_document_follows_the_series(archive: Archive, tmp_path: Path) -> Non
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
-    root = tmp_path_factory.mktemp("embedded-metadata")
-    env = embedded_env(root / "data")
-    proc = PacsProcess(["serve"], env, root / "serve.log").start()
-    port = int(env["PACS_DICOM_PORT"])
+    pacs = EmbeddedPacs(tmp_path_factory.mktemp("embedded-metadata"))
     try:
-        proc.wait_dicom(port)
-        ctx = AppContext.create(Settings(data_dir=root / "data"))
-        yield Archive(port, ctx, proc.log_path)
-        ctx.close()
+        yield Archive(pacs.port, pacs.ctx, pacs.proc.log_path)
     finally:
-        proc.stop()
+        pacs.close()
 
 
 @pytest.fixture(scope="module")

@@ -48,7 +48,7 @@ from tests.conftest import REDIS_URL
 from tests.support.datasets import make_dataset, make_instance
 from tests.support.dcmtk import echoscu, storescu
 from tests.support.net import free_port, wait_until
-from tests.support.pacs_process import PacsProcess, embedded_env, run_pacs
+from tests.support.pacs_process import EmbeddedPacs, PacsProcess, run_pacs
 from tests.support.postgres import create_database, drop_database
 from tests.support.seaweed import SeaweedS3
 
@@ -413,26 +413,15 @@ def _commitment_scenario(port: int, ctx: AppContext, modality: Modality, tmp: Pa
 
 @pytest.mark.integration
 def test_embedded_storage_commitment(tmp_path: Path) -> None:
-    env = {**embedded_env(tmp_path / "data"), **FAST}
-    port = int(env["PACS_DICOM_PORT"])
     modality = Modality().listen()
-    procs = [PacsProcess(["serve"], env, tmp_path / "serve.log").start()]
-
-    def restart() -> None:
-        procs[-1].stop()
-        procs.append(PacsProcess(["serve"], env, tmp_path / "serve.log").start())
-        procs[-1].wait_dicom(port)
-
-    ctx = AppContext.create(Settings(data_dir=tmp_path / "data"))
+    pacs = EmbeddedPacs(tmp_path, FAST)
     try:
-        procs[0].wait_dicom(port)
-        added = run_pacs(["ae", "add", modality.ae_title, "127.0.0.1", str(modality.port)], env)
+        added = run_pacs(["ae", "add", modality.ae_title, "127.0.0.1", str(modality.port)], pacs.env)
         assert added.returncode == 0, added.stdout + added.stderr
-        _commitment_scenario(port, ctx, modality, tmp_path, restart)
+        _commitment_scenario(pacs.port, pacs.ctx, modality, tmp_path, pacs.restart)
     finally:
         modality.stop_listening()
-        procs[-1].stop()
-        ctx.close()
+        pacs.close()
 
 
 @pytest.mark.integration

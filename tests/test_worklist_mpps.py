@@ -39,7 +39,7 @@ from pacs.ris.orders import NewOrder, cancel_order, create_order, get_order, lis
 from pacs.settings import Settings
 from tests.support.dcmtk import dcmtk, dcmtk_env
 from tests.support.net import free_port
-from tests.support.pacs_process import PacsProcess, embedded_env, run_pacs
+from tests.support.pacs_process import EmbeddedPacs, PacsProcess, run_pacs
 from tests.support.postgres import create_database, drop_database
 
 VIETNAMESE = "Nguyễn^Văn An"
@@ -337,18 +337,12 @@ def _add_order(env: dict[str, str], *args: str) -> dict:
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
-    root = tmp_path_factory.mktemp("mwl")
-    env = embedded_env(root / "data")
-    proc = PacsProcess(["serve"], env, root / "serve.log").start()
-    port = int(env["PACS_DICOM_PORT"])
+    pacs = EmbeddedPacs(tmp_path_factory.mktemp("mwl"))
     try:
-        proc.wait_dicom(port)
-        _register(env, "CT01", "FINDSCU")
-        ctx = AppContext.create(Settings(data_dir=root / "data"))
-        yield Archive(port, env, ctx)
-        ctx.close()
+        _register(pacs.env, "CT01", "FINDSCU")
+        yield Archive(pacs.port, pacs.env, pacs.ctx)
     finally:
-        proc.stop()
+        pacs.close()
 
 
 @pytest.fixture(scope="module")

@@ -97,3 +97,32 @@ def run_pacs(args: list[str], env: dict[str, str], timeout: float = 300) -> subp
 def embedded_env(data_dir: Path) -> dict[str, str]:
     return {"PACS_DATA_DIR": str(data_dir), "PACS_DICOM_PORT": str(free_port()),
             "PACS_HTTP_PORT": str(free_port()), "PACS_OUTBOX_POLL_S": "1"}
+
+
+class EmbeddedPacs:
+    """A running `pacs serve` on its own data folder, plus the test's own view of its index and store."""
+
+    def __init__(self, root: Path, extra_env: dict[str, str] | None = None) -> None:
+        from pacs.context import AppContext
+        from pacs.settings import Settings
+
+        self.root = root
+        self.env = {**embedded_env(root / "data"), **(extra_env or {})}
+        self.port = int(self.env["PACS_DICOM_PORT"])
+        self.proc = PacsProcess(["serve"], self.env, root / "serve.log").start()
+        try:
+            self.proc.wait_dicom(self.port)
+        except BaseException:
+            self.proc.stop()
+            raise
+        self.ctx = AppContext.create(Settings(data_dir=root / "data"))
+
+    def restart(self) -> None:
+        """Stop the process and start it again on the same data and ports (state must survive)."""
+        self.proc.stop()
+        self.proc = PacsProcess(["serve"], self.env, self.root / "serve.log").start()
+        self.proc.wait_dicom(self.port)
+
+    def close(self) -> None:
+        self.proc.stop()
+        self.ctx.close()
