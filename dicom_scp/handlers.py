@@ -30,7 +30,8 @@ def handle_store(event: evt.Event, ingestor: Ingestor, ctx: AppContext) -> Datas
     request = event.request
     outcome = ingestor.ingest(
         event.encoded_dataset(include_meta=True),
-        IngestSource("dimse", calling_ae=calling_ae, address=f"{requestor.address}:{requestor.port}"),
+        IngestSource("dimse", calling_ae=calling_ae, address=f"{requestor.address}:{requestor.port}",
+                     facility=_facility(event, ctx, calling_ae)),
         expected_sop_instance_uid=str(request.AffectedSOPInstanceUID or "") or None,
         expected_sop_class_uid=str(request.AffectedSOPClassUID or "") or None,
     )
@@ -41,6 +42,19 @@ def handle_store(event: evt.Event, ingestor: Ingestor, ctx: AppContext) -> Datas
     counts = event.assoc.__dict__.setdefault("_pacs_counts", {"ok": 0, "failed": 0})
     counts["ok" if outcome.ok else "failed"] += 1
     return status
+
+
+def _facility(event: evt.Event, ctx: AppContext, calling_ae: str) -> str:
+    """The registered AE's facility (new studies belong there), looked up once per association."""
+    cache = event.assoc.__dict__
+    if "_pacs_facility" not in cache:
+        try:
+            with ctx.read_sessions() as session:
+                cache["_pacs_facility"] = session.scalar(
+                    select(ApplicationEntity.facility).where(ApplicationEntity.ae_title == calling_ae)) or ""
+        except SQLAlchemyError:
+            return ""  # the index is down: the ingest itself will answer with its own status
+    return str(cache["_pacs_facility"])
 
 
 def _may_store(ctx: AppContext, calling_ae: str) -> bool:

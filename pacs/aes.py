@@ -22,6 +22,7 @@ class AERecord:
     allow_query: bool
     allow_retrieve: bool
     check_host: bool
+    facility: str = ""
 
 
 def validate_ae_title(title: str) -> str:
@@ -33,13 +34,13 @@ def validate_ae_title(title: str) -> str:
 
 def add_ae(session: Session, title: str, host: str, port: int, description: str = "",
            allow_store: bool = True, allow_query: bool = True, allow_retrieve: bool = True,
-           check_host: bool = False) -> AERecord:
+           check_host: bool = False, facility: str = "") -> AERecord:
     title = validate_ae_title(title)
     if not 1 <= port <= 65535:
         raise InvalidInput(f"invalid port {port}")
     row = ApplicationEntity(ae_title=title, host=host, port=port, description=description,
                             allow_store=allow_store, allow_query=allow_query, allow_retrieve=allow_retrieve,
-                            check_host=check_host)
+                            check_host=check_host, facility=facility.strip()[:64])
     session.add(row)
     try:
         session.flush()
@@ -59,4 +60,4 @@ def remove_ae(session: Session, title: str) -> None:
 
 def _record(row: ApplicationEntity) -> AERecord:
     return AERecord(row.ae_title, row.host, row.port, row.description, row.allow_store, row.allow_query,
-                    row.allow_retrieve, row.check_host)
+                    row.allow_retrieve, row.check_host, row.facility)

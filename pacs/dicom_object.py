@@ -7,12 +7,14 @@ with the :class:`ReceivedObject` (or the :class:`ObjectRejected` reason) it gets
 from __future__ import annotations
 
 import io
+import zlib
 from dataclasses import dataclass
 from enum import StrEnum
 
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -22,6 +24,10 @@ from storage.keys import is_valid_uid
 PREAMBLE = b"\x00" * 128 + b"DICM"
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 DEFLATED = "1.2.840.10008.1.2.1.99"
+DEFAULT_MAX_INFLATED_BYTES = 512 * 1024**2  # a deflated dataset may inflate to at most this (PACS_MAX_INFLATED_BYTES)
+_DEFER_SIZE = 64 * 1024  # values above this are skipped while parsing (never a second copy of pixel data)
+_INFLATE_IN_CHUNK = 256 * 1024  # compressed bytes fed to zlib per step
+_INFLATE_OUT_CHUNK = 4 * 1024**2  # inflated bytes produced per step (zlib's max_length)
 _LATIN1_LABELS = {"", "ISO_IR 100", "ISO_IR 6", "ISO 2022 IR 6", "ISO 2022 IR 100"}
 _UTF8_LABEL = "ISO_IR 192"
 
@@ -70,14 +76,42 @@ def parse_received(
     assume_utf8_for_latin1: bool = True,
     expected_sop_instance_uid: str | None = None,
     expected_sop_class_uid: str | None = None,
+    max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
 ) -> ReceivedObject:
-    """Validate and identify ``data`` (a Part-10 file or a bare dataset), or raise ObjectRejected."""
+    """Validate and identify ``data`` (a Part-10 file or a bare dataset), or raise ObjectRejected.
+
+    Hostile input never escapes as another exception: a deflated dataset is inflated step by step
+    and refused as soon as it would exceed ``max_inflated_bytes`` (a decompression bomb is never
+    inflated in full), lying lengths are refused as truncated or malformed, and anything pydicom
+    trips over is refused as malformed.
+    """
+    try:
+        return _parse_received(data, max_bytes=max_bytes, assume_utf8_for_latin1=assume_utf8_for_latin1,
+                               expected_sop_instance_uid=expected_sop_instance_uid,
+                               expected_sop_class_uid=expected_sop_class_uid,
+                               max_inflated_bytes=max_inflated_bytes)
+    except ObjectRejected:
+        raise
+    except (Exception, RecursionError) as exc:  # a parser bug on hostile input must be a refusal, not a crash
+        raise ObjectRejected(RejectReason.NOT_DICOM, f"malformed DICOM: {_short(exc)}") from exc
+
+
+def _parse_received(
+    data: bytes,
+    *,
+    max_bytes: int,
+    assume_utf8_for_latin1: bool,
+    expected_sop_instance_uid: str | None,
+    expected_sop_class_uid: str | None,
+    max_inflated_bytes: int,
+) -> ReceivedObject:
     if len(data) > max_bytes:
         raise ObjectRejected(RejectReason.TOO_LARGE, f"object of {len(data)} bytes exceeds {max_bytes}")
     if len(data) < 8:
         raise ObjectRejected(RejectReason.NOT_DICOM, "not a DICOM object: fewer than 8 bytes")
     part10 = data if data[128:132] == b"DICM" else None
-    ds = _read_dataset(part10 if part10 is not None else data, has_preamble=part10 is not None)
+    ds = _read_dataset(part10 if part10 is not None else data, has_preamble=part10 is not None,
+                       max_inflated_bytes=max_inflated_bytes)
     if part10 is None:
         part10 = _wrap_bare_dataset(data, ds)
     meta = ds.file_meta
@@ -153,10 +187,15 @@ def parse_received(
     )
 
 
-def _read_dataset(data: bytes, *, has_preamble: bool) -> Dataset:
+def _read_dataset(data: bytes, *, has_preamble: bool, max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES) -> Dataset:
     """Parse every element (so truncation is noticed) without keeping a second copy of pixel data."""
+    meta = _peek_file_meta(data, has_preamble)
+    if meta is not None and str(meta[0].get("TransferSyntaxUID", "")).strip(" \x00") == DEFLATED:
+        if not has_preamble:  # it would be wrapped under another transfer syntax: refuse
+            raise ObjectRejected(RejectReason.NOT_DICOM, "deflated dataset without the DICM prefix")
+        return _read_deflated(data, meta[0], meta[1], max_inflated_bytes)
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble, defer_size=64 * 1024)
+        ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble, defer_size=_DEFER_SIZE)
     except (InvalidDicomError, EOFError) as exc:
         raise ObjectRejected(RejectReason.TRUNCATED if isinstance(exc, EOFError) else RejectReason.NOT_DICOM,
                              f"cannot parse DICOM: {_short(exc)}") from exc
@@ -165,12 +204,75 @@ def _read_dataset(data: bytes, *, has_preamble: bool) -> Dataset:
     if not has_preamble and not (_has_tag(ds, 0x00080016) and _has_tag(ds, 0x00080018)):
         raise ObjectRejected(RejectReason.NOT_DICOM,
                              "not a DICOM object: no DICM prefix and no SOP Class/Instance UID")
-    deflated = str(getattr(ds.file_meta, "TransferSyntaxUID", "")) == DEFLATED
-    if not deflated:  # offsets of a deflated dataset are in the inflated stream
-        _check_complete(ds, data)
+    if str(getattr(ds.file_meta, "TransferSyntaxUID", "")) == DEFLATED:  # pydicom inflated it unbounded
+        raise ObjectRejected(RejectReason.NOT_DICOM, "deflated dataset with unreadable File Meta Information")
+    _check_complete(ds, data)
     if len(ds) == 0:
         raise ObjectRejected(RejectReason.NOT_DICOM, "not a DICOM object: no data elements")
     return ds
+
+
+def _peek_file_meta(data: bytes, has_preamble: bool) -> tuple[FileMetaDataset, int] | None:
+    """The File Meta Information and where the dataset starts; None when pydicom cannot read it
+    (``dcmread`` then reports why)."""
+    try:
+        fh = io.BytesIO(data)
+        read_preamble(fh, not has_preamble)
+        meta = _read_file_meta_info(fh)
+        return meta, fh.tell()
+    except Exception:
+        return None
+
+
+def _read_deflated(data: bytes, meta: FileMetaDataset, offset: int, max_inflated_bytes: int) -> Dataset:
+    """Inflate with a bound, then parse the inflated stream as Explicit VR Little Endian (PS3.5 A.5)."""
+    inflated = inflate_bounded(memoryview(data)[offset:], max_inflated_bytes)
+    try:
+        ds = read_dataset(io.BytesIO(inflated), False, True, defer_size=_DEFER_SIZE)
+    except EOFError as exc:
+        raise ObjectRejected(RejectReason.TRUNCATED, f"cannot parse DICOM: {_short(exc)}") from exc
+    except Exception as exc:
+        raise ObjectRejected(RejectReason.NOT_DICOM, f"malformed or truncated DICOM: {_short(exc)}") from exc
+    ds.file_meta = meta
+    _check_complete(ds, inflated)  # offsets are in the inflated stream
+    if len(ds) == 0:
+        raise ObjectRejected(RejectReason.NOT_DICOM, "not a DICOM object: no data elements")
+    return ds
+
+
+def inflate_bounded(deflated: bytes | memoryview, limit: int) -> bytes:
+    """Inflate a raw deflate stream step by step; refuse it once it would exceed ``limit`` bytes.
+
+    At most ``limit`` plus one step of inflated bytes is ever held: a decompression bomb costs
+    the time to inflate ``limit`` bytes, not its full size.
+    """
+    view = memoryview(deflated)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = bytearray()
+    pos = 0
+    pending: bytes | memoryview = b""
+    try:
+        while not inflater.eof:
+            if not pending:
+                if pos >= len(view):
+                    break  # all input consumed, stream not finished
+                pending = view[pos:pos + _INFLATE_IN_CHUNK]
+                pos += len(pending)
+            piece = inflater.decompress(pending, min(_INFLATE_OUT_CHUNK, limit + 1 - len(out)))
+            out += piece
+            if len(out) > limit:
+                raise ObjectRejected(RejectReason.NOT_DICOM,
+                                     f"deflated dataset inflates past {limit} bytes (decompression bomb?)")
+            pending = inflater.unconsumed_tail
+    except zlib.error as exc:
+        raise ObjectRejected(RejectReason.NOT_DICOM, f"corrupt deflated dataset: {_short(exc)}") from exc
+    if not inflater.eof:
+        raise ObjectRejected(RejectReason.TRUNCATED, "truncated: the deflated dataset ends before its stream does")
+    trailing = len(inflater.unused_data) + len(view) - pos
+    if trailing > 1 or inflater.unused_data.strip(b"\x00"):  # one pad byte makes an even length
+        raise ObjectRejected(RejectReason.TRUNCATED,
+                             f"truncated or malformed: {trailing} bytes follow the deflated dataset")
+    return bytes(out)
 
 
 def _check_complete(ds: Dataset, data: bytes) -> None:

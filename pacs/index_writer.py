@@ -38,8 +38,9 @@ def _get_or_create_patient(session: Session, obj: ReceivedObject) -> Patient:
     return patient
 
 
-def _get_or_create_study(session: Session, obj: ReceivedObject, patient: Patient) -> Study:
-    values = {"study_instance_uid": obj.study_instance_uid, "patient_fk": patient.id, **obj.study}
+def _get_or_create_study(session: Session, obj: ReceivedObject, patient: Patient, facility: str) -> Study:
+    values = {"study_instance_uid": obj.study_instance_uid, "patient_fk": patient.id, **obj.study,
+              "facility": facility[:64]}  # first seen wins, like the other study attributes
     _insert_ignore(session, Study, values, ["study_instance_uid"])
     return session.scalars(
         select(Study).where(Study.study_instance_uid == obj.study_instance_uid).with_for_update()
@@ -88,10 +89,11 @@ def index_instance(
     source_ae: str,
     source_address: str,
     replaces: Instance | None,
+    facility: str = "",
 ) -> Instance:
     """Record ``obj`` as the current version of its SOP instance; keep ``replaces`` as a prior version."""
     patient = _get_or_create_patient(session, obj)
-    study = _get_or_create_study(session, obj, patient)
+    study = _get_or_create_study(session, obj, patient, facility)
     series, new_series = _get_or_create_series(session, obj, study)
     if new_series:
         study.number_of_series += 1

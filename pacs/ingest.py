@@ -29,7 +29,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacs.db.models import AuditEvent, DerivedTask, Instance
+from pacs import audit
+from pacs.db.models import DerivedTask, Instance
 from pacs.dicom_object import ObjectRejected, ReceivedObject, RejectReason, parse_received
 from pacs.forwarding.rules import queue_forwards
 from pacs.index_writer import index_instance
@@ -64,6 +65,8 @@ class IngestSource:
     calling_ae: str = ""
     address: str = ""
     user: str = ""
+    role: str = ""  # the principal's role for STOW-RS (pacs.security)
+    facility: str = ""  # the facility a new study belongs to ("" = the archive's default facility)
 
 
 @dataclass(frozen=True)
@@ -185,14 +188,13 @@ class Ingestor:
                     raise IntegrityError("instance changed concurrently", None, Exception())
                 index_instance(session, obj, object_key=key, sha256=sha256, received_at=now,
                                source=source.transport, source_ae=source.calling_ae,
-                               source_address=source.address, replaces=replaces)
+                               source_address=source.address, replaces=replaces, facility=source.facility)
                 tasks = arm_derived_tasks(session, obj.sop_instance_uid, sha256, INSTANCE_TASKS)
                 tasks += arm_derived_tasks(session, obj.series_instance_uid, "", SERIES_TASKS)
                 queue_forwards(session, obj, source, sha256)
-                session.add(_audit(obj, source, "instance.store" if replaces is None
-                                   else "instance.store-new-version",
-                                   f"sha256={sha256}" + (f" replaces={replaces.sha256 if replaces else ''}")))
                 session.flush()
+                _audit(session, obj, source, "instance.store" if replaces is None else "instance.store-new-version",
+                       f"sha256={sha256}" + (f" replaces={replaces.sha256 if replaces else ''}"))
                 task_ids = tuple(t.id for t in tasks)
         except IntegrityError:
             raise
@@ -222,7 +224,7 @@ class Ingestor:
     def _audit_only(self, obj: ReceivedObject, source: IngestSource, action: str, sha256: str) -> None:
         try:
             with self._sessions() as session, session.begin():
-                session.add(_audit(obj, source, action, f"sha256={sha256}"))
+                _audit(session, obj, source, action, f"sha256={sha256}")
         except SQLAlchemyError as exc:
             log.error("audit write failed: %s", exc)
 
@@ -258,16 +260,17 @@ def arm_derived_tasks(session: Session, subject_uid: str, sha256: str, kinds: tu
     return tasks
 
 
-def _audit(obj: ReceivedObject, source: IngestSource, action: str, detail: str) -> AuditEvent:
-    return AuditEvent(
+def _audit(session: Session, obj: ReceivedObject, source: IngestSource, action: str, detail: str) -> None:
+    """The ingest's audit row, appended last in its transaction (the audit chain lock is held to commit)."""
+    audit.append(
+        session,
         actor=source.user or source.calling_ae,
-        role="modality" if source.transport == "dimse" else "",
-        source_address=source.address[:64],
+        role=source.role or ("modality" if source.transport == "dimse" else ""),
+        source_address=source.address,
         action=action,
-        outcome="success",
         patient_id=obj.patient["patient_id"],
         study_instance_uid=obj.study_instance_uid,
-        detail=f"transport={source.transport} sop={obj.sop_instance_uid} {detail}"[:2000],
+        detail=f"transport={source.transport} sop={obj.sop_instance_uid} {detail}",
     )
 
 

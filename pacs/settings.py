@@ -144,6 +144,7 @@ class Settings(BaseSettings):
         out["database_url"] = mask_url(self.effective_database_url)
         out["storage_url"] = mask_url(self.effective_storage_url)
         out["broker_url"] = mask_url(self.broker_url) if self.broker_url else "(in-process)"
+        out["auth_secret"] = "***" if self.auth_secret else "(generated in the data folder)"
         return out
 
     # -- forwarding (pacs.forwarding): the C-STORE sender's queue ---------------------------------
@@ -159,6 +160,22 @@ class Settings(BaseSettings):
     forward_retry_max_s: float = Field(default=600.0, gt=0, description="Longest wait between attempts")
     forward_lease_s: float = Field(default=600.0, gt=0, description="A claimed batch is left to others this long "
                                    "(renewed while sending); jobs of a crashed sender wait at most this long")
+
+
+    # -- HTTP security (pacs.security, viewer_api) --------------------------------------------------
+    auth_secret: str = Field(default="", description="Key that signs login session tokens; every API process of "
+                             "one archive needs the same. Empty: generated once into the data folder")
+    session_token_ttl_s: int = Field(default=3600, ge=60, le=86_400, description="Lifetime of a login token")
+    api_token_default_days: int = Field(default=365, ge=1, le=3650, description="Default API token lifetime")
+    oidc_issuer: str = Field(default="", description="OIDC issuer whose JWTs are accepted (empty: OIDC off)")
+    oidc_audience: str = Field(default="", description="Audience (aud) those JWTs must carry")
+    oidc_jwks_url: str = Field(default="", description="The issuer's JWKS URL (signing keys)")
+    oidc_role_claim: str = Field(default="roles", description="Claim holding the user's role(s)")
+    oidc_facility_claim: str = Field(default="facility", description="Claim holding the user's facility")
+    cors_origins: list[str] = Field(default_factory=list, description="Browser origins allowed to call the API")
+    max_request_bytes: int = Field(default=1024**3, ge=1024, description="Largest HTTP request body (STOW-RS)")
+    login_attempts_per_minute: int = Field(default=10, ge=1, description="Per client address and per user name")
+    http_request_timeout_s: float = Field(default=300.0, gt=0, description="Longest time to receive a request body")
 
 
 def mask_url(url: str) -> str:

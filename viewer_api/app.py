@@ -1,17 +1,43 @@
-"""FastAPI application factory."""
+"""FastAPI application factory: DICOMweb, FHIR, auth, audit and the OHIF viewer on one app."""
 
 from __future__ import annotations
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 import pacs
 from pacs.context import AppContext
+from pacs.ingest import Ingestor
+from pacs.query.engine import QueryEngine
+from pacs.security.authenticate import Authenticator
+from pacs.security.ratelimit import RateLimiter
+from viewer_api import errors
+from viewer_api.hardening import RequestLimits, SecurityHeaders
+
+EXPOSED_HEADERS = ["X-Total-Count", "Content-Location", "Warning"]
 
 
-def create_app(ctx: AppContext) -> FastAPI:
-    app = FastAPI(title="Filmless PACS", version=pacs.__version__)
+def create_app(ctx: AppContext, ingestor: Ingestor | None = None) -> FastAPI:
+    """The HTTP API of one process. ``ingestor`` is the process's ingest service (STOW-RS); without
+    one (a read-only API process) STOW-RS builds its own on the same context."""
+    from viewer_api import audit_routes, auth_routes, fhir, ohif
+    from viewer_api.dicomweb import qido, stow, wado, wado_uri
+
+    settings = ctx.settings
+    app = FastAPI(title="Filmless PACS", version=pacs.__version__,
+                  description="DICOMweb (QIDO-RS, WADO-RS, STOW-RS, WADO-URI), FHIR R4 and the audit trail. "
+                  "Every route but /health and the viewer's static files needs `Authorization: Bearer <token>`.")
+    app.state.ctx = ctx
+    app.state.ingestor = ingestor or Ingestor(
+        ctx.sessions, ctx.store, duplicate_policy=settings.duplicate_policy,
+        max_object_bytes=settings.max_object_bytes, assume_utf8_for_latin1=settings.assume_utf8_for_latin1,
+        read_sessions=ctx.read_sessions)
+    app.state.authenticator = Authenticator(settings, ctx.sessions)
+    app.state.query_engine = QueryEngine(ctx.read_sessions)
+    app.state.login_limiter = RateLimiter(settings.login_attempts_per_minute, 60.0)
+    errors.install(app)
 
     @app.get("/health", tags=["health"], summary="Liveness and dependency health (no patient data)")
     def health() -> JSONResponse:
@@ -31,4 +57,15 @@ def create_app(ctx: AppContext) -> FastAPI:
         return JSONResponse({"status": "ok" if healthy else "degraded", "checks": checks},
                             status_code=200 if healthy else 503)
 
+    for module in (auth_routes, audit_routes, qido, wado, wado_uri, stow, fhir, ohif):
+        app.include_router(module.router)
+
+    # Outermost first: CORS answers preflights before anything else; limits before routing.
+    app.add_middleware(SecurityHeaders)
+    app.add_middleware(RequestLimits, max_bytes=settings.max_request_bytes)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
+                           allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type", "Accept"],
+                           expose_headers=EXPOSED_HEADERS, max_age=600)
     return app

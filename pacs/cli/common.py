@@ -6,6 +6,7 @@ import logging
 
 import typer
 from rich.console import Console
+from sqlalchemy.orm import Session
 
 from pacs.context import AppContext
 from pacs.settings import Settings
@@ -55,3 +56,19 @@ def fail(exc: Exception) -> typer.Exit:
     """Print a PacsError for the operator and exit 1."""
     console.print(f"[red]{exc}[/red]")
     return typer.Exit(1)
+
+
+def operator() -> str:
+    """Who runs this command, for the audit trail (the OS account; sudo's caller when present)."""
+    import getpass
+    import os
+
+    return os.environ.get("SUDO_USER") or getpass.getuser()
+
+
+def audit_config_change(session: Session, action: str, detail: str) -> None:
+    """Audit a configuration change made from the command line, in the change's own transaction."""
+    from pacs import audit
+
+    audit.append(session, action=action, actor=f"os:{operator()}", role="operator", source_address="cli",
+                 detail=detail)

@@ -13,7 +13,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from pacs.cli.common import console, ensure_schema, fail, load_settings, open_context, out
+from pacs.cli.common import audit_config_change, console, ensure_schema, fail, load_settings, open_context, out
+from pacs.context import AppContext
 
 app = typer.Typer(help="Filmless PACS/RIS: the DICOM archive of a province's hospitals.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -51,9 +52,10 @@ def serve() -> None:
                   f"store {pipeline.ctx.store.describe()}, workers "
                   f"{'in-process' if settings.embedded_workers else 'celery'}"
                   + (f", DICOM TLS on port {scp.tls.server_address[1]}" if scp.tls else ""))
+    _announce_initial_admin(pipeline.ctx)
     try:
-        uvicorn.run(create_app(pipeline.ctx), host=settings.http_host, port=settings.http_port,
-                    log_level="warning")
+        uvicorn.run(create_app(pipeline.ctx, pipeline.ingestor), host=settings.http_host, port=settings.http_port,
+                    log_level="warning", timeout_keep_alive=15)
     finally:
         scp.shutdown()
         pipeline.stop()
@@ -81,16 +83,33 @@ def scp() -> None:
 
 @app.command()
 def api() -> None:
-    """Run the HTTP API only (today: /health; DICOMweb, reports and FHIR are being built)."""
+    """Run the HTTP API only: DICOMweb, FHIR, auth, audit and the OHIF viewer (several behind a load balancer)."""
     import uvicorn
 
-    from pacs.context import AppContext
+    from pacs.runtime import Pipeline
     from viewer_api.app import create_app
 
     settings = load_settings()
     ensure_schema(settings, upgrade=False)
-    ctx = AppContext.create(settings)
-    uvicorn.run(create_app(ctx), host=settings.http_host, port=settings.http_port, log_level="warning")
+    pipeline = Pipeline.start(settings)  # STOW-RS ingests like C-STORE: same outbox relay
+    _announce_initial_admin(pipeline.ctx)
+    console.print(f"[green]HTTP API ready[/green] http://{settings.http_host}:{settings.http_port}")
+    try:
+        uvicorn.run(create_app(pipeline.ctx, pipeline.ingestor), host=settings.http_host, port=settings.http_port,
+                    log_level="warning", timeout_keep_alive=15)
+    finally:
+        pipeline.stop()
+
+
+def _announce_initial_admin(ctx: AppContext) -> None:
+    """First start: create the admin credential and say once where it is (SPEC §7)."""
+    from pacs.security.bootstrap import ensure_initial_admin
+
+    created = ensure_initial_admin(ctx)
+    if created is not None:
+        path, credential = created
+        console.print(f"[bold yellow]first start: created the administrator account {credential.split(' / ')[0]}; "
+                      f"its password is in {path} (mode 0600) — keep it safe, then delete the file[/bold yellow]")
 
 
 @app.command()
@@ -127,6 +146,8 @@ def ae_add(
     query: Annotated[bool, typer.Option(help="May query (C-FIND)")] = True,
     retrieve: Annotated[bool, typer.Option(help="May retrieve (C-MOVE/C-GET) and be a C-MOVE destination")] = True,
     check_host: Annotated[bool, typer.Option(help="Accept this AE title only from HOST")] = False,
+    facility: Annotated[str, typer.Option(help="Facility whose studies this AE sends (access scope of web users)")]
+    = "",
 ) -> None:
     """Register a DICOM peer: AE title, host and port (a C-MOVE destination needs all three)."""
     from pacs.aes import add_ae
@@ -135,7 +156,10 @@ def ae_add(
     ctx = open_context()
     try:
         with ctx.sessions() as session, session.begin():
-            rec = add_ae(session, ae_title, host, port, description, store, query, retrieve, check_host)
+            rec = add_ae(session, ae_title, host, port, description, store, query, retrieve, check_host, facility)
+            audit_config_change(session, "config.ae-add",
+                                f"ae={rec.ae_title} host={rec.host}:{rec.port} store={store} query={query} "
+                                f"retrieve={retrieve} check_host={check_host} facility={facility}")
     except PacsError as exc:
         raise fail(exc) from exc
     out.print(f"registered {rec.ae_title} at {rec.host}:{rec.port}")
@@ -154,10 +178,10 @@ def ae_list(as_json: Annotated[bool, typer.Option("--json", help="Machine-readab
     if as_json:
         out.print_json(json.dumps([asdict(r) for r in rows]))
         return
-    table = Table("AE title", "host", "port", "store", "query", "retrieve", "host checked", "description")
+    table = Table("AE title", "host", "port", "store", "query", "retrieve", "host checked", "facility", "description")
     for r in rows:
         table.add_row(r.ae_title, r.host, str(r.port), _yn(r.allow_store), _yn(r.allow_query),
-                      _yn(r.allow_retrieve), _yn(r.check_host), r.description)
+                      _yn(r.allow_retrieve), _yn(r.check_host), r.facility, r.description)
     out.print(table)
 
 
@@ -171,6 +195,7 @@ def ae_remove(ae_title: str) -> None:
     try:
         with ctx.sessions() as session, session.begin():
             remove_ae(session, ae_title)
+            audit_config_change(session, "config.ae-remove", f"ae={ae_title}")
     except PacsError as exc:
         raise fail(exc) from exc
     out.print(f"removed {ae_title}")
@@ -256,6 +281,10 @@ _maintenance_cli.register(app)
 from pacs.cli import orders as _orders_cli  # noqa: E402
 
 _orders_cli.register(app)
+
+from pacs.cli import security as _security_cli  # noqa: E402
+
+_security_cli.register(app)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -71,6 +71,7 @@ class Study(Base):
     study_description_search: Mapped[str] = mapped_column(String(256), default="")
     referring_physician_name: Mapped[str] = mapped_column(String(324), default="")
     institution_name: Mapped[str] = mapped_column(String(256), default="")
+    facility: Mapped[str] = mapped_column(String(64), default="", index=True)  # access scope (pacs.security)
     modalities_in_study: Mapped[str] = mapped_column(String(128), default="", index=True)
     number_of_series: Mapped[int] = mapped_column(Integer, default=0)
     number_of_instances: Mapped[int] = mapped_column(Integer, default=0)
@@ -165,6 +166,7 @@ class ApplicationEntity(Base):
     allow_query: Mapped[bool] = mapped_column(Boolean, default=True)
     allow_retrieve: Mapped[bool] = mapped_column(Boolean, default=True)
     check_host: Mapped[bool] = mapped_column(Boolean, default=False)
+    facility: Mapped[str] = mapped_column(String(64), default="")  # studies it sends belong there
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
@@ -251,5 +253,8 @@ class AuditEvent(Base):
     patient_id: Mapped[str] = mapped_column(String(64), default="")
     study_instance_uid: Mapped[str] = mapped_column(String(64), default="", index=True)
     detail: Mapped[str] = mapped_column(Text, default="")
+    prev_hash: Mapped[str] = mapped_column(String(64), default="")  # entry_hash of the row before (pacs.audit)
+    entry_hash: Mapped[str] = mapped_column(String(64), default="")
 import pacs.commitment_models  # noqa: E402  (registers the storage_commitment table on Base)
-import pacs.ris.models  # noqa: E402, F401  (registers the RIS tables on Base)
+import pacs.ris.models  # noqa: E402  (registers the RIS tables on Base)
+import pacs.security.models  # noqa: E402, F401  (registers users, tokens and shares on Base)

@@ -48,7 +48,8 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacs.db.models import AuditEvent, Instance, InstanceVersion, Patient, Series, Study
+from pacs import audit
+from pacs.db.models import Instance, InstanceVersion, Patient, Series, Study
 from pacs.dicom_object import ObjectRejected, ReceivedObject, parse_received
 from pacs.errors import PacsError
 from pacs.index_writer import index_instance
@@ -153,13 +154,13 @@ def reindex(
     _arm_derived_work(sessions, summary, batch_size)
     summary.seconds = round(time.monotonic() - started, 3)
     with sessions() as session, session.begin():
-        session.add(AuditEvent(
-            actor=actor[:128], role="operator", action="index.reindex",
+        audit.append(
+            session, actor=actor, role="operator", action="index.reindex",
             outcome="success" if summary.complete else "partial",
             detail=(f"instances={summary.instances} versions={summary.versions} skipped={summary.skipped_existing} "
                     f"corrupt={len(summary.corrupt)} unparseable={len(summary.unparseable)} "
                     f"unreadable={len(summary.unreadable)} force={force}"),
-        ))
+        )
     return summary
 
 

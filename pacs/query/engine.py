@@ -32,7 +32,7 @@ from sqlalchemy import ColumnElement, Select, and_, exists, func, or_, select
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
-from pacs.db.models import Series, Study
+from pacs.db.models import Patient, Series, Study
 from pacs.errors import IndexUnavailable, InvalidInput
 from pacs.query import matching
 from pacs.query.attributes import (
@@ -46,6 +46,8 @@ from pacs.query.attributes import (
     Root,
     attribute_at,
 )
+from pacs.security.policy import study_condition
+from pacs.security.principal import AccessScope
 from pacs.text import fold
 
 Value = str | int | None
@@ -79,6 +81,7 @@ class Query:
     limit: int | None = None
     offset: int = 0
     relational: bool = False  # allow levels above without their unique keys (QIDO-RS, not C-FIND)
+    scope: AccessScope | None = None  # the studies the asker may see (pacs.security); None = all
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,13 @@ def prepare(query: Query) -> PreparedQuery:
             conditions.append(cond)
 
     top = min((a.level for a in known.values()), key=lambda lv: lv.depth, default=level)
+    if query.scope is not None and not query.scope.unrestricted:
+        scoped = study_condition(query.scope)
+        if level is Level.PATIENT:
+            conditions.append(exists().where(Study.patient_fk == Patient.id, scoped))
+        else:
+            top = min(top, Level.STUDY, key=lambda lv: lv.depth)  # join up to the study row
+            conditions.append(scoped)
     from_clause = _from_clause(level, top)
     base = MODELS[level]
     columns = [a.column.label(k) for k, a in known.items()]

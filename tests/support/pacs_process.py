@@ -109,9 +109,11 @@ class EmbeddedPacs:
         self.root = root
         self.env = {**embedded_env(root / "data"), **(extra_env or {})}
         self.port = int(self.env["PACS_DICOM_PORT"])
+        self.http_url = f"http://127.0.0.1:{self.env['PACS_HTTP_PORT']}"
         self.proc = PacsProcess(["serve"], self.env, root / "serve.log").start()
         try:
             self.proc.wait_dicom(self.port)
+            self.wait_http()
         except BaseException:
             self.proc.stop()
             raise
@@ -122,6 +124,18 @@ class EmbeddedPacs:
         self.proc.stop()
         self.proc = PacsProcess(["serve"], self.env, self.root / "serve.log").start()
         self.proc.wait_dicom(self.port)
+        self.wait_http()
+
+    def wait_http(self, timeout: float = 60) -> None:
+        from tests.support.http_api import wait_http
+
+        wait_http(self.http_url, timeout)
+
+    def token(self, role: str, **kwargs: object) -> str:
+        """A new API token for ``role`` (see tests.support.http_api.create_token)."""
+        from tests.support.http_api import create_token
+
+        return create_token(self.env, role, **kwargs)  # type: ignore[arg-type]
 
     def close(self) -> None:
         self.proc.stop()

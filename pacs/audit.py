@@ -1,0 +1,114 @@
+"""The append-only, hash-chained audit trail (SPEC §7).
+
+Every row carries ``prev_hash`` (the ``entry_hash`` of the row before it) and ``entry_hash``
+(SHA-256 over its own fields and ``prev_hash``). Appending takes a chain lock held until the
+writing transaction ends (PostgreSQL: a transaction-level advisory lock; SQLite: writers already
+hold the database's write lock from ``BEGIN IMMEDIATE``), so ids and chain order agree. Changing,
+removing or inserting a row anywhere but at the end breaks the chain at that row, and
+:func:`verify` names it. There is no update or delete path in the code.
+
+An attacker who can write the database can still rewrite the whole chain from some row onwards;
+anchoring the latest hash outside the database (``pacs audit verify`` prints it) closes that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from pacs.db.models import AuditEvent
+
+_CHAIN_LOCK_KEY = 0x5041435341554449  # "PACSAUDI"; any constant shared by every writer
+
+
+@dataclass(frozen=True)
+class AuditProblem:
+    event_id: int
+    reason: str
+
+
+def append(
+    session: Session,
+    *,
+    action: str,
+    actor: str = "",
+    role: str = "",
+    outcome: str = "success",
+    source_address: str = "",
+    patient_id: str = "",
+    study_instance_uid: str = "",
+    detail: str = "",
+) -> AuditEvent:
+    """Add one event to the chain inside the caller's transaction (call it last: the lock is held to commit)."""
+    _lock_chain(session)
+    prev = session.scalar(select(AuditEvent.entry_hash).order_by(AuditEvent.id.desc()).limit(1)) or ""
+    event = AuditEvent(
+        at=datetime.now(UTC),
+        actor=actor[:128], role=role[:32], source_address=source_address[:64], action=action[:64],
+        outcome=outcome[:16], patient_id=patient_id[:64], study_instance_uid=study_instance_uid[:64],
+        detail=detail[:2000], prev_hash=prev,
+    )
+    event.entry_hash = entry_hash(event)
+    session.add(event)
+    session.flush()
+    return event
+
+
+def record(sessions: sessionmaker[Session], **fields: str) -> None:
+    """Append one event in its own transaction (reads, logins, denials)."""
+    with sessions() as session, session.begin():
+        append(session, **fields)
+
+
+def entry_hash(event: AuditEvent) -> str:
+    fields = [event.prev_hash or "", _timestamp(event.at), event.actor or "", event.role or "",
+              event.source_address or "", event.action or "", event.outcome or "", event.patient_id or "",
+              event.study_instance_uid or "", event.detail or ""]
+    canonical = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def verify(sessions: sessionmaker[Session], batch_size: int = 1000) -> tuple[int, list[AuditProblem], str]:
+    """Walk the chain in id order; return (rows checked, problems, hash of the last row)."""
+    problems: list[AuditProblem] = []
+    previous = ""
+    checked = 0
+    for event in _events(sessions, batch_size):
+        checked += 1
+        if event.prev_hash != previous:
+            problems.append(AuditProblem(event.id, "chain broken before this row (a row was removed or inserted)"))
+        if entry_hash(event) != event.entry_hash:
+            problems.append(AuditProblem(event.id, "row content does not match its hash (edited)"))
+        previous = event.entry_hash
+    return checked, problems, previous
+
+
+def _events(sessions: sessionmaker[Session], batch_size: int) -> Iterator[AuditEvent]:
+    last_id = 0
+    while True:
+        with sessions() as session:
+            batch = list(session.scalars(
+                select(AuditEvent).where(AuditEvent.id > last_id).order_by(AuditEvent.id).limit(batch_size)))
+        if not batch:
+            return
+        yield from batch
+        last_id = batch[-1].id
+
+
+def _lock_chain(session: Session) -> None:
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CHAIN_LOCK_KEY})
+
+
+def _timestamp(at: datetime | None) -> str:
+    if at is None:
+        return ""
+    if at.tzinfo is not None:
+        at = at.astimezone(UTC).replace(tzinfo=None)
+    return at.isoformat(timespec="microseconds")

@@ -1,0 +1,219 @@
+"""`pacs user`, `pacs token`, `pacs share` and `pacs audit`: identities, sharing and the audit trail."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from pacs.cli.common import audit_config_change, console, fail, open_context, operator, out
+from pacs.errors import PacsError
+
+user_app = typer.Typer(help="Local user accounts (login to the web API).", no_args_is_help=True)
+token_app = typer.Typer(help="API tokens for service accounts (EMR, gateways) and patients.", no_args_is_help=True)
+audit_app = typer.Typer(help="The append-only, hash-chained audit trail.", no_args_is_help=True)
+share_app = typer.Typer(help="Share a study with another facility (teleconsultation).", no_args_is_help=True)
+
+ROLE_HELP = "admin, radiologist, technologist, clinician, emr or patient"
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(user_app, name="user")
+    app.add_typer(token_app, name="token")
+    app.add_typer(audit_app, name="audit")
+    app.add_typer(share_app, name="share")
+
+
+def _read_password(password_stdin: bool) -> str:
+    if password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    return typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+
+
+@user_app.command("add")
+def user_add(
+    username: str,
+    role: Annotated[str, typer.Option(help=ROLE_HELP)],
+    facility: Annotated[str, typer.Option(help="Facility whose studies the user sees (empty: all)")] = "",
+    patient_id: Annotated[str, typer.Option(help="For the patient role: the patient's ID")] = "",
+    full_name: Annotated[str, typer.Option(help="Display name")] = "",
+    password_stdin: Annotated[bool, typer.Option("--password-stdin", help="Read the password from stdin")] = False,
+) -> None:
+    """Create a user with a password (at least 10 characters; stored as an argon2 hash)."""
+    from pacs.security.accounts import create_user
+
+    password = _read_password(password_stdin)
+    ctx = open_context()
+    try:
+        with ctx.sessions() as session, session.begin():
+            user = create_user(session, username, password, role, facility=facility, patient_id=patient_id,
+                               full_name=full_name)
+            audit_config_change(session, "config.user-add",
+                                f"user={user.username} role={user.role} facility={user.facility}")
+    except PacsError as exc:
+        raise fail(exc) from exc
+    out.print(f"user {username} created ({role})")
+
+
+@user_app.command("list")
+def user_list(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False) -> None:
+    """List users (never their passwords)."""
+    from pacs.security.accounts import list_users
+
+    ctx = open_context()
+    with ctx.read_sessions() as session:
+        rows = [{"username": u.username, "role": u.role, "facility": u.facility, "patient_id": u.patient_id,
+                 "active": u.active, "full_name": u.full_name} for u in list_users(session)]
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table("user", "role", "facility", "patient", "active", "name")
+    for r in rows:
+        table.add_row(r["username"], r["role"], r["facility"], r["patient_id"], "yes" if r["active"] else "no",
+                      r["full_name"])
+    out.print(table)
+
+
+def _set_active(username: str, active: bool) -> None:
+    from pacs.security.accounts import set_active
+
+    ctx = open_context()
+    try:
+        with ctx.sessions() as session, session.begin():
+            set_active(session, username, active)
+            audit_config_change(session, "config.user-enable" if active else "config.user-disable",
+                                f"user={username}")
+    except PacsError as exc:
+        raise fail(exc) from exc
+    out.print(f"user {username} {'enabled' if active else 'disabled'}")
+
+
+@user_app.command("disable")
+def user_disable(username: str) -> None:
+    """Disable a user: their session tokens stop working at once."""
+    _set_active(username, False)
+
+
+@user_app.command("enable")
+def user_enable(username: str) -> None:
+    """Enable a disabled user again."""
+    _set_active(username, True)
+
+
+@user_app.command("passwd")
+def user_passwd(
+    username: str,
+    password_stdin: Annotated[bool, typer.Option("--password-stdin", help="Read the password from stdin")] = False,
+) -> None:
+    """Set a user's password."""
+    from pacs.security.accounts import set_password
+
+    password = _read_password(password_stdin)
+    ctx = open_context()
+    try:
+        with ctx.sessions() as session, session.begin():
+            set_password(session, username, password)
+            audit_config_change(session, "config.user-password", f"user={username}")
+    except PacsError as exc:
+        raise fail(exc) from exc
+    out.print(f"password of {username} changed")
+
+
+@token_app.command("create")
+def token_create(
+    name: str,
+    role: Annotated[str, typer.Option(help=ROLE_HELP)],
+    days: Annotated[int | None, typer.Option(help="Lifetime in days (default: PACS_API_TOKEN_DEFAULT_DAYS)")] = None,
+    facility: Annotated[str, typer.Option(help="Facility whose studies it sees (empty: all)")] = "",
+    patient_id: Annotated[str, typer.Option(help="For the patient role: the patient's ID")] = "",
+    images: Annotated[bool, typer.Option(help="Patient tokens: may also see the images")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Create an API token; the secret is printed once and only its SHA-256 is stored."""
+    from pacs.security.accounts import create_token
+
+    ctx = open_context()
+    try:
+        with ctx.sessions() as session, session.begin():
+            token = create_token(session, name, role, days=days or ctx.settings.api_token_default_days,
+                                 facility=facility, patient_id=patient_id, images=images, created_by=operator())
+            audit_config_change(session, "config.token-create",
+                                f"token={token.id} name={name} role={role} facility={facility} "
+                                f"patient={patient_id} images={images} expires={token.expires_at.isoformat()}")
+    except PacsError as exc:
+        raise fail(exc) from exc
+    if as_json:
+        out.print_json(json.dumps({"id": token.id, "name": token.name, "token": token.secret,
+                                   "expires_at": token.expires_at.isoformat()}))
+        return
+    console.print(f"token {token.id} ({name}, {role}) expires {token.expires_at:%Y-%m-%d}; "
+                  "keep the secret now, it is not shown again:")
+    out.print(token.secret, soft_wrap=True)
+
+
+@token_app.command("list")
+def token_list(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False) -> None:
+    """List tokens (never their secrets)."""
+    from pacs.security.accounts import list_tokens
+
+    ctx = open_context()
+    with ctx.read_sessions() as session:
+        rows = [{"id": t.id, "name": t.name, "role": t.role, "facility": t.facility, "patient_id": t.patient_id,
+                 "images": t.images_granted, "expires_at": t.expires_at.isoformat(),
+                 "revoked": t.revoked_at is not None} for t in list_tokens(session)]
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table("id", "name", "role", "facility", "patient", "expires", "revoked")
+    for r in rows:
+        table.add_row(str(r["id"]), r["name"], r["role"], r["facility"], r["patient_id"], r["expires_at"][:10],
+                      "yes" if r["revoked"] else "no")
+    out.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(token_id: int) -> None:
+    """Revoke a token: it stops working at once."""
+    from pacs.security.accounts import revoke_token
+
+    ctx = open_context()
+    try:
+        with ctx.sessions() as session, session.begin():
+            row = revoke_token(session, token_id)
+            audit_config_change(session, "config.token-revoke", f"token={token_id} name={row.name}")
+    except PacsError as exc:
+        raise fail(exc) from exc
+    out.print(f"token {token_id} revoked")
+
+
+@share_app.command("add")
+def share_add(study_instance_uid: str, facility: str) -> None:
+    """Make a study visible to the users of another facility."""
+    from pacs.security.policy import share_study
+
+    ctx = open_context()
+    try:
+        with ctx.sessions() as session, session.begin():
+            share_study(session, study_instance_uid, facility, operator())
+            audit_config_change(session, "study.share", f"facility={facility} study={study_instance_uid}")
+    except PacsError as exc:
+        raise fail(exc) from exc
+    out.print(f"study {study_instance_uid} shared with {facility}")
+
+
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Check the hash chain of the whole audit trail; exit 1 and name the rows if it is broken."""
+    from pacs import audit
+
+    ctx = open_context()
+    checked, problems, last = audit.verify(ctx.read_sessions)
+    for p in problems:
+        console.print(f"[red]audit row {p.event_id}: {p.reason}[/red]")
+    if problems:
+        console.print(f"[red]audit trail BROKEN: {len(problems)} problem(s) in {checked} rows[/red]")
+        raise typer.Exit(1)
+    out.print(f"audit trail intact: {checked} rows, last hash {last or '-'}")

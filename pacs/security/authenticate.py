@@ -1,0 +1,148 @@
+"""Turning a bearer token into a :class:`Principal`.
+
+Three kinds of bearer token are accepted:
+
+- ``pacs_…``: an API token (`pacs token create`); looked up by the SHA-256 of its secret;
+- a session token issued by ``POST /api/auth/login``: a JWT (HS256) signed with the archive's
+  ``auth_secret``, short-lived (``session_token_ttl_s``); the user is re-read on every request,
+  so disabling a user takes effect at once;
+- a JWT from the configured OIDC issuer (RS256/ES256, keys from its JWKS URL), with the role
+  taken from ``oidc_role_claim`` and the facility from ``oidc_facility_claim``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from datetime import UTC, datetime, timedelta
+from functools import cached_property
+from pathlib import Path
+
+import jwt
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from pacs.errors import PacsError
+from pacs.security.accounts import TOKEN_PREFIX, find_token
+from pacs.security.models import User
+from pacs.security.principal import Principal, scope_for
+from pacs.security.roles import Role, capabilities_of
+from pacs.settings import Settings
+
+SESSION_ISSUER = "filmless-pacs"
+SESSION_AUDIENCE = "filmless-pacs-session"
+_SECRET_FILE = "auth-secret"
+
+
+class AuthenticationError(PacsError):
+    """No valid credential: HTTP 401. The message is safe to show the client."""
+
+
+def load_or_create_secret(settings: Settings) -> bytes:
+    """``auth_secret`` if configured, else a random key kept in the data folder (mode 0600)."""
+    if settings.auth_secret:
+        return settings.auth_secret.encode("utf-8")
+    path = Path(settings.data_dir) / _SECRET_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_bytes().strip()
+    with os.fdopen(fd, "wb") as out:
+        out.write(secrets.token_urlsafe(48).encode("ascii"))
+    return path.read_bytes().strip()
+
+
+class Authenticator:
+    """One per process; thread-safe."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+        self._settings = settings
+        self._sessions = sessions
+        self._secret = load_or_create_secret(settings)
+
+    # -- issuing ---------------------------------------------------------------------------------
+    def issue_session_token(self, user: User) -> tuple[str, int]:
+        ttl = self._settings.session_token_ttl_s
+        now = datetime.now(UTC)
+        claims = {"iss": SESSION_ISSUER, "aud": SESSION_AUDIENCE, "sub": user.username, "uid": user.id,
+                  "iat": now, "exp": now + timedelta(seconds=ttl)}
+        return jwt.encode(claims, self._secret, algorithm="HS256"), ttl
+
+    # -- checking --------------------------------------------------------------------------------
+    def authenticate(self, token: str, source_address: str = "") -> Principal:
+        token = token.strip()
+        if not token or len(token) > 8192:
+            raise AuthenticationError("missing or malformed bearer token")
+        if token.startswith(TOKEN_PREFIX):
+            return self._api_token(token, source_address)
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise AuthenticationError("malformed bearer token") from None
+        if header.get("alg") == "HS256":
+            return self._session_token(token, source_address)
+        if self._settings.oidc_issuer:
+            return self._oidc_token(token, source_address)
+        raise AuthenticationError("unsupported token")
+
+    def _api_token(self, token: str, source_address: str) -> Principal:
+        with self._sessions() as session:
+            row = find_token(session, token)
+        if row is None:
+            raise AuthenticationError("unknown, revoked or expired token")
+        role = Role(row.role)
+        return Principal(subject=f"token:{row.name}", role=role,
+                         capabilities=capabilities_of(role, images_granted=row.images_granted),
+                         scope=scope_for(role, row.facility, row.patient_id), kind="token",
+                         facility=row.facility, source_address=source_address, token_id=row.id)
+
+    def _session_token(self, token: str, source_address: str) -> Principal:
+        try:
+            claims = jwt.decode(token, self._secret, algorithms=["HS256"], audience=SESSION_AUDIENCE,
+                                issuer=SESSION_ISSUER, options={"require": ["exp", "sub", "uid"]})
+        except jwt.ExpiredSignatureError:
+            raise AuthenticationError("session expired: log in again") from None
+        except jwt.PyJWTError:
+            raise AuthenticationError("invalid session token") from None
+        with self._sessions() as session:
+            user = session.scalars(select(User).where(User.id == claims["uid"])).one_or_none()
+        if user is None or not user.active or user.username != claims["sub"]:
+            raise AuthenticationError("user disabled or removed")
+        role = Role(user.role)
+        return Principal(subject=user.username, role=role, capabilities=capabilities_of(role),
+                         scope=scope_for(role, user.facility, user.patient_id), kind="session",
+                         facility=user.facility, source_address=source_address)
+
+    @cached_property
+    def _jwks(self) -> jwt.PyJWKClient:
+        return jwt.PyJWKClient(self._settings.oidc_jwks_url, cache_keys=True, lifespan=600, timeout=10)
+
+    def _oidc_token(self, token: str, source_address: str) -> Principal:
+        settings = self._settings
+        try:
+            key = self._jwks.get_signing_key_from_jwt(token)
+            claims = jwt.decode(token, key.key, algorithms=["RS256", "RS384", "RS512", "ES256", "ES384", "PS256"],
+                                audience=settings.oidc_audience or None, issuer=settings.oidc_issuer,
+                                options={"require": ["exp", "iss", "sub"], "verify_aud": bool(settings.oidc_audience)})
+        except jwt.ExpiredSignatureError:
+            raise AuthenticationError("token expired") from None
+        except (jwt.PyJWTError, jwt.PyJWKClientError):
+            raise AuthenticationError("invalid token") from None
+        role = oidc_role(claims.get(settings.oidc_role_claim))
+        if role is None:
+            raise AuthenticationError(f"token has no known role in claim {settings.oidc_role_claim!r}")
+        facility = str(claims.get(settings.oidc_facility_claim) or "")[:64]
+        patient_id = str(claims.get("patient_id") or "")[:64]
+        return Principal(subject=f"oidc:{str(claims['sub'])[:100]}", role=role, capabilities=capabilities_of(role),
+                         scope=scope_for(role, facility, patient_id), kind="oidc", facility=facility,
+                         source_address=source_address)
+
+
+def oidc_role(claim: object) -> Role | None:
+    """The most privileged known role among the claim's values (a string or a list of strings)."""
+    values = [claim] if isinstance(claim, str) else list(claim) if isinstance(claim, list | tuple) else []
+    known = {r.value: r for r in Role}
+    found = [known[str(v).lower()] for v in values if str(v).lower() in known]
+    order = list(Role)
+    return min(found, key=order.index) if found else None

@@ -1,0 +1,48 @@
+"""A per-key sliding-window limit (login attempts per address and per user name, share-link opens)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+
+class RateLimiter:
+    """At most ``limit`` events per ``window_s`` per key; memory bounded by ``max_keys``."""
+
+    def __init__(self, limit: int, window_s: float = 60.0, max_keys: int = 100_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._limit, self._window, self._max_keys, self._clock = limit, window_s, max_keys, clock
+        self._events: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, key: str) -> bool:
+        """Record an attempt for ``key``; False when it is over the limit (the attempt is not counted)."""
+        now = self._clock()
+        with self._lock:
+            events = self._events.get(key)
+            if events is None:
+                if len(self._events) >= self._max_keys:
+                    self._prune(now)
+                events = self._events.setdefault(key, deque())
+            while events and now - events[0] >= self._window:
+                events.popleft()
+            if len(events) >= self._limit:
+                return False
+            events.append(now)
+            return True
+
+    def retry_after(self, key: str) -> int:
+        with self._lock:
+            events = self._events.get(key)
+            if not events:
+                return 0
+            return max(1, int(self._window - (self._clock() - events[0])) + 1)
+
+    def _prune(self, now: float) -> None:
+        for key in [k for k, ev in self._events.items() if not ev or now - ev[-1] >= self._window]:
+            del self._events[key]
+        if len(self._events) >= self._max_keys:  # still full of live keys: forget the oldest half
+            for key in list(self._events)[: self._max_keys // 2]:
+                del self._events[key]

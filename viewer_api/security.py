@@ -1,0 +1,91 @@
+"""Authentication and authorization for HTTP routes: one dependency, ``require(capability)``.
+
+Every route that shows or changes patient data declares ``principal: Principal = require(...)``.
+The dependency reads the bearer token, asks ``pacs.security`` who it is and whether the role may
+do this, and audits what it refuses (401 and 403). What a route then reads it audits itself with
+:func:`audit_access`, naming the patient and study.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import Depends, Request
+from starlette.concurrency import run_in_threadpool
+
+from pacs import audit
+from pacs.context import AppContext
+from pacs.security.authenticate import AuthenticationError, Authenticator
+from pacs.security.policy import Forbidden, authorize
+from pacs.security.principal import Principal
+from pacs.security.roles import Capability
+
+log = logging.getLogger("viewer_api")
+
+
+def client_address(request: Request) -> str:
+    client = request.client
+    return f"{client.host}:{client.port}" if client else ""
+
+
+def context(request: Request) -> AppContext:
+    return request.app.state.ctx
+
+
+def authenticator(request: Request) -> Authenticator:
+    return request.app.state.authenticator
+
+
+def bearer_token(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise AuthenticationError("missing bearer token (Authorization: Bearer …)")
+    return value.strip()
+
+
+def require(capability: Capability | None) -> Any:
+    """A FastAPI dependency: the authenticated :class:`Principal` allowed to ``capability``
+    (``None``: any authenticated principal).
+
+    Raises AuthenticationError (401) or Forbidden (403); both are audited.
+    """
+
+    async def dependency(request: Request) -> Principal:
+        address = client_address(request)
+        try:
+            token = bearer_token(request)
+            principal = await run_in_threadpool(authenticator(request).authenticate, token, address)
+        except AuthenticationError as exc:
+            await run_in_threadpool(_audit_denied, request, "", "", "auth.denied", str(exc), address)
+            raise
+        try:
+            if capability is not None:
+                authorize(principal, capability)
+        except Forbidden as exc:
+            await run_in_threadpool(_audit_denied, request, principal.subject, principal.role.value,
+                                    "access.denied", str(exc), address)
+            raise
+        request.state.principal = principal
+        return principal
+
+    return Depends(dependency)
+
+
+def _audit_denied(request: Request, actor: str, role: str, action: str, reason: str, address: str) -> None:
+    try:
+        audit.record(context(request).sessions, action=action, actor=actor, role=role, outcome="failure",
+                     source_address=address, detail=f"{request.method} {request.url.path} {reason}")
+    except Exception as exc:  # auditing a refusal must not turn it into a 500
+        log.error("audit write failed: %s", exc)
+
+
+def audit_access(request: Request, principal: Principal, action: str, *, study_instance_uid: str = "",
+                 patient_id: str = "", outcome: str = "success", detail: str = "") -> None:
+    """Audit one read or change of patient data by ``principal`` (call from a worker thread)."""
+    query = f"?{request.url.query}" if request.url.query else ""
+    audit.record(context(request).sessions, action=action, actor=principal.subject, role=principal.role.value,
+                 outcome=outcome, source_address=principal.source_address or client_address(request),
+                 patient_id=patient_id, study_instance_uid=study_instance_uid,
+                 detail=(f"{request.method} {request.url.path}{query} {detail}").strip())
