@@ -36,7 +36,8 @@ def create_app(ctx: AppContext, ingestor: Ingestor | None = None) -> FastAPI:
         read_sessions=ctx.read_sessions)
     app.state.authenticator = Authenticator(settings, ctx.sessions)
     app.state.query_engine = QueryEngine(ctx.read_sessions)
-    app.state.login_limiter = RateLimiter(settings.login_attempts_per_minute, 60.0)
+    app.state.login_limiter = RateLimiter(settings.login_attempts_per_minute, 60.0)  # failed logins per user name
+    app.state.address_limiter = RateLimiter(settings.login_attempts_per_minute * 5, 60.0)  # per client address
     errors.install(app)
 
     @app.get("/health", tags=["health"], summary="Liveness and dependency health (no patient data)")

@@ -42,15 +42,20 @@ def login(body: LoginRequest, request: Request) -> TokenResponse:
     limiter = request.app.state.login_limiter
     address = client_address(request)
     host = request.client.host if request.client else ""
-    for key in (f"addr:{host}", f"user:{body.username.lower()}"):
-        if not limiter.allow(key):
+    # Failed attempts are counted per user name and per client address (the address gets more room:
+    # a hospital's clients may share one NAT address).
+    keys = (f"user:{body.username.lower()}", f"addr:{host}")
+    for key, limit in zip(keys, (limiter, request.app.state.address_limiter), strict=True):
+        if limit.limited(key):
             audit.record(ctx.sessions, action="auth.login", actor=body.username, outcome="failure",
                          source_address=address, detail="rate limited")
             raise ApiError(429, "too_many_attempts", "too many login attempts; try again later",
-                           {"Retry-After": str(limiter.retry_after(key))})
+                           {"Retry-After": str(limit.retry_after(key))})
     with ctx.read_sessions() as session:
         user = check_password(session, body.username, body.password)
     if user is None:
+        limiter.hit(keys[0])
+        request.app.state.address_limiter.hit(keys[1])
         audit.record(ctx.sessions, action="auth.login", actor=body.username, outcome="failure",
                      source_address=address, detail="wrong user name or password")
         raise ApiError(401, "unauthenticated", "wrong user name or password", {"WWW-Authenticate": "Bearer"})

@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 from pacs import audit
@@ -45,6 +46,13 @@ def bearer_token(request: Request) -> str:
     return value.strip()
 
 
+# Declares the bearer scheme in the OpenAPI document; each operation lists the capability it
+# needs as the scheme's scope, which is what tests/test_route_matrix.py reads.
+BEARER_SCHEME = HTTPBearer(auto_error=False, scheme_name="bearer",
+                           description="An API token (`pacs token create`), a session token from "
+                           "POST /api/auth/login, or a JWT of the configured OIDC issuer")
+
+
 def require(capability: Capability | None) -> Any:
     """A FastAPI dependency: the authenticated :class:`Principal` allowed to ``capability``
     (``None``: any authenticated principal).
@@ -52,7 +60,9 @@ def require(capability: Capability | None) -> Any:
     Raises AuthenticationError (401) or Forbidden (403); both are audited.
     """
 
-    async def dependency(request: Request) -> Principal:
+    async def dependency(request: Request,
+                         _credentials: HTTPAuthorizationCredentials | None = Depends(BEARER_SCHEME),  # noqa: B008
+                         ) -> Principal:
         address = client_address(request)
         try:
             token = bearer_token(request)
@@ -70,7 +80,7 @@ def require(capability: Capability | None) -> Any:
         request.state.principal = principal
         return principal
 
-    return Depends(dependency)
+    return Security(dependency, scopes=[capability.value] if capability is not None else [])
 
 
 def _audit_denied(request: Request, actor: str, role: str, action: str, reason: str, address: str) -> None:

@@ -17,8 +17,19 @@ class RateLimiter:
         self._events: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
 
-    def allow(self, key: str) -> bool:
-        """Record an attempt for ``key``; False when it is over the limit (the attempt is not counted)."""
+    def limited(self, key: str) -> bool:
+        """Whether ``key`` has used up its events in the current window."""
+        now = self._clock()
+        with self._lock:
+            events = self._events.get(key)
+            if not events:
+                return False
+            while events and now - events[0] >= self._window:
+                events.popleft()
+            return len(events) >= self._limit
+
+    def hit(self, key: str) -> None:
+        """Count one event (e.g. a failed login) for ``key``."""
         now = self._clock()
         with self._lock:
             events = self._events.get(key)
@@ -26,12 +37,14 @@ class RateLimiter:
                 if len(self._events) >= self._max_keys:
                     self._prune(now)
                 events = self._events.setdefault(key, deque())
-            while events and now - events[0] >= self._window:
-                events.popleft()
-            if len(events) >= self._limit:
-                return False
             events.append(now)
-            return True
+
+    def allow(self, key: str) -> bool:
+        """Count an event for ``key`` unless it is over the limit; False when it is."""
+        if self.limited(key):
+            return False
+        self.hit(key)
+        return True
 
     def retry_after(self, key: str) -> int:
         with self._lock:
