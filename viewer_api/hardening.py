@@ -9,6 +9,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Pages of the OHIF viewer need cross-origin isolation for SharedArrayBuffer (volume rendering).
 ISOLATED_PREFIXES = ("/ohif",)
+# FastAPI's interactive documentation runs scripts: no restrictive CSP there (it shows no patient data).
+DOCS_PREFIXES = ("/docs", "/redoc")
 
 
 class BodyTooLarge(Exception):
@@ -78,7 +80,7 @@ class SecurityHeaders:
             if message["type"] == "http.response.start":
                 headers: list[tuple[bytes, bytes]] = list(message.get("headers") or [])
                 present = {k.lower() for k, _ in headers}
-                for name, value in _headers(isolated):
+                for name, value in _headers(isolated, path.startswith(DOCS_PREFIXES)):
                     if name not in present:
                         headers.append((name, value))
                 message["headers"] = headers
@@ -87,7 +89,7 @@ class SecurityHeaders:
         await self.app(scope, receive, with_headers)
 
 
-def _headers(isolated: bool) -> list[tuple[bytes, bytes]]:
+def _headers(isolated: bool, docs: bool = False) -> list[tuple[bytes, bytes]]:
     common = [
         (b"x-content-type-options", b"nosniff"),
         (b"referrer-policy", b"no-referrer"),
@@ -97,6 +99,8 @@ def _headers(isolated: bool) -> list[tuple[bytes, bytes]]:
     if isolated:
         return [*common, (b"cross-origin-opener-policy", b"same-origin"),
                 (b"cross-origin-embedder-policy", b"require-corp")]
+    if docs:
+        return common
     return [*common, (b"cache-control", b"no-store"),
             (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")]
 
