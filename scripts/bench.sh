@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
-# Ingest benchmark: installs what it needs when missing (DCMTK and Orthanc from Debian, the venv with the
-# test extras), then runs `python -m bench.ingest` with the arguments given, e.g.
-#   scripts/bench.sh                                 # 500 slices 512x512, 3 repeats, 4 in parallel
+# Benchmarks: installs what they need when missing (DCMTK, Orthanc and its DICOMweb plugin from Debian, curl,
+# the venv with the test extras), then runs one of them with the arguments given. The first argument may
+# name the benchmark (ingest, query or dicomweb; ingest when it is an option or absent), e.g.
+#   scripts/bench.sh                                 # ingest: 500 slices 512x512, 3 repeats, 4 in parallel
 #   scripts/bench.sh --slices 50 --size 256 --repeats 1
 #   scripts/bench.sh --skip-scaled --skip-orthanc
+#   scripts/bench.sh query                           # C-FIND at 10^6 instances, C-FIND and C-GET vs Orthanc
+#   scripts/bench.sh dicomweb --quick                # QIDO-RS at 10^6 instances, QIDO/WADO-RS vs Orthanc
 # The scaled configuration also needs PostgreSQL on 127.0.0.1:5432 (trust auth for `postgres`) and Redis
-# on 127.0.0.1:6379 (db 8 is flushed); leave it out with --skip-scaled.
+# on 127.0.0.1:6379 (db 8 is flushed); leave it out with --skip-scaled. query and dicomweb need PostgreSQL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
 [[ -x /usr/bin/storescu && -x /usr/bin/echoscu ]] || missing+=(dcmtk)
 [[ -x "${ORTHANC_BIN:-/usr/sbin/Orthanc}" ]] || missing+=(orthanc)
+[[ -f "${ORTHANC_DICOMWEB_PLUGIN:-/usr/share/orthanc/plugins/libOrthancDicomWeb.so}" ]] || missing+=(orthanc-dicomweb)
+command -v curl >/dev/null || missing+=(curl)
 if ((${#missing[@]})); then
   SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
   echo "installing ${missing[*]} with apt-get" >&2
@@ -25,4 +30,8 @@ if ! [[ -x .venv/bin/python ]] || ! .venv/bin/python -c 'import pacs, psutil, ht
   scripts/bootstrap.sh --test
 fi
 
-exec .venv/bin/python -m bench.ingest "$@"
+bench=ingest
+case "${1:-}" in
+  ingest|query|dicomweb) bench=$1; shift ;;
+esac
+exec .venv/bin/python -m "bench.$bench" "$@"
