@@ -45,6 +45,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
 )
 
+from dicom_scp.audit import audited_stream
 from dicom_scp.statuses import error_comment
 from pacs.context import AppContext
 from pacs.errors import IndexUnavailable
@@ -94,6 +95,7 @@ class Identifier:
         self.echo_empty = echo_empty  # (tag, VR) of elements that have no keyword: returned empty
 
 
+@audited_stream("dimse.c-find")
 def handle_find(event: evt.Event, engine: QueryEngine, ctx: AppContext) -> FindResponse:
     calling_ae = str(event.assoc.requestor.ae_title).strip()
     root = ROOTS.get(str(event.request.AffectedSOPClassUID))

@@ -26,6 +26,7 @@ from pynetdicom.sop_class import (
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
+from dicom_scp.audit import audited_stream
 from dicom_scp.get_service import (
     UNABLE_TO_PROCESS,
     StoredObjectSender,
@@ -94,6 +95,7 @@ def store_contexts(syntaxes: tuple[tuple[str, str], ...]) -> list[PresentationCo
     return contexts or [build_context(Verification)]
 
 
+@audited_stream("dimse.c-move")
 def handle_move(event: evt.Event, ctx: AppContext, sender: StoredObjectSender) -> Iterator[Any]:
     model = MOVE_MODELS[str(event.context.abstract_syntax)]
     caller = calling_ae(event)

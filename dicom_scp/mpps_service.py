@@ -25,6 +25,7 @@ from pynetdicom import evt
 from pynetdicom.sop_class import ModalityPerformedProcedureStep
 from sqlalchemy.exc import SQLAlchemyError
 
+from dicom_scp.audit import audited_call
 from dicom_scp.statuses import error_comment
 from pacs.context import AppContext
 from pacs.errors import PacsError
@@ -59,6 +60,7 @@ def handlers(ctx: AppContext, ingestor: Ingestor) -> list[tuple]:
     return [(evt.EVT_N_CREATE, handle_n_create, [ctx]), (evt.EVT_N_SET, handle_n_set, [ctx])]
 
 
+@audited_call("dimse.mpps-create")
 def handle_n_create(event: evt.Event, ctx: AppContext) -> tuple[Dataset | int, Dataset | None]:
     request = event.request
     if str(request.AffectedSOPClassUID) != MPPS:
@@ -81,6 +83,7 @@ def handle_n_create(event: evt.Event, ctx: AppContext) -> tuple[Dataset | int, D
     return SUCCESS, reply
 
 
+@audited_call("dimse.mpps-set")
 def handle_n_set(event: evt.Event, ctx: AppContext) -> tuple[Dataset | int, Dataset | None]:
     request = event.request
     if str(request.RequestedSOPClassUID) != MPPS:

@@ -21,6 +21,7 @@ from pynetdicom import evt
 from pynetdicom.sop_class import ModalityWorklistInformationFind
 from sqlalchemy.exc import SQLAlchemyError
 
+from dicom_scp.audit import audited_stream
 from dicom_scp.statuses import error_comment
 from pacs.context import AppContext
 from pacs.ingest import Ingestor
@@ -45,6 +46,7 @@ def handlers(ctx: AppContext, ingestor: Ingestor) -> list[tuple]:
     return [(evt.EVT_C_FIND, handle_find, [ctx])]
 
 
+@audited_stream("dimse.worklist-find", role="modality")
 def handle_find(event: evt.Event, ctx: AppContext) -> FindResponse:
     """Answer one worklist C-FIND."""
     if str(event.request.AffectedSOPClassUID) != MWL_FIND:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from pacs.cli.common import audit_config_change, console, fail, open_context, operator, out
 from pacs.errors import PacsError
+
+if TYPE_CHECKING:
+    from pacs.audit_search import AuditFilter
+    from pacs.context import AppContext
 
 user_app = typer.Typer(help="Local user accounts (login to the web API).", no_args_is_help=True)
 token_app = typer.Typer(help="API tokens for service accounts (EMR, gateways) and patients.", no_args_is_help=True)
@@ -217,3 +221,97 @@ def audit_verify() -> None:
         console.print(f"[red]audit trail BROKEN: {len(problems)} problem(s) in {checked} rows[/red]")
         raise typer.Exit(1)
     out.print(f"audit trail intact: {checked} rows, last hash {last or '-'}")
+
+
+def _audit_filter(actor: str | None, action: str | None, outcome: str | None, patient_id: str | None,
+                  study: str | None, since: str | None, until: str | None) -> AuditFilter:
+    from pacs import audit_search
+
+    try:
+        return audit_search.make_filter(actor=actor, action=action, outcome=outcome, patient_id=patient_id,
+                                        study=study, since=since, until=until)
+    except PacsError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+
+
+def _audit_read(ctx: AppContext, detail: str) -> None:
+    """Reading the trail is itself audited (as the HTTP API does)."""
+    from pacs import audit
+
+    audit.record(ctx.sessions, action="audit.read", actor=f"os:{operator()}", role="operator",
+                 source_address="cli", detail=detail)
+
+
+ActorOpt = Annotated[str | None, typer.Option(help="Exact actor (user, token, AE title, os:USER)")]
+ActionOpt = Annotated[str | None, typer.Option(help="Exact action, or a prefix ending in '.' or '*' (dimse.)")]
+OutcomeOpt = Annotated[str | None, typer.Option(help="success, warning, partial or failure")]
+PatientOpt = Annotated[str | None, typer.Option("--patient-id", help="Exact Patient ID")]
+StudyOpt = Annotated[str | None, typer.Option(help="Study Instance UID")]
+SinceOpt = Annotated[str | None, typer.Option(help="ISO 8601 date or date-time, inclusive (naive: UTC)")]
+UntilOpt = Annotated[str | None, typer.Option(help="ISO 8601 date or date-time, inclusive (a date: the whole day)")]
+
+
+@audit_app.command("list")
+def audit_list(
+    actor: ActorOpt = None, action: ActionOpt = None, outcome: OutcomeOpt = None, patient_id: PatientOpt = None,
+    study: StudyOpt = None, since: SinceOpt = None, until: UntilOpt = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="Rows to show (at most 1000)")] = 100,
+    offset: Annotated[int, typer.Option(min=0, help="Rows to skip")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """List audit events, oldest first, with the filters of GET /api/audit."""
+    from pacs import audit_search
+
+    flt = _audit_filter(actor, action, outcome, patient_id, study, since, until)
+    ctx = open_context()
+    with ctx.read_sessions() as session:
+        total = audit_search.count(session, flt)
+        rows = audit_search.search(session, flt, limit, offset)
+    _audit_read(ctx, f"cli list rows={len(rows)} total={total} {flt.describe()}".strip())
+    if as_json:
+        out.print_json(json.dumps(rows, ensure_ascii=False))
+        return
+    table = Table("id", "at (UTC)", "actor", "role", "action", "outcome", "patient", "study", "detail")
+    for r in rows:
+        table.add_row(str(r["id"]), r["at"][:19].replace("T", " "), r["actor"], r["role"], r["action"],
+                      r["outcome"], r["patient_id"], r["study_instance_uid"], r["detail"][:80])
+    out.print(table)
+    console.print(f"{len(rows)} of {total} event(s)")
+
+
+@audit_app.command("export")
+def audit_export(
+    fhir: Annotated[str, typer.Option("--fhir", help="Write a FHIR R4 Bundle of AuditEvent resources to this "
+                                      "file ('-': standard output)")],
+    actor: ActorOpt = None, action: ActionOpt = None, outcome: OutcomeOpt = None, patient_id: PatientOpt = None,
+    study: StudyOpt = None, since: SinceOpt = None, until: UntilOpt = None,
+) -> None:
+    """Export the matching audit events (all of them by default) as a FHIR searchset Bundle."""
+    from pathlib import Path
+
+    from pacs import audit_fhir, audit_search
+
+    flt = _audit_filter(actor, action, outcome, patient_id, study, since, until)
+    ctx = open_context()
+    with ctx.read_sessions() as session:
+        total = audit_search.count(session, flt)
+    observer = audit_fhir.Observer(ctx.settings.ae_title)
+    # The export stops at the rows that matched when it was counted, so total and entries agree.
+    chunks = audit_fhir.iter_bundle_json(audit_search.iter_events(ctx.read_sessions, flt, limit=total), observer,
+                                         total=total)
+    if fhir == "-":
+        for chunk in chunks:
+            sys.stdout.write(chunk)
+        sys.stdout.flush()
+    else:
+        path = Path(fhir)
+        try:
+            with path.open("w", encoding="utf-8") as fh:
+                for chunk in chunks:
+                    fh.write(chunk)
+        except OSError as exc:
+            console.print(f"[red]cannot write {path}: {exc.strerror or exc}[/red]")
+            raise typer.Exit(1) from exc
+    _audit_read(ctx, f"cli export fhir rows={total} {flt.describe()}".strip())
+    console.print(f"{total} audit event(s) exported to {'standard output' if fhir == '-' else fhir}")
