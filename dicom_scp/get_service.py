@@ -39,6 +39,7 @@ from pynetdicom.sop_class import (
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
+from dicom_scp.audit import audited_stream
 from dicom_scp.statuses import REFUSED_NOT_AUTHORIZED, error_comment
 from dicom_scp.verification import UNCOMPRESSED
 from pacs.context import AppContext
@@ -56,6 +57,7 @@ from pacs.retrieve import (
     parse_identifier,
     plan,
 )
+from pacs.transcode import Unconvertible, to_uncompressed
 from storage import ObjectStore
 
 log = logging.getLogger("dicom_scp")
@@ -268,13 +270,10 @@ def accepted_syntaxes(assoc: Association, sop_class_uid: str) -> list[UID]:
 def converted_copy(path: Path, target: UID) -> Iterator[Path]:
     """A temporary Part-10 file of the object decompressed (if it was) and encoded in ``target``."""
     ds = dcmread(path)
-    if not ds.file_meta.TransferSyntaxUID.is_little_endian:
-        # pydicom would write OW/OF values (pixel data) without swapping their bytes: refuse, never corrupt.
-        raise NotSendable("an Explicit VR Big Endian object is only sent as stored")
-    if ds.file_meta.TransferSyntaxUID.is_compressed:
-        # Same instance in another transfer syntax: it keeps its UID (pydicom would make a new one).
-        ds.decompress(generate_instance_uid=False)  # raises when no plugin decodes it: the sub-operation fails
-    ds.file_meta.TransferSyntaxUID = target
+    try:
+        to_uncompressed(ds, target)  # raises when no plugin decodes it: the sub-operation fails
+    except Unconvertible as exc:  # Explicit VR Big Endian: refuse, never corrupt
+        raise NotSendable(str(exc)) from None
     with tempfile.NamedTemporaryFile(prefix="pacs-converted-", suffix=".dcm") as tmp:
         ds.save_as(tmp, enforce_file_format=True)
         del ds
@@ -319,6 +318,7 @@ def _retrieve_order(ours: list[UID], theirs: list[UID]) -> list[UID]:
     return first + then + [ts for ts in ours if ts not in first and ts not in then]
 
 
+@audited_stream("dimse.c-get")
 def handle_get(event: evt.Event, ctx: AppContext, sender: StoredObjectSender) -> Iterator[Any]:
     model = GET_MODELS[str(event.context.abstract_syntax)]
     refusal, retrieve = prepare(event, ctx, model)

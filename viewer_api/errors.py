@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pacs.dicomweb.media import NotAcceptable
 from pacs.errors import Conflict, IndexUnavailable, InvalidInput, NotFound, PacsError
 from pacs.security.authenticate import AuthenticationError
 from pacs.security.policy import Forbidden
@@ -21,6 +22,7 @@ _STATUS: list[tuple[type[Exception], int, str]] = [
     (Forbidden, 403, "forbidden"),
     (NotFound, 404, "not_found"),
     (Conflict, 409, "conflict"),
+    (NotAcceptable, 406, "not_acceptable"),
     (InvalidInput, 400, "invalid_request"),
     (IndexUnavailable, 503, "index_unavailable"),
     (StorageError, 503, "storage_unavailable"),
