@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -112,3 +114,33 @@ def _timestamp(at: datetime | None) -> str:
     if at.tzinfo is not None:
         at = at.astimezone(UTC).replace(tzinfo=None)
     return at.isoformat(timespec="microseconds")
+
+
+class ReadCoalescer:
+    """Decides whether a high-volume read needs its own audit row.
+
+    A viewer opening a CT asks for hundreds of frames; one row per frame would be noise (and a
+    database write per frame). The first successful read of a kind (frames, rendered images,
+    thumbnails, bulk data) of one study by one principal is audited; repeats of the same kind
+    within ``window_s`` are covered by that row, which says so. Failures are always audited.
+    """
+
+    def __init__(self, window_s: float, max_keys: int = 50_000, clock: Callable[[], float] = time.monotonic) -> None:
+        self._window, self._max_keys, self._clock = window_s, max_keys, clock
+        self._seen: dict[tuple[str, str, str], float] = {}
+        self._lock = threading.Lock()
+
+    def should_record(self, actor: str, action: str, study_instance_uid: str) -> bool:
+        if self._window <= 0:
+            return True
+        key, now = (actor, action, study_instance_uid), self._clock()
+        with self._lock:
+            last = self._seen.get(key)
+            if last is not None and now - last < self._window:
+                return False
+            if len(self._seen) >= self._max_keys:
+                self._seen = {k: t for k, t in self._seen.items() if now - t < self._window}
+                if len(self._seen) >= self._max_keys:
+                    self._seen.clear()
+            self._seen[key] = now
+            return True

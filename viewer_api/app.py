@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 import pacs
+from pacs import audit
 from pacs.context import AppContext
 from pacs.ingest import Ingestor
 from pacs.query.engine import QueryEngine
@@ -38,6 +39,7 @@ def create_app(ctx: AppContext, ingestor: Ingestor | None = None) -> FastAPI:
     app.state.query_engine = QueryEngine(ctx.read_sessions)
     app.state.login_limiter = RateLimiter(settings.login_attempts_per_minute, 60.0)  # failed logins per user name
     app.state.address_limiter = RateLimiter(settings.login_attempts_per_minute * 5, 60.0)  # per client address
+    app.state.read_coalescer = audit.ReadCoalescer(settings.audit_coalesce_s)
     errors.install(app)
 
     @app.get("/health", tags=["health"], summary="Liveness and dependency health (no patient data)")

@@ -24,6 +24,9 @@ from pacs.security.roles import Capability
 
 log = logging.getLogger("viewer_api")
 
+# Reads a viewer makes by the hundred per study: audited once per principal, study and window.
+COALESCED_READS = frozenset({"dicomweb.frames", "dicomweb.rendered", "dicomweb.thumbnail", "dicomweb.bulkdata"})
+
 
 def client_address(request: Request) -> str:
     client = request.client
@@ -93,7 +96,17 @@ def _audit_denied(request: Request, actor: str, role: str, action: str, reason: 
 
 def audit_access(request: Request, principal: Principal, action: str, *, study_instance_uid: str = "",
                  patient_id: str = "", outcome: str = "success", detail: str = "") -> None:
-    """Audit one read or change of patient data by ``principal`` (call from a worker thread)."""
+    """Audit one read or change of patient data by ``principal`` (call from a worker thread).
+
+    Successful high-volume reads (frames, rendered images, thumbnails, bulk data) of one study by
+    one principal are coalesced: one row per ``PACS_AUDIT_COALESCE_S`` window (pacs.audit.ReadCoalescer).
+    """
+    if outcome == "success" and action in COALESCED_READS:
+        coalescer: audit.ReadCoalescer = request.app.state.read_coalescer
+        if not coalescer.should_record(principal.subject, action, study_instance_uid):
+            return
+        window = context(request).settings.audit_coalesce_s
+        detail = f"{detail} (repeats within {window:g} s covered by this row)".strip()
     query = f"?{request.url.query}" if request.url.query else ""
     audit.record(context(request).sessions, action=action, actor=principal.subject, role=principal.role.value,
                  outcome=outcome, source_address=principal.source_address or client_address(request),
