@@ -8,6 +8,12 @@ copy of the supported contexts, so negotiation rejects those presentation contex
 The handler fails closed: if the registry cannot be read or anything goes wrong, a request
 for anything but Verification and Storage is rejected (transient), while Verification and
 Storage go on (C-STORE then reports an unavailable index with its own status).
+
+Before any of that, the association limits (``PACS_MAX_ASSOCIATIONS`` in all and
+``PACS_MAX_ASSOCIATIONS_PER_PEER`` from one address) are checked against the register of live
+associations; over a limit the request gets A-ASSOCIATE-RJ (2, 3, 2) local limit exceeded.
+``on_association_end`` takes an association out of the register when it is released or aborted
+or its connection closes.
 """
 
 from __future__ import annotations
@@ -16,24 +22,38 @@ import logging
 
 from pynetdicom import evt
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE
 
+from dicom_scp import audit as dimse_audit
 from pacs import network_policy
 from pacs.context import AppContext
-from pacs.network_policy import Decision
+from pacs.network_policy import Decision, LiveAssociations
 
 log = logging.getLogger("dicom_scp")
 
 
-def on_requested(event: evt.Event, ctx: AppContext) -> None:
+def on_requested(event: evt.Event, ctx: AppContext, live: LiveAssociations | None = None) -> None:
     assoc = event.assoc
     request = assoc.requestor.primitive
     calling_ae = str(getattr(request, "calling_ae_title", "") or "").strip()
     address = str(assoc.requestor.address or "")
+    if live is not None:
+        limit = live.try_acquire(assoc, address, per_peer=ctx.settings.max_associations_per_peer,
+                                 total=ctx.settings.max_associations)
+        if not limit.accept:
+            assert limit.reject is not None
+            log.warning("association from %s@%s rejected %s: local limit exceeded: %s", calling_ae, address,
+                        limit.reject, limit.reason)
+            _reject(assoc, limit.reject)
+            return
     syntaxes = [str(cx.abstract_syntax) for cx in (request.presentation_context_definition_list or [])]
     decision = _decide(ctx, calling_ae, address, syntaxes)
     if not decision.accept:
         assert decision.reject is not None
         log.warning("association from %s@%s rejected %s: %s", calling_ae, address, decision.reject, decision.reason)
+        dimse_audit.association_rejected(ctx, assoc, calling_ae, decision.reason, decision.reject)
+        if live is not None:
+            live.release(assoc)
         _reject(assoc, decision.reject)
         return
     if decision.refused:
@@ -42,6 +62,17 @@ def on_requested(event: evt.Event, ctx: AppContext) -> None:
         assoc.acceptor.supported_contexts = [
             cx for cx in assoc.acceptor.supported_contexts if str(cx.abstract_syntax) not in decision.refused
         ]
+
+
+def on_association_end(event: evt.Event, live: LiveAssociations) -> None:
+    """Bound to EVT_RELEASED, EVT_ABORTED, EVT_CONN_CLOSE and EVT_ACSE_RECV: the association's slot is
+    free again. On EVT_ACSE_RECV only for an A-RELEASE or A-ABORT from the peer, which arrives before
+    our A-RELEASE-RP is sent, so a peer that opens a new association right after the release
+    finds its slot free."""
+    if event.event is evt.EVT_ACSE_RECV and not isinstance(getattr(event, "primitive", None),
+                                                           A_RELEASE | A_ABORT | A_P_ABORT):
+        return
+    live.release(event.assoc)
 
 
 def _decide(ctx: AppContext, calling_ae: str, address: str, syntaxes: list[str]) -> Decision:

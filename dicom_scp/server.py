@@ -1,31 +1,63 @@
-"""Builds the pynetdicom AE from settings and the services in dicom_scp.services, and starts it."""
+"""Builds the pynetdicom AE from settings and the services in dicom_scp.services, and starts it.
+
+The listeners are pynetdicom's threaded server hardened against hostile peers (SPEC §7):
+
+- a TCP connection is admitted only while its peer and the server are under the connection limits
+  (``pacs.network_policy.connection_limits``, twice the association limits); others are closed at
+  once, before a thread or a copy of the presentation contexts is spent on them;
+- every accepted socket gets a timeout (``PACS_NETWORK_TIMEOUT_S``), so a peer that stops in the
+  middle of a PDU cannot block a thread forever; the TLS handshake happens in the connection's
+  own thread under the ACSE timeout, never in the accept loop;
+- a connection that sends no A-ASSOCIATE-RQ is closed after ``PACS_DICOM_ACSE_TIMEOUT_S``;
+- the length field of each incoming PDU is checked before its bytes are read: a P-DATA-TF over
+  the maximum we announced, a control PDU over 1 MiB or an unknown PDU type is answered with
+  A-ABORT and the connection closed (``pacs.network_policy.pdu_length_error``);
+- the dataset fragments of one DIMSE message may add up to ``PACS_MAX_OBJECT_BYTES`` plus 1 MiB:
+  past that the association is aborted while the object is still arriving, so that limit bounds
+  the memory a sender can make us hold (a bit over it still gets its 0xA702 status from ingest);
+- the association limits themselves are checked at EVT_REQUESTED (``dicom_scp.policy``).
+"""
 
 from __future__ import annotations
 
 import logging
+import ssl
+import struct
+import threading
+import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import MethodType
 from typing import Any
 
 from pynetdicom import AE, evt
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
 from dicom_scp import handlers, policy
 from dicom_scp.services import SERVICES
 from dicom_scp.tls import server_ssl_context
+from pacs import network_policy
 from pacs.context import AppContext
 from pacs.ingest import Ingestor
+from pacs.network_policy import LiveAssociations
 
 log = logging.getLogger("dicom_scp")
+
+DATASET_SLACK_BYTES = 1024 * 1024  # over DIMSE, a dataset may run this far past PACS_MAX_OBJECT_BYTES
 
 
 def build_ae(ctx: AppContext) -> AE:
     s = ctx.settings
     ae = AE(ae_title=s.ae_title)
     ae.maximum_pdu_size = s.max_pdu_size
-    ae.maximum_associations = s.max_associations
+    # pynetdicom counts every connection's thread, negotiating or not: its limit is set to the
+    # connection limit, a backstop; PACS_MAX_ASSOCIATIONS is enforced at EVT_REQUESTED (dicom_scp.policy).
+    ae.maximum_associations = network_policy.connection_limits(s.max_associations, s.max_associations_per_peer)[0]
     ae.network_timeout = s.network_timeout_s
-    ae.acse_timeout = 30
+    ae.acse_timeout = s.dicom_acse_timeout_s
     ae.dimse_timeout = s.network_timeout_s
     for service in SERVICES:
         for abstract_syntax, transfer_syntaxes in service.contexts(ctx):
@@ -53,21 +85,26 @@ class Listeners:
 def start_scp(ctx: AppContext, ingestor: Ingestor) -> Listeners:
     """Start listening in background threads; call ``shutdown()`` on the result to stop."""
     ae = build_ae(ctx)
+    live = LiveAssociations(is_alive=lambda assoc: assoc.is_alive())  # type: ignore[attr-defined]
     evt_handlers = [
         (evt.EVT_CONN_OPEN, handlers.on_conn_open),
-        (evt.EVT_REQUESTED, policy.on_requested, [ctx]),  # association policy: may reject before negotiation
+        # association limits, then policy: may reject before negotiation
+        (evt.EVT_REQUESTED, policy.on_requested, [ctx, live]),
         (evt.EVT_ACCEPTED, handlers.on_accepted),
         (evt.EVT_RELEASED, handlers.on_released),
         (evt.EVT_ABORTED, handlers.on_aborted),
     ]
+    evt_handlers += [(event, policy.on_association_end, [live]) for event in
+                     (evt.EVT_ACSE_RECV, evt.EVT_RELEASED, evt.EVT_ABORTED, evt.EVT_CONN_CLOSE)]
     evt_handlers += service_bindings(ctx, ingestor)
+    guard = ConnectionGuard(ctx)
     address = (ctx.settings.dicom_host, ctx.settings.dicom_port)
-    listeners = Listeners(ae.start_server(address, block=False, evt_handlers=evt_handlers))
+    listeners = Listeners(_start_server(ae, address, evt_handlers, guard))
     log.info("DICOM SCP %s listening on %s:%s", ctx.settings.ae_title, *listeners.server_address)
     ssl_context = server_ssl_context(ctx.settings)
     if ssl_context is not None:
         tls_address = (ctx.settings.dicom_host, ctx.settings.dicom_tls_port)
-        listeners.tls = ae.start_server(tls_address, block=False, evt_handlers=evt_handlers, ssl_context=ssl_context)
+        listeners.tls = _start_server(ae, tls_address, evt_handlers, guard, ssl_context)
         log.info("DICOM TLS listening on %s:%s (client certificate %s)", *listeners.tls.server_address[:2],
                  "required" if ctx.settings.tls_require_client_cert else "optional")
     return listeners
@@ -109,3 +146,215 @@ def _dispatch(event: evt.Event, routes: list[Route]) -> Any:
             return handler(event, *args)
     _, handler, args = routes[-1]
     return handler(event, *args)
+
+
+# -- the hardened listener ----------------------------------------------------------------------
+
+
+class ConnectionGuard:
+    """Admission of TCP connections by peer address, shared by the plain and TLS listeners.
+
+    Open connections are the live acceptor threads plus those admitted whose thread has not
+    started yet (counted here, so a burst of connections cannot slip past the limit).
+    """
+
+    def __init__(self, ctx: AppContext) -> None:
+        s = ctx.settings
+        self.total, self.per_peer = network_policy.connection_limits(s.max_associations, s.max_associations_per_peer)
+        self.network_timeout = s.network_timeout_s
+        self.acse_timeout = s.dicom_acse_timeout_s
+        self.max_dataset_bytes = s.max_object_bytes + DATASET_SLACK_BYTES
+        self._lock = threading.Lock()
+        self._starting: Counter[str] = Counter()
+        self._refused: Counter[str] = Counter()  # refusals not yet logged, by peer (one line a second)
+        self._last_log: dict[str, float] = {}
+
+    def admit(self, ae: AE, client_address: Any) -> bool:
+        peer = network_policy.peer_key(_host_of(client_address))
+        open_by_peer: Counter[str] = Counter()
+        for assoc in ae.active_associations:
+            if assoc.is_acceptor:
+                open_by_peer[network_policy.peer_key(_requestor_address(assoc))] += 1
+        with self._lock:
+            reason = network_policy.admit_connection(
+                open_by_peer[peer] + self._starting[peer], sum(open_by_peer.values()) + sum(self._starting.values()),
+                per_peer=self.per_peer, total=self.total)
+            if reason:
+                self._log_refusal(peer, reason)
+                return False
+            self._starting[peer] += 1
+        return True
+
+    def _log_refusal(self, peer: str, reason: str) -> None:
+        """At most one line a second per peer (a flood must not flood the log); called under the lock."""
+        self._refused[peer] += 1
+        now = time.monotonic()
+        if now - self._last_log.get(peer, -1e9) >= 1.0:
+            log.warning("%d connection(s) from %s closed at once: %s", self._refused.pop(peer), peer, reason)
+            self._last_log[peer] = now
+            if len(self._last_log) > 10_000:
+                self._last_log.clear()
+
+    def started(self, client_address: Any) -> None:
+        peer = network_policy.peer_key(_host_of(client_address))
+        with self._lock:
+            self._starting[peer] -= 1
+            if self._starting[peer] <= 0:
+                del self._starting[peer]
+
+    def prepare(self, sock: Any, client_address: Any) -> bool:
+        """Socket timeouts and, for TLS, the handshake (in this connection's thread); False: close it."""
+        try:
+            if isinstance(sock, ssl.SSLSocket):
+                sock.settimeout(self.acse_timeout)
+                sock.do_handshake()
+            sock.settimeout(self.network_timeout)
+        except (OSError, ValueError) as exc:
+            log.warning("connection from %s closed: %s", _host_of(client_address), exc)
+            return False
+        return True
+
+
+class GuardedAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded association server with connection admission (see the module docstring)."""
+
+    request_queue_size = 128  # listen backlog: a burst of modalities is not made to retry its SYNs
+
+    def __init__(self, *args: Any, guard: ConnectionGuard, **kwargs: Any) -> None:
+        self.guard = guard
+        super().__init__(*args, request_handler=GuardedRequestHandler, **kwargs)
+
+    def get_request(self) -> tuple[Any, Any]:
+        """Accept; for TLS only wrap the socket: the handshake is done in the connection's thread."""
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        return self.guard.admit(self.ae, client_address)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request(request, client_address)  # starts the connection's thread
+        except BaseException:
+            self.guard.started(client_address)  # no thread: the admitted slot is free again
+            raise
+
+
+class GuardedRequestHandler(RequestHandler):
+    """Prepares the socket in the connection's thread and bounds the association's PDU reads."""
+
+    server: GuardedAssociationServer
+
+    def handle(self) -> None:
+        guard = self.server.guard
+        try:
+            if not guard.prepare(self.request, self.client_address):
+                self.server.shutdown_request(self.request)
+                return
+            super().handle()  # creates the association and starts its thread
+        finally:
+            guard.started(self.client_address)
+
+    def _create_association(self) -> Any:
+        assoc = super()._create_association()
+        assoc.dul._pacs_max_dataset = self.server.guard.max_dataset_bytes
+        assoc.dul._read_pdu_data = MethodType(_read_pdu_data_bounded, assoc.dul)
+        return assoc
+
+
+def _start_server(ae: AE, address: tuple[str, int], evt_handlers: list, guard: ConnectionGuard,
+                  ssl_context: ssl.SSLContext | None = None) -> GuardedAssociationServer:
+    """``AE.start_server(block=False)`` with our server class."""
+    server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
+                            server_class=GuardedAssociationServer, guard=guard)
+    thread = threading.Thread(target=make_target(server.serve_forever), name=f"AcceptorServer@{address[1]}",
+                              daemon=True)
+    thread.start()
+    ae._servers.append(server)  # AssociationServer.shutdown() removes it from there
+    return server
+
+
+def _read_pdu_data_bounded(self: DULServiceProvider) -> None:
+    """``DULServiceProvider._read_pdu_data`` (pynetdicom 3.0) with the PDU length checked first.
+
+    A PDU whose type is unknown or whose length field is over its bound (``pdu_length_error``) gets
+    Evt19 (invalid PDU: the state machine sends A-ABORT) without a byte of its body being read;
+    afterwards whatever the peer still sends reads as a closed connection (Evt17).
+    """
+    if getattr(self, "_pacs_refused", False):
+        self.event_queue.put("Evt17")
+        return
+    sock = self.socket
+    assert sock is not None
+    try:
+        header = sock.recv(6)
+    except (OSError, TimeoutError):
+        self.event_queue.put("Evt17")  # Evt17: transport connection closed
+        return
+    try:
+        pdu_type, _, pdu_length = struct.unpack(">BBL", header)
+    except struct.error:
+        self.event_queue.put("Evt17")
+        return
+    error = network_policy.pdu_length_error(pdu_type, pdu_length, self.assoc.acceptor.maximum_length or 0)
+    if error:
+        _refuse(self, error)
+        return
+    try:
+        data = header + sock.recv(pdu_length)
+    except (OSError, TimeoutError):
+        self.event_queue.put("Evt17")
+        return
+    if len(data) != 6 + pdu_length:  # the peer closed in the middle of the PDU
+        self.event_queue.put("Evt17")
+        return
+    try:
+        pdu, event = self._decode_pdu(data)
+    except Exception as exc:
+        _refuse(self, f"undecodable {len(data)}-byte PDU type 0x{pdu_type:02X}: {exc}")
+        return
+    if event == "Evt10" and (error := _count_dataset_bytes(self, pdu)):
+        _refuse(self, error)
+        return
+    self.event_queue.put(event)
+    self._recv_pdu.put(pdu)
+
+
+def _refuse(dul: DULServiceProvider, why: str) -> None:
+    """Evt19 (invalid PDU): the state machine answers A-ABORT; what the peer sends next reads as closed."""
+    log.warning("aborting association with %s: %s", _requestor_address(dul.assoc), why)
+    dul._pacs_refused = True  # type: ignore[attr-defined]
+    dul.event_queue.put("Evt19")
+
+
+def _count_dataset_bytes(dul: DULServiceProvider, pdu: Any) -> str:
+    """Add a P-DATA-TF's dataset fragments to the current message's total; '' or why it is too much."""
+    limit = getattr(dul, "_pacs_max_dataset", 0)
+    if not limit:
+        return ""
+    total = getattr(dul, "_pacs_dataset_bytes", 0)
+    for item in pdu.presentation_data_value_items:
+        value = item.presentation_data_value or b""
+        if not value or value[0] & 0x01:  # a command fragment
+            continue
+        total += len(value) - 1
+        if total > limit:
+            return f"the dataset being received exceeds {limit} bytes"
+        if value[0] & 0x02:  # the last fragment: the next dataset starts from zero
+            total = 0
+    dul._pacs_dataset_bytes = total  # type: ignore[attr-defined]
+    return ""
+
+
+def _host_of(client_address: Any) -> str:
+    return str(client_address[0]) if isinstance(client_address, tuple) and client_address else str(client_address)
+
+
+def _requestor_address(assoc: Any) -> str:
+    try:
+        return str(assoc.requestor.address)
+    except (AttributeError, ValueError):
+        return ""

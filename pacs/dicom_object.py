@@ -92,7 +92,9 @@ def parse_received(
                                max_inflated_bytes=max_inflated_bytes)
     except ObjectRejected:
         raise
-    except (Exception, RecursionError) as exc:  # a parser bug on hostile input must be a refusal, not a crash
+    except MemoryError as exc:
+        raise ObjectRejected(RejectReason.TOO_LARGE, "out of memory while parsing the object") from exc
+    except Exception as exc:  # a parser bug on hostile input must be a refusal, not a crash
         raise ObjectRejected(RejectReason.NOT_DICOM, f"malformed DICOM: {_short(exc)}") from exc
 
 
@@ -262,16 +264,14 @@ def inflate_bounded(deflated: bytes | memoryview, limit: int) -> bytes:
             out += piece
             if len(out) > limit:
                 raise ObjectRejected(RejectReason.NOT_DICOM,
-                                     f"deflated dataset inflates past {limit} bytes (decompression bomb?)")
+                                     f"deflate bomb: dataset inflates past {limit} bytes")
             pending = inflater.unconsumed_tail
     except zlib.error as exc:
         raise ObjectRejected(RejectReason.NOT_DICOM, f"corrupt deflated dataset: {_short(exc)}") from exc
     if not inflater.eof:
         raise ObjectRejected(RejectReason.TRUNCATED, "truncated: the deflated dataset ends before its stream does")
-    trailing = len(inflater.unused_data) + len(view) - pos
-    if trailing > 1 or inflater.unused_data.strip(b"\x00"):  # one pad byte makes an even length
-        raise ObjectRejected(RejectReason.TRUNCATED,
-                             f"truncated or malformed: {trailing} bytes follow the deflated dataset")
+    # Bytes after the end of the stream (a pad byte, some writers' gzip-style trailer) are ignored, as
+    # pydicom and DCMTK do; they are stored as received all the same.
     return bytes(out)
 
 

@@ -31,7 +31,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pacs import audit
 from pacs.db.models import DerivedTask, Instance
-from pacs.dicom_object import ObjectRejected, ReceivedObject, RejectReason, parse_received
+from pacs.dicom_object import (
+    DEFAULT_MAX_INFLATED_BYTES,
+    ObjectRejected,
+    ReceivedObject,
+    RejectReason,
+    parse_received,
+)
 from pacs.forwarding.rules import queue_forwards
 from pacs.index_writer import index_instance
 from pacs.settings import DuplicatePolicy
@@ -97,16 +103,18 @@ class Ingestor:
         store: ObjectStore,
         *,
         duplicate_policy: DuplicatePolicy = DuplicatePolicy.VERSION,
-        max_object_bytes: int = 4 * 1024**3,
+        max_object_bytes: int = 1024**3,
         assume_utf8_for_latin1: bool = True,
         notify: TaskNotifier | None = None,
         read_sessions: sessionmaker[Session] | None = None,
+        max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
     ) -> None:
         self._sessions = sessions
         self._read_sessions = read_sessions or sessions
         self._store = store
         self._policy = duplicate_policy
         self._max_bytes = max_object_bytes
+        self._max_inflated = max_inflated_bytes
         self._utf8 = assume_utf8_for_latin1
         self._notify = notify
 
@@ -126,6 +134,7 @@ class Ingestor:
                 assume_utf8_for_latin1=self._utf8,
                 expected_sop_instance_uid=expected_sop_instance_uid,
                 expected_sop_class_uid=expected_sop_class_uid,
+                max_inflated_bytes=self._max_inflated,
             )
         except ObjectRejected as exc:
             log.warning("refused object from %s: %s", _who(source), exc.message)

@@ -36,6 +36,7 @@ class Pipeline:
             assume_utf8_for_latin1=settings.assume_utf8_for_latin1,
             notify=relay.notify,
             read_sessions=ctx.read_sessions,
+            max_inflated_bytes=settings.max_inflated_bytes,
         )
         ctx.extras["publisher"] = publisher
         forwarder = ForwardDelivery(ctx).start() if settings.embedded_workers else None

@@ -47,14 +47,16 @@ def test_invalid_configuration_is_a_clear_error(env: dict[str, str]) -> None:
 
 def test_ae_add_list_remove(env: dict[str, str]) -> None:
     assert run_pacs(["db", "upgrade"], env).returncode == 0
-    added = run_pacs(["ae", "add", "CT01", "10.0.0.5", "104", "--description", "Ward CT", "--no-query"], env)
+    added = run_pacs(["ae", "add", "CT01", "10.0.0.5", "104", "--description", "Ward CT", "--no-query",
+                      "--facility", "HOSP-A"], env)
     assert added.returncode == 0, added.stderr
     again = run_pacs(["ae", "add", "CT01", "10.0.0.6", "104"], env)
     assert again.returncode == 1 and "already registered" in again.stderr
     assert run_pacs(["ae", "add", "BAD\\AE", "h", "104"], env).returncode == 1
     listed = json.loads(run_pacs(["ae", "list", "--json"], env).stdout)
     assert listed == [{"ae_title": "CT01", "host": "10.0.0.5", "port": 104, "description": "Ward CT",
-                       "allow_store": True, "allow_query": False, "allow_retrieve": True, "check_host": False}]
+                       "allow_store": True, "allow_query": False, "allow_retrieve": True, "check_host": False,
+                       "facility": "HOSP-A"}]
     assert run_pacs(["ae", "remove", "CT01"], env).returncode == 0
     assert run_pacs(["ae", "remove", "CT01"], env).returncode == 1
     assert json.loads(run_pacs(["ae", "list", "--json"], env).stdout) == []

@@ -9,7 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
+from pacs.db.models import AuditEvent
 from tests.support.datasets import make_instance
 from tests.support.dcmtk import dcmtk, dcmtk_env
 from tests.support.pacs_process import EmbeddedPacs, run_pacs
@@ -53,6 +55,10 @@ def test_query_and_retrieve_need_a_registered_ae_with_rights(pacs: EmbeddedPacs,
     assert "Association Rejected" in output, output[-1500:]
     reason = "(1, 1, 3)" if aet == "STRANGER" else "(1, 1, 1)"  # calling AE not recognized / no reason given
     assert f"association from {aet}@" in pacs.proc.log_tail(400) and f"rejected {reason}" in pacs.proc.log_tail(400)
+    with pacs.ctx.read_sessions() as session:  # and the refusal is in the audit trail
+        rows = session.scalars(select(AuditEvent).where(AuditEvent.action == "dimse.association-rejected",
+                                                        AuditEvent.actor == aet)).all()
+    assert rows and rows[-1].outcome == "failure" and "reject=" in rows[-1].detail
 
 
 def test_store_only_ae_can_still_store_and_echo(pacs: EmbeddedPacs, tmp_path: Path) -> None:
