@@ -69,7 +69,15 @@ class Settings(BaseSettings):
     max_associations: int = Field(default=32, ge=1, le=1000)
     network_timeout_s: float = Field(default=60.0, gt=0)
     accept_unknown_store_aes: bool = True
-    max_object_bytes: int = Field(default=4 * 1024**3, description="Largest single object accepted")
+    max_object_bytes: int = Field(default=1024**3, description="Largest single object accepted; over DIMSE a "
+                                  "larger one is aborted while it arrives: what one association may hold in memory")
+    # hostile input and association limits
+    max_inflated_bytes: int = Field(default=512 * 1024**2, ge=1024, description="A deflated dataset inflating "
+                                    "past this is refused as a decompression bomb (never inflated in full)")
+    max_associations_per_peer: int = Field(default=8, ge=1, le=1000, description="Concurrent associations from "
+                                           "one peer address; more get A-ASSOCIATE-RJ (2, 3, 2) local limit exceeded")
+    dicom_acse_timeout_s: float = Field(default=30.0, gt=0, description="A connection that sends no "
+                                        "A-ASSOCIATE-RQ (or an association negotiation stuck) is closed after this")
 
     duplicate_policy: DuplicatePolicy = DuplicatePolicy.VERSION
     assume_utf8_for_latin1: bool = Field(
@@ -176,6 +184,17 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=1024**3, ge=1024, description="Largest HTTP request body (STOW-RS)")
     login_attempts_per_minute: int = Field(default=10, ge=1, description="Per client address and per user name")
     http_request_timeout_s: float = Field(default=300.0, gt=0, description="Longest time to receive a request body")
+    audit_coalesce_s: float = Field(default=60.0, ge=0, description="Repeated frame/rendered/thumbnail/bulk data "
+                                    "reads of one study by one principal within this window share one audit row "
+                                    "(0: a row per request)")
+
+    # OHIF viewer
+    ohif_dir: Path | None = Field(default=None, description="Folder of the OHIF viewer served under /ohif/ "
+                                  "(`pacs viewer install-ohif`); default DATA_DIR/ohif")
+
+    @property
+    def effective_ohif_dir(self) -> Path:
+        return self.ohif_dir if self.ohif_dir is not None else self.data_dir / "ohif"
 
 
 def mask_url(url: str) -> str:
