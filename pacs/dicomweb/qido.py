@@ -23,7 +23,8 @@ Parameters (PS3.18 8.3.4):
   and a name without wildcards also finds the names it begins, component-wise ("NGUYEN" finds
   "NGUYEN^VAN AN"). Fuzzy matching adds prefix matching of each name component and word: "ngu" finds
   "Nguyễn^Văn An", "van" finds it too (any component or word starting with it), and "ngu^va" matches the
-  family name by "ngu*" and the given name by "va*".
+  family name by "ngu*" and the given name by "va*". A typed space matches a space or a component
+  separator ("nguyen van" and OHIF's "*nguyen van*" find "Nguyễn^Văn An").
 
 Searches run with ``relational=True`` (series and instances across studies) and the asker's access
 scope, so the SQL itself leaves out what the asker may not see.
@@ -209,8 +210,12 @@ def _match_value(keyword: str, raw: list[str], fuzzy: bool) -> str:
 
 
 def _fuzzy_patterns(value: str) -> list[str]:
-    """Prefix matching of each name component (see the module docstring); values with wildcards are kept."""
-    value = value.strip()
+    """Prefix matching of each name component (see the module docstring); values with wildcards are kept.
+
+    A space the user typed also matches a component separator: people type "nguyen van" for
+    ``Nguyễn^Văn An`` (OHIF sends ``*nguyen van*``), so each space becomes the one-character wildcard.
+    """
+    value = value.strip().replace(" ", "?")
     if not value or value == "*" or any(w in value for w in WILDCARDS):
         return [value]
     components = value.split("^")
