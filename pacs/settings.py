@@ -184,6 +184,8 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=1024**3, ge=1024, description="Largest HTTP request body (STOW-RS)")
     login_attempts_per_minute: int = Field(default=10, ge=1, description="Per client address and per user name")
     http_request_timeout_s: float = Field(default=300.0, gt=0, description="Longest time to receive a request body")
+    public_url: str = Field(default="", description="This server's external base URL (e.g. https://pacs.example) "
+                            "for absolute URLs in DICOMweb and FHIR answers; empty: taken from each request")
     audit_coalesce_s: float = Field(default=60.0, ge=0, description="Repeated frame/rendered/thumbnail/bulk data "
                                     "reads of one study by one principal within this window share one audit row "
                                     "(0: a row per request)")

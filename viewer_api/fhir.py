@@ -49,6 +49,7 @@ from storage import StorageError
 from storage.keys import is_valid_uid
 from viewer_api.errors import ApiError
 from viewer_api.security import audit_access, context, require
+from viewer_api.urls import public_base
 
 log = logging.getLogger("viewer_api")
 
@@ -90,7 +91,7 @@ def _service(request: Request) -> FhirService:
 
 
 def _base(request: Request) -> str:
-    return str(request.base_url).rstrip("/")
+    return public_base(request)
 
 
 def _strict(request: Request) -> bool:

@@ -17,6 +17,7 @@ from pacs.errors import PacsError
 from pacs.security.principal import Principal
 from viewer_api.errors import ApiError
 from viewer_api.security import audit_access, context
+from viewer_api.urls import public_base
 
 log = logging.getLogger("viewer_api")
 
@@ -25,7 +26,7 @@ DICOMWEB_ROOT = "dicom-web/"
 
 def base_url(request: Request) -> str:
     """The absolute DICOMweb root of this request, ending with ``/`` (for Retrieve URL and Bulk Data URIs)."""
-    return f"{request.base_url}{DICOMWEB_ROOT}"
+    return f"{public_base(request)}/{DICOMWEB_ROOT}"
 
 
 def accept(request: Request, query_parameter: bool = False) -> list[MediaRange]:

@@ -26,6 +26,7 @@ from pacs.security.roles import Capability
 from storage.keys import is_valid_uid
 from viewer_api.errors import ApiError
 from viewer_api.security import audit_access, client_address, context, require
+from viewer_api.urls import public_base
 
 log = logging.getLogger("viewer_api")
 router = APIRouter(prefix="/dicom-web", tags=["DICOMweb STOW-RS"])
@@ -89,7 +90,7 @@ async def _store(request: Request, principal: Principal, study: str | None) -> R
     studies = result.studies
     await run_in_threadpool(_audit, request, principal, study or (studies[0] if len(studies) == 1 else ""),
                             outcome, result.summary())
-    root = f"{str(request.base_url).rstrip('/')}/dicom-web"
+    root = f"{public_base(request)}/dicom-web"
     return JSONResponse(result.response(root), status_code=result.http_status, media_type=DICOM_JSON)
 
 
