@@ -15,6 +15,7 @@ from dicom_scp.statuses import REFUSED_NOT_AUTHORIZED, error_comment, store_stat
 from pacs.context import AppContext
 from pacs.db.models import ApplicationEntity
 from pacs.ingest import Ingestor, IngestSource
+from pacs.network_policy import host_matches
 
 log = logging.getLogger("dicom_scp")
 
@@ -30,8 +31,7 @@ def handle_store(event: evt.Event, ingestor: Ingestor, ctx: AppContext) -> Datas
     request = event.request
     outcome = ingestor.ingest(
         event.encoded_dataset(include_meta=True),
-        IngestSource("dimse", calling_ae=calling_ae, address=f"{requestor.address}:{requestor.port}",
-                     facility=_facility(event, ctx, calling_ae)),
+        _source(event, ctx, calling_ae),
         expected_sop_instance_uid=str(request.AffectedSOPInstanceUID or "") or None,
         expected_sop_class_uid=str(request.AffectedSOPClassUID or "") or None,
     )
@@ -44,17 +44,25 @@ def handle_store(event: evt.Event, ingestor: Ingestor, ctx: AppContext) -> Datas
     return status
 
 
-def _facility(event: evt.Event, ctx: AppContext, calling_ae: str) -> str:
-    """The registered AE's facility (new studies belong there), looked up once per association."""
+def _source(event: evt.Event, ctx: AppContext, calling_ae: str) -> IngestSource:
+    """Who is storing: a registered AE (passing its host check) is trusted and stores for its facility;
+    any other peer is untrusted (pacs.security.ingest_policy). Looked up once per association."""
+    requestor = event.assoc.requestor
     cache = event.assoc.__dict__
-    if "_pacs_facility" not in cache:
+    if "_pacs_sender" not in cache:
         try:
             with ctx.read_sessions() as session:
-                cache["_pacs_facility"] = session.scalar(
-                    select(ApplicationEntity.facility).where(ApplicationEntity.ae_title == calling_ae)) or ""
+                row = session.scalars(select(ApplicationEntity)
+                                      .where(ApplicationEntity.ae_title == calling_ae)).one_or_none()
         except SQLAlchemyError:
-            return ""  # the index is down: the ingest itself will answer with its own status
-    return str(cache["_pacs_facility"])
+            # the index is down: the ingest itself will answer with its own status
+            return IngestSource("dimse", calling_ae=calling_ae, address=f"{requestor.address}:{requestor.port}",
+                                trusted=False)
+        registered = row is not None and (not row.check_host or host_matches(row.host, str(requestor.address)))
+        cache["_pacs_sender"] = (row.facility if registered and row is not None else "", registered)
+    facility, trusted = cache["_pacs_sender"]
+    return IngestSource("dimse", calling_ae=calling_ae, address=f"{requestor.address}:{requestor.port}",
+                        facility=facility, trusted=trusted)
 
 
 def _may_store(ctx: AppContext, calling_ae: str) -> bool:

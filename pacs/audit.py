@@ -144,3 +144,8 @@ class ReadCoalescer:
                     self._seen.clear()
             self._seen[key] = now
             return True
+
+    def forget(self, actor: str, action: str, study_instance_uid: str) -> None:
+        """The row :meth:`should_record` asked for could not be written: the next read must try again."""
+        with self._lock:
+            self._seen.pop((actor, action, study_instance_uid), None)

@@ -30,7 +30,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs import audit
-from pacs.db.models import DerivedTask, Instance
+from pacs.db.models import DerivedTask, Instance, Series, Study
 from pacs.dicom_object import (
     DEFAULT_MAX_INFLATED_BYTES,
     ObjectRejected,
@@ -40,6 +40,7 @@ from pacs.dicom_object import (
 )
 from pacs.forwarding.rules import queue_forwards
 from pacs.index_writer import index_instance
+from pacs.security import ingest_policy
 from pacs.settings import DuplicatePolicy
 from storage import ObjectStore, StorageError
 from storage.keys import instance_key
@@ -72,7 +73,8 @@ class IngestSource:
     address: str = ""
     user: str = ""
     role: str = ""  # the principal's role for STOW-RS (pacs.security)
-    facility: str = ""  # the facility a new study belongs to ("" = the archive's default facility)
+    facility: str = ""  # the facility a new study belongs to; "" = unrestricted (pacs.security.ingest_policy)
+    trusted: bool = True  # False for an unregistered DICOM peer: may not change what others stored
 
 
 @dataclass(frozen=True)
@@ -195,6 +197,11 @@ class Ingestor:
                     return IngestOutcome(IngestStatus.DUPLICATE, "identical object already stored", **ids)
                 if (replaces is None) != (current_sha is None):
                     raise IntegrityError("instance changed concurrently", None, Exception())
+                refused = ingest_policy.refusal(_existing(session, obj, replaces), obj.study_instance_uid,
+                                                source.facility, source.trusted, new_version=replaces is not None,
+                                                sender_ae=source.calling_ae)
+                if refused is not None:
+                    raise _Refused(refused)
                 index_instance(session, obj, object_key=key, sha256=sha256, received_at=now,
                                source=source.transport, source_ae=source.calling_ae,
                                source_address=source.address, replaces=replaces, facility=source.facility)
@@ -207,6 +214,11 @@ class Ingestor:
                 task_ids = tuple(t.id for t in tasks)
         except IntegrityError:
             raise
+        except _Refused as exc:
+            if not existed:
+                self._discard(key)
+            log.warning("refused object %s from %s: %s", obj.sop_instance_uid, _who(source), exc)
+            return IngestOutcome(IngestStatus.REJECTED, str(exc), reason=RejectReason.MISMATCH, **ids)
         except SQLAlchemyError as exc:
             if not existed:
                 self._discard(key)
@@ -281,6 +293,26 @@ def _audit(session: Session, obj: ReceivedObject, source: IngestSource, action: 
         study_instance_uid=obj.study_instance_uid,
         detail=f"transport={source.transport} sop={obj.sop_instance_uid} {detail}",
     )
+
+
+class _Refused(Exception):
+    """The sender may not change what the index holds for these UIDs (pacs.security.ingest_policy)."""
+
+
+def _existing(session: Session, obj: ReceivedObject, replaces: Instance | None) -> ingest_policy.Existing:
+    study_facility = session.scalar(select(Study.facility).where(Study.study_instance_uid == obj.study_instance_uid))
+    series_study = session.scalar(select(Study.study_instance_uid).join(Series, Series.study_fk == Study.id)
+                                  .where(Series.series_instance_uid == obj.series_instance_uid))
+    instance_study = None
+    if replaces is not None:
+        instance_study = session.execute(select(Study.study_instance_uid, Study.facility)
+                                         .join(Series, Series.study_fk == Study.id)
+                                         .where(Series.id == replaces.series_fk)).one_or_none()
+    return ingest_policy.Existing(
+        study_facility=study_facility, series_study_uid=series_study,
+        instance_study_uid=instance_study[0] if instance_study else None,
+        instance_study_facility=instance_study[1] if instance_study else None,
+        instance_source_ae=replaces.source_ae if replaces is not None else None)
 
 
 def _who(source: IngestSource) -> str:

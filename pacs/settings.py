@@ -126,6 +126,15 @@ class Settings(BaseSettings):
             raise ValueError("tls_require_client_cert needs tls_ca_file to verify client certificates")
         return self
 
+    @model_validator(mode="after")
+    def _check_auth(self) -> Settings:
+        if self.oidc_issuer and not (self.oidc_audience and self.oidc_jwks_url):
+            raise ValueError("OIDC needs oidc_audience (tokens minted for other applications are refused) "
+                             "and oidc_jwks_url besides oidc_issuer")
+        if self.auth_secret and len(self.auth_secret.encode()) < 32:
+            raise ValueError("auth_secret must be at least 32 bytes (e.g. `openssl rand -base64 48`)")
+        return self
+
     @property
     def effective_database_url(self) -> str:
         if self.database_url:

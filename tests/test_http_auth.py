@@ -170,6 +170,7 @@ def test_oidc_tokens_from_the_configured_issuer(pacs: EmbeddedPacs, jwks: _Jwks)
     assert me.status_code == 200, me.text
     assert me.json()["role"] == "clinician" and me.json()["facility"] == "HOSP-A" and me.json()["kind"] == "oidc"
     assert _me(pacs, jwks.token(roles=["radiologist", "clinician"])).json()["role"] == "radiologist"
+    assert _me(pacs, jwks.token(facility="*")).json()["facility"] == ""  # "*": every facility, said explicitly
     other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     refused = {
         "expired": jwks.token(exp=datetime.now(UTC) - timedelta(minutes=1)),
@@ -177,6 +178,9 @@ def test_oidc_tokens_from_the_configured_issuer(pacs: EmbeddedPacs, jwks: _Jwks)
         "wrong issuer": jwks.token(iss="https://evil.example.test"),
         "no known role": jwks.token(roles=["superuser"]),
         "signed by another key": jwks.token(key=other_key),
+        "no facility claim": jwks.token(facility=None),
+        "empty facility claim": jwks.token(facility=""),
+        "patient without patient_id": jwks.token(roles=["patient"]),
     }
     for why, token in refused.items():
         assert _me(pacs, token).status_code == 401, why
@@ -225,3 +229,21 @@ def test_oversized_requests_are_refused_before_the_body_is_read(pacs: EmbeddedPa
                           headers={"Content-Type": "application/json", "Content-Length": str(2 * 1024**3)})
     assert response.status_code == 413 and response.json()["code"] == "payload_too_large"
     assert time.monotonic() - started < 30
+    # Only STOW-RS takes large bodies: a 100 KB login is refused although it is under PACS_MAX_REQUEST_BYTES.
+    big_login = httpx.post(f"{pacs.http_url}/api/auth/login", timeout=60,
+                           json={"username": "x" * 100_000, "password": "y"})
+    assert big_login.status_code == 413
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"oidc_issuer": ISSUER, "oidc_jwks_url": "http://127.0.0.1:1/certs"}, "oidc_audience"),
+    ({"oidc_issuer": ISSUER, "oidc_audience": AUDIENCE}, "oidc_jwks_url"),
+    ({"auth_secret": "too-short"}, "at least 32 bytes"),
+])
+def test_weak_or_incomplete_auth_settings_are_refused(settings: dict, message: str) -> None:
+    from pydantic import ValidationError
+
+    from pacs.settings import Settings
+
+    with pytest.raises(ValidationError, match=message):
+        Settings(**settings)

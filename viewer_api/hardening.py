@@ -17,17 +17,25 @@ class BodyTooLarge(Exception):
     pass
 
 
-class RequestLimits:
-    """Refuse a request body over ``max_bytes`` with 413: at once from Content-Length, or as soon as a
-    chunked body passes the limit (the route reading it gets an exception and writes nothing)."""
+# Only STOW-RS takes large bodies; every other route (login, JSON) is parsed in memory: keep it small.
+UPLOAD_PREFIX = "/dicom-web/studies"
+SMALL_BODY_BYTES = 64 * 1024
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+
+class RequestLimits:
+    """Refuse a request body over the limit with 413: at once from Content-Length, or as soon as a
+    chunked body passes it (the route reading it gets an exception and writes nothing). The limit is
+    ``max_bytes`` for STOW-RS uploads and ``small_bytes`` for every other request."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, small_bytes: int = SMALL_BODY_BYTES) -> None:
+        self.app, self.upload_bytes, self.small_bytes = app, max_bytes, min(small_bytes, max_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        upload = scope.get("method") == "POST" and str(scope.get("path", "")).startswith(UPLOAD_PREFIX)
+        limit = self.upload_bytes if upload else self.small_bytes
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None:
@@ -36,9 +44,9 @@ class RequestLimits:
             except ValueError:
                 await _json(send, 400, "invalid_request", "invalid Content-Length")
                 return
-            if declared > self.max_bytes:
+            if declared > limit:
                 await _json(send, 413, "payload_too_large",
-                            f"request body of {declared} bytes exceeds the limit of {self.max_bytes}")
+                            f"request body of {declared} bytes exceeds the limit of {limit}")
                 return
         received = 0
         started = False
@@ -48,8 +56,8 @@ class RequestLimits:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise BodyTooLarge(f"request body exceeds the limit of {self.max_bytes} bytes")
+                if received > limit:
+                    raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
             return message
 
         async def tracking_send(message: Message) -> None:

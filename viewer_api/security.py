@@ -101,14 +101,23 @@ def audit_access(request: Request, principal: Principal, action: str, *, study_i
     Successful high-volume reads (frames, rendered images, thumbnails, bulk data) of one study by
     one principal are coalesced: one row per ``PACS_AUDIT_COALESCE_S`` window (pacs.audit.ReadCoalescer).
     """
+    coalescer: audit.ReadCoalescer | None = None
+    # the coalescing key: the credential (a token's id, else the subject) and the client's address
+    host = request.client.host if request.client else ""
+    who = f"{principal.subject}#{principal.token_id or ''}@{host}"
     if outcome == "success" and action in COALESCED_READS:
-        coalescer: audit.ReadCoalescer = request.app.state.read_coalescer
-        if not coalescer.should_record(principal.subject, action, study_instance_uid):
+        coalescer = request.app.state.read_coalescer
+        if not coalescer.should_record(who, action, study_instance_uid):
             return
         window = context(request).settings.audit_coalesce_s
         detail = f"{detail} (repeats within {window:g} s covered by this row)".strip()
     query = f"?{request.url.query}" if request.url.query else ""
-    audit.record(context(request).sessions, action=action, actor=principal.subject, role=principal.role.value,
-                 outcome=outcome, source_address=principal.source_address or client_address(request),
-                 patient_id=patient_id, study_instance_uid=study_instance_uid,
-                 detail=(f"{request.method} {request.url.path}{query} {detail}").strip())
+    try:
+        audit.record(context(request).sessions, action=action, actor=principal.subject, role=principal.role.value,
+                     outcome=outcome, source_address=principal.source_address or client_address(request),
+                     patient_id=patient_id, study_instance_uid=study_instance_uid,
+                     detail=(f"{request.method} {request.url.path}{query} {detail}").strip())
+    except Exception:
+        if coalescer is not None:
+            coalescer.forget(who, action, study_instance_uid)
+        raise

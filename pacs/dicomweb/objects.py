@@ -91,9 +91,30 @@ class FrameReader:
         if self.tag is None:
             raise NotFound("the instance has no pixel data (no frames)")
         try:
-            self.count = max(int(self.ds.get("NumberOfFrames") or 1), 1)
+            claimed = max(int(self.ds.get("NumberOfFrames") or 1), 1)
         except (TypeError, ValueError):
-            self.count = 1
+            claimed = 1
+        self.count = min(claimed, self._frames_the_data_can_hold())
+
+    def _frames_the_data_can_hold(self) -> int:
+        """An upper bound on the frame count from the bytes actually present, so a header claiming
+        millions of frames cannot make a reader allocate or loop for them."""
+        raw = self._raw()
+        length = getattr(raw, "length", None)
+        if length is None or length == 0xFFFFFFFF:  # encapsulated, undefined length: bounded by the object
+            here = self.fp.tell()
+            size = self.fp.seek(0, 2)
+            self.fp.seek(here)
+            return max(size // 8, 1)  # every fragment has at least an 8-byte item header
+        if self.syntax.is_encapsulated:
+            return max(length // 8, 1)
+        try:
+            rows, columns = int(self.ds.Rows), int(self.ds.Columns)
+            samples, bits = int(self.ds.get("SamplesPerPixel") or 1), int(self.ds.BitsAllocated)
+        except (AttributeError, TypeError, ValueError):
+            return 1
+        frame_bits = rows * columns * samples * bits
+        return max((length * 8) // frame_bits, 1) if frame_bits > 0 else 1
 
     def check(self, number: int) -> int:
         """The zero-based index of 1-based frame ``number``; NotFound when the instance has no such frame."""

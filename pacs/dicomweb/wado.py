@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -146,7 +146,7 @@ class Wado:
         item = instance(self.sessions, target)
         if is_pixel_path(path):  # pixel data: every frame, one part each, negotiated like /frames
             fmt = media.choose_frame_format(item.transfer_syntax_uid, ranges)
-            return self._frame_body(item, fmt, lambda reader: list(range(reader.count)))
+            return self._frame_body(item, fmt, lambda reader: range(reader.count))
         media.require_octet_stream(ranges)
         with open_seekable(self.store, item.object_key) as fp:
             value, _vr = bulk_value(read_deferred(fp), path)
@@ -154,7 +154,7 @@ class Wado:
         return Body(writer.content_type, [*writer.part(media.OCTET_STREAM, value), writer.end()])
 
     def _frame_body(self, item: StoredInstance, fmt: FrameFormat,
-                    indexes_of: Callable[[FrameReader], list[int]]) -> Body:
+                    indexes_of: Callable[[FrameReader], Sequence[int]]) -> Body:
         stack = contextlib.ExitStack()
         try:
             fp: BinaryIO = stack.enter_context(open_seekable(self.store, item.object_key))

@@ -123,8 +123,8 @@ class Authenticator:
         try:
             key = self._jwks.get_signing_key_from_jwt(token)
             claims = jwt.decode(token, key.key, algorithms=["RS256", "RS384", "RS512", "ES256", "ES384", "PS256"],
-                                audience=settings.oidc_audience or None, issuer=settings.oidc_issuer,
-                                options={"require": ["exp", "iss", "sub"], "verify_aud": bool(settings.oidc_audience)})
+                                audience=settings.oidc_audience, issuer=settings.oidc_issuer,
+                                options={"require": ["exp", "iss", "sub", "aud"]})
         except jwt.ExpiredSignatureError:
             raise AuthenticationError("token expired") from None
         except (jwt.PyJWTError, jwt.PyJWKClientError):
@@ -132,8 +132,14 @@ class Authenticator:
         role = oidc_role(claims.get(settings.oidc_role_claim))
         if role is None:
             raise AuthenticationError(f"token has no known role in claim {settings.oidc_role_claim!r}")
-        facility = str(claims.get(settings.oidc_facility_claim) or "")[:64]
+        # Fail closed: a token without a facility claim is refused; "*" is the explicit "every facility".
+        facility_claim = claims.get(settings.oidc_facility_claim)
+        if not isinstance(facility_claim, str) or not facility_claim.strip():
+            raise AuthenticationError(f"token has no {settings.oidc_facility_claim!r} claim ('*' for every facility)")
+        facility = "" if facility_claim.strip() == "*" else facility_claim.strip()[:64]
         patient_id = str(claims.get("patient_id") or "")[:64]
+        if role is Role.PATIENT and not patient_id:
+            raise AuthenticationError("a patient token needs a patient_id claim")
         return Principal(subject=f"oidc:{str(claims['sub'])[:100]}", role=role, capabilities=capabilities_of(role),
                          scope=scope_for(role, facility, patient_id), kind="oidc", facility=facility,
                          source_address=source_address)

@@ -10,6 +10,8 @@ outside the asker's scope, unknown, or a series not of that study is 404. The lo
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -61,9 +63,12 @@ def _search(request: Request, principal: Principal, resource: str, study: str | 
     except NotAcceptable as exc:
         raise ApiError(406, "not_acceptable", str(exc)) from None
     search, result, patient = _prepare(request, principal, "dicomweb.search", resource, study, series)
-    total = result.count()
-    audit_access(request, principal, "dicomweb.search", study_instance_uid=study or "", patient_id=patient,
-                 detail=f"{total} match(es)")
+    try:
+        total = result.count()
+    except PacsError as exc:
+        audit_access(request, principal, "dicomweb.search", study_instance_uid=(study or "")[:64],
+                     outcome="failure", detail=str(exc)[:300])
+        raise
     shown = max(0, min(search.limit, total - search.offset))
     warnings = list(search.warnings)
     if (remaining := total - search.offset - shown) > 0:
@@ -72,8 +77,32 @@ def _search(request: Request, principal: Principal, resource: str, study: str | 
     if warnings:
         agent = request.url.netloc or "pacs"
         headers["Warning"] = ", ".join(f'299 {agent}: "{w}"' for w in warnings)
-    return StreamingResponse(json_array(result, search.keys, search.level, base_url(request)),
+    rows = _audited_rows(request, principal, result, total, study or "", patient)
+    return StreamingResponse(json_array(rows, search.keys, search.level, base_url(request)),
                              media_type="application/dicom+json", headers=headers)
+
+
+def _audited_rows(request: Request, principal: Principal, rows: Iterable[dict], total: int, study: str,
+                  patient: str) -> Iterator[dict]:
+    """Pass the rows through, then audit what was actually disclosed: the studies and patients in the
+    response (named when there is one, counted and listed in the detail otherwise), even when the client
+    stops reading half-way."""
+    studies: dict[str, None] = {}
+    patients: dict[str, None] = {}
+    try:
+        for row in rows:
+            studies[str(row.get("StudyInstanceUID") or "")] = None
+            if row.get("PatientID"):
+                patients[str(row["PatientID"])] = None
+            yield row
+    finally:
+        studies.pop("", None)
+        named_study = study or (next(iter(studies)) if len(studies) == 1 else "")
+        named_patient = patient or (next(iter(patients)) if len(patients) == 1 else "")
+        detail = (f"{total} match(es); returned studies={len(studies)} [{','.join(list(studies)[:20])}] "
+                  f"patients={len(patients)} [{','.join(list(patients)[:20])}]")
+        audit_access(request, principal, "dicomweb.search", study_instance_uid=named_study[:64],
+                     patient_id=named_patient[:64], detail=detail[:1500])
 
 
 def _count(request: Request, principal: Principal, resource: str, study: str | None = None,
