@@ -145,6 +145,9 @@ def test_serve_prints_where_it_listens(env: dict[str, str], tmp_path: Path) -> N
         wait_until(lambda: "PACS ready" in proc.log_tail(), what="banner")
         import httpx
 
+        from tests.support.http_api import wait_http
+
+        wait_http(f"http://127.0.0.1:{env['PACS_HTTP_PORT']}")  # the banner comes just before HTTP binds
         health = httpx.get(f"http://127.0.0.1:{env['PACS_HTTP_PORT']}/health", timeout=5).json()
         assert health == {"status": "ok", "checks": {"index": "ok", "storage": "ok"}}
     finally:

@@ -76,6 +76,10 @@ class Server:
     def threads(self) -> int:
         return self.process.num_threads()
 
+    @property
+    def dicom_ports(self) -> set[int]:
+        return {self.port, int(self.pacs.env["PACS_DICOM_TLS_PORT"])}
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
@@ -125,9 +129,21 @@ def _indexed(server: Server, sop_uid: str) -> bool:
 
 
 def _settle(server: Server, baseline_threads: int) -> None:
-    """Wait until the connections a test left have been closed by the server (threads back to normal)."""
-    wait_until(lambda: server.threads() <= baseline_threads + 1, timeout=ACSE_TIMEOUT_S + NETWORK_TIMEOUT_S + 15,
-               interval=0.2, what="the server's connection threads to end")
+    """Wait until the connections a test left have been closed by the server: no connection on its DICOM
+    ports but the listeners, and the thread count back to normal and steady (the serve process's other
+    thread pools come and go, so one low reading alone proves nothing)."""
+    def open_connections() -> int:
+        return sum(1 for c in server.process.net_connections(kind="tcp")
+                   if c.status != psutil.CONN_LISTEN and c.laddr and c.laddr.port in server.dicom_ports)
+
+    def settled() -> bool:
+        if open_connections() or server.threads() > baseline_threads + 1:
+            return False
+        time.sleep(0.5)
+        return open_connections() == 0 and server.threads() <= baseline_threads + 1
+
+    wait_until(settled, timeout=ACSE_TIMEOUT_S + NETWORK_TIMEOUT_S + 15, interval=0.2,
+               what="the server's connections and their threads to end")
 
 
 # -- raw PDUs -------------------------------------------------------------------------------------

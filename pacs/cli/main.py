@@ -46,16 +46,17 @@ def serve() -> None:
     ensure_schema(settings, upgrade=True)
     pipeline = Pipeline.start(settings)
     scp = start_scp(pipeline.ctx, pipeline.ingestor)
+    _announce_initial_admin(pipeline.ctx)
+    http_app = create_app(pipeline.ctx, pipeline.ingestor)
     console.print(f"[green]PACS ready[/green]: DICOM {settings.ae_title}@{settings.dicom_host}:"
                   f"{scp.server_address[1]}, HTTP http://{settings.http_host}:{settings.http_port}, "
                   f"index {pipeline.ctx.engine.url.render_as_string(hide_password=True)}, "
                   f"store {pipeline.ctx.store.describe()}, workers "
                   f"{'in-process' if settings.embedded_workers else 'celery'}"
                   + (f", DICOM TLS on port {scp.tls.server_address[1]}" if scp.tls else ""))
-    _announce_initial_admin(pipeline.ctx)
     try:
-        uvicorn.run(create_app(pipeline.ctx, pipeline.ingestor), host=settings.http_host, port=settings.http_port,
-                    log_level="warning", timeout_keep_alive=15)
+        uvicorn.run(http_app, host=settings.http_host, port=settings.http_port, log_level="warning",
+                    timeout_keep_alive=15)
     finally:
         scp.shutdown()
         pipeline.stop()
