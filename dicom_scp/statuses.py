@@ -1,49 +1,20 @@
-"""One table from ingest outcomes to C-STORE response statuses (PS3.4 Annex B.2.3)."""
+"""C-STORE response statuses: the shared table of pacs.store_statuses, plus the DIMSE-only refusal."""
 
 from __future__ import annotations
 
-from pacs.dicom_object import RejectReason
-from pacs.ingest import IngestOutcome, IngestStatus
+from pacs.store_statuses import (  # noqa: F401  (re-exported for the DIMSE services)
+    CANNOT_UNDERSTAND,
+    CANNOT_UNDERSTAND_INVALID_UID,
+    CANNOT_UNDERSTAND_MISSING_ATTRIBUTE,
+    CANNOT_UNDERSTAND_NOT_STORABLE,
+    CANNOT_UNDERSTAND_TRUNCATED,
+    DATASET_DOES_NOT_MATCH,
+    OUT_OF_RESOURCES,
+    OUT_OF_RESOURCES_INDEX,
+    OUT_OF_RESOURCES_TOO_LARGE,
+    SUCCESS,
+    error_comment,
+    store_status,
+)
 
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700  # transient: the sender may retry later
-OUT_OF_RESOURCES_INDEX = 0xA701
-OUT_OF_RESOURCES_TOO_LARGE = 0xA702
-DATASET_DOES_NOT_MATCH = 0xA900
-CANNOT_UNDERSTAND = 0xC000
-CANNOT_UNDERSTAND_INVALID_UID = 0xC001
-CANNOT_UNDERSTAND_TRUNCATED = 0xC002
-CANNOT_UNDERSTAND_MISSING_ATTRIBUTE = 0xC003
-CANNOT_UNDERSTAND_NOT_STORABLE = 0xC004
 REFUSED_NOT_AUTHORIZED = 0x0124
-
-_BY_STATUS = {
-    IngestStatus.STORED: SUCCESS,
-    IngestStatus.DUPLICATE: SUCCESS,
-    IngestStatus.NEW_VERSION: SUCCESS,
-    IngestStatus.KEPT_EXISTING: SUCCESS,
-    IngestStatus.STORAGE_UNAVAILABLE: OUT_OF_RESOURCES,
-    IngestStatus.INDEX_UNAVAILABLE: OUT_OF_RESOURCES_INDEX,
-}
-
-_BY_REASON = {
-    RejectReason.NOT_DICOM: CANNOT_UNDERSTAND,
-    RejectReason.TRUNCATED: CANNOT_UNDERSTAND_TRUNCATED,
-    RejectReason.MISSING_ATTRIBUTE: CANNOT_UNDERSTAND_MISSING_ATTRIBUTE,
-    RejectReason.INVALID_UID: CANNOT_UNDERSTAND_INVALID_UID,
-    RejectReason.TOO_LARGE: OUT_OF_RESOURCES_TOO_LARGE,
-    RejectReason.MISMATCH: DATASET_DOES_NOT_MATCH,
-    RejectReason.NOT_STORABLE: CANNOT_UNDERSTAND_NOT_STORABLE,
-}
-
-
-def store_status(outcome: IngestOutcome) -> int:
-    if outcome.status in _BY_STATUS:
-        return _BY_STATUS[outcome.status]
-    return _BY_REASON.get(outcome.reason, CANNOT_UNDERSTAND) if outcome.reason else CANNOT_UNDERSTAND
-
-
-def error_comment(message: str) -> str:
-    """Error Comment is an LO: at most 64 characters, no backslash or control characters."""
-    cleaned = "".join(ch if ch.isprintable() and ch != "\\" else " " for ch in message)
-    return cleaned[:64]

@@ -192,6 +192,8 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=list, description="Browser origins allowed to call the API")
     max_request_bytes: int = Field(default=1024**3, ge=1024, description="Largest HTTP request body (STOW-RS)")
     login_attempts_per_minute: int = Field(default=10, ge=1, description="Per client address and per user name")
+    http_max_connections: int = Field(default=500, ge=1, description="Concurrent HTTP connections; more get 503 "
+                                      "(put a reverse proxy with header/body timeouts in front on open networks)")
     http_request_timeout_s: float = Field(default=300.0, gt=0, description="Longest time to receive a request body")
     public_url: str = Field(default="", description="This server's external base URL (e.g. https://pacs.example) "
                             "for absolute URLs in DICOMweb and FHIR answers; empty: taken from each request")

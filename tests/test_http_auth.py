@@ -136,12 +136,23 @@ def test_login_wrong_password_and_disabled_user(pacs: EmbeddedPacs) -> None:
                            "short").returncode == 1  # passwords under 10 characters are refused
 
 
+def test_changing_the_password_ends_existing_sessions(pacs: EmbeddedPacs) -> None:
+    _add_user(pacs, "dr.hoa", "first long password", "clinician")
+    token = _login(pacs, "dr.hoa", "first long password").json()["access_token"]
+    assert _me(pacs, token).status_code == 200
+    assert _run_with_stdin(pacs, ["user", "passwd", "dr.hoa", "--password-stdin"], "second long password") \
+        .returncode == 0
+    assert _me(pacs, token).status_code == 401
+    assert _login(pacs, "dr.hoa", "second long password").status_code == 200
+
+
 def test_login_attempts_are_rate_limited(pacs: EmbeddedPacs) -> None:
     _add_user(pacs, "tech.minh", "another long password", "technologist")
     codes = [_login(pacs, "tech.minh", f"bad password {i}").status_code for i in range(5)]  # 5 per minute
     assert codes == [401] * 5
     limited = _login(pacs, "tech.minh", "another long password")  # even the right password now waits
     assert limited.status_code == 429 and int(limited.headers["Retry-After"]) >= 1
+    assert _login(pacs, "dr.other", "whatever-password").status_code == 401  # other users are not locked out
 
 
 def test_api_tokens_revoked_expired_and_garbage(pacs: EmbeddedPacs) -> None:

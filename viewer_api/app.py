@@ -37,8 +37,11 @@ def create_app(ctx: AppContext, ingestor: Ingestor | None = None) -> FastAPI:
         read_sessions=ctx.read_sessions)
     app.state.authenticator = Authenticator(settings, ctx.sessions)
     app.state.query_engine = QueryEngine(ctx.read_sessions)
-    app.state.login_limiter = RateLimiter(settings.login_attempts_per_minute, 60.0)  # failed logins per user name
-    app.state.address_limiter = RateLimiter(settings.login_attempts_per_minute * 5, 60.0)  # per client address
+    # failed logins per user name and address / per user name / per client address (auth_routes.login)
+    app.state.login_limiter = RateLimiter(settings.login_attempts_per_minute, 60.0)
+    app.state.user_limiter = RateLimiter(settings.login_attempts_per_minute * 5, 60.0)
+    app.state.address_limiter = RateLimiter(settings.login_attempts_per_minute * 5, 60.0)
+    app.state.denial_coalescer = audit.ReadCoalescer(settings.audit_coalesce_s and 10.0)
     app.state.read_coalescer = audit.ReadCoalescer(settings.audit_coalesce_s)
     errors.install(app)
 

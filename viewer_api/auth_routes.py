@@ -42,10 +42,13 @@ def login(body: LoginRequest, request: Request) -> TokenResponse:
     limiter = request.app.state.login_limiter
     address = client_address(request)
     host = request.client.host if request.client else ""
-    # Failed attempts are counted per user name and per client address (the address gets more room:
-    # a hospital's clients may share one NAT address).
-    keys = (f"user:{body.username.lower()}", f"addr:{host}")
-    for key, limit in zip(keys, (limiter, request.app.state.address_limiter), strict=True):
+    # Failed attempts are counted per user name from one address (the tight limit), and, with 5× more room,
+    # per user name from anywhere and per address (a hospital's clients may share one NAT address): a
+    # guesser elsewhere slows down, but cannot lock the user out of their own workstation at once.
+    name = body.username.lower()
+    keys = (f"user:{name}|{host}", f"user:{name}", f"addr:{host}")
+    limiters = (limiter, request.app.state.user_limiter, request.app.state.address_limiter)
+    for key, limit in zip(keys, limiters, strict=True):
         if limit.limited(key):
             audit.record(ctx.sessions, action="auth.login", actor=body.username, outcome="failure",
                          source_address=address, detail="rate limited")
@@ -54,8 +57,8 @@ def login(body: LoginRequest, request: Request) -> TokenResponse:
     with ctx.read_sessions() as session:
         user = check_password(session, body.username, body.password)
     if user is None:
-        limiter.hit(keys[0])
-        request.app.state.address_limiter.hit(keys[1])
+        for key, limit in zip(keys, limiters, strict=True):
+            limit.hit(key)
         audit.record(ctx.sessions, action="auth.login", actor=body.username, outcome="failure",
                      source_address=address, detail="wrong user name or password")
         raise ApiError(401, "unauthenticated", "wrong user name or password", {"WWW-Authenticate": "Bearer"})

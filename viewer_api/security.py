@@ -87,6 +87,12 @@ def require(capability: Capability | None) -> Any:
 
 
 def _audit_denied(request: Request, actor: str, role: str, action: str, reason: str, address: str) -> None:
+    """Audit a refused request; a burst of refusals from one address for one path shares a row per
+    10 s, so that unauthenticated traffic cannot flood the trail (and its write lock)."""
+    host = request.client.host if request.client else ""
+    coalescer: audit.ReadCoalescer = request.app.state.denial_coalescer
+    if not coalescer.should_record(f"{host}|{actor}", action, request.url.path):
+        return
     try:
         audit.record(context(request).sessions, action=action, actor=actor, role=role, outcome="failure",
                      source_address=address, detail=f"{request.method} {request.url.path} {reason}")

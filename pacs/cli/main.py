@@ -56,7 +56,7 @@ def serve() -> None:
                   + (f", DICOM TLS on port {scp.tls.server_address[1]}" if scp.tls else ""))
     try:
         uvicorn.run(http_app, host=settings.http_host, port=settings.http_port, log_level="warning",
-                    timeout_keep_alive=15)
+                    timeout_keep_alive=15, limit_concurrency=settings.http_max_connections)
     finally:
         scp.shutdown()
         pipeline.stop()
@@ -97,7 +97,7 @@ def api() -> None:
     console.print(f"[green]HTTP API ready[/green] http://{settings.http_host}:{settings.http_port}")
     try:
         uvicorn.run(create_app(pipeline.ctx, pipeline.ingestor), host=settings.http_host, port=settings.http_port,
-                    log_level="warning", timeout_keep_alive=15)
+                    log_level="warning", timeout_keep_alive=15, limit_concurrency=settings.http_max_connections)
     finally:
         pipeline.stop()
 

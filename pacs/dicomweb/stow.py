@@ -53,9 +53,16 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs.db.models import Instance, Series
-from pacs.dicom_object import DEFAULT_MAX_INFLATED_BYTES, PREAMBLE, ObjectRejected, RejectReason, parse_received
+from pacs.dicom_object import DEFAULT_MAX_INFLATED_BYTES, PREAMBLE, ObjectRejected, parse_received
 from pacs.dicomweb.multipart_reader import MultipartError
-from pacs.ingest import Ingestor, IngestOutcome, IngestSource, IngestStatus
+from pacs.ingest import Ingestor, IngestOutcome, IngestSource
+from pacs.store_statuses import (
+    CANNOT_UNDERSTAND,
+    DATASET_DOES_NOT_MATCH,
+    OUT_OF_RESOURCES_TOO_LARGE,
+    error_comment,
+    store_status,
+)
 from storage.keys import is_valid_uid
 
 log = logging.getLogger(__name__)
@@ -65,45 +72,12 @@ MAX_PARTS = 100_000  # parts in one request (each costs a small record while the
 DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"
 
-OUT_OF_RESOURCES = 0xA700
-OUT_OF_RESOURCES_INDEX = 0xA701
-OUT_OF_RESOURCES_TOO_LARGE = 0xA702
-DATASET_DOES_NOT_MATCH = 0xA900
-CANNOT_UNDERSTAND = 0xC000
-CANNOT_UNDERSTAND_INVALID_UID = 0xC001
-CANNOT_UNDERSTAND_TRUNCATED = 0xC002
-CANNOT_UNDERSTAND_MISSING_ATTRIBUTE = 0xC003
-CANNOT_UNDERSTAND_NOT_STORABLE = 0xC004
 PROCESSING_FAILURE = 0x0110
-
-#: The one table from ingest outcomes to STOW-RS Failure Reasons (dicom_scp.statuses has the DIMSE one).
-_BY_STATUS = {
-    IngestStatus.STORAGE_UNAVAILABLE: OUT_OF_RESOURCES,
-    IngestStatus.INDEX_UNAVAILABLE: OUT_OF_RESOURCES_INDEX,
-}
-_BY_REASON = {
-    RejectReason.NOT_DICOM: CANNOT_UNDERSTAND,
-    RejectReason.TRUNCATED: CANNOT_UNDERSTAND_TRUNCATED,
-    RejectReason.MISSING_ATTRIBUTE: CANNOT_UNDERSTAND_MISSING_ATTRIBUTE,
-    RejectReason.INVALID_UID: CANNOT_UNDERSTAND_INVALID_UID,
-    RejectReason.TOO_LARGE: OUT_OF_RESOURCES_TOO_LARGE,
-    RejectReason.MISMATCH: DATASET_DOES_NOT_MATCH,
-    RejectReason.NOT_STORABLE: CANNOT_UNDERSTAND_NOT_STORABLE,
-}
 
 
 def failure_reason(outcome: IngestOutcome) -> int | None:
-    """The Failure Reason for an ingest outcome; None when the instance is stored (or already was)."""
-    if outcome.ok:
-        return None
-    if outcome.status in _BY_STATUS:
-        return _BY_STATUS[outcome.status]
-    return _BY_REASON.get(outcome.reason, CANNOT_UNDERSTAND) if outcome.reason else CANNOT_UNDERSTAND
-
-
-def error_comment(message: str) -> str:
-    """Error Comment is an LO: at most 64 characters, no backslash or control characters."""
-    return "".join(ch if ch.isprintable() and ch != "\\" else " " for ch in message)[:64]
+    """The Failure Reason for an ingest outcome (the C-STORE status); None when it is stored (or already was)."""
+    return None if outcome.ok else store_status(outcome)
 
 
 # -- receiving: the whole body in one spool file ----------------------------------------------------

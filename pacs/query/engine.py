@@ -235,8 +235,8 @@ def _condition(attr: Attribute, raw: str) -> ColumnElement[bool] | None:
         if attr.vr == "UI":
             return matching.condition(attr.column, value, "UI")  # handles UID lists and their bound
         values = [v.strip(" ") for v in value.split("\\")]
-        if len(values) > matching.MAX_UID_LIST:
-            raise matching.InvalidMatchValue(f"list of {len(values)} values exceeds {matching.MAX_UID_LIST}")
+        if len(values) > matching.MAX_VALUE_LIST:
+            raise matching.InvalidMatchValue(f"list of {len(values)} values exceeds {matching.MAX_VALUE_LIST}")
         parts = [c for v in values if v and (c := _single(attr, v)) is not None]
         if len(parts) < len([v for v in values if v]):
             return None  # one of the values is universal ('*'): the key matches everything

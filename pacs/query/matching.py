@@ -15,6 +15,7 @@ from pacs.text import fold
 WILDCARDS = ("*", "?")
 RANGE_VRS = {"DA", "TM", "DT"}
 MAX_UID_LIST = 1000  # a list of UIDs longer than this is refused (PS3.4 leaves the bound to the SCP)
+MAX_VALUE_LIST = 100  # other multi-value keys (names, dates…): each value is its own condition, so fewer
 
 
 class InvalidMatchValue(ValueError):

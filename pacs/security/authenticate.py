@@ -12,6 +12,8 @@ Three kinds of bearer token are accepted:
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import secrets
 from datetime import UTC, datetime, timedelta
@@ -66,7 +68,7 @@ class Authenticator:
         ttl = self._settings.session_token_ttl_s
         now = datetime.now(UTC)
         claims = {"iss": SESSION_ISSUER, "aud": SESSION_AUDIENCE, "sub": user.username, "uid": user.id,
-                  "iat": now, "exp": now + timedelta(seconds=ttl)}
+                  "pwd": password_fingerprint(user.password_hash), "iat": now, "exp": now + timedelta(seconds=ttl)}
         return jwt.encode(claims, self._secret, algorithm="HS256"), ttl
 
     # -- checking --------------------------------------------------------------------------------
@@ -100,7 +102,7 @@ class Authenticator:
     def _session_token(self, token: str, source_address: str) -> Principal:
         try:
             claims = jwt.decode(token, self._secret, algorithms=["HS256"], audience=SESSION_AUDIENCE,
-                                issuer=SESSION_ISSUER, options={"require": ["exp", "sub", "uid"]})
+                                issuer=SESSION_ISSUER, options={"require": ["exp", "sub", "uid", "pwd"]})
         except jwt.ExpiredSignatureError:
             raise AuthenticationError("session expired: log in again") from None
         except jwt.PyJWTError:
@@ -109,6 +111,8 @@ class Authenticator:
             user = session.scalars(select(User).where(User.id == claims["uid"])).one_or_none()
         if user is None or not user.active or user.username != claims["sub"]:
             raise AuthenticationError("user disabled or removed")
+        if not hmac.compare_digest(str(claims.get("pwd") or ""), password_fingerprint(user.password_hash)):
+            raise AuthenticationError("password changed: log in again")
         role = Role(user.role)
         return Principal(subject=user.username, role=role, capabilities=capabilities_of(role),
                          scope=scope_for(role, user.facility, user.patient_id), kind="session",
@@ -143,6 +147,11 @@ class Authenticator:
         return Principal(subject=f"oidc:{str(claims['sub'])[:100]}", role=role, capabilities=capabilities_of(role),
                          scope=scope_for(role, facility, patient_id), kind="oidc", facility=facility,
                          source_address=source_address)
+
+
+def password_fingerprint(password_hash: str) -> str:
+    """A short digest of the stored hash, carried in session tokens: changing the password ends them."""
+    return hashlib.sha256(password_hash.encode("utf-8")).hexdigest()[:16]
 
 
 def oidc_role(claim: object) -> Role | None:

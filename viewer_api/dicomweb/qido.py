@@ -76,7 +76,9 @@ def _search(request: Request, principal: Principal, resource: str, study: str | 
     headers = {"X-Total-Count": str(total)}
     if warnings:
         agent = request.url.netloc or "pacs"
-        headers["Warning"] = ", ".join(f'299 {agent}: "{w}"' for w in warnings)
+        text = ", ".join(f'299 {agent}: "{w}"' for w in warnings)
+        # parameter names come from the client: keep the header printable ASCII
+        headers["Warning"] = "".join(c if " " <= c <= "~" else "?" for c in text)[:2000]
     rows = _audited_rows(request, principal, result, total, study or "", patient)
     return StreamingResponse(json_array(rows, search.keys, search.level, base_url(request)),
                              media_type="application/dicom+json", headers=headers)

@@ -1,0 +1,52 @@
+"""One table from ingest outcomes to DICOM storage statuses (PS3.4 Annex B.2.3).
+
+C-STORE answers with them (``dicom_scp.statuses``) and STOW-RS reports the same codes as Failure
+Reasons (PS3.18 Table I.2-1), so a modality and a web uploader are told the same thing.
+"""
+
+from __future__ import annotations
+
+from pacs.dicom_object import RejectReason
+from pacs.ingest import IngestOutcome, IngestStatus
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700  # transient: the sender may retry later
+OUT_OF_RESOURCES_INDEX = 0xA701
+OUT_OF_RESOURCES_TOO_LARGE = 0xA702
+DATASET_DOES_NOT_MATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+CANNOT_UNDERSTAND_INVALID_UID = 0xC001
+CANNOT_UNDERSTAND_TRUNCATED = 0xC002
+CANNOT_UNDERSTAND_MISSING_ATTRIBUTE = 0xC003
+CANNOT_UNDERSTAND_NOT_STORABLE = 0xC004
+
+_BY_STATUS = {
+    IngestStatus.STORED: SUCCESS,
+    IngestStatus.DUPLICATE: SUCCESS,
+    IngestStatus.NEW_VERSION: SUCCESS,
+    IngestStatus.KEPT_EXISTING: SUCCESS,
+    IngestStatus.STORAGE_UNAVAILABLE: OUT_OF_RESOURCES,
+    IngestStatus.INDEX_UNAVAILABLE: OUT_OF_RESOURCES_INDEX,
+}
+
+_BY_REASON = {
+    RejectReason.NOT_DICOM: CANNOT_UNDERSTAND,
+    RejectReason.TRUNCATED: CANNOT_UNDERSTAND_TRUNCATED,
+    RejectReason.MISSING_ATTRIBUTE: CANNOT_UNDERSTAND_MISSING_ATTRIBUTE,
+    RejectReason.INVALID_UID: CANNOT_UNDERSTAND_INVALID_UID,
+    RejectReason.TOO_LARGE: OUT_OF_RESOURCES_TOO_LARGE,
+    RejectReason.MISMATCH: DATASET_DOES_NOT_MATCH,
+    RejectReason.NOT_STORABLE: CANNOT_UNDERSTAND_NOT_STORABLE,
+}
+
+
+def store_status(outcome: IngestOutcome) -> int:
+    """The status of one ingest outcome (0x0000 when stored, or already stored)."""
+    if outcome.status in _BY_STATUS:
+        return _BY_STATUS[outcome.status]
+    return _BY_REASON.get(outcome.reason, CANNOT_UNDERSTAND) if outcome.reason else CANNOT_UNDERSTAND
+
+
+def error_comment(message: str) -> str:
+    """Error Comment is an LO: at most 64 characters, no backslash or control characters."""
+    return "".join(ch if ch.isprintable() and ch != "\\" else " " for ch in message)[:64]
