@@ -632,7 +632,7 @@ def _run_session(pacs: EmbeddedPacs, root: Path) -> Session:
         user = {"Authorization": f"Bearer {session_token}"}
         qido = http.get("/dicom-web/studies", params={"PatientID": P1}, headers=user)
         assert qido.status_code == 200 and len(qido.json()) == 1, qido.text
-        expected.append(("dicomweb.search", "dr.lan", "radiologist", "success", P1, ""))
+        expected.append(("dicomweb.search", "dr.lan", "radiologist", "success", P1, study_a))  # what it returned
         wado = http.get(f"/dicom-web/studies/{study_a}",
                         headers={**user, "Accept": 'multipart/related; type="application/dicom"'})
         assert wado.status_code == 200 and wado.content.count(b"DICM") == 2, wado.text[:300]

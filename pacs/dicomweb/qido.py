@@ -215,9 +215,10 @@ def _fuzzy_patterns(value: str) -> list[str]:
     A space the user typed also matches a component separator: people type "nguyen van" for
     ``Nguyễn^Văn An`` (OHIF sends ``*nguyen van*``), so each space becomes the one-character wildcard.
     """
-    value = value.strip().replace(" ", "?")
+    value = value.strip()
     if not value or value == "*" or any(w in value for w in WILDCARDS):
-        return [value]
+        return [value.replace(" ", "?")]
+    value = value.replace(" ", "?")
     components = value.split("^")
     if len(components) == 1:
         return [f"{value}*", f"*^{value}*", f"* {value}*"]
