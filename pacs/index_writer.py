@@ -27,9 +27,9 @@ def _insert_ignore(session: Session, model: type, values: dict[str, Any], keys: 
     session.execute(insert(model).values(**values).on_conflict_do_nothing(index_elements=keys))
 
 
-def _get_or_create_patient(session: Session, obj: ReceivedObject) -> Patient:
-    ident = {k: obj.patient[k] for k in ("patient_id", "issuer_of_patient_id")}
-    _insert_ignore(session, Patient, dict(obj.patient), list(ident))
+def _get_or_create_patient(session: Session, obj: ReceivedObject, facility: str) -> Patient:
+    ident = {**{k: obj.patient[k] for k in ("patient_id", "issuer_of_patient_id")}, "facility": facility[:64]}
+    _insert_ignore(session, Patient, {**obj.patient, "facility": facility[:64]}, list(ident))
     patient = session.scalars(select(Patient).filter_by(**ident)).one()
     # First seen wins; later objects only fill what was blank (corrections are an explicit action).
     for field in ("patient_name", "patient_name_search", "patient_birth_date", "patient_sex"):
@@ -92,7 +92,7 @@ def index_instance(
     facility: str = "",
 ) -> Instance:
     """Record ``obj`` as the current version of its SOP instance; keep ``replaces`` as a prior version."""
-    patient = _get_or_create_patient(session, obj)
+    patient = _get_or_create_patient(session, obj, facility)
     study = _get_or_create_study(session, obj, patient, facility)
     series, new_series = _get_or_create_series(session, obj, study)
     if new_series:

@@ -100,3 +100,24 @@ def test_share_link_scope_is_exactly_its_study(archive) -> None:
         assert may_see_study(session, scope, s["a2"])
         assert not may_see_study(session, scope, s["a1"])
         assert not may_see_study(session, scope, "1.2.3.4.5.6.7.8.9")  # unknown UID: same answer as out of scope
+
+
+def test_colliding_patient_ids_of_two_facilities_stay_two_patients(archive) -> None:
+    """Hospital record numbers collide and modalities often send no issuer: facility B's patient must never
+    lend its name or birth date to facility A's study, nor be findable through it."""
+    ctx, _ = archive
+    ingestor = Ingestor(ctx.sessions, ctx.store)
+    studies = {}
+    for facility, name, birth in (("B", "SECRET^BOB", "19500101"), ("A", "ALICE^AN", "19900202")):
+        study = generate_uid()
+        assert ingestor.ingest(make_instance(StudyInstanceUID=study, PatientID="123", PatientName=name,
+                                             PatientBirthDate=birth),
+                               IngestSource("stow", user="t", facility=facility)).ok
+        studies[facility] = study
+    engine = QueryEngine(ctx.read_sessions)
+    scope_a = scope_for(Role.RADIOLOGIST, "A")
+    rows = list(engine.search(Query("STUDY", filters={"StudyInstanceUID": studies["A"], "PatientName": "",
+                                                      "PatientBirthDate": ""}, relational=True, scope=scope_a)))
+    assert [(r["PatientName"], r["PatientBirthDate"]) for r in rows] == [("ALICE^AN", "19900202")]
+    assert _studies(ctx, scope_a, PatientName="SECRET*") == set()
+    assert _studies(ctx, scope_for(Role.RADIOLOGIST, "B"), PatientID="123") == {studies["B"]}

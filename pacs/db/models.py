@@ -33,7 +33,10 @@ class Base(DeclarativeBase):
 class Patient(Base):
     __tablename__ = "patient"
     __table_args__ = (
-        UniqueConstraint("patient_id", "issuer_of_patient_id", name="uq_patient_identity"),
+        # A Patient ID is only unique within its issuer, and modalities often send no issuer: the facility
+        # that first sent it is part of the identity, so one hospital's record number never shows another's
+        # patient (name, birth date) on its studies (pacs.security).
+        UniqueConstraint("patient_id", "issuer_of_patient_id", "facility", name="uq_patient_identity"),
         # PostgreSQL only (migration 0002): prefix LIKE (PatientID=ABC*, PatientName=NGUYEN*) under any collation.
         Index("ix_patient_patient_id_pattern", "patient_id",
               postgresql_ops={"patient_id": "text_pattern_ops"}).ddl_if(dialect="postgresql"),
@@ -44,6 +47,7 @@ class Patient(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     patient_id: Mapped[str] = mapped_column(String(64), index=True)
     issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
+    facility: Mapped[str] = mapped_column(String(64), default="")
     patient_name: Mapped[str] = mapped_column(String(324), default="")
     patient_name_search: Mapped[str] = mapped_column(String(324), default="", index=True)
     patient_birth_date: Mapped[str] = mapped_column(String(8), default="")
