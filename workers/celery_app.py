@@ -14,6 +14,10 @@ log = logging.getLogger(__name__)
 
 
 def make_celery(broker_url: str, visibility_timeout_s: float = 600.0, queue: str = "pacs-derived") -> Celery:
+    if broker_url.startswith(("redis://", "rediss://")):
+        from workers import kombu_redis_fix
+
+        kombu_redis_fix.install()
     app = Celery("pacs", broker=broker_url)
     app.conf.update(
         task_acks_late=True,
