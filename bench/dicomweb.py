@@ -46,11 +46,9 @@ from pathlib import Path
 from urllib.parse import quote
 
 import httpx
-import psycopg
 from pydicom import dcmread
 from rich.table import Table
 
-from bench.bulk_index import load
 from bench.environment import environment_table
 from bench.ingest import (
     ORTHANC_ERRORS,
@@ -74,17 +72,15 @@ from bench.query import (
     StudyRow,
     _backlog,
     _count_rows,
-    _dsn,
     _ms,
     expected_matches,
+    load_indexed,
     load_over_dicom,
     make_queries,
     percentile,
     print_log_lines,
-    sample_rows,
     small_archive,
     small_archive_files,
-    sql_expected,
     wait_quiet,
 )
 from tests.support.dcmtk import dcmtk
@@ -443,19 +439,7 @@ def _table(title: str, columns: list[tuple[str, str]]) -> Table:
 def bench_indexed(args: argparse.Namespace, work: Path, problems: list[str], report: Report) -> None:
     db_name, url = create_database()
     try:
-        err.print(f"[1] loading {args.studies} studies × {args.series} series × {args.instances} instances "
-                  "into PostgreSQL ...")
-        t0 = time.monotonic()
-        n = load(url, args.studies, args.series, args.instances)
-        load_s = time.monotonic() - t0
-        with psycopg.connect(_dsn(url)) as conn:
-            size = conn.execute("SELECT pg_size_pretty(pg_database_size(current_database()))").fetchone()
-        err.print(f"[1] {n} instances indexed in {load_s:.1f} s (database {size[0] if size else '?'})")
-        rows = sample_rows(url, args.studies, max(args.queries * 10, 200), args.seed)
-        queries = {kind: qs for kind, qs in make_queries(rows, args.queries, args.seed).items() if kind in dict(KINDS)}
-        rows_by_uid = {r.uid: r for r in rows}
-        with psycopg.connect(_dsn(url)) as conn:
-            expected = {q: sql_expected(conn, q) for qs in queries.values() for q in qs}
+        n, load_s, queries, rows_by_uid, expected = load_indexed(args, url)
         samples = {kind: Samples() for kind, _ in KINDS}
         bad: list[str] = []
 

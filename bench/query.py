@@ -646,22 +646,30 @@ def run_queries(client: FindClient, queries: dict[str, list[Query]], samples: di
                 problems.append(f"{who}: {LABELS[kind]} {query.value!r}: {wrong}")
 
 
+def load_indexed(args: argparse.Namespace, url: str) -> tuple[
+        int, float, dict[str, list[Query]], dict[str, StudyRow], dict[Query, set[str]]]:
+    """Bulk-load the synthetic archive into ``url`` and prepare the queries with their answers from SQL:
+    (instances, load seconds, queries by kind, sampled rows by study UID, expected study UIDs by query).
+    Shared by the C-FIND and the QIDO-RS benchmarks, so both ask the same questions of the same data."""
+    err.print(f"[1] loading {args.studies} studies × {args.series} series × {args.instances} instances "
+              "into PostgreSQL ...")
+    t0 = time.monotonic()
+    n = load(url, args.studies, args.series, args.instances)
+    load_s = time.monotonic() - t0
+    with psycopg.connect(_dsn(url)) as conn:
+        size = conn.execute("SELECT pg_size_pretty(pg_database_size(current_database()))").fetchone()
+    err.print(f"[1] {n} instances indexed in {load_s:.1f} s (database {size[0] if size else '?'})")
+    rows = sample_rows(url, args.studies, max(args.queries * 10, 200), args.seed)
+    queries = {kind: qs for kind, qs in make_queries(rows, args.queries, args.seed).items() if kind in dict(KINDS)}
+    with psycopg.connect(_dsn(url)) as conn:
+        expected = {q: sql_expected(conn, q) for qs in queries.values() for q in qs}
+    return n, load_s, queries, {r.uid: r for r in rows}, expected
+
+
 def bench_indexed(args: argparse.Namespace, work: Path, problems: list[str]) -> None:
     db_name, url = create_database()
     try:
-        err.print(f"[1] loading {args.studies} studies × {args.series} series × {args.instances} instances "
-                  "into PostgreSQL ...")
-        t0 = time.monotonic()
-        n = load(url, args.studies, args.series, args.instances)
-        load_s = time.monotonic() - t0
-        with psycopg.connect(_dsn(url)) as conn:
-            size = conn.execute("SELECT pg_size_pretty(pg_database_size(current_database()))").fetchone()
-        err.print(f"[1] {n} instances indexed in {load_s:.1f} s (database {size[0] if size else '?'})")
-        rows = sample_rows(url, args.studies, max(args.queries * 10, 200), args.seed)
-        queries = {kind: qs for kind, qs in make_queries(rows, args.queries, args.seed).items() if kind in dict(KINDS)}
-        rows_by_uid = {r.uid: r for r in rows}
-        with psycopg.connect(_dsn(url)) as conn:
-            expected = {q: sql_expected(conn, q) for qs in queries.values() for q in qs}
+        n, load_s, queries, rows_by_uid, expected = load_indexed(args, url)
         samples = {kind: Samples() for kind, _ in KINDS}
         bad: list[str] = []
         with ours(work / "indexed", url, args.keep) as system:
