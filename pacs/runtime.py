@@ -8,7 +8,7 @@ from datetime import timedelta
 from pacs.commitment import CommitmentReporter
 from pacs.context import AppContext
 from pacs.forwarding.delivery import ForwardDelivery
-from pacs.ingest import Ingestor
+from pacs.ingest import Ingestor, TaskNotifier
 from pacs.settings import Settings
 from workers.publisher import InProcessPublisher, OutboxRelay, make_publisher
 
@@ -28,16 +28,7 @@ class Pipeline:
         relay = OutboxRelay(ctx, publisher, poll_s=settings.outbox_poll_s,
                             requeue_after=timedelta(seconds=settings.task_requeue_s),
                             requeue_all_queued=settings.embedded_workers).start()
-        ingestor = Ingestor(
-            ctx.sessions,
-            ctx.store,
-            duplicate_policy=settings.duplicate_policy,
-            max_object_bytes=settings.max_object_bytes,
-            assume_utf8_for_latin1=settings.assume_utf8_for_latin1,
-            notify=relay.notify,
-            read_sessions=ctx.read_sessions,
-            max_inflated_bytes=settings.max_inflated_bytes,
-        )
+        ingestor = make_ingestor(ctx, notify=relay.notify)
         ctx.extras["publisher"] = publisher
         forwarder = ForwardDelivery(ctx).start() if settings.embedded_workers else None
         commitment = _start_commitment_reporter(ctx)
@@ -53,6 +44,21 @@ class Pipeline:
         if isinstance(publisher, InProcessPublisher):
             publisher.shutdown()
         self.ctx.close()
+
+
+def make_ingestor(ctx: AppContext, notify: TaskNotifier | None = None) -> Ingestor:
+    """The process's ingest service, configured from its settings (C-STORE, STOW-RS and import share it)."""
+    settings = ctx.settings
+    return Ingestor(
+        ctx.sessions,
+        ctx.store,
+        duplicate_policy=settings.duplicate_policy,
+        max_object_bytes=settings.max_object_bytes,
+        assume_utf8_for_latin1=settings.assume_utf8_for_latin1,
+        notify=notify,
+        read_sessions=ctx.read_sessions,
+        max_inflated_bytes=settings.max_inflated_bytes,
+    )
 
 
 def _start_commitment_reporter(ctx: AppContext) -> CommitmentReporter:

@@ -12,6 +12,7 @@ from pacs import audit
 from pacs.context import AppContext
 from pacs.ingest import Ingestor
 from pacs.query.engine import QueryEngine
+from pacs.runtime import make_ingestor
 from pacs.security.authenticate import Authenticator
 from pacs.security.ratelimit import RateLimiter
 from viewer_api import errors
@@ -31,17 +32,15 @@ def create_app(ctx: AppContext, ingestor: Ingestor | None = None) -> FastAPI:
                   description="DICOMweb (QIDO-RS, WADO-RS, STOW-RS, WADO-URI), FHIR R4 and the audit trail. "
                   "Every route but /health and the viewer's static files needs `Authorization: Bearer <token>`.")
     app.state.ctx = ctx
-    app.state.ingestor = ingestor or Ingestor(
-        ctx.sessions, ctx.store, duplicate_policy=settings.duplicate_policy,
-        max_object_bytes=settings.max_object_bytes, assume_utf8_for_latin1=settings.assume_utf8_for_latin1,
-        read_sessions=ctx.read_sessions)
+    app.state.ingestor = ingestor or make_ingestor(ctx)
     app.state.authenticator = Authenticator(settings, ctx.sessions)
     app.state.query_engine = QueryEngine(ctx.read_sessions)
     # failed logins per user name and address / per user name / per client address (auth_routes.login)
     app.state.login_limiter = RateLimiter(settings.login_attempts_per_minute, 60.0)
     app.state.user_limiter = RateLimiter(settings.login_attempts_per_minute * 5, 60.0)
     app.state.address_limiter = RateLimiter(settings.login_attempts_per_minute * 5, 60.0)
-    app.state.denial_coalescer = audit.ReadCoalescer(settings.audit_coalesce_s and 10.0)
+    # a burst of refusals from one address for one path shares an audit row per 10 s (0: a row per refusal)
+    app.state.denial_coalescer = audit.ReadCoalescer(10.0 if settings.audit_coalesce_s > 0 else 0.0)
     app.state.read_coalescer = audit.ReadCoalescer(settings.audit_coalesce_s)
     errors.install(app)
 

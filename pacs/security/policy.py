@@ -11,7 +11,7 @@ from sqlalchemy import ColumnElement, and_, exists, or_, select, true
 from sqlalchemy.orm import Session
 
 from pacs.db.models import Patient, Study
-from pacs.errors import PacsError
+from pacs.errors import InvalidInput, NotFound, PacsError
 from pacs.security.models import StudyShare
 from pacs.security.principal import AccessScope, Principal
 from pacs.security.roles import Capability
@@ -50,8 +50,6 @@ def may_see_study(session: Session, scope: AccessScope, study_instance_uid: str)
 
 
 def share_study(session: Session, study_instance_uid: str, facility: str, shared_by: str) -> StudyShare:
-    from pacs.errors import InvalidInput, NotFound
-
     facility = facility.strip()
     if not facility:
         raise InvalidInput("name the facility to share with")
