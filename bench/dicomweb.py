@@ -194,6 +194,7 @@ def ours_serve(run_dir: Path, keep: bool) -> Iterator[System]:
         "PACS_BROKER_URL": "",
         "PACS_DICOM_PORT": str(dicom_port),
         "PACS_HTTP_PORT": str(http_port),
+        "PACS_HL7_PORT": "0",  # no HL7 listener: nothing here sends orders
         "PACS_AE_TITLE": OUR_AET,
     }
     http_url = f"http://127.0.0.1:{http_port}"

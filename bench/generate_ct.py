@@ -30,7 +30,7 @@ def _phantom(size: int, z: float) -> np.ndarray:
 
 def write_ct_series(out_dir: Path, slices: int = 100, size: int = 512, *, patient_name: str = "PHANTOM^CT",
                     patient_id: str = "PH0001", study_uid: str | None = None,
-                    charset: str = "ISO_IR 192") -> list[Path]:
+                    charset: str = "ISO_IR 192", accession_number: str = "ACC-PH0001") -> list[Path]:
     """Write ``slices`` CT images of one series to ``out_dir``; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     study_uid = study_uid or generate_uid()
@@ -51,7 +51,7 @@ def write_ct_series(out_dir: Path, slices: int = 100, size: int = 512, *, patien
         ds.PatientSex = "O"
         ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20261128"
         ds.StudyTime = ds.SeriesTime = "101500"
-        ds.AccessionNumber = "ACC-PH0001"
+        ds.AccessionNumber = accession_number
         ds.StudyID = "1"
         ds.StudyDescription = "CT phantom"
         ds.SeriesDescription = f"Axial {size}x{size}"

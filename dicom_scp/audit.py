@@ -25,17 +25,15 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.dimse_messages import C_FIND_RSP, C_GET_RSP, C_MOVE_RSP
-from sqlalchemy import select
 
 from pacs import dimse_audit
 from pacs.context import AppContext
 from pacs.dimse_audit import DimseRequest, FinalStatus
-from storage.keys import parse_instance_key
+from pacs.dimse_status import PENDING_STATUSES, PROCESSING_FAILURE
 
 log = logging.getLogger("dicom_scp")
 
 _FINAL_RESPONSES = (C_FIND_RSP, C_GET_RSP, C_MOVE_RSP)
-_PENDING = (0xFF00, 0xFF01)
 _MODELS = {
     "1.2.840.10008.5.1.4.1.2.1.1": "PATIENT_ROOT", "1.2.840.10008.5.1.4.1.2.1.2": "PATIENT_ROOT",
     "1.2.840.10008.5.1.4.1.2.1.3": "PATIENT_ROOT",
@@ -76,7 +74,8 @@ def audited_call(action: str, role: str = dimse_audit.ROLE_MODALITY) -> Decorato
             try:
                 result = handler(event, *args)
             except Exception as exc:  # pynetdicom answers 0x0110 Processing failure
-                _safely(_record_n_request, event, ctx, action, role, (0x0110, None), f"{type(exc).__name__}")
+                _safely(_record_n_request, event, ctx, action, role, (PROCESSING_FAILURE, None),
+                        f"{type(exc).__name__}")
                 raise
             _safely(_record_n_request, event, ctx, action, role, result, "")
             return result
@@ -139,7 +138,7 @@ class _StreamAudit:
         if not isinstance(item, tuple) or len(item) != 2:
             return
         status, identifier = item
-        if status in _PENDING and isinstance(identifier, Dataset):
+        if status in PENDING_STATUSES and isinstance(identifier, Dataset):
             self.request.matches = (self.request.matches or 0) + 1
             self.request.matched.add(identifier.get("StudyInstanceUID", ""), identifier.get("PatientID", ""))
 
@@ -153,12 +152,11 @@ class _StreamAudit:
             if self.request.planned is None:
                 self.request.planned = item
             return
-        if isinstance(item, tuple) and len(item) == 2 and item[0] in _PENDING:
+        if isinstance(item, tuple) and len(item) == 2 and item[0] in PENDING_STATUSES:
             self.request.attempted += 1
             retrieve_item = getattr(item[1], "retrieve_item", None)
-            parsed = parse_instance_key(getattr(retrieve_item, "object_key", "")) if retrieve_item else None
-            if parsed is not None:
-                self.request.matched.add(parsed[0])
+            if retrieve_item is not None:
+                self.request.add_sent_object(getattr(retrieve_item, "object_key", ""))
 
     def _on_sent(self, event: evt.Event) -> None:
         """EVT_DIMSE_SENT: the final response of this request completes the row."""
@@ -167,7 +165,7 @@ class _StreamAudit:
             return
         command = message.command_set
         status = int(command.get("Status", 0))
-        if status in _PENDING:
+        if status in PENDING_STATUSES:
             return
         if self.message_id is not None and command.get("MessageIDBeingRespondedTo") not in (None, self.message_id):
             return
@@ -204,7 +202,7 @@ class _StreamAudit:
         except Exception as exc:
             self.request.problem = self.request.problem or f"identifier cannot be decoded: {type(exc).__name__}"
             return
-        self.request.read_identifier(identifier)
+        self.request.read_identifier(identifier, self.ctx.settings.assume_utf8_for_latin1)
 
 
 def _count(command: Dataset, keyword: str) -> int | None:
@@ -216,8 +214,8 @@ def _count(command: Dataset, keyword: str) -> int | None:
 
 
 def _record_n_request(event: evt.Event, ctx: AppContext, action: str, role: str, result: Any, error: str) -> None:
-    from pacs.ris.models import PerformedProcedureStep
-
+    """Read what the N-request was and what it was answered; :func:`pacs.dimse_audit.record_mpps_request`
+    writes the row."""
     status, reply = result if isinstance(result, tuple) and len(result) == 2 else (result, None)
     code = int(status.Status) if isinstance(status, Dataset) else int(status)
     comment = str(status.get("ErrorComment", "") or "") if isinstance(status, Dataset) else error
@@ -225,34 +223,13 @@ def _record_n_request(event: evt.Event, ctx: AppContext, action: str, role: str,
     uid = str(getattr(request, "AffectedSOPInstanceUID", None) or getattr(request, "RequestedSOPInstanceUID", None)
               or (reply.get("AffectedSOPInstanceUID", "") if isinstance(reply, Dataset) else "") or "")
     record = DimseRequest(action=action, calling_ae=_calling_ae(event), address=_address(event), role=role)
-    record.extra["sop"] = uid or "-"
     try:
         attributes = event.attribute_list if action == "dimse.mpps-create" else event.modification_list
     except Exception:
         attributes = Dataset()
         record.problem = "attribute list cannot be decoded"
-    requested = dimse_audit.identifier_keys(attributes)[0]
-    named = dict(requested)
-    if named.get("PerformedProcedureStepStatus"):
-        record.extra["step_status"] = named["PerformedProcedureStepStatus"].replace(" ", "_")
-    if named.get("Modality"):
-        record.extra["modality"] = named["Modality"]
-    series = attributes.get("PerformedSeriesSequence") if "PerformedSeriesSequence" in attributes else None
-    if series is not None:
-        record.extra["series"] = str(len(series))
-    record.requested_patient_id = named.get("PatientID", "")
-    study = named.get("StudyInstanceUID", "")
-    with ctx.read_sessions() as session:  # the step as stored: linked to its order's study
-        step = session.scalars(select(PerformedProcedureStep).where(
-            PerformedProcedureStep.sop_instance_uid == uid)).one_or_none() if uid else None
-        if step is not None:
-            record.requested_patient_id = step.patient_id or record.requested_patient_id
-            study = step.study_instance_uid or study
-            if step.accession_number:
-                record.extra["accession"] = step.accession_number
-    if study:
-        record.requested_study_uids = (study,)
-    dimse_audit.record_request(ctx.sessions, ctx.read_sessions, record, FinalStatus(code, comment))
+    dimse_audit.record_mpps_request(ctx.sessions, ctx.read_sessions, record, uid, attributes,
+                                    FinalStatus(code, comment))
 
 
 # -- association rejections ----------------------------------------------------------------------------
@@ -260,18 +237,12 @@ def _record_n_request(event: evt.Event, ctx: AppContext, action: str, role: str,
 
 def _record_rejection(ctx: AppContext, assoc: Any, calling_ae: str, reason: str,
                       reject: tuple[int, int, int] | None) -> None:
-    from pacs.network_policy import service_of
-
     primitive = assoc.requestor.primitive
-    services = []
-    for cx in getattr(primitive, "presentation_context_definition_list", None) or []:
-        try:
-            services.append(str(service_of(str(cx.abstract_syntax))))
-        except Exception:
-            services.append("unknown")
+    syntaxes = [str(cx.abstract_syntax) for cx in getattr(primitive, "presentation_context_definition_list", None)
+                or []]
     dimse_audit.record_association_rejected(
         ctx.sessions, calling_ae=calling_ae, address=f"{assoc.requestor.address}:{assoc.requestor.port}",
-        reason=reason, reject=reject, services=services)
+        reason=reason, reject=reject, services=dimse_audit.services_of(syntaxes))
 
 
 # -- helpers ---------------------------------------------------------------------------------------------

@@ -36,7 +36,6 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_role, evt
 from sqlalchemy.exc import SQLAlchemyError
 
-from dicom_scp.statuses import error_comment
 from pacs.commitment import (
     CommitmentConfig,
     CommitmentResult,
@@ -46,9 +45,20 @@ from pacs.commitment import (
     record_request,
 )
 from pacs.context import AppContext
+from pacs.dicom_object import is_valid_uid
+from pacs.dimse_status import (
+    INVALID_ARGUMENT_VALUE,
+    INVALID_OBJECT_INSTANCE,
+    NO_SUCH_ACTION,
+    NO_SUCH_SOP_INSTANCE,
+    PROCESSING_FAILURE,
+    REFUSED_NOT_AUTHORIZED,
+    RESOURCE_LIMITATION,
+    SUCCESS,
+    failure,
+)
 from pacs.forwarding.delivery import Destination
 from pacs.ingest import Ingestor
-from storage.keys import is_valid_uid
 
 log = logging.getLogger("dicom_scp")
 
@@ -57,15 +67,6 @@ WELL_KNOWN_INSTANCE = "1.2.840.10008.1.20.1.1"
 REQUEST_STORAGE_COMMITMENT = 1  # the one Action Type ID of the SOP class
 TRANSFER_SYNTAXES = [str(ImplicitVRLittleEndian), str(ExplicitVRLittleEndian)]
 MAX_REFS = 50_000  # instances in one request (a very large study is a few thousand)
-
-SUCCESS = 0x0000
-PROCESSING_FAILURE = 0x0110
-NO_SUCH_SOP_INSTANCE = 0x0112
-INVALID_ARGUMENT_VALUE = 0x0115
-INVALID_OBJECT_INSTANCE = 0x0117
-NO_SUCH_ACTION = 0x0123
-REFUSED_NOT_AUTHORIZED = 0x0124
-RESOURCE_LIMITATION = 0x0213
 
 
 def contexts(ctx: AppContext) -> list[tuple[str, list[str]]]:
@@ -124,7 +125,7 @@ def _text(ds: Dataset, keyword: str) -> str:
     return str(value).strip().rstrip("\0") if value is not None else ""
 
 
-def handle_n_action(event: evt.Event, ctx: AppContext) -> tuple[Dataset, Dataset | None]:
+def handle_n_action(event: evt.Event, ctx: AppContext) -> tuple[Dataset | int, Dataset | None]:
     requestor = event.assoc.requestor
     calling_ae = requestor.ae_title.strip() if isinstance(requestor.ae_title, str) else ""
     request = event.request
@@ -137,33 +138,25 @@ def handle_n_action(event: evt.Event, ctx: AppContext) -> tuple[Dataset, Dataset
         transaction, refs = parse_request(request.ActionTypeID, str(request.RequestedSOPInstanceUID or ""), info)
     except InvalidRequest as exc:
         log.warning("storage commitment request from %s refused (0x%04X): %s", calling_ae, exc.status, exc.message)
-        return _status(exc.status, exc.message), None
+        return failure(exc.status, exc.message), None
     try:
         recorded = record_request(ctx.sessions, transaction, calling_ae, refs,
                                   requesting_address=f"{requestor.address}:{requestor.port}")
     except SQLAlchemyError as exc:
         log.error("storage commitment request %s from %s: index unavailable: %s", transaction, calling_ae,
                   str(exc).splitlines()[0][:300])
-        return _status(PROCESSING_FAILURE, "index database unavailable"), None
+        return failure(PROCESSING_FAILURE, "index database unavailable"), None
     if recorded is Recorded.CONFLICT:
-        return _status(INVALID_ARGUMENT_VALUE, "TransactionUID already used for another request"), None
+        return failure(INVALID_ARGUMENT_VALUE, "TransactionUID already used for another request"), None
     if recorded is Recorded.UNREGISTERED:
         log.warning("storage commitment request %s from unregistered AE %s recorded as failed", transaction,
                     calling_ae)
-        return _status(REFUSED_NOT_AUTHORIZED, f"AE {calling_ae} not registered for reports"), None
+        return failure(REFUSED_NOT_AUTHORIZED, f"AE {calling_ae} not registered for reports"), None
     log.info("storage commitment request %s from %s: %d instance(s)", transaction, calling_ae, len(refs))
     reporter = ctx.extras.get("commitment_reporter")
     if reporter is not None and hasattr(reporter, "wake"):
         reporter.wake()
-    return _status(SUCCESS), None
-
-
-def _status(code: int, comment: str = "") -> Dataset:
-    status = Dataset()
-    status.Status = code
-    if comment:
-        status.ErrorComment = error_comment(comment)
-    return status
+    return SUCCESS, None
 
 
 # -- N-EVENT-REPORT -------------------------------------------------------------------------------

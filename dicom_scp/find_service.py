@@ -46,8 +46,18 @@ from pynetdicom.sop_class import (
 )
 
 from dicom_scp.audit import audited_stream
-from dicom_scp.statuses import error_comment
+from pacs.charset import assumes_utf8, utf8_text
 from pacs.context import AppContext
+from pacs.dimse_status import (
+    CANCEL,
+    IDENTIFIER_DOES_NOT_MATCH,
+    OUT_OF_RESOURCES,
+    PENDING,
+    SOP_CLASS_NOT_SUPPORTED,
+    UNABLE_TO_PROCESS,
+    UNABLE_TO_PROCESS_INTERNAL,
+    failure,
+)
 from pacs.errors import IndexUnavailable
 from pacs.ingest import Ingestor
 from pacs.query.attributes import ATTRIBUTES, Root
@@ -61,16 +71,7 @@ ROOTS = {
 }
 TRANSFER_SYNTAXES = [str(ImplicitVRLittleEndian), str(ExplicitVRLittleEndian), "1.2.840.10008.1.2.2"]
 
-PENDING, CANCEL = 0xFF00, 0xFE00
-OUT_OF_RESOURCES = 0xA700
-IDENTIFIER_DOES_NOT_MATCH = 0xA900
-UNABLE_TO_PROCESS = 0xC000
-UNABLE_TO_PROCESS_INTERNAL = 0xC001
-SOP_CLASS_NOT_SUPPORTED = 0x0122
-
 RESPONSE_CHARSET = "ISO_IR 192"
-_LATIN1_LABELS = {"", "ISO_IR 100", "ISO_IR 6", "ISO 2022 IR 6", "ISO 2022 IR 100"}
-_TEXT_VRS = {"PN", "LO", "SH", "ST", "LT", "UT", "UC"}
 _NOT_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC"}
 
 FindResponse = Iterator[tuple[int | Dataset, Dataset | None]]
@@ -100,7 +101,7 @@ def handle_find(event: evt.Event, engine: QueryEngine, ctx: AppContext) -> FindR
     calling_ae = str(event.assoc.requestor.ae_title).strip()
     root = ROOTS.get(str(event.request.AffectedSOPClassUID))
     if root is None:
-        yield _failure(SOP_CLASS_NOT_SUPPORTED, "not a Query/Retrieve FIND SOP class"), None
+        yield failure(SOP_CLASS_NOT_SUPPORTED, "not a Query/Retrieve FIND SOP class"), None
         return
     try:
         identifier = read_identifier(_decoded(event), ctx.settings.assume_utf8_for_latin1)
@@ -111,19 +112,19 @@ def handle_find(event: evt.Event, engine: QueryEngine, ctx: AppContext) -> FindR
         first = next(rows, None)  # runs the query: a database failure is reported before any match
     except IdentifierError as exc:
         log.info("C-FIND from %s refused (0xA900): %s", calling_ae, exc)
-        yield _failure(IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
+        yield failure(IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
         return
     except (MatchValueError, _Undecodable) as exc:
         log.info("C-FIND from %s refused (0xC000): %s", calling_ae, exc)
-        yield _failure(UNABLE_TO_PROCESS, str(exc)), None
+        yield failure(UNABLE_TO_PROCESS, str(exc)), None
         return
     except IndexUnavailable:
         log.warning("C-FIND from %s: index database unavailable", calling_ae)
-        yield _failure(OUT_OF_RESOURCES, "index database unavailable"), None
+        yield failure(OUT_OF_RESOURCES, "index database unavailable"), None
         return
     except Exception as exc:
         log.exception("C-FIND from %s failed", calling_ae)
-        yield _failure(UNABLE_TO_PROCESS_INTERNAL, f"internal error: {type(exc).__name__}"), None
+        yield failure(UNABLE_TO_PROCESS_INTERNAL, f"internal error: {type(exc).__name__}"), None
         return
 
     count = 0
@@ -139,7 +140,7 @@ def handle_find(event: evt.Event, engine: QueryEngine, ctx: AppContext) -> FindR
             row = next(rows, None)
     except IndexUnavailable:
         log.warning("C-FIND from %s: index database lost after %d match(es)", calling_ae, count)
-        yield _failure(OUT_OF_RESOURCES, "index database unavailable"), None
+        yield failure(OUT_OF_RESOURCES, "index database unavailable"), None
         return
     finally:
         close = getattr(rows, "close", None)
@@ -162,11 +163,10 @@ def _decoded(event: evt.Event) -> Dataset:
 def read_identifier(ds: Dataset, assume_utf8_for_latin1: bool = True) -> Identifier:
     """Decode every element of ``ds`` to a string with its character set; never trusts a value's form."""
     try:
-        charsets = _charsets(ds)
+        utf8_fallback = assumes_utf8(ds, assume_utf8_for_latin1)
         tags = list(ds.keys())
     except Exception as exc:
         raise _Undecodable(f"cannot read the identifier: {_short(exc)}") from None
-    utf8_fallback = assume_utf8_for_latin1 and all(c in _LATIN1_LABELS for c in charsets or [""])
     level, filters, returns, echo = "", {}, [], []
     for tag in tags:
         tag = Tag(tag)
@@ -239,11 +239,9 @@ def _dictionary_vr(tag: Any) -> str:
 def _value_text(ds: Dataset, tag: Any, vr: str, utf8_fallback: bool) -> str:
     raw = ds.get_item(tag)
     raw_bytes = raw.value if isinstance(raw, RawDataElement) and isinstance(raw.value, bytes) else None
-    if utf8_fallback and raw_bytes and vr in _TEXT_VRS and any(b > 0x7F for b in raw_bytes):
-        try:
-            return raw_bytes.decode("utf-8").strip(" \x00")
-        except UnicodeDecodeError:
-            pass
+    as_utf8 = utf8_text(raw, vr) if utf8_fallback else None  # the rule of pacs.charset
+    if as_utf8 is not None:
+        return as_utf8.strip(" \x00")
     try:
         value = ds[tag].value
     except Exception:
@@ -257,22 +255,6 @@ def _value_text(ds: Dataset, tag: Any, vr: str, utf8_fallback: bool) -> str:
     if isinstance(value, bytes):
         return value.decode("ascii", errors="replace").strip(" \x00")
     return str(value).strip(" \x00")
-
-
-def _charsets(ds: Dataset) -> list[str]:
-    value = ds.get("SpecificCharacterSet", "")
-    if not value:
-        return []
-    if isinstance(value, str):
-        return [value.strip()]
-    return [str(v).strip() for v in value]
-
-
-def _failure(code: int, comment: str) -> Dataset:
-    status = Dataset()
-    status.Status = code
-    status.ErrorComment = error_comment(comment)
-    return status
 
 
 def _short(exc: BaseException) -> str:

@@ -36,14 +36,21 @@ from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelGet,
 )
-from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_scp.audit import audited_stream
-from dicom_scp.statuses import REFUSED_NOT_AUTHORIZED, error_comment
 from dicom_scp.verification import UNCOMPRESSED
+from pacs.aes import AERegistry
 from pacs.context import AppContext
-from pacs.db.models import ApplicationEntity
+from pacs.dimse_status import (
+    CANCEL,
+    IDENTIFIER_DOES_NOT_MATCH,
+    OUT_OF_RESOURCES_UNABLE_TO_CALCULATE,
+    OUT_OF_RESOURCES_UNABLE_TO_PERFORM,
+    PENDING,
+    REFUSED_NOT_AUTHORIZED,
+    UNABLE_TO_PROCESS,
+    failure,
+)
 from pacs.errors import IndexUnavailable
 from pacs.forwarding.delivery import local_file
 from pacs.ingest import Ingestor
@@ -58,17 +65,13 @@ from pacs.retrieve import (
     plan,
 )
 from pacs.transcode import Unconvertible, to_uncompressed
-from storage import ObjectStore
 
 log = logging.getLogger("dicom_scp")
 
-# Query/Retrieve statuses (PS3.4 C.4.2.1.5 / C.4.3.1.4)
-PENDING = 0xFF00
-CANCEL = 0xFE00
-UNABLE_TO_CALCULATE = 0xA701  # out of resources: unable to calculate number of matches
-UNABLE_TO_PERFORM = 0xA702  # out of resources: unable to perform sub-operations
-IDENTIFIER_MISMATCH = 0xA900  # identifier does not match SOP class
-UNABLE_TO_PROCESS = 0xC000
+# Query/Retrieve statuses (PS3.4 C.4.2.1.5 / C.4.3.1.4), named in pacs.dimse_status: PENDING per
+# sub-operation, CANCEL, REFUSED_NOT_AUTHORIZED (the caller may not retrieve, from where it calls),
+# OUT_OF_RESOURCES_UNABLE_TO_CALCULATE / _PERFORM (the index cannot be read before / while sending),
+# IDENTIFIER_DOES_NOT_MATCH and UNABLE_TO_PROCESS (the identifier).
 
 UNCOMPRESSED_TARGETS = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)  # decompression fallback, in preference
 STORAGE_SOP_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
@@ -77,14 +80,6 @@ GET_MODELS = {
     str(PatientRootQueryRetrieveInformationModelGet): Model.PATIENT_ROOT,
     str(StudyRootQueryRetrieveInformationModelGet): Model.STUDY_ROOT,
 }
-
-
-def failure(status: int, comment: str) -> Dataset:
-    """A final status with an Error Comment (an LO: cut to 64 characters)."""
-    ds = Dataset()
-    ds.Status = status
-    ds.ErrorComment = error_comment(comment)
-    return ds
 
 
 # -- deciding what to send ------------------------------------------------------------------------
@@ -106,28 +101,23 @@ def prepare(event: evt.Event, ctx: AppContext, model: Model) -> tuple[Dataset | 
     except Exception as exc:  # pynetdicom could not decode it
         log.warning("retrieve from %s refused: unreadable identifier: %s", caller, exc)
         return failure(UNABLE_TO_PROCESS, "identifier cannot be decoded"), None
+    address = str(event.assoc.requestor.address)
     try:
-        if not _may_retrieve(ctx, caller):
-            log.warning("retrieve from %s refused: AE not registered or not allowed to retrieve", caller)
+        if not AERegistry(ctx.read_sessions).may_retrieve(caller, address):
+            log.warning("retrieve from %s@%s refused: AE not registered (from this host) or not allowed to retrieve",
+                        caller, address)
             return failure(REFUSED_NOT_AUTHORIZED, f"AE {caller} is not allowed to retrieve"), None
         request = parse_identifier(identifier, model)
         retrieve = plan(ctx.read_sessions, request)
-    except (SQLAlchemyError, IndexUnavailable) as exc:
+    except IndexUnavailable as exc:
         log.warning("retrieve from %s: index unavailable: %s", caller, exc)
-        return failure(UNABLE_TO_CALCULATE, "index database unavailable"), None
+        return failure(OUT_OF_RESOURCES_UNABLE_TO_CALCULATE, "index database unavailable"), None
     except InvalidIdentifier as exc:
-        status = IDENTIFIER_MISMATCH if isinstance(exc, IdentifierMismatch) else UNABLE_TO_PROCESS
+        status = IDENTIFIER_DOES_NOT_MATCH if isinstance(exc, IdentifierMismatch) else UNABLE_TO_PROCESS
         log.warning("retrieve from %s refused (0x%04X): %s", caller, status, exc)
         return failure(status, str(exc)), None
     log.info("retrieve from %s: %s level, %d instance(s)", caller, request.level, retrieve.count)
     return None, retrieve
-
-
-def _may_retrieve(ctx: AppContext, title: str) -> bool:
-    """The per-request rule: only registered AEs with retrieve rights (SPEC §5)."""
-    with ctx.read_sessions() as session:
-        return bool(session.scalar(
-            select(ApplicationEntity.allow_retrieve).where(ApplicationEntity.ae_title == title)))
 
 
 def sub_operations(event: evt.Event, ctx: AppContext, retrieve: RetrievePlan) -> Iterator[tuple[Any, Any]]:
@@ -141,7 +131,7 @@ def sub_operations(event: evt.Event, ctx: AppContext, retrieve: RetrievePlan) ->
             yield PENDING, PendingStore.of(item)
     except IndexUnavailable as exc:
         log.warning("retrieve for %s stopped: %s", calling_ae(event), exc)
-        yield failure(UNABLE_TO_PERFORM, "index database unavailable"), None
+        yield failure(OUT_OF_RESOURCES_UNABLE_TO_PERFORM, "index database unavailable"), None
 
 
 def refuse(refusal: Dataset) -> Iterator[Any]:
@@ -180,8 +170,8 @@ class NotSendable(Exception):
 class StoredObjectSender:
     """Makes an association's ``send_c_store`` send :class:`PendingStore` objects from the store."""
 
-    def __init__(self, store: ObjectStore) -> None:
-        self.store = store
+    def __init__(self, ctx: AppContext) -> None:
+        self.store = ctx.store  # read through pacs.forwarding.delivery.local_file, never addressed directly
         # Send a file's dataset as it is, in chunks (pynetdicom reads it from the path, never decodes
         # it). Process-wide, but it only changes send_c_store() given a path: forwarding sets it too.
         _config.STORE_SEND_CHUNKED_DATASET = True
@@ -338,5 +328,5 @@ def contexts(ctx: AppContext) -> list[tuple[str, list[str]]]:
 
 
 def handlers(ctx: AppContext, ingestor: Ingestor) -> list[tuple]:
-    sender = StoredObjectSender(ctx.store)
+    sender = StoredObjectSender(ctx)
     return [(evt.EVT_REQUESTED, accept_storage_scp_role), (evt.EVT_C_GET, handle_get, [ctx, sender])]

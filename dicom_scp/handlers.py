@@ -8,14 +8,13 @@ import socket
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
-from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
 
-from dicom_scp.statuses import REFUSED_NOT_AUTHORIZED, error_comment, store_status
+from pacs.aes import AERegistry
 from pacs.context import AppContext
-from pacs.db.models import ApplicationEntity
+from pacs.dimse_status import REFUSED_NOT_AUTHORIZED, error_comment
+from pacs.errors import IndexUnavailable
 from pacs.ingest import Ingestor, IngestSource
-from pacs.network_policy import host_matches
+from pacs.store_statuses import store_status
 
 log = logging.getLogger("dicom_scp")
 
@@ -24,7 +23,7 @@ def handle_store(event: evt.Event, ingestor: Ingestor, ctx: AppContext) -> Datas
     requestor = event.assoc.requestor
     calling_ae = requestor.ae_title.strip() if isinstance(requestor.ae_title, str) else ""
     status = Dataset()
-    if not ctx.settings.accept_unknown_store_aes and not _may_store(ctx, calling_ae):
+    if not ctx.settings.accept_unknown_store_aes and not _may_store(ctx, calling_ae, str(requestor.address)):
         status.Status = REFUSED_NOT_AUTHORIZED
         status.ErrorComment = error_comment(f"AE {calling_ae} is not registered to store")
         return status
@@ -48,30 +47,22 @@ def _source(event: evt.Event, ctx: AppContext, calling_ae: str) -> IngestSource:
     """Who is storing: a registered AE (passing its host check) is trusted and stores for its facility;
     any other peer is untrusted (pacs.security.ingest_policy). Looked up once per association."""
     requestor = event.assoc.requestor
+    address = f"{requestor.address}:{requestor.port}"
     cache = event.assoc.__dict__
     if "_pacs_sender" not in cache:
         try:
-            with ctx.read_sessions() as session:
-                row = session.scalars(select(ApplicationEntity)
-                                      .where(ApplicationEntity.ae_title == calling_ae)).one_or_none()
-        except SQLAlchemyError:
+            cache["_pacs_sender"] = AERegistry(ctx.read_sessions).sender(calling_ae, str(requestor.address))
+        except IndexUnavailable:
             # the index is down: the ingest itself will answer with its own status
-            return IngestSource("dimse", calling_ae=calling_ae, address=f"{requestor.address}:{requestor.port}",
-                                trusted=False)
-        registered = row is not None and (not row.check_host or host_matches(row.host, str(requestor.address)))
-        cache["_pacs_sender"] = (row.facility if registered and row is not None else "", registered)
+            return IngestSource("dimse", calling_ae=calling_ae, address=address, trusted=False)
     facility, trusted = cache["_pacs_sender"]
-    return IngestSource("dimse", calling_ae=calling_ae, address=f"{requestor.address}:{requestor.port}",
-                        facility=facility, trusted=trusted)
+    return IngestSource("dimse", calling_ae=calling_ae, address=address, facility=facility, trusted=trusted)
 
 
-def _may_store(ctx: AppContext, calling_ae: str) -> bool:
+def _may_store(ctx: AppContext, calling_ae: str, peer_address: str) -> bool:
     try:
-        with ctx.read_sessions() as session:
-            return bool(session.scalar(
-                select(ApplicationEntity.allow_store).where(ApplicationEntity.ae_title == calling_ae)
-            ))
-    except SQLAlchemyError:
+        return AERegistry(ctx.read_sessions).may_store(calling_ae, peer_address)
+    except IndexUnavailable:
         return False
 
 

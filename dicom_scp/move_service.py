@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -23,23 +22,19 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
-from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_scp.audit import audited_stream
 from dicom_scp.get_service import (
-    UNABLE_TO_PROCESS,
     StoredObjectSender,
     calling_ae,
-    failure,
     prepare,
     refuse,
     sub_operations,
 )
 from dicom_scp.verification import UNCOMPRESSED
+from pacs.aes import AERegistry
 from pacs.context import AppContext
-from pacs.db.models import ApplicationEntity
-from pacs.errors import IndexUnavailable
+from pacs.dimse_status import UNABLE_TO_PROCESS, failure
 from pacs.forwarding.delivery import MAX_CONTEXTS, tcp_nodelay
 from pacs.ingest import Ingestor
 from pacs.retrieve import Model
@@ -50,32 +45,6 @@ MOVE_MODELS = {
     str(PatientRootQueryRetrieveInformationModelMove): Model.PATIENT_ROOT,
     str(StudyRootQueryRetrieveInformationModelMove): Model.STUDY_ROOT,
 }
-
-
-@dataclass(frozen=True)
-class MoveDestination:
-    ae_title: str
-    host: str
-    port: int
-
-
-def find_destination(ctx: AppContext, title: str) -> MoveDestination | None:
-    """The registered AE named ``title``, if it has an address and may take part in retrieves.
-
-    ``pacs ae add --no-retrieve`` bars an AE both from retrieving and from being a move destination.
-    """
-    if not title:
-        return None
-    try:
-        with ctx.read_sessions() as session:
-            row = session.execute(select(ApplicationEntity.ae_title, ApplicationEntity.host, ApplicationEntity.port,
-                                         ApplicationEntity.allow_retrieve)
-                                  .where(ApplicationEntity.ae_title == title)).one_or_none()
-    except SQLAlchemyError as exc:
-        raise IndexUnavailable("index database unavailable") from exc
-    if row is None or not row.allow_retrieve or not row.host or not 1 <= row.port <= 65535:
-        return None
-    return MoveDestination(row.ae_title, row.host, row.port)
 
 
 def store_contexts(syntaxes: tuple[tuple[str, str], ...]) -> list[PresentationContext]:
@@ -100,7 +69,8 @@ def handle_move(event: evt.Event, ctx: AppContext, sender: StoredObjectSender) -
     model = MOVE_MODELS[str(event.context.abstract_syntax)]
     caller = calling_ae(event)
     title = (event.move_destination or "").strip()
-    destination = find_destination(ctx, title)
+    # raises IndexUnavailable when the registry cannot be read: pynetdicom then answers 0xC511
+    destination = AERegistry(ctx.read_sessions).move_destination(title)
     if destination is None:
         log.warning("C-MOVE from %s refused: move destination %r is not a registered AE with an address",
                     caller, title[:16])
@@ -134,4 +104,4 @@ def contexts(ctx: AppContext) -> list[tuple[str, list[str]]]:
 
 
 def handlers(ctx: AppContext, ingestor: Ingestor) -> list[tuple]:
-    return [(evt.EVT_C_MOVE, handle_move, [ctx, StoredObjectSender(ctx.store)])]
+    return [(evt.EVT_C_MOVE, handle_move, [ctx, StoredObjectSender(ctx)])]

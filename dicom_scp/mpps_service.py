@@ -26,8 +26,17 @@ from pynetdicom.sop_class import ModalityPerformedProcedureStep
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_scp.audit import audited_call
-from dicom_scp.statuses import error_comment
 from pacs.context import AppContext
+from pacs.dimse_status import (
+    DUPLICATE_SOP_INSTANCE,
+    INVALID_ATTRIBUTE_VALUE,
+    MPPS_MAY_NO_LONGER_BE_UPDATED,
+    NO_SUCH_SOP_CLASS,
+    NO_SUCH_SOP_INSTANCE,
+    PROCESSING_FAILURE,
+    SUCCESS,
+    failure,
+)
 from pacs.errors import PacsError
 from pacs.ingest import Ingestor
 from pacs.ris import mpps
@@ -36,13 +45,6 @@ log = logging.getLogger("dicom_scp")
 
 MPPS = str(ModalityPerformedProcedureStep)
 TRANSFER_SYNTAXES = [str(ImplicitVRLittleEndian), str(ExplicitVRLittleEndian), "1.2.840.10008.1.2.2"]
-SUCCESS = 0x0000
-INVALID_ATTRIBUTE_VALUE = 0x0106
-PROCESSING_FAILURE = 0x0110
-DUPLICATE_SOP_INSTANCE = 0x0111
-NO_SUCH_SOP_INSTANCE = 0x0112
-NO_SUCH_SOP_CLASS = 0x0118
-MAY_NO_LONGER_BE_UPDATED = 0xA710  # Error ID with PROCESSING_FAILURE (PS3.4 Table F.7.2-2)
 
 _STATUS: list[tuple[type[PacsError], int]] = [
     (mpps.DuplicateStep, DUPLICATE_SOP_INSTANCE),
@@ -64,7 +66,7 @@ def handlers(ctx: AppContext, ingestor: Ingestor) -> list[tuple]:
 def handle_n_create(event: evt.Event, ctx: AppContext) -> tuple[Dataset | int, Dataset | None]:
     request = event.request
     if str(request.AffectedSOPClassUID) != MPPS:
-        return _failure(NO_SUCH_SOP_CLASS, "only Modality Performed Procedure Step is created here"), None
+        return failure(NO_SUCH_SOP_CLASS, "only Modality Performed Procedure Step is created here"), None
     uid = str(request.AffectedSOPInstanceUID or "") or generate_uid(prefix=None)
     calling_ae = _calling_ae(event)
     try:
@@ -87,7 +89,7 @@ def handle_n_create(event: evt.Event, ctx: AppContext) -> tuple[Dataset | int, D
 def handle_n_set(event: evt.Event, ctx: AppContext) -> tuple[Dataset | int, Dataset | None]:
     request = event.request
     if str(request.RequestedSOPClassUID) != MPPS:
-        return _failure(NO_SUCH_SOP_CLASS, "only Modality Performed Procedure Step is updated here"), None
+        return failure(NO_SUCH_SOP_CLASS, "only Modality Performed Procedure Step is updated here"), None
     uid = str(request.RequestedSOPInstanceUID or "")
     calling_ae = _calling_ae(event)
     try:
@@ -107,19 +109,12 @@ def handle_n_set(event: evt.Event, ctx: AppContext) -> tuple[Dataset | int, Data
 def _refused(operation: str, calling_ae: str, uid: str, exc: Exception) -> Dataset:
     if isinstance(exc, SQLAlchemyError):
         log.warning("MPPS %s %s from %s failed: %s", operation, uid, calling_ae, exc)
-        return _failure(PROCESSING_FAILURE, "index database unavailable")
+        return failure(PROCESSING_FAILURE, "index database unavailable")
     code = next((c for kind, c in _STATUS if isinstance(exc, kind)), PROCESSING_FAILURE)
     log.warning("MPPS %s %s from %s refused (0x%04X): %s", operation, uid, calling_ae, code, exc)
-    status = _failure(code, str(exc))
+    status = failure(code, str(exc))
     if isinstance(exc, mpps.StepFinal):
-        status.ErrorID = MAY_NO_LONGER_BE_UPDATED
-    return status
-
-
-def _failure(code: int, comment: str) -> Dataset:
-    status = Dataset()
-    status.Status = code
-    status.ErrorComment = error_comment(comment)
+        status.ErrorID = MPPS_MAY_NO_LONGER_BE_UPDATED
     return status
 
 

@@ -26,6 +26,7 @@ from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE
 
 from dicom_scp import audit as dimse_audit
 from pacs import network_policy
+from pacs.aes import AERegistry
 from pacs.context import AppContext
 from pacs.network_policy import Decision, LiveAssociations
 
@@ -79,8 +80,7 @@ def _decide(ctx: AppContext, calling_ae: str, address: str, syntaxes: list[str])
     try:
         if not network_policy.needs_registry(syntaxes):
             return Decision(True, "")
-        with ctx.read_sessions() as session:
-            registered = network_policy.lookup(session, calling_ae)
+        registered = AERegistry(ctx.read_sessions).get(calling_ae)
         return network_policy.decide(calling_ae, address, syntaxes, registered,
                                      accept_unknown_store_aes=ctx.settings.accept_unknown_store_aes)
     except Exception as exc:  # the registry is unreadable (or a bug): never fail open for query/retrieve

@@ -22,8 +22,8 @@ from pynetdicom.sop_class import ModalityWorklistInformationFind
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_scp.audit import audited_stream
-from dicom_scp.statuses import error_comment
 from pacs.context import AppContext
+from pacs.dimse_status import CANCEL, OUT_OF_RESOURCES, PENDING, SOP_CLASS_NOT_SUPPORTED, UNABLE_TO_PROCESS, failure
 from pacs.ingest import Ingestor
 from pacs.query.matching import InvalidMatchValue
 from pacs.ris import worklist
@@ -32,8 +32,6 @@ log = logging.getLogger("dicom_scp")
 
 MWL_FIND = str(ModalityWorklistInformationFind)
 TRANSFER_SYNTAXES = [str(ImplicitVRLittleEndian), str(ExplicitVRLittleEndian), "1.2.840.10008.1.2.2"]
-PENDING, CANCELLED = 0xFF00, 0xFE00
-OUT_OF_RESOURCES, UNABLE_TO_PROCESS, SOP_CLASS_NOT_SUPPORTED = 0xA700, 0xC000, 0x0122
 
 FindResponse = Iterator[tuple[int | Dataset, Dataset | None]]
 
@@ -43,41 +41,34 @@ def contexts(ctx: AppContext) -> list[tuple[str, list[str]]]:
 
 
 def handlers(ctx: AppContext, ingestor: Ingestor) -> list[tuple]:
-    return [(evt.EVT_C_FIND, handle_find, [ctx])]
+    return [(evt.EVT_C_FIND, handle_find, [ctx, ctx.settings.assume_utf8_for_latin1])]
 
 
 @audited_stream("dimse.worklist-find", role="modality")
-def handle_find(event: evt.Event, ctx: AppContext) -> FindResponse:
-    """Answer one worklist C-FIND."""
+def handle_find(event: evt.Event, ctx: AppContext, assume_utf8_for_latin1: bool = True) -> FindResponse:
+    """Answer one worklist C-FIND (``assume_utf8_for_latin1``: the setting, see :mod:`pacs.charset`)."""
     if str(event.request.AffectedSOPClassUID) != MWL_FIND:
-        yield _failure(SOP_CLASS_NOT_SUPPORTED, "only the Modality Worklist is queried here"), None
+        yield failure(SOP_CLASS_NOT_SUPPORTED, "only the Modality Worklist is queried here"), None
         return
     calling_ae = str(event.assoc.requestor.ae_title).strip()
     try:
         identifier = event.identifier
         with ctx.read_sessions() as session:
-            items = worklist.find(session, identifier)
+            items = worklist.find(session, identifier, assume_utf8_for_latin1)
     except InvalidMatchValue as exc:
-        yield _failure(UNABLE_TO_PROCESS, str(exc)), None
+        yield failure(UNABLE_TO_PROCESS, str(exc)), None
         return
     except SQLAlchemyError as exc:
         log.warning("worklist query from %s failed: %s", calling_ae, exc)
-        yield _failure(OUT_OF_RESOURCES, "index database unavailable"), None
+        yield failure(OUT_OF_RESOURCES, "index database unavailable"), None
         return
     except Exception as exc:  # an identifier pydicom cannot decode
         log.warning("worklist query from %s refused: %s", calling_ae, exc)
-        yield _failure(UNABLE_TO_PROCESS, f"cannot read the identifier: {exc}"), None
+        yield failure(UNABLE_TO_PROCESS, f"cannot read the identifier: {exc}"), None
         return
     log.info("worklist query from %s: %d item(s)", calling_ae, len(items))
     for item in items:
         if event.is_cancelled:
-            yield CANCELLED, None
+            yield CANCEL, None
             return
         yield PENDING, item
-
-
-def _failure(code: int, comment: str) -> Dataset:
-    status = Dataset()
-    status.Status = code
-    status.ErrorComment = error_comment(comment)
-    return status

@@ -18,8 +18,9 @@ from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from pacs.charset import assumes_utf8, text_of
 from pacs.text import fold
-from storage.keys import is_valid_uid
+from storage.keys import is_valid_uid  # also the DIMSE services' UID check (dicom_scp imports it from here)
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
@@ -28,8 +29,6 @@ DEFAULT_MAX_INFLATED_BYTES = 512 * 1024**2  # a deflated dataset may inflate to 
 _DEFER_SIZE = 64 * 1024  # values above this are skipped while parsing (never a second copy of pixel data)
 _INFLATE_IN_CHUNK = 256 * 1024  # compressed bytes fed to zlib per step
 _INFLATE_OUT_CHUNK = 4 * 1024**2  # inflated bytes produced per step (zlib's max_length)
-_LATIN1_LABELS = {"", "ISO_IR 100", "ISO_IR 6", "ISO 2022 IR 6", "ISO 2022 IR 100"}
-_UTF8_LABEL = "ISO_IR 192"
 
 
 class RejectReason(StrEnum):
@@ -351,32 +350,19 @@ def _wrap_bare_dataset(data: bytes, ds: Dataset) -> bytes:
 
 
 class _TextDecoder:
-    """Decodes text attributes with the dataset's Specific Character Set.
-
-    Many modalities send UTF-8 bytes while declaring the default or ISO_IR 100; when
-    ``assume_utf8_for_latin1`` is set and the raw bytes are valid UTF-8, they are read as UTF-8.
-    """
+    """Decodes text attributes with the dataset's Specific Character Set, and UTF-8 sent under a
+    Latin-1 label as UTF-8 when ``assume_utf8_for_latin1`` (the rule of :mod:`pacs.charset`)."""
 
     def __init__(self, ds: Dataset, assume_utf8_for_latin1: bool) -> None:
         self._ds = ds
-        charsets = _charsets(ds)
-        self._utf8_fallback = assume_utf8_for_latin1 and all(c in _LATIN1_LABELS for c in charsets or [""])
+        self._utf8 = assumes_utf8(ds, assume_utf8_for_latin1)
 
     def __call__(self, keyword: str) -> str:
-        if keyword not in self._ds:
-            return ""
-        if self._utf8_fallback:
-            raw = self._ds.get_item(keyword)
-            value = getattr(raw, "value", None)
-            if isinstance(value, bytes) and any(b > 0x7F for b in value):
-                try:
-                    return value.decode("utf-8").strip(" \x00")
-                except UnicodeDecodeError:
-                    pass
-        return _text(self._ds, keyword)
+        return text_of(self._ds, keyword, self._utf8)
 
 
 def _charsets(ds: Dataset) -> list[str]:
+    """The labels as received (the index stores them so; pacs.charset reads them for the rule)."""
     value = ds.get("SpecificCharacterSet", "")
     if isinstance(value, str):
         return [value] if value else []

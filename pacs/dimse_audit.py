@@ -21,10 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
-from pydicom.datadict import dictionary_has_tag, dictionary_VR, keyword_for_tag
-from pydicom.dataelem import RawDataElement
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
@@ -33,8 +31,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs import audit
+from pacs.charset import assumes_utf8, utf8_text
 from pacs.db.models import Patient, Study
-from storage.keys import is_valid_uid
+from pacs.network_policy import service_of
+from storage.keys import is_valid_uid, parse_instance_key
 
 ROLE_AE = "ae"
 ROLE_MODALITY = "modality"
@@ -46,8 +46,6 @@ MAX_KEYS_CHARS = 800  # all keys together
 MAX_TRACKED = 1000  # distinct studies / patients remembered per request (beyond: "more than")
 SHOWN_UIDS = 3  # UIDs listed when a request touched several studies
 _LOOKUP_LIMIT = 20  # studies whose patients are looked up when the matches do not say
-_LATIN1_LABELS = {"", "ISO_IR 100", "ISO_IR 6", "ISO 2022 IR 6", "ISO 2022 IR 100"}
-_TEXT_VRS = {"PN", "LO", "SH", "ST", "LT", "UT", "UC"}
 
 
 @dataclass
@@ -94,10 +92,11 @@ class DimseRequest:
     extra: dict[str, str] = field(default_factory=dict)  # further k=v detail fields (MPPS)
     problem: str = ""  # why there was no final response, or the identifier could not be read
 
-    def read_identifier(self, ds: Dataset) -> None:
-        """The level, the keys, and the patient / studies the identifier names."""
+    def read_identifier(self, ds: Dataset, assume_utf8_for_latin1: bool = True) -> None:
+        """The level, the keys, and the patient / studies the identifier names (text read as the
+        service read it: :mod:`pacs.charset`)."""
         self.level = _text(ds.get("QueryRetrieveLevel", "")).upper()
-        keys, self.return_keys = identifier_keys(ds)
+        keys, self.return_keys = identifier_keys(ds, assume_utf8_for_latin1)
         self.keys = [(k, v) for k, v in keys if k not in ("QueryRetrieveLevel", "SpecificCharacterSet")]
         named = dict(self.keys)
         patient = named.get("PatientID", "")
@@ -105,6 +104,12 @@ class DimseRequest:
             self.requested_patient_id = patient
         studies = tuple(dict.fromkeys(u for u in named.get("StudyInstanceUID", "").split("\\") if u))
         self.requested_study_uids = tuple(u for u in studies if is_valid_uid(u))
+
+    def add_sent_object(self, object_key: str) -> None:
+        """A retrieve sub-operation started for the stored object at ``object_key``: its study was sent."""
+        parsed = parse_instance_key(object_key) if object_key else None
+        if parsed is not None:
+            self.matched.add(parsed[0])
 
 
 @dataclass(frozen=True)
@@ -130,26 +135,29 @@ def outcome_of(code: int | None) -> str:
     return "failure"
 
 
-def identifier_keys(ds: Dataset) -> tuple[list[tuple[str, str]], int]:
+def identifier_keys(ds: Dataset, assume_utf8_for_latin1: bool = True, *,
+                    _inherited: bool | None = None) -> tuple[list[tuple[str, str]], int]:
     """``(keyword, value)`` for the elements with a value (items of a sequence flattened) and the
-    number of elements sent empty. Undecodable values read ``<undecodable>``; never raises."""
+    number of elements sent empty. Undecodable values read ``<undecodable>``; never raises.
+
+    Text is read with the rule of :mod:`pacs.charset` (UTF-8 under a Latin-1 label), as the services do."""
     keys: list[tuple[str, str]] = []
     empty = 0
     try:
         tags = list(ds.keys())
-        charsets = ds.get("SpecificCharacterSet") or ""
+        # a sequence item without a Specific Character Set of its own reads as its parent does
+        utf8_fallback = (assumes_utf8(ds, assume_utf8_for_latin1)
+                         if _inherited is None or "SpecificCharacterSet" in ds else _inherited)
     except Exception:
         return [("identifier", "<undecodable>")], 0
-    labels = [charsets] if isinstance(charsets, str) else [str(c) for c in charsets]
-    utf8_fallback = all(label.strip() in _LATIN1_LABELS for label in labels or [""])
     for tag in tags:
         if tag.element == 0 or tag.is_private:
             continue
         keyword = keyword_for_tag(tag) or str(tag)
         try:
-            as_utf8 = _utf8_text(ds, tag) if utf8_fallback else None
-            if as_utf8 is not None:  # as the C-FIND SCP reads it (pacs.settings.assume_utf8_for_latin1)
-                keys.append((keyword, as_utf8))
+            as_utf8 = utf8_text(ds.get_item(tag)) if utf8_fallback else None
+            if as_utf8 is not None:
+                keys.append((keyword, as_utf8.strip(" \x00")))
                 continue
             elem = ds[tag]
             if elem.VR == "SQ":
@@ -157,7 +165,7 @@ def identifier_keys(ds: Dataset) -> tuple[list[tuple[str, str]], int]:
                 if not items:
                     empty += 1
                 for item in items[:1]:
-                    child_keys, child_empty = identifier_keys(item)
+                    child_keys, child_empty = identifier_keys(item, assume_utf8_for_latin1, _inherited=utf8_fallback)
                     keys += child_keys
                     empty += child_empty
                 continue
@@ -170,20 +178,6 @@ def identifier_keys(ds: Dataset) -> tuple[list[tuple[str, str]], int]:
         else:
             empty += 1
     return keys, empty
-
-
-def _utf8_text(ds: Dataset, tag: Any) -> str | None:
-    """A text value still raw, holding non-ASCII bytes that are valid UTF-8 (sent under a Latin-1 label)."""
-    raw = ds.get_item(tag)
-    if not isinstance(raw, RawDataElement) or not isinstance(raw.value, bytes) or raw.value.isascii():
-        return None
-    vr = raw.VR or (dictionary_VR(tag) if dictionary_has_tag(tag) else "")
-    if vr not in _TEXT_VRS:
-        return None
-    try:
-        return raw.value.decode("utf-8").strip(" \x00")
-    except UnicodeDecodeError:
-        return None
 
 
 def format_keys(keys: Iterable[tuple[str, str]]) -> str:
@@ -215,6 +209,48 @@ def record_association_rejected(sessions: sessionmaker[Session], *, calling_ae: 
     fields.append(f"reason={reason}")
     audit.record(sessions, action=ASSOCIATION_REJECTED, actor=calling_ae, role=ROLE_AE, outcome="failure",
                  source_address=address, detail=" ".join(fields))
+
+
+def record_mpps_request(sessions: sessionmaker[Session], read_sessions: sessionmaker[Session], request: DimseRequest,
+                        sop_instance_uid: str, attributes: Dataset, final: FinalStatus) -> None:
+    """The row of an MPPS N-CREATE / N-SET: the step's status, modality and series count as requested, and
+    the patient and study of the step as stored (linked to its order's study) when it is known."""
+    from pacs.ris.models import PerformedProcedureStep  # the RIS tables are a layer above this module's
+
+    request.extra["sop"] = sop_instance_uid or "-"
+    named = dict(identifier_keys(attributes)[0])
+    if named.get("PerformedProcedureStepStatus"):
+        request.extra["step_status"] = named["PerformedProcedureStepStatus"].replace(" ", "_")
+    if named.get("Modality"):
+        request.extra["modality"] = named["Modality"]
+    series = attributes.get("PerformedSeriesSequence") if "PerformedSeriesSequence" in attributes else None
+    if series is not None:
+        request.extra["series"] = str(len(series))
+    request.requested_patient_id = named.get("PatientID", "")
+    study = named.get("StudyInstanceUID", "")
+    if sop_instance_uid:
+        with read_sessions() as session:
+            step = session.scalars(select(PerformedProcedureStep).where(
+                PerformedProcedureStep.sop_instance_uid == sop_instance_uid)).one_or_none()
+            if step is not None:
+                request.requested_patient_id = step.patient_id or request.requested_patient_id
+                study = step.study_instance_uid or study
+                if step.accession_number:
+                    request.extra["accession"] = step.accession_number
+    if study:
+        request.requested_study_uids = (study,)
+    record_request(sessions, read_sessions, request, final)
+
+
+def services_of(abstract_syntaxes: Iterable[str]) -> list[str]:
+    """The services (``pacs.network_policy.Service``) an association asked for, for a rejection's row."""
+    services = []
+    for uid in abstract_syntaxes:
+        try:
+            services.append(str(service_of(uid)))
+        except Exception:
+            services.append("unknown")
+    return services
 
 
 def patients_of_studies(session: Session, study_uids: Iterable[str]) -> list[str]:

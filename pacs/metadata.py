@@ -43,7 +43,7 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 
-from pacs.dicom_object import _LATIN1_LABELS  # the index's rule for UTF-8 sent under a Latin-1 label
+from pacs.charset import assumes_utf8, utf8_element
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,6 @@ BULK_VRS: Final = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "UT"})
 #: Float Pixel Data, Double Float Pixel Data, Pixel Data: always bulk data, whatever their size.
 PIXEL_DATA_TAGS: Final = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 
-_TEXT_VRS: Final = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})
 _TRAILING_PADDING: Final = 0xFFFCFFFC
 
 TagPath = tuple[int, ...]  # tag, item index, tag, item index, ..., tag
@@ -98,10 +97,7 @@ def instance_json(
     ``assume_utf8_for_latin1`` reads text labelled with the default or a Latin-1 character set as
     UTF-8 when its bytes are valid UTF-8 (as the index does, see ``PACS_ASSUME_UTF8_FOR_LATIN1``).
     """
-    charsets = ds.get("SpecificCharacterSet", "") or ""
-    labels = [charsets] if isinstance(charsets, str) else [str(c) for c in charsets]
-    walker = _Walker(study_uid, series_uid, sop_uid, threshold,
-                     assume_utf8_for_latin1 and all(c in _LATIN1_LABELS for c in labels or [""]))
+    walker = _Walker(study_uid, series_uid, sop_uid, threshold, assumes_utf8(ds, assume_utf8_for_latin1))
     return walker.dataset(ds, ())
 
 
@@ -203,7 +199,7 @@ class _Walker:
             if vr is not None and (vr in BULK_VRS or tag in PIXEL_DATA_TAGS):
                 return self._bulk(vr, path)  # never read: that is the point of deferring it
         elif isinstance(raw, RawDataElement) and self._utf8:
-            decoded = _utf8_text(raw)
+            decoded = utf8_element(raw)
             if decoded is not None:
                 ds[tag] = decoded
         elem: DataElement = ds[tag]
@@ -238,24 +234,6 @@ def _deferred_vr(raw: RawDataElement) -> str | None:
         # enough to be deferred is a LUT or pixel data, so OW; a "US or SS" value must be read.
         return "OW" if "OW" in vr else None
     return vr
-
-
-def _utf8_text(raw: RawDataElement) -> DataElement | None:
-    """``raw`` decoded as UTF-8 when it is text with non-ASCII bytes that are valid UTF-8."""
-    vr = raw.VR
-    if vr is None:
-        try:
-            vr = dictionary_VR(raw.tag)
-        except KeyError:
-            return None
-    value = raw.value
-    if vr not in _TEXT_VRS or not isinstance(value, bytes) or value.isascii():
-        return None
-    try:
-        text = value.decode("utf-8").rstrip(" \x00")
-    except UnicodeDecodeError:
-        return None
-    return DataElement(raw.tag, vr, text)
 
 
 def _finite(value: Any) -> Any:

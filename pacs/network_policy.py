@@ -1,7 +1,8 @@
 """Association policy (SPEC §5): who may open an association for which DICOM services.
 
-Pure decision logic, independent of pynetdicom; ``dicom_scp.policy`` applies it to an
-association request before any presentation context is negotiated.
+Pure decision logic, independent of pynetdicom and of the database; ``dicom_scp.policy`` applies it
+to an association request before any presentation context is negotiated, with the AE as the
+registry (:mod:`pacs.aes`) knows it.
 
 The rules, per requested abstract syntax:
 
@@ -41,12 +42,9 @@ import threading
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Protocol
 
 from pydicom.uid import UID
-from sqlalchemy import select
-from sqlalchemy.orm import Session
-
-from pacs.db.models import ApplicationEntity
 
 VERIFICATION_UID = "1.2.840.10008.1.1"
 
@@ -61,6 +59,23 @@ class Service(StrEnum):
     QUERY = "query"
     RETRIEVE = "retrieve"
     OTHER = "other"  # needs a registered AE
+
+
+class PeerRights(Protocol):
+    """What the policy needs to know of a registered AE (:class:`pacs.aes.AERecord` is one)."""
+
+    @property
+    def ae_title(self) -> str: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def allow_store(self) -> bool: ...
+    @property
+    def allow_query(self) -> bool: ...
+    @property
+    def allow_retrieve(self) -> bool: ...
+    @property
+    def check_host(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -102,14 +117,6 @@ def service_of(abstract_syntax: str) -> Service:
     return Service.OTHER
 
 
-def lookup(session: Session, ae_title: str) -> RegisteredAE | None:
-    row = session.scalars(select(ApplicationEntity).where(ApplicationEntity.ae_title == ae_title.strip())).first()
-    if row is None:
-        return None
-    return RegisteredAE(row.ae_title, row.host, row.allow_store, row.allow_query, row.allow_retrieve,
-                        row.check_host)
-
-
 def needs_registry(abstract_syntaxes: Iterable[str]) -> bool:
     """False when the request asks for Verification only (no registry look-up needed)."""
     return any(service_of(a) is not Service.VERIFICATION for a in abstract_syntaxes)
@@ -124,7 +131,7 @@ def decide(
     calling_ae: str,
     peer_address: str,
     abstract_syntaxes: Iterable[str],
-    registered: RegisteredAE | None,
+    registered: PeerRights | None,
     *,
     accept_unknown_store_aes: bool = True,
     resolve: Callable[[str], set[str]] | None = None,

@@ -8,6 +8,8 @@ from datetime import timedelta
 from pacs.commitment import CommitmentReporter
 from pacs.context import AppContext
 from pacs.forwarding.delivery import ForwardDelivery
+from pacs.hl7.listener import Hl7Listener
+from pacs.hl7.outbound import Hl7Delivery
 from pacs.ingest import Ingestor, TaskNotifier
 from pacs.settings import Settings
 from workers.publisher import InProcessPublisher, OutboxRelay, make_publisher
@@ -20,6 +22,8 @@ class Pipeline:
     ingestor: Ingestor
     forwarder: ForwardDelivery | None = None  # embedded mode; `pacs worker` runs it when scaled
     commitment: CommitmentReporter | None = None  # storage commitment reports: every `pacs serve` / `pacs scp`
+    hl7_delivery: Hl7Delivery | None = None  # ORU^R01 outbound queue: embedded mode (`pacs hl7 listen` when scaled)
+    hl7_listener: Hl7Listener | None = None  # MLLP orders in: started by `pacs serve` (and `pacs hl7 listen`)
 
     @classmethod
     def start(cls, settings: Settings) -> Pipeline:
@@ -30,11 +34,20 @@ class Pipeline:
                             requeue_all_queued=settings.embedded_workers).start()
         ingestor = make_ingestor(ctx, notify=relay.notify)
         ctx.extras["publisher"] = publisher
+        ctx.extras["outbox_relay"] = relay  # report signing nudges it (pacs.reports.service)
+        ctx.extras["ingest_notify"] = relay.notify  # objects the archive makes itself (SR, KOS)
         forwarder = ForwardDelivery(ctx).start() if settings.embedded_workers else None
         commitment = _start_commitment_reporter(ctx)
-        return cls(ctx, relay, ingestor, forwarder, commitment)
+        hl7_delivery = Hl7Delivery(ctx).start() if settings.embedded_workers else None
+        if hl7_delivery is not None:
+            ctx.extras["hl7_delivery"] = hl7_delivery  # report signing wakes it
+        return cls(ctx, relay, ingestor, forwarder, commitment, hl7_delivery)
 
     def stop(self) -> None:
+        if self.hl7_listener is not None:
+            self.hl7_listener.stop()
+        if self.hl7_delivery is not None:
+            self.hl7_delivery.stop()
         if self.commitment is not None:
             self.commitment.stop()
         if self.forwarder is not None:

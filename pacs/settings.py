@@ -201,9 +201,53 @@ class Settings(BaseSettings):
                                     "reads of one study by one principal within this window share one audit row "
                                     "(0: a row per request)")
 
+    # reports
+    facility_names: dict[str, str] = Field(default_factory=dict, description="Printed names of facilities on "
+                                           "reports (JSON: code → name, e.g. '{\"HOSP-A\": \"Bệnh viện Tỉnh\"}')")
+
     # OHIF viewer
     ohif_dir: Path | None = Field(default=None, description="Folder of the OHIF viewer served under /ohif/ "
                                   "(`pacs viewer install-ohif`); default DATA_DIR/ohif")
+
+    # -- HL7 v2 over MLLP (pacs.hl7): orders in (ORM^O01), report results out (ORU^R01) ------------
+    hl7_host: str = Field(default="127.0.0.1", description="Address the HL7 MLLP listener binds to "
+                          "(loopback by default: MLLP has no authentication; open it to the EMR's network only)")
+    hl7_port: int = Field(default=2575, ge=0, le=65535, description="HL7 MLLP listener port (`pacs serve`, "
+                          "`pacs hl7 listen`); 0 turns the listener off")
+    hl7_max_message_bytes: int = Field(default=1024**2, ge=1024, description="Largest HL7 message accepted; a "
+                                       "larger one is refused (AR) while it arrives, never held in memory whole")
+    hl7_max_connections: int = Field(default=32, ge=1, le=1000, description="Concurrent MLLP connections; more "
+                                     "are closed at once")
+    hl7_timeout_s: float = Field(default=30.0, gt=0, description="Idle time allowed inside an MLLP connection "
+                                 "(a started message must arrive within twice this); also the connect/ACK "
+                                 "timeout of outbound delivery")
+    hl7_default_facility: str = Field(default="", description="Facility given to orders received over HL7; "
+                                      "empty: the sending facility (MSH-4)")
+    hl7_destinations: dict[str, str] = Field(default_factory=dict, description="Where signed reports are sent "
+                                             "as ORU^R01: JSON name → \"host:port\", e.g. "
+                                             "'{\"emr\": \"10.0.0.5:2575\"}'")
+    hl7_receiving_application: str = Field(default="", description="MSH-5 of the ORU^R01 we send (default: "
+                                           "the destination's name)")
+    hl7_receiving_facility: str = Field(default="", description="MSH-6 of the ORU^R01 we send")
+    hl7_poll_s: float = Field(default=2.0, gt=0, description="How often the HL7 outbound queue is checked")
+    hl7_max_attempts: int = Field(default=20, ge=1, description="Delivery attempts before an HL7 message is failed")
+    hl7_retry_base_s: float = Field(default=5.0, gt=0, description="First wait between HL7 delivery attempts; "
+                                    "doubles per attempt")
+    hl7_retry_max_s: float = Field(default=600.0, gt=0, description="Longest wait between HL7 delivery attempts")
+    hl7_lease_s: float = Field(default=120.0, gt=0, description="A claimed HL7 message is left to other senders "
+                                "this long (crash safety)")
+
+    @field_validator("hl7_destinations")
+    @classmethod
+    def _check_hl7_destinations(cls, value: dict[str, str]) -> dict[str, str]:
+        from pacs.hl7.mllp import parse_address
+
+        for name, address in value.items():
+            bare = name.replace("-", "").replace("_", "").replace(".", "")
+            if not 1 <= len(name) <= 64 or not (bare.isascii() and bare.isalnum()):
+                raise ValueError(f"HL7 destination name {name!r}: 1-64 letters, digits, '.', '-' or '_'")
+            parse_address(address)
+        return value
 
     @property
     def effective_ohif_dir(self) -> Path:

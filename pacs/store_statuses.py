@@ -1,24 +1,42 @@
 """One table from ingest outcomes to DICOM storage statuses (PS3.4 Annex B.2.3).
 
-C-STORE answers with them (``dicom_scp.statuses``) and STOW-RS reports the same codes as Failure
-Reasons (PS3.18 Table I.2-1), so a modality and a web uploader are told the same thing.
+C-STORE answers with them (``dicom_scp.handlers``) and STOW-RS reports the same codes as Failure
+Reasons (PS3.18 Table I.2-1), so a modality and a web uploader are told the same thing. The codes
+themselves are named in :mod:`pacs.dimse_status` (re-exported here for the STOW-RS side).
 """
 
 from __future__ import annotations
 
 from pacs.dicom_object import RejectReason
+from pacs.dimse_status import (
+    CANNOT_UNDERSTAND,
+    CANNOT_UNDERSTAND_INVALID_UID,
+    CANNOT_UNDERSTAND_MISSING_ATTRIBUTE,
+    CANNOT_UNDERSTAND_NOT_STORABLE,
+    CANNOT_UNDERSTAND_TRUNCATED,
+    DATASET_DOES_NOT_MATCH,
+    OUT_OF_RESOURCES,
+    OUT_OF_RESOURCES_INDEX,
+    OUT_OF_RESOURCES_TOO_LARGE,
+    SUCCESS,
+    error_comment,
+)
 from pacs.ingest import IngestOutcome, IngestStatus
 
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700  # transient: the sender may retry later
-OUT_OF_RESOURCES_INDEX = 0xA701
-OUT_OF_RESOURCES_TOO_LARGE = 0xA702
-DATASET_DOES_NOT_MATCH = 0xA900
-CANNOT_UNDERSTAND = 0xC000
-CANNOT_UNDERSTAND_INVALID_UID = 0xC001
-CANNOT_UNDERSTAND_TRUNCATED = 0xC002
-CANNOT_UNDERSTAND_MISSING_ATTRIBUTE = 0xC003
-CANNOT_UNDERSTAND_NOT_STORABLE = 0xC004
+__all__ = [
+    "CANNOT_UNDERSTAND",
+    "CANNOT_UNDERSTAND_INVALID_UID",
+    "CANNOT_UNDERSTAND_MISSING_ATTRIBUTE",
+    "CANNOT_UNDERSTAND_NOT_STORABLE",
+    "CANNOT_UNDERSTAND_TRUNCATED",
+    "DATASET_DOES_NOT_MATCH",
+    "OUT_OF_RESOURCES",
+    "OUT_OF_RESOURCES_INDEX",
+    "OUT_OF_RESOURCES_TOO_LARGE",
+    "SUCCESS",
+    "error_comment",
+    "store_status",
+]
 
 _BY_STATUS = {
     IngestStatus.STORED: SUCCESS,
@@ -45,8 +63,3 @@ def store_status(outcome: IngestOutcome) -> int:
     if outcome.status in _BY_STATUS:
         return _BY_STATUS[outcome.status]
     return _BY_REASON.get(outcome.reason, CANNOT_UNDERSTAND) if outcome.reason else CANNOT_UNDERSTAND
-
-
-def error_comment(message: str) -> str:
-    """Error Comment is an LO: at most 64 characters, no backslash or control characters."""
-    return "".join(ch if ch.isprintable() and ch != "\\" else " " for ch in message)[:64]

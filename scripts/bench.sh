@@ -7,8 +7,10 @@
 #   scripts/bench.sh --skip-scaled --skip-orthanc
 #   scripts/bench.sh query                           # C-FIND at 10^6 instances, C-FIND and C-GET vs Orthanc
 #   scripts/bench.sh dicomweb --quick                # QIDO-RS at 10^6 instances, QIDO/WADO-RS vs Orthanc
+#   scripts/bench.sh reading_list                    # the radiologist's reading list at 100,000 unreported studies
 # The scaled configuration also needs PostgreSQL on 127.0.0.1:5432 (trust auth for `postgres`) and Redis
-# on 127.0.0.1:6379 (db 8 is flushed); leave it out with --skip-scaled. query and dicomweb need PostgreSQL.
+# on 127.0.0.1:6379 (db 8 is flushed); leave it out with --skip-scaled. query, dicomweb and reading_list need
+# PostgreSQL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +34,6 @@ fi
 
 bench=ingest
 case "${1:-}" in
-  ingest|query|dicomweb) bench=$1; shift ;;
+  ingest|query|dicomweb|reading_list) bench=$1; shift ;;
 esac
 exec .venv/bin/python -m "bench.$bench" "$@"

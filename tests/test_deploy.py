@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -27,7 +28,8 @@ def compose() -> dict:
 def test_compose_has_every_process_role(compose: dict) -> None:
     services = compose["services"]
     assert {"minio1", "minio2", "minio3", "minio4", "postgres", "redis", "migrate", "scp", "api", "worker",
-            "dicom-lb"} <= set(services)
+            "hl7", "dicom-lb"} <= set(services)
+    assert services["hl7"]["command"] == ["hl7", "listen"]
     assert services["migrate"]["command"] == ["db", "upgrade"]
     assert services["worker"]["command"][0] == "worker" and services["scp"]["command"] == ["scp"]
 
@@ -42,6 +44,8 @@ def test_compose_sets_only_real_settings(compose: dict) -> None:
 
 def test_compose_configuration_is_accepted_by_settings(compose: dict) -> None:
     env = compose["services"]["scp"]["environment"]
-    settings = Settings(**{k.removeprefix("PACS_").lower(): v for k, v in env.items()})
+    # complex settings (dicts, lists) come as JSON from the environment, as pydantic-settings reads them
+    settings = Settings(**{k.removeprefix("PACS_").lower(): json.loads(v) if v[:1] in "{[" and v else v
+                           for k, v in env.items()})
     assert settings.effective_database_url.startswith("postgresql+psycopg://pacs:")
     assert settings.effective_storage_url.endswith("@minio1:9000/dicom") and not settings.embedded_workers

@@ -325,20 +325,20 @@ def test_another_facility_sees_nothing_of_hospital_a(world: World) -> None:
 # -- reserved resources, metadata, viewer URL, audit -------------------------------------------------
 
 
-def test_diagnostic_report_and_service_request_are_reserved_after_authentication(world: World) -> None:
-    for path in ("DiagnosticReport", f"DiagnosticReport/{world.studies['A1'].uid}", "ServiceRequest",
-                 "ServiceRequest/1"):
+def test_diagnostic_report_and_service_request_need_a_token_and_answer_fhir(world: World) -> None:
+    """Once reserved (501), now served: the details are in tests/test_fhir_reports.py."""
+    for path, status in (("DiagnosticReport", 200), (f"DiagnosticReport/{world.studies['A1'].uid}", 404),
+                         ("ServiceRequest", 200), ("ServiceRequest/1", 404)):
         response = fhir_get(world, path, None)
         assert response.status_code == 401, path
         response = fhir_get(world, path, world.emr)
-        assert response.status_code == 501, path
-        outcome = response.json()
-        assert outcome["resourceType"] == "OperationOutcome" and outcome["issue"][0]["code"] == "not-supported"
-        assert "not implemented yet" in outcome["issue"][0]["diagnostics"]
+        assert response.status_code == status, path
+        assert response.json()["resourceType"] == ("Bundle" if status == 200 else "OperationOutcome"), path
     assert fhir_get(world, "metadata", None).status_code == 401
     statement = fhir_get(world, "metadata", world.emr).json()
     assert statement["resourceType"] == "CapabilityStatement" and statement["fhirVersion"] == "4.0.1"
-    assert {r["type"] for r in statement["rest"][0]["resource"]} == {"ImagingStudy", "Patient"}
+    assert {r["type"] for r in statement["rest"][0]["resource"]} == {"ImagingStudy", "Patient", "DiagnosticReport",
+                                                                     "ServiceRequest"}
     assert fhir_get(world, "Observation", world.emr).status_code == 404
 
 

@@ -365,3 +365,53 @@ def test_installed_viewer_records_what_it_is(ohif_dir: Path) -> None:
     assert marker["package"] == "@ohif/app" and marker["version"] == OHIF_VERSION
     assert marker["integrity"] == pacs.viewer.OHIF_INTEGRITY and marker["base_path"] == "/ohif/"
     assert not (ohif_dir / "_redirects").exists() and (ohif_dir / "login.html").is_file()
+
+
+# -- a signed report's SR in the viewer (reports must-show 1) --------------------------------------------------------
+
+
+def test_signed_report_sr_opens_in_the_viewer(
+        server: EmbeddedPacs, ct_study: dict[str, str], user: str, browser: Browser, tmp_path: Path) -> None:
+    study = ct_study["study"]
+    with bearer_client(server.http_url, server.token("radiologist")) as client:
+        created = client.post(f"/api/studies/{study}/reports", json={
+            "findings": "Không thấy tổn thương khu trú.\nGan lách bình thường.", "impression": "Bình thường.",
+            "language": "vi"})
+        assert created.status_code == 201, created.text
+        assert client.post(f"/api/reports/{created.json()['id']}/sign").status_code == 200
+
+        def sr_indexed() -> bool:
+            found = client.get(f"/dicom-web/studies/{study}/series", params={"Modality": "SR"})
+            return found.status_code == 200 and len(found.json()) == 1
+
+        wait_until(sr_indexed, timeout=90, interval=0.5, what="the report's SR in the study")
+    context, page, log = _new_page(browser)
+    try:
+        page.goto(f"{server.http_url}/ohif/login.html?next=" + quote(f"/ohif/viewer?StudyInstanceUIDs={study}"))
+        page.fill("#username", user)
+        page.fill("#password", PASSWORD)
+        page.click("#sign-in")
+        page.wait_for_url(re.compile(rf"/ohif/viewer\?StudyInstanceUIDs={re.escape(study)}"))
+        expect(page.locator("canvas.cornerstone-canvas").first).to_be_visible(timeout=90_000)
+        for notice in ("Confirm and hide", "Skip all"):
+            button = page.get_by_text(notice)
+            if button.count() and button.first.is_visible():
+                button.first.click()
+        sr_thumbnail = page.locator("[data-cy='study-browser-thumbnail']", has_text="SR").first
+        if not sr_thumbnail.count():
+            sr_thumbnail = page.get_by_text("SR", exact=True).first
+        expect(sr_thumbnail).to_be_visible(timeout=90_000)
+        sr_thumbnail.dblclick()
+        # OHIF's SR viewport shows the report's content tree: the signed text, diacritics exact
+        expect(page.get_by_text("Gan lách bình thường.").first).to_be_visible(timeout=60_000)
+        expect(page.get_by_text("Bình thường.", exact=True).first).to_be_visible()
+        page.wait_for_load_state("networkidle")
+        page.screenshot(path=str(tmp_path / "ohif-sr.png"))
+        print(f"\nOHIF SR screenshot: {tmp_path / 'ohif-sr.png'}")
+        sr_requests = [url for _, url, _ in log.requests if "/dicom-web/" in url and "/series/" in url]
+        assert sr_requests, "the viewer fetched nothing of the SR series"
+        assert log.error_statuses == [], log.summary()
+        assert log.page_errors == [], log.summary()
+        assert log.console_errors == [], log.summary()
+    finally:
+        context.close()

@@ -24,7 +24,7 @@ EXPOSED_HEADERS = ["X-Total-Count", "Content-Location", "Warning"]
 def create_app(ctx: AppContext, ingestor: Ingestor | None = None) -> FastAPI:
     """The HTTP API of one process. ``ingestor`` is the process's ingest service (STOW-RS); without
     one (a read-only API process) STOW-RS builds its own on the same context."""
-    from viewer_api import audit_routes, auth_routes, fhir, ohif
+    from viewer_api import audit_routes, auth_routes, fhir, ohif, orders, reports
     from viewer_api.dicomweb import qido, stow, wado, wado_uri
 
     settings = ctx.settings
@@ -62,7 +62,7 @@ def create_app(ctx: AppContext, ingestor: Ingestor | None = None) -> FastAPI:
         return JSONResponse({"status": "ok" if healthy else "degraded", "checks": checks},
                             status_code=200 if healthy else 503)
 
-    for module in (auth_routes, audit_routes, qido, wado, wado_uri, stow, fhir, ohif):
+    for module in (auth_routes, audit_routes, orders, reports, qido, wado, wado_uri, stow, fhir, ohif):
         app.include_router(module.router)
 
     # Outermost first: CORS answers preflights before anything else; limits before routing.
@@ -70,7 +70,7 @@ def create_app(ctx: AppContext, ingestor: Ingestor | None = None) -> FastAPI:
     app.add_middleware(RequestLimits, max_bytes=settings.max_request_bytes)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
-                           allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type", "Accept"],
                            expose_headers=EXPOSED_HEADERS, max_age=600)
     return app

@@ -1,36 +1,45 @@
 """FHIR R4 for EMRs under ``/fhir`` (logic in :mod:`pacs.fhir`), and the EMR's per-study viewer URL.
 
-==========================================  ================  ==================================================
-route                                       capability        answers
-==========================================  ================  ==================================================
-``GET /fhir/metadata``                      any token         CapabilityStatement (no patient data; a token is
-                                                              still asked for, like everywhere else)
-``GET /fhir/ImagingStudy?…``                study.search      Bundle (searchset) of ImagingStudy
-``GET /fhir/ImagingStudy/{id}``             study.read        ImagingStudy (id = the Study Instance UID)
-``GET /fhir/Patient?identifier=…``          study.search      Bundle of Patient
-``GET /fhir/Patient/{id}``                  study.read        Patient
-``GET /fhir/DiagnosticReport[/{id}]``       report.read       501 OperationOutcome: reserved for the reports work
-``GET /fhir/ServiceRequest[/{id}]``         study.search      501 OperationOutcome: reserved for the RIS work
-``GET /viewer/studies/{StudyInstanceUID}``  none (public)     302 to ``/ohif/viewer?StudyInstanceUIDs=…``
-==========================================  ================  ==================================================
+================================================  ==============  ============================================
+route                                             capability      answers
+================================================  ==============  ============================================
+``GET /fhir/metadata``                            any token       CapabilityStatement (no patient data; a
+                                                                  token is still asked for, like everywhere)
+``GET /fhir/ImagingStudy?…``                      study.search    Bundle (searchset) of ImagingStudy
+``GET /fhir/ImagingStudy/{id}``                   study.read      ImagingStudy (id = the Study Instance UID)
+``GET /fhir/Patient?identifier=…``                study.search    Bundle of Patient
+``GET /fhir/Patient/{id}``                        study.read      Patient
+``GET /fhir/DiagnosticReport?…``                  report.read     Bundle of DiagnosticReport (newest visible
+                                                                  version of each report)
+``GET /fhir/DiagnosticReport/{id}``               report.read     DiagnosticReport (id = ``r{report id}``)
+``GET /fhir/DiagnosticReport/{id}/_history``      report.read     Bundle (history), newest version first
+``GET /fhir/DiagnosticReport/{id}/_history/{n}``  report.read     one version (vread)
+``GET /fhir/ServiceRequest?…``                    study.search    Bundle of ServiceRequest (orders)
+``GET /fhir/ServiceRequest/{id}``                 study.search    ServiceRequest (id = the accession number)
+``POST /fhir/ServiceRequest``                     order.manage    201 ServiceRequest + Location: a new order
+``GET /viewer/studies/{StudyInstanceUID}``        none (public)   302 to ``/ohif/viewer?StudyInstanceUIDs=…``
+================================================  ==============  ============================================
 
 Errors after authentication are FHIR ``OperationOutcome`` resources with the HTTP status (400 invalid
-search, 404 unknown or out of scope, 501 not implemented, 503 index unavailable). 401 and 403 come from
-the shared security layer and are the API's usual JSON ``{"code", "message"}``, like on every route.
-Searches and reads are limited to the principal's scope (a study of another facility is 404, a search
-never lists it) and each one is audited, naming the patient and study.
+search or resource, 404 unknown or out of scope, 409 duplicate order, 415 a body that is not JSON, 503
+index unavailable). 401 and 403 come from the shared security layer and are the API's usual JSON
+``{"code", "message"}``, like on every route. Searches and reads are limited to the principal's scope (a
+study, report or order of another facility is 404, a search never lists it) and each one is audited,
+naming the patient and study; an order created is audited (``order.create``) in the transaction that
+creates it, a refused one too.
+
+Searches are strict: an unknown parameter is 400 unless the request has ``Prefer: handling=lenient``
+(see :mod:`pacs.fhir.search`).
 
 The viewer URL holds no patient data: it redirects to the OHIF viewer with the UID the EMR already
 has, and the viewer then asks for the images with the user's own token. It does not say whether the
 study exists.
-
-The reserved DiagnosticReport / ServiceRequest routes and the catch-all for other resource types are
-left out of the OpenAPI document until they are implemented.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -38,11 +47,20 @@ from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, RedirectResponse
+from starlette.concurrency import run_in_threadpool
 
-from pacs.errors import IndexUnavailable, InvalidInput, NotFound
+from pacs.errors import Conflict, IndexUnavailable, InvalidInput, NotFound, PacsError
 from pacs.fhir import resources
-from pacs.fhir.search import Search, imaging_study_search, patient_search
+from pacs.fhir.search import (
+    Search,
+    SearchError,
+    diagnostic_report_search,
+    imaging_study_search,
+    patient_search,
+    service_request_search,
+)
 from pacs.fhir.service import FhirService, Found, Page
+from pacs.security.policy import Forbidden
 from pacs.security.principal import Principal
 from pacs.security.roles import Capability
 from storage import StorageError
@@ -75,8 +93,14 @@ def fhir_errors(route: Callable[..., JSONResponse]) -> Callable[..., JSONRespons
             return route(*args, **kwargs)
         except NotFound as exc:
             return outcome(404, "not-found", str(exc))
+        except SearchError as exc:
+            return outcome(400, exc.code, str(exc)[:800])
         except InvalidInput as exc:
             return outcome(400, "invalid", str(exc)[:500])
+        except Conflict as exc:
+            return outcome(409, "duplicate", str(exc)[:500])
+        except Forbidden as exc:
+            return outcome(403, "forbidden", str(exc)[:500])
         except (IndexUnavailable, StorageError) as exc:
             log.error("FHIR request failed: %s", exc)
             return outcome(503, "transient", "the index is unavailable; try again later")
@@ -87,7 +111,8 @@ def fhir_errors(route: Callable[..., JSONResponse]) -> Callable[..., JSONRespons
 
 
 def _service(request: Request) -> FhirService:
-    return FhirService(request.app.state.query_engine, context(request).read_sessions)
+    ctx = context(request)
+    return FhirService(request.app.state.query_engine, ctx.read_sessions, _base(request), ctx.sessions)
 
 
 def _base(request: Request) -> str:
@@ -95,7 +120,15 @@ def _base(request: Request) -> str:
 
 
 def _strict(request: Request) -> bool:
-    return "handling=strict" in request.headers.get("prefer", "").replace(" ", "").lower()
+    """Searches are strict unless the client prefers lenient handling (``Prefer: handling=lenient``; the
+    preference may share the header with others, ``return=minimal, handling=lenient``)."""
+    preferences = [p.strip().replace(" ", "").lower() for header in request.headers.getlist("prefer")
+                   for p in header.replace(";", ",").split(",")]
+    return "handling=lenient" not in preferences
+
+
+def _params(request: Request) -> list[tuple[str, str]]:
+    return list(request.query_params.multi_items())
 
 
 def _searchset(request: Request, kind: str, search: Search, page: Page) -> JSONResponse:
@@ -126,7 +159,8 @@ def _audit_search(request: Request, principal: Principal, kind: str, page: Page,
                  study_instance_uid=studies[0] if len(studies) == 1 else "", patient_id=searched,
                  detail=f"{kind} total={page.total} returned={len(page.resources)}"
                  + (f" studies={','.join(studies)}" if studies else "")
-                 + (f" patients={','.join(patients)}" if patients else ""))
+                 + (f" patients={','.join(patients)}" if patients else "")
+                 + (f" ignored={','.join(search.ignored)}" if search.ignored else ""))
 
 
 def _read(request: Request, principal: Principal, what: str, fhir_id: str, load: Callable[[], Found]) -> JSONResponse:
@@ -154,7 +188,7 @@ def capability_statement(request: Request, _: Principal = require(None)) -> JSON
 @fhir_errors
 def search_imaging_studies(request: Request,
                            principal: Principal = require(Capability.STUDY_SEARCH)) -> JSONResponse:  # noqa: B008
-    search = imaging_study_search(list(request.query_params.multi_items()), strict=_strict(request))
+    search = imaging_study_search(_params(request), strict=_strict(request))
     page = _service(request).search_studies(search, principal.scope, f"{_base(request)}/dicom-web")
     _audit_search(request, principal, "ImagingStudy", page, search)
     return _searchset(request, "ImagingStudy", search, page)
@@ -172,7 +206,7 @@ def read_imaging_study(study_id: str, request: Request,
 @fhir_errors
 def search_patients(request: Request,
                     principal: Principal = require(Capability.STUDY_SEARCH)) -> JSONResponse:  # noqa: B008
-    search = patient_search(list(request.query_params.multi_items()), strict=_strict(request))
+    search = patient_search(_params(request), strict=_strict(request))
     page = _service(request).search_patients(search, principal.scope)
     _audit_search(request, principal, "Patient", page, search)
     return _searchset(request, "Patient", search, page)
@@ -186,20 +220,93 @@ def read_patient(patient_id: str, request: Request,
                  lambda: _service(request).read_patient(patient_id, principal.scope))
 
 
-def _reserved(kind: str, issue: str) -> JSONResponse:
-    return outcome(501, "not-supported", f"FHIR {kind} is not implemented yet ({issue} issue)")
+@fhir.get("/DiagnosticReport", summary="Search DiagnosticReport (patient identifier, study, status, date)")
+@fhir_errors
+def search_diagnostic_reports(request: Request,
+                              principal: Principal = require(Capability.REPORT_READ)) -> JSONResponse:  # noqa: B008
+    search = diagnostic_report_search(_params(request), strict=_strict(request))
+    page = _service(request).search_reports(search, principal)
+    _audit_search(request, principal, "DiagnosticReport", page, search)
+    return _searchset(request, "DiagnosticReport", search, page)
 
 
-@fhir.get("/DiagnosticReport", include_in_schema=False)
-@fhir.get("/DiagnosticReport/{report_id}", include_in_schema=False)
-def diagnostic_report(_: Principal = require(Capability.REPORT_READ)) -> JSONResponse:  # noqa: B008
-    return _reserved("DiagnosticReport", "reports")
+@fhir.get("/DiagnosticReport/{report_id}", summary="Read a DiagnosticReport (the newest version you may see)")
+@fhir_errors
+def read_diagnostic_report(report_id: str, request: Request,
+                           principal: Principal = require(Capability.REPORT_READ)) -> JSONResponse:  # noqa: B008
+    return _read(request, principal, "DiagnosticReport", report_id,
+                 lambda: _service(request).read_report(report_id, principal))
 
 
-@fhir.get("/ServiceRequest", include_in_schema=False)
-@fhir.get("/ServiceRequest/{request_id}", include_in_schema=False)
-def service_request(_: Principal = require(Capability.STUDY_SEARCH)) -> JSONResponse:  # noqa: B008
-    return _reserved("ServiceRequest", "RIS orders")
+@fhir.get("/DiagnosticReport/{report_id}/_history", summary="A DiagnosticReport's published versions")
+@fhir_errors
+def diagnostic_report_history(report_id: str, request: Request,
+                              principal: Principal = require(Capability.REPORT_READ)) -> JSONResponse:  # noqa: B008
+    return _read(request, principal, "DiagnosticReport", f"{report_id[:24]}/_history",
+                 lambda: _service(request).report_history(report_id, principal)[1])
+
+
+@fhir.get("/DiagnosticReport/{report_id}/_history/{version}", summary="One version of a DiagnosticReport")
+@fhir_errors
+def vread_diagnostic_report(report_id: str, version: str, request: Request,
+                            principal: Principal = require(Capability.REPORT_READ)) -> JSONResponse:  # noqa: B008
+    return _read(request, principal, "DiagnosticReport", f"{report_id[:24]}/_history/{version[:12]}",
+                 lambda: _service(request).read_report(report_id, principal, version))
+
+
+@fhir.get("/ServiceRequest", summary="Search ServiceRequest (imaging orders) by patient, identifier, status")
+@fhir_errors
+def search_service_requests(request: Request,
+                            principal: Principal = require(Capability.STUDY_SEARCH)) -> JSONResponse:  # noqa: B008
+    search = service_request_search(_params(request), strict=_strict(request))
+    page = _service(request).search_service_requests(search, principal.scope)
+    _audit_search(request, principal, "ServiceRequest", page, search)
+    return _searchset(request, "ServiceRequest", search, page)
+
+
+@fhir.get("/ServiceRequest/{request_id}", summary="Read a ServiceRequest (id = the accession number)")
+@fhir_errors
+def read_service_request(request_id: str, request: Request,
+                         principal: Principal = require(Capability.STUDY_SEARCH)) -> JSONResponse:  # noqa: B008
+    return _read(request, principal, "ServiceRequest", request_id,
+                 lambda: _service(request).read_service_request(request_id, principal.scope))
+
+
+@fhir.post("/ServiceRequest", status_code=201, summary="Place an imaging order (it joins the Modality Worklist)",
+           openapi_extra={"requestBody": {"required": True, "content": {resources.FHIR_JSON: {
+               "schema": {"type": "object", "description": "a FHIR R4 ServiceRequest"}}}}})
+async def create_service_request(request: Request,
+                                 principal: Principal = require(Capability.ORDER_MANAGE)) -> JSONResponse:  # noqa: B008
+    body = await request.body()
+    return await run_in_threadpool(_create_service_request, request, principal, body)
+
+
+@fhir_errors
+def _create_service_request(request: Request, principal: Principal, body: bytes) -> JSONResponse:
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    try:
+        if media_type not in ("application/fhir+json", "application/json"):
+            raise _Unsupported(f"send the ServiceRequest as {resources.FHIR_JSON}, not {media_type[:60] or 'nothing'}")
+        try:
+            payload = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidInput(f"the body is not JSON ({exc.__class__.__name__}: {str(exc)[:100]})") from None
+        found = _service(request).create_service_request(payload, principal,
+                                                         detail=f"{request.method} {request.url.path}")
+    except (PacsError, _Unsupported) as exc:
+        audit_access(request, principal, "order.create", outcome="failure",
+                     detail=f"FHIR ServiceRequest refused: {type(exc).__name__}: {str(exc)[:300]}")
+        if isinstance(exc, _Unsupported):
+            return outcome(415, "not-supported", str(exc))
+        raise
+    location = f"{_base(request)}/fhir/ServiceRequest/{found.resource['id']}"
+    response = fhir_json(found.resource, 201)
+    response.headers["Location"] = location
+    return response
+
+
+class _Unsupported(Exception):
+    """A request body in a format this server does not read (HTTP 415)."""
 
 
 @fhir.get("/{resource_type}", include_in_schema=False)

@@ -9,6 +9,8 @@ do this, and audits what it refuses (401 and 403). What a route then reads it au
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from fastapi import Depends, Request, Security
@@ -17,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from pacs import audit
 from pacs.context import AppContext
+from pacs.errors import PacsError
 from pacs.security.authenticate import AuthenticationError, Authenticator
 from pacs.security.policy import Forbidden, authorize
 from pacs.security.principal import Principal
@@ -126,4 +129,17 @@ def audit_access(request: Request, principal: Principal, action: str, *, study_i
     except Exception:
         if coalescer is not None:
             coalescer.forget(who, action, study_instance_uid)
+        raise
+
+
+@contextmanager
+def audited(request: Request, principal: Principal, action: str, study: str = "",
+            report_id: int | None = None) -> Iterator[None]:
+    """Audit a refusal from the core (404, 409, 400, 403) before it becomes the route's JSON error."""
+    try:
+        yield
+    except PacsError as exc:
+        what = f"report {report_id}: " if report_id is not None else ""
+        audit_access(request, principal, action, outcome="failure", study_instance_uid=study,
+                     detail=f"{what}{type(exc).__name__}: {str(exc)[:300]}")
         raise

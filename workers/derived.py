@@ -9,7 +9,9 @@ A handler that cannot do its work *yet* raises :class:`Deferred`: the row goes b
 Kinds (armed by :mod:`pacs.ingest`): ``thumbnail``, per instance version, makes its thumbnail
 *and* its DICOM JSON fragment from one read of the stored object (the kind keeps its first name
 so that rows already in outboxes still run); ``series-metadata``, per series, assembles the
-series' DICOM JSON document and copies the representative series and study thumbnails.
+series' DICOM JSON document and copies the representative series and study thumbnails, and links
+the study to the order it fulfils (:func:`pacs.ris.orders.link_study`). ``report-sr`` (armed by
+:func:`pacs.reports.lifecycle.sign`), per signed report version, builds and stores its DICOM SR.
 
 A series row is re-armed by every instance the series receives, so its handler debounces: it
 defers while the series received an instance less than ``series_settle_s`` ago or while some
@@ -37,6 +39,7 @@ from pacs import metadata
 from pacs.context import AppContext
 from pacs.db.models import DerivedTask, Instance, Series, Study
 from pacs.imaging.render import RenderError, placeholder, thumbnail
+from pacs.ris.orders import link_study
 from storage import ObjectNotFound, ObjectStore, StorageUnavailable
 from storage.keys import (
     instance_metadata_key,
@@ -51,6 +54,7 @@ log = logging.getLogger(__name__)
 
 INSTANCE_KIND = "thumbnail"  # pacs.ingest.INSTANCE_TASKS
 SERIES_KIND = "series-metadata"  # pacs.ingest.SERIES_TASKS
+REPORT_SR_KIND = "report-sr"  # pacs.reports.lifecycle.REPORT_SR_KIND: the SR of a signed report version
 
 #: Objects read from a store that cannot seek (S3) are copied to a temporary file, in memory up to this size.
 _SPOOL_BYTES = 32 * 1024 * 1024
@@ -206,6 +210,11 @@ def build_series_metadata(ctx: AppContext, series_uid: str, _sha256: str) -> Com
             series.thumbnail_key = series_thumb or series.thumbnail_key
         if study_thumb is not None:
             study.thumbnail_key = study_thumb
+        if series is not None and series.modality not in ("SR", "KO", "PR"):
+            # the images arrived: the order they fulfil follows (pacs.ris.orders.link_study)
+            link_study(session, study.study_instance_uid, study.accession_number,
+                       study.patient.patient_id if study.patient else "", series.modality, study.study_date,
+                       study.facility)
         note = "; ".join(notes)[:2000]
         session.execute(update(DerivedTask).where(
             DerivedTask.kind == SERIES_KIND, DerivedTask.subject_uid == series_uid, DerivedTask.sha256 == ""
@@ -214,8 +223,15 @@ def build_series_metadata(ctx: AppContext, series_uid: str, _sha256: str) -> Com
     return Completed(note)
 
 
+def _build_report_sr(ctx: AppContext, subject_uid: str, sha256: str) -> str | None:
+    from pacs.reports.publish import build_report_sr_task
+
+    return build_report_sr_task(ctx, subject_uid, sha256)
+
+
 Handler = Callable[[AppContext, str, str], "str | Completed | None"]
-_HANDLERS: dict[str, Handler] = {INSTANCE_KIND: build_instance_derived, SERIES_KIND: build_series_metadata}
+_HANDLERS: dict[str, Handler] = {INSTANCE_KIND: build_instance_derived, SERIES_KIND: build_series_metadata,
+                                 REPORT_SR_KIND: _build_report_sr}
 
 
 @dataclass(frozen=True)

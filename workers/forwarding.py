@@ -1,4 +1,5 @@
-"""Runs the forwarding delivery loop inside `pacs worker` (scaled mode): one loop per worker node.
+"""Runs the delivery loops inside `pacs worker` (scaled mode), one each per worker node: forwarding
+(C-STORE to other DICOM nodes) and the HL7 ORU^R01 queue (signed reports to EMRs).
 
 ``worker_ready`` is sent once, in the worker's main process, after the prefork pool has started;
 ``worker_shutdown`` likewise. Pool processes (forked from the main one) never run the loop. The
@@ -26,6 +27,7 @@ _running: dict[str, Any] = {}
 @worker_ready.connect
 def start_forwarding(**_: Any) -> None:
     from pacs.forwarding.delivery import ForwardDelivery
+    from pacs.hl7.outbound import Hl7Delivery
 
     if "delivery" in _running:
         return
@@ -33,13 +35,15 @@ def start_forwarding(**_: Any) -> None:
     os.register_at_fork(after_in_child=lambda: ctx.engine.dispose(close=False))
     _running["ctx"] = ctx
     _running["delivery"] = ForwardDelivery(ctx).start()
+    _running["hl7_delivery"] = Hl7Delivery(ctx).start()  # leased rows: safe beside `pacs hl7 listen`
 
 
 @worker_shutdown.connect
 def stop_forwarding(**_: Any) -> None:
-    delivery = _running.pop("delivery", None)
-    if delivery is not None:
-        delivery.stop()
+    for name in ("hl7_delivery", "delivery"):
+        loop = _running.pop(name, None)
+        if loop is not None:
+            loop.stop()
     ctx = _running.pop("ctx", None)
     if ctx is not None:
         ctx.close()

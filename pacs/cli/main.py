@@ -39,6 +39,7 @@ def serve() -> None:
     import uvicorn
 
     from dicom_scp.server import start_scp
+    from pacs.cli.hl7 import start_serve_listener
     from pacs.runtime import Pipeline
     from viewer_api.app import create_app
 
@@ -46,6 +47,7 @@ def serve() -> None:
     ensure_schema(settings, upgrade=True)
     pipeline = Pipeline.start(settings)
     scp = start_scp(pipeline.ctx, pipeline.ingestor)
+    pipeline.hl7_listener = start_serve_listener(pipeline.ctx)  # PACS_HL7_PORT (0 = off)
     _announce_initial_admin(pipeline.ctx)
     http_app = create_app(pipeline.ctx, pipeline.ingestor)
     console.print(f"[green]PACS ready[/green]: DICOM {settings.ae_title}@{settings.dicom_host}:"
@@ -53,7 +55,8 @@ def serve() -> None:
                   f"index {pipeline.ctx.engine.url.render_as_string(hide_password=True)}, "
                   f"store {pipeline.ctx.store.describe()}, workers "
                   f"{'in-process' if settings.embedded_workers else 'celery'}"
-                  + (f", DICOM TLS on port {scp.tls.server_address[1]}" if scp.tls else ""))
+                  + (f", DICOM TLS on port {scp.tls.server_address[1]}" if scp.tls else "")
+                  + (f", HL7 MLLP on port {pipeline.hl7_listener.server_address[1]}" if pipeline.hl7_listener else ""))
     try:
         uvicorn.run(http_app, host=settings.http_host, port=settings.http_port, log_level="warning",
                     timeout_keep_alive=15, limit_concurrency=settings.http_max_connections)
@@ -290,6 +293,10 @@ _security_cli.register(app)
 from pacs.cli import viewer as _viewer_cli  # noqa: E402
 
 _viewer_cli.register(app)
+
+from pacs.cli import hl7 as _hl7_cli  # noqa: E402
+
+_hl7_cli.register(app)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -62,6 +62,7 @@ class Study(Base):
     __table_args__ = (
         Index("ix_study_accession_number_pattern", "accession_number",
               postgresql_ops={"accession_number": "text_pattern_ops"}).ddl_if(dialect="postgresql"),
+        Index("ix_study_created_at", "created_at", "id"),  # the reading list walks studies in arrival order
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -260,5 +261,6 @@ class AuditEvent(Base):
     prev_hash: Mapped[str] = mapped_column(String(64), default="")  # entry_hash of the row before (pacs.audit)
     entry_hash: Mapped[str] = mapped_column(String(64), default="")
 import pacs.commitment_models  # noqa: E402  (registers the storage_commitment table on Base)
+import pacs.reports.models  # noqa: E402  (registers reports, claims, key images, HL7 outbound on Base)
 import pacs.ris.models  # noqa: E402  (registers the RIS tables on Base)
 import pacs.security.models  # noqa: E402, F401  (registers users, tokens and shares on Base)

@@ -1,26 +1,33 @@
-"""FHIR reads and searches over the index, through the query engine and inside an access scope.
+"""FHIR reads, searches and creates, inside an access scope.
 
-Every query carries the asker's :class:`~pacs.security.principal.AccessScope` (the engine adds the SQL
-restriction), and a read by id also asks :func:`~pacs.security.policy.may_see_study`: a study or patient
-outside the scope is :class:`~pacs.errors.NotFound`, exactly like one that does not exist.
+ImagingStudy and Patient go through the query engine: every query carries the asker's
+:class:`~pacs.security.principal.AccessScope` (the engine adds the SQL restriction), and a read by id also
+asks :func:`~pacs.security.policy.may_see_study`. DiagnosticReport (:mod:`.diagnostic_report`) and
+ServiceRequest (:mod:`.service_request`) query the report and order tables with the same scope. Anything
+outside the scope is :class:`~pacs.errors.NotFound`, exactly like something that does not exist.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from pacs import audit
 from pacs.errors import IndexUnavailable, NotFound
+from pacs.fhir import diagnostic_report as reports
 from pacs.fhir import resources
+from pacs.fhir import service_request as orders
 from pacs.fhir.ids import PatientRef, decode_patient_id, study_uid_from_id
 from pacs.fhir.search import Search, SearchError
 from pacs.query.attributes import Level, Root
 from pacs.query.engine import Query, QueryEngine, Row
 from pacs.security.policy import may_see_study
-from pacs.security.principal import AccessScope
+from pacs.security.principal import AccessScope, Principal
 
 STUDY_RETURNS = ("StudyDate", "AccessionNumber", "StudyDescription", "ModalitiesInStudy", "NumberOfStudyRelatedSeries",
                  "NumberOfStudyRelatedInstances", "PatientID", "IssuerOfPatientID")
@@ -46,9 +53,15 @@ class Found:
 
 
 class FhirService:
-    def __init__(self, engine: QueryEngine, read_sessions: sessionmaker[Session]) -> None:
+    """``public_base``: the server's public base URL, for the absolute URLs in resources (DICOMweb endpoint,
+    viewer link, report PDF); ``write_sessions`` are needed only to create (ServiceRequest)."""
+
+    def __init__(self, engine: QueryEngine, read_sessions: sessionmaker[Session], public_base: str = "",
+                 write_sessions: sessionmaker[Session] | None = None) -> None:
         self._engine = engine
         self._sessions = read_sessions
+        self._write_sessions = write_sessions
+        self._base = public_base
 
     # -- ImagingStudy -------------------------------------------------------------------------------
 
@@ -89,7 +102,8 @@ class FhirService:
         series = self._engine.search(Query(Level.SERIES, Root.STUDY_ROOT, uid, SERIES_RETURNS, scope=scope))
         instances = self._engine.search(Query(Level.IMAGE, Root.STUDY_ROOT, uid, IMAGE_RETURNS, relational=True,
                                               scope=scope))
-        return resources.imaging_study(study, list(series), list(instances), dicomweb_root)
+        viewer = resources.viewer_url(self._base, uid["StudyInstanceUID"]) if self._base else ""
+        return resources.imaging_study(study, list(series), list(instances), dicomweb_root, viewer)
 
     # -- Patient ------------------------------------------------------------------------------------
 
@@ -133,8 +147,78 @@ class FhirService:
         return str(rows[0].get("PatientID") or ""), str(rows[0].get("IssuerOfPatientID") or "")
 
     def _may_see(self, scope: AccessScope, study_uid: str) -> bool:
+        with self._read() as session:
+            return may_see_study(session, scope, study_uid)
+
+    # -- DiagnosticReport ---------------------------------------------------------------------------
+
+    def read_report(self, fhir_id: str, principal: Principal, version: str | None = None) -> Found:
+        """The newest version of a report the principal may see, or the one numbered ``version`` (vread)."""
+        published = self._report_versions(fhir_id, principal)
+        if version is not None:
+            published = [p for p in published if p.resource["meta"]["versionId"] == version]
+            if not published:
+                raise NotFound(f"DiagnosticReport {fhir_id[:20]} has no version {version[:12]!r} you may see")
+        newest = published[-1]
+        return Found(newest.resource, newest.patient_id, newest.study_instance_uid)
+
+    def report_history(self, fhir_id: str, principal: Principal) -> tuple[dict[str, Any], Found]:
+        """The ``history`` Bundle of a report (its versions the principal may see, newest first)."""
+        published = self._report_versions(fhir_id, principal)
+        bundle = resources.history_bundle([p.resource for p in reversed(published)], f"{self._base}/fhir")
+        return bundle, Found(bundle, published[-1].patient_id, published[-1].study_instance_uid)
+
+    def search_reports(self, search: Search, principal: Principal) -> Page:
+        with self._read() as session:
+            found, total = reports.search_reports(session, principal.scope, reports.published_states(principal),
+                                                  search, self._base)
+        return Page([p.resource for p in found], total, [(p.study_instance_uid, p.patient_id) for p in found])
+
+    def _report_versions(self, fhir_id: str, principal: Principal) -> list[reports.PublishedReport]:
+        report_id = reports.report_id_from_fhir(fhir_id)
+        if report_id is None:
+            raise NotFound("no such DiagnosticReport")
+        with self._read() as session:
+            try:
+                return reports.read_versions(session, principal.scope, reports.published_states(principal),
+                                             report_id, self._base)
+            except NotFound:
+                raise NotFound("no such DiagnosticReport") from None
+
+    # -- ServiceRequest -----------------------------------------------------------------------------
+
+    def read_service_request(self, fhir_id: str, scope: AccessScope) -> Found:
+        with self._read() as session:
+            order = orders.read_order(session, scope, fhir_id)
+        return Found(orders.service_request(order), order.patient_id, order.linked_study_instance_uid)
+
+    def search_service_requests(self, search: Search, scope: AccessScope) -> Page:
+        with self._read() as session:
+            rows, total = orders.search_orders(session, scope, search)
+            found = [(orders.service_request(r), r.patient_id, r.linked_study_instance_uid) for r in rows]
+        return Page([f[0] for f in found], total, [(study, patient) for _, patient, study in found])
+
+    def create_service_request(self, payload: object, principal: Principal, detail: str = "") -> Found:
+        """Create the order a posted ServiceRequest describes; its audit row commits with it."""
+        if self._write_sessions is None:
+            raise IndexUnavailable("this process cannot create orders")
+        new = orders.new_order(orders.parse_service_request(payload), principal)
+        try:
+            with self._write_sessions() as session, session.begin():
+                order = orders.place_order(session, new)
+                audit.append(session, action="order.create", actor=principal.subject, role=principal.role.value,
+                             source_address=principal.source_address, patient_id=order.patient_id,
+                             study_instance_uid=order.study_instance_uid,
+                             detail=f"{detail} FHIR ServiceRequest: order {order.accession_number} {order.modality} "
+                             f"{order.priority}".strip())
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable("index database unavailable") from exc
+        return Found(orders.service_request(order), order.patient_id, order.study_instance_uid)
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
         try:
             with self._sessions() as session:
-                return may_see_study(session, scope, study_uid)
+                yield session
         except SQLAlchemyError as exc:
             raise IndexUnavailable("index database unavailable") from exc

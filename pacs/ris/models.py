@@ -22,6 +22,13 @@ COMPLETED = "completed"
 DISCONTINUED = "discontinued"
 ORDER_STATES = (SCHEDULED, IN_PROGRESS, COMPLETED, DISCONTINUED)
 
+# Order priorities, most urgent first (``imaging_order.priority``); the reading list sorts by this rank.
+STAT = "STAT"
+URGENT = "URGENT"
+ROUTINE = "ROUTINE"
+PRIORITIES = (STAT, URGENT, ROUTINE)
+PRIORITY_RANK = {STAT: 0, URGENT: 1, ROUTINE: 2}
+
 # MPPS states (``performed_procedure_step.state``), spelled as DICOM's Performed Procedure Step Status.
 STEP_IN_PROGRESS = "IN PROGRESS"
 STEP_COMPLETED = "COMPLETED"
@@ -35,7 +42,9 @@ class ImagingOrder(Base):
 
     __tablename__ = "imaging_order"
     __table_args__ = (Index("ix_imaging_order_worklist", "state", "scheduled_station_ae_title",
-                            "scheduled_start_date"),)
+                            "scheduled_start_date"),
+                      # the reading list's first walk: STAT and URGENT orders and the studies they link to
+                      Index("ix_imaging_order_priority", "priority_rank", "linked_study_instance_uid"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     accession_number: Mapped[str] = mapped_column(String(16), unique=True)
@@ -56,6 +65,16 @@ class ImagingOrder(Base):
     scheduled_performing_physician_name_search: Mapped[str] = mapped_column(String(324), default="")
     referring_physician_name: Mapped[str] = mapped_column(String(324), default="")
     state: Mapped[str] = mapped_column(String(16), default=SCHEDULED)
+    # RIS fields (orders from the EMR: HTTP, FHIR ServiceRequest, HL7 ORM^O01)
+    priority: Mapped[str] = mapped_column(String(8), default=ROUTINE)
+    priority_rank: Mapped[int] = mapped_column(Integer, default=2)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    facility: Mapped[str] = mapped_column(String(64), default="", index=True)
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
+    placer_order_number: Mapped[str] = mapped_column(String(64), default="")  # the EMR's own order id (ORC-2)
+    source: Mapped[str] = mapped_column(String(16), default="")  # api, fhir, hl7, cli
+    # the study its images actually arrived in (by accession number, else patient + modality + date)
+    linked_study_instance_uid: Mapped[str] = mapped_column(String(64), default="", index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()

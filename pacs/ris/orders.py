@@ -1,8 +1,8 @@
 """Imaging orders: create, list, get, cancel. Services take a Session; the caller owns the transaction.
 
-There is no HTTP API for orders yet: endpoints that show patient data need authentication,
-which comes with the security work (SPEC §7). Today orders come from ``pacs order`` (and, for
-their state, from MPPS).
+The one order service behind every door: ``pacs order`` (CLI), ``/api/orders`` (HTTP), FHIR
+``ServiceRequest`` and HL7 ``ORM^O01`` over MLLP all call :func:`create_order` and :func:`cancel_order`.
+An order's state then follows MPPS (:mod:`pacs.ris.mpps`) and the images (:func:`link_study`).
 """
 
 from __future__ import annotations
@@ -13,13 +13,23 @@ from dataclasses import dataclass
 from datetime import date, datetime
 
 from pydicom.uid import generate_uid
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from pacs.aes import validate_ae_title
 from pacs.errors import Conflict, InvalidInput, NotFound
-from pacs.ris.models import COMPLETED, DISCONTINUED, ORDER_STATES, SCHEDULED, ImagingOrder
+from pacs.ris.models import (
+    COMPLETED,
+    DISCONTINUED,
+    IN_PROGRESS,
+    ORDER_STATES,
+    PRIORITIES,
+    PRIORITY_RANK,
+    ROUTINE,
+    SCHEDULED,
+    ImagingOrder,
+)
 from pacs.text import fold
 
 _SH = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash: SH/AE-like identifiers
@@ -47,6 +57,13 @@ class OrderRecord:
     state: str
     created_at: datetime | None
     updated_at: datetime | None
+    priority: str = ROUTINE
+    reason: str = ""
+    facility: str = ""
+    issuer_of_patient_id: str = ""
+    placer_order_number: str = ""
+    source: str = ""
+    linked_study_instance_uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -56,9 +73,9 @@ class NewOrder:
     patient_id: str
     patient_name: str
     modality: str
-    station_ae_title: str
-    start_date: str
-    start_time: str
+    station_ae_title: str  # "" = any station (orders from an EMR rarely name one)
+    start_date: str  # "" = today
+    start_time: str  # "" = now
     procedure_description: str
     accession_number: str = ""
     requested_procedure_id: str = ""
@@ -67,6 +84,12 @@ class NewOrder:
     patient_sex: str = ""
     referring_physician_name: str = ""
     performing_physician_name: str = ""
+    priority: str = ROUTINE  # STAT, URGENT, ROUTINE
+    reason: str = ""
+    facility: str = ""
+    issuer_of_patient_id: str = ""
+    placer_order_number: str = ""
+    source: str = ""  # api, fhir, hl7, cli
 
 
 def create_order(session: Session, new: NewOrder) -> OrderRecord:
@@ -103,10 +126,18 @@ def generate_accession_number(today: date | None = None) -> str:
 
 
 def list_orders(session: Session, state: str | None = None, scheduled_date: str | None = None,
-                station_ae_title: str | None = None) -> list[OrderRecord]:
-    """Orders by scheduled date and time, optionally filtered."""
+                station_ae_title: str | None = None, *, patient_id: str | None = None,
+                facilities: frozenset[str] | None = None, limit: int | None = None,
+                offset: int = 0) -> list[OrderRecord]:
+    """Orders by scheduled date and time, optionally filtered (``facilities``: only those facilities' orders)."""
     stmt = select(ImagingOrder).order_by(ImagingOrder.scheduled_start_date, ImagingOrder.scheduled_start_time,
                                          ImagingOrder.accession_number)
+    if patient_id:
+        stmt = stmt.where(ImagingOrder.patient_id == patient_id.strip())
+    if facilities is not None:
+        stmt = stmt.where(ImagingOrder.facility.in_(sorted(facilities)))
+    if limit is not None:
+        stmt = stmt.limit(limit).offset(offset)
     if state:
         if state not in ORDER_STATES:
             raise InvalidInput(f"unknown order state {state!r}: one of {', '.join(ORDER_STATES)}")
@@ -120,6 +151,62 @@ def list_orders(session: Session, state: str | None = None, scheduled_date: str 
 
 def get_order(session: Session, accession_number: str) -> OrderRecord:
     return _record(_row(session, accession_number))
+
+
+def find_order_by_placer(session: Session, placer_order_number: str) -> OrderRecord | None:
+    """The order an EMR knows by its own number (HL7 ORC-2, a FHIR identifier), if any."""
+    if not placer_order_number.strip():
+        return None
+    row = session.scalars(select(ImagingOrder).where(
+        ImagingOrder.placer_order_number == placer_order_number.strip()).limit(1)).one_or_none()
+    return _record(row) if row is not None else None
+
+
+def order_for_study(session: Session, study_instance_uid: str) -> OrderRecord | None:
+    """The order a study fulfils: the one its images were linked to (:func:`link_study`, which checks patient
+    and facility), or the one that issued its Study Instance UID. Never by accession number alone."""
+    row = session.scalars(select(ImagingOrder).where(or_(
+        ImagingOrder.linked_study_instance_uid == study_instance_uid,
+        ImagingOrder.study_instance_uid == study_instance_uid)).order_by(ImagingOrder.id).limit(1)).one_or_none()
+    return _record(row) if row is not None else None
+
+
+def link_study(session: Session, study_instance_uid: str, accession_number: str, patient_id: str,
+               modality: str, study_date: str, facility: str = "") -> OrderRecord | None:
+    """Link a study whose images arrived to its order: by accession number, else by the order's own Study
+    Instance UID (the worklist gave it to the modality), else by patient + modality + scheduled date.
+
+    Never across patients or facilities: an order whose patient ID differs from the study's, or whose
+    facility is another than the study's (when both have one), is not linked — an accession number typed
+    twice at two hospitals must not put one patient's order (procedure, priority) on another's study.
+    A scheduled order becomes in progress when its images arrive (MPPS, when the modality sends it, then
+    completes or discontinues it). Returns the linked order, or None when no order matches.
+    """
+    patient_id, facility = patient_id.strip(), facility.strip()
+    same_owner = [ImagingOrder.patient_id == patient_id]
+    if facility:
+        same_owner.append(or_(ImagingOrder.facility == "", ImagingOrder.facility == facility))
+    row = None
+    if accession_number.strip():
+        row = session.scalars(select(ImagingOrder).where(
+            ImagingOrder.accession_number == accession_number.strip(), *same_owner).with_for_update()).one_or_none()
+    if row is None:
+        row = session.scalars(select(ImagingOrder).where(
+            ImagingOrder.study_instance_uid == study_instance_uid, *same_owner).with_for_update()).one_or_none()
+    if row is None and patient_id and modality.strip() and study_date.strip():
+        row = session.scalars(select(ImagingOrder).where(
+            *same_owner, ImagingOrder.modality == modality.strip().upper(),
+            ImagingOrder.scheduled_start_date == study_date.strip(), ImagingOrder.linked_study_instance_uid == "",
+            ImagingOrder.state.in_((SCHEDULED, IN_PROGRESS))).order_by(ImagingOrder.id).limit(1).with_for_update()
+        ).one_or_none()
+    if row is None:
+        return None
+    if row.linked_study_instance_uid != study_instance_uid:
+        row.linked_study_instance_uid = study_instance_uid
+    if row.state == SCHEDULED:
+        row.state = IN_PROGRESS
+    session.flush()
+    return _record(row)
 
 
 def cancel_order(session: Session, accession_number: str) -> OrderRecord:
@@ -159,21 +246,48 @@ def _validated(new: NewOrder) -> dict[str, str]:
         raise InvalidInput(f"invalid patient sex {new.patient_sex!r}: M, F or O")
     patient_name = person_name(new.patient_name, "patient name", required=True)
     performing = person_name(new.performing_physician_name, "performing physician name")
+    priority = normalise_priority(new.priority)
+    now = datetime.now()
+    reason = new.reason.strip()
+    if len(reason) > 1024 or not all(c.isprintable() or c in "\n\t" for c in reason):
+        raise InvalidInput("the reason must be at most 1024 printable characters")
+    for label, value in (("facility", new.facility), ("issuer of patient id", new.issuer_of_patient_id),
+                         ("placer order number", new.placer_order_number)):
+        if len(value.strip()) > 64 or "\\" in value or not value.strip().isprintable():
+            raise InvalidInput(f"invalid {label} {value!r}: at most 64 printable characters, no backslash")
     return {
+        "priority": priority,
+        "priority_rank": PRIORITY_RANK[priority],
+        "reason": reason,
+        "facility": new.facility.strip(),
+        "issuer_of_patient_id": new.issuer_of_patient_id.strip(),
+        "placer_order_number": new.placer_order_number.strip(),
+        "source": new.source.strip()[:16],
         "patient_id": patient_id,
         "patient_name": patient_name,
         "patient_name_search": fold(patient_name),
         "patient_birth_date": normalise_date(new.patient_birth_date, "birth date") if new.patient_birth_date else "",
         "patient_sex": sex,
         "requested_procedure_description": description,
-        "scheduled_station_ae_title": _ae(new.station_ae_title),
-        "scheduled_start_date": normalise_date(new.start_date, "date"),
-        "scheduled_start_time": normalise_time(new.start_time),
+        "scheduled_station_ae_title": _ae(new.station_ae_title) if new.station_ae_title.strip() else "",
+        "scheduled_start_date": normalise_date(new.start_date, "date") if new.start_date.strip()
+        else f"{now:%Y%m%d}",
+        "scheduled_start_time": normalise_time(new.start_time) if new.start_time.strip() else f"{now:%H%M%S}",
         "modality": modality,
         "scheduled_performing_physician_name": performing,
         "scheduled_performing_physician_name_search": fold(performing),
         "referring_physician_name": person_name(new.referring_physician_name, "referring physician name"),
     }
+
+
+def normalise_priority(value: str) -> str:
+    """STAT, URGENT or ROUTINE (case-insensitive; empty = ROUTINE). DICOM's HIGH counts as URGENT."""
+    cleaned = (value or "").strip().upper() or ROUTINE
+    cleaned = {"HIGH": "URGENT", "ASAP": "URGENT", "S": "STAT", "A": "URGENT", "R": "ROUTINE",
+               "MEDIUM": "ROUTINE", "LOW": "ROUTINE"}.get(cleaned, cleaned)
+    if cleaned not in PRIORITIES:
+        raise InvalidInput(f"invalid priority {value!r}: one of {', '.join(PRIORITIES)}")
+    return cleaned
 
 
 def _ae(title: str) -> str:
@@ -225,5 +339,6 @@ def _record(row: ImagingOrder) -> OrderRecord:
         row.patient_sex, row.requested_procedure_id, row.requested_procedure_description,
         row.scheduled_procedure_step_id, row.scheduled_station_ae_title, row.scheduled_start_date,
         row.scheduled_start_time, row.modality, row.scheduled_performing_physician_name,
-        row.referring_physician_name, row.state, row.created_at, row.updated_at,
+        row.referring_physician_name, row.state, row.created_at, row.updated_at, row.priority, row.reason,
+        row.facility, row.issuer_of_patient_id, row.placer_order_number, row.source, row.linked_study_instance_uid,
     )

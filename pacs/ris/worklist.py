@@ -29,6 +29,7 @@ from pydicom.sequence import Sequence
 from sqlalchemy import ColumnElement, false, or_, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
+from pacs.charset import decode_dataset_text
 from pacs.query.matching import InvalidMatchValue, condition, is_universal, person_name
 from pacs.ris.models import IN_PROGRESS, SCHEDULED, ImagingOrder
 
@@ -79,11 +80,14 @@ SPS_KEYS: dict[str, Key] = {
 }
 
 
-def find(session: Session, identifier: Dataset) -> list[Dataset]:
+def find(session: Session, identifier: Dataset, assume_utf8_for_latin1: bool = True) -> list[Dataset]:
     """The worklist items matching ``identifier``, by scheduled date and time.
 
+    The identifier's text is decoded in place first with the rule of :mod:`pacs.charset`: a patient
+    name sent as UTF-8 under ISO_IR 100 (or no label) is matched as UTF-8 when ``assume_utf8_for_latin1``.
     Raises InvalidMatchValue for a value that cannot be matched (a malformed date range, say).
     """
+    decode_dataset_text(identifier, assume_utf8_for_latin1)
     stmt = select(ImagingOrder).where(*conditions(identifier)).order_by(
         ImagingOrder.scheduled_start_date, ImagingOrder.scheduled_start_time, ImagingOrder.accession_number)
     return [response(order, identifier) for order in session.scalars(stmt)]

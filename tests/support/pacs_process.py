@@ -96,7 +96,7 @@ def run_pacs(args: list[str], env: dict[str, str], timeout: float = 300) -> subp
 
 def embedded_env(data_dir: Path) -> dict[str, str]:
     return {"PACS_DATA_DIR": str(data_dir), "PACS_DICOM_PORT": str(free_port()),
-            "PACS_HTTP_PORT": str(free_port()), "PACS_OUTBOX_POLL_S": "1"}
+            "PACS_HTTP_PORT": str(free_port()), "PACS_HL7_PORT": str(free_port()), "PACS_OUTBOX_POLL_S": "1"}
 
 
 class EmbeddedPacs:
