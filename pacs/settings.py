@@ -202,6 +202,9 @@ class Settings(BaseSettings):
                                     "(0: a row per request)")
 
     # reports
+    hl7_destination_facilities: dict[str, list[str]] = Field(
+        default_factory=dict, description="Which facilities' reports each HL7 destination receives (JSON: "
+        "destination name → facility codes). A destination not named here receives every facility's reports")
     facility_names: dict[str, str] = Field(default_factory=dict, description="Printed names of facilities on "
                                            "reports (JSON: code → name, e.g. '{\"HOSP-A\": \"Bệnh viện Tỉnh\"}')")
 

@@ -231,3 +231,24 @@ def test_reading_list_modality_filter_matches_one_of_several_modalities(archive)
                                                                ReadingFilters(modality=modality))[0]]
 
         assert uids("CT") == [study] and uids("MR") == [study] and uids("CTX") == [ct_only]
+
+
+def test_a_signed_report_is_queued_only_for_the_emrs_of_its_facility(tmp_path) -> None:
+    from pacs.reports import service
+    from pacs.reports.models import Hl7Outbound
+
+    settings = Settings(data_dir=tmp_path / "data", hl7_port=0,
+                        hl7_destinations={"emr-a": "127.0.0.1:2575", "emr-b": "127.0.0.1:2576",
+                                          "province": "127.0.0.1:2577"},
+                        hl7_destination_facilities={"emr-a": ["A"], "emr-b": ["B"]})
+    ctx = AppContext.create(settings)
+    try:
+        migrate.upgrade(ctx.engine)
+        study = _study(Ingestor(ctx.sessions, ctx.store), "A", "P1")
+        report = service.create_draft(ctx, RAD_A, study, "Gan lách bình thường.", "Bình thường.")
+        service.sign(ctx, RAD_A, report.id)
+        with ctx.read_sessions() as session:
+            queued = sorted(session.scalars(select(Hl7Outbound.destination)))
+        assert queued == ["emr-a", "province"]  # never hospital B's EMR
+    finally:
+        ctx.close()

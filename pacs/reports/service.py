@@ -58,7 +58,9 @@ def _enqueue_results(ctx: AppContext) -> lifecycle.SignedHook:
     def enqueue(session: Session, doc: ReportDocument) -> None:
         from pacs.hl7.outbound import destinations_from_settings, enqueue_oru
 
-        destinations = destinations_from_settings(ctx.settings)
+        routes = ctx.settings.hl7_destination_facilities  # a hospital's EMR gets its own hospital's reports
+        destinations = {name: dest for name, dest in destinations_from_settings(ctx.settings).items()
+                        if name not in routes or doc.facility in routes[name]}
         if destinations:
             enqueue_oru(session, doc, destinations)
 
