@@ -73,6 +73,8 @@ class Ris:
 def _hl7_env(emr_port: int, hl7_port: int) -> dict[str, str]:
     return {"PACS_HL7_PORT": str(hl7_port), "PACS_HL7_DESTINATIONS": json.dumps({"emr": f"127.0.0.1:{emr_port}"}),
             "PACS_HL7_POLL_S": "0.5", "PACS_HL7_RETRY_BASE_S": "0.5", "PACS_HL7_RETRY_MAX_S": "2",
+            # a message a killed process had claimed waits out its lease before the next process takes it
+            "PACS_HL7_LEASE_S": "5",
             "PACS_FACILITY_NAMES": json.dumps({"HOSP-A": "Bệnh viện Đa khoa Tỉnh"})}
 
 
