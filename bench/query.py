@@ -491,7 +491,7 @@ def ours(run_dir: Path, database_url: str | None, keep: bool) -> Iterator[Runnin
     }
     scp = PacsProcess(["scp"], env, run_dir / "scp.log")
     try:
-        for cmd in (["db", "upgrade"], ["ae", "add", CALLING_AE, "127.0.0.1", str(free_port())]):
+        for cmd in (["db", "upgrade"], ["ae", "add", CALLING_AE, "127.0.0.1", str(free_port()), "--archive-wide"]):
             done = run_pacs(cmd, env)
             if done.returncode != 0:
                 raise Failure(f"pacs {' '.join(cmd)} failed:\n{done.stdout}{done.stderr}")

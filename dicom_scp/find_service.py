@@ -23,12 +23,17 @@ Statuses:
 =========  =====================================================================================
 
 Failures carry an Error Comment saying why.
+
+Matches are limited to the calling AE's scope (:mod:`pacs.ae_scope`: its facility's studies and those
+shared with it, or every study for an archive-wide AE), at every level of both models: a study, series
+or instance outside it is not a match, and neither is a patient who has no study inside it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 from pydicom import config as pydicom_config
@@ -46,6 +51,8 @@ from pynetdicom.sop_class import (
 )
 
 from dicom_scp.audit import audited_stream
+from pacs.ae_scope import calling_scope
+from pacs.aes import AERegistry
 from pacs.charset import assumes_utf8, utf8_text
 from pacs.context import AppContext
 from pacs.dimse_status import (
@@ -62,6 +69,7 @@ from pacs.errors import IndexUnavailable
 from pacs.ingest import Ingestor
 from pacs.query.attributes import ATTRIBUTES, Root
 from pacs.query.engine import IdentifierError, MatchValueError, Query, QueryEngine
+from pacs.security.principal import AccessScope
 
 log = logging.getLogger("dicom_scp")
 
@@ -75,6 +83,7 @@ RESPONSE_CHARSET = "ISO_IR 192"
 _NOT_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC"}
 
 FindResponse = Iterator[tuple[int | Dataset, Dataset | None]]
+ScopeOf = Callable[[str, str], AccessScope]  # (calling AE title, peer address) -> what it may see
 
 
 def contexts(ctx: AppContext) -> list[tuple[str, list[str]]]:
@@ -82,7 +91,8 @@ def contexts(ctx: AppContext) -> list[tuple[str, list[str]]]:
 
 
 def handlers(ctx: AppContext, ingestor: Ingestor) -> list[tuple]:
-    return [(evt.EVT_C_FIND, handle_find, [QueryEngine(ctx.read_sessions), ctx])]
+    scope_of = partial(calling_scope, AERegistry(ctx.read_sessions))
+    return [(evt.EVT_C_FIND, handle_find, [QueryEngine(ctx.read_sessions), ctx, scope_of])]
 
 
 class Identifier:
@@ -97,8 +107,9 @@ class Identifier:
 
 
 @audited_stream("dimse.c-find")
-def handle_find(event: evt.Event, engine: QueryEngine, ctx: AppContext) -> FindResponse:
+def handle_find(event: evt.Event, engine: QueryEngine, ctx: AppContext, scope_of: ScopeOf) -> FindResponse:
     calling_ae = str(event.assoc.requestor.ae_title).strip()
+    address = str(getattr(event.assoc.requestor, "address", "") or "")
     root = ROOTS.get(str(event.request.AffectedSOPClassUID))
     if root is None:
         yield failure(SOP_CLASS_NOT_SUPPORTED, "not a Query/Retrieve FIND SOP class"), None
@@ -107,7 +118,8 @@ def handle_find(event: evt.Event, engine: QueryEngine, ctx: AppContext) -> FindR
         identifier = read_identifier(_decoded(event), ctx.settings.assume_utf8_for_latin1)
         if not identifier.level:
             raise IdentifierError("no QueryRetrieveLevel in the identifier")
-        query = Query(identifier.level, root, identifier.filters, identifier.returns)
+        query = Query(identifier.level, root, identifier.filters, identifier.returns,
+                      scope=scope_of(calling_ae, address))
         rows = iter(engine.search(query))
         first = next(rows, None)  # runs the query: a database failure is reported before any match
     except IdentifierError as exc:

@@ -39,6 +39,7 @@ from pynetdicom.sop_class import (
 
 from dicom_scp.audit import audited_stream
 from dicom_scp.verification import UNCOMPRESSED
+from pacs.ae_scope import ae_scope
 from pacs.aes import AERegistry
 from pacs.context import AppContext
 from pacs.dimse_status import (
@@ -91,7 +92,8 @@ def calling_ae(event: evt.Event) -> str:
 
 
 def prepare(event: evt.Event, ctx: AppContext, model: Model) -> tuple[Dataset | None, RetrievePlan | None]:
-    """Authorize the caller, validate the identifier and count the matches.
+    """Authorize the caller, validate the identifier and count the matches inside the caller's scope
+    (:func:`pacs.ae_scope.ae_scope`: another facility's study matches nothing, like an unknown one).
 
     Returns ``(refusal, None)`` with a failure status to answer, or ``(None, plan)``.
     """
@@ -103,12 +105,13 @@ def prepare(event: evt.Event, ctx: AppContext, model: Model) -> tuple[Dataset | 
         return failure(UNABLE_TO_PROCESS, "identifier cannot be decoded"), None
     address = str(event.assoc.requestor.address)
     try:
-        if not AERegistry(ctx.read_sessions).may_retrieve(caller, address):
+        peer = AERegistry(ctx.read_sessions).calling_peer(caller, address)
+        if peer is None or not peer.allow_retrieve:
             log.warning("retrieve from %s@%s refused: AE not registered (from this host) or not allowed to retrieve",
                         caller, address)
             return failure(REFUSED_NOT_AUTHORIZED, f"AE {caller} is not allowed to retrieve"), None
         request = parse_identifier(identifier, model)
-        retrieve = plan(ctx.read_sessions, request)
+        retrieve = plan(ctx.read_sessions, request, scope=ae_scope(peer))
     except IndexUnavailable as exc:
         log.warning("retrieve from %s: index unavailable: %s", caller, exc)
         return failure(OUT_OF_RESOURCES_UNABLE_TO_CALCULATE, "index database unavailable"), None

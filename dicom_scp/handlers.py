@@ -35,6 +35,8 @@ def handle_store(event: evt.Event, ingestor: Ingestor, ctx: AppContext) -> Datas
         expected_sop_class_uid=str(request.AffectedSOPClassUID or "") or None,
     )
     status.Status = store_status(outcome)
+    if outcome.warn:  # held for reconciliation, told only to a sender that may read the study
+        status.ErrorComment = error_comment(outcome.message)
     if not outcome.ok:
         status.ErrorComment = error_comment(outcome.message)
         log.warning("C-STORE from %s refused (0x%04X): %s", calling_ae, status.Status, outcome.message)
@@ -55,8 +57,9 @@ def _source(event: evt.Event, ctx: AppContext, calling_ae: str) -> IngestSource:
         except IndexUnavailable:
             # the index is down: the ingest itself will answer with its own status
             return IngestSource("dimse", calling_ae=calling_ae, address=address, trusted=False)
-    facility, trusted = cache["_pacs_sender"]
-    return IngestSource("dimse", calling_ae=calling_ae, address=address, facility=facility, trusted=trusted)
+    facility, trusted, impersonating = cache["_pacs_sender"]
+    return IngestSource("dimse", calling_ae=calling_ae, address=address, facility=facility, trusted=trusted,
+                        impersonating=impersonating)
 
 
 def _may_store(ctx: AppContext, calling_ae: str, peer_address: str) -> bool:

@@ -13,11 +13,17 @@ Statuses (PS3.4 F.7.2.1.2, F.7.2.2.2, PS3.7 C):
 
 The step is committed before the response is sent, so a Success is never lost. Any other error in
 the handler is answered 0x0110 by pynetdicom itself.
+
+Facility scope (pacs.ris.mpps): an N-CREATE links its step only to an order of the calling AE's scope
+(pacs.ae_scope), an order of another facility being answered exactly like an unknown one; an N-SET
+from another AE title than the step's creator gets 0x0112, like a step that does not exist.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from functools import partial
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
@@ -26,6 +32,8 @@ from pynetdicom.sop_class import ModalityPerformedProcedureStep
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_scp.audit import audited_call
+from pacs.ae_scope import calling_scope
+from pacs.aes import AERegistry
 from pacs.context import AppContext
 from pacs.dimse_status import (
     DUPLICATE_SOP_INSTANCE,
@@ -40,11 +48,14 @@ from pacs.dimse_status import (
 from pacs.errors import PacsError
 from pacs.ingest import Ingestor
 from pacs.ris import mpps
+from pacs.security.principal import AccessScope
 
 log = logging.getLogger("dicom_scp")
 
 MPPS = str(ModalityPerformedProcedureStep)
 TRANSFER_SYNTAXES = [str(ImplicitVRLittleEndian), str(ExplicitVRLittleEndian), "1.2.840.10008.1.2.2"]
+
+ScopeOf = Callable[[str, str], AccessScope]  # (calling AE title, peer address) -> what it may see
 
 _STATUS: list[tuple[type[PacsError], int]] = [
     (mpps.DuplicateStep, DUPLICATE_SOP_INSTANCE),
@@ -59,11 +70,12 @@ def contexts(ctx: AppContext) -> list[tuple[str, list[str]]]:
 
 
 def handlers(ctx: AppContext, ingestor: Ingestor) -> list[tuple]:
-    return [(evt.EVT_N_CREATE, handle_n_create, [ctx]), (evt.EVT_N_SET, handle_n_set, [ctx])]
+    scope_of = partial(calling_scope, AERegistry(ctx.read_sessions))
+    return [(evt.EVT_N_CREATE, handle_n_create, [ctx, scope_of]), (evt.EVT_N_SET, handle_n_set, [ctx])]
 
 
 @audited_call("dimse.mpps-create")
-def handle_n_create(event: evt.Event, ctx: AppContext) -> tuple[Dataset | int, Dataset | None]:
+def handle_n_create(event: evt.Event, ctx: AppContext, scope_of: ScopeOf) -> tuple[Dataset | int, Dataset | None]:
     request = event.request
     if str(request.AffectedSOPClassUID) != MPPS:
         return failure(NO_SUCH_SOP_CLASS, "only Modality Performed Procedure Step is created here"), None
@@ -74,8 +86,9 @@ def handle_n_create(event: evt.Event, ctx: AppContext) -> tuple[Dataset | int, D
     except Exception as exc:  # an attribute list pydicom cannot decode
         return _refused("N-CREATE", calling_ae, uid, mpps.InvalidStep(f"cannot read the attribute list: {exc}")), None
     try:
+        scope = scope_of(calling_ae, str(event.assoc.requestor.address or ""))
         with ctx.sessions() as session, session.begin():
-            step = mpps.create_step(session, uid, attributes, calling_ae)
+            step = mpps.create_step(session, uid, attributes, calling_ae, scope=scope)
     except (PacsError, SQLAlchemyError) as exc:
         return _refused("N-CREATE", calling_ae, uid, exc), None
     log.info("MPPS %s IN PROGRESS from %s (order %s)", uid, calling_ae, step.order_accession_number or "none")
@@ -98,7 +111,7 @@ def handle_n_set(event: evt.Event, ctx: AppContext) -> tuple[Dataset | int, Data
         return _refused("N-SET", calling_ae, uid, mpps.InvalidStep(f"cannot read the modification list: {exc}")), None
     try:
         with ctx.sessions() as session, session.begin():
-            step = mpps.set_step(session, uid, modification)
+            step = mpps.set_step(session, uid, modification, calling_ae=calling_ae)
     except (PacsError, SQLAlchemyError) as exc:
         return _refused("N-SET", calling_ae, uid, exc), None
     log.info("MPPS %s %s from %s (order %s: %s, %d series)", uid, step.state, calling_ae,

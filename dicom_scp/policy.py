@@ -14,6 +14,12 @@ Before any of that, the association limits (``PACS_MAX_ASSOCIATIONS`` in all and
 associations; over a limit the request gets A-ASSOCIATE-RJ (2, 3, 2) local limit exceeded.
 ``on_association_end`` takes an association out of the register when it is released or aborted
 or its connection closes.
+
+A registered AE title counts only when the peer proves to be that AE (host check, TLS client
+certificate: ``pacs.network_policy.identity_mismatch``); the certificate is read from the TLS socket
+here and set as :data:`pacs.aes.association_certificate` for this association's thread, where every
+later registry question of its DIMSE services finds it. The first time a registered title calls
+from an address it is audited and logged (``pacs.ae_sightings``), whatever the decision.
 """
 
 from __future__ import annotations
@@ -25,10 +31,12 @@ from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE
 
 from dicom_scp import audit as dimse_audit
+from dicom_scp.tls import peer_certificate
 from pacs import network_policy
-from pacs.aes import AERegistry
+from pacs.ae_sightings import sightings_of
+from pacs.aes import AERecord, AERegistry, association_certificate
 from pacs.context import AppContext
-from pacs.network_policy import Decision, LiveAssociations
+from pacs.network_policy import Decision, LiveAssociations, PeerCertificate
 
 log = logging.getLogger("dicom_scp")
 
@@ -38,6 +46,8 @@ def on_requested(event: evt.Event, ctx: AppContext, live: LiveAssociations | Non
     request = assoc.requestor.primitive
     calling_ae = str(getattr(request, "calling_ae_title", "") or "").strip()
     address = str(assoc.requestor.address or "")
+    certificate = peer_certificate(assoc)
+    association_certificate.set(certificate)  # this thread serves this association only (pacs.aes)
     if live is not None:
         limit = live.try_acquire(assoc, address, per_peer=ctx.settings.max_associations_per_peer,
                                  total=ctx.settings.max_associations)
@@ -48,7 +58,9 @@ def on_requested(event: evt.Event, ctx: AppContext, live: LiveAssociations | Non
             _reject(assoc, limit.reject)
             return
     syntaxes = [str(cx.abstract_syntax) for cx in (request.presentation_context_definition_list or [])]
-    decision = _decide(ctx, calling_ae, address, syntaxes)
+    decision, registered = _decide(ctx, calling_ae, address, syntaxes, certificate)
+    if registered is not None:
+        _note_sighting(ctx, registered, address, decision)
     if not decision.accept:
         assert decision.reject is not None
         log.warning("association from %s@%s rejected %s: %s", calling_ae, address, decision.reject, decision.reason)
@@ -76,13 +88,15 @@ def on_association_end(event: evt.Event, live: LiveAssociations) -> None:
     live.release(event.assoc)
 
 
-def _decide(ctx: AppContext, calling_ae: str, address: str, syntaxes: list[str]) -> Decision:
+def _decide(ctx: AppContext, calling_ae: str, address: str, syntaxes: list[str],
+            certificate: PeerCertificate | None) -> tuple[Decision, AERecord | None]:
+    """The decision, and the AE registered under the calling title (None: unregistered, or not looked up)."""
     try:
         if not network_policy.needs_registry(syntaxes):
-            return Decision(True, "")
+            return Decision(True, ""), None
         registered = AERegistry(ctx.read_sessions).get(calling_ae)
-        return network_policy.decide(calling_ae, address, syntaxes, registered,
-                                     accept_unknown_store_aes=ctx.settings.accept_unknown_store_aes)
+        return network_policy.decide(calling_ae, address, syntaxes, registered, certificate=certificate,
+                                     accept_unknown_store_aes=ctx.settings.accept_unknown_store_aes), registered
     except Exception as exc:  # the registry is unreadable (or a bug): never fail open for query/retrieve
         try:
             open_only = network_policy.only_open_services(syntaxes)
@@ -91,8 +105,17 @@ def _decide(ctx: AppContext, calling_ae: str, address: str, syntaxes: list[str])
         if open_only:
             log.warning("association policy for %s@%s not checked (%s): verification/storage only, accepted",
                         calling_ae, address, exc)
-            return Decision(True, "")
-        return Decision(False, f"AE registry unavailable: {exc}", network_policy.REJECT_TRANSIENT)
+            return Decision(True, ""), None
+        return Decision(False, f"AE registry unavailable: {exc}", network_policy.REJECT_TRANSIENT), None
+
+
+def _note_sighting(ctx: AppContext, registered: AERecord, address: str, decision: Decision) -> None:
+    """Audit a registered title calling from a new address; never in the way of the association."""
+    try:
+        sightings_of(ctx).note(registered.ae_title, address, recognized=not decision.not_the_ae,
+                               reason=decision.not_the_ae)
+    except Exception:
+        log.exception("AE %s seen from %s: the sighting could not be noted", registered.ae_title, address)
 
 
 def _reject(assoc: Association, reason: tuple[int, int, int]) -> None:

@@ -5,10 +5,15 @@ The listeners are pynetdicom's threaded server hardened against hostile peers (S
 - a TCP connection is admitted only while its peer and the server are under the connection limits
   (``pacs.network_policy.connection_limits``, twice the association limits); others are closed at
   once, before a thread or a copy of the presentation contexts is spent on them;
+- until its A-ASSOCIATE-RQ is in, a connection is *unassociated* and counts against a budget of its
+  own (``pacs.connection_budget``: ``PACS_DICOM_MAX_UNASSOCIATED`` in all, ``..._PER_PEER`` per
+  address; when the pool is full, a newcomer from a smaller holder replaces the oldest connection of
+  the biggest one), never against the association slots: idle sockets cannot lock modalities out.
+  It must finish its TLS handshake and A-ASSOCIATE-RQ within ``PACS_DICOM_PREASSOC_TIMEOUT_S`` of
+  being accepted (an absolute deadline, kept by one reaper thread that shuts the socket down);
 - every accepted socket gets a timeout (``PACS_NETWORK_TIMEOUT_S``), so a peer that stops in the
   middle of a PDU cannot block a thread forever; the TLS handshake happens in the connection's
-  own thread under the ACSE timeout, never in the accept loop;
-- a connection that sends no A-ASSOCIATE-RQ is closed after ``PACS_DICOM_ACSE_TIMEOUT_S``;
+  own thread, never in the accept loop;
 - the length field of each incoming PDU is checked before its bytes are read: a P-DATA-TF over
   the maximum we announced, a control PDU over 1 MiB or an unknown PDU type is answered with
   A-ABORT and the connection closed (``pacs.network_policy.pdu_length_error``);
@@ -20,7 +25,9 @@ The listeners are pynetdicom's threaded server hardened against hostile peers (S
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import ssl
 import struct
 import threading
@@ -40,6 +47,7 @@ from dicom_scp import handlers, policy
 from dicom_scp.services import SERVICES
 from dicom_scp.tls import server_ssl_context
 from pacs import network_policy
+from pacs.connection_budget import PreAssociationBudget
 from pacs.context import AppContext
 from pacs.ingest import Ingestor
 from pacs.network_policy import LiveAssociations
@@ -71,6 +79,7 @@ class Listeners:
 
     plain: ThreadedAssociationServer
     tls: ThreadedAssociationServer | None = None
+    guard: ConnectionGuard | None = None
 
     @property
     def server_address(self) -> tuple[str, int]:
@@ -80,6 +89,8 @@ class Listeners:
         for server in (self.tls, self.plain):
             if server is not None:
                 server.shutdown()
+        if self.guard is not None:
+            self.guard.stop()
 
 
 def start_scp(ctx: AppContext, ingestor: Ingestor) -> Listeners:
@@ -98,8 +109,10 @@ def start_scp(ctx: AppContext, ingestor: Ingestor) -> Listeners:
                      (evt.EVT_ACSE_RECV, evt.EVT_RELEASED, evt.EVT_ABORTED, evt.EVT_CONN_CLOSE)]
     evt_handlers += service_bindings(ctx, ingestor)
     guard = ConnectionGuard(ctx)
+    evt_handlers.append((evt.EVT_CONN_CLOSE, guard.on_conn_close))
     address = (ctx.settings.dicom_host, ctx.settings.dicom_port)
-    listeners = Listeners(_start_server(ae, address, evt_handlers, guard))
+    listeners = Listeners(_start_server(ae, address, evt_handlers, guard), guard=guard)
+    guard.start_reaper()
     log.info("DICOM SCP %s listening on %s:%s", ctx.settings.ae_title, *listeners.server_address)
     ssl_context = server_ssl_context(ctx.settings)
     if ssl_context is not None:
@@ -168,8 +181,14 @@ class ConnectionGuard:
         self._starting: Counter[str] = Counter()
         self._refused: Counter[str] = Counter()  # refusals not yet logged, by peer (one line a second)
         self._last_log: dict[str, float] = {}
+        self.budget = PreAssociationBudget(
+            total=s.dicom_max_unassociated or s.max_associations,
+            per_peer=s.dicom_max_unassociated_per_peer or s.max_associations_per_peer,
+            timeout_s=s.dicom_preassoc_timeout_s)
+        self._stop = threading.Event()
+        self._reaper: threading.Thread | None = None
 
-    def admit(self, ae: AE, client_address: Any) -> bool:
+    def admit(self, ae: AE, client_address: Any, sock: Any = None) -> bool:
         peer = network_policy.peer_key(_host_of(client_address))
         open_by_peer: Counter[str] = Counter()
         for assoc in ae.active_associations:
@@ -182,8 +201,47 @@ class ConnectionGuard:
             if reason:
                 self._log_refusal(peer, reason)
                 return False
+            if sock is not None:
+                admission = self.budget.admit(sock, peer, time.monotonic())
+                if admission.evict is not None:
+                    _shut_down(admission.evict)
+                    self._log_refusal(admission.evict_peer, admission.reason)
+                elif not admission.accept:
+                    self._log_refusal(peer, admission.reason)
+                    return False
             self._starting[peer] += 1
         return True
+
+    # -- connections that have not associated yet (pacs.connection_budget) ---------------------------
+
+    def on_conn_close(self, event: evt.Event) -> None:
+        """EVT_CONN_CLOSE: a connection that ends before its A-ASSOCIATE-RQ frees its budget slot."""
+        token = getattr(getattr(event.assoc, "dul", None), "_pacs_conn", None)
+        if token is not None:
+            self.budget.forget(token)
+
+    def start_reaper(self) -> None:
+        self._reaper = threading.Thread(target=self._reap, name="PreAssociationReaper", daemon=True)
+        self._reaper.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _reap(self) -> None:
+        """Shut down connections past their pre-association deadline (their threads then see a closed socket)."""
+        while not self._stop.wait(self._until_next_deadline()):
+            late = self.budget.expired(time.monotonic())
+            for sock, _ in late:
+                _shut_down(sock)
+            for peer in sorted({peer for _, peer in late}):
+                with self._lock:
+                    self._log_refusal(peer, f"no A-ASSOCIATE-RQ within {self.budget.timeout_s:g} s of connecting")
+
+    def _until_next_deadline(self) -> float:
+        deadline = self.budget.next_deadline()
+        if deadline is None:
+            return 0.5  # a newly admitted connection's deadline is at least timeout_s away
+        return min(0.5, max(0.02, deadline - time.monotonic()))
 
     def _log_refusal(self, peer: str, reason: str) -> None:
         """At most one line a second per peer (a flood must not flood the log); called under the lock."""
@@ -233,7 +291,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         return client, address
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
-        return self.guard.admit(self.ae, client_address)
+        return self.guard.admit(self.ae, client_address, request)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         try:
@@ -252,6 +310,7 @@ class GuardedRequestHandler(RequestHandler):
         guard = self.server.guard
         try:
             if not guard.prepare(self.request, self.client_address):
+                guard.budget.forget(self.request)
                 self.server.shutdown_request(self.request)
                 return
             super().handle()  # creates the association and starts its thread
@@ -261,6 +320,8 @@ class GuardedRequestHandler(RequestHandler):
     def _create_association(self) -> Any:
         assoc = super()._create_association()
         assoc.dul._pacs_max_dataset = self.server.guard.max_dataset_bytes
+        assoc.dul._pacs_conn = self.request  # its token in the pre-association budget
+        assoc.dul._pacs_budget = self.server.guard.budget
         assoc.dul._read_pdu_data = MethodType(_read_pdu_data_bounded, assoc.dul)
         return assoc
 
@@ -319,6 +380,8 @@ def _read_pdu_data_bounded(self: DULServiceProvider) -> None:
     if event == "Evt10" and (error := _count_dataset_bytes(self, pdu)):
         _refuse(self, error)
         return
+    if pdu_type == 0x01 and (budget := getattr(self, "_pacs_budget", None)) is not None:
+        budget.associated(getattr(self, "_pacs_conn", None))  # its A-ASSOCIATE-RQ is in
     self.event_queue.put(event)
     self._recv_pdu.put(pdu)
 
@@ -347,6 +410,13 @@ def _count_dataset_bytes(dul: DULServiceProvider, pdu: Any) -> str:
             total = 0
     dul._pacs_dataset_bytes = total  # type: ignore[attr-defined]
     return ""
+
+
+def _shut_down(sock: Any) -> None:
+    """End a connection from another thread: its own thread's next read sees the connection closed.
+    (``socket.socket.shutdown`` even for an SSLSocket, whose override would drop its SSL object.)"""
+    with contextlib.suppress(OSError, ValueError, TypeError):  # closed already
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 def _host_of(client_address: Any) -> str:

@@ -1,9 +1,13 @@
-"""The server-side TLS context of the DICOM listener (PS3.15 B.1 secure transport)."""
+"""The server-side TLS context of the DICOM listener (PS3.15 B.1 secure transport), and the client
+certificate an association presented (what an AE registered with ``--tls-subject`` is checked against)."""
 
 from __future__ import annotations
 
+import hashlib
 import ssl
+from typing import Any
 
+from pacs.network_policy import PeerCertificate
 from pacs.settings import Settings
 
 
@@ -25,3 +29,26 @@ def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     else:
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def peer_certificate(assoc: Any) -> PeerCertificate | None:
+    """The verified client certificate of the association's TLS connection; None on plain TCP, when the
+    peer presented none, or when it was not verified (no ``PACS_TLS_CA_FILE``: it is then never asked for).
+
+    Only a certificate that chained to the configured CA counts: ``getpeercert()`` is empty otherwise.
+    """
+    sock = getattr(getattr(assoc, "dul", None), "socket", None)
+    sock = getattr(sock, "socket", None)
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    try:
+        parsed = sock.getpeercert()
+        der = sock.getpeercert(binary_form=True)
+    except (OSError, ValueError):
+        return None
+    if not parsed or not der:
+        return None
+    common_names = tuple(str(value) for rdn in parsed.get("subject", ()) for key, value in rdn
+                         if key == "commonName")
+    dns_names = tuple(str(value) for key, value in parsed.get("subjectAltName", ()) if key == "DNS")
+    return PeerCertificate(hashlib.sha256(der).hexdigest(), common_names, dns_names)

@@ -4,9 +4,15 @@
 DIMSE service asks it through :class:`AERegistry` (or :func:`lookup` inside a session of its own), so
 the rules are written once:
 
-- a *calling* AE counts as registered only if, when registered with ``check_host``, it calls from its
-  registered host (an address, or a name resolving to it: :func:`pacs.network_policy.host_matches`);
-  otherwise it is treated exactly like an unknown AE, for every service and every request;
+- a *calling* AE counts as registered only if it proves to be it (:func:`pacs.network_policy.identity_mismatch`):
+  with ``check_host`` (on unless ``pacs ae add --no-check-host``) it calls from its registered host (an
+  address, or a name resolving to it); with a ``tls_subject`` it came over TLS with a verified client
+  certificate of that identity. Otherwise it is treated exactly like an unknown AE, for every service and
+  every request;
+- the peer's TLS client certificate is that of the association being served: the DICOM listener sets
+  :data:`association_certificate` in the association's own thread (pynetdicom serves each association,
+  negotiation and every DIMSE request, in one thread), so every service's registry question sees it
+  without passing it along; a thread that never set it has none (a TLS-bound AE is then not recognized);
 - a *move destination* is a registered AE with retrieve rights and an address (no host check: it is
   called, it does not call);
 - database errors are wrapped where they occur: a registry that cannot be read raises
@@ -15,6 +21,7 @@ the rules are written once:
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from sqlalchemy import delete, select
@@ -23,7 +30,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pacs.db.models import ApplicationEntity
 from pacs.errors import Conflict, IndexUnavailable, InvalidInput, NotFound
-from pacs.network_policy import host_matches
+from pacs.network_policy import PeerCertificate, identity_mismatch, normal_tls_subject
+
+association_certificate: ContextVar[PeerCertificate | None] = ContextVar("association_certificate", default=None)
+"""The verified TLS client certificate of the association served by this thread (None: plain TCP or none)."""
 
 
 @dataclass(frozen=True)
@@ -37,10 +47,18 @@ class AERecord:
     allow_retrieve: bool
     check_host: bool
     facility: str = ""
+    archive_wide: bool = False  # sees every facility's studies and orders (pacs.ae_scope)
 
-    def calls_from(self, peer_address: str) -> bool:
-        """Does a peer at ``peer_address`` count as this AE (the host check, when it is registered with one)?"""
-        return not self.check_host or host_matches(self.host, peer_address)
+    tls_subject: str = ""  # the TLS client certificate identity it must present ('' = none required)
+
+    def calls_from(self, peer_address: str, certificate: PeerCertificate | None = None) -> bool:
+        """Does a peer at ``peer_address`` (with this verified TLS certificate, if any) count as this AE?"""
+        return not identity_mismatch(self, peer_address, certificate)
+
+    @property
+    def identity_checked(self) -> bool:
+        """False when anyone calling with this title is believed (no host check, no TLS binding)."""
+        return self.check_host or bool(self.tls_subject)
 
 
 @dataclass(frozen=True)
@@ -61,13 +79,21 @@ def validate_ae_title(title: str) -> str:
 
 def add_ae(session: Session, title: str, host: str, port: int, description: str = "",
            allow_store: bool = True, allow_query: bool = True, allow_retrieve: bool = True,
-           check_host: bool = False, facility: str = "") -> AERecord:
+           check_host: bool = True, facility: str = "", *, archive_wide: bool = False,
+           tls_subject: str = "") -> AERecord:
+    """Register an AE. ``facility`` / ``archive_wide``: whose studies it may query and retrieve
+    (:func:`pacs.ae_scope.ae_scope`; with neither, none)."""
     title = validate_ae_title(title)
+    if archive_wide and facility.strip():
+        raise InvalidInput("an AE is either of one facility or archive-wide, not both")
     if not 1 <= port <= 65535:
         raise InvalidInput(f"invalid port {port}")
+    if check_host and not host.strip():  # its title is believed only from HOST (module docstring)
+        raise InvalidInput(f"AE {title} has no host to check: give its host, or register it without the host check")
     row = ApplicationEntity(ae_title=title, host=host, port=port, description=description,
                             allow_store=allow_store, allow_query=allow_query, allow_retrieve=allow_retrieve,
-                            check_host=check_host, facility=facility.strip()[:64])
+                            check_host=check_host, facility=facility.strip()[:64], archive_wide=archive_wide)
+    row.tls_subject = _tls_subject(tls_subject)
     session.add(row)
     try:
         session.flush()
@@ -80,6 +106,34 @@ def list_aes(session: Session) -> list[AERecord]:
     return [_record(r) for r in session.scalars(select(ApplicationEntity).order_by(ApplicationEntity.ae_title))]
 
 
+def set_identity(session: Session, title: str, *, check_host: bool | None = None,
+                 tls_subject: str | None = None) -> AERecord:
+    """Change how a registered AE proves who it is (None leaves that part as it is; '' removes a TLS binding)."""
+    row = session.scalars(select(ApplicationEntity).where(ApplicationEntity.ae_title == title.strip())).first()
+    if row is None:
+        raise NotFound(f"AE {title} is not registered")
+    if check_host is not None:
+        if check_host and not row.host.strip():
+            raise InvalidInput(f"AE {row.ae_title} has no host to check")
+        row.check_host = check_host
+    if tls_subject is not None:
+        row.tls_subject = _tls_subject(tls_subject)
+    session.flush()
+    return _record(row)
+
+
+def unchecked_aes(session: Session) -> list[AERecord]:
+    """Registered AEs believed from any address: neither host check nor TLS binding (``pacs ae list``/``check``)."""
+    return [r for r in list_aes(session) if not r.identity_checked]
+
+
+def _tls_subject(subject: str) -> str:
+    try:
+        return normal_tls_subject(subject)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from exc
+
+
 def remove_ae(session: Session, title: str) -> None:
     if not session.execute(delete(ApplicationEntity).where(ApplicationEntity.ae_title == title)).rowcount:
         raise NotFound(f"AE {title} is not registered")
@@ -87,7 +141,8 @@ def remove_ae(session: Session, title: str) -> None:
 
 def _record(row: ApplicationEntity) -> AERecord:
     return AERecord(row.ae_title, row.host, row.port, row.description, row.allow_store, row.allow_query,
-                    row.allow_retrieve, row.check_host, row.facility)
+                    row.allow_retrieve, row.check_host, row.facility, archive_wide=row.archive_wide,
+                    tls_subject=row.tls_subject or "")
 
 
 def lookup(session: Session, title: str) -> AERecord | None:
@@ -119,9 +174,12 @@ class AERegistry:
 
     def calling_peer(self, title: str, peer_address: str) -> AERecord | None:
         """The registered AE a peer at ``peer_address`` calling as ``title`` is; None for an unknown AE,
-        or a registered one calling from elsewhere than its host (``check_host``)."""
+        or a registered one that does not prove to be it (another host, or not its TLS certificate:
+        that of the association this thread serves, :data:`association_certificate`)."""
         record = self.get(title)
-        return record if record is not None and record.calls_from(peer_address) else None
+        if record is None or not record.calls_from(peer_address, association_certificate.get()):
+            return None
+        return record
 
     def may_store(self, title: str, peer_address: str) -> bool:
         record = self.calling_peer(title, peer_address)
@@ -136,11 +194,15 @@ class AERegistry:
         record = self.calling_peer(title, peer_address)
         return record is not None and record.allow_retrieve
 
-    def sender(self, title: str, peer_address: str) -> tuple[str, bool]:
-        """``(facility, trusted)`` of a peer storing objects: a registered AE (passing its host check)
-        is trusted and stores for its facility; any other peer is untrusted (pacs.security.ingest_policy)."""
+    def sender(self, title: str, peer_address: str) -> tuple[str, bool, bool]:
+        """``(facility, trusted, impersonating)`` of a peer storing objects: a registered AE (passing its
+        host check) is trusted and stores for its facility; any other peer is untrusted
+        (pacs.security.ingest_policy). ``impersonating``: the title is registered but this peer failed its
+        identity check, so it must not count as the title's earlier sender either."""
         record = self.calling_peer(title, peer_address)
-        return (record.facility, True) if record is not None else ("", False)
+        if record is not None:
+            return record.facility, True, False
+        return "", False, self.get(title) is not None
 
     def move_destination(self, title: str) -> MoveDestination | None:
         """The registered AE named ``title``, if it has an address and may take part in retrieves.

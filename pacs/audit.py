@@ -25,6 +25,7 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs.db.models import AuditEvent
+from pacs.security.redaction import redact_text
 
 _CHAIN_LOCK_KEY = 0x5041435341554449  # "PACSAUDI"; any constant shared by every writer
 
@@ -47,14 +48,19 @@ def append(
     study_instance_uid: str = "",
     detail: str = "",
 ) -> AuditEvent:
-    """Add one event to the chain inside the caller's transaction (call it last: the lock is held to commit)."""
+    """Add one event to the chain inside the caller's transaction (call it last: the lock is held to commit).
+
+    Credentials in the text (``?access_token=…``, a URL's password, a bearer token) are replaced by
+    ``***`` before the row is hashed (:func:`pacs.security.redaction.redact_text`): the trail is
+    append-only, so a secret written here could never be removed.
+    """
     _lock_chain(session)
     prev = session.scalar(select(AuditEvent.entry_hash).order_by(AuditEvent.id.desc()).limit(1)) or ""
     event = AuditEvent(
         at=datetime.now(UTC),
-        actor=actor[:128], role=role[:32], source_address=source_address[:64], action=action[:64],
+        actor=redact_text(actor[:256])[:128], role=role[:32], source_address=source_address[:64], action=action[:64],
         outcome=outcome[:16], patient_id=patient_id[:64], study_instance_uid=study_instance_uid[:64],
-        detail=detail[:2000], prev_hash=prev,
+        detail=redact_text(detail[:4000])[:2000], prev_hash=prev,
     )
     event.entry_hash = entry_hash(event)
     session.add(event)

@@ -195,7 +195,7 @@ def _agents(row: Mapping[str, Any], observer: Observer, detail: str) -> list[dic
         "name": actor or "unknown",
         "requestor": True,
     }
-    if actor:
+    if actor and not actor.startswith("unverified:"):  # a failed login's claimed name is no identity
         requestor["altId"] = actor
     if role:
         requestor["role"] = [{"text": role}]

@@ -14,21 +14,33 @@ since / until  ISO 8601 date or date-time (naive means UTC); ``since`` inclusive
 
 Rows come back in id order (the chain's order). Bad values raise :class:`~pacs.errors.InvalidInput`
 naming the parameter.
+
+**Who sees which rows** (issue 12, finding 6). An archive-wide administrator sees every row. An
+administrator of a facility (``--facility``) sees, through :func:`visible_to`:
+
+- rows about a study acquired at that facility (whoever acted, including refusals of other facilities);
+- rows naming a patient but no study when only that facility holds a patient with that ID (a Patient ID
+  that several facilities use is ambiguous without a study: such rows stay with the archive-wide admin);
+- their own actions that name no patient or study (their logins, their reads of the trail).
+
+Nothing else: logins and refusals of others, configuration changes, other facilities' rows. The chain
+check (``/api/audit/verify``) spans every facility and is for archive-wide administrators only.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import ColumnElement, Select, and_, exists, false, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacs.db.models import AuditEvent
+from pacs.db.models import AuditEvent, Patient, Study
 from pacs.errors import InvalidInput
+from pacs.security.principal import AccessScope
 from storage.keys import is_valid_uid
 
 DEFAULT_LIMIT = 100
@@ -49,6 +61,10 @@ class AuditFilter:
     study_instance_uid: str | None = None
     since: datetime | None = None  # aware, UTC
     until: datetime | None = None  # aware, UTC, inclusive
+    # Set by visible_to(), never from request parameters: the facilities whose rows a facility admin sees,
+    # and that admin's own actor name.
+    facilities: frozenset[str] | None = None
+    own_actor: str = ""
 
     def describe(self) -> str:
         """The filter as ``k=v`` fields (for the audit row of the read itself)."""
@@ -62,6 +78,31 @@ class AuditFilter:
             if value is not None:
                 fields.append(f"{name}={value.isoformat()}")
         return " ".join(fields)
+
+
+def visible_to(flt: AuditFilter, scope: AccessScope, actor: str) -> AuditFilter:
+    """``flt`` narrowed to the rows a principal with ``scope`` may read (see the module docstring)."""
+    if scope.unrestricted:
+        return flt
+    return replace(flt, facilities=scope.facilities if scope.facilities is not None else frozenset(),
+                   own_actor=actor)
+
+
+def _visible(facilities: frozenset[str], own_actor: str) -> ColumnElement[bool]:
+    if not facilities:
+        return false()
+    codes = sorted(facilities)
+    about_study = and_(AuditEvent.study_instance_uid != "", exists().where(
+        Study.study_instance_uid == AuditEvent.study_instance_uid, Study.facility.in_(codes)))
+    about_patient = and_(
+        AuditEvent.study_instance_uid == "", AuditEvent.patient_id != "",
+        exists().where(Patient.patient_id == AuditEvent.patient_id, Patient.facility.in_(codes)),
+        ~exists().where(Patient.patient_id == AuditEvent.patient_id, Patient.facility.not_in(codes)))
+    parts = [about_study, about_patient]
+    if own_actor:
+        parts.append(and_(AuditEvent.actor == own_actor, AuditEvent.study_instance_uid == "",
+                          AuditEvent.patient_id == ""))
+    return or_(*parts)
 
 
 def make_filter(*, actor: str | None = None, action: str | None = None, outcome: str | None = None,
@@ -160,6 +201,8 @@ def utc_iso(at: datetime | None) -> str:
 
 
 def _where(stmt: Select, flt: AuditFilter) -> Select:
+    if flt.facilities is not None:
+        stmt = stmt.where(_visible(flt.facilities, flt.own_actor))
     if flt.actor:
         stmt = stmt.where(AuditEvent.actor == flt.actor)
     if flt.action:

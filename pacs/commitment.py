@@ -9,6 +9,11 @@ would cost a full download of it to guard against silent corruption of the store
 ``pacs check``'s job; the size check catches what can plausibly happen between ingest and the
 request (a missing or truncated object).
 
+Only instances of studies inside the requesting AE's scope count (:mod:`pacs.ae_scope`: its facility's
+studies and those shared with it, every study for an archive-wide AE): any other instance is reported
+failed with *No such object instance* (0x0112), exactly like one that is not archived, so a commitment
+request tells nothing about other facilities' studies.
+
 Each request is a row of ``storage_commitment`` (:mod:`pacs.commitment_models`), written when
 the N-ACTION is accepted. :class:`CommitmentReporter` (one thread per ``pacs serve`` /
 ``pacs scp`` process) claims due rows one at a time, decides the result once and keeps it in the row, and
@@ -35,11 +40,15 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from pacs.ae_scope import ae_scope
+from pacs.aes import lookup
 from pacs.commitment_models import StorageCommitment
 from pacs.context import AppContext
-from pacs.db.models import ApplicationEntity, Instance
+from pacs.db.models import ApplicationEntity, Instance, Series, Study
 from pacs.forwarding.delivery import Destination, retry_delay
 from pacs.polling import PollingLoop
+from pacs.security.policy import study_condition
+from pacs.security.principal import AccessScope
 from pacs.settings import Settings
 from storage import ObjectNotFound, ObjectStore, StorageError
 
@@ -113,11 +122,15 @@ class _Indexed:
     size: int
 
 
-def evaluate(sessions: sessionmaker[Session], store: ObjectStore, refs: Sequence[SopRef]) -> CommitmentResult:
-    """Decide each ref. Raises ``SQLAlchemyError`` when the index cannot be read (the caller
-    retries later); an unreachable store is a per-instance Processing failure (0x0110)."""
+def evaluate(sessions: sessionmaker[Session], store: ObjectStore, refs: Sequence[SopRef], *,
+             scope: AccessScope) -> CommitmentResult:
+    """Decide each ref; an instance outside ``scope`` is not archived as far as the requester can tell.
+
+    Raises ``SQLAlchemyError`` when the index cannot be read (the caller retries later); an
+    unreachable store is a per-instance Processing failure (0x0110).
+    """
     refs = unique_refs(refs)
-    indexed = _lookup(sessions, {r.sop_instance_uid for r in refs})
+    indexed = _lookup(sessions, {r.sop_instance_uid for r in refs}, scope)
     checks = _check_objects(store, {row.object_key: row.size for row in indexed.values()})
     success: list[SopRef] = []
     failed: list[FailedRef] = []
@@ -136,14 +149,17 @@ def evaluate(sessions: sessionmaker[Session], store: ObjectStore, refs: Sequence
     return CommitmentResult(tuple(success), tuple(failed))
 
 
-def _lookup(sessions: sessionmaker[Session], uids: set[str]) -> dict[str, _Indexed]:
+def _lookup(sessions: sessionmaker[Session], uids: set[str], scope: AccessScope) -> dict[str, _Indexed]:
     ordered = sorted(uids)
     out: dict[str, _Indexed] = {}
+    columns = select(Instance.sop_instance_uid, Instance.sop_class_uid, Instance.object_key, Instance.size)
+    if not scope.unrestricted:
+        columns = (columns.join(Series, Instance.series_fk == Series.id).join(Study, Series.study_fk == Study.id)
+                   .where(study_condition(scope)))
     with sessions() as session:
         for start in range(0, len(ordered), _IN_CHUNK):
             rows = session.execute(
-                select(Instance.sop_instance_uid, Instance.sop_class_uid, Instance.object_key, Instance.size)
-                .where(Instance.sop_instance_uid.in_(ordered[start:start + _IN_CHUNK]))).all()
+                columns.where(Instance.sop_instance_uid.in_(ordered[start:start + _IN_CHUNK]))).all()
             out.update({r.sop_instance_uid: _Indexed(r.sop_class_uid, r.object_key, r.size) for r in rows})
     return out
 
@@ -337,7 +353,10 @@ class CommitmentReporter(PollingLoop):
 
     def _process(self, job: _Claimed) -> None:
         if job.result is None:
-            result = evaluate(self._ctx.read_sessions, self._ctx.store, refs_from_json(job.requested_refs))
+            with self._ctx.read_sessions() as session:
+                scope = ae_scope(lookup(session, job.requesting_ae))  # an AE removed since sees nothing
+            result = evaluate(self._ctx.read_sessions, self._ctx.store, refs_from_json(job.requested_refs),
+                              scope=scope)
             self._update(job, result=result.to_json())  # decided once: every retry sends the same report
         else:
             result = CommitmentResult.from_json(job.result)

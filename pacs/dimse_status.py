@@ -51,6 +51,9 @@ CANNOT_UNDERSTAND_INVALID_UID: Final = 0xC001
 CANNOT_UNDERSTAND_TRUNCATED: Final = 0xC002
 CANNOT_UNDERSTAND_MISSING_ATTRIBUTE: Final = 0xC003
 CANNOT_UNDERSTAND_NOT_STORABLE: Final = 0xC004
+# C-STORE warning (PS3.4 B.2.3, a success): stored but held for reconciliation, not filed in its study; sent
+# only to a sender that may read that study (pacs.security.ingest_policy), with an Error Comment saying why
+WARNING_HELD_FOR_RECONCILIATION: Final = 0xB000
 
 # -- Modality Performed Procedure Step (PS3.4 Table F.7.2-2): an Error ID, sent with PROCESSING_FAILURE ----
 MPPS_MAY_NO_LONGER_BE_UPDATED: Final = 0xA710

@@ -27,20 +27,21 @@ def _insert_ignore(session: Session, model: type, values: dict[str, Any], keys: 
     session.execute(insert(model).values(**values).on_conflict_do_nothing(index_elements=keys))
 
 
-def _get_or_create_patient(session: Session, obj: ReceivedObject, facility: str) -> Patient:
-    ident = {**{k: obj.patient[k] for k in ("patient_id", "issuer_of_patient_id")}, "facility": facility[:64]}
-    _insert_ignore(session, Patient, {**obj.patient, "facility": facility[:64]}, list(ident))
+def _get_or_create_patient(session: Session, values: dict[str, str], facility: str) -> Patient:
+    ident = {**{k: values[k] for k in ("patient_id", "issuer_of_patient_id")}, "facility": facility[:64]}
+    _insert_ignore(session, Patient, {**values, "facility": facility[:64]}, list(ident))
     patient = session.scalars(select(Patient).filter_by(**ident)).one()
     # First seen wins; later objects only fill what was blank (corrections are an explicit action).
     for field in ("patient_name", "patient_name_search", "patient_birth_date", "patient_sex"):
-        if not getattr(patient, field) and obj.patient[field]:
-            setattr(patient, field, obj.patient[field])
+        if not getattr(patient, field) and values[field]:
+            setattr(patient, field, values[field])
     return patient
 
 
-def _get_or_create_study(session: Session, obj: ReceivedObject, patient: Patient, facility: str) -> Study:
+def _get_or_create_study(session: Session, obj: ReceivedObject, patient: Patient, facility: str,
+                         provisional: bool) -> Study:
     values = {"study_instance_uid": obj.study_instance_uid, "patient_fk": patient.id, **obj.study,
-              "facility": facility[:64]}  # first seen wins, like the other study attributes
+              "facility": facility[:64], "provisional": provisional}  # first seen wins, like the other attributes
     _insert_ignore(session, Study, values, ["study_instance_uid"])
     return session.scalars(
         select(Study).where(Study.study_instance_uid == obj.study_instance_uid).with_for_update()
@@ -90,10 +91,15 @@ def index_instance(
     source_address: str,
     replaces: Instance | None,
     facility: str = "",
+    provisional: bool = False,
+    study_patient: dict[str, str] | None = None,
 ) -> Instance:
-    """Record ``obj`` as the current version of its SOP instance; keep ``replaces`` as a prior version."""
-    patient = _get_or_create_patient(session, obj, facility)
-    study = _get_or_create_study(session, obj, patient, facility)
+    """Record ``obj`` as the current version of its SOP instance; keep ``replaces`` as a prior version.
+
+    A new study is created for ``facility``, ``provisional`` when an unregistered sender creates it, and
+    under ``study_patient`` when given (an order's patient, pacs.ingest) instead of the object's patient."""
+    patient = _get_or_create_patient(session, study_patient or obj.patient, facility)
+    study = _get_or_create_study(session, obj, patient, facility, provisional)
     series, new_series = _get_or_create_series(session, obj, study)
     if new_series:
         study.number_of_series += 1

@@ -15,8 +15,10 @@ Retrieve (MOVE, GET)      a registered AE with allow_retrieve
 anything else             a registered AE (MPPS, Storage Commitment, future N-services)
 ========================  ==================================================================
 
-A registered AE with ``check_host`` counts as registered only when the peer address is (or
-resolves from) its registered host; otherwise it is treated as an unknown AE.
+A registered AE counts as registered only when the peer proves to be it (:func:`identity_mismatch`):
+with ``check_host`` (the default of ``pacs ae add``) the peer address is (or resolves from) its
+registered host; with a ``tls_subject`` the association came over TLS with a verified client
+certificate of that identity (:func:`certificate_matches`). Otherwise it is treated as an unknown AE.
 
 Outcome:
 
@@ -40,7 +42,7 @@ import ipaddress
 import socket
 import threading
 from collections.abc import Callable, Hashable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Protocol
 
@@ -76,6 +78,8 @@ class PeerRights(Protocol):
     def allow_retrieve(self) -> bool: ...
     @property
     def check_host(self) -> bool: ...
+    @property
+    def tls_subject(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,16 @@ class RegisteredAE:
     allow_query: bool = True
     allow_retrieve: bool = True
     check_host: bool = False
+    tls_subject: str = ""
+
+
+@dataclass(frozen=True)
+class PeerCertificate:
+    """The verified client certificate of a TLS association: what an AE's ``tls_subject`` is matched against."""
+
+    sha256: str  # fingerprint of the DER certificate, lower-case hex without separators
+    common_names: tuple[str, ...] = ()  # subject CN(s)
+    dns_names: tuple[str, ...] = ()  # subjectAltName DNS entries
 
 
 @dataclass(frozen=True)
@@ -94,6 +108,7 @@ class Decision:
     reason: str  # for the log: why rejected, or what was refused
     reject: tuple[int, int, int] | None = None  # (result, source, diagnostic) of A-ASSOCIATE-RJ
     refused: frozenset[str] = field(default_factory=frozenset)  # abstract syntaxes whose contexts are refused
+    not_the_ae: str = ""  # a registered title the peer did not prove to be (identity_mismatch): why
 
 
 def service_of(abstract_syntax: str) -> Service:
@@ -135,15 +150,27 @@ def decide(
     *,
     accept_unknown_store_aes: bool = True,
     resolve: Callable[[str], set[str]] | None = None,
+    certificate: PeerCertificate | None = None,
 ) -> Decision:
-    """Accept, accept with some abstract syntaxes refused, or reject an association request."""
+    """Accept, accept with some abstract syntaxes refused, or reject an association request.
+
+    ``certificate`` is the peer's verified TLS client certificate (None: plain TCP, or none presented).
+    """
     calling_ae = calling_ae.strip()
+    mismatch = identity_mismatch(registered, peer_address, certificate, resolve) if registered is not None else ""
+    if mismatch:
+        decision = _decide_for(calling_ae, abstract_syntaxes, None, f"AE {calling_ae!r} {mismatch}",
+                               accept_unknown_store_aes)
+        return replace(decision, not_the_ae=mismatch)
+    return _decide_for(calling_ae, abstract_syntaxes, registered, f"calling AE title {calling_ae!r} not recognized",
+                       accept_unknown_store_aes)
+
+
+def _decide_for(calling_ae: str, abstract_syntaxes: Iterable[str], ae: PeerRights | None, why_unknown: str,
+                accept_unknown_store_aes: bool) -> Decision:
+    """decide() once it is known whether the peer is a registered AE (``ae``) or an unknown one."""
     syntaxes = list(dict.fromkeys(str(a).strip() for a in abstract_syntaxes))
     services = {a: service_of(a) for a in syntaxes}
-    ae, why_unknown = registered, f"calling AE title {calling_ae!r} not recognized"
-    if ae is not None and ae.check_host and not host_matches(ae.host, peer_address, resolve):
-        ae, why_unknown = None, f"AE {calling_ae!r} connects from {peer_address}, registered for host {ae.host!r}"
-
     if ae is None:
         restricted = sorted({s.value for s in services.values()} - {Service.VERIFICATION, Service.STORE})
         if restricted:
@@ -164,6 +191,66 @@ def decide(
         return Decision(False, f"AE {calling_ae!r} may not use {refused_services}", REJECT_NO_REASON)
     reason = f"AE {calling_ae!r} may not use {refused_services}" if refused else ""
     return Decision(True, reason, refused=refused)
+
+
+def identity_mismatch(ae: PeerRights, peer_address: str, certificate: PeerCertificate | None,
+                      resolve: Callable[[str], set[str]] | None = None) -> str:
+    """'' when the peer may be ``ae``, else why not (then it is an unknown AE, whatever title it calls with).
+
+    Both checks apply when both are registered: the host (``check_host``) and the TLS identity
+    (``tls_subject``). An AE with neither is believed from any address (``pacs ae add --no-check-host``).
+    """
+    if ae.check_host and not host_matches(ae.host, peer_address, resolve):
+        return f"connects from {peer_address}, registered for host {ae.host!r}"
+    subject = (ae.tls_subject or "").strip()
+    if subject:
+        if certificate is None:
+            return f"is bound to TLS client certificate {subject!r}: none presented"
+        if not certificate_matches(subject, certificate):
+            return (f"is bound to TLS client certificate {subject!r}: presented CN={','.join(certificate.common_names)}"
+                    f" sha256={certificate.sha256[:16]}…")
+    return ""
+
+
+FINGERPRINT_PREFIX = "sha256:"
+
+
+def normal_tls_subject(subject: str) -> str:
+    """The canonical form of an AE's ``tls_subject`` ('' = none), or ValueError when it is not one.
+
+    Either the certificate's SHA-256 fingerprint (64 hex digits, optionally after ``sha256:``; colons and
+    case do not matter: ``openssl x509 -noout -fingerprint -sha256`` prints it), or a name the certificate must carry as
+    its subject CN or as a subjectAltName DNS entry (compared without regard to case; no wildcards).
+    """
+    text = subject.strip()
+    if not text:
+        return ""
+    bare = text.replace(":", "").lower()
+    if len(bare) == 64 and all(c in "0123456789abcdef" for c in bare):
+        return FINGERPRINT_PREFIX + bare  # a fingerprint without its prefix (with or without colons)
+    if text.lower().startswith(FINGERPRINT_PREFIX):
+        digits = text[len(FINGERPRINT_PREFIX):].replace(":", "").strip().lower()
+        if len(digits) != 64 or any(c not in "0123456789abcdef" for c in digits):
+            raise ValueError(f"invalid TLS subject {subject!r}: sha256: needs 64 hex digits")
+        return FINGERPRINT_PREFIX + digits
+    if len(text) > 255 or not text.isprintable() or "*" in text:
+        raise ValueError(f"invalid TLS subject {subject!r}: a certificate CN or DNS name (no wildcards), "
+                         "or sha256:<fingerprint>")
+    return text
+
+
+def certificate_matches(tls_subject: str, certificate: PeerCertificate) -> bool:
+    """Does ``certificate`` carry the identity ``tls_subject`` (see :func:`normal_tls_subject`)?"""
+    try:
+        subject = normal_tls_subject(tls_subject)
+    except ValueError:
+        return False
+    if not subject:
+        return False
+    if subject.startswith(FINGERPRINT_PREFIX):
+        return certificate.sha256.lower() == subject[len(FINGERPRINT_PREFIX):]
+    wanted = subject.lower()
+    return any(name.strip().lower() == wanted for name in (*certificate.common_names, *certificate.dns_names))
 
 
 def host_matches(registered_host: str, peer_address: str, resolve: Callable[[str], set[str]] | None = None) -> bool:

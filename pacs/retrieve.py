@@ -6,6 +6,10 @@ at IMAGE; the key of the retrieve level may be a list of UIDs. Unique keys of th
 are checked when present (one value each) and narrow the match; when absent the match is
 relational, as most archives accept.
 
+Only studies inside the caller's :class:`~pacs.security.principal.AccessScope` are matched (for a
+DICOM peer, :func:`pacs.ae_scope.ae_scope`): an instance of a study outside it is not counted and not
+sent, exactly as if it were not archived, so a retrieve tells nothing about other facilities' studies.
+
 A retrieve may name a whole patient, so nothing here holds the match in memory: :func:`plan`
 gives the count (the number of sub-operations) and an upper bound on the instance row ids,
 then :func:`iter_items` pages through the rows in short read transactions (keyset on the row
@@ -27,6 +31,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from pacs.db.models import Instance, Patient, Series, Study
 from pacs.errors import IndexUnavailable, InvalidInput
 from pacs.query.matching import MAX_UID_LIST
+from pacs.security.policy import study_condition
+from pacs.security.principal import AccessScope
 from storage.keys import is_valid_uid
 
 PAGE_SIZE = 200
@@ -101,6 +107,8 @@ class RetrievePlan:
     count: int
     max_id: int
     syntaxes: tuple[tuple[str, str], ...] = field(default=())  # distinct (SOP class, transfer syntax)
+    # what plan() was given, kept by iter_items; a plan built without one sends nothing
+    scope: AccessScope = field(default_factory=lambda: AccessScope(facilities=frozenset()))
 
 
 def parse_identifier(identifier: Dataset, model: Model) -> RetrieveRequest:
@@ -181,11 +189,13 @@ def _check_uids(keyword: str, values: tuple[str, ...]) -> None:
             raise InvalidKeyValue(f"{keyword}: invalid UID {shown!r}")
 
 
-def _filtered(stmt: Select, request: RetrieveRequest) -> Select:
-    """Add the joins and unique-key conditions of ``request`` to a statement over Instance."""
+def _filtered(stmt: Select, request: RetrieveRequest, scope: AccessScope) -> Select:
+    """Add the joins and unique-key conditions of ``request``, and ``scope``, to a statement over Instance."""
     stmt = stmt.join(Series, Instance.series_fk == Series.id)
-    if request.study_uids or request.patient_id is not None:
+    if request.study_uids or request.patient_id is not None or not scope.unrestricted:
         stmt = stmt.join(Study, Series.study_fk == Study.id)
+    if not scope.unrestricted:
+        stmt = stmt.where(study_condition(scope))
     if request.patient_id is not None:
         stmt = stmt.join(Patient, Study.patient_fk == Patient.id).where(Patient.patient_id == request.patient_id)
         if request.issuer_of_patient_id:
@@ -200,21 +210,22 @@ def _filtered(stmt: Select, request: RetrieveRequest) -> Select:
     return stmt
 
 
-def plan(sessions: sessionmaker[Session], request: RetrieveRequest) -> RetrievePlan:
-    """Count the matching instances and list their distinct (SOP class, transfer syntax) pairs."""
+def plan(sessions: sessionmaker[Session], request: RetrieveRequest, *, scope: AccessScope) -> RetrievePlan:
+    """Count the matching instances inside ``scope`` and list their distinct (SOP class, transfer syntax)
+    pairs. ``scope`` is required: every caller says whose studies it may send (``AccessScope()`` for all)."""
     try:
         with sessions() as session:
             count, max_id = session.execute(_filtered(select(func.count(Instance.id), func.max(Instance.id)),
-                                                      request)).one()
+                                                      request, scope)).one()
             syntaxes: tuple[tuple[str, str], ...] = ()
             if count:
                 rows = session.execute(_filtered(
-                    select(Instance.sop_class_uid, Instance.transfer_syntax_uid), request)
+                    select(Instance.sop_class_uid, Instance.transfer_syntax_uid), request, scope)
                     .where(Instance.id <= max_id).distinct()).all()
                 syntaxes = tuple(sorted((r[0], r[1]) for r in rows))
     except SQLAlchemyError as exc:
         raise IndexUnavailable(f"index database unavailable: {str(exc).splitlines()[0][:200]}") from exc
-    return RetrievePlan(request, int(count or 0), int(max_id or 0), syntaxes)
+    return RetrievePlan(request, int(count or 0), int(max_id or 0), syntaxes, scope)
 
 
 def iter_items(sessions: sessionmaker[Session], retrieve: RetrievePlan,
@@ -232,7 +243,7 @@ def iter_items(sessions: sessionmaker[Session], retrieve: RetrievePlan,
     while True:
         try:
             with sessions() as session:
-                rows = session.execute(_filtered(columns, retrieve.request)
+                rows = session.execute(_filtered(columns, retrieve.request, retrieve.scope)
                                        .where(Instance.id > last_id, Instance.id <= retrieve.max_id)
                                        .order_by(Instance.id).limit(page_size)).all()
         except SQLAlchemyError as exc:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 
+from pacs import task_lease
 from pacs.commitment import CommitmentReporter
 from pacs.context import AppContext
 from pacs.forwarding.delivery import ForwardDelivery
@@ -28,6 +31,8 @@ class Pipeline:
     @classmethod
     def start(cls, settings: Settings) -> Pipeline:
         ctx = AppContext.create(settings)
+        # registered before the relay's first sweep claims anything (pacs.task_lease)
+        task_lease.process_heartbeat(ctx, ctx.sessions, settings.task_lease_s)
         publisher = make_publisher(ctx)
         relay = OutboxRelay(ctx, publisher, poll_s=settings.outbox_poll_s,
                             requeue_after=timedelta(seconds=settings.task_requeue_s),
@@ -56,7 +61,31 @@ class Pipeline:
         publisher = self.ctx.extras.get("publisher")
         if isinstance(publisher, InProcessPublisher):
             publisher.shutdown()
+        beat = self.ctx.extras.get("task_heartbeat")
+        if isinstance(beat, task_lease.Heartbeat):
+            beat.stop()  # rows still queued here go back to pending for the other processes
         self.ctx.close()
+
+    def drain(self, task_ids: Iterable[int], *, on_progress: Callable[[int], None] | None = None,
+              poll_s: float = 1.0, stop: threading.Event | None = None) -> set[int]:
+        """Wait until the given derived tasks are done or failed; returns the ids still outstanding (only
+        when ``stop`` was set). Pending ones — a series document deferred while its series arrived, a task
+        that met a transient failure, a batch the relay could not claim — are published again meanwhile.
+        In embedded mode this process's pool runs them; when scaled, the workers do.
+        """
+        remaining = set(task_ids)
+        stop = stop or threading.Event()
+        while remaining:
+            with self.ctx.read_sessions() as session:
+                remaining = task_lease.outstanding(session, remaining)
+            if on_progress is not None:
+                on_progress(len(remaining))
+            if not remaining:
+                break
+            self.relay.sweep()
+            if stop.wait(poll_s):
+                break
+        return remaining
 
 
 def make_ingestor(ctx: AppContext, notify: TaskNotifier | None = None) -> Ingestor:

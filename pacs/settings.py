@@ -12,7 +12,6 @@ import tomllib
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -78,6 +77,15 @@ class Settings(BaseSettings):
                                            "one peer address; more get A-ASSOCIATE-RJ (2, 3, 2) local limit exceeded")
     dicom_acse_timeout_s: float = Field(default=30.0, gt=0, description="A connection that sends no "
                                         "A-ASSOCIATE-RQ (or an association negotiation stuck) is closed after this")
+    dicom_preassoc_timeout_s: float = Field(default=5.0, gt=0, description="A connection that has not sent a "
+                                            "whole A-ASSOCIATE-RQ (nor finished its TLS handshake) this long after "
+                                            "connecting is closed")
+    dicom_max_unassociated: int = Field(default=0, ge=0, le=10_000, description="Connections that have not "
+                                        "associated yet, in all (0: PACS_MAX_ASSOCIATIONS); when full, the oldest "
+                                        "one of the address holding most is closed for a newcomer")
+    dicom_max_unassociated_per_peer: int = Field(default=0, ge=0, le=1000, description="Connections from one "
+                                                 "address that have not associated yet (0: "
+                                                 "PACS_MAX_ASSOCIATIONS_PER_PEER); more are closed at once")
 
     duplicate_policy: DuplicatePolicy = DuplicatePolicy.VERSION
     assume_utf8_for_latin1: bool = Field(
@@ -93,7 +101,17 @@ class Settings(BaseSettings):
     task_queue: str = Field(default="pacs-derived", pattern=r"^[A-Za-z0-9._-]{1,64}$",
                             description="Celery queue for derived work (one per archive on a shared broker)")
     task_max_attempts: int = Field(default=10, ge=1, description="Transient failures before a task is failed")
+    task_lease_s: float = Field(default=30.0, ge=3, description="A process holding derived tasks beats every "
+                                "third of this; one silent this long is taken for dead and its tasks run again "
+                                "(on the same host a dead process is seen at once)")
+    task_max_crashes: int = Field(default=3, ge=1, description="Times a derived task may be in flight when its "
+                                  "process dies before it is failed (a poison object ends `failed`, not in a loop)")
     thumbnail_size: int = Field(default=128, ge=16, le=1024)
+    max_decoded_mib: int = Field(default=256, ge=16, le=65_536, description="Most memory one decode of pixel "
+                                 "data may need (thumbnails, rendering, frames, transcoding); bigger objects are "
+                                 "kept and served as stored only")
+    decode_budget_mib: int = Field(default=256, ge=16, le=65_536, description="Memory all concurrent decodes of "
+                                   "one process share; a decode waits for its share")
     log_level: str = "INFO"
     series_settle_s: float = Field(
         default=2.0, ge=0, description="A series' metadata document is rebuilt once no instance has arrived "
@@ -158,6 +176,10 @@ class Settings(BaseSettings):
         for name in type(self).model_fields:
             value = getattr(self, name)
             out[name] = str(value) if isinstance(value, Path | StrEnum) else value
+        # Any other URL-like value (OIDC, JWKS, public URL, ...): no user information, no credential parameters.
+        for name, value in out.items():
+            if isinstance(value, str) and "://" in value:
+                out[name] = mask_url(value, keep_user=False)
         out["database_url"] = mask_url(self.effective_database_url)
         out["storage_url"] = mask_url(self.effective_storage_url)
         out["broker_url"] = mask_url(self.broker_url) if self.broker_url else "(in-process)"
@@ -192,9 +214,21 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=list, description="Browser origins allowed to call the API")
     max_request_bytes: int = Field(default=1024**3, ge=1024, description="Largest HTTP request body (STOW-RS)")
     login_attempts_per_minute: int = Field(default=10, ge=1, description="Per client address and per user name")
+    login_max_concurrent_verifications: int = Field(
+        default=2, ge=1, le=64, description="Password checks (argon2: 64 MiB and ~0.1 s CPU each) running at once "
+        "per HTTP process; a login that cannot start one within 1 s gets 503")
     http_max_connections: int = Field(default=500, ge=1, description="Concurrent HTTP connections; more get 503 "
                                       "(put a reverse proxy with header/body timeouts in front on open networks)")
     http_request_timeout_s: float = Field(default=300.0, gt=0, description="Longest time to receive a request body")
+    http_header_timeout_s: float = Field(default=10.0, gt=0, description="A connection that has not sent a "
+                                         "request's whole headers this long after connecting (or after its "
+                                         "first byte, between keep-alive requests) is closed")
+    http_max_connections_per_client: int = Field(default=64, ge=1, description="Concurrent HTTP connections from "
+                                                 "one client address; more are answered 503 and closed at once")
+    trusted_hosts: list[str] = Field(default_factory=list, description="Host header values the HTTP API "
+                                     "answers (JSON list; '*.example.org' matches subdomains). Always trusted: "
+                                     "localhost, the address a connection arrived at, this machine's names, "
+                                     "PACS_PUBLIC_URL's host and PACS_HTTP_HOST; other hosts get 400")
     public_url: str = Field(default="", description="This server's external base URL (e.g. https://pacs.example) "
                             "for absolute URLs in DICOMweb and FHIR answers; empty: taken from each request")
     audit_coalesce_s: float = Field(default=60.0, ge=0, description="Repeated frame/rendered/thumbnail/bulk data "
@@ -257,10 +291,8 @@ class Settings(BaseSettings):
         return self.ohif_dir if self.ohif_dir is not None else self.data_dir / "ohif"
 
 
-def mask_url(url: str) -> str:
-    """Hide the password part of a URL's credentials."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+def mask_url(url: str, *, keep_user: bool = True) -> str:
+    """Hide a URL's password (all its user information unless ``keep_user``) and credential query parameters."""
+    from pacs.security.redaction import mask_url as _mask
+
+    return _mask(url, keep_user=keep_user)

@@ -19,6 +19,7 @@ from pacs.dimse_status import (
     OUT_OF_RESOURCES_INDEX,
     OUT_OF_RESOURCES_TOO_LARGE,
     SUCCESS,
+    WARNING_HELD_FOR_RECONCILIATION,
     error_comment,
 )
 from pacs.ingest import IngestOutcome, IngestStatus
@@ -34,6 +35,7 @@ __all__ = [
     "OUT_OF_RESOURCES_INDEX",
     "OUT_OF_RESOURCES_TOO_LARGE",
     "SUCCESS",
+    "WARNING_HELD_FOR_RECONCILIATION",
     "error_comment",
     "store_status",
 ]
@@ -43,6 +45,7 @@ _BY_STATUS = {
     IngestStatus.DUPLICATE: SUCCESS,
     IngestStatus.NEW_VERSION: SUCCESS,
     IngestStatus.KEPT_EXISTING: SUCCESS,
+    IngestStatus.HELD: SUCCESS,  # held for reconciliation: a sender that may not read the study learns nothing
     IngestStatus.STORAGE_UNAVAILABLE: OUT_OF_RESOURCES,
     IngestStatus.INDEX_UNAVAILABLE: OUT_OF_RESOURCES_INDEX,
 }
@@ -59,7 +62,10 @@ _BY_REASON = {
 
 
 def store_status(outcome: IngestOutcome) -> int:
-    """The status of one ingest outcome (0x0000 when stored, or already stored)."""
+    """The status of one ingest outcome (0x0000 when stored, or already stored; 0xB000 when held for
+    reconciliation and the sender may read the study)."""
+    if outcome.status is IngestStatus.HELD and outcome.warn:
+        return WARNING_HELD_FOR_RECONCILIATION
     if outcome.status in _BY_STATUS:
         return _BY_STATUS[outcome.status]
     return _BY_REASON.get(outcome.reason, CANNOT_UNDERSTAND) if outcome.reason else CANNOT_UNDERSTAND

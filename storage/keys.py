@@ -12,9 +12,15 @@ import re
 
 from storage.errors import InvalidKey
 
-#: PS3.5 §9.1 says components have no leading zeros, but real-world files often
-#: have them (e.g. ``1.2.840.0010...``); we stay strict on charset and length only.
-UID_RE = re.compile(r"^[0-9]+(?:\.[0-9]+)*$")
+#: PS3.5 §9.1: digits and dots, no empty component, and no leading zero in a component of
+#: more than one digit (``1.02.3`` is not a UID: systems that compare components as numbers
+#: would take it for ``1.2.3``). Every UID that arrives (C-STORE, STOW-RS, request parameters)
+#: is checked with this rule by :func:`is_valid_uid`.
+UID_RE = re.compile(r"^(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*$")
+#: Keys are checked on charset only (:func:`_key_uid`): objects stored before the leading-zero
+#: rule keep valid keys, so ``pacs reindex``/``pacs check`` still see them as instances (an
+#: acknowledged object is never mistaken for an orphan) and their derived files can be built.
+_KEY_UID_RE = re.compile(r"^[0-9]+(?:\.[0-9]+)*$")
 UID_MAX_LEN = 64
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -35,13 +41,27 @@ def _show(value: object, limit: int = 80) -> str:
 
 
 def is_valid_uid(s: object) -> bool:
-    """Digits and dots only, no empty component, at most 64 characters."""
+    """A UID as PS3.5 §9.1 defines it: digits and dots, no empty component, no leading zero in a
+    component (``0`` alone is one), at most 64 characters."""
     return isinstance(s, str) and 0 < len(s) <= UID_MAX_LEN and UID_RE.match(s) is not None
 
 
+def _key_uid(s: object) -> bool:
+    """The UID segments of a key: digits and dots, no empty component, at most 64 characters
+    (leading zeros allowed: see ``_KEY_UID_RE``)."""
+    return isinstance(s, str) and 0 < len(s) <= UID_MAX_LEN and _KEY_UID_RE.match(s) is not None
+
+
 def require_uid(s: object, what: str) -> str:
-    """Return ``s`` if it is a valid UID, else raise ``InvalidKey`` naming ``what`` and the value."""
+    """Return ``s`` if it is a valid UID (:func:`is_valid_uid`), else raise ``InvalidKey`` naming ``what``."""
     if not is_valid_uid(s):
+        raise InvalidKey(f"invalid {what}: {_show(s)}")
+    return s  # type: ignore[return-value]
+
+
+def _require_key_uid(s: object, what: str) -> str:
+    """A key's UID segment: safe as a path segment (charset and length), leading zeros allowed."""
+    if not _key_uid(s):
         raise InvalidKey(f"invalid {what}: {_show(s)}")
     return s  # type: ignore[return-value]
 
@@ -54,46 +74,52 @@ def _require_sha256(sha256_hex: object) -> str:
 
 def instance_key(study_uid: str, series_uid: str, sop_uid: str, sha256_hex: str) -> str:
     """``dicom/{study}/{series}/{sop}/{sha256}.dcm``: content-addressed, so re-puts are idempotent."""
-    study = require_uid(study_uid, "StudyInstanceUID")
-    series = require_uid(series_uid, "SeriesInstanceUID")
-    sop = require_uid(sop_uid, "SOPInstanceUID")
+    study = _require_key_uid(study_uid, "StudyInstanceUID")
+    series = _require_key_uid(series_uid, "SeriesInstanceUID")
+    sop = _require_key_uid(sop_uid, "SOPInstanceUID")
     sha = _require_sha256(sha256_hex)
     return f"dicom/{study}/{series}/{sop}/{sha}.dcm"
 
 
+def reconciliation_key(sha256_hex: str) -> str:
+    """``reconciliation/{sha256}.dcm``: an object held, not filed (pacs.reconciliation); outside ``dicom/``,
+    so ``pacs reindex`` never files it and ``pacs check`` never takes it for an orphan instance."""
+    return f"reconciliation/{_require_sha256(sha256_hex)}.dcm"
+
+
 def thumbnail_key(study_uid: str, series_uid: str, sop_uid: str) -> str:
     """``derived/thumbnails/{study}/{series}/{sop}.jpg``."""
-    study = require_uid(study_uid, "StudyInstanceUID")
-    series = require_uid(series_uid, "SeriesInstanceUID")
-    sop = require_uid(sop_uid, "SOPInstanceUID")
+    study = _require_key_uid(study_uid, "StudyInstanceUID")
+    series = _require_key_uid(series_uid, "SeriesInstanceUID")
+    sop = _require_key_uid(sop_uid, "SOPInstanceUID")
     return f"derived/thumbnails/{study}/{series}/{sop}.jpg"
 
 
 def series_thumbnail_key(study_uid: str, series_uid: str) -> str:
     """``derived/thumbnails/{study}/{series}.jpg``: the series' representative thumbnail."""
-    study = require_uid(study_uid, "StudyInstanceUID")
-    series = require_uid(series_uid, "SeriesInstanceUID")
+    study = _require_key_uid(study_uid, "StudyInstanceUID")
+    series = _require_key_uid(series_uid, "SeriesInstanceUID")
     return f"derived/thumbnails/{study}/{series}.jpg"
 
 
 def study_thumbnail_key(study_uid: str) -> str:
     """``derived/thumbnails/{study}.jpg``: the study's representative thumbnail."""
-    study = require_uid(study_uid, "StudyInstanceUID")
+    study = _require_key_uid(study_uid, "StudyInstanceUID")
     return f"derived/thumbnails/{study}.jpg"
 
 
 def instance_metadata_key(study_uid: str, series_uid: str, sop_uid: str) -> str:
     """``derived/metadata/{study}/{series}/{sop}.json``: one instance's DICOM JSON object."""
-    study = require_uid(study_uid, "StudyInstanceUID")
-    series = require_uid(series_uid, "SeriesInstanceUID")
-    sop = require_uid(sop_uid, "SOPInstanceUID")
+    study = _require_key_uid(study_uid, "StudyInstanceUID")
+    series = _require_key_uid(series_uid, "SeriesInstanceUID")
+    sop = _require_key_uid(sop_uid, "SOPInstanceUID")
     return f"derived/metadata/{study}/{series}/{sop}.json"
 
 
 def series_metadata_key(study_uid: str, series_uid: str) -> str:
     """``derived/metadata/{study}/{series}.json``: the series' DICOM JSON document (array of instances)."""
-    study = require_uid(study_uid, "StudyInstanceUID")
-    series = require_uid(series_uid, "SeriesInstanceUID")
+    study = _require_key_uid(study_uid, "StudyInstanceUID")
+    series = _require_key_uid(series_uid, "SeriesInstanceUID")
     return f"derived/metadata/{study}/{series}.json"
 
 
@@ -103,7 +129,7 @@ def parse_instance_key(key: str) -> tuple[str, str, str, str] | None:
     if m is None:
         return None
     parts = m.group("study", "series", "sop")
-    if not all(is_valid_uid(p) for p in parts):
+    if not all(_key_uid(p) for p in parts):
         return None
     return (*parts, m.group("sha"))
 

@@ -83,12 +83,21 @@ def test_sharing_a_study_makes_it_visible_to_the_other_facility_only(archive) ->
         assert not may_see_study(session, scope_for(Role.CLINICIAN, "A"), s["b2"])
 
 
-def test_patient_scope_is_the_patients_own_studies_within_the_tokens_facility(archive) -> None:
+def test_patient_scope_is_one_patient_record_of_one_facility(archive) -> None:
+    """Issue 12, finding 5: PX of A and PX of B are two people; a patient scope names one record."""
     ctx, s = archive
-    assert _studies(ctx, scope_for(Role.PATIENT, "", "PX")) == {s["a1"], s["b1"]}
     assert _studies(ctx, scope_for(Role.PATIENT, "A", "PX")) == {s["a1"]}
+    assert _studies(ctx, scope_for(Role.PATIENT, "B", "PX")) == {s["b1"]}
+    # no facility (the old "every facility"): nothing, not both PX
+    assert _studies(ctx, scope_for(Role.PATIENT, "", "PX")) == set()
     assert _studies(ctx, scope_for(Role.PATIENT, "", "")) == set()  # a patient scope without a patient sees nothing
-    assert _studies(ctx, scope_for(Role.PATIENT, "", "PX"), PatientID="PB") == set()
+    assert _studies(ctx, scope_for(Role.PATIENT, "A", "PX"), PatientID="PB") == set()
+    assert _studies(ctx, scope_for(Role.PATIENT, "A", "PX", "1.2.840.99")) == set()  # another issuer's PX
+    with ctx.sessions() as session, session.begin():  # B's PX shared with A is still not A's PX
+        share_study(session, s["b1"], "A", "dr-b")
+    assert _studies(ctx, scope_for(Role.PATIENT, "A", "PX")) == {s["a1"]}
+    with ctx.read_sessions() as session:
+        assert not may_see_study(session, scope_for(Role.PATIENT, "A", "PX"), s["b1"])
 
 
 def test_share_link_scope_is_exactly_its_study(archive) -> None:

@@ -47,9 +47,9 @@ def ctx(tmp_path: Path) -> Iterator[AppContext]:
     with context.sessions() as session, session.begin():
         add_ae(session, "HOMEHOST", "127.0.0.1", 104, check_host=True)
         add_ae(session, "AWAY", ELSEWHERE, 104, check_host=True)
-        add_ae(session, "ROAMING", ELSEWHERE, 11112)  # no host check: welcome from anywhere
+        add_ae(session, "ROAMING", ELSEWHERE, 11112, check_host=False)  # --no-check-host: welcome from anywhere
         add_ae(session, "NORETRIEVE", "127.0.0.1", 104, allow_retrieve=False)
-        add_ae(session, "NOADDRESS", "", 104)
+        add_ae(session, "NOADDRESS", "", 104, check_host=False)  # no host to check
     try:
         yield context
     finally:
@@ -85,9 +85,9 @@ def test_sender_is_trusted_only_from_its_host(ctx: AppContext) -> None:
         session.execute(update(ApplicationEntity).where(ApplicationEntity.ae_title == "HOMEHOST")
                         .values(facility="WARD-A"))
     registry = AERegistry(ctx.read_sessions)
-    assert registry.sender("HOMEHOST", "127.0.0.1") == ("WARD-A", True)
-    assert registry.sender("AWAY", "127.0.0.1") == ("", False)
-    assert registry.sender("STRANGER", "127.0.0.1") == ("", False)
+    assert registry.sender("HOMEHOST", "127.0.0.1") == ("WARD-A", True, False)
+    assert registry.sender("AWAY", "127.0.0.1") == ("", False, True)  # a registered title from elsewhere
+    assert registry.sender("STRANGER", "127.0.0.1") == ("", False, False)
 
 
 def test_an_unreadable_registry_is_index_unavailable(tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ from sqlalchemy.engine import make_url
 from dicom_scp import find_service
 from pacs.errors import IndexUnavailable
 from pacs.network_policy import RegisteredAE, Service, decide, host_matches, service_of
+from pacs.security.principal import UNRESTRICTED
 from tests.conftest import REDIS_URL
 from tests.support.datasets import to_bytes
 from tests.support.dcmtk import dcmtk, dcmtk_env, echoscu, storescu
@@ -176,7 +177,7 @@ def test_cancel_stops_the_responses_and_releases_the_query() -> None:
     engine = _StubEngine([{"StudyInstanceUID": f"1.2.{i}"} for i in range(50)])
     ctx = SimpleNamespace(settings=SimpleNamespace(assume_utf8_for_latin1=True, ae_title="PACS"))
     event = _FakeEvent(ds, cancel_after=2)
-    responses = list(find_service.handle_find(event, engine, ctx))  # type: ignore[arg-type]
+    responses = list(find_service.handle_find(event, engine, ctx, lambda ae, address: UNRESTRICTED))  # type: ignore[arg-type]
     assert [r[0] for r in responses] == [0xFF00, 0xFF00, 0xFE00] and engine.closed
     first = responses[0][1]
     assert first.SpecificCharacterSet == "ISO_IR 192" and first.QueryRetrieveLevel == "STUDY"
@@ -194,7 +195,8 @@ def test_an_unreadable_index_is_out_of_resources() -> None:
     ds = Dataset()
     ds.QueryRetrieveLevel = "STUDY"
     ctx = SimpleNamespace(settings=SimpleNamespace(assume_utf8_for_latin1=True, ae_title="PACS"))
-    responses = list(find_service.handle_find(_FakeEvent(ds), Down(), ctx))  # type: ignore[arg-type]
+    responses = list(find_service.handle_find(_FakeEvent(ds), Down(), ctx,  # type: ignore[arg-type]
+                                              lambda ae, address: UNRESTRICTED))
     assert len(responses) == 1 and responses[0][0].Status == 0xA700
     assert responses[0][0].ErrorComment == "index database unavailable"
 
@@ -262,7 +264,7 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         sent = storescu(port, files, aet="MODALITY")  # not registered: storage is open by default
         assert sent.success and sent.returncode == 0, sent.output[-2000:]
         for title, flags in (("QUERYSCU", []), ("NOQUERY", ["--no-query"])):
-            added = run_pacs(["ae", "add", title, "127.0.0.1", "104", *flags], env)
+            added = run_pacs(["ae", "add", title, "127.0.0.1", "104", "--archive-wide", *flags], env)
             assert added.returncode == 0, added.stdout + added.stderr
         yield Server(request.param, port, env, proc, proxy)
         assert proc.alive(), proc.log_tail()

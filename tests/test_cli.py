@@ -50,16 +50,37 @@ def test_ae_add_list_remove(env: dict[str, str]) -> None:
     added = run_pacs(["ae", "add", "CT01", "10.0.0.5", "104", "--description", "Ward CT", "--no-query",
                       "--facility", "HOSP-A"], env)
     assert added.returncode == 0, added.stderr
-    again = run_pacs(["ae", "add", "CT01", "10.0.0.6", "104"], env)
+    again = run_pacs(["ae", "add", "CT01", "10.0.0.6", "104", "--archive-wide"], env)
     assert again.returncode == 1 and "already registered" in again.stderr
     assert run_pacs(["ae", "add", "BAD\\AE", "h", "104"], env).returncode == 1
     listed = json.loads(run_pacs(["ae", "list", "--json"], env).stdout)
     assert listed == [{"ae_title": "CT01", "host": "10.0.0.5", "port": 104, "description": "Ward CT",
-                       "allow_store": True, "allow_query": False, "allow_retrieve": True, "check_host": False,
-                       "facility": "HOSP-A"}]
+                       "allow_store": True, "allow_query": False, "allow_retrieve": True, "check_host": True,
+                       "facility": "HOSP-A", "archive_wide": False, "tls_subject": ""}]
     assert run_pacs(["ae", "remove", "CT01"], env).returncode == 0
     assert run_pacs(["ae", "remove", "CT01"], env).returncode == 1
     assert json.loads(run_pacs(["ae", "list", "--json"], env).stdout) == []
+
+
+def test_ae_identity_host_check_by_default_and_a_loud_opt_out(env: dict[str, str]) -> None:
+    """Issue 12 finding 3: `ae add` checks the host unless --no-check-host, which warns and is flagged by
+    `ae list` and `pacs check` (a warning: exit status unchanged) until `ae identity` turns a check on."""
+    assert run_pacs(["db", "upgrade"], env).returncode == 0
+    opened = run_pacs(["ae", "add", "OPEN", "10.0.0.5", "104", "--archive-wide", "--no-check-host"], env)
+    assert opened.returncode == 0 and "believed from any address" in opened.stderr
+    bad = run_pacs(["ae", "add", "TLS1", "10.0.0.6", "104", "--archive-wide", "--tls-subject", "*.ward"], env)
+    assert bad.returncode == 1 and "invalid TLS subject" in bad.stderr  # no wildcards
+    listed = run_pacs(["ae", "list"], env)
+    assert "NONE" in listed.stdout and "believed from any address" in listed.stderr and "OPEN" in listed.stderr
+    checked = run_pacs(["check"], env)
+    assert checked.returncode == 0 and "believed from any address" in checked.stderr, checked.stderr
+    changed = run_pacs(["ae", "identity", "OPEN", "--tls-subject", "ct01.ward.example"], env)
+    assert changed.returncode == 0 and "TLS ct01.ward.example" in changed.stdout
+    assert "PACS_TLS_CA_FILE is not set" in changed.stderr  # a binding no certificate can ever satisfy here
+    (row,) = json.loads(run_pacs(["ae", "list", "--json"], env).stdout)
+    assert (row["check_host"], row["tls_subject"]) == (False, "ct01.ward.example")
+    assert "believed from any address" not in run_pacs(["ae", "list"], env).stderr
+    assert run_pacs(["ae", "identity", "NOSUCH", "--check-host"], env).returncode == 1
 
 
 def test_commands_refuse_an_unmigrated_database(env: dict[str, str]) -> None:

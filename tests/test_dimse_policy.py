@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPacs]:
     server = EmbeddedPacs(tmp_path_factory.mktemp("policy"))
     for args in (["ae", "add", "STOREONLY", "127.0.0.1", "104", "--no-query", "--no-retrieve"],
-                 ["ae", "add", "VIEWER", "127.0.0.1", "104"]):
+                 ["ae", "add", "VIEWER", "127.0.0.1", "104", "--archive-wide"]):
         assert run_pacs(args, server.env).returncode == 0
     try:
         yield server

@@ -30,6 +30,8 @@ def test_names_reuse_pynetdicom_and_categories_match() -> None:
             assert category == "Cancel"
         elif name.startswith("PENDING"):
             assert category == "Pending", name
+        elif name.startswith("WARNING"):
+            assert category == "Warning", name
         else:
             assert category == "Failure", (name, hex(code))
 

@@ -176,9 +176,10 @@ def _reports(ctx: AppContext, studies: dict[str, str]) -> dict[str, int]:
     return ids
 
 
-def _token(ctx: AppContext, name: str, role: str, facility: str = "", patient_id: str = "") -> str:
+def _token(ctx: AppContext, name: str, role: str, facility: str = "", patient_id: str = "", issuer: str = "") -> str:
     with ctx.sessions() as session, session.begin():
-        return create_token(session, name, role, days=1, facility=facility, patient_id=patient_id).secret
+        return create_token(session, name, role, days=1, facility=facility, patient_id=patient_id,
+                            issuer=issuer).secret
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -199,7 +200,7 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
                   "clinician_a": _token(ctx, "fr-clin-a", "clinician", "HOSP-A"),
                   "clinician_b": _token(ctx, "fr-clin-b", "clinician", "HOSP-B"),
                   "emr": _token(ctx, "fr-emr", "emr"),
-                  "patient": _token(ctx, "fr-patient-1", "patient", patient_id=P1)}
+                  "patient": _token(ctx, "fr-patient-1", "patient", "HOSP-A", patient_id=P1, issuer=ISSUER)}
         # the order of study A1 exists before its images (the EMR ordered it)
         _tx(ctx, create_order, NewOrder(
             patient_id=P1, patient_name="NGUYỄN^VĂN AN", modality="CT", station_ae_title="", start_date="20240305",
@@ -385,11 +386,12 @@ def test_status_and_date_searches(world: World) -> None:
 
 def test_patient_token_sees_only_its_own_signed_reports(world: World) -> None:
     bundle = fhir_ok(get(world, "DiagnosticReport", "patient", {}))
-    # its own final / amended reports of both hospitals; not A3 (preliminary), A2 (draft), A4 (another patient)
-    assert report_ids(bundle) == {rid(world, k) for k in ("A1", "A5", "B1")}
+    # its own final / amended reports; not A3 (preliminary), A2 (draft), A4 (another patient), nor B1: a patient
+    # token is bound to one facility's patient record (issue 12, finding 5)
+    assert report_ids(bundle) == {rid(world, k) for k in ("A1", "A5")}
     assert fhir_ok(get(world, f"DiagnosticReport/{rid(world, 'A1')}", "patient"))["status"] == "amended"
     assert len(entries(fhir_ok(get(world, f"DiagnosticReport/{rid(world, 'A1')}/_history", "patient")))) == 2
-    for key in ("A2", "A3", "A4"):
+    for key in ("A2", "A3", "A4", "B1"):
         fhir_error(get(world, f"DiagnosticReport/{rid(world, key)}", "patient"), 404)
     assert fhir_ok(get(world, "DiagnosticReport", "patient", {"patient.identifier": "FR-P2"}))["total"] == 0
     assert fhir_ok(get(world, "DiagnosticReport", "patient", {"_id": rid(world, "A4")}))["total"] == 0

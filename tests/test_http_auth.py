@@ -182,6 +182,8 @@ def test_oidc_tokens_from_the_configured_issuer(pacs: EmbeddedPacs, jwks: _Jwks)
     assert me.json()["role"] == "clinician" and me.json()["facility"] == "HOSP-A" and me.json()["kind"] == "oidc"
     assert _me(pacs, jwks.token(roles=["radiologist", "clinician"])).json()["role"] == "radiologist"
     assert _me(pacs, jwks.token(facility="*")).json()["facility"] == ""  # "*": every facility, said explicitly
+    patient = _me(pacs, jwks.token(roles=["patient"], patient_id="P1", patient_id_issuer="1.2.3"))
+    assert patient.status_code == 200 and patient.json()["facility"] == "HOSP-A"
     other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     refused = {
         "expired": jwks.token(exp=datetime.now(UTC) - timedelta(minutes=1)),
@@ -192,6 +194,9 @@ def test_oidc_tokens_from_the_configured_issuer(pacs: EmbeddedPacs, jwks: _Jwks)
         "no facility claim": jwks.token(facility=None),
         "empty facility claim": jwks.token(facility=""),
         "patient without patient_id": jwks.token(roles=["patient"]),
+        # issue 12, finding 5: a patient is one facility's patient record, never "every facility"
+        "patient of every facility": jwks.token(roles=["patient"], patient_id="P1", facility="*"),
+        "patient with a non-string issuer": jwks.token(roles=["patient"], patient_id="P1", patient_id_issuer=[1]),
     }
     for why, token in refused.items():
         assert _me(pacs, token).status_code == 401, why

@@ -46,3 +46,28 @@ def test_without_a_public_url_the_request_base_is_used(tmp_path: Path) -> None:
         assert found[0]["00081190"]["Value"] == [f"http://internal-host:8000/dicom-web/studies/{study}"]
     finally:
         ctx.close()
+
+
+def test_an_untrusted_host_is_refused_before_any_url_is_built(tmp_path: Path) -> None:
+    """Without PACS_PUBLIC_URL the URLs come from Host: a Host that does not name this server gets 400."""
+    client, _, ctx = _client(tmp_path, "")
+    try:
+        for host in ("evil.example", "evil.example:8000", "internal-host.evil.example", "10.9.9.9"):
+            answer = client.get("/dicom-web/studies", headers={"Host": host})
+            assert answer.status_code == 400 and "evil" not in answer.text, (host, answer.text)
+        assert client.get("/dicom-web/studies", headers={"Host": "localhost:8000"}).status_code == 200
+    finally:
+        ctx.close()
+
+
+def test_trusted_hosts_setting_and_public_url_name_the_server(tmp_path: Path) -> None:
+    ctx = AppContext.create(Settings(data_dir=tmp_path / "data", public_url="https://pacs.example.org",
+                                     trusted_hosts=["*.hospital.example"]))
+    migrate.upgrade(ctx.engine)
+    try:
+        client = TestClient(create_app(ctx), base_url="http://internal-host:8000")
+        for host, status in (("pacs.example.org", 200), ("ct.hospital.example", 200), ("hospital.example", 400),
+                             ("evil.example", 400)):
+            assert client.get("/health", headers={"Host": host}).status_code == status, host
+    finally:
+        ctx.close()

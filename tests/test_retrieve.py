@@ -44,6 +44,7 @@ from pacs.retrieve import (
     parse_identifier,
     plan,
 )
+from pacs.security.principal import UNRESTRICTED
 from pacs.settings import Settings
 from tests.conftest import REDIS_URL, corpus_dicom_files
 from tests.support.datasets import dataset_bytes, make_instance
@@ -112,7 +113,7 @@ def test_plan_counts_then_pages_through_rows(tmp_path: Path) -> None:
         ingestor.ingest(make_instance(), IngestSource("import"))  # another study: not matched
         request = parse_identifier(_identifier(QueryRetrieveLevel="SERIES", StudyInstanceUID=study,
                                                SeriesInstanceUID=series), Model.STUDY_ROOT)
-        retrieve = plan(ctx.read_sessions, request)
+        retrieve = plan(ctx.read_sessions, request, scope=UNRESTRICTED)
         assert retrieve.count == 7
         assert retrieve.syntaxes == (("1.2.840.10008.5.1.4.1.1.7", str(ExplicitVRLittleEndian)),)
         items = list(iter_items(ctx.read_sessions, retrieve, page_size=3))
@@ -164,11 +165,11 @@ class Pacs:
     def register(self, title: str, port: int = 104, cli: bool = False) -> None:
         """`pacs ae add` the way an operator would, or the same call in-process (a CLI start costs ~1 s)."""
         if cli:
-            result = run_pacs(["ae", "add", title, "127.0.0.1", str(port)], self.env)
+            result = run_pacs(["ae", "add", title, "127.0.0.1", str(port), "--archive-wide"], self.env)
             assert result.returncode == 0, result.stdout + result.stderr
             return
         with self.ctx.sessions() as session, session.begin():
-            add_ae(session, title, "127.0.0.1", port)
+            add_ae(session, title, "127.0.0.1", port, archive_wide=True)
 
     def stored_bytes(self, sop_uid: str) -> bytes:
         with self.ctx.read_sessions() as s:

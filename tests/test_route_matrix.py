@@ -84,10 +84,10 @@ def world(pacs: EmbeddedPacs) -> dict[str, object]:
         facility = "" if role is Role.ADMIN else "HOSP-A"
         subjects.append(Subject(role.value, pacs.token(role.value, facility=facility), role,
                                 ROLE_CAPABILITIES[role]))
-    subjects.append(Subject("patient", pacs.token("patient", name="patient-a", patient_id="PAT-A-1"), Role.PATIENT,
-                            capabilities_of(Role.PATIENT)))
-    subjects.append(Subject("patient+images", pacs.token("patient", name="patient-a-img", patient_id="PAT-A-1",
-                                                         images=True),
+    subjects.append(Subject("patient", pacs.token("patient", name="patient-a", facility="HOSP-A",
+                                                  patient_id="PAT-A-1"), Role.PATIENT, capabilities_of(Role.PATIENT)))
+    subjects.append(Subject("patient+images", pacs.token("patient", name="patient-a-img", facility="HOSP-A",
+                                                         patient_id="PAT-A-1", images=True),
                             Role.PATIENT, capabilities_of(Role.PATIENT, images_granted=True)))
     openapi = httpx.get(f"{pacs.http_url}/openapi.json", timeout=30).json()
     return {"a": a, "b": b, "subjects": subjects, "openapi": openapi,

@@ -42,6 +42,7 @@ from pacs.db import migrate
 from pacs.db.models import Instance
 from pacs.forwarding.delivery import Destination
 from pacs.ingest import Ingestor, IngestSource
+from pacs.security.principal import UNRESTRICTED
 from pacs.settings import Settings
 from storage import StorageUnavailable
 from tests.conftest import REDIS_URL
@@ -92,7 +93,7 @@ def test_evaluate_names_exactly_what_is_stored(archive: AppContext) -> None:
     archive.store.delete(_object_key(archive, refs[2].sop_instance_uid))  # indexed, object gone
     truncated = _object_key(archive, refs[3].sop_instance_uid)
     archive.store.put(truncated, archive.store.get_bytes(truncated)[:-10])  # indexed, object damaged
-    result = evaluate(archive.read_sessions, archive.store, [*refs, unknown, mismatch, refs[0]])
+    result = evaluate(archive.read_sessions, archive.store, [*refs, unknown, mismatch, refs[0]], scope=UNRESTRICTED)
     assert result.success == (refs[0], refs[1], *refs[4:])  # the repeated refs[0] is answered once
     assert result.failed == (FailedRef(SC, refs[2].sop_instance_uid, PROCESSING_FAILURE),
                              FailedRef(SC, refs[3].sop_instance_uid, PROCESSING_FAILURE),
@@ -117,7 +118,7 @@ def test_unreachable_store_is_a_processing_failure(archive: AppContext) -> None:
     refs = _ingest(archive, 6)
     unknown = SopRef(SC, generate_uid())
     store = _DownStore()
-    result = evaluate(archive.read_sessions, store, [*refs, unknown])  # type: ignore[arg-type]
+    result = evaluate(archive.read_sessions, store, [*refs, unknown], scope=UNRESTRICTED)  # type: ignore[arg-type]
     assert result.success == ()
     assert {f.sop_instance_uid: f.reason for f in result.failed} == {
         **{r.sop_instance_uid: PROCESSING_FAILURE for r in refs}, unknown.sop_instance_uid: NO_SUCH_OBJECT_INSTANCE}
@@ -192,7 +193,7 @@ class _FakeSender:
 def test_table_and_reporter(archive: AppContext) -> None:
     refs = _ingest(archive, 2)
     with archive.sessions() as s, s.begin():
-        add_ae(s, "MODALITY", "127.0.0.1", 4242)
+        add_ae(s, "MODALITY", "127.0.0.1", 4242, archive_wide=True)
     sender = _FakeSender(fail=True)
     reporter = CommitmentReporter(archive, sender, CommitmentConfig(retry_base_s=60, max_attempts=3))
     assert record_request(archive.sessions, "1.2.3", "MODALITY", refs) is Recorded.PENDING
@@ -416,7 +417,8 @@ def test_embedded_storage_commitment(tmp_path: Path) -> None:
     modality = Modality().listen()
     pacs = EmbeddedPacs(tmp_path, FAST)
     try:
-        added = run_pacs(["ae", "add", modality.ae_title, "127.0.0.1", str(modality.port)], pacs.env)
+        added = run_pacs(["ae", "add", modality.ae_title, "127.0.0.1", str(modality.port), "--archive-wide"],
+                         pacs.env)
         assert added.returncode == 0, added.stdout + added.stderr
         _commitment_scenario(pacs.port, pacs.ctx, modality, tmp_path, pacs.restart)
     finally:
@@ -448,7 +450,7 @@ def test_scaled_storage_commitment(tmp_path: Path, s3_server: SeaweedS3) -> None
     try:
         upgrade = run_pacs(["db", "upgrade"], env)
         assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
-        added = run_pacs(["ae", "add", modality.ae_title, "127.0.0.1", str(modality.port)], env)
+        added = run_pacs(["ae", "add", modality.ae_title, "127.0.0.1", str(modality.port), "--archive-wide"], env)
         assert added.returncode == 0, added.stdout + added.stderr
         procs["scp"] = PacsProcess(["scp"], env, tmp_path / "scp.log").start()
         procs["other"] = PacsProcess(["scp"], other_env, tmp_path / "scp-other.log").start()

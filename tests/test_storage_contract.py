@@ -421,7 +421,7 @@ def test_filesystem_refuses_to_recreate_a_vanished_root(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "uid",
-    ["1", "0", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.0010.1", "2.25.0", "1." + "2" * 62],
+    ["1", "0", "1.2.840.10008.5.1.4.1.1.2", "2.25.0", "1.0.3", "1." + "2" * 62],
 )
 def test_valid_uids(uid: str) -> None:
     assert is_valid_uid(uid)
@@ -442,6 +442,10 @@ def test_valid_uids(uid: str) -> None:
         " 1.2",
         "1/2",
         "1.2\x00",
+        "1.02.3",  # PS3.5 §9.1: no leading zero in a component
+        "1.2.840.0010.1",
+        "01.2",
+        "1.2.00",
         "١.٢",  # non-ASCII digits
         None,
         12,
@@ -473,6 +477,14 @@ def test_instance_and_thumbnail_keys() -> None:
         instance_key("../../etc", "1.3", "1.4", SHA)
     with pytest.raises(InvalidKey, match="SOPInstanceUID"):
         thumbnail_key("1.2", "1.3", "1.4/../../x")
+
+
+def test_keys_of_objects_stored_before_the_leading_zero_rule_stay_valid() -> None:
+    """``1.02.3`` is refused at every door now, but an object stored under such a UID before keeps a
+    valid key: reindex and check still count it as an instance (never as an orphan to collect)."""
+    key = instance_key("1.2.840.0010.1", "1.02.3", "1.02.3.4", SHA)
+    assert parse_instance_key(key) == ("1.2.840.0010.1", "1.02.3", "1.02.3.4", SHA)
+    assert thumbnail_key("1.02", "1.03", "1.04") == "derived/thumbnails/1.02/1.03/1.04.jpg"
 
 
 @pytest.mark.parametrize(

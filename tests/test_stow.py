@@ -375,7 +375,7 @@ def test_stow_study_is_found_by_findscu_and_retrieved_by_getscu(archive: Archive
     files = {ds.SOPInstanceUID: to_bytes(ds) for ds in datasets}
     response = stow(archive, tech_token, multipart(list(files.values())))
     assert response.status_code == 200, response.text[:500]
-    added = run_pacs(["ae", "add", "STOWSCU", "127.0.0.1", "104"], archive.env)
+    added = run_pacs(["ae", "add", "STOWSCU", "127.0.0.1", "104", "--archive-wide"], archive.env)
     assert added.returncode == 0, added.stdout + added.stderr
     find = _dcmtk("findscu", archive, ["-S", "-aet", "STOWSCU", "-aec", "PACS", "-k", "QueryRetrieveLevel=STUDY",
                                        "-k", f"StudyInstanceUID={study}", "-k", "PatientID",

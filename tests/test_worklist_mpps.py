@@ -36,6 +36,7 @@ from pacs.query.matching import InvalidMatchValue
 from pacs.ris import mpps, worklist
 from pacs.ris.models import ImagingOrder, PerformedProcedureStep
 from pacs.ris.orders import NewOrder, cancel_order, create_order, get_order, list_orders
+from pacs.security.principal import UNRESTRICTED
 from pacs.settings import Settings
 from tests.support.dcmtk import dcmtk, dcmtk_env
 from tests.support.net import free_port
@@ -302,13 +303,14 @@ def test_find_handler_answers_cancels_and_refuses_other_models() -> None:
     ctx = SimpleNamespace(read_sessions=sessionmaker(engine))
     query = _query({}, {"ScheduledStationAETitle": "CT01"})
     mwl = str(ModalityWorklistInformationFind)
-    answers = list(worklist_service.handle_find(_find_event(query, mwl), ctx))
+    every = lambda ae, address: UNRESTRICTED  # noqa: E731 - what an archive-wide AE may see
+    answers = list(worklist_service.handle_find(_find_event(query, mwl), ctx, every))
     assert [code for code, _ in answers] == [0xFF00, 0xFF00]
-    assert list(worklist_service.handle_find(_find_event(query, mwl, cancelled=True), ctx)) == [(0xFE00, None)]
+    assert list(worklist_service.handle_find(_find_event(query, mwl, cancelled=True), ctx, every)) == [(0xFE00, None)]
     [(bad, _)] = worklist_service.handle_find(
-        _find_event(_query({}, {"ScheduledProcedureStepStartDate": "x-y-z"}), mwl), ctx)
+        _find_event(_query({}, {"ScheduledProcedureStepStartDate": "x-y-z"}), mwl), ctx, every)
     assert bad.Status == 0xC000 and "range" in bad.ErrorComment
-    [(other, _)] = worklist_service.handle_find(_find_event(query, "1.2.840.10008.5.1.4.1.2.2.1"), ctx)
+    [(other, _)] = worklist_service.handle_find(_find_event(query, "1.2.840.10008.5.1.4.1.2.2.1"), ctx, every)
     assert other.Status == 0x0122
 
 
@@ -325,7 +327,7 @@ class Archive:
 def _register(env: dict[str, str], *titles: str) -> None:
     """Another issue adds an association policy for query and MPPS: register our modalities as a site would."""
     for title in titles:
-        result = run_pacs(["ae", "add", title, "127.0.0.1", str(free_port())], env)
+        result = run_pacs(["ae", "add", title, "127.0.0.1", str(free_port()), "--archive-wide"], env)
         assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -1,8 +1,8 @@
 """``/api/audit``: the audit trail for administrators: search, chain verification and a FHIR export.
 
 Every read of the trail is itself audited (action ``audit.read``, written after the read, so a
-page never shows its own read). Filters and their rules: :mod:`pacs.audit_search`; the FHIR
-mapping: :mod:`pacs.audit_fhir`.
+page never shows its own read). Filters and their rules, and which rows an administrator of one
+facility sees: :mod:`pacs.audit_search`; the FHIR mapping: :mod:`pacs.audit_fhir`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from pacs import audit, audit_fhir, audit_search
 from pacs.audit_search import AuditFilter
+from pacs.security.policy import Forbidden
 from pacs.security.principal import Principal
 from pacs.security.roles import Capability
 from viewer_api.security import audit_access, context, require
@@ -73,13 +74,15 @@ Limit = Annotated[int, Query(ge=1, le=audit_search.MAX_LIMIT, description="Page 
 Offset = Annotated[int, Query(ge=0, description="Rows to skip")]
 
 
-@router.get("", response_model=list[AuditEventOut], summary="Search the audit trail (administrators)",
+@router.get("", response_model=list[AuditEventOut], summary="Search the audit trail (administrators; an "
+            "administrator of one facility sees that facility's rows and their own actions)",
             responses={200: {"headers": {"X-Total-Count": {"description": "Matching rows over all pages",
                                                            "schema": {"type": "integer"}}}},
                        400: {"description": "A malformed filter"}})
 def list_events(principal: Admin, request: Request, response: Response, flt: Filter,
                 limit: Limit = audit_search.DEFAULT_LIMIT, offset: Offset = 0) -> list[dict[str, Any]]:
     ctx = context(request)
+    flt = audit_search.visible_to(flt, principal.scope, principal.subject)
     with ctx.read_sessions() as session:
         total = audit_search.count(session, flt)
         rows = audit_search.search(session, flt, limit, offset)
@@ -88,8 +91,12 @@ def list_events(principal: Admin, request: Request, response: Response, flt: Fil
     return rows
 
 
-@router.get("/verify", response_model=VerifyOut, summary="Check the hash chain of the whole audit trail")
+@router.get("/verify", response_model=VerifyOut, summary="Check the hash chain of the whole audit trail",
+            responses={403: {"description": "Not an administrator, or an administrator of one facility only"}})
 def verify_chain(principal: Admin, request: Request) -> VerifyOut:
+    if not principal.scope.unrestricted:  # the chain spans every facility's rows
+        audit_access(request, principal, READ_ACTION, outcome="failure", detail="verify refused: facility admin")
+        raise Forbidden("the audit chain spans every facility: verifying it is for an archive-wide administrator")
     checked, problems, last = audit.verify(context(request).read_sessions)
     audit_access(request, principal, READ_ACTION, outcome="success",
                  detail=f"verify rows={checked} problems={len(problems)}")
@@ -104,6 +111,7 @@ def verify_chain(principal: Admin, request: Request) -> VerifyOut:
 def fhir_bundle(principal: Admin, request: Request, flt: Filter, limit: Limit = audit_search.DEFAULT_LIMIT,
                 offset: Offset = 0) -> JSONResponse:
     ctx = context(request)
+    flt = audit_search.visible_to(flt, principal.scope, principal.subject)
     with ctx.read_sessions() as session:
         total = audit_search.count(session, flt)
         rows = audit_search.search(session, flt, limit, offset)

@@ -7,6 +7,8 @@ from pydantic import BaseModel, Field
 
 from pacs import audit
 from pacs.security.accounts import check_password
+from pacs.security.login_guard import LoginGuard, LoginRefused, unverified_actor
+from pacs.security.models import User
 from pacs.security.principal import Principal
 from viewer_api.errors import ApiError
 from viewer_api.security import client_address, context, require
@@ -36,30 +38,29 @@ class Me(BaseModel):
 
 @router.post("/login", response_model=TokenResponse, summary="Log in; returns a short-lived bearer token",
              responses={401: {"description": "Wrong user name or password"},
-                        429: {"description": "Too many attempts; see Retry-After"}})
+                        429: {"description": "Too many failed attempts; see Retry-After"},
+                        503: {"description": "Too many password checks at once; see Retry-After"}})
 def login(body: LoginRequest, request: Request) -> TokenResponse:
     ctx = context(request)
-    limiter = request.app.state.login_limiter
+    guard: LoginGuard = request.app.state.login_guard
     address = client_address(request)
     host = request.client.host if request.client else ""
-    # Failed attempts are counted per user name from one address (the tight limit), and, with 5× more room,
-    # per user name from anywhere and per address (a hospital's clients may share one NAT address): a
-    # guesser elsewhere slows down, but cannot lock the user out of their own workstation at once.
-    name = body.username.lower()
-    keys = (f"user:{name}|{host}", f"user:{name}", f"addr:{host}")
-    limiters = (limiter, request.app.state.user_limiter, request.app.state.address_limiter)
-    for key, limit in zip(keys, limiters, strict=True):
-        if limit.limited(key):
-            audit.record(ctx.sessions, action="auth.login", actor=body.username, outcome="failure",
-                         source_address=address, detail="rate limited")
-            raise ApiError(429, "too_many_attempts", "too many login attempts; try again later",
-                           {"Retry-After": str(limit.retry_after(key))})
-    with ctx.read_sessions() as session:
-        user = check_password(session, body.username, body.password)
+    claimed = unverified_actor(body.username)  # failures name the claim, never a verified user
+
+    def verify() -> User | None:
+        with ctx.read_sessions() as session:
+            return check_password(session, body.username, body.password)
+
+    try:
+        user = guard.attempt(body.username, host, verify)
+    except LoginRefused as exc:
+        audit.record(ctx.sessions, action="auth.login", actor=claimed, outcome="failure", source_address=address,
+                     detail=exc.reason)
+        code = "too_many_attempts" if exc.status == 429 else "busy"
+        message = "too many login attempts; try again later" if exc.status == 429 else str(exc)
+        raise ApiError(exc.status, code, message, {"Retry-After": str(exc.retry_after)}) from None
     if user is None:
-        for key, limit in zip(keys, limiters, strict=True):
-            limit.hit(key)
-        audit.record(ctx.sessions, action="auth.login", actor=body.username, outcome="failure",
+        audit.record(ctx.sessions, action="auth.login", actor=claimed, outcome="failure",
                      source_address=address, detail="wrong user name or password")
         raise ApiError(401, "unauthenticated", "wrong user name or password", {"WWW-Authenticate": "Bearer"})
     token, ttl = request.app.state.authenticator.issue_session_token(user)

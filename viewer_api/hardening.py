@@ -1,9 +1,14 @@
-"""HTTP hardening that applies to every route: body size limit and security headers (ASGI middleware)."""
+"""HTTP hardening that applies to every route: trusted hosts, body size limit and security headers (ASGI
+middleware). Connection-level limits (header timeout, per-client cap) are in ``viewer_api.http_server``."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import socket
+from collections.abc import Iterable
 from typing import Any
+from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -119,3 +124,68 @@ async def _json(send: Send, status: int, code: str, message: str) -> None:
                           (b"connection", b"close")]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+WILDCARD_BINDS = ("", "0.0.0.0", "::")
+LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+class TrustedHosts:
+    """Answer only requests whose ``Host`` names this server; others get 400 before any route runs.
+
+    Absolute URLs (Retrieve URL, BulkDataURI, FHIR links) are built from the ``Host`` of the request
+    when ``PACS_PUBLIC_URL`` is unset (``viewer_api.urls``): a forged ``Host`` would point a viewer,
+    and the token it sends along, at the attacker's server. Trusted are the names in ``allowed``
+    (``*.example.org`` also matches its subdomains; ``*`` turns the check off), and always the address
+    the connection arrived at (``scope["server"]``: the server's own, whatever the client says).
+    A request without ``Host`` (HTTP/1.0) gets URLs from that address too, so it passes.
+    """
+
+    def __init__(self, app: ASGIApp, allowed: Iterable[str]) -> None:
+        self.app = app
+        names = {_host_only(name) for name in allowed if name.strip()}
+        self.any = "*" in names
+        self.exact = {n for n in names if not n.startswith("*.")}
+        self.suffixes = tuple(n[1:] for n in names if n.startswith("*."))  # ".example.org"
+
+    def allows(self, host_header: str, server: Any) -> bool:
+        host = _host_only(host_header)
+        if self.any or host in self.exact or (self.suffixes and host.endswith(self.suffixes)):
+            return True
+        return bool(server) and host == _host_only(str(server[0]))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        host = next((v for k, v in scope.get("headers") or [] if k == b"host"), None)
+        if host is not None and not self.allows(host.decode("latin-1"), scope.get("server")):
+            await _json(send, 400, "untrusted_host", "the Host header does not name this server "
+                        "(PACS_TRUSTED_HOSTS, PACS_PUBLIC_URL)")
+            return
+        await self.app(scope, receive, send)
+
+
+def trusted_host_names(configured: Iterable[str], public_url: str, http_host: str) -> list[str]:
+    """The names the HTTP API answers to: configured ones, the public URL's host, the bound address (unless
+    a wildcard), loopback, and this machine's host name."""
+    names = [*configured, *LOCAL_NAMES]
+    if public_url:
+        names.append(urlsplit(public_url).hostname or "")
+    if http_host.strip() not in WILDCARD_BINDS:
+        names.append(http_host)
+    names.append(socket.gethostname())  # no DNS look-up at start-up: the FQDN goes in PACS_TRUSTED_HOSTS
+    return [n for n in names if n]
+
+
+def _host_only(value: str) -> str:
+    """'Example.org:8000' -> 'example.org'; '[::1]:8000' -> '::1'; 'host.' -> 'host'."""
+    text = value.strip().lower()
+    if text.startswith("["):
+        text = text[1:].split("]", 1)[0]
+    elif text.count(":") == 1:
+        text = text.split(":", 1)[0]
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return text.rstrip(".")

@@ -7,6 +7,7 @@ from functools import cache
 
 from celery import Celery, Task
 
+from pacs import failpoints  # noqa: F401  (a bad PACS_TEST_FAILPOINTS stops `pacs worker` at start)
 from pacs.context import AppContext
 from pacs.settings import Settings
 

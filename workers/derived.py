@@ -35,10 +35,12 @@ from sqlalchemy import and_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from pacs import metadata
+from pacs import metadata, task_lease
 from pacs.context import AppContext
 from pacs.db.models import DerivedTask, Instance, Series, Study
-from pacs.imaging.render import RenderError, placeholder, thumbnail
+from pacs.failpoints import failpoint
+from pacs.imaging.render import RenderBusy, RenderError, placeholder, thumbnail
+from pacs.reports.lifecycle import REPORT_SR_KIND  # the SR of a signed report version
 from pacs.ris.orders import link_study
 from storage import ObjectNotFound, ObjectStore, StorageUnavailable
 from storage.keys import (
@@ -54,7 +56,6 @@ log = logging.getLogger(__name__)
 
 INSTANCE_KIND = "thumbnail"  # pacs.ingest.INSTANCE_TASKS
 SERIES_KIND = "series-metadata"  # pacs.ingest.SERIES_TASKS
-REPORT_SR_KIND = "report-sr"  # pacs.reports.lifecycle.REPORT_SR_KIND: the SR of a signed report version
 
 #: Objects read from a store that cannot seek (S3) are copied to a temporary file, in memory up to this size.
 _SPOOL_BYTES = 32 * 1024 * 1024
@@ -76,17 +77,21 @@ class Completed:
 
 
 def run_derived_task(ctx: AppContext, task_id: int) -> str:
-    """Run one outbox row's work; returns the row's final state."""
+    """Run one outbox row's work; returns the row's final state (``busy``: a live process runs it).
+
+    The row is claimed first (:func:`pacs.task_lease.claim`): that counts the attempt before the work starts,
+    so a task in flight when this process dies has used one, and a poison object ends ``failed``.
+    """
+    settings = ctx.settings
     try:
-        with ctx.read_sessions() as session:
-            task = session.get(DerivedTask, task_id)
-            if task is None:
-                return "missing"
-            if task.state == "done":
-                return "done"
-            kind, subject_uid, sha256 = task.kind, task.subject_uid, task.sha256
+        task_lease.process_heartbeat(ctx, ctx.sessions, settings.task_lease_s)
+        claimed = task_lease.claim(ctx.sessions, task_id, lease_s=settings.task_lease_s,
+                                   max_crashes=settings.task_max_crashes)
     except SQLAlchemyError as exc:
         raise TransientError(f"index unavailable: {exc}") from exc
+    if claimed.state != "running":
+        return claimed.state
+    kind, subject_uid, sha256 = claimed.kind, claimed.subject_uid, claimed.sha256
     handler = _HANDLERS.get(kind)
     if handler is None:
         return _finish(ctx, task_id, "failed", f"unknown task kind {kind!r}")
@@ -94,18 +99,20 @@ def run_derived_task(ctx: AppContext, task_id: int) -> str:
         error = handler(ctx, subject_uid, sha256)
     except Deferred as exc:
         return _defer(ctx, task_id, str(exc))
-    except (StorageUnavailable, SQLAlchemyError) as exc:
+    except (StorageUnavailable, SQLAlchemyError, RenderBusy) as exc:
         attempts = _record_attempt(ctx, task_id, str(exc))
-        if attempts >= ctx.settings.task_max_attempts:
+        if attempts >= settings.task_max_attempts:
             log.error("derived task %s (%s %s) failed after %d attempts: %s", task_id, kind, subject_uid,
                       attempts, exc)
-            return _finish(ctx, task_id, "failed", f"gave up after {attempts} attempts: {exc}", count=False)
+            return _finish(ctx, task_id, "failed", f"gave up after {attempts} attempts: {exc}")
         raise TransientError(str(exc)) from exc
     except Exception as exc:  # a bug or an unexpected input: recorded for `pacs tasks failed`, not retried
         log.exception("derived task %s (%s %s) failed", task_id, kind, subject_uid)
         return _finish(ctx, task_id, "failed", f"{type(exc).__name__}: {exc}"[:2000])
     if isinstance(error, Completed):
+        task_lease.forget(task_id)  # the handler marked its row done itself
         return "done"
+    failpoint("derived.before_done")
     return _finish(ctx, task_id, "done", error or "")
 
 
@@ -138,16 +145,20 @@ def build_instance_derived(ctx: AppContext, sop_uid: str, sha256: str) -> str | 
             fragment = metadata.encode_json(metadata.instance_json(
                 ds, study_uid, series_uid, sop_uid, assume_utf8_for_latin1=ctx.settings.assume_utf8_for_latin1))
             image = thumbnail(ds, size=size)
+        except RenderBusy:  # the decode budget was taken for too long: retried later, never a placeholder
+            raise
         except (RenderError, Exception) as exc:  # unreadable pixel data must not kill a worker
             note = f"placeholder: {exc}"[:500] if fragment else f"unreadable: {exc}"[:500]
             log.warning("thumbnail for %s uses a placeholder: %s", sop_uid, exc)
     if image is None:
         image = placeholder(size, note)
     key = thumbnail_key(study_uid, series_uid, sop_uid)
+    failpoint("derived.before_write")
     ctx.store.put(key, image, length=len(image), content_type="image/jpeg")
     if fragment is not None:
         ctx.store.put(instance_metadata_key(study_uid, series_uid, sop_uid), fragment, length=len(fragment),
                       content_type="application/dicom+json")
+    failpoint("derived.after_write")
     with ctx.sessions() as session, session.begin():
         instance = session.scalars(
             select(Instance).where(Instance.sop_instance_uid == sop_uid).with_for_update()
@@ -218,7 +229,7 @@ def build_series_metadata(ctx: AppContext, series_uid: str, _sha256: str) -> Com
         note = "; ".join(notes)[:2000]
         session.execute(update(DerivedTask).where(
             DerivedTask.kind == SERIES_KIND, DerivedTask.subject_uid == series_uid, DerivedTask.sha256 == ""
-        ).values(state="done", attempts=DerivedTask.attempts + 1, last_error=note))
+        ).values(state="done", owner="", last_error=note))  # the claim counted the attempt
     log.info("series %s: metadata document of %d instance(s) built", series_uid, writer.count)
     return Completed(note)
 
@@ -264,7 +275,7 @@ def _require_settled(members: list[_Member], settle_s: float) -> None:
     quiet_s = (datetime.now(UTC) - latest).total_seconds()
     if quiet_s < settle_s:
         raise Deferred(f"the series received an instance {quiet_s:.1f}s ago")
-    busy = sum(1 for m in members if m.task_state in ("pending", "queued"))
+    busy = sum(1 for m in members if m.task_state in ("pending", "queued", "running"))
     if busy:
         raise Deferred(f"{busy} instance(s) still being processed")
 
@@ -336,29 +347,20 @@ def _open_seekable(store: ObjectStore, key: str) -> Iterator[BinaryIO]:
         yield stream
 
 
-def _finish(ctx: AppContext, task_id: int, state: str, error: str, count: bool = True) -> str:
+def _finish(ctx: AppContext, task_id: int, state: str, error: str) -> str:
+    """The row's final state, without owner (its claim counted the attempt)."""
     try:
-        with ctx.sessions() as session, session.begin():
-            task = session.get(DerivedTask, task_id)
-            if task is not None:
-                task.state = state
-                task.attempts += 1 if count else 0
-                task.last_error = error
+        task_lease.finish(ctx.sessions, task_id, state, error)
     except SQLAlchemyError as exc:
         raise TransientError(f"index unavailable: {exc}") from exc
     return state
 
 
 def _record_attempt(ctx: AppContext, task_id: int, error: str) -> int:
-    """Count a transient failure on the row; returns the attempts so far (0 if the index is down too)."""
+    """A transient failure: the row goes back to ``queued`` for the retry (the in-process pool's caller
+    makes it ``pending``); returns the attempts so far (0 if the index is down too)."""
     try:
-        with ctx.sessions() as session, session.begin():
-            task = session.get(DerivedTask, task_id)
-            if task is None:
-                return 0
-            task.attempts += 1
-            task.last_error = error[:2000]
-            return task.attempts
+        return task_lease.finish(ctx.sessions, task_id, "queued", error)
     except SQLAlchemyError:
         log.warning("could not record attempt of derived task %s", task_id)
         return 0
@@ -367,9 +369,8 @@ def _record_attempt(ctx: AppContext, task_id: int, error: str) -> int:
 def _defer(ctx: AppContext, task_id: int, reason: str) -> str:
     """Back to pending without counting an attempt; the relay's sweep publishes it again."""
     try:
-        with ctx.sessions() as session, session.begin():
-            session.execute(update(DerivedTask).where(DerivedTask.id == task_id, DerivedTask.state != "done")
-                            .values(state="pending", last_error=f"deferred: {reason}"[:2000]))
+        task_lease.finish(ctx.sessions, task_id, "pending", f"deferred: {reason}", undo_attempt=True,
+                          only_if_not_done=True)
     except SQLAlchemyError as exc:
         raise TransientError(f"index unavailable: {exc}") from exc
     return "deferred"

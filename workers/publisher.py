@@ -2,8 +2,10 @@
 
 Ingest hands committed row ids to :class:`OutboxRelay` and returns at once; the relay's
 own thread publishes them. Rows the relay could not publish (broker down) stay
-``pending`` and are picked up by its periodic sweep, as are rows ``queued`` long ago
-whose task never finished (lost with a restarted broker or process). Tasks are
+``pending`` and are picked up by its periodic sweep. The sweep also takes back the rows of
+dead processes at once (:func:`pacs.task_lease.reclaim`: a row queued in a dead process's
+pool, or running in a dead worker), and publishes again rows handed to a broker long ago
+whose task never ran (the message was lost with a restarted broker). Tasks are
 idempotent, so publishing twice costs work, never correctness.
 """
 
@@ -21,6 +23,7 @@ from typing import Protocol
 from sqlalchemy import or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
+from pacs import task_lease
 from pacs.context import AppContext
 from pacs.db.models import DerivedTask
 
@@ -31,12 +34,17 @@ BATCH = 500  # outbox rows claimed in one transaction
 
 
 class Publisher(Protocol):
+    #: True when published rows wait in this process (its pool): they stay owned by it until they run.
+    holds_tasks: bool
+
     def publish(self, task_id: int) -> None:
         """Hand one outbox row to whatever runs it; raise if that is not possible now."""
 
 
 class CeleryPublisher:
     """Sends task messages to the broker; fails fast when the broker is down."""
+
+    holds_tasks = False
 
     def __init__(self, broker_url: str, queue: str) -> None:
         from workers.celery_app import make_celery
@@ -50,6 +58,8 @@ class CeleryPublisher:
 
 class InProcessPublisher:
     """Runs task functions on a small thread pool inside this process (embedded mode)."""
+
+    holds_tasks = True
 
     def __init__(self, ctx: AppContext, workers: int) -> None:
         from workers.derived import TransientError, run_derived_task
@@ -80,7 +90,7 @@ def _mark_pending(ctx: AppContext, task_ids: list[int]) -> None:
     try:
         with ctx.sessions() as session, session.begin():
             session.execute(update(DerivedTask).where(DerivedTask.id.in_(task_ids), DerivedTask.state == "queued")
-                            .values(state="pending"))
+                            .values(state="pending", owner=""))
     except SQLAlchemyError:
         pass
 
@@ -94,7 +104,9 @@ class OutboxRelay:
         self._publisher = publisher
         self._poll_s = poll_s
         self._requeue_after = requeue_after
-        self._requeue_all_queued = requeue_all_queued  # in-process: a previous run's queue died with it
+        self._requeue_all_queued = requeue_all_queued  # in-process: unowned queued rows died with a previous run
+        self._lease_s = ctx.settings.task_lease_s
+        self._max_crashes = ctx.settings.task_max_crashes
         self._inbox: queue.Queue[int | None] = queue.Queue()
         self._stop = threading.Event()
         self._backoff_until = 0.0
@@ -123,9 +135,9 @@ class OutboxRelay:
             batch, stopping = self._next_batch(timeout=max(next_sweep - time.monotonic(), 0.01))
             if batch and time.monotonic() >= self._backoff_until and not self._publish(batch):
                 self._backoff_until = time.monotonic() + self._poll_s  # rows stay pending for the sweep
-            if not stopping and time.monotonic() >= next_sweep:  # also under continuous traffic
-                if self._stop.is_set():
-                    break
+            # also under continuous traffic; once stopping, the rest of the inbox is published first (leaving
+            # here before the sentinel left notified rows pending when a `pacs import` exited)
+            if not stopping and not self._stop.is_set() and time.monotonic() >= next_sweep:
                 self.sweep()
                 next_sweep = time.monotonic() + self._poll_s
 
@@ -144,9 +156,15 @@ class OutboxRelay:
         return batch, item is None
 
     def sweep(self, startup: bool = False) -> int:
-        """Publish every pending row, and queued rows that look lost; returns how many were published."""
+        """Take back dead processes' rows, then publish every pending row and the broker's rows that look
+        lost; returns how many were published."""
+        try:
+            task_lease.reclaim(self._ctx.sessions, lease_s=self._lease_s, max_crashes=self._max_crashes)
+        except SQLAlchemyError as exc:
+            log.warning("outbox sweep: index unavailable: %s", str(exc).splitlines()[0])
+            return 0
         cutoff = datetime.now(UTC) - self._requeue_after
-        stale_queued = DerivedTask.state == "queued"
+        stale_queued = (DerivedTask.state == "queued") & (DerivedTask.owner == "")  # handed to a broker
         if not (startup and self._requeue_all_queued):
             stale_queued = stale_queued & (DerivedTask.updated_at < cutoff)
         try:
@@ -169,12 +187,18 @@ class OutboxRelay:
         return published
 
     def _publish(self, task_ids: list[int], states: tuple[str, ...] = ("pending",)) -> bool:
-        """Claim the rows still in ``states`` in one transaction, then hand each to the publisher."""
+        """Claim the rows still in ``states`` in one transaction, then hand each to the publisher.
+
+        The claimed rows name this process as owner while it publishes them, so that if it dies before a
+        message is sent they are taken back at once; rows sent to a broker are then left unowned.
+        """
+        me = task_lease.this_process().id
         try:
+            task_lease.process_heartbeat(self._ctx, self._ctx.sessions, self._lease_s)
             with self._ctx.sessions() as session, session.begin():
                 claimed = list(session.scalars(
                     update(DerivedTask).where(DerivedTask.id.in_(task_ids), DerivedTask.state.in_(states))
-                    .values(state="queued").returning(DerivedTask.id)
+                    .values(state="queued", owner=me).returning(DerivedTask.id)
                 ))
         except SQLAlchemyError as exc:
             log.warning("outbox: index unavailable, will retry: %s", str(exc).splitlines()[0])
@@ -186,6 +210,13 @@ class OutboxRelay:
                 log.warning("outbox: could not publish %d task(s) (will retry): %s", len(claimed) - i, exc)
                 _mark_pending(self._ctx, claimed[i:])
                 return False
+        if claimed and not self._publisher.holds_tasks:
+            try:
+                with self._ctx.sessions() as session, session.begin():
+                    session.execute(update(DerivedTask).where(DerivedTask.id.in_(claimed), DerivedTask.owner == me,
+                                                              DerivedTask.state == "queued").values(owner=""))
+            except SQLAlchemyError as exc:  # our heartbeat keeps them; after we stop they are taken back
+                log.warning("outbox: could not hand published rows to the broker: %s", str(exc).splitlines()[0])
         return True
 
 

@@ -25,6 +25,9 @@ def load_settings() -> Settings:
                         format="%(asctime)s %(levelname)s %(name)s %(threadName)s: %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    from pacs.security.redaction import install_log_redaction
+
+    install_log_redaction()  # no credential from a URL in any log line (issue 12, finding 10)
     return settings
 
 

@@ -7,7 +7,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -15,6 +15,11 @@ from rich.table import Table
 
 from pacs.cli.common import audit_config_change, console, ensure_schema, fail, load_settings, open_context, out
 from pacs.context import AppContext
+
+if TYPE_CHECKING:
+    from pacs.aes import AERecord
+    from pacs.runtime import Pipeline
+    from pacs.settings import Settings
 
 app = typer.Typer(help="Filmless PACS/RIS: the DICOM archive of a province's hospitals.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -24,6 +29,14 @@ config_app = typer.Typer(help="Configuration.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(ae_app, name="ae")
 app.add_typer(config_app, name="config")
+
+
+@app.callback()
+def _owner_only_files() -> None:
+    # Before any command runs: what it creates (data folder, index, objects, secrets) is the owner's only.
+    from pacs.maintenance.file_modes import restrict_new_files
+
+    restrict_new_files()
 
 
 def _wait_for_signal() -> None:
@@ -36,11 +49,10 @@ def _wait_for_signal() -> None:
 @app.command()
 def serve() -> None:
     """Run everything in one process: DICOM SCP, HTTP API and workers (embedded defaults)."""
-    import uvicorn
-
     from dicom_scp.server import start_scp
     from pacs.cli.hl7 import start_serve_listener
     from pacs.runtime import Pipeline
+    from viewer_api import http_server
     from viewer_api.app import create_app
 
     settings = load_settings()
@@ -58,8 +70,7 @@ def serve() -> None:
                   + (f", DICOM TLS on port {scp.tls.server_address[1]}" if scp.tls else "")
                   + (f", HL7 MLLP on port {pipeline.hl7_listener.server_address[1]}" if pipeline.hl7_listener else ""))
     try:
-        uvicorn.run(http_app, host=settings.http_host, port=settings.http_port, log_level="warning",
-                    timeout_keep_alive=15, limit_concurrency=settings.http_max_connections)
+        http_server.run(http_app, settings)
     finally:
         scp.shutdown()
         pipeline.stop()
@@ -88,9 +99,8 @@ def scp() -> None:
 @app.command()
 def api() -> None:
     """Run the HTTP API only: DICOMweb, FHIR, auth, audit and the OHIF viewer (several behind a load balancer)."""
-    import uvicorn
-
     from pacs.runtime import Pipeline
+    from viewer_api import http_server
     from viewer_api.app import create_app
 
     settings = load_settings()
@@ -99,8 +109,7 @@ def api() -> None:
     _announce_initial_admin(pipeline.ctx)
     console.print(f"[green]HTTP API ready[/green] http://{settings.http_host}:{settings.http_port}")
     try:
-        uvicorn.run(create_app(pipeline.ctx, pipeline.ingestor), host=settings.http_host, port=settings.http_port,
-                    log_level="warning", timeout_keep_alive=15, limit_concurrency=settings.http_max_connections)
+        http_server.run(create_app(pipeline.ctx, pipeline.ingestor), settings)
     finally:
         pipeline.stop()
 
@@ -149,24 +158,49 @@ def ae_add(
     store: Annotated[bool, typer.Option(help="May send C-STORE")] = True,
     query: Annotated[bool, typer.Option(help="May query (C-FIND)")] = True,
     retrieve: Annotated[bool, typer.Option(help="May retrieve (C-MOVE/C-GET) and be a C-MOVE destination")] = True,
-    check_host: Annotated[bool, typer.Option(help="Accept this AE title only from HOST")] = False,
-    facility: Annotated[str, typer.Option(help="Facility whose studies this AE sends (access scope of web users)")]
+    check_host: Annotated[bool, typer.Option(help="Believe this AE title only from HOST (an address, or a name "
+                                             "resolved at each association). --no-check-host: from any address, "
+                                             "so anyone on the network can pose as this AE (a warning is printed)")]
+    = True,
+    tls_subject: Annotated[str, typer.Option(help="Believe this AE title only over DICOM TLS with a client "
+                                             "certificate (verified against PACS_TLS_CA_FILE) whose CN or DNS name "
+                                             "is this, or whose SHA-256 fingerprint is this (sha256:...)")] = "",
+    facility: Annotated[str, typer.Option(help="Facility of this AE: the studies it sends belong there, and it "
+                                          "queries/retrieves only that facility's studies and orders "
+                                          "(plus studies shared with it)")]
     = "",
+    archive_wide: Annotated[bool, typer.Option("--archive-wide", help="Query/retrieve every facility's studies and "
+                                               "orders (a province-level node); instead of --facility")] = False,
 ) -> None:
-    """Register a DICOM peer: AE title, host and port (a C-MOVE destination needs all three)."""
+    """Register a DICOM peer: AE title, host and port (a C-MOVE destination needs all three).
+
+    An AE with query or retrieve rights needs exactly one of --facility and --archive-wide (whose studies
+    it may find, retrieve, commit and see on the worklist); a store-only AE (--no-query --no-retrieve)
+    may have neither.
+
+    The AE title is believed only from HOST unless --no-check-host; --tls-subject binds it to a TLS
+    client certificate as well (the strong check, e.g. for modalities on DHCP: with --no-check-host).
+    """
+    from pacs.ae_scope import needs_scope_flag
     from pacs.aes import add_ae
-    from pacs.errors import PacsError
+    from pacs.errors import InvalidInput, PacsError
+
+    if why := needs_scope_flag(query, retrieve, facility, archive_wide):
+        raise fail(InvalidInput(why))
 
     ctx = open_context()
     try:
         with ctx.sessions() as session, session.begin():
-            rec = add_ae(session, ae_title, host, port, description, store, query, retrieve, check_host, facility)
+            rec = add_ae(session, ae_title, host, port, description, store, query, retrieve, check_host, facility,
+                         archive_wide=archive_wide, tls_subject=tls_subject)
             audit_config_change(session, "config.ae-add",
                                 f"ae={rec.ae_title} host={rec.host}:{rec.port} store={store} query={query} "
-                                f"retrieve={retrieve} check_host={check_host} facility={facility}")
+                                f"retrieve={retrieve} check_host={check_host} facility={facility} "
+                                f"archive_wide={archive_wide} tls_subject={rec.tls_subject}")
     except PacsError as exc:
         raise fail(exc) from exc
     out.print(f"registered {rec.ae_title} at {rec.host}:{rec.port}")
+    _warn_identity(ctx, rec)
 
 
 @ae_app.command("list")
@@ -182,11 +216,58 @@ def ae_list(as_json: Annotated[bool, typer.Option("--json", help="Machine-readab
     if as_json:
         out.print_json(json.dumps([asdict(r) for r in rows]))
         return
-    table = Table("AE title", "host", "port", "store", "query", "retrieve", "host checked", "facility", "description")
+    table = Table("AE title", "host", "port", "store", "query", "retrieve", "identity checked", "facility",
+                  "description")
     for r in rows:
         table.add_row(r.ae_title, r.host, str(r.port), _yn(r.allow_store), _yn(r.allow_query),
-                      _yn(r.allow_retrieve), _yn(r.check_host), r.facility, r.description)
+                      _yn(r.allow_retrieve), _identity(r), "* (archive-wide)" if r.archive_wide else r.facility,
+                      r.description)
     out.print(table)
+    unchecked = [r.ae_title for r in rows if not r.identity_checked]
+    if unchecked:
+        console.print(f"[yellow]warning:[/yellow] believed from any address (no host check, no TLS certificate): "
+                      f"{', '.join(unchecked)} — `pacs ae identity TITLE --check-host`")
+
+
+@ae_app.command("identity")
+def ae_identity(
+    ae_title: str,
+    check_host: Annotated[bool | None, typer.Option("--check-host/--no-check-host", help="Believe this AE title "
+                                                    "only from its registered host, or from any address")] = None,
+    tls_subject: Annotated[str | None, typer.Option(help="TLS client certificate identity it must present (CN, "
+                                                    "DNS name or sha256:fingerprint); '' removes it")] = None,
+) -> None:
+    """Change how a registered AE proves who it is (host check, TLS client certificate); others unchanged."""
+    from pacs.aes import set_identity
+    from pacs.errors import PacsError
+
+    ctx = open_context()
+    try:
+        with ctx.sessions() as session, session.begin():
+            rec = set_identity(session, ae_title, check_host=check_host, tls_subject=tls_subject)
+            audit_config_change(session, "config.ae-identity",
+                                f"ae={rec.ae_title} check_host={rec.check_host} tls_subject={rec.tls_subject}")
+    except PacsError as exc:
+        raise fail(exc) from exc
+    out.print(f"{rec.ae_title}: identity checked by {_identity(rec)}")
+    _warn_identity(ctx, rec)
+
+
+def _identity(r: AERecord) -> str:
+    from rich.markup import escape
+
+    checks = (["host"] if r.check_host else []) + ([f"TLS {escape(r.tls_subject)}"] if r.tls_subject else [])
+    return " + ".join(checks) if checks else "[red]NONE[/red]"
+
+
+def _warn_identity(ctx: AppContext, rec: AERecord) -> None:
+    """Say what an operator must know after registering or changing an AE's identity check."""
+    if not rec.identity_checked:
+        console.print(f"[yellow]warning:[/yellow] {rec.ae_title} is believed from any address: anyone on the "
+                      "network can call as it, store as it and use its query/retrieve rights")
+    if rec.tls_subject and ctx.settings.tls_ca_file is None:
+        console.print(f"[yellow]warning:[/yellow] {rec.ae_title} is bound to a TLS client certificate, but "
+                      "PACS_TLS_CA_FILE is not set: no certificate is verified, so it is never recognized")
 
 
 @ae_app.command("remove")
@@ -216,8 +297,17 @@ def config_show() -> None:
 def import_(
     path: Annotated[Path, typer.Argument(help="A folder (walked recursively), a zip file or a single file")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON")] = False,
+    wait: Annotated[bool | None, typer.Option(
+        "--wait/--no-wait", help="Wait until the derived work of what was imported (thumbnails, metadata) is "
+        "done. Default: wait when workers run in this process (no PACS_BROKER_URL); with a broker, report "
+        "what remains for the `pacs worker` processes")] = None,
 ) -> None:
-    """Import DICOM files through the same ingest as C-STORE; prints what was stored, duplicated, refused."""
+    """Import DICOM files through the same ingest as C-STORE; prints what was stored, duplicated, refused.
+
+    Without a broker the derived work runs in this process, so it finishes that work before it exits
+    (Ctrl-C stops waiting: what is left is run by the next `pacs serve`). With a broker it reports how
+    many derived tasks remain (see `pacs tasks status`) unless --wait is given.
+    """
     from pacs.importer import ImportSummary, collect, import_items
     from pacs.runtime import Pipeline
 
@@ -230,6 +320,9 @@ def import_(
         raise typer.Exit(2) from exc
     pipeline = Pipeline.start(settings)
     summary = ImportSummary()
+    armed: set[int] = set()  # derived tasks of what was imported
+    if wait is None:
+        wait = settings.embedded_workers
     try:
         with Progress(TextColumn("[bold]importing"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[mb]:.1f} MB"), TimeRemainingColumn(), console=console) as bar:
@@ -237,13 +330,18 @@ def import_(
             done_bytes = 0
             for item, outcome in import_items(pipeline.ingestor, items, settings.max_object_bytes):
                 summary.add(item.name, outcome)
+                armed.update(outcome.derived_task_ids)
                 done_bytes += item.size
                 bar.update(task, advance=1, mb=done_bytes / 1e6)
+        if wait:
+            _drain_derived(pipeline, armed)
     finally:
-        pipeline.stop()  # embedded mode: waits for the thumbnails of what was imported
+        pipeline.stop()  # embedded mode: also runs what is already in this process's pool
+    remaining = _still_to_run(settings, armed)
     if as_json:
         out.print_json(json.dumps({"counts": dict(summary.counts), "rejected": summary.rejected,
-                                   "failed": summary.failed}))
+                                   "failed": summary.failed, "derived_tasks": len(armed),
+                                   "derived_tasks_remaining": len(remaining)}))
         raise typer.Exit(1 if summary.failed else 0)
     table = Table("outcome", "files")
     for status, count in sorted(summary.counts.items()):
@@ -253,8 +351,35 @@ def import_(
         out.print(f"[yellow]refused[/yellow] {name}: {reason}")
     for name, reason in summary.failed:
         out.print(f"[red]failed (import again later)[/red] {name}: {reason}")
+    if remaining:
+        out.print(f"{len(remaining)} of {len(armed)} derived task(s) (thumbnails, metadata) still to run: "
+                  "see `pacs tasks status`")
     if summary.failed:
         raise typer.Exit(1)
+
+
+def _drain_derived(pipeline: Pipeline, armed: set[int]) -> None:
+    """Wait for the imported objects' derived work; Ctrl-C stops waiting."""
+    with Progress(TextColumn("[bold]derived work"), BarColumn(), MofNCompleteColumn(), console=console) as bar:
+        task = bar.add_task("derived", total=len(armed))
+        try:
+            pipeline.drain(armed, on_progress=lambda left: bar.update(task, completed=len(armed) - left))
+        except KeyboardInterrupt:
+            console.print("[yellow]stopped waiting for derived work[/yellow]")
+
+
+def _still_to_run(settings: Settings, armed: set[int]) -> set[int]:
+    """The imported objects' derived tasks not yet done or failed (counted after this process stopped its own)."""
+    from pacs.task_lease import outstanding
+
+    if not armed:
+        return set()
+    ctx = AppContext.create(settings)
+    try:
+        with ctx.read_sessions() as session:
+            return outstanding(session, armed)
+    finally:
+        ctx.close()
 
 
 @app.command()

@@ -112,15 +112,32 @@ def reindex_command(
 
 def check_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary and problems as JSON")] = False,
+    repair: Annotated[bool, typer.Option("--repair", help="Remove the orphans and temporary files found that are "
+                                         "older than the grace period and that no index row points at (audited)")]
+    = False,
+    grace_minutes: Annotated[float, typer.Option("--grace-minutes", min=1, help="With --repair: leave what was "
+                                                 "written less than this long ago (a write may be in flight)")]
+    = 60.0,
 ) -> None:
     """Verify every indexed object in the store (exists, size, SHA-256) and list unindexed objects.
 
-    Exit status: 0 no problem; 1 problems found (listed); 2 a server is unavailable.
+    Errors: an indexed object missing, of another size, corrupt or unreadable. Warnings: orphans (objects
+    under dicom/ no index row references, left by an ingest that died before its index commit) and
+    temporary files (.tmp-* of interrupted writes). --repair removes those warnings' files once older
+    than --grace-minutes, never an object an index row points at, and prints what it removed.
+
+    Also warns (without changing the exit status) about index and store files that group or others
+    may read or write.
+
+    Exit status: 0 no error (warnings listed); 1 errors found (listed); 2 a server is unavailable.
     """
     from sqlalchemy.exc import SQLAlchemyError
 
+    from pacs.aes import unchecked_aes
     from pacs.context import AppContext
-    from pacs.maintenance.check import check
+    from pacs.maintenance.check import ProblemKind, check
+    from pacs.maintenance.repair import RepairSummary
+    from pacs.maintenance.repair import repair as collect
     from storage import StorageUnavailable
 
     settings = load_settings()
@@ -129,6 +146,15 @@ def check_command(
     try:
         with _RichProgress(console) as bar:
             summary = check(ctx.sessions, ctx.store, progress=bar)
+        repaired: RepairSummary | None = None
+        if repair:
+            from datetime import timedelta
+
+            orphans = [p.key for p in summary.problems if p.kind is ProblemKind.ORPHAN]
+            repaired = collect(ctx.sessions, ctx.store, orphans, grace=timedelta(minutes=grace_minutes),
+                               actor=os.environ.get("USER", ""))
+        with ctx.read_sessions() as session:  # registered AEs anyone can pose as: a warning, not a problem
+            unchecked = [r.ae_title for r in unchecked_aes(session)]
     except (StorageUnavailable, SQLAlchemyError) as exc:
         what = "object store" if isinstance(exc, StorageUnavailable) else "index database"
         console.print(f"[red]{what} unavailable:[/red] {str(exc).splitlines()[0][:300]}")
@@ -136,11 +162,26 @@ def check_command(
     finally:
         ctx.close()
     if as_json:
-        out.print_json(json.dumps(summary.as_dict()))
+        out.print_json(json.dumps({**summary.as_dict(), **({"repair": repaired.as_dict()} if repaired else {})}))
     else:
         for problem in summary.problems:
-            out.print(f"[red]{problem.kind.value}[/red] {problem.key}: {problem.detail}", soft_wrap=True)
+            colour = "red" if problem in summary.errors else "yellow"
+            out.print(f"[{colour}]{problem.kind.value}[/{colour}] {problem.key}: {problem.detail}", soft_wrap=True)
+        for warning in summary.lax_modes:
+            out.print(f"[yellow]warning: {warning}[/yellow]", soft_wrap=True)
         counts = ", ".join(f"{n} {kind}" for kind, n in sorted(summary.counts().items())) or "no problems"
         out.print(f"checked {summary.checked} objects ({summary.bytes_read / 1e6:.1f} MB), listed {summary.listed} "
                   f"under dicom/ in {summary.seconds:.1f} s: {counts}")
+        if repaired is not None:
+            for key in repaired.removed_orphans:
+                out.print(f"removed orphan {key}", soft_wrap=True)
+            for path in repaired.removed_temporary:
+                out.print(f"removed temporary file {path}", soft_wrap=True)
+            for key, why in repaired.kept:
+                out.print(f"[yellow]kept[/yellow] {key}: {why}", soft_wrap=True)
+            out.print(f"repair: removed {len(repaired.removed_orphans)} orphan(s) and "
+                      f"{len(repaired.removed_temporary)} temporary file(s) older than {grace_minutes:g} min")
+    if unchecked:
+        console.print(f"[yellow]warning: AE titles believed from any address (no host check, no TLS certificate): "
+                      f"{', '.join(unchecked)}[/yellow] — `pacs ae identity TITLE --check-host`", soft_wrap=True)
     raise typer.Exit(0 if summary.ok else 1)

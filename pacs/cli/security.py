@@ -22,6 +22,11 @@ audit_app = typer.Typer(help="The append-only, hash-chained audit trail.", no_ar
 share_app = typer.Typer(help="Share a study with another facility (teleconsultation).", no_args_is_help=True)
 
 ROLE_HELP = "admin, radiologist, technologist, clinician, emr or patient"
+FACILITY_HELP = ("Facility whose studies {who} sees (empty: all; an admin with a facility reads only that "
+                 "facility's audit rows). Required for the patient role: a Patient ID names one facility's patient")
+PATIENT_HELP = "For the patient role: the patient's ID (with --facility and --issuer: one patient record)"
+ISSUER_HELP = ("For the patient role: the patient's Issuer of Patient ID; required when the facility records "
+               "that ID with an issuer")
 
 
 def register(app: typer.Typer) -> None:
@@ -41,12 +46,16 @@ def _read_password(password_stdin: bool) -> str:
 def user_add(
     username: str,
     role: Annotated[str, typer.Option(help=ROLE_HELP)],
-    facility: Annotated[str, typer.Option(help="Facility whose studies the user sees (empty: all)")] = "",
-    patient_id: Annotated[str, typer.Option(help="For the patient role: the patient's ID")] = "",
+    facility: Annotated[str, typer.Option(help=FACILITY_HELP.format(who="the user"))] = "",
+    patient_id: Annotated[str, typer.Option(help=PATIENT_HELP)] = "",
+    issuer: Annotated[str, typer.Option(help=ISSUER_HELP)] = "",
     full_name: Annotated[str, typer.Option(help="Display name")] = "",
     password_stdin: Annotated[bool, typer.Option("--password-stdin", help="Read the password from stdin")] = False,
 ) -> None:
-    """Create a user with a password (at least 10 characters; stored as an argon2 hash)."""
+    """Create a user with a password (at least 10 characters; stored as an argon2 hash).
+
+    A patient user is bound to one patient record: --patient-id, --facility and (when the facility records
+    that ID with an issuer) --issuer."""
     from pacs.security.accounts import create_user
 
     password = _read_password(password_stdin)
@@ -54,7 +63,7 @@ def user_add(
     try:
         with ctx.sessions() as session, session.begin():
             user = create_user(session, username, password, role, facility=facility, patient_id=patient_id,
-                               full_name=full_name)
+                               issuer=issuer, full_name=full_name)
             audit_config_change(session, "config.user-add",
                                 f"user={user.username} role={user.role} facility={user.facility}")
     except PacsError as exc:
@@ -70,7 +79,8 @@ def user_list(as_json: Annotated[bool, typer.Option("--json", help="Machine-read
     ctx = open_context()
     with ctx.read_sessions() as session:
         rows = [{"username": u.username, "role": u.role, "facility": u.facility, "patient_id": u.patient_id,
-                 "active": u.active, "full_name": u.full_name} for u in list_users(session)]
+                 "patient_issuer": u.patient_issuer, "active": u.active, "full_name": u.full_name}
+                for u in list_users(session)]
     if as_json:
         out.print_json(json.dumps(rows))
         return
@@ -131,22 +141,28 @@ def token_create(
     name: str,
     role: Annotated[str, typer.Option(help=ROLE_HELP)],
     days: Annotated[int | None, typer.Option(help="Lifetime in days (default: PACS_API_TOKEN_DEFAULT_DAYS)")] = None,
-    facility: Annotated[str, typer.Option(help="Facility whose studies it sees (empty: all)")] = "",
-    patient_id: Annotated[str, typer.Option(help="For the patient role: the patient's ID")] = "",
+    facility: Annotated[str, typer.Option(help=FACILITY_HELP.format(who="it"))] = "",
+    patient_id: Annotated[str, typer.Option(help=PATIENT_HELP)] = "",
+    issuer: Annotated[str, typer.Option(help=ISSUER_HELP)] = "",
     images: Annotated[bool, typer.Option(help="Patient tokens: may also see the images")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
-    """Create an API token; the secret is printed once and only its SHA-256 is stored."""
+    """Create an API token; the secret is printed once and only its SHA-256 is stored.
+
+    A patient token is bound to one patient record: --patient-id, --facility and (when the facility records
+    that ID with an issuer) --issuer; without a facility it is refused (exit 1)."""
     from pacs.security.accounts import create_token
 
     ctx = open_context()
     try:
         with ctx.sessions() as session, session.begin():
             token = create_token(session, name, role, days=days or ctx.settings.api_token_default_days,
-                                 facility=facility, patient_id=patient_id, images=images, created_by=operator())
+                                 facility=facility, patient_id=patient_id, issuer=issuer, images=images,
+                                 created_by=operator())
             audit_config_change(session, "config.token-create",
-                                f"token={token.id} name={name} role={role} facility={facility} "
-                                f"patient={patient_id} images={images} expires={token.expires_at.isoformat()}")
+                                f"token_id={token.id} name={name} role={role} facility={facility} "
+                                f"patient={patient_id} issuer={issuer} images={images} "
+                                f"expires={token.expires_at.isoformat()}")
     except PacsError as exc:
         raise fail(exc) from exc
     if as_json:
@@ -166,7 +182,7 @@ def token_list(as_json: Annotated[bool, typer.Option("--json", help="Machine-rea
     ctx = open_context()
     with ctx.read_sessions() as session:
         rows = [{"id": t.id, "name": t.name, "role": t.role, "facility": t.facility, "patient_id": t.patient_id,
-                 "images": t.images_granted, "expires_at": t.expires_at.isoformat(),
+                 "patient_issuer": t.patient_issuer, "images": t.images_granted, "expires_at": t.expires_at.isoformat(),
                  "revoked": t.revoked_at is not None} for t in list_tokens(session)]
     if as_json:
         out.print_json(json.dumps(rows))
@@ -187,7 +203,7 @@ def token_revoke(token_id: int) -> None:
     try:
         with ctx.sessions() as session, session.begin():
             row = revoke_token(session, token_id)
-            audit_config_change(session, "config.token-revoke", f"token={token_id} name={row.name}")
+            audit_config_change(session, "config.token-revoke", f"token_id={token_id} name={row.name}")
     except PacsError as exc:
         raise fail(exc) from exc
     out.print(f"token {token_id} revoked")

@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
 
 @tasks_app.command("status")
 def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False) -> None:
-    """Counts of derived tasks by kind and state (pending, queued, done, failed)."""
+    """Counts of derived tasks by kind and state (pending, queued, running, done, failed)."""
     from pacs.derived_tasks import counts
 
     ctx = open_context()
@@ -29,9 +29,10 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
     if as_json:
         out.print_json(json.dumps(result))
         return
-    table = Table("kind", "pending", "queued", "done", "failed")
+    states = ("pending", "queued", "running", "done", "failed")
+    table = Table("kind", *states)
     for kind, by_state in sorted(result.items()):
-        table.add_row(kind, *(str(by_state.get(s, 0)) for s in ("pending", "queued", "done", "failed")))
+        table.add_row(kind, *(str(by_state.get(s, 0)) for s in states))
     out.print(table)
 
 

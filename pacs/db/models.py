@@ -77,6 +77,8 @@ class Study(Base):
     referring_physician_name: Mapped[str] = mapped_column(String(324), default="")
     institution_name: Mapped[str] = mapped_column(String(256), default="")
     facility: Mapped[str] = mapped_column(String(64), default="", index=True)  # access scope (pacs.security)
+    # created by an unregistered sender: a trusted exam with this UID claims it (pacs.ingest; 0009_reconciliation)
+    provisional: Mapped[bool] = mapped_column(Boolean, default=False)
     modalities_in_study: Mapped[str] = mapped_column(String(128), default="", index=True)
     number_of_series: Mapped[int] = mapped_column(Integer, default=0)
     number_of_instances: Mapped[int] = mapped_column(Integer, default=0)
@@ -170,9 +172,26 @@ class ApplicationEntity(Base):
     allow_store: Mapped[bool] = mapped_column(Boolean, default=True)
     allow_query: Mapped[bool] = mapped_column(Boolean, default=True)
     allow_retrieve: Mapped[bool] = mapped_column(Boolean, default=True)
-    check_host: Mapped[bool] = mapped_column(Boolean, default=False)
+    check_host: Mapped[bool] = mapped_column(Boolean, default=True)  # its title is believed only from host
     facility: Mapped[str] = mapped_column(String(64), default="")  # studies it sends belong there
+    # the TLS client certificate (CN, DNS name or sha256:fingerprint) it must present; migration 0009_ae_identity
+    tls_subject: Mapped[str] = mapped_column(String(255), default="")
+    # queries and retrieves every facility's studies (pacs.ae_scope); migration 0009_dimse_scope
+    archive_wide: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class AESighting(Base):
+    """A (registered AE title, peer address) pair seen calling (pacs.ae_sightings): the first time is audited."""
+
+    __tablename__ = "ae_sighting"
+    __table_args__ = (UniqueConstraint("ae_title", "address", name="uq_ae_sighting"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ae_title: Mapped[str] = mapped_column(String(16))
+    address: Mapped[str] = mapped_column(String(64))
+    first_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
 class DerivedTask(Base):
@@ -194,13 +213,28 @@ class DerivedTask(Base):
     kind: Mapped[str] = mapped_column(String(32))
     subject_uid: Mapped[str] = mapped_column(UID)
     sha256: Mapped[str] = mapped_column(String(64), default="")
-    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending, queued, done, failed
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending, queued, running, done, failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # runs started (a claim counts one: pacs.task_lease)
     last_error: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
     )
+    # the TaskOwner holding the row (queued in its in-process pool, or running); "" when none does
+    owner: Mapped[str] = mapped_column(String(160), default="")
+    crashes: Mapped[int] = mapped_column(Integer, default=0)  # runs whose owner died in them (0009_task_lease)
+
+
+class TaskOwner(Base):
+    """A process that holds derived tasks, and its heartbeat (pacs.task_lease; migration 0009_task_lease)."""
+
+    __tablename__ = "task_owner"
+
+    id: Mapped[str] = mapped_column(String(160), primary_key=True)  # host/pid/start
+    host: Mapped[str] = mapped_column(String(128))  # host name and PID namespace: where the pid means something
+    pid: Mapped[int] = mapped_column(Integer)
+    started: Mapped[str] = mapped_column(String(32))  # the process's start time, so a reused pid is not taken for it
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class ForwardRule(Base):
@@ -261,6 +295,7 @@ class AuditEvent(Base):
     prev_hash: Mapped[str] = mapped_column(String(64), default="")  # entry_hash of the row before (pacs.audit)
     entry_hash: Mapped[str] = mapped_column(String(64), default="")
 import pacs.commitment_models  # noqa: E402  (registers the storage_commitment table on Base)
+import pacs.reconciliation_models  # noqa: E402  (registers the reconciliation queue on Base)
 import pacs.reports.models  # noqa: E402  (registers reports, claims, key images, HL7 outbound on Base)
 import pacs.ris.models  # noqa: E402  (registers the RIS tables on Base)
 import pacs.security.models  # noqa: E402, F401  (registers users, tokens and shares on Base)

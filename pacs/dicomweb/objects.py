@@ -10,6 +10,7 @@ Basic or Extended Offset Table).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,8 +26,9 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from pacs.errors import NotFound
 from pacs.forwarding.delivery import local_file
+from pacs.imaging import limits
 from pacs.metadata import BULK_DATA_THRESHOLD, PIXEL_DATA_TAGS
-from pacs.transcode import to_uncompressed
+from pacs.transcode import Unconvertible, to_uncompressed
 from storage import ObjectStore
 from storage.base import CHUNK_SIZE
 
@@ -46,10 +48,21 @@ def stream_stored(store: ObjectStore, key: str, chunk_size: int = CHUNK_SIZE) ->
 
 
 def stream_converted(store: ObjectStore, key: str, target: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
-    """The object decompressed (if it was) and written as a Part-10 file in ``target``, chunk by chunk."""
+    """The object decompressed (if it was) and written as a Part-10 file in ``target``, chunk by chunk.
+
+    The conversion happens at the first ``next()``, before the first chunk: a caller that takes the first
+    chunk before answering turns every failure (:class:`~pacs.transcode.Unconvertible`, including an object
+    over the decode bound, or pixel data no decoder can read) into an error status, not a cut body."""
     with local_file(store, key) as path:
         ds = pydicom.dcmread(path)
-    to_uncompressed(ds, UID(target))
+    try:
+        to_uncompressed(ds, UID(target))
+    except Unconvertible:
+        raise
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise Unconvertible(f"the pixel data cannot be decoded: {' '.join(str(exc).split())[:200]}") from exc
     with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as out:
         ds.save_as(out, enforce_file_format=True)
         del ds
@@ -130,11 +143,26 @@ class FrameReader:
             return self.decoded(index)  # big endian: swapped to little endian by decoding
         return self._native(index)
 
+    def check_decodable(self, index: int) -> int:
+        """The memory decoding frame ``index`` needs; :class:`~pacs.imaging.limits.DecodeTooLarge` over the
+        bound (``PACS_MAX_DECODED_MIB``) or when its compressed header claims more than the dataset."""
+        geometry = limits.geometry_of(self.ds)
+        cost = limits.check_frames(dataclasses.replace(geometry, frames=1), self.syntax)
+        if limits.has_frame_header(self.syntax):
+            limits.check_codestream(self._encapsulated(index), geometry, self.syntax, index + 1)
+        return cost
+
     def decoded(self, index: int) -> bytes:
-        """The frame decompressed, exactly as it is in the object that ``to_uncompressed`` makes."""
+        """The frame decompressed, exactly as it is in the object that ``to_uncompressed`` makes.
+
+        Raises DecodeTooLarge (checked before the decoder runs) and FrameError."""
+        cost = self.check_decodable(index)
         try:
-            decoder = get_decoder(self.syntax)
-            arr, _ = decoder.as_array(self.ds, index=index, as_rgb=True)
+            with limits.reserve(cost):
+                decoder = get_decoder(self.syntax)
+                arr, _ = decoder.as_array(self.ds, index=index, as_rgb=True)
+        except limits.DecodeBusy as exc:
+            raise FrameError(str(exc)) from None
         except Exception as exc:
             raise FrameError(f"frame {index + 1} cannot be decoded: {' '.join(str(exc).split())[:200]}") from exc
         arr = np.asarray(arr)

@@ -140,16 +140,22 @@ def _quality(text: str | None) -> int:
 def render(ds: Dataset, index: int, params: RenderParams, media_type: str) -> bytes:
     """Frame ``index`` (zero-based) of ``ds`` rendered, cropped and fitted, encoded as ``media_type``.
 
-    Raises RenderError when the pixel data cannot be rendered.
+    A frame larger than :data:`~pacs.imaging.render.RENDER_MAX_PIXELS` is rendered reduced (so an answer
+    without a viewport is then smaller than the image); a region is still given in the image's pixels.
+    Raises RenderError when the pixel data cannot be rendered (RenderTooLarge over the decode bound).
     """
     if params.window is not None and params.function is not None:
         ds.VOILUTFunction = params.function  # our parsed copy: the window's function for this rendering
-    image = render_frame(ds, index, params.window)
+    fit = params.viewport if params.region is None else None
+    image = render_frame(ds, index, params.window, fit=fit)
     if params.region is not None:
         x, y, w, h = params.region
         if params.region_fraction:
             x, w = x * image.width, w * image.width
             y, h = y * image.height, h * image.height
+        else:  # pixels of the full image; a large image may have been rendered reduced
+            scale = image.width / max(int(ds.get("Columns") or image.width), 1)
+            x, y, w, h = x * scale, y * scale, w * scale, h * scale
         box = (round(x), round(y), min(round(x + w), image.width), min(round(y + h), image.height))
         if box[0] >= image.width or box[1] >= image.height or box[2] <= box[0] or box[3] <= box[1]:
             raise RenderError(f"region {params.region} lies outside the {image.width}x{image.height} image")

@@ -28,14 +28,21 @@ A702   the part is larger than ``PACS_MAX_OBJECT_BYTES``
 A900   the dataset does not match: its StudyInstanceUID is not the study in the URL; or policy ``reject``
        and a different object with this SOP Instance UID is stored
 C000   not a DICOM PS3.10 file (no File Meta Information, not DICOM at all), or not ``application/dicom``
-C001   a UID that is not digits and dots or is longer than 64 characters
+C001   a UID that is not digits and dots, has a component with a leading zero, or is longer than 64 characters
 C002   truncated
 C003   a required identifier (SOP Class/Instance, Study, Series UID) is missing
 C004   not a storable instance (a DICOMDIR)
 0110   processing failure (an unexpected error; the server log has it)
 ====== ===============================================================================================
 
-HTTP status (PS3.18 Table 10.5.3-1): 200 all stored, 202 some stored and some failed, 409 none stored.
+Warning Reason (0008,1196) of a stored instance: ``B000`` when it was stored but held for reconciliation
+(not filed in the study it names: :mod:`pacs.reconciliation`), with an Error Comment saying why. Only a
+sender that may read that study is told; for anyone else a held instance is listed exactly as a stored one
+(same Retrieve URL, built from the object's own UIDs), so the response never says whether another
+facility's study exists.
+
+HTTP status (PS3.18 Table 10.5.3-1): 200 all stored, 202 some stored and some failed (or a warning), 409 none
+stored.
 """
 
 from __future__ import annotations
@@ -151,6 +158,7 @@ class StowItem:
     failure_reason: int | None = None  # None: stored
     comment: str = ""
     series_instance_uid: str = ""  # stored instances: for their Retrieve URL
+    warning_reason: int | None = None  # stored instances: B000 held for reconciliation (told to who may read it)
 
     @property
     def stored(self) -> bool:
@@ -172,9 +180,9 @@ class StowResult:
 
     @property
     def http_status(self) -> int:
-        """PS3.18 Table 10.5.3-1: 200 all stored, 202 some, 409 none."""
+        """PS3.18 Table 10.5.3-1: 200 all stored, 202 some (or with warnings), 409 none."""
         if not self.failed:
-            return 200
+            return 202 if any(i.warning_reason is not None for i in self.items) else 200
         return 202 if self.stored else 409
 
     @property
@@ -222,7 +230,13 @@ def _stored_item(item: StowItem, root: str) -> dict[str, Any]:
     if item.series_instance_uid:
         url = (f"{root}/studies/{item.study_instance_uid}/series/{item.series_instance_uid}"
                f"/instances/{item.sop_instance_uid}")
-    return {"00081150": _ui(item.sop_class_uid), "00081155": _ui(item.sop_instance_uid), "00081190": _ur(url)}
+    out: dict[str, Any] = {}
+    if item.warning_reason is not None and item.comment:
+        out["00000902"] = {"vr": "LO", "Value": [error_comment(item.comment)]}
+    out.update({"00081150": _ui(item.sop_class_uid), "00081155": _ui(item.sop_instance_uid), "00081190": _ur(url)})
+    if item.warning_reason is not None:
+        out["00081196"] = {"vr": "US", "Value": [item.warning_reason]}
+    return out
 
 
 # -- storing -----------------------------------------------------------------------------------------
@@ -301,8 +315,11 @@ class StowService:
         sop_class, sop = outcome.sop_class_uid, outcome.sop_instance_uid
         if reason is not None and not sop:
             sop_class, sop = _meta_uids(data)
-        return StowItem(part.number, sop_class, sop, outcome.study_instance_uid, reason,
-                        outcome.message if reason is not None else "")
+        if reason is None:  # stored (or held): the Retrieve URL from the object's own UIDs, whichever it was
+            return StowItem(part.number, sop_class, sop, outcome.study_instance_uid, None,
+                            outcome.message if outcome.warn else "", outcome.series_instance_uid,
+                            store_status(outcome) if outcome.warn else None)
+        return StowItem(part.number, sop_class, sop, outcome.study_instance_uid, reason, outcome.message)
 
     def _parse(self, data: bytes) -> Any:
         return parse_received(data, max_bytes=self._max_bytes, assume_utf8_for_latin1=self._utf8,
@@ -331,8 +348,10 @@ class StowService:
                         DATASET_DOES_NOT_MATCH, "StudyInstanceUID differs from the study in the request URL")
 
     def _add_series(self, result: StowResult) -> None:
-        """The Series Instance UID of each stored instance, for its Retrieve URL (from the index)."""
-        sops = [i.sop_instance_uid for i in result.stored]
+        """The Series Instance UID of each stored instance the ingest did not name, for its Retrieve URL."""
+        sops = [i.sop_instance_uid for i in result.stored if not i.series_instance_uid]
+        if not sops:
+            return
         series: dict[str, str] = {}
         try:
             with self._read_sessions() as session:
@@ -344,8 +363,8 @@ class StowService:
         except SQLAlchemyError as exc:  # stored all the same: the Retrieve URLs stay empty (Type 2)
             log.error("cannot read series of stored instances: %s", str(exc).splitlines()[0][:200])
         result.items = [StowItem(i.number, i.sop_class_uid, i.sop_instance_uid, i.study_instance_uid,
-                                 i.failure_reason, i.comment, series.get(i.sop_instance_uid, ""))
-                        if i.stored else i for i in result.items]
+                                 i.failure_reason, i.comment, series.get(i.sop_instance_uid, ""), i.warning_reason)
+                        if i.stored and not i.series_instance_uid else i for i in result.items]
 
 
 def _chunks(values: list[str], size: int) -> Iterable[list[str]]:

@@ -4,13 +4,19 @@
 
 Everything that can fail because of the request (no acceptable representation, a missing frame, a
 malformed parameter) fails *before* the first byte is produced, so the client gets a proper status.
-What fails later (an object that turns out to be corrupt part-way through a study) ends the stream
-without its closing boundary, which clients report as a truncated response rather than missing data.
+So does the first conversion of a response: the first object to transcode (WADO-RS retrieve, WADO-URI)
+and the first frame to decode are converted before the body starts, so a decode failure or an object over
+the decode bound (:mod:`pacs.imaging.limits`) is 406 ``not_acceptable`` (naming ``transfer-syntax=*``,
+which always works) and corrupt frames 422, never a 200 with a cut body.
+What fails later (a later object of a study, a later frame) ends the stream without its closing
+boundary (the HTTP server then closes the connection without the chunked body's last chunk), which
+clients report as a truncated response rather than complete data.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -26,6 +32,7 @@ from pacs.dicomweb.documents import MetadataDocuments
 from pacs.dicomweb.media import FrameFormat, MediaRange
 from pacs.dicomweb.multipart import MultipartWriter
 from pacs.dicomweb.objects import (
+    FrameError,
     FrameReader,
     bulk_value,
     is_pixel_path,
@@ -44,7 +51,9 @@ from pacs.dicomweb.resources import (
     stored_syntaxes,
 )
 from pacs.errors import InvalidInput, NotFound
+from pacs.imaging import limits
 from pacs.imaging.render import RenderError, placeholder
+from pacs.transcode import Unconvertible
 from storage import ObjectNotFound, ObjectStore
 from storage.keys import series_thumbnail_key, study_thumbnail_key
 
@@ -107,16 +116,20 @@ class Wado:
         for syntax in syntaxes:
             media.choose_syntax(syntax, acceptable)  # 406 now, before any part is sent
         writer = MultipartWriter(media.DICOM)
-        return Body(writer.content_type, self._instances(target, acceptable, writer))
+        return Body(writer.content_type, _primed(self._instances(target, acceptable, writer)))
 
     def _instances(self, target: Target, acceptable: tuple[str, ...], writer: MultipartWriter) -> Iterator[bytes]:
+        """The parts; each object is read (converted) before its part header, so priming the first
+        chunk converts the first object."""
         for item in iter_instances(self.sessions, target):
             choice = media.choose_syntax(item.transfer_syntax_uid, acceptable)
             if choice.convert:
                 chunks = stream_converted(self.store, item.object_key, choice.transfer_syntax)
             else:
                 chunks = stream_stored(self.store, item.object_key)
-            yield from writer.part(f"{media.DICOM}; transfer-syntax={choice.transfer_syntax}", chunks)
+            first = next(chunks, b"")
+            yield from writer.part(f"{media.DICOM}; transfer-syntax={choice.transfer_syntax}",
+                                   itertools.chain([first], chunks))
         yield writer.end()
 
     def retrieve_single(self, target: Target, transfer_syntax: str | None) -> Body:
@@ -126,7 +139,7 @@ class Wado:
         choice = media.choose_syntax(item.transfer_syntax_uid, acceptable)
         chunks = (stream_converted(self.store, item.object_key, choice.transfer_syntax) if choice.convert
                   else stream_stored(self.store, item.object_key))
-        return Body(media.DICOM, chunks)
+        return Body(media.DICOM, _primed(chunks))
 
     # -- metadata ---------------------------------------------------------------------------------
 
@@ -166,11 +179,26 @@ class Wado:
         writer = MultipartWriter(fmt.media_type)
         part_type = f"{fmt.media_type}; transfer-syntax={fmt.transfer_syntax}"
 
+        def frame(index: int) -> bytes:
+            return reader.decoded(index) if fmt.decode else reader.stored(index)
+
+        try:  # the first frame now: a refusal or a decode error gets a status, not a cut body
+            first = frame(indexes[0]) if indexes else b""
+        except limits.DecodeTooLarge as exc:
+            stack.close()
+            raise media.NotAcceptable(f"{exc}; ask for the frames as stored: multipart/related; "
+                                      f'type="{media.OCTET_STREAM}"; transfer-syntax=*') from None
+        except FrameError as exc:
+            stack.close()
+            raise Unrenderable(str(exc)) from None
+        except BaseException:
+            stack.close()
+            raise
+
         def chunks() -> Iterator[bytes]:
             with stack:
-                for index in indexes:
-                    data = reader.decoded(index) if fmt.decode else reader.stored(index)
-                    yield from writer.part(part_type, data)
+                for n, index in enumerate(indexes):
+                    yield from writer.part(part_type, first if n == 0 else frame(index))
                 yield writer.end()
 
         return Body(writer.content_type, chunks())
@@ -237,6 +265,17 @@ class Wado:
             return self.store.get_bytes(key)
         except ObjectNotFound:
             return None
+
+
+def _primed(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """``chunks`` with its first chunk already produced: a conversion that fails there raises now, mapped to
+    406 (``transfer-syntax=*`` sends the object as stored), instead of after a 200 has started."""
+    try:
+        first = next(chunks, None)
+    except Unconvertible as exc:
+        raise media.NotAcceptable(f"the object cannot be sent decompressed: {exc}; "
+                                  "ask for it as stored (transfer-syntax=*)") from None
+    return iter(()) if first is None else itertools.chain([first], chunks)
 
 
 def _read_image(fp: BinaryIO) -> Dataset:

@@ -35,8 +35,10 @@ Everything here is pure: datasets and bytes in, images and bytes out.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Final
 
@@ -58,16 +60,19 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000TransferSyntaxes,
-    JPEGLSTransferSyntaxes,
     JPEGTransferSyntaxes,
 )
+
+from pacs.imaging import limits
 
 __all__ = [
     "AUTO_WINDOW_PERCENTILES",
     "MAX_DIMENSION",
     "MAX_SAMPLES_PER_PIXEL",
+    "RENDER_MAX_PIXELS",
+    "RenderBusy",
     "RenderError",
+    "RenderTooLarge",
     "placeholder",
     "render_bytes",
     "render_frame",
@@ -78,6 +83,10 @@ __all__ = [
 MAX_DIMENSION: Final = 16384
 #: More samples per pixel than this is not an image we can display.
 MAX_SAMPLES_PER_PIXEL: Final = 4
+#: Frames with more pixels are rendered reduced by a power of two (working memory bound).
+RENDER_MAX_PIXELS: Final = 2 * 2048 * 2048
+#: Rendering's own arrays per reduced sample: float32 values and window output, masks, 8-bit result.
+_WORKING_BYTES_PER_SAMPLE: Final = 16
 #: Percentiles of the modality values used for the automatic window.
 AUTO_WINDOW_PERCENTILES: Final = (0.5, 99.5)
 #: The automatic window is estimated on at most this many pixels (a strided sample).
@@ -111,6 +120,16 @@ class RenderError(Exception):
     """
 
 
+class RenderBusy(RenderError):
+    """The process's decode memory budget stayed taken for too long: a transient condition (try again
+    later), unlike every other :class:`RenderError`."""
+
+
+class RenderTooLarge(RenderError):
+    """Decoding the frame would need more memory than ``PACS_MAX_DECODED_MIB`` (or its compressed header
+    claims more than the dataset): the object is kept and served as stored, but not rendered."""
+
+
 @dataclass(frozen=True)
 class _Geometry:
     rows: int
@@ -126,6 +145,7 @@ def render_frame(
     ds: Dataset,
     frame: int = 0,
     window: tuple[float, float] | None = None,
+    fit: tuple[int, int] | None = None,
 ) -> Image.Image:
     """Render one frame of ``ds`` as an 8-bit ``'L'`` or ``'RGB'`` PIL image.
 
@@ -133,13 +153,25 @@ def render_frame(
     encapsulated data and slices native data), so picking a frame of a
     thousand-frame cine does not decode the other 999.
 
+    Memory is bounded (:mod:`pacs.imaging.limits`): the frame's decode cost is
+    checked before any decoder runs and held against the process's decode
+    budget while rendering. A frame of more than :data:`RENDER_MAX_PIXELS`
+    pixels is rendered *reduced* by a power of two: JPEG 2000 is decoded at a
+    lower resolution level and 8-bit grey JPEG with DCT scaling (both through
+    Pillow, so the full-size image is never allocated); other data is decoded
+    and subsampled before any floating-point work, which is float32. The
+    returned image is then smaller than Columns x Rows.
+
     Args:
         ds: The dataset, as read by :func:`pydicom.dcmread`.
         frame: Zero-based frame index.
         window: ``(center, width)`` in modality units (HU for CT). Overrides the
             dataset's own VOI; ignored for colour images.
+        fit: ``(width, height)`` the caller will scale the image down to; a large
+            frame is then reduced further, never below this size.
 
     Raises:
+        RenderTooLarge: decoding the frame is over the configured bound.
         RenderError: with a readable reason when the frame cannot be rendered.
     """
     geometry = _geometry(ds)
@@ -153,7 +185,38 @@ def render_frame(
         )
     window = _validate_window(window)
     tsyntax = _transfer_syntax(ds)
-    arr, pi, bits_stored = _decode(ds, frame, geometry, tsyntax)
+    try:
+        pixels = limits.geometry_of(ds)
+        fragment = _fragment(ds, frame, geometry) if limits.has_frame_header(tsyntax) else None
+        if fragment is not None:
+            limits.check_codestream(fragment, pixels, tsyntax, number=frame)
+        factor = _reduction(geometry, fit)
+        reduced = _reduced_decoder(ds, tsyntax, fragment, geometry, factor) if factor > 1 else None
+        if reduced is not None:
+            cost = limits.decode_cost(_scaled(pixels, reduced.factor), tsyntax)
+        else:
+            cost = limits.decode_cost(pixels, tsyntax)
+            limits.require_within_bound(cost, f"frame {frame} ({pixels.describe()})")
+        cost += _WORKING_BYTES_PER_SAMPLE * math.ceil(geometry.rows / factor) * math.ceil(
+            geometry.columns / factor) * geometry.samples
+        with limits.reserve(cost):
+            return _render(ds, frame, geometry, tsyntax, window, factor, reduced)
+    except limits.DecodeTooLarge as exc:
+        raise RenderTooLarge(str(exc)) from None
+    except limits.DecodeBusy as exc:
+        raise RenderBusy(str(exc)) from None
+
+
+def _render(ds: Dataset, frame: int, geometry: _Geometry, tsyntax: UID, window: tuple[float, float] | None,
+            factor: int, reduced: _ReducedDecoder | None) -> Image.Image:
+    if reduced is not None:
+        arr, pi, bits_stored = reduced.decode()
+        step = factor // reduced.factor
+    else:
+        arr, pi, bits_stored = _decode(ds, frame, geometry, tsyntax)
+        step = factor
+    if step > 1:  # subsample before any float conversion; the full-size array is freed here
+        arr = np.ascontiguousarray(arr[::step, ::step])
 
     if geometry.samples == 1:
         if pi == "PALETTE COLOR":
@@ -194,7 +257,7 @@ def thumbnail(ds: Dataset, size: int = 128, quality: int = 85, fmt: str = "jpeg"
     fmt_name = _check_output_args(size, quality, fmt)
     geometry = _geometry(ds)
     frame = geometry.frames // 2
-    image = render_frame(ds, frame=frame)
+    image = render_frame(ds, frame=frame, fit=(2 * size, 2 * size))
     target = _thumbnail_size(image.size, _pixel_aspect(ds, frame), size)
     if target != image.size:
         image = image.resize(target, resample=Image.Resampling.LANCZOS, reducing_gap=2.0)
@@ -277,7 +340,7 @@ def _geometry(ds: Dataset) -> _Geometry:
     if rows < 1 or columns < 1:
         raise RenderError(f"absurd image size {columns}x{rows}")
     if rows > MAX_DIMENSION or columns > MAX_DIMENSION:
-        raise RenderError(
+        raise RenderTooLarge(
             f"image size {columns}x{rows} exceeds the {MAX_DIMENSION}x{MAX_DIMENSION} rendering limit"
         )
     if not 1 <= samples <= MAX_SAMPLES_PER_PIXEL:
@@ -340,9 +403,6 @@ def _decode(ds: Dataset, frame: int, geometry: _Geometry, tsyntax: UID) -> tuple
         options["photometric_interpretation"] = "YBR_FULL_422"
         options["as_rgb"] = False
 
-    if tsyntax.is_encapsulated:
-        _check_codestream(ds, frame, geometry, tsyntax)
-
     try:
         arr, props = decoder.as_array(ds, index=frame, validate=True, **options)
     except MemoryError:
@@ -361,64 +421,130 @@ def _decode(ds: Dataset, frame: int, geometry: _Geometry, tsyntax: UID) -> tuple
     return arr, out_pi, bits_stored
 
 
-def _check_codestream(ds: Dataset, frame: int, geometry: _Geometry, tsyntax: UID) -> None:
-    """Refuse a JPEG-family frame whose codestream header claims more pixels than the dataset.
-
-    Codecs allocate from their own header, not from Rows/Columns, so checking
-    the dataset alone would not stop a small file that inflates to gigabytes.
-    """
-    # JPEG2000TransferSyntaxes includes the HTJ2K syntaxes in pydicom 3.
-    if tsyntax not in (*JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes, *JPEG2000TransferSyntaxes):
-        return
+def _fragment(ds: Dataset, frame: int, geometry: _Geometry) -> bytes:
+    """The compressed bytes of one frame (without decoding them)."""
     try:
         extended = None
         if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
             extended = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
-        data = get_frame(ds.PixelData, frame, number_of_frames=geometry.frames, extended_offsets=extended)
+        return get_frame(ds.PixelData, frame, number_of_frames=geometry.frames, extended_offsets=extended)
     except MemoryError:
         raise
     except Exception as exc:
         raise RenderError(
             f"cannot locate frame {frame} in the encapsulated pixel data: {_one_line(exc)}"
         ) from exc
-    dims = _codestream_dimensions(data)
-    if dims is None:
-        return  # unknown layout: leave the verdict to the decoder
-    width, height = dims
-    if width > geometry.columns or height > geometry.rows:
-        raise RenderError(
-            f"compressed frame {frame} claims {width}x{height} pixels but the dataset says "
-            f"{geometry.columns}x{geometry.rows}; refusing to decode"
-        )
 
 
-def _codestream_dimensions(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a JPEG/JPEG-LS SOF or JPEG 2000 SIZ header, or None."""
-    if len(data) >= 16 and data[:4] == b"\xff\x4f\xff\x51":  # J2K: SOC then SIZ
-        x_siz, y_siz, x_off, y_off = (int.from_bytes(data[i : i + 4], "big") for i in (8, 12, 16, 20))
-        return max(x_siz - x_off, 0), max(y_siz - y_off, 0)
-    if data[:2] != b"\xff\xd8":  # JPEG / JPEG-LS start of image
+def _reduction(geometry: _Geometry, fit: tuple[int, int] | None) -> int:
+    """The power-of-two reduction for a frame: 1 up to :data:`RENDER_MAX_PIXELS`; beyond, enough to get
+    under it, and more while the result still covers ``fit``."""
+    rows, columns = geometry.rows, geometry.columns
+    if rows * columns <= RENDER_MAX_PIXELS:
+        return 1
+    factor = 2
+    while math.ceil(rows / factor) * math.ceil(columns / factor) > RENDER_MAX_PIXELS:
+        factor *= 2
+    if fit is not None:
+        while factor < 64 and columns // (2 * factor) >= fit[0] and rows // (2 * factor) >= fit[1]:
+            factor *= 2
+    return factor
+
+
+def _scaled(pixels: limits.PixelGeometry, factor: int) -> limits.PixelGeometry:
+    return dataclasses.replace(pixels, rows=math.ceil(pixels.rows / factor),
+                               columns=math.ceil(pixels.columns / factor), frames=1)
+
+
+@dataclass(frozen=True)
+class _ReducedDecoder:
+    """A decoder that produces the frame already reduced by ``factor`` (Pillow: JPEG 2000 resolution
+    levels, JPEG DCT scaling), so the full-size frame is never allocated."""
+
+    factor: int
+    decode: Callable[[], tuple[NDArray[Any], str, int]]
+
+
+def _reduced_decoder(ds: Dataset, tsyntax: UID, fragment: bytes | None, geometry: _Geometry,
+                     factor: int) -> _ReducedDecoder | None:
+    """A reduced decoder for this frame, or None (then it is decoded in full and subsampled).
+
+    Only for what Pillow decodes exactly like pydicom: unsigned grey JPEG 2000 up to 16 bits and RGB
+    JPEG 2000 (reversible/irreversible colour transform undone by OpenJPEG), and 8-bit grey JPEG.
+    Pillow refuses images over its own pixel limit; those go the full (bounded) way.
+    """
+    if fragment is None or geometry.rows * geometry.columns > Image.MAX_IMAGE_PIXELS:
         return None
-    pos = 2
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
+    pi = str(ds.get("PhotometricInterpretation") or "").strip().upper()
+    header = limits.codestream_header(fragment, j2k=limits.is_j2k(tsyntax))
+    if header is None:
+        return None
+    if limits.is_j2k(tsyntax):
+        grey = geometry.samples == 1 and pi in _MONOCHROME and header.precision <= 16
+        colour = geometry.samples == 3 and pi in ("RGB", "YBR_ICT", "YBR_RCT") and header.precision == 8
+        signed = int(ds.get("PixelRepresentation") or 0) == 1 or _j2k_signed(fragment)
+        levels = _j2k_levels(fragment)
+        if not (grey or colour) or signed or levels < 1:
             return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-        # SOF0..SOF15 except DHT (C4), JPG (C8), DAC (CC); SOF55 for JPEG-LS.
-        if (0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)) or marker == 0xF7:
-            if pos + 9 > len(data):
-                return None
-            height = int.from_bytes(data[pos + 5 : pos + 7], "big")
-            width = int.from_bytes(data[pos + 7 : pos + 9], "big")
-            return width, height
-        if marker == 0xDA:  # start of scan before any frame header
-            return None
-        pos += 2 + length
+        reduce = min(factor.bit_length() - 1, levels)
+        return _ReducedDecoder(1 << reduce, lambda: _pillow_j2k(fragment, reduce, geometry, pi, header.precision))
+    if tsyntax in JPEGTransferSyntaxes and geometry.samples == 1 and header.precision == 8 and pi in _MONOCHROME:
+        scale = min(factor, 8)
+        return _ReducedDecoder(scale, lambda: _pillow_jpeg(fragment, scale, geometry, pi))
     return None
+
+
+def _j2k_siz_offset(data: bytes) -> int:
+    return 0 if data[:4] == b"\xff\x4f\xff\x51" else data.find(b"\xff\x4f\xff\x51", 0, limits.HEADER_SCAN_BYTES)
+
+
+def _j2k_signed(data: bytes) -> bool:
+    at = _j2k_siz_offset(data)
+    return at >= 0 and len(data) > at + 44 and bool(data[at + 42] & 0x80)
+
+
+def _j2k_levels(data: bytes) -> int:
+    """Decomposition levels from the main header's COD marker (0 when not found)."""
+    at = _j2k_siz_offset(data)
+    cod = data.find(b"\xff\x52", max(at, 0), max(at, 0) + 4096)
+    return data[cod + 9] if cod >= 0 and len(data) > cod + 9 else 0
+
+
+def _pillow_j2k(fragment: bytes, reduce: int, geometry: _Geometry, pi: str,
+                precision: int) -> tuple[NDArray[Any], str, int]:
+    try:
+        image = Image.open(io.BytesIO(fragment), formats=["JPEG2000"])
+        image.reduce = reduce  # type: ignore[attr-defined]  # Jpeg2KImageFile: decode this many levels down
+        image.load()
+        arr = np.asarray(image)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise RenderError(f"cannot decode the JPEG 2000 frame at a reduced resolution: {_one_line(exc)}") from exc
+    _check_reduced_shape(arr, geometry, 1 << reduce)
+    if arr.dtype == np.uint16 and 8 < precision < 16:
+        arr = arr >> (16 - precision)  # Pillow scales 9-15 bit samples up to the full 16 bits
+    return arr, ("RGB" if geometry.samples == 3 else pi), precision
+
+
+def _pillow_jpeg(fragment: bytes, scale: int, geometry: _Geometry, pi: str) -> tuple[NDArray[Any], str, int]:
+    try:
+        image = Image.open(io.BytesIO(fragment), formats=["JPEG"])
+        image.draft("L", (math.ceil(geometry.columns / scale), math.ceil(geometry.rows / scale)))
+        image.load()
+        arr = np.asarray(image.convert("L") if image.mode != "L" else image)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise RenderError(f"cannot decode the JPEG frame at a reduced resolution: {_one_line(exc)}") from exc
+    _check_reduced_shape(arr, geometry, scale)
+    return arr, pi, 8
+
+
+def _check_reduced_shape(arr: NDArray[Any], geometry: _Geometry, factor: int) -> None:
+    expected = (math.ceil(geometry.rows / factor), math.ceil(geometry.columns / factor))
+    if arr.shape[:2] != expected:
+        raise RenderError(f"reduced frame has shape {arr.shape[:2]}, expected {expected}")
 
 
 # --------------------------------------------------------------------------- grayscale
@@ -479,8 +605,9 @@ def _float_or_none(value: Any) -> float | None:
     return result if math.isfinite(result) else None
 
 
-def _modality_values(arr: NDArray[Any], attrs: Dataset) -> NDArray[np.float64]:
-    """Apply the Modality LUT -> float64 modality values (e.g. HU).
+def _modality_values(arr: NDArray[Any], attrs: Dataset) -> NDArray[np.floating[Any]]:
+    """Apply the Modality LUT -> float32 modality values (e.g. HU; float32 halves the working memory
+    and is exact for the integers of 16-bit data).
 
     A Modality LUT Sequence goes through :func:`pydicom.pixels.apply_modality_lut`;
     Rescale Slope/Intercept (the linear special case) is applied directly so a
@@ -492,7 +619,7 @@ def _modality_values(arr: NDArray[Any], attrs: Dataset) -> NDArray[np.float64]:
         shim.file_meta = attrs.file_meta  # byte order for OW LUT Data
         shim.ModalityLUTSequence = attrs.ModalityLUTSequence
         try:
-            values = np.asarray(apply_modality_lut(arr, shim), dtype=np.float64)
+            values = np.asarray(apply_modality_lut(arr, shim), dtype=np.float32)
         except MemoryError:
             raise
         except Exception as exc:
@@ -500,7 +627,7 @@ def _modality_values(arr: NDArray[Any], attrs: Dataset) -> NDArray[np.float64]:
     else:
         slope = _float_or_none(attrs.get("RescaleSlope")) or 1.0
         intercept = _float_or_none(attrs.get("RescaleIntercept")) or 0.0
-        values = arr.astype(np.float64)
+        values = arr.astype(np.float32)
         if slope != 1.0:
             values *= slope
         if intercept != 0.0:
@@ -527,8 +654,8 @@ def _voi_function(attrs: Dataset) -> str:
 
 
 def _voi(
-    values: NDArray[np.float64], attrs: Dataset, window: tuple[float, float] | None
-) -> NDArray[np.float64]:
+    values: NDArray[np.floating[Any]], attrs: Dataset, window: tuple[float, float] | None
+) -> NDArray[np.floating[Any]]:
     """Map modality values to display levels 0..255 (float)."""
     if window is not None:
         return _apply_window(values, window[0], window[1], _voi_function(attrs))
@@ -544,8 +671,8 @@ def _voi(
 
 
 def _apply_window(
-    values: NDArray[np.float64], center: float, width: float, function: str
-) -> NDArray[np.float64]:
+    values: NDArray[np.floating[Any]], center: float, width: float, function: str
+) -> NDArray[np.floating[Any]]:
     """Window ``values`` to 0..255 with the VOI LUT Function formulas of PS3.3 C.11.2.1.2/3.
 
     Equivalent to :func:`pydicom.pixels.apply_windowing` with an 8-bit output
@@ -574,7 +701,7 @@ def _apply_window(
     return out
 
 
-def _apply_voi_lut_sequence(values: NDArray[np.float64], attrs: Dataset) -> NDArray[np.float64] | None:
+def _apply_voi_lut_sequence(values: NDArray[np.floating[Any]], attrs: Dataset) -> NDArray[np.floating[Any]] | None:
     """Apply the first VOI LUT of the sequence; None when the LUT is unusable."""
     shim = Dataset()
     shim.file_meta = attrs.file_meta
@@ -599,7 +726,7 @@ def _apply_voi_lut_sequence(values: NDArray[np.float64], attrs: Dataset) -> NDAr
     return mapped * (255.0 / top)
 
 
-def _auto_window(values: NDArray[np.float64]) -> NDArray[np.float64]:
+def _auto_window(values: NDArray[np.floating[Any]]) -> NDArray[np.floating[Any]]:
     """A robust window from the data itself, ignoring the extreme 0.5% at each end."""
     flat = values.reshape(-1)
     sample = flat[:: max(1, flat.size // _AUTO_WINDOW_SAMPLE)]
@@ -653,7 +780,7 @@ def _colour_to_rgb(arr: NDArray[Any], pi: str, bits_stored: int) -> NDArray[np.u
     bits = bits_stored if 1 <= bits_stored <= 32 else 8
     if bits == 8 and arr.dtype == np.uint8:
         return np.ascontiguousarray(arr)
-    scaled = arr.astype(np.float64) * (255.0 / float(2**bits - 1))
+    scaled = arr.astype(np.float32) * np.float32(255.0 / float(2**bits - 1))
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 

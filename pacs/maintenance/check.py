@@ -5,10 +5,13 @@ Two passes, both streaming and in short transactions:
 1. every object the index references (current instances and prior versions) is read back in 1 MiB
    chunks and its existence, size and SHA-256 compared with the index row;
 2. the ``dicom/`` listing is compared with the index: an object no row references is an orphan (left by
-   an ingest whose index commit failed and whose clean-up failed too, or by hand).
+   an ingest that died, or whose index commit failed and whose clean-up failed too, or by hand); and the
+   temporary files of interrupted writes (``.tmp-*``, filesystem store) are listed.
 
-An ingest in flight while the check runs can show up as an orphan (its object is written before its
-index row commits); run the check again, or while nothing is being received, before removing one.
+Problems in pass 1 are errors (an indexed object is not as acknowledged). Orphans and temporary files are
+warnings: nothing acknowledged is affected, and ``pacs check --repair`` collects them after a grace period
+(:mod:`pacs.maintenance.repair`). An ingest in flight while the check runs can show up as an orphan (its
+object is written before its index row commits): that is what the grace period is for.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from sqlalchemy import func, select, union_all
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs.db.models import Instance, InstanceVersion
-from pacs.maintenance import NoProgress, ProgressSink
+from pacs.maintenance import NoProgress, ProgressSink, file_modes
+from pacs.maintenance.repair import temporary_files
 from storage import ObjectNotFound, ObjectStore, StorageError, StorageUnavailable
 from storage.base import CHUNK_SIZE
 from storage.keys import parse_instance_key
@@ -35,7 +39,11 @@ class ProblemKind(StrEnum):
     SIZE = "size"  # stored with another size than indexed (truncated, appended to)
     CORRUPT = "corrupt"  # same size, different SHA-256
     UNREADABLE = "unreadable"  # the store refused to read it (not a transient outage)
-    ORPHAN = "orphan"  # in the store under dicom/, referenced by no index row
+    ORPHAN = "orphan"  # in the store under dicom/, referenced by no index row (a warning)
+    TEMPORARY = "temporary"  # a .tmp-* file of an interrupted write (a warning)
+
+
+WARNINGS = frozenset({ProblemKind.ORPHAN, ProblemKind.TEMPORARY})  # the archive is whole; --repair collects them
 
 
 @dataclass(frozen=True)
@@ -53,10 +61,20 @@ class CheckSummary:
     listed: int = 0  # objects listed under dicom/
     problems: list[Problem] = field(default_factory=list)
     seconds: float = 0.0
+    lax_modes: list[str] = field(default_factory=list)  # warnings, not problems (pacs.maintenance.file_modes)
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        """No error: every indexed object is in the store as indexed (orphans and temporary files are warnings)."""
+        return not self.errors
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.kind not in WARNINGS]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.kind in WARNINGS]
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -65,8 +83,10 @@ class CheckSummary:
         return out
 
     def as_dict(self) -> dict[str, object]:
-        return {"ok": self.ok, "checked": self.checked, "bytes_read": self.bytes_read, "listed": self.listed,
-                "counts": self.counts(), "problems": [asdict(p) for p in self.problems], "seconds": self.seconds}
+        return {"ok": self.ok, "errors": len(self.errors), "warnings": len(self.warnings),
+                "checked": self.checked, "bytes_read": self.bytes_read, "listed": self.listed,
+                "counts": self.counts(), "problems": [asdict(p) for p in self.problems], "seconds": self.seconds,
+                "lax_modes": self.lax_modes}
 
 
 def check(sessions: sessionmaker[Session], store: ObjectStore, *, batch_size: int = 500,
@@ -97,6 +117,10 @@ def check(sessions: sessionmaker[Session], store: ObjectStore, *, batch_size: in
                     summary.problems.append(problem)
                 progress.advance(1, nbytes)
     _find_orphans(sessions, store, summary, progress, batch_size)
+    for tmp in temporary_files(store):
+        summary.problems.append(Problem(ProblemKind.TEMPORARY, tmp.path, "",
+                                        f"{tmp.size} bytes, written {tmp.modified.isoformat(timespec='seconds')}"))
+    summary.lax_modes = file_modes.archive_warnings(sessions, store)
     summary.seconds = round(time.monotonic() - started, 3)
     return summary
 

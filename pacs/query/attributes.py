@@ -83,10 +83,26 @@ PARENT_JOINS: dict[Level, tuple[InstrumentedAttribute, InstrumentedAttribute]] =
 }
 
 
-def _patient_total(column: ColumnElement | None) -> ColumnElement:
-    """A correlated count over the patient's studies (PS3.4 C.3.4: Number of Patient Related ...)."""
+def _patient_total(column: ColumnElement | None, studies: ColumnElement[bool] | None = None) -> ColumnElement:
+    """A correlated count over the patient's studies (PS3.4 C.3.4: Number of Patient Related ...);
+    ``studies``: only the studies this condition allows (the asker's scope)."""
     aggregate = func.count(Study.id) if column is None else func.coalesce(func.sum(column), 0)
-    return select(aggregate).where(Study.patient_fk == Patient.id).correlate(Patient).scalar_subquery()
+    conditions = [Study.patient_fk == Patient.id] + ([studies] if studies is not None else [])
+    return select(aggregate).where(*conditions).correlate(Patient).scalar_subquery()
+
+
+#: The patient-level counts, by keyword: the study column they sum (None: the studies are counted).
+PATIENT_TOTALS: dict[str, ColumnElement | None] = {
+    "NumberOfPatientRelatedStudies": None,
+    "NumberOfPatientRelatedSeries": Study.number_of_series,
+    "NumberOfPatientRelatedInstances": Study.number_of_instances,
+}
+
+
+def scoped_patient_total(keyword: str, studies: ColumnElement[bool]) -> ColumnElement:
+    """The count ``keyword`` (one of :data:`PATIENT_TOTALS`) over the studies ``studies`` allows only, so
+    that a patient's studies outside the asker's scope are not even counted."""
+    return _patient_total(PATIENT_TOTALS[keyword], studies)
 
 
 _A = Attribute

@@ -39,12 +39,14 @@ from pacs.query.attributes import (
     INTEGER_VRS,
     MODELS,
     PARENT_JOINS,
+    PATIENT_TOTALS,
     UNIQUE_KEYS,
     Attribute,
     Level,
     Matching,
     Root,
     attribute_at,
+    scoped_patient_total,
 )
 from pacs.security.policy import study_condition
 from pacs.security.principal import AccessScope
@@ -119,16 +121,19 @@ def prepare(query: Query) -> PreparedQuery:
             conditions.append(cond)
 
     top = min((a.level for a in known.values()), key=lambda lv: lv.depth, default=level)
+    totals: dict[str, ColumnElement] = {}
     if query.scope is not None and not query.scope.unrestricted:
         scoped = study_condition(query.scope)
         if level is Level.PATIENT:
+            # a patient is matched only through a study in scope, and counted only with those studies
             conditions.append(exists().where(Study.patient_fk == Patient.id, scoped))
         else:
             top = min(top, Level.STUDY, key=lambda lv: lv.depth)  # join up to the study row
             conditions.append(scoped)
+        totals = {k: scoped_patient_total(k, study_condition(query.scope)) for k in known if k in PATIENT_TOTALS}
     from_clause = _from_clause(level, top)
     base = MODELS[level]
-    columns = [a.column.label(k) for k, a in known.items()]
+    columns = [totals.get(k, a.column).label(k) for k, a in known.items()]
     statement = select(*columns).select_from(from_clause).where(*conditions).order_by(base.id)
     if query.offset:
         statement = statement.offset(query.offset)

@@ -10,6 +10,17 @@ performed for several orders (the IHE "group case") moves only that order.
 The order's state follows its steps (:func:`order_state_for`): in progress while any step is,
 completed once a step completed, discontinued when every step was discontinued. What the modality
 reports wins over the plan, so a step started for a cancelled order brings it back as in progress.
+
+Who may move an order (issue 12, finding 2):
+
+- a step is linked only to an order inside the creating AE's scope (:mod:`pacs.ae_scope`: an order of
+  its facility, any order for an archive-wide AE). An order of another facility is treated exactly like
+  an unknown one: the step is kept unlinked (unscheduled work) and the order does not change, and the
+  modality gets the same answer either way (no oracle);
+- a step is updated (N-SET) only by the AE title that created it (``calling_ae_title``, recorded at
+  N-CREATE); to any other AE the step does not exist (``NoSuchStep``);
+- unregistered AEs cannot reach this service at all: the association policy
+  (:mod:`pacs.network_policy`) accepts MPPS only from registered AEs.
 """
 
 from __future__ import annotations
@@ -37,6 +48,8 @@ from pacs.ris.models import (
     PerformedProcedureStep,
     PerformedSeries,
 )
+from pacs.ris.scope import order_condition
+from pacs.security.principal import UNRESTRICTED, AccessScope
 from storage.keys import is_valid_uid
 
 
@@ -88,8 +101,10 @@ def order_state_for(current: str, step_states: list[str]) -> str:
     return DISCONTINUED
 
 
-def create_step(session: Session, sop_instance_uid: str, attributes: Dataset, calling_ae: str = "") -> StepRecord:
-    """Record an N-CREATE: a new step IN PROGRESS, linked to its order, which becomes in progress."""
+def create_step(session: Session, sop_instance_uid: str, attributes: Dataset, calling_ae: str = "", *,
+                scope: AccessScope = UNRESTRICTED) -> StepRecord:
+    """Record an N-CREATE: a new step IN PROGRESS, linked to its order (if inside ``scope``), which
+    becomes in progress."""
     if not is_valid_uid(sop_instance_uid):
         raise InvalidStep(f"invalid SOP Instance UID {sop_instance_uid[:80]!r}")
     status = text(attributes, "PerformedProcedureStepStatus")
@@ -99,7 +114,7 @@ def create_step(session: Session, sop_instance_uid: str, attributes: Dataset, ca
                       .where(PerformedProcedureStep.sop_instance_uid == sop_instance_uid)) is not None:
         raise DuplicateStep(f"performed procedure step {sop_instance_uid} already exists")
     scheduled = _scheduled_steps(attributes)
-    order = _linked_order(session, scheduled)
+    order = _linked_order(session, scheduled, scope)
     first = scheduled[0] if scheduled else {}
     step = PerformedProcedureStep(
         sop_instance_uid=sop_instance_uid,
@@ -129,12 +144,17 @@ def create_step(session: Session, sop_instance_uid: str, attributes: Dataset, ca
     return _record(step, order)
 
 
-def set_step(session: Session, sop_instance_uid: str, modification: Dataset) -> StepRecord:
-    """Record an N-SET: update the step, and on COMPLETED or DISCONTINUED its order's state."""
+def set_step(session: Session, sop_instance_uid: str, modification: Dataset, *,
+             calling_ae: str | None = None) -> StepRecord:
+    """Record an N-SET: update the step, and on COMPLETED or DISCONTINUED its order's state.
+
+    ``calling_ae``: the AE title asking (DIMSE); the step must have been created by it, else it is
+    answered as unknown. ``None`` (the command line, tests) skips that check.
+    """
     step = session.scalars(select(PerformedProcedureStep)
                            .where(PerformedProcedureStep.sop_instance_uid == sop_instance_uid)
                            .with_for_update()).one_or_none()
-    if step is None:
+    if step is None or (calling_ae is not None and step.calling_ae_title != calling_ae.strip()[:16]):
         raise NoSuchStep(f"no performed procedure step {sop_instance_uid[:80]}")
     requested = text(modification, "PerformedProcedureStepStatus") if "PerformedProcedureStepStatus" in \
         modification else None
@@ -169,9 +189,10 @@ def _scheduled_steps(attributes: Dataset) -> list[dict[str, str]]:
              "study": text(item, "StudyInstanceUID", 64)} for item in items]
 
 
-def _linked_order(session: Session, scheduled: list[dict[str, str]]) -> ImagingOrder | None:
+def _linked_order(session: Session, scheduled: list[dict[str, str]], scope: AccessScope) -> ImagingOrder | None:
+    """The first order the Scheduled Step Attributes name that is inside ``scope`` (others are unknown)."""
     for item in scheduled:
-        stmt = select(ImagingOrder)
+        stmt = select(ImagingOrder).where(order_condition(scope))
         if item["accession"]:
             stmt = stmt.where(ImagingOrder.accession_number == item["accession"])
             if item["procedure"]:

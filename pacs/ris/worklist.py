@@ -16,6 +16,9 @@ Matching keys (everything else in the identifier is a return key, answered empty
 
 Sequence matching (C.2.2.2.6) uses the sequence's first item; an empty sequence matches every
 order and is answered with a full item. ReferringPhysicianName is returned but not matched on.
+
+Only orders inside the asker's scope are listed (:func:`pacs.ris.scope.order_condition`; for a modality,
+:func:`pacs.ae_scope.ae_scope`: its facility's orders, or all for an archive-wide AE).
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 from pacs.charset import decode_dataset_text
 from pacs.query.matching import InvalidMatchValue, condition, is_universal, person_name
 from pacs.ris.models import IN_PROGRESS, SCHEDULED, ImagingOrder
+from pacs.ris.scope import order_condition
+from pacs.security.principal import UNRESTRICTED, AccessScope
 
 UTF8 = "ISO_IR 192"
 SPS_SEQUENCE = "ScheduledProcedureStepSequence"
@@ -80,15 +85,16 @@ SPS_KEYS: dict[str, Key] = {
 }
 
 
-def find(session: Session, identifier: Dataset, assume_utf8_for_latin1: bool = True) -> list[Dataset]:
-    """The worklist items matching ``identifier``, by scheduled date and time.
+def find(session: Session, identifier: Dataset, assume_utf8_for_latin1: bool = True, *,
+         scope: AccessScope = UNRESTRICTED) -> list[Dataset]:
+    """The worklist items matching ``identifier`` inside ``scope``, by scheduled date and time.
 
     The identifier's text is decoded in place first with the rule of :mod:`pacs.charset`: a patient
     name sent as UTF-8 under ISO_IR 100 (or no label) is matched as UTF-8 when ``assume_utf8_for_latin1``.
     Raises InvalidMatchValue for a value that cannot be matched (a malformed date range, say).
     """
     decode_dataset_text(identifier, assume_utf8_for_latin1)
-    stmt = select(ImagingOrder).where(*conditions(identifier)).order_by(
+    stmt = select(ImagingOrder).where(order_condition(scope), *conditions(identifier)).order_by(
         ImagingOrder.scheduled_start_date, ImagingOrder.scheduled_start_time, ImagingOrder.accession_number)
     return [response(order, identifier) for order in session.scalars(stmt)]
 

@@ -11,6 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from pacs.db.models import Patient
 from pacs.errors import Conflict, InvalidInput, NotFound
 from pacs.security.models import ApiToken, User
 from pacs.security.passwords import hash_password, verify_password
@@ -38,26 +39,47 @@ def _role(value: str | Role) -> Role:
         raise InvalidInput(str(exc)) from None
 
 
-def _check_patient(role: Role, patient_id: str) -> None:
-    if role is Role.PATIENT and not patient_id.strip():
+def _check_patient(session: Session, role: Role, patient_id: str, facility: str, issuer: str) -> None:
+    """A patient account or token names exactly one patient record: Patient ID, issuer and facility.
+
+    The same local ID names different people at different hospitals, so the facility is required; when
+    that facility already holds the ID under some issuer(s), the issuer must be one of them (an issuer
+    that matches no record would show nothing, silently). A patient not yet in the archive may be named
+    ahead of their images: the token then shows studies as they arrive under exactly that identity.
+    """
+    patient_id, facility, issuer = patient_id.strip(), facility.strip(), issuer.strip()
+    if role is not Role.PATIENT:
+        if patient_id or issuer:
+            raise InvalidInput("--patient-id and --issuer are only for the patient role")
+        return
+    if not patient_id:
         raise InvalidInput("the patient role needs --patient-id (the patient whose studies it may see)")
-    if role is not Role.PATIENT and patient_id:
-        raise InvalidInput("--patient-id is only for the patient role")
+    if not facility:
+        raise InvalidInput("the patient role needs --facility: a Patient ID is only unique within the facility "
+                           "(and issuer) that assigned it, so a patient token is bound to one facility's patient")
+    if facility == "*" or len(facility) > 64 or len(patient_id) > 64 or len(issuer) > 64:
+        raise InvalidInput("a patient token names one facility, one Patient ID and one issuer (64 characters each)")
+    issuers = set(session.scalars(select(Patient.issuer_of_patient_id).where(Patient.patient_id == patient_id,
+                                                                             Patient.facility == facility)))
+    if issuers and issuer not in issuers:
+        known = ", ".join(repr(i) if i else "(none)" for i in sorted(issuers))
+        raise InvalidInput(f"patient {patient_id} of facility {facility} is recorded with issuer {known}: "
+                           "give --issuer (empty for none) to say which patient record the token is for")
 
 
 def create_user(session: Session, username: str, password: str, role: str | Role, *, facility: str = "",
-                patient_id: str = "", full_name: str = "") -> User:
+                patient_id: str = "", issuer: str = "", full_name: str = "") -> User:
     username = username.strip()
     if not 1 <= len(username) <= 64 or not username.isprintable():
         raise InvalidInput("a user name has 1-64 printable characters")
     parsed = _role(role)
-    _check_patient(parsed, patient_id)
+    _check_patient(session, parsed, patient_id, facility, issuer)
     try:
         digest = hash_password(password)
     except ValueError as exc:
         raise InvalidInput(str(exc)) from None
     user = User(username=username, password_hash=digest, role=parsed.value, facility=facility.strip(),
-                patient_id=patient_id.strip(), full_name=full_name, active=True)
+                patient_id=patient_id.strip(), patient_issuer=issuer.strip(), full_name=full_name, active=True)
     session.add(user)
     try:
         session.flush()
@@ -101,20 +123,21 @@ def has_admin(session: Session) -> bool:
 
 
 def create_token(session: Session, name: str, role: str | Role, *, days: int, facility: str = "",
-                 patient_id: str = "", images: bool = False, created_by: str = "") -> NewToken:
+                 patient_id: str = "", issuer: str = "", images: bool = False, created_by: str = "") -> NewToken:
     name = name.strip()
     if not 1 <= len(name) <= 64 or not name.isprintable():
         raise InvalidInput("a token name has 1-64 printable characters")
     if not 1 <= days <= 3650:
         raise InvalidInput("a token lives 1 to 3650 days")
     parsed = _role(role)
-    _check_patient(parsed, patient_id)
+    _check_patient(session, parsed, patient_id, facility, issuer)
     if images and parsed is not Role.PATIENT:
         raise InvalidInput("--images only applies to patient tokens (other roles' rights come from the role)")
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
     expires = datetime.now(UTC) + timedelta(days=days)
     row = ApiToken(name=name, secret_sha256=token_digest(secret), role=parsed.value, facility=facility.strip(),
-                   patient_id=patient_id.strip(), images_granted=images, created_by=created_by, expires_at=expires)
+                   patient_id=patient_id.strip(), patient_issuer=issuer.strip(), images_granted=images,
+                   created_by=created_by, expires_at=expires)
     session.add(row)
     session.flush()
     return NewToken(row.id, name, secret, expires)

@@ -7,7 +7,9 @@ Three kinds of bearer token are accepted:
   ``auth_secret``, short-lived (``session_token_ttl_s``); the user is re-read on every request,
   so disabling a user takes effect at once;
 - a JWT from the configured OIDC issuer (RS256/ES256, keys from its JWKS URL), with the role
-  taken from ``oidc_role_claim`` and the facility from ``oidc_facility_claim``.
+  taken from ``oidc_role_claim`` and the facility from ``oidc_facility_claim``; a patient's JWT also
+  carries ``patient_id`` (and ``patient_id_issuer`` when the patient's ID has an issuer) and names its
+  own facility (``*`` is refused for patients).
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ class Authenticator:
         role = Role(row.role)
         return Principal(subject=f"token:{row.name}", role=role,
                          capabilities=capabilities_of(role, images_granted=row.images_granted),
-                         scope=scope_for(role, row.facility, row.patient_id), kind="token",
+                         scope=scope_for(role, row.facility, row.patient_id, row.patient_issuer), kind="token",
                          facility=row.facility, source_address=source_address, token_id=row.id)
 
     def _session_token(self, token: str, source_address: str) -> Principal:
@@ -115,7 +117,7 @@ class Authenticator:
             raise AuthenticationError("password changed: log in again")
         role = Role(user.role)
         return Principal(subject=user.username, role=role, capabilities=capabilities_of(role),
-                         scope=scope_for(role, user.facility, user.patient_id), kind="session",
+                         scope=scope_for(role, user.facility, user.patient_id, user.patient_issuer), kind="session",
                          facility=user.facility, source_address=source_address)
 
     @cached_property
@@ -142,11 +144,19 @@ class Authenticator:
             raise AuthenticationError(f"token has no {settings.oidc_facility_claim!r} claim ('*' for every facility)")
         facility = "" if facility_claim.strip() == "*" else facility_claim.strip()[:64]
         patient_id = str(claims.get("patient_id") or "")[:64]
-        if role is Role.PATIENT and not patient_id:
-            raise AuthenticationError("a patient token needs a patient_id claim")
+        issuer = claims.get("patient_id_issuer") or ""
+        if role is Role.PATIENT:
+            # One patient record (issue 12, finding 5): a facility — never "*" — and an ID; the issuer when given.
+            if not patient_id:
+                raise AuthenticationError("a patient token needs a patient_id claim")
+            if not facility:
+                raise AuthenticationError(f"a patient token needs its own facility in {settings.oidc_facility_claim!r}"
+                                          " ('*' is refused: a Patient ID names one facility's patient)")
+            if not isinstance(issuer, str) or len(issuer) > 64:
+                raise AuthenticationError("patient_id_issuer must be a string of at most 64 characters")
         return Principal(subject=f"oidc:{str(claims['sub'])[:100]}", role=role, capabilities=capabilities_of(role),
-                         scope=scope_for(role, facility, patient_id), kind="oidc", facility=facility,
-                         source_address=source_address)
+                         scope=scope_for(role, facility, patient_id, str(issuer).strip()), kind="oidc",
+                         facility=facility, source_address=source_address)
 
 
 def password_fingerprint(password_hash: str) -> str:

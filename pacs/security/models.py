@@ -21,6 +21,8 @@ class User(Base):
     role: Mapped[str] = mapped_column(String(32))
     facility: Mapped[str] = mapped_column(String(64), default="")  # "" = every facility
     patient_id: Mapped[str] = mapped_column(String(64), default="")  # for the patient role
+    # with facility and patient_id: the one patient record a patient account sees (pacs.security.principal)
+    patient_issuer: Mapped[str] = mapped_column(String(64), default="")
     full_name: Mapped[str] = mapped_column(String(128), default="")
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
@@ -37,6 +39,7 @@ class ApiToken(Base):
     role: Mapped[str] = mapped_column(String(32))
     facility: Mapped[str] = mapped_column(String(64), default="")
     patient_id: Mapped[str] = mapped_column(String(64), default="")
+    patient_issuer: Mapped[str] = mapped_column(String(64), default="")  # Issuer of Patient ID (patient role)
     images_granted: Mapped[bool] = mapped_column(Boolean, default=False)
     created_by: Mapped[str] = mapped_column(String(64), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -33,7 +33,12 @@ def study_condition(scope: AccessScope) -> ColumnElement[bool]:
         facilities = sorted(scope.facilities)
         shared = exists().where(StudyShare.study_fk == Study.id, StudyShare.facility.in_(facilities))
         parts.append(or_(Study.facility.in_(facilities), shared))
-    if scope.patient_ids is not None:
+    if scope.patient is not None:  # one patient record, and only the studies of its own facility (no shares)
+        key = scope.patient
+        record = select(Patient.id).where(Patient.patient_id == key.patient_id,
+                                          Patient.issuer_of_patient_id == key.issuer, Patient.facility == key.facility)
+        parts += [Study.patient_fk.in_(record), Study.facility == key.facility]
+    elif scope.patient_ids is not None:
         patients = select(Patient.id).where(Patient.patient_id.in_(sorted(scope.patient_ids)))
         parts.append(Study.patient_fk.in_(patients))
     if scope.study_uids is not None:

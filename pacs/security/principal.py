@@ -8,11 +8,22 @@ from pacs.security.roles import Capability, Role
 
 
 @dataclass(frozen=True)
+class PatientKey:
+    """One patient record: a Patient ID is unique only within its issuer, and (as modalities often send
+    no issuer) within the facility that sent it — the identity of :class:`pacs.db.models.Patient`."""
+
+    patient_id: str
+    issuer: str
+    facility: str
+
+
+@dataclass(frozen=True)
 class AccessScope:
     """The studies a principal may see. ``None`` in a field means "not restricted by this".
 
     - ``facilities``: studies acquired at one of these facilities, or shared with one of them;
-    - ``patient_ids``: studies of these patients (a patient's own token);
+    - ``patient_ids``: studies of patients with these IDs (kept for orders, which carry a bare ID);
+    - ``patient``: studies of exactly this patient record (a patient's own token: ID, issuer and facility);
     - ``study_uids``: exactly these studies (a share link).
     All given restrictions apply together.
     """
@@ -20,13 +31,17 @@ class AccessScope:
     facilities: frozenset[str] | None = None
     patient_ids: frozenset[str] | None = None
     study_uids: frozenset[str] | None = None
+    patient: PatientKey | None = None
 
     @property
     def unrestricted(self) -> bool:
-        return self.facilities is None and self.patient_ids is None and self.study_uids is None
+        return self.facilities is None and self.patient_ids is None and self.study_uids is None \
+            and self.patient is None
 
 
 UNRESTRICTED = AccessScope()
+# What a patient principal that is not bound to one patient record sees: nothing.
+NOTHING = AccessScope(facilities=frozenset(), patient_ids=frozenset(), study_uids=frozenset())
 
 
 @dataclass(frozen=True)
@@ -45,8 +60,16 @@ class Principal:
         return capability in self.capabilities
 
 
-def scope_for(role: Role, facility: str, patient_id: str = "") -> AccessScope:
-    """The scope a role gets: a facility user sees that facility (plus shares); a patient their own studies."""
-    facilities = frozenset({facility}) if facility else None
-    patients = frozenset({patient_id}) if role is Role.PATIENT else None
-    return AccessScope(facilities=facilities, patient_ids=patients)
+def scope_for(role: Role, facility: str, patient_id: str = "", issuer: str = "") -> AccessScope:
+    """The scope a role gets: a facility user sees that facility (plus shares); a patient their own studies.
+
+    A patient principal is bound to one patient record — ID, issuer and facility together (issue 12,
+    finding 5: the same local ID names different people at different hospitals). Without a facility or an
+    ID it sees nothing; the CLI and the OIDC mapping refuse to make such a principal in the first place.
+    """
+    if role is Role.PATIENT:
+        if not facility or not patient_id:
+            return NOTHING
+        return AccessScope(facilities=frozenset({facility}), patient_ids=frozenset({patient_id}),
+                           patient=PatientKey(patient_id, issuer, facility))
+    return AccessScope(facilities=frozenset({facility}) if facility else None)

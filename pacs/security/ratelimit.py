@@ -28,8 +28,8 @@ class RateLimiter:
                 events.popleft()
             return len(events) >= self._limit
 
-    def hit(self, key: str) -> None:
-        """Count one event (e.g. a failed login) for ``key``."""
+    def hit(self, key: str) -> float:
+        """Count one event (e.g. a failed login) for ``key``; its time, for :meth:`refund`."""
         now = self._clock()
         with self._lock:
             events = self._events.get(key)
@@ -38,6 +38,14 @@ class RateLimiter:
                     self._prune(now)
                 events = self._events.setdefault(key, deque())
             events.append(now)
+        return now
+
+    def refund(self, key: str, at: float) -> None:
+        """Take back the event counted at ``at`` (a login attempt reserved, then not a failure)."""
+        with self._lock:
+            events = self._events.get(key)
+            if events is not None and at in events:
+                events.remove(at)
 
     def allow(self, key: str) -> bool:
         """Count an event for ``key`` unless it is over the limit; False when it is."""

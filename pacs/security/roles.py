@@ -21,6 +21,7 @@ class Capability(StrEnum):
     REPORT_READ = "report.read"
     REPORT_WRITE = "report.write"
     ORDER_MANAGE = "order.manage"
+    STUDY_RECONCILE = "study.reconcile"  # the reconciliation queue: list and resolve held objects
     SHARE_CREATE = "share.create"
     AUDIT_READ = "audit.read"
     ADMIN = "admin"  # users, tokens, configuration
@@ -31,7 +32,7 @@ ROLE_CAPABILITIES: dict[Role, frozenset[Capability]] = {
     Role.RADIOLOGIST: frozenset({Capability.STUDY_SEARCH, Capability.STUDY_READ, Capability.STUDY_STORE,
                                  Capability.REPORT_READ, Capability.REPORT_WRITE, Capability.SHARE_CREATE}),
     Role.TECHNOLOGIST: frozenset({Capability.STUDY_SEARCH, Capability.STUDY_READ, Capability.STUDY_STORE,
-                                  Capability.ORDER_MANAGE}),
+                                  Capability.ORDER_MANAGE, Capability.STUDY_RECONCILE}),
     Role.CLINICIAN: frozenset({Capability.STUDY_SEARCH, Capability.STUDY_READ, Capability.REPORT_READ,
                                Capability.SHARE_CREATE}),
     Role.EMR: frozenset({Capability.STUDY_SEARCH, Capability.STUDY_READ, Capability.STUDY_STORE,

@@ -132,8 +132,9 @@ def build_world(server: Server) -> World:
     return World(server, a1, a2, b1,
                  admin=token(server, "admin", "dicomweb-admin"),
                  facility_b=token(server, "radiologist", "radiologist-b", facility="HOSP-B"),
-                 patient_a=token(server, "patient", "patient-a", patient_id="PAT-A", images=True),
-                 patient_a_no_images=token(server, "patient", "patient-a-reports", patient_id="PAT-A"))
+                 patient_a=token(server, "patient", "patient-a", facility="HOSP-A", patient_id="PAT-A", images=True),
+                 patient_a_no_images=token(server, "patient", "patient-a-reports", facility="HOSP-A",
+                                           patient_id="PAT-A"))
 
 
 def stored_bytes(server: Server, sop_uid: str) -> bytes:

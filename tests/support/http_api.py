@@ -11,13 +11,15 @@ from tests.support.pacs_process import run_pacs
 
 
 def create_token(env: dict[str, str], role: str, *, name: str | None = None, facility: str = "",
-                 patient_id: str = "", images: bool = False, days: int = 1) -> str:
+                 patient_id: str = "", issuer: str = "", images: bool = False, days: int = 1) -> str:
     """A new API token from `pacs token create --json` (the secret)."""
     args = ["token", "create", name or f"test-{role}", "--role", role, "--days", str(days), "--json"]
     if facility:
         args += ["--facility", facility]
     if patient_id:
         args += ["--patient-id", patient_id]
+    if issuer:
+        args += ["--issuer", issuer]
     if images:
         args.append("--images")
     result = run_pacs(args, env)
