@@ -20,7 +20,10 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from pacs.charset import assumes_utf8, text_of
 from pacs.text import fold
-from storage.keys import is_valid_uid  # also the DIMSE services' UID check (dicom_scp imports it from here)
+from storage.keys import (  # also the DIMSE services' UID check (dicom_scp imports it from here)
+    is_archived_uid,
+    is_valid_uid,
+)
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
@@ -76,6 +79,7 @@ def parse_received(
     expected_sop_instance_uid: str | None = None,
     expected_sop_class_uid: str | None = None,
     max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
+    strict_uids: bool = True,
 ) -> ReceivedObject:
     """Validate and identify ``data`` (a Part-10 file or a bare dataset), or raise ObjectRejected.
 
@@ -88,7 +92,7 @@ def parse_received(
         return _parse_received(data, max_bytes=max_bytes, assume_utf8_for_latin1=assume_utf8_for_latin1,
                                expected_sop_instance_uid=expected_sop_instance_uid,
                                expected_sop_class_uid=expected_sop_class_uid,
-                               max_inflated_bytes=max_inflated_bytes)
+                               max_inflated_bytes=max_inflated_bytes, strict_uids=strict_uids)
     except ObjectRejected:
         raise
     except MemoryError as exc:
@@ -105,6 +109,7 @@ def _parse_received(
     expected_sop_instance_uid: str | None,
     expected_sop_class_uid: str | None,
     max_inflated_bytes: int,
+    strict_uids: bool,
 ) -> ReceivedObject:
     if len(data) > max_bytes:
         raise ObjectRejected(RejectReason.TOO_LARGE, f"object of {len(data)} bytes exceeds {max_bytes}")
@@ -127,7 +132,7 @@ def _parse_received(
             if keyword == "SOPClassUID" and str(meta.get("MediaStorageSOPClassUID", "")) == MEDIA_STORAGE_DIRECTORY:
                 raise ObjectRejected(RejectReason.NOT_STORABLE, "a DICOMDIR is a media index, not an instance")
             raise ObjectRejected(RejectReason.MISSING_ATTRIBUTE, f"missing {keyword}")
-        if not is_valid_uid(value):
+        if not (is_valid_uid(value) if strict_uids else is_archived_uid(value)):
             raise ObjectRejected(RejectReason.INVALID_UID, f"invalid {keyword} {value[:70]!r}")
         uids[keyword] = value
     if not is_valid_uid(tsyntax):

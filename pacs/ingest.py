@@ -53,6 +53,7 @@ from pacs.failpoints import failpoint
 from pacs.forwarding.rules import queue_forwards
 from pacs.index_writer import index_instance
 from pacs.reconciliation_models import UNTRUSTED_FIRST
+from pacs.reports.models import KeyImageSelection, Report, StudyClaim
 from pacs.ris.models import ImagingOrder
 from pacs.security import ingest_policy
 from pacs.security.models import StudyShare
@@ -275,7 +276,8 @@ class Ingestor:
             return self._index_failed(obj, sha256, exc)
         failpoint("ingest.after_index_commit")
         for old in evicted:  # the claimed study's objects, now held under reconciliation/
-            self._discard(old)
+            if old != key:  # the same content re-sent by the claiming sender is now its own object
+                self._discard(old)
         status = IngestStatus.STORED if current_sha is None or decision.verdict is ingest_policy.Verdict.CLAIM \
             else IngestStatus.NEW_VERSION
         return IngestOutcome(status, "", derived_task_ids=task_ids, **ids)
@@ -485,7 +487,14 @@ def _existing(session: Session, obj: ReceivedObject, replaces: Instance | None) 
         instance_source_ae=replaces.source_ae if replaces is not None else None,
         order=ingest_policy.Owner(*order) if order else None,
         study_owner=ingest_policy.Owner(study[0], study[2], study[3]) if study else None,
-        study_provisional=bool(study[1]) if study else False)
+        study_provisional=bool(study[1]) and not _has_reading(session, obj.study_instance_uid) if study else False)
+
+
+def _has_reading(session: Session, study_uid: str) -> bool:
+    """Someone has read the study (a report, key images or a claim): it is no longer provisional, since a
+    claim would move its images away from the report written on them."""
+    return any(session.scalar(select(model.id).where(model.study_instance_uid == study_uid).limit(1)) is not None
+               for model in (Report, KeyImageSelection, StudyClaim))
 
 
 def _order_patient(session: Session, obj: ReceivedObject, source: IngestSource) -> dict[str, str] | None:

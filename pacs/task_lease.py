@@ -145,6 +145,22 @@ def _utc(value: datetime | str | None) -> datetime:
 # -- the heartbeat ----------------------------------------------------------------------------------------------
 
 
+#: When this process last failed to beat (time.monotonic()): while the index was unreachable for us it was
+#: for the other owners too, so their stale heartbeats prove nothing until a whole lease has passed since.
+_last_beat_failure: float = float("-inf")
+
+
+def _beat_failed() -> None:
+    global _last_beat_failure
+    _last_beat_failure = time.monotonic()
+
+
+def heartbeats_are_evidence(lease_s: float) -> bool:
+    """May a stale heartbeat count as a dead owner? Not within one lease of our own index outage (after a
+    database restart every heartbeat is stale, yet every owner is alive)."""
+    return time.monotonic() - _last_beat_failure >= lease_s
+
+
 class Heartbeat:
     """Registers this process as a task owner and keeps its heartbeat fresh from a daemon thread."""
 
@@ -160,6 +176,7 @@ class Heartbeat:
         try:
             self.beat()
         except SQLAlchemyError as exc:  # the index is down: the thread registers when it is back
+            _beat_failed()
             log.warning("task heartbeat: index unavailable: %s", str(exc).splitlines()[0])
         self._thread.start()
         return self
@@ -186,6 +203,7 @@ class Heartbeat:
             try:
                 self.beat()
             except SQLAlchemyError as exc:
+                _beat_failed()
                 log.warning("task heartbeat: index unavailable: %s", str(exc).splitlines()[0])
 
     def stop(self) -> None:
@@ -334,11 +352,17 @@ def reclaim(sessions: sessionmaker[Session], *, lease_s: float, max_crashes: int
         owners = {row.id: row for row in session.scalars(select(TaskOwner))}
         holders = set(session.scalars(select(DerivedTask.owner).distinct()
                                       .where(DerivedTask.state.in_(HELD), DerivedTask.owner != "")))
-    dead = {o for o in holders - {me}
-            if (row := owners.get(o)) is None or _utc(row.heartbeat_at) < cutoff
-            or known_dead(row.host, row.pid, row.started)}
-    gone = [o for o, row in owners.items() if o != me and o not in holders
-            and (_utc(row.heartbeat_at) < cutoff or known_dead(row.host, row.pid, row.started))]
+    trust = heartbeats_are_evidence(lease_s)
+
+    def is_dead(row: TaskOwner | None) -> bool:
+        if row is None:  # no registration (removed as dead, or never made): only a heartbeat we trust says so
+            return trust
+        if known_dead(row.host, row.pid, row.started):
+            return True
+        return trust and _utc(row.heartbeat_at) < cutoff
+
+    dead = {o for o in holders - {me} if is_dead(owners.get(o))}
+    gone = [o for o, row in owners.items() if o != me and o not in holders and is_dead(row)]
     if not dead and not gone:
         return result
     with sessions() as session, session.begin():

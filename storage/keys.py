@@ -46,6 +46,13 @@ def is_valid_uid(s: object) -> bool:
     return isinstance(s, str) and 0 < len(s) <= UID_MAX_LEN and UID_RE.match(s) is not None
 
 
+def is_archived_uid(s: object) -> bool:
+    """A UID the archive may already hold (digits and dots, at most 64 characters, leading zeros allowed):
+    what ``pacs reindex`` accepts from objects acknowledged before the leading-zero rule, so a rebuilt
+    index never turns them into orphans that ``pacs check --repair`` would collect."""
+    return _key_uid(s)
+
+
 def _key_uid(s: object) -> bool:
     """The UID segments of a key: digits and dots, no empty component, at most 64 characters
     (leading zeros allowed: see ``_KEY_UID_RE``)."""

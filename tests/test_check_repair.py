@@ -10,11 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 
 from bench.generate_ct import write_ct_series
 from pacs.context import AppContext
-from pacs.db.models import AuditEvent, DerivedTask, Instance, Study
+from pacs.db.models import AuditEvent, DerivedTask, Instance, InstanceVersion, Study
+from pacs.maintenance.repair import repair_refusal
 from pacs.settings import Settings
 from tests.support.pacs_process import run_pacs
 
@@ -117,3 +118,33 @@ def test_check_lists_orphans_and_temporary_files_as_warnings_and_repair_takes_on
         assert json.loads(_pacs(["check", "--json"], env, expect=1))["counts"]["missing"] == 1
     finally:
         ctx.close()
+
+
+def test_repair_refuses_an_index_that_is_not_this_stores_account(tmp_path: Path) -> None:
+    """An emptied (or wrong, or restored) index makes every object an orphan: --repair must refuse, not
+    delete acknowledged images that `pacs reindex` would recover."""
+    env = {"PACS_DATA_DIR": str(tmp_path / "data"), "PACS_LOG_LEVEL": "WARNING"}
+    write_ct_series(tmp_path / "ct", slices=3, size=64)
+    _pacs(["import", "--json", str(tmp_path / "ct")], env)
+    ctx = AppContext.create(Settings(data_dir=tmp_path / "data"))
+    try:
+        with ctx.sessions() as s, s.begin():
+            keys = list(s.scalars(select(Instance.object_key)))
+            s.execute(delete(InstanceVersion))
+            s.execute(delete(Instance))
+        root = tmp_path / "data" / "objects"
+        for key in keys:
+            os.utime(root / key, (OLD, OLD))
+        result = run_pacs(["check", "--repair", "--grace-minutes", "1"], env, timeout=300)
+        said = " ".join((result.stdout + result.stderr).split())
+        assert result.returncode == 1 and "--repair refused" in said and "pacs reindex" in said, said
+        assert all((root / key).exists() for key in keys)
+    finally:
+        ctx.close()
+
+
+def test_repair_refusal_rules() -> None:
+    assert repair_refusal(errors=0, indexed=100, listed=103, orphans=3) == ""
+    assert "error" in repair_refusal(errors=1, indexed=100, listed=103, orphans=3)
+    assert "no instance" in repair_refusal(errors=0, indexed=0, listed=3, orphans=3)
+    assert "unreferenced" in repair_refusal(errors=0, indexed=10, listed=40, orphans=30)

@@ -14,6 +14,8 @@ rows to be the only differences.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import shutil
 import uuid
@@ -23,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import delete, select
@@ -37,6 +40,7 @@ from pacs.ingest import Ingestor, IngestSource
 from pacs.maintenance.reindex import IndexNotEmpty, reindex
 from pacs.settings import Settings
 from storage import ObjectInfo, ObjectStore
+from storage.keys import instance_key
 from tests.conftest import corpus_files
 from tests.support.datasets import make_instance
 from tests.support.pacs_process import run_pacs
@@ -338,3 +342,20 @@ def test_objects_written_in_the_same_instant_are_reported_where_their_order_matt
     summary = reindex(local.empty_index("rebuilt.sqlite3"), _SameInstantStore(local.ctx.store))  # type: ignore[arg-type]
     assert (summary.instances, summary.versions) == (3, 1)
     assert summary.ambiguous_order == sorted([f"instance {sop}", "patient P-001/", f"study {study}"])
+
+
+def test_an_object_acknowledged_before_the_leading_zero_rule_is_rebuilt_not_orphaned(local: Local) -> None:
+    """New objects with a leading-zero UID component (``1.02.3``) are refused at ingest (PS3.5 §9.1), but one
+    archived before that rule is an acknowledged image: reindex must index it, or a rebuilt index would
+    leave it an orphan for ``pacs check --repair`` to collect."""
+    legacy_study = "1.2.840.0010.5"
+    data = make_instance(StudyInstanceUID=legacy_study, PatientID="P-LEGACY")
+    ds = pydicom.dcmread(io.BytesIO(data))
+    key = instance_key(legacy_study, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID),
+                       hashlib.sha256(data).hexdigest())
+    local.ctx.store.put(key, data, length=len(data), content_type="application/dicom")
+    assert not local.ingestor.ingest(data, IngestSource("import")).ok  # refused when it arrives today
+    summary = reindex(local.ctx.sessions, local.ctx.store)
+    assert (summary.instances, summary.unparseable) == (1, [])
+    with local.ctx.sessions() as s:
+        assert s.scalar(select(Study.study_instance_uid)) == legacy_study

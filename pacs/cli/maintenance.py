@@ -136,7 +136,7 @@ def check_command(
     from pacs.aes import unchecked_aes
     from pacs.context import AppContext
     from pacs.maintenance.check import ProblemKind, check
-    from pacs.maintenance.repair import RepairSummary
+    from pacs.maintenance.repair import RepairSummary, repair_refusal
     from pacs.maintenance.repair import repair as collect
     from storage import StorageUnavailable
 
@@ -151,6 +151,10 @@ def check_command(
             from datetime import timedelta
 
             orphans = [p.key for p in summary.problems if p.kind is ProblemKind.ORPHAN]
+            refusal = repair_refusal(len(summary.errors), summary.checked, summary.listed, len(orphans))
+            if refusal:
+                console.print(f"[red]--repair refused:[/red] {refusal}")
+                raise typer.Exit(1)
             repaired = collect(ctx.sessions, ctx.store, orphans, grace=timedelta(minutes=grace_minutes),
                                actor=os.environ.get("USER", ""))
         with ctx.read_sessions() as session:  # registered AEs anyone can pose as: a warning, not a problem

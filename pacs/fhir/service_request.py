@@ -62,6 +62,7 @@ from pacs.fhir.resources import accession_identifier, compact, fhir_instant, hum
 from pacs.fhir.search import DCM_SYSTEM, ORDER_STATES_BY_STATUS, V2_0203, Search
 from pacs.ris.models import ImagingOrder
 from pacs.ris.orders import NewOrder, OrderRecord, create_order, find_order_by_placer, get_order
+from pacs.ris.scope import order_condition
 from pacs.security.principal import AccessScope, Principal
 
 _PLAIN_ID = re.compile(r"^[A-Za-z0-9.-]{1,16}$")
@@ -406,7 +407,7 @@ def search_orders(session: Session, scope: AccessScope, search: Search) -> tuple
 
 
 def _conditions(session: Session, scope: AccessScope, search: Search) -> list[ColumnElement[bool]] | None:
-    conditions = _scope_conditions(scope)
+    conditions: list[ColumnElement[bool]] = [order_condition(scope)]  # the same scope as the worklist
     filters = search.filters
     if "PatientID" in filters:
         conditions.append(ImagingOrder.patient_id.in_(filters["PatientID"].split("\\")))
@@ -432,17 +433,6 @@ def _conditions(session: Session, scope: AccessScope, search: Search) -> list[Co
         if not accessions:
             return None
         conditions.append(ImagingOrder.accession_number.in_(accessions))
-    return conditions
-
-
-def _scope_conditions(scope: AccessScope) -> list[ColumnElement[bool]]:
-    conditions: list[ColumnElement[bool]] = []
-    if scope.facilities is not None:
-        conditions.append(ImagingOrder.facility.in_(sorted(scope.facilities)))
-    if scope.patient_ids is not None:
-        conditions.append(ImagingOrder.patient_id.in_(sorted(scope.patient_ids)))
-    if scope.study_uids is not None:
-        conditions.append(ImagingOrder.linked_study_instance_uid.in_(sorted(scope.study_uids)))
     return conditions
 
 

@@ -285,7 +285,8 @@ class _Replay:
             self._summary.corrupt.append(key)
             return None
         try:
-            obj = parse_received(data, max_bytes=len(data), assume_utf8_for_latin1=self._utf8)
+            obj = parse_received(data, max_bytes=len(data), assume_utf8_for_latin1=self._utf8,
+                                 strict_uids=False)  # objects acknowledged before the leading-zero rule
         except ObjectRejected as exc:
             self._summary.unparseable.append((key, exc.message))
             return None

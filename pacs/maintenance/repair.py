@@ -46,6 +46,8 @@ from storage.keys import parse_instance_key
 
 log = logging.getLogger(__name__)
 
+_ASIDE_PREFIX = f"{TMP_PREFIX}repair-"
+
 DEFAULT_GRACE = timedelta(minutes=60)
 
 
@@ -62,8 +64,8 @@ def temporary_files(store: ObjectStore) -> Iterator[TemporaryFile]:
         return
     for folder, _dirs, files in os.walk(store.root):
         for name in sorted(files):
-            if not name.startswith(TMP_PREFIX):
-                continue
+            if not name.startswith(TMP_PREFIX) or name.startswith(_ASIDE_PREFIX):
+                continue  # an object a repair holds aside is never a temporary file (see _restore_aside)
             path = Path(folder, name)
             try:
                 st = path.lstat()
@@ -106,6 +108,29 @@ class RepairSummary:
         return asdict(self)
 
 
+#: ``--repair`` refuses when more than this share of the listed objects would be orphans: the index it was
+#: given is probably not this store's (an empty or restored database, a wrong ``PACS_DATABASE_URL``).
+MAX_ORPHAN_SHARE = 0.5
+
+
+def repair_refusal(errors: int, indexed: int, listed: int, orphans: int) -> str:
+    """Why collecting ``orphans`` would be unsafe, or "" when it is not.
+
+    Removing an orphan is only right when the index is the true account of the store. An index that misses
+    objects it should have (check errors), holds nothing, or leaves a large share of the store unreferenced
+    is more likely the wrong or a restored database than a record of crashed writes: there, ``pacs reindex``
+    recovers the objects, and removing them would destroy acknowledged images.
+    """
+    if errors:
+        return f"the check found {errors} error(s): fix the index first (pacs reindex), then repair"
+    if orphans and indexed == 0:
+        return "the index holds no instance but the store does: wrong or empty database? (pacs reindex)"
+    if listed and orphans / listed > MAX_ORPHAN_SHARE:
+        return (f"{orphans} of {listed} objects are unreferenced (over {MAX_ORPHAN_SHARE:.0%}): wrong or restored "
+                "database? Rebuild it with pacs reindex before removing anything")
+    return ""
+
+
 def repair(sessions: sessionmaker[Session], store: ObjectStore, orphans: list[str], *,
            grace: timedelta = DEFAULT_GRACE, actor: str = "") -> RepairSummary:
     """Remove the given orphan keys and the store's temporary files that are older than ``grace``.
@@ -114,6 +139,8 @@ def repair(sessions: sessionmaker[Session], store: ObjectStore, orphans: list[st
     docstring). Raises ``StorageUnavailable`` and SQLAlchemy errors; what was removed until then is audited.
     """
     summary = RepairSummary(grace_minutes=grace.total_seconds() / 60)
+    if isinstance(store, FilesystemStore):
+        _restore_aside(store)
     try:
         for key in orphans:
             why = _remove_orphan(sessions, store, key, grace)
@@ -157,7 +184,7 @@ def _remove_orphan(sessions: sessionmaker[Session], store: ObjectStore, key: str
 def _remove_file_orphan(sessions: sessionmaker[Session], store: FilesystemStore, key: str,
                         cutoff: datetime) -> str:
     path = store.root.joinpath(*key.split("/"))
-    aside = path.with_name(f"{TMP_PREFIX}repair-{uuid.uuid4().hex}")
+    aside = path.with_name(f"{_ASIDE_PREFIX}{uuid.uuid4().hex}-{path.name}")
     try:
         os.rename(path, aside)  # from here a re-send writes a new file at ``path``; we judge the one we hold
     except FileNotFoundError:
@@ -175,8 +202,21 @@ def _remove_file_orphan(sessions: sessionmaker[Session], store: FilesystemStore,
         _put_back(aside, path)
         return ("younger than the grace period (a write may be in flight)" if young
                 else "an index row points at it now")
-    aside.unlink()
+    try:
+        aside.unlink()
+    except FileNotFoundError:  # another repair run put it back meanwhile: it judges it again
+        return "put back by another repair run"
     return ""
+
+
+def _restore_aside(store: FilesystemStore) -> None:
+    """Put back objects a killed repair held aside (``.tmp-repair-{uuid}-{name}``): judged again by this run."""
+    for folder, _dirs, files in os.walk(store.root):
+        for name in files:
+            if name.startswith(_ASIDE_PREFIX) and name.count("-") >= 3:
+                original = Path(folder, name[len(_ASIDE_PREFIX):].split("-", 1)[1])
+                with contextlib.suppress(FileNotFoundError):
+                    _put_back(Path(folder, name), original)
 
 
 def _put_back(aside: Path, path: Path) -> None:

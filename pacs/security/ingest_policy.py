@@ -16,7 +16,8 @@ and a patient (Patient ID + issuer). The rules, in order:
    trusted sender *of a facility*: that facility's exam wins, the unregistered peer's objects move to the
    reconciliation queue (:mod:`pacs.reconciliation`). An unrestricted sender (an admin, the command line,
    the archive's own report SR and key-image KOS, an archive-wide node) adds to the study without claiming
-   it: signing a report on an unregistered modality's study must not take the study's images away;
+   it: signing a report on an unregistered modality's study must not take the study's images away (and a
+   study someone has read — a report, key images, a claim — is no longer provisional);
 4. an object for a study of a facility, from a sender that may not write for that facility (another
    facility, or an unregistered peer), is *held* for reconciliation in that facility's queue;
 5. an object whose Patient ID differs from the owner's, or whose issuer differs when both have one (a
