@@ -48,19 +48,22 @@ def on_requested(event: evt.Event, ctx: AppContext, live: LiveAssociations | Non
     address = str(assoc.requestor.address or "")
     certificate = peer_certificate(assoc)
     association_certificate.set(certificate)  # this thread serves this association only (pacs.aes)
+    syntaxes = [str(cx.abstract_syntax) for cx in (request.presentation_context_definition_list or [])]
+    decision, registered = _decide(ctx, calling_ae, address, syntaxes, certificate)
+    if registered is not None:
+        _note_sighting(ctx, registered, address, decision)
     if live is not None:
+        verified = registered is not None and decision.accept and not decision.not_the_ae \
+            and (registered.check_host or bool(registered.tls_subject))
         limit = live.try_acquire(assoc, address, per_peer=ctx.settings.max_associations_per_peer,
-                                 total=ctx.settings.max_associations)
+                                 total=ctx.settings.max_associations, verified=verified,
+                                 reserved=ctx.settings.dicom_reserved_associations)
         if not limit.accept:
             assert limit.reject is not None
             log.warning("association from %s@%s rejected %s: local limit exceeded: %s", calling_ae, address,
                         limit.reject, limit.reason)
             _reject(assoc, limit.reject)
             return
-    syntaxes = [str(cx.abstract_syntax) for cx in (request.presentation_context_definition_list or [])]
-    decision, registered = _decide(ctx, calling_ae, address, syntaxes, certificate)
-    if registered is not None:
-        _note_sighting(ctx, registered, address, decision)
     if not decision.accept:
         assert decision.reject is not None
         log.warning("association from %s@%s rejected %s: %s", calling_ae, address, decision.reject, decision.reason)

@@ -369,15 +369,19 @@ class LiveAssociations:
         self._peers: dict[Hashable, str] = {}
         self._is_alive = is_alive
 
-    def try_acquire(self, token: Hashable, address: str, *, per_peer: int, total: int) -> Decision:
+    def try_acquire(self, token: Hashable, address: str, *, per_peer: int, total: int, verified: bool = True,
+                    reserved: int = 0) -> Decision:
+        """``verified``: a registered AE that proved who it is; the last ``reserved`` slots are kept for those,
+        so peers nobody registered cannot lock the hospital's modalities out by filling every slot."""
         peer = peer_key(address)
         with self._lock:
             if self._is_alive is not None:
                 for stale in [t for t in self._peers if t is not token and not self._is_alive(t)]:
                     del self._peers[stale]
             others = {t: p for t, p in self._peers.items() if t is not token}
+            limit = total if verified else max(total - reserved, 0)
             decision = association_limit(sum(1 for p in others.values() if p == peer), len(others),
-                                         per_peer=per_peer, total=total, peer=peer)
+                                         per_peer=per_peer, total=limit, peer=peer)
             if decision.accept:
                 self._peers[token] = peer
             return decision

@@ -75,6 +75,9 @@ class Settings(BaseSettings):
                                     "past this is refused as a decompression bomb (never inflated in full)")
     max_associations_per_peer: int = Field(default=8, ge=1, le=1000, description="Concurrent associations from "
                                            "one peer address; more get A-ASSOCIATE-RJ (2, 3, 2) local limit exceeded")
+    dicom_reserved_associations: int = Field(default=4, ge=0, le=1000, description="Association slots (of "
+                                             "PACS_MAX_ASSOCIATIONS) only registered AEs that proved who they are "
+                                             "(host check or TLS certificate) may take")
     dicom_acse_timeout_s: float = Field(default=30.0, gt=0, description="A connection that sends no "
                                         "A-ASSOCIATE-RQ (or an association negotiation stuck) is closed after this")
     dicom_preassoc_timeout_s: float = Field(default=5.0, gt=0, description="A connection that has not sent a "

@@ -29,7 +29,7 @@ from pynetdicom.association import Association
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotification, MaximumLengthNotification
 from pynetdicom.presentation import build_context
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import select
 
 from pacs.db.models import Instance
@@ -37,7 +37,7 @@ from pacs.network_policy import MAX_CONTROL_PDU_BYTES, LiveAssociations, connect
 from tests.support.datasets import dataset_bytes, make_dataset, to_bytes
 from tests.support.dcmtk import dcmtk, dcmtk_env, echoscu
 from tests.support.net import free_port, wait_until
-from tests.support.pacs_process import EmbeddedPacs
+from tests.support.pacs_process import EmbeddedPacs, run_pacs
 from tests.support.senders import send_dataset, send_file_raw
 from tests.test_dicom_tls import make_pki
 
@@ -47,6 +47,7 @@ MiB = 1024 * 1024
 ACSE_TIMEOUT_S = 2
 NETWORK_TIMEOUT_S = 3
 MAX_ASSOCIATIONS = 8
+RESERVED = 1  # association slots only registered, host-checked AEs may take
 PER_PEER = 3
 MAX_PDU = 65536
 MAX_INFLATED = 8 * MiB
@@ -90,10 +91,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     pacs = EmbeddedPacs(outside / "srv", {
         "PACS_DICOM_ACSE_TIMEOUT_S": str(ACSE_TIMEOUT_S), "PACS_NETWORK_TIMEOUT_S": str(NETWORK_TIMEOUT_S),
         "PACS_MAX_ASSOCIATIONS": str(MAX_ASSOCIATIONS), "PACS_MAX_ASSOCIATIONS_PER_PEER": str(PER_PEER),
+        "PACS_DICOM_RESERVED_ASSOCIATIONS": str(RESERVED),
         "PACS_MAX_PDU_SIZE": str(MAX_PDU), "PACS_MAX_INFLATED_BYTES": str(MAX_INFLATED),
         "PACS_MAX_OBJECT_BYTES": str(MAX_OBJECT), "PACS_DICOM_TLS_PORT": str(free_port()),
         "PACS_TLS_CERT_FILE": str(pki / "server.crt"), "PACS_TLS_KEY_FILE": str(pki / "server.key"),
         "PACS_TLS_CA_FILE": str(pki / "hospital-ca.crt"), "PACS_TLS_REQUIRE_CLIENT_CERT": "true"})
+    registered = run_pacs(["ae", "add", "MODA", "127.0.0.6", "104", "--no-query", "--no-retrieve"], pacs.env)
+    assert registered.returncode == 0, registered.stdout + registered.stderr
     try:
         yield Server(pacs, outside, pki)
     finally:
@@ -370,9 +374,10 @@ def test_connection_flood_from_one_peer_is_bounded(server: Server) -> None:
     assert grown < RSS_GROWTH_LIMIT
 
 
-def _associate(port: int, source: str) -> Association:
-    ae = AE(ae_title="LIMITS")
+def _associate(port: int, source: str, title: str = "LIMITS") -> Association:
+    ae = AE(ae_title=title)
     ae.add_requested_context(Verification)
+    ae.add_requested_context(CTImageStorage)  # a storage request: the AE registry is asked who calls
     ae.acse_timeout = ae.network_timeout = 10
     return ae.associate("127.0.0.1", port, ae_title="PACS", bind_address=(source, 0))
 
@@ -398,13 +403,27 @@ def test_per_peer_and_total_association_limits(server: Server) -> None:
         other = _associate(server.port, "127.0.0.2")  # the limit is per peer address
         assert other.is_established
         live.append(other)
-        live += [_associate(server.port, f"127.0.0.{n}") for n in (3, 3, 4, 4)]
-        assert all(a.is_established for a in live) and len(live) == MAX_ASSOCIATIONS
+        live += [_associate(server.port, f"127.0.0.{n}") for n in (3, 3, 4)]
+        assert all(a.is_established for a in live) and len(live) == MAX_ASSOCIATIONS - RESERVED
+        # the last slot is kept for registered AEs that proved who they are: unknown peers cannot fill it
+        assert _rejection(_associate(server.port, "127.0.0.4")) == (2, 3, 2)
+        spoofed = _associate(server.port, "127.0.0.5", title="MODA")  # the title, from the wrong host
+        assert _rejection(spoofed) == (2, 3, 2)
+        modality = _associate(server.port, "127.0.0.6", title="MODA")
+        assert modality.is_established
+        live.append(modality)
         assert _rejection(_associate(server.port, "127.0.0.5")) == (2, 3, 2)  # the total limit
 
-        live.pop(0).release()  # a slot of 127.0.0.1 is free again at once
-        again = _associate(server.port, "127.0.0.1")
-        assert again.is_established
+        live.pop(0).release()  # a slot of 127.0.0.1 is free again at once (two: one is the kept headroom)
+        live.pop(0).release()
+        tries: list[Association] = []
+
+        def associated_again() -> bool:  # the server sees a release when its thread has handled it
+            tries.append(_associate(server.port, "127.0.0.1"))
+            return tries[-1].is_established
+
+        wait_until(associated_again, timeout=10, interval=0.2, what="a slot of 127.0.0.1 free again")
+        again = tries[-1]
         live.append(again)
         assert again.send_c_echo().Status == 0
     finally:
