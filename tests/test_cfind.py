@@ -45,7 +45,8 @@ from pacs.security.principal import UNRESTRICTED
 from tests.conftest import REDIS_URL
 from tests.support.datasets import to_bytes
 from tests.support.dcmtk import dcmtk, dcmtk_env, echoscu, storescu
-from tests.support.net import TcpProxy, free_port
+from tests.support.fault_proxy import FaultProxy
+from tests.support.net import free_port
 from tests.support.pacs_process import PacsProcess, embedded_env, run_pacs
 from tests.support.postgres import create_database, drop_database
 from tests.test_query_engine import PATIENTS, STUDIES, UID_ROOT, archive_datasets
@@ -227,7 +228,7 @@ class Server:
     port: int
     env: dict[str, str]
     proc: PacsProcess
-    db_proxy: TcpProxy | None = None  # scaled: the SCP reaches PostgreSQL through it
+    db_proxy: FaultProxy | None = None  # scaled: the SCP reaches PostgreSQL through it
 
 
 @pytest.fixture(scope="module", params=["embedded", "scaled"])
@@ -242,7 +243,7 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         db_name, db_url = create_database()
         cleanups.append(lambda: drop_database(db_name))
         url = make_url(db_url)
-        proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432).start()
+        proxy = FaultProxy(url.host or "127.0.0.1", url.port or 5432).start()
         cleanups.insert(0, proxy.cut)
         db_url = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
         queue = f"cfind-{uuid.uuid4().hex[:8]}"  # no worker listens: derived work just waits in Redis

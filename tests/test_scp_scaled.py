@@ -23,7 +23,8 @@ from pacs.settings import Settings
 from storage.keys import thumbnail_key
 from tests.conftest import REDIS_URL
 from tests.support.dcmtk import echoscu, storescu
-from tests.support.net import TcpProxy, free_port, wait_until
+from tests.support.fault_proxy import FaultProxy
+from tests.support.net import free_port, wait_until
 from tests.support.pacs_process import PacsProcess, run_pacs
 from tests.support.postgres import create_database, drop_database
 from tests.support.seaweed import SeaweedS3
@@ -37,7 +38,7 @@ class Stack:
     worker: PacsProcess
     port: int
     ctx: AppContext  # direct view of the same index (not through the proxy) and store
-    db_proxy: TcpProxy
+    db_proxy: FaultProxy
     s3: SeaweedS3
 
 
@@ -46,7 +47,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, s3_server: SeaweedS3) -> Ite
     root = tmp_path_factory.mktemp("scaled")
     db_name, db_url = create_database()
     url = make_url(db_url)
-    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432).start()
+    proxy = FaultProxy(url.host or "127.0.0.1", url.port or 5432).start()
     proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
     redis.Redis.from_url(REDIS_URL).flushdb()
     env = {
