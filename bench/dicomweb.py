@@ -15,8 +15,11 @@ Orthanc and its DICOMweb plugin, and WADO-RS of a CT series from both, on loopba
 3. WADO-RS of a CT series (``bench.generate_ct``, 500 slices of 512×512 by default) stored with storescu into both:
    series retrieve (``multipart/related; type="application/dicom"`` with ``transfer-syntax=*`` and without, with
    curl into /dev/null: MB/s of response body), ``/metadata`` (the first call after a server start, and warm),
-   and ``/rendered`` JPEGs (frames/s with 1 and 4 concurrent clients). Each repeat restarts both servers first
-   and the systems alternate.
+   ``/rendered`` JPEGs (each frame's first view timed per request with 1 client, frames/s with 1 and 4 concurrent
+   clients, the same frames viewed again) and WADO-RS frames (``/frames/1`` as stored, timed per request). Each
+   repeat restarts both servers first and the systems alternate.
+4. Issue 13's read-path goals side by side: QIDO-RS ``PatientID`` p50, ``/rendered`` and WADO-RS frame medians
+   (ours ÷ Orthanc at most 1), series ``/metadata`` p50 (at most 0.1); reported, never judged.
 
 Ours is ``pacs serve`` on a fresh PostgreSQL database with file storage (DICOM, HTTP and in-process workers in one
 process) for tables 2 and 3, ``pacs api`` for table 1. Orthanc is Debian's 1.10 with the orthanc-dicomweb plugin.
@@ -32,6 +35,7 @@ import glob
 import io
 import json
 import os
+import random
 import re
 import shutil
 import statistics
@@ -425,6 +429,8 @@ class Report:
     wado: list[str] = field(default_factory=list)
     wado_title: str = ""
     notes: list[str] = field(default_factory=list)
+    goal_qido: dict[str, float] = field(default_factory=dict)  # system -> p50 s of QIDO-RS PatientID (table 2)
+    goal_wado: dict[str, dict[str, float]] = field(default_factory=dict)  # system -> measure -> median s (table 3)
 
 
 def _table(title: str, columns: list[tuple[str, str]]) -> Table:
@@ -587,6 +593,8 @@ def bench_side_by_side(args: argparse.Namespace, systems: list[System], rows: li
         table.add_row(*cells)
         report.side.append(f"| {_md(label)} | {matches} | {pcts.get(OURS, '-')} | {pcts.get(ORTHANC, '-')} | "
                            f"{ratio} |")
+        if kind == "patient_id":
+            report.goal_qido = {name: percentile(samples[name, kind].times, 0.5) for name in names}
     out.print(table)
     out.print(f"   {QIDO_NOTE} Side by side also 'Trần*' (a family name with its diacritics and '*'), which both "
               "systems must answer alike. Server CPU: user + system of the server process over the requests of a "
@@ -647,6 +655,9 @@ class WadoRun:
     rendered_fps: dict[int, float] = field(default_factory=dict)  # per number of concurrent clients
     rendered_cpu_ms: dict[int, float] = field(default_factory=dict)  # server CPU per frame
     rendered_bytes: list[int] = field(default_factory=list)
+    rendered_first_s: list[float] = field(default_factory=list)  # 1 client, each frame's first view after a start
+    rendered_repeat_s: list[float] = field(default_factory=list)  # 1 client, the same frames viewed again
+    frame_s: list[float] = field(default_factory=list)  # WADO-RS /frames/1, 1 client, as stored
     problems: list[str] = field(default_factory=list)
 
     def mb_s(self, form: str) -> float:
@@ -735,9 +746,11 @@ def check_metadata(response: httpx.Response, ct: CtSeries) -> str:
     return ""
 
 
-def render_many(system: System, ct: CtSeries, sops: list[str], clients: int) -> tuple[float, list[int], list[str]]:
+def render_many(system: System, ct: CtSeries, sops: list[str], clients: int,
+                latencies: list[float] | None = None) -> tuple[float, list[int], list[str]]:
     """GET .../rendered (Accept image/jpeg) for every SOP in ``sops``, spread over ``clients`` threads each with
-    its own connection; returns (wall seconds, JPEG sizes, problems)."""
+    its own connection; returns (wall seconds, JPEG sizes, problems). Each request's latency is appended to
+    ``latencies`` when given."""
     shares = [sops[i::clients] for i in range(clients)]
     sizes: list[int] = []
     wrong: list[str] = []
@@ -749,7 +762,7 @@ def render_many(system: System, ct: CtSeries, sops: list[str], clients: int) -> 
             barrier.wait()
             for sop in share:
                 try:
-                    _, r = http.get(f"{ct.path}/instances/{sop}/rendered", accept="image/jpeg")
+                    elapsed, r = http.get(f"{ct.path}/instances/{sop}/rendered", accept="image/jpeg")
                 except httpx.HTTPError as exc:
                     with lock:
                         wrong.append(f"rendered {sop}: {type(exc).__name__}: {exc}")
@@ -759,6 +772,8 @@ def render_many(system: System, ct: CtSeries, sops: list[str], clients: int) -> 
                         wrong.append(f"rendered {sop}: {_http_error(r)}")
                     else:
                         sizes.append(len(r.content))
+                        if latencies is not None:
+                            latencies.append(elapsed)
 
     threads = [threading.Thread(target=worker, args=(share,), daemon=True) for share in shares]
     for t in threads:
@@ -770,12 +785,51 @@ def render_many(system: System, ct: CtSeries, sops: list[str], clients: int) -> 
     return time.perf_counter() - start, sizes, wrong
 
 
+FRAME_ACCEPT = 'multipart/related; type="application/octet-stream"'  # the study is stored uncompressed: as stored
+
+
+@dataclass(frozen=True)
+class ReadSets:
+    """Which instances each read measure uses: disjoint where the series is large enough, so that no measure
+    reads what an earlier one has just read (a server's caches would then measure the cache, not the read)."""
+
+    warm_up: str
+    rendered: list[str]  # 1 client, then the same again (the repeat view)
+    rendered_4: list[str]  # 4 clients
+    frames: list[str]
+
+
+def read_sets(ct: CtSeries, n: int, seed: int) -> ReadSets:
+    order = list(ct.sops)
+    random.Random(seed).shuffle(order)
+    n = min(n, len(order))
+
+    def take(start: int) -> list[str]:
+        return [order[(start + i) % len(order)] for i in range(n)]
+
+    return ReadSets(order[0], take(1), take(1 + n), take(1 + 2 * n))
+
+
+def check_frame(response: httpx.Response, frame_bytes: int) -> str:
+    """'' when ``response`` is a multipart/related body of one part holding the frame's bytes."""
+    if response.status_code != 200:
+        return _http_error(response)
+    try:
+        parts = multipart_parts(response.headers.get("content-type", ""), response.content)
+    except ValueError as exc:
+        return f"unreadable multipart body: {exc}"
+    if len(parts) != 1 or len(parts[0][1]) != frame_bytes:
+        return f"{len(parts)} part(s) of {[len(p) for _, p in parts][:3]} bytes for one frame of {frame_bytes} bytes"
+    return ""
+
+
 def measure_wado(system: System, ct: CtSeries, args: argparse.Namespace, repeat: int, verify: bool) -> WadoRun:
     """One system's turn in one repeat, right after its restart: /metadata first and warm, the two series
-    retrieves, /rendered with 1 and 4 clients."""
+    retrieves, /rendered with 1 client (each frame's first view, timed per request), 4 clients (other frames),
+    the 1-client frames viewed again, and WADO-RS frames (yet other instances) one at a time."""
     run = WadoRun(system.name, repeat)
-    rendered = [ct.sops[round(i * (len(ct.sops) - 1) / max(args.rendered - 1, 1))]
-                for i in range(min(args.rendered, len(ct.sops)))]
+    sets = read_sets(ct, args.rendered, args.seed)
+    rendered = sets.rendered
     with Http(system) as http:
         run.metadata_first_s, r = http.get(f"{ct.path}/metadata", accept="application/dicom+json")
         if wrong := check_metadata(r, ct):
@@ -809,18 +863,30 @@ def measure_wado(system: System, ct: CtSeries, args: argparse.Namespace, repeat:
             for form, accept, _ in RETRIEVES:
                 if wrong := verify_retrieve(http, ct, accept, form):
                     run.problems.append(f"series retrieve ({form}), read fully: {wrong}")
-    _, _, warm_wrong = render_many(system, ct, rendered[:1], 1)  # first render after a start: not counted
+    _, _, warm_wrong = render_many(system, ct, [sets.warm_up], 1)  # first render after a start: not counted
     run.problems += warm_wrong
-    for clients in (1, 4):
+    for clients, sops in ((1, rendered), (4, sets.rendered_4)):
         time.sleep(0.5)
         cpu = tree_cpu_s(system.pid)
-        seconds, sizes, wrong = render_many(system, ct, rendered, clients)
-        run.rendered_cpu_ms[clients] = (tree_cpu_s(system.pid) - cpu) * 1000 / max(len(rendered), 1)
+        seconds, sizes, wrong = render_many(system, ct, sops, clients, run.rendered_first_s if clients == 1 else None)
+        run.rendered_cpu_ms[clients] = (tree_cpu_s(system.pid) - cpu) * 1000 / max(len(sops), 1)
         if wrong:
             run.problems += wrong[:3] + ([f"... {len(wrong) - 3} more rendered failures"] if len(wrong) > 3 else [])
         else:
-            run.rendered_fps[clients] = len(rendered) / seconds
+            run.rendered_fps[clients] = len(sops) / seconds
             run.rendered_bytes += sizes
+    time.sleep(0.5)
+    _, _, wrong = render_many(system, ct, rendered, 1, run.rendered_repeat_s)
+    run.problems += wrong[:3]
+    time.sleep(0.5)
+    frame_bytes = args.size * args.size * 2  # bench.generate_ct: 16-bit, one sample
+    with Http(system) as http:
+        for sop in sets.frames:
+            elapsed, r = http.get(f"{ct.path}/instances/{sop}/frames/1", accept=FRAME_ACCEPT)
+            if wrong_frame := check_frame(r, frame_bytes):
+                run.problems.append(f"frame of {sop}: {wrong_frame}")
+                break
+            run.frame_s.append(elapsed)
     if not system.alive():
         run.problems.append(f"{system.name} died during the WADO-RS requests")
     return run
@@ -877,6 +943,9 @@ def bench_wado(args: argparse.Namespace, systems: list[System], work: Path, prob
         return percentile([t for r in per[name] for t in r.metadata_warm_s], q)
 
     rendered_n = min(args.rendered, len(ct.sops))
+    report.goal_wado = {n: {"rendered": med(n, lambda r: _median(r.rendered_first_s)),
+                            "frame": med(n, lambda r: _median(r.frame_s)),
+                            "metadata": warm(n, 0.5)} for n in names}
     nan = float("nan")
     # (label, text per system, value per system for the ratio or None, True when higher is better)
     rows: list[tuple[str, dict[str, str], dict[str, float] | None, bool]] = []
@@ -905,6 +974,11 @@ def bench_wado(args: argparse.Namespace, systems: list[System], work: Path, prob
                      {n: _f(v) for n, v in fps.items()}, fps, True))
         rows.append(("  same: server CPU ms/frame",
                      {n: _f(med(n, lambda r, c=clients: r.rendered_cpu_ms.get(c, nan))) for n in names}, None, False))
+    for label, pick in (("/rendered one frame, 1 client, first view: median ms", lambda r: r.rendered_first_s),
+                        ("/rendered the same frames viewed again: median ms", lambda r: r.rendered_repeat_s),
+                        ("WADO-RS frame (/frames/1, as stored), 1 client: median ms", lambda r: r.frame_s)):
+        latency = {n: med(n, lambda r, p=pick: _median(p(r))) for n in names}
+        rows.append((label, {n: _ms(v) for n, v in latency.items()}, latency, False))
     rows.append(("/rendered: median JPEG bytes",
                  {n: _f(_median([float(b) for r in per[n] for b in r.rendered_bytes]), 0) for n in names}, None,
                  False))
@@ -939,7 +1013,11 @@ def bench_wado(args: argparse.Namespace, systems: list[System], work: Path, prob
               "(not timed) and checks every instance came once. "
               f"/metadata: the first call after the restart, then {args.metadata_repeats} warm calls per repeat "
               f"(p50/p95 over all). /rendered: Accept image/jpeg, default size and quality, {rendered_n} instances "
-              "spread over the series, one connection per client; the first render after a start not counted.",
+              "picked at random (fixed seed), one connection per client, each request timed from sending it to the "
+              "last byte; 4 clients render other instances than 1 client; then the 1-client instances again (a "
+              f"server's cache of rendered frames shows there); the first render after a start not counted. WADO-RS "
+              f"frame: GET .../frames/1 with Accept '{FRAME_ACCEPT}' (as stored: Explicit VR LE), {rendered_n} yet "
+              "other instances, one connection. Latencies: the median of each repeat, then the median over repeats.",
               markup=False)
     for s in systems:
         if not s.alive():
@@ -974,7 +1052,49 @@ def _rows(table: Table) -> list[tuple[object, object]]:
     return list(zip(cols[0], cols[1], strict=False)) if len(cols) >= 2 else []
 
 
-def print_markdown(report: Report, names: list[str], elapsed_s: float, problems: list[str]) -> None:
+# Issue 13's read-path goals: (label, where the figure comes from, the ratio ours ÷ Orthanc must not exceed)
+GOALS = (("QIDO-RS `/studies?PatientID=`: p50 ms", "qido", 1.0),
+         ("`/rendered` one CT frame (first view): median ms", "rendered", 1.0),
+         ("WADO-RS frame (`/frames/1`): median ms", "frame", 1.0),
+         ("series `/metadata` (warm): p50 ms", "metadata", 0.1))
+
+
+def goal_rows(report: Report) -> list[tuple[str, float, float, float, float]]:
+    """(label, ours s, Orthanc s, ratio, the ratio the goal allows) for each goal both systems were measured on."""
+    rows = []
+    for label, key, limit in GOALS:
+        if key == "qido":
+            ours, theirs = report.goal_qido.get(OURS), report.goal_qido.get(ORTHANC)
+        else:
+            ours, theirs = (report.goal_wado.get(n, {}).get(key) for n in (OURS, ORTHANC))
+        if ours is not None and theirs is not None and ours == ours and theirs == theirs and theirs > 0:
+            rows.append((label, ours, theirs, ours / theirs, limit))
+    return rows
+
+
+def print_goals(report: Report) -> list[str]:
+    """The issue's read-path goals side by side (reported, never judged: timings decide no exit status); returns
+    the Markdown lines."""
+    rows = goal_rows(report)
+    if not rows:
+        return []
+    table = _table("Read path: issue 13's goals (latency ours ÷ Orthanc; the goal is the ratio at most this)",
+                   [("measure", "left"), ("ours ms", "right"), ("Orthanc ms", "right"), ("ours ÷ Orthanc", "right"),
+                    ("goal", "right"), ("met", "right")])
+    lines = ["", "**Read path: issue 13's goals (latency ours ÷ Orthanc)**", "",
+             "| measure | ours ms | Orthanc ms | ours ÷ Orthanc | goal | met |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for label, ours, theirs, ratio, limit in rows:
+        met = "yes" if ratio <= limit else "no"
+        cells = [label, _ms(ours), _ms(theirs), f"{ratio:.2f}", f"≤ {limit:g}", met]
+        table.add_row(*cells)
+        lines.append("| " + " | ".join(cells) + " |")
+    out.print(table)
+    return lines
+
+
+def print_markdown(report: Report, names: list[str], elapsed_s: float, problems: list[str],
+                   goals: list[str] | None = None) -> None:
     """The summary as Markdown, to paste into a note."""
     lines = ["", "```markdown", "### DICOMweb benchmark (`python -m bench.dicomweb`)", ""]
     lines += [f"- {k}: {v}" for k, v in report.environment]
@@ -994,6 +1114,7 @@ def print_markdown(report: Report, names: list[str], elapsed_s: float, problems:
         header = "| measure | " + " | ".join(names) + " |" + (" ours ÷ Orthanc |" if len(names) == 2 else "")
         lines += ["", f"**{report.wado_title}**", "", header,
                   "| --- |" + " ---: |" * (len(names) + (1 if len(names) == 2 else 0)), *report.wado]
+    lines += goals or []
     if report.notes:
         lines += ["", *[f"- {n}" for n in report.notes]]
     lines.append("```")
@@ -1008,20 +1129,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.dicomweb", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: 20000 instances indexed, 50 slices, 10 values per kind, 2 repeats")
+                        help="a smoke run: 20000 instances indexed, 50 slices, 10 values per kind, 3 repeats")
     parser.add_argument("--studies", type=int, help="[1] studies in the bulk index (default 20000; quick 400)")
     parser.add_argument("--series", type=int, default=5, help="[1] series per study (default 5)")
     parser.add_argument("--instances", type=int, default=10, help="[1] instances per series (default 10)")
     parser.add_argument("--queries", type=int, help="[1, 2] values per query kind (default 30; quick 10)")
     parser.add_argument("--passes", type=int, default=1, help="[1] passes over the queries (default 1)")
-    parser.add_argument("--repeats", type=int, help="[2, 3] repeats per system, alternated (default 3; quick 2)")
+    parser.add_argument("--repeats", type=int, help="[2, 3] repeats per system, alternated (default 3; quick 3)")
     parser.add_argument("--find-studies", type=int, help="[2] studies loaded over DICOM (default 400; quick 100)")
     parser.add_argument("--find-instances", type=int, default=5, help="[2] instances per study (default 5)")
     parser.add_argument("--slices", type=int, help="[3] CT slices in the series (default 500; quick 50)")
     parser.add_argument("--size", type=int, default=512, help="[3] rows = columns of each slice (default 512)")
     parser.add_argument("--metadata-repeats", type=int, help="[3] warm /metadata calls per repeat (default 20; "
                                                               "quick 5)")
-    parser.add_argument("--rendered", type=int, help="[3] instances rendered per client count (default 100; quick 20)")
+    parser.add_argument("--rendered", type=int, help="[3] instances per read measure: rendered with 1 client, with 4, "
+                                                      "frames (default 100; quick 15)")
     parser.add_argument("--seed", type=int, default=3, help="picks the query values (default 3)")
     parser.add_argument("--skip-indexed", action="store_true", help="leave out table 1 (10^6 instances)")
     parser.add_argument("--skip-qido", action="store_true", help="leave out table 2")
@@ -1030,8 +1152,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-ours", action="store_true", help="leave ours out of tables 2 and 3")
     parser.add_argument("--keep", action="store_true", help="keep the databases and stored objects")
     args = parser.parse_args(argv)
-    quick = {"studies": 400, "queries": 10, "repeats": 2, "find_studies": 100, "slices": 50, "metadata_repeats": 5,
-             "rendered": 20}
+    quick = {"studies": 400, "queries": 10, "repeats": 3, "find_studies": 100, "slices": 50, "metadata_repeats": 5,
+             "rendered": 15}
     full = {"studies": 20_000, "queries": 30, "repeats": 3, "find_studies": 400, "slices": 500,
             "metadata_repeats": 20, "rendered": 100}
     for name, value in (quick if args.quick else full).items():
@@ -1090,7 +1212,7 @@ def main(argv: list[str] | None = None) -> int:
     load_now = " ".join(f"{x:.2f}" for x in os.getloadavg())
     report.notes.append(f"load average at the end: {load_now}")
     out.print(f"total {elapsed:.0f} s; load average now {load_now}; logs: {work}")
-    print_markdown(report, names, elapsed, problems)
+    print_markdown(report, names, elapsed, problems, print_goals(report))
     if problems:
         out.print(f"[red]{len(problems)} failure(s) of the software:[/red]")
         for p in problems[:40]:

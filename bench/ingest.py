@@ -1,7 +1,7 @@
 """Ingest benchmark: a CT study sent with DCMTK's storescu to our embedded and scaled configurations and to
 Debian's Orthanc, on loopback, from an empty archive each time.
 
-    python -m bench.ingest [--slices 500] [--size 512] [--repeats 3] [--parallel 4]
+    python -m bench.ingest [--slices 500] [--size 512] [--repeats 3] [--parallel 4] [--one-image 30]
                            [--skip-scaled] [--skip-orthanc] [--keep]
 
 Prints instances/s, MB/s (10^6 bytes of DICOM files per second), the servers' peak resident memory and
@@ -39,7 +39,8 @@ from bench.generate_ct import write_ct_series
 from bench.orthanc import OrthancServer, find_orthanc, orthanc_version
 from tests.support.dcmtk import dcmtk, dcmtk_env
 from tests.support.net import free_port, wait_until
-from tests.support.pacs_process import PacsProcess, embedded_env, run_pacs
+from tests.support.pacs_process import PacsProcess, run_pacs
+from tests.support.stack import embedded_env
 
 BENCH_DIR = Path(__file__).resolve().parent
 OUT_DIR = BENCH_DIR / "out"
@@ -142,32 +143,51 @@ class SendResult:
 _RESPONSE_RE = re.compile(r"Received Store Response(?: \(([^)]*)\))?")
 
 
-def send(port: int, aec: str, files: list[Path], parallel: int, log_dir: Path) -> SendResult:
-    """Run ``parallel`` DCMTK storescu processes, each on one association with its share of ``files``.
+ONE_IMAGE = 0  # the ``parallel`` of the mode in which every file goes on an association of its own
 
-    The clock runs from the launch of the first until the exit of the last.
-    """
-    n = max(1, min(parallel, len(files)))
-    chunk = -(-len(files) // n)
-    # contiguous shares (each association sends consecutive slices); never an empty one
-    shares = [share for i in range(n) if (share := files[i * chunk:(i + 1) * chunk])]
-    log_dir.mkdir(parents=True, exist_ok=True)
-    logs = [log_dir / f"storescu-{i + 1}.log" for i in range(len(shares))]
-    env = dcmtk_env()
-    procs = []
-    start = time.perf_counter()
-    for i, share in enumerate(shares):
-        with logs[i].open("wb") as log:
-            cmd = [dcmtk("storescu"), "-v", "-aet", f"BENCH{i + 1}", "-aec", aec, "-xe", "127.0.0.1", str(port),
-                   *map(str, share)]
-            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
-    deadline = start + SEND_TIMEOUT_S
+
+def _storescu(index: int, port: int, aec: str, files: list[Path], log_path: Path,
+              env: dict[str, str]) -> subprocess.Popen[bytes]:
+    with log_path.open("wb") as log:
+        cmd = [dcmtk("storescu"), "-v", "-aet", f"BENCH{index}", "-aec", aec, "-xe", "127.0.0.1", str(port),
+               *map(str, files)]
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def _wait_all(procs: list[subprocess.Popen[bytes]], deadline: float) -> None:
     for proc in procs:
         try:
             proc.wait(timeout=max(1.0, deadline - time.perf_counter()))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def send(port: int, aec: str, files: list[Path], parallel: int, log_dir: Path) -> SendResult:
+    """Run ``parallel`` DCMTK storescu processes, each on one association with its share of ``files``; with
+    ``parallel == ONE_IMAGE``, one storescu per file, one after the other (how a CR/DX room or an ultrasound
+    cart sends: an association per image).
+
+    The clock runs from the launch of the first until the exit of the last.
+    """
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = dcmtk_env()
+    start = time.perf_counter()
+    deadline = start + SEND_TIMEOUT_S
+    procs: list[subprocess.Popen[bytes]] = []
+    if parallel == ONE_IMAGE:
+        logs = [log_dir / f"storescu-{i + 1}.log" for i in range(len(files))]
+        for i, file in enumerate(files):
+            procs.append(_storescu(1, port, aec, [file], logs[i], env))
+            _wait_all(procs[-1:], deadline)
+    else:
+        n = max(1, min(parallel, len(files)))
+        chunk = -(-len(files) // n)
+        # contiguous shares (each association sends consecutive slices); never an empty one
+        shares = [share for i in range(n) if (share := files[i * chunk:(i + 1) * chunk])]
+        logs = [log_dir / f"storescu-{i + 1}.log" for i in range(len(shares))]
+        procs = [_storescu(i + 1, port, aec, share, logs[i], env) for i, share in enumerate(shares)]
+        _wait_all(procs, deadline)
     elapsed = time.perf_counter() - start
     responses = successes = 0
     tails = []
@@ -363,6 +383,7 @@ class RunResult:
     idle_rss: dict[str, int] = field(default_factory=dict)
     peak_rss: dict[str, int] = field(default_factory=dict)
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds (user + system) during the send
+    cpu_settled: float = 0.0  # all processes' CPU seconds from the send's start until they fell idle after it
 
     @property
     def cpu_s(self) -> float:
@@ -383,10 +404,38 @@ class RunResult:
     def mb_s(self) -> float:
         return self.total_bytes / 1e6 / self.elapsed_s if self.elapsed_s else 0.0
 
+    @property
+    def cpu_ms_per_instance(self) -> float:
+        """Server CPU (every process of the system, derived work included) per instance sent."""
+        return self.cpu_s * 1000 / self.instances if self.instances else 0.0
+
+    @property
+    def settled_cpu_ms_per_instance(self) -> float:
+        """Server CPU per instance including the derived work that ran after the last acknowledgement."""
+        return self.cpu_settled * 1000 / self.instances if self.instances else 0.0
+
+    @property
+    def wall_ms_per_instance(self) -> float:
+        return self.elapsed_s * 1000 / self.instances if self.instances else 0.0
+
+
+def _wait_idle(pids: dict[str, int], quiet_cpu_s: float = 0.03, window_s: float = 1.0,
+               timeout_s: float = 300.0) -> None:
+    """Until the processes together use less than ``quiet_cpu_s`` of CPU in ``window_s`` (or the timeout)."""
+    deadline = time.monotonic() + timeout_s
+    last = sum(tree_cpu_s(pid) for pid in pids.values())
+    while time.monotonic() < deadline:
+        time.sleep(window_s)
+        now = sum(tree_cpu_s(pid) for pid in pids.values())
+        if now - last < quiet_cpu_s:
+            return
+        last = now
+
 
 def run_once(system: str, mode: str, parallel: int, repeat: int, files: list[Path], total_bytes: int,
              work: Path, infra: ScaledInfra | None, keep: bool) -> RunResult:
-    slug = f"r{repeat}-{system.split()[-1].lower()}-{'1assoc' if parallel == 1 else f'{parallel}par'}"
+    kind = "1image" if parallel == ONE_IMAGE else "1assoc" if parallel == 1 else f"{parallel}par"
+    slug = f"r{repeat}-{system.split()[-1].lower()}-{kind}"
     run_dir = work / slug
     run_dir.mkdir(parents=True, exist_ok=True)
     result = RunResult(system, mode, repeat, len(files), total_bytes)
@@ -406,6 +455,8 @@ def run_once(system: str, mode: str, parallel: int, repeat: int, files: list[Pat
             with RssSampler(server.pids) as sampler:
                 sent = send(server.port, server.aec, files, parallel, run_dir / "storescu")
             result.cpu = {name: tree_cpu_s(pid) - cpu_before[name] for name, pid in server.pids.items()}
+            _wait_idle(server.pids)  # derived work (thumbnails, metadata) queued during the send runs to its end
+            result.cpu_settled = sum(tree_cpu_s(pid) - cpu_before[name] for name, pid in server.pids.items())
             result.peak_rss = sampler.peak
             result.elapsed_s = sent.elapsed_s
             if any(rc != 0 for rc in sent.returncodes):
@@ -470,10 +521,14 @@ def _mb(n: float) -> str:
 def print_results(results: list[RunResult], systems: list[str], modes: list[str]) -> None:
     table = Table(title="Ingest over DIMSE C-STORE (DCMTK storescu, loopback): medians over runs")
     for col, justify in (("system", "left"), ("mode", "left"), ("instances/s", "right"), ("MB/s", "right"),
-                         ("min–max inst/s", "right"), ("server CPU s", "right"), ("idle RSS MB", "right"),
+                         ("min–max inst/s", "right"), ("server CPU s", "right"), ("CPU ms/inst", "right"),
+                         ("… incl. derived", "right"), ("wall ms/inst", "right"), ("idle RSS MB", "right"),
                          ("peak RSS MB", "right"), ("runs ok", "right")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     medians: dict[tuple[str, str], float] = {}
+    cpu_medians: dict[tuple[str, str], float] = {}
+    settled_medians: dict[tuple[str, str], float] = {}
+    wall_medians: dict[tuple[str, str], float] = {}
     for system in systems:
         for mode in modes:
             runs = [r for r in results if r.system == system and r.mode == mode]
@@ -487,29 +542,38 @@ def print_results(results: list[RunResult], systems: list[str], modes: list[str]
                 spread = f"{min(r.rate for r in good):.1f}–{max(r.rate for r in good):.1f}"
                 cpu = " + ".join(f"{name} {statistics.median(r.cpu.get(name, 0.0) for r in good):.1f}"
                                  for name in dict.fromkeys(n for r in good for n in r.cpu))
+                cpu_medians[system, mode] = statistics.median(r.cpu_ms_per_instance for r in good)
+                settled_medians[system, mode] = statistics.median(r.settled_cpu_ms_per_instance for r in good)
+                wall_medians[system, mode] = statistics.median(r.wall_ms_per_instance for r in good)
             else:
                 rate = mb = 0.0
                 spread = cpu = "-"
+            per_instance = [f"{d[system, mode]:.1f}" if (system, mode) in d else "-"
+                            for d in (cpu_medians, settled_medians, wall_medians)]
             names = list(dict.fromkeys(name for r in runs for name in r.peak_rss))
             peak = " + ".join(f"{name} {_mb(max(r.peak_rss.get(name, 0) for r in runs))}" for name in names)
             idle = " + ".join(f"{name} {_mb(max(r.idle_rss.get(name, 0) for r in runs))}" for name in names)
             table.add_row(system, mode, f"{rate:.1f}" if good else "FAILED", f"{mb:.1f}" if good else "-", spread,
-                          cpu, idle or "-", peak or "-", f"{len(good)}/{len(runs)}")
+                          cpu, *per_instance, idle or "-", peak or "-", f"{len(good)}/{len(runs)}")
     out.print(table)
 
     if ORTHANC in systems:
-        ratios = Table(title="Ours ÷ Orthanc (median instances/s; > 1 means we are faster)")
+        ratios = Table(title="Ours ÷ Orthanc, medians: instances/s (> 1: we are faster); server CPU and wall "
+                             "per instance (< 1: we use less)")
         ratios.add_column("mode")
+        ratios.add_column("figure")
         ours = [s for s in systems if s != ORTHANC]
         for system in ours:
             ratios.add_column(system, justify="right")
         for mode in modes:
-            base = medians.get((ORTHANC, mode))
-            cells = []
-            for system in ours:
-                mine = medians.get((system, mode))
-                cells.append(f"{mine / base:.2f}" if base and mine else "-")
-            ratios.add_row(mode, *cells)
+            for figure, table_of in (("instances/s", medians), ("CPU ms/inst", cpu_medians),
+                                     ("… incl. derived", settled_medians), ("wall ms/inst", wall_medians)):
+                base = table_of.get((ORTHANC, mode))
+                cells = []
+                for system in ours:
+                    mine = table_of.get((system, mode))
+                    cells.append(f"{mine / base:.2f}" if base and mine else "-")
+                ratios.add_row(mode, figure, *cells)
         out.print(ratios)
 
     runs_table = Table(title="Every run (in the order run)")
@@ -554,6 +618,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=512, help="rows = columns of each slice (default 512)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per system and mode (default 3)")
     parser.add_argument("--parallel", type=int, default=4, help="storescu processes in the parallel mode (default 4)")
+    parser.add_argument("--one-image", type=int, default=30,
+                        help="files sent one association each, one after the other (default 30; 0 leaves the mode out)")
     parser.add_argument("--skip-scaled", action="store_true", help="leave out scp + worker on PostgreSQL/S3/Redis")
     parser.add_argument("--skip-orthanc", action="store_true", help="leave out Debian's Orthanc")
     parser.add_argument("--keep", action="store_true", help="keep each run's archive (data, database, bucket)")
@@ -576,6 +642,8 @@ def main(argv: list[str] | None = None) -> int:
     modes = [(1, "1 association")]
     if args.parallel > 1:
         modes.append((args.parallel, f"{args.parallel} in parallel"))
+    if args.one_image > 0:
+        modes.append((ONE_IMAGE, f"{min(args.one_image, len(files))} × 1 image"))
     work = OUT_DIR / f"work-{datetime.now():%Y%m%d-%H%M%S}"
     work.mkdir(parents=True)
     err.print(f"logs under {work}")
@@ -588,7 +656,9 @@ def main(argv: list[str] | None = None) -> int:
                 # Rotate who goes first so that no system always follows the same neighbour.
                 shift = (repeat - 1 + m) % len(systems)
                 for system in systems[shift:] + systems[:shift]:
-                    r = run_once(system, mode, parallel, repeat, files, total_bytes, work, infra, args.keep)
+                    sent = files[:args.one_image] if parallel == ONE_IMAGE else files
+                    size = sum(f.stat().st_size for f in sent)
+                    r = run_once(system, mode, parallel, repeat, sent, size, work, infra, args.keep)
                     results.append(r)
                     status = "ok" if r.ok else "[red]FAILED[/red]"
                     peak = ", ".join(f"{k} {_mb(v)} MB" for k, v in r.peak_rss.items())

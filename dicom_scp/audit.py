@@ -1,5 +1,5 @@
 """Auditing of DIMSE requests: one row per C-FIND, C-MOVE, C-GET, worklist query, N-CREATE and
-N-SET, and one per association the network policy rejects (what the row says: :mod:`pacs.dimse_audit`).
+N-SET, and one per association the network policy rejects (what the row says: :mod:`pacs.audit.dimse`).
 
 Each handler is decorated (``@audited_stream(...)`` for the generator handlers of the C-services,
 ``@audited_call(...)`` for the MPPS N-services). The decorator changes nothing in the answer: it
@@ -26,9 +26,9 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.dimse_messages import C_FIND_RSP, C_GET_RSP, C_MOVE_RSP
 
-from pacs import dimse_audit
+from pacs.audit import dimse as dimse_audit
+from pacs.audit.dimse import DimseRequest, FinalStatus
 from pacs.context import AppContext
-from pacs.dimse_audit import DimseRequest, FinalStatus
 from pacs.dimse_status import PENDING_STATUSES, PROCESSING_FAILURE
 
 log = logging.getLogger("dicom_scp")
@@ -87,7 +87,8 @@ def audited_call(action: str, role: str = dimse_audit.ROLE_MODALITY) -> Decorato
 
 def association_rejected(ctx: AppContext, assoc: Any, calling_ae: str, reason: str,
                          reject: tuple[int, int, int] | None) -> None:
-    """Audit an association the network policy rejects (``dicom_scp.policy.on_requested``); never raises."""
+    """Audit an association the association checks reject (``dicom_scp.association_checks.on_requested``); never
+    raises."""
     _safely(_record_rejection, ctx, assoc, calling_ae, reason, reject)
 
 
@@ -214,7 +215,7 @@ def _count(command: Dataset, keyword: str) -> int | None:
 
 
 def _record_n_request(event: evt.Event, ctx: AppContext, action: str, role: str, result: Any, error: str) -> None:
-    """Read what the N-request was and what it was answered; :func:`pacs.dimse_audit.record_mpps_request`
+    """Read what the N-request was and what it was answered; :func:`pacs.audit.dimse.record_mpps_request`
     writes the row."""
     status, reply = result if isinstance(result, tuple) and len(result) == 2 else (result, None)
     code = int(status.Status) if isinstance(status, Dataset) else int(status)

@@ -2,8 +2,8 @@
 
 **N-ACTION** (Action Type 1, on the well-known instance 1.2.840.10008.1.20.1.1): the Action
 Information is validated, the request is written to the ``storage_commitment`` table
-(:func:`pacs.commitment.record_request`) and answered Success at once; deciding what is stored
-and reporting it is the background reporter's work (:class:`pacs.commitment.CommitmentReporter`).
+(:func:`pacs.commitment.service.record_request`) and answered Success at once; deciding what is stored
+and reporting it is the background reporter's work (:class:`pacs.commitment.service.CommitmentReporter`).
 A bad request gets a failure status with an Error Comment, never an exception:
 
 - 0x0115 Invalid argument value: no or undecodable Action Information; no or invalid Transaction
@@ -34,9 +34,10 @@ import logging
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_role, evt
+from pynetdicom.dimse_primitives import N_ACTION
 from sqlalchemy.exc import SQLAlchemyError
 
-from pacs.commitment import (
+from pacs.commitment.service import (
     CommitmentConfig,
     CommitmentResult,
     Recorded,
@@ -45,7 +46,6 @@ from pacs.commitment import (
     record_request,
 )
 from pacs.context import AppContext
-from pacs.dicom_object import is_valid_uid
 from pacs.dimse_status import (
     INVALID_ARGUMENT_VALUE,
     INVALID_OBJECT_INSTANCE,
@@ -59,6 +59,7 @@ from pacs.dimse_status import (
 )
 from pacs.forwarding.delivery import Destination
 from pacs.ingest import Ingestor
+from pacs.ingest.parsing import is_valid_uid
 
 log = logging.getLogger("dicom_scp")
 
@@ -129,6 +130,7 @@ def handle_n_action(event: evt.Event, ctx: AppContext) -> tuple[Dataset | int, D
     requestor = event.assoc.requestor
     calling_ae = requestor.ae_title.strip() if isinstance(requestor.ae_title, str) else ""
     request = event.request
+    assert isinstance(request, N_ACTION)  # the event this handler is bound to
     try:
         info = event.action_information
     except Exception as exc:
@@ -195,8 +197,8 @@ def send_event_report(cfg: CommitmentConfig, dest: Destination, transaction_uid:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = cfg.network_timeout_s
         ae.connection_timeout = min(cfg.network_timeout_s, 10.0)
         ae.add_requested_context(STORAGE_COMMITMENT_PUSH_MODEL, TRANSFER_SYNTAXES)
-        roles = [build_role(STORAGE_COMMITMENT_PUSH_MODEL, scp_role=True)] if with_role else []
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, max_pdu=cfg.max_pdu, ext_neg=roles)
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, max_pdu=cfg.max_pdu,
+                             ext_neg=[build_role(STORAGE_COMMITMENT_PUSH_MODEL, scp_role=True)] if with_role else [])
         if not assoc.is_established:
             if with_role and assoc.is_aborted and assoc.rejected_contexts and not assoc.accepted_contexts:
                 continue  # it answered but took no context with us as SCP: try the default roles

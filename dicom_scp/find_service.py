@@ -215,8 +215,8 @@ def response(row: dict[str, Any], identifier: Identifier, ae_title: str) -> Data
         tag = Tag(keyword)
         vr = attr.vr if attr is not None else _dictionary_vr(tag)
         _put(ds, int(tag), vr, value)
-    for tag, vr in identifier.echo_empty:
-        _put(ds, tag, vr, None)
+    for echo_tag, vr in identifier.echo_empty:
+        _put(ds, echo_tag, vr, None)
     _put(ds, 0x00080054, "AE", ae_title)  # Retrieve AE Title: where a C-MOVE for this match goes
     if "InstanceAvailability" in row:
         _put(ds, 0x00080056, "CS", "ONLINE")

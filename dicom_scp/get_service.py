@@ -204,7 +204,7 @@ class StoredObjectSender:
             finally:
                 sending.clear()
 
-        assoc.send_c_store = send_c_store  # type: ignore[method-assign]
+        assoc.send_c_store = send_c_store  # type: ignore[method-assign]  # wrapped on this association only
         assoc.__dict__["_pacs_stored_sender"] = self
         if assoc.is_requestor:
             _return_stolen_responses(assoc, sending)
@@ -250,7 +250,7 @@ def _return_stolen_responses(assoc: Association, sending: threading.Event) -> No
             return
         serve_request(msg, context_id)
 
-    assoc._serve_request = serve  # type: ignore[method-assign]
+    assoc._serve_request = serve  # type: ignore[method-assign]  # wrapped on this association only
 
 
 def accepted_syntaxes(assoc: Association, sop_class_uid: str) -> list[UID]:
@@ -296,13 +296,15 @@ def accept_storage_scp_role(event: evt.Event) -> None:
     if not wanted:
         return
     proposed: dict[str, list[UID]] = {}
+    assert requestor.primitive is not None  # the A-ASSOCIATE request this event is about
     for rq in requestor.primitive.presentation_context_definition_list:
         proposed.setdefault(str(rq.abstract_syntax), list(rq.transfer_syntax))
     for cx in event.assoc.acceptor.supported_contexts:
         if cx.abstract_syntax in wanted and cx.abstract_syntax in STORAGE_SOP_CLASSES:
             cx.scu_role = True
             cx.scp_role = True
-            cx.transfer_syntax = _retrieve_order(cx.transfer_syntax, proposed.get(str(cx.abstract_syntax), []))
+            # list(): pynetdicom's setter is typed list[str | bytes | UID], and a list is invariant
+            cx.transfer_syntax = list(_retrieve_order(cx.transfer_syntax, proposed.get(str(cx.abstract_syntax), [])))
 
 
 def _retrieve_order(ours: list[UID], theirs: list[UID]) -> list[UID]:

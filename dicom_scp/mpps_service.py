@@ -28,6 +28,7 @@ from functools import partial
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import evt
+from pynetdicom.dimse_primitives import N_CREATE, N_SET
 from pynetdicom.sop_class import ModalityPerformedProcedureStep
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -77,6 +78,7 @@ def handlers(ctx: AppContext, ingestor: Ingestor) -> list[tuple]:
 @audited_call("dimse.mpps-create")
 def handle_n_create(event: evt.Event, ctx: AppContext, scope_of: ScopeOf) -> tuple[Dataset | int, Dataset | None]:
     request = event.request
+    assert isinstance(request, N_CREATE)  # the event this handler is bound to
     if str(request.AffectedSOPClassUID) != MPPS:
         return failure(NO_SUCH_SOP_CLASS, "only Modality Performed Procedure Step is created here"), None
     uid = str(request.AffectedSOPInstanceUID or "") or generate_uid(prefix=None)
@@ -101,6 +103,7 @@ def handle_n_create(event: evt.Event, ctx: AppContext, scope_of: ScopeOf) -> tup
 @audited_call("dimse.mpps-set")
 def handle_n_set(event: evt.Event, ctx: AppContext) -> tuple[Dataset | int, Dataset | None]:
     request = event.request
+    assert isinstance(request, N_SET)  # the event this handler is bound to
     if str(request.RequestedSOPClassUID) != MPPS:
         return failure(NO_SUCH_SOP_CLASS, "only Modality Performed Procedure Step is updated here"), None
     uid = str(request.RequestedSOPInstanceUID or "")

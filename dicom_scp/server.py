@@ -3,7 +3,7 @@
 The listeners are pynetdicom's threaded server hardened against hostile peers (SPEC §7):
 
 - a TCP connection is admitted only while its peer and the server are under the connection limits
-  (``pacs.network_policy.connection_limits``, twice the association limits); others are closed at
+  (``pacs.association_limits.connection_limits``, twice the association limits); others are closed at
   once, before a thread or a copy of the presentation contexts is spent on them;
 - until its A-ASSOCIATE-RQ is in, a connection is *unassociated* and counts against a budget of its
   own (``pacs.connection_budget``: ``PACS_DICOM_MAX_UNASSOCIATED`` in all, ``..._PER_PEER`` per
@@ -16,11 +16,11 @@ The listeners are pynetdicom's threaded server hardened against hostile peers (S
   own thread, never in the accept loop;
 - the length field of each incoming PDU is checked before its bytes are read: a P-DATA-TF over
   the maximum we announced, a control PDU over 1 MiB or an unknown PDU type is answered with
-  A-ABORT and the connection closed (``pacs.network_policy.pdu_length_error``);
+  A-ABORT and the connection closed (``pacs.association_limits.pdu_length_error``);
 - the dataset fragments of one DIMSE message may add up to ``PACS_MAX_OBJECT_BYTES`` plus 1 MiB:
   past that the association is aborted while the object is still arriving, so that limit bounds
   the memory a sender can make us hold (a bit over it still gets its 0xA702 status from ingest);
-- the association limits themselves are checked at EVT_REQUESTED (``dicom_scp.policy``).
+- the association limits themselves are checked at EVT_REQUESTED (``dicom_scp.association_checks``).
 """
 
 from __future__ import annotations
@@ -40,17 +40,20 @@ from typing import Any
 
 from pynetdicom import AE, evt
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
-from dicom_scp import handlers, policy
+from dicom_scp import association_checks, association_events
+from dicom_scp.presentation_contexts import cheaply_copied
 from dicom_scp.services import SERVICES
 from dicom_scp.tls import server_ssl_context
-from pacs import network_policy
+from pacs import association_limits
+from pacs.ae_access import peer_key
+from pacs.association_limits import LiveAssociations
 from pacs.connection_budget import PreAssociationBudget
 from pacs.context import AppContext
 from pacs.ingest import Ingestor
-from pacs.network_policy import LiveAssociations
 
 log = logging.getLogger("dicom_scp")
 
@@ -62,8 +65,8 @@ def build_ae(ctx: AppContext) -> AE:
     ae = AE(ae_title=s.ae_title)
     ae.maximum_pdu_size = s.max_pdu_size
     # pynetdicom counts every connection's thread, negotiating or not: its limit is set to the
-    # connection limit, a backstop; PACS_MAX_ASSOCIATIONS is enforced at EVT_REQUESTED (dicom_scp.policy).
-    ae.maximum_associations = network_policy.connection_limits(s.max_associations, s.max_associations_per_peer)[0]
+    # connection limit, a backstop; PACS_MAX_ASSOCIATIONS is enforced at EVT_REQUESTED (association_checks).
+    ae.maximum_associations = association_limits.connection_limits(s.max_associations, s.max_associations_per_peer)[0]
     ae.network_timeout = s.network_timeout_s
     ae.acse_timeout = s.dicom_acse_timeout_s
     ae.dimse_timeout = s.network_timeout_s
@@ -96,16 +99,17 @@ class Listeners:
 def start_scp(ctx: AppContext, ingestor: Ingestor) -> Listeners:
     """Start listening in background threads; call ``shutdown()`` on the result to stop."""
     ae = build_ae(ctx)
+    # the register's tokens are the Associations (threads); LiveAssociations only needs them hashable
     live = LiveAssociations(is_alive=lambda assoc: assoc.is_alive())  # type: ignore[attr-defined]
-    evt_handlers = [
-        (evt.EVT_CONN_OPEN, handlers.on_conn_open),
-        # association limits, then policy: may reject before negotiation
-        (evt.EVT_REQUESTED, policy.on_requested, [ctx, live]),
-        (evt.EVT_ACCEPTED, handlers.on_accepted),
-        (evt.EVT_RELEASED, handlers.on_released),
-        (evt.EVT_ABORTED, handlers.on_aborted),
+    evt_handlers: list[evt.EventHandlerType] = [
+        (evt.EVT_CONN_OPEN, association_events.on_conn_open),
+        # association limits and the AE's rights: may reject before negotiation
+        (evt.EVT_REQUESTED, association_checks.on_requested, [ctx, live]),
+        (evt.EVT_ACCEPTED, association_events.on_accepted),
+        (evt.EVT_RELEASED, association_events.on_released),
+        (evt.EVT_ABORTED, association_events.on_aborted),
     ]
-    evt_handlers += [(event, policy.on_association_end, [live]) for event in
+    evt_handlers += [(event, association_checks.on_association_end, [live]) for event in
                      (evt.EVT_ACSE_RECV, evt.EVT_RELEASED, evt.EVT_ABORTED, evt.EVT_CONN_CLOSE)]
     evt_handlers += service_bindings(ctx, ingestor)
     guard = ConnectionGuard(ctx)
@@ -173,7 +177,8 @@ class ConnectionGuard:
 
     def __init__(self, ctx: AppContext) -> None:
         s = ctx.settings
-        self.total, self.per_peer = network_policy.connection_limits(s.max_associations, s.max_associations_per_peer)
+        self.total, self.per_peer = association_limits.connection_limits(s.max_associations,
+                                                                         s.max_associations_per_peer)
         self.network_timeout = s.network_timeout_s
         self.acse_timeout = s.dicom_acse_timeout_s
         self.max_dataset_bytes = s.max_object_bytes + DATASET_SLACK_BYTES
@@ -189,13 +194,13 @@ class ConnectionGuard:
         self._reaper: threading.Thread | None = None
 
     def admit(self, ae: AE, client_address: Any, sock: Any = None) -> bool:
-        peer = network_policy.peer_key(_host_of(client_address))
+        peer = peer_key(_host_of(client_address))
         open_by_peer: Counter[str] = Counter()
         for assoc in ae.active_associations:
             if assoc.is_acceptor:
-                open_by_peer[network_policy.peer_key(_requestor_address(assoc))] += 1
+                open_by_peer[peer_key(_requestor_address(assoc))] += 1
         with self._lock:
-            reason = network_policy.admit_connection(
+            reason = association_limits.admit_connection(
                 open_by_peer[peer] + self._starting[peer], sum(open_by_peer.values()) + sum(self._starting.values()),
                 per_peer=self.per_peer, total=self.total)
             if reason:
@@ -254,7 +259,7 @@ class ConnectionGuard:
                 self._last_log.clear()
 
     def started(self, client_address: Any) -> None:
-        peer = network_policy.peer_key(_host_of(client_address))
+        peer = peer_key(_host_of(client_address))
         with self._lock:
             self._starting[peer] -= 1
             if self._starting[peer] <= 0:
@@ -278,9 +283,12 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
     request_queue_size = 128  # listen backlog: a burst of modalities is not made to retry its SYNs
 
-    def __init__(self, *args: Any, guard: ConnectionGuard, **kwargs: Any) -> None:
+    def __init__(self, ae: AE, address: tuple[str, int], ae_title: str, contexts: list[PresentationContext],
+                 ssl_context: ssl.SSLContext | None = None, evt_handlers: list[evt.EventHandlerType] | None = None,
+                 *, guard: ConnectionGuard) -> None:
         self.guard = guard
-        super().__init__(*args, request_handler=GuardedRequestHandler, **kwargs)
+        super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers,
+                         request_handler=GuardedRequestHandler)
 
     def get_request(self) -> tuple[Any, Any]:
         """Accept; for TLS only wrap the socket: the handshake is done in the connection's thread."""
@@ -319,18 +327,22 @@ class GuardedRequestHandler(RequestHandler):
 
     def _create_association(self) -> Any:
         assoc = super()._create_association()
-        assoc.dul._pacs_max_dataset = self.server.guard.max_dataset_bytes
-        assoc.dul._pacs_conn = self.request  # its token in the pre-association budget
-        assoc.dul._pacs_budget = self.server.guard.budget
-        assoc.dul._read_pdu_data = MethodType(_read_pdu_data_bounded, assoc.dul)
+        # Any: our own attributes on pynetdicom's DUL (read back with getattr) and its PDU reader replaced
+        dul: Any = assoc.dul
+        dul._pacs_max_dataset = self.server.guard.max_dataset_bytes
+        dul._pacs_conn = self.request  # its token in the pre-association budget
+        dul._pacs_budget = self.server.guard.budget
+        dul._read_pdu_data = MethodType(_read_pdu_data_bounded, dul)
         return assoc
 
 
-def _start_server(ae: AE, address: tuple[str, int], evt_handlers: list, guard: ConnectionGuard,
+def _start_server(ae: AE, address: tuple[str, int], evt_handlers: list[evt.EventHandlerType], guard: ConnectionGuard,
                   ssl_context: ssl.SSLContext | None = None) -> GuardedAssociationServer:
     """``AE.start_server(block=False)`` with our server class."""
     server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
                             server_class=GuardedAssociationServer, guard=guard)
+    assert isinstance(server, GuardedAssociationServer)  # make_server's type cannot tell from server_class
+    server.contexts = cheaply_copied(server.contexts)  # each association gets a copy: make it cheap
     thread = threading.Thread(target=make_target(server.serve_forever), name=f"AcceptorServer@{address[1]}",
                               daemon=True)
     thread.start()
@@ -360,7 +372,7 @@ def _read_pdu_data_bounded(self: DULServiceProvider) -> None:
     except struct.error:
         self.event_queue.put("Evt17")
         return
-    error = network_policy.pdu_length_error(pdu_type, pdu_length, self.assoc.acceptor.maximum_length or 0)
+    error = association_limits.pdu_length_error(pdu_type, pdu_length, self.assoc.acceptor.maximum_length or 0)
     if error:
         _refuse(self, error)
         return
@@ -389,7 +401,7 @@ def _read_pdu_data_bounded(self: DULServiceProvider) -> None:
 def _refuse(dul: DULServiceProvider, why: str) -> None:
     """Evt19 (invalid PDU): the state machine answers A-ABORT; what the peer sends next reads as closed."""
     log.warning("aborting association with %s: %s", _requestor_address(dul.assoc), why)
-    dul._pacs_refused = True  # type: ignore[attr-defined]
+    dul._pacs_refused = True  # type: ignore[attr-defined]  # our flag on pynetdicom's DUL
     dul.event_queue.put("Evt19")
 
 
@@ -408,7 +420,7 @@ def _count_dataset_bytes(dul: DULServiceProvider, pdu: Any) -> str:
             return f"the dataset being received exceeds {limit} bytes"
         if value[0] & 0x02:  # the last fragment: the next dataset starts from zero
             total = 0
-    dul._pacs_dataset_bytes = total  # type: ignore[attr-defined]
+    dul._pacs_dataset_bytes = total  # type: ignore[attr-defined]  # our running count on pynetdicom's DUL
     return ""
 
 

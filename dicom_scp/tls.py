@@ -7,7 +7,7 @@ import hashlib
 import ssl
 from typing import Any
 
-from pacs.network_policy import PeerCertificate
+from pacs.ae_access import PeerCertificate
 from pacs.settings import Settings
 
 
@@ -48,7 +48,8 @@ def peer_certificate(assoc: Any) -> PeerCertificate | None:
         return None
     if not parsed or not der:
         return None
-    common_names = tuple(str(value) for rdn in parsed.get("subject", ()) for key, value in rdn
-                         if key == "commonName")
-    dns_names = tuple(str(value) for key, value in parsed.get("subjectAltName", ()) if key == "DNS")
+    # (key, value) pairs, indexed rather than unpacked: typeshed types every value of this dict as str-or-tuple
+    common_names = tuple(str(pair[1]) for rdn in parsed.get("subject", ()) for pair in rdn
+                         if pair[0] == "commonName")
+    dns_names = tuple(str(pair[1]) for pair in parsed.get("subjectAltName", ()) if pair[0] == "DNS")
     return PeerCertificate(hashlib.sha256(der).hexdigest(), common_names, dns_names)

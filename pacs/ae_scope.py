@@ -1,6 +1,6 @@
 """Which studies and orders a DICOM peer may see: the facility scope of HTTP, applied to AEs.
 
-HTTP filters every read with :func:`pacs.security.policy.study_condition` of the principal's
+HTTP filters every read with :func:`pacs.security.access.study_condition` of the principal's
 :class:`~pacs.security.principal.AccessScope`; the DIMSE services (C-FIND, C-MOVE, C-GET, Modality
 Worklist, MPPS, Storage Commitment) use the same condition with the scope :func:`ae_scope` gives
 the calling AE, as the registry (:mod:`pacs.aes`) knows it:

@@ -31,10 +31,10 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs import audit
+from pacs.ae_access import peer_key
+from pacs.audit.dimse import ROLE_AE
 from pacs.context import AppContext
 from pacs.db.models import AESighting
-from pacs.dimse_audit import ROLE_AE
-from pacs.network_policy import peer_key
 
 log = logging.getLogger("pacs.ae_sightings")
 

@@ -4,7 +4,7 @@
 DIMSE service asks it through :class:`AERegistry` (or :func:`lookup` inside a session of its own), so
 the rules are written once:
 
-- a *calling* AE counts as registered only if it proves to be it (:func:`pacs.network_policy.identity_mismatch`):
+- a *calling* AE counts as registered only if it proves to be it (:func:`pacs.ae_access.identity_mismatch`):
   with ``check_host`` (on unless ``pacs ae add --no-check-host``) it calls from its registered host (an
   address, or a name resolving to it); with a ``tls_subject`` it came over TLS with a verified client
   certificate of that identity. Otherwise it is treated exactly like an unknown AE, for every service and
@@ -28,9 +28,10 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from pacs.ae_access import PeerCertificate, identity_mismatch, normal_tls_subject
+from pacs.db.dml import affected_rows
 from pacs.db.models import ApplicationEntity
 from pacs.errors import Conflict, IndexUnavailable, InvalidInput, NotFound
-from pacs.network_policy import PeerCertificate, identity_mismatch, normal_tls_subject
 
 association_certificate: ContextVar[PeerCertificate | None] = ContextVar("association_certificate", default=None)
 """The verified TLS client certificate of the association served by this thread (None: plain TCP or none)."""
@@ -135,7 +136,7 @@ def _tls_subject(subject: str) -> str:
 
 
 def remove_ae(session: Session, title: str) -> None:
-    if not session.execute(delete(ApplicationEntity).where(ApplicationEntity.ae_title == title)).rowcount:
+    if not affected_rows(session, delete(ApplicationEntity).where(ApplicationEntity.ae_title == title)):
         raise NotFound(f"AE {title} is not registered")
 
 
@@ -197,7 +198,7 @@ class AERegistry:
     def sender(self, title: str, peer_address: str) -> tuple[str, bool, bool]:
         """``(facility, trusted, impersonating)`` of a peer storing objects: a registered AE (passing its
         host check) is trusted and stores for its facility; any other peer is untrusted
-        (pacs.security.ingest_policy). ``impersonating``: the title is registered but this peer failed its
+        (pacs.security.filing_rules). ``impersonating``: the title is registered but this peer failed its
         identity check, so it must not count as the title's earlier sender either."""
         record = self.calling_peer(title, peer_address)
         if record is not None:

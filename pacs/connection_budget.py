@@ -7,7 +7,7 @@ the connection limits with working associations, and 64 idle sockets from four a
 modality out for the ACSE timeout, again and again. The rules, applied by ``dicom_scp.server``:
 
 - a connection is *unassociated* from accept until its whole A-ASSOCIATE-RQ has been read; then it
-  leaves this budget, and the association limits and policy (``dicom_scp.policy``) take over. So a
+  leaves this budget, and the association limits and checks (``dicom_scp.association_checks``) take over. So a
   registered, host-checked AE that has associated never counts here, and an unassociated flood can
   take at most ``total`` connections, never the association slots;
 - at most ``per_peer`` unassociated connections from one address: more are closed at accept;

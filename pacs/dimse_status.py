@@ -2,7 +2,7 @@
 
 The names follow PS3.7 Annex C and the service classes of PS3.4; the codes pynetdicom names itself
 (``pynetdicom.status.Status``) are taken from it. Each service module documents which of them it answers
-and when; none declares a code of its own. (``pacs.store_statuses`` maps ingest outcomes onto these.)
+and when; none declares a code of its own. (``pacs.ingest.statuses`` maps ingest outcomes onto these.)
 
 Codes are plain ``int`` so that a status compares, formats (``0x%04X``) and encodes like any other.
 """
@@ -21,6 +21,8 @@ PENDING: Final = int(Status.PENDING)  # 0xFF00: a match, or sub-operations conti
 PENDING_WARNING: Final = 0xFF01  # C-FIND match with optional keys not supported (never sent: we answer them)
 
 INVALID_ATTRIBUTE_VALUE: Final = 0x0106
+# 0x0110, 0x0112 and 0x0119 are also the Failure Reasons (0008,1197) of a storage commitment report (PS3.4
+# J.3.3.1.1, pacs.commitment.service) and 0x0110 the one of a STOW-RS part that failed unexpectedly
 PROCESSING_FAILURE: Final = 0x0110
 DUPLICATE_SOP_INSTANCE: Final = 0x0111
 NO_SUCH_SOP_INSTANCE: Final = 0x0112
@@ -42,7 +44,7 @@ IDENTIFIER_DOES_NOT_MATCH: Final = 0xA900  # identifier (or, for C-STORE, data s
 UNABLE_TO_PROCESS: Final = 0xC000  # 0xCxxx: "cannot understand" / "unable to process", the rest ours
 UNABLE_TO_PROCESS_INTERNAL: Final = 0xC001  # C-FIND: an unexpected error (logged)
 
-# C-STORE (and STOW-RS Failure Reasons): what each 0xA7xx / 0xA900 / 0xCxxx means in pacs.store_statuses
+# C-STORE (and STOW-RS Failure Reasons): what each 0xA7xx / 0xA900 / 0xCxxx means in pacs.ingest.statuses
 OUT_OF_RESOURCES_INDEX: Final = 0xA701  # the index database cannot be written
 OUT_OF_RESOURCES_TOO_LARGE: Final = 0xA702  # the object is over PACS_MAX_OBJECT_BYTES
 DATASET_DOES_NOT_MATCH: Final = IDENTIFIER_DOES_NOT_MATCH  # data set does not match SOP class (or the request)
@@ -52,8 +54,11 @@ CANNOT_UNDERSTAND_TRUNCATED: Final = 0xC002
 CANNOT_UNDERSTAND_MISSING_ATTRIBUTE: Final = 0xC003
 CANNOT_UNDERSTAND_NOT_STORABLE: Final = 0xC004
 # C-STORE warning (PS3.4 B.2.3, a success): stored but held for reconciliation, not filed in its study; sent
-# only to a sender that may read that study (pacs.security.ingest_policy), with an Error Comment saying why
+# only to a sender that may read that study (pacs.security.filing_rules), with an Error Comment saying why
 WARNING_HELD_FOR_RECONCILIATION: Final = 0xB000
+# Every C-STORE warning a peer may answer (0xB000 coercion, 0xB006 elements discarded, 0xB007 SOP class does not
+# match): the object was stored
+STORAGE_WARNINGS: Final = (0xB000, 0xB007)
 
 # -- Modality Performed Procedure Step (PS3.4 Table F.7.2-2): an Error ID, sent with PROCESSING_FAILURE ----
 MPPS_MAY_NO_LONGER_BE_UPDATED: Final = 0xA710

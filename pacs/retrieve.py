@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pacs.db.models import Instance, Patient, Series, Study
 from pacs.errors import IndexUnavailable, InvalidInput
 from pacs.query.matching import MAX_UID_LIST
-from pacs.security.policy import study_condition
+from pacs.security.access import study_condition
 from pacs.security.principal import AccessScope
 from storage.keys import is_valid_uid
 
@@ -149,7 +149,7 @@ def parse_identifier(identifier: Dataset, model: Model) -> RetrieveRequest:
                 raise InvalidKeyValue("PatientID must not hold wildcards in a retrieve")
             issuer = _text(identifier, "IssuerOfPatientID") or None
 
-    keys = {"StudyInstanceUID": (), "SeriesInstanceUID": (), "SOPInstanceUID": ()}
+    keys: dict[str, tuple[str, ...]] = {"StudyInstanceUID": (), "SeriesInstanceUID": (), "SOPInstanceUID": ()}
     ladder = [(Level.STUDY, "StudyInstanceUID"), (Level.SERIES, "SeriesInstanceUID"), (Level.IMAGE, "SOPInstanceUID")]
     for key_level, keyword in ladder:
         key_depth = levels.index(key_level)

@@ -7,15 +7,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 
-from pacs import task_lease
-from pacs.commitment import CommitmentReporter
+from pacs.commitment.service import CommitmentReporter
 from pacs.context import AppContext
+from pacs.derived import lease
+from pacs.derived.pool import InProcessPublisher
+from pacs.derived.relay import OutboxRelay
 from pacs.forwarding.delivery import ForwardDelivery
 from pacs.hl7.listener import Hl7Listener
 from pacs.hl7.outbound import Hl7Delivery
 from pacs.ingest import Ingestor, TaskNotifier
 from pacs.settings import Settings
-from workers.publisher import InProcessPublisher, OutboxRelay, make_publisher
+from workers.publisher import make_publisher
 
 
 @dataclass
@@ -31,8 +33,8 @@ class Pipeline:
     @classmethod
     def start(cls, settings: Settings) -> Pipeline:
         ctx = AppContext.create(settings)
-        # registered before the relay's first sweep claims anything (pacs.task_lease)
-        task_lease.process_heartbeat(ctx, ctx.sessions, settings.task_lease_s)
+        # registered before the relay's first sweep claims anything (pacs.derived.lease)
+        lease.process_heartbeat(ctx, ctx.sessions, settings.task_lease_s)
         publisher = make_publisher(ctx)
         relay = OutboxRelay(ctx, publisher, poll_s=settings.outbox_poll_s,
                             requeue_after=timedelta(seconds=settings.task_requeue_s),
@@ -62,7 +64,7 @@ class Pipeline:
         if isinstance(publisher, InProcessPublisher):
             publisher.shutdown()
         beat = self.ctx.extras.get("task_heartbeat")
-        if isinstance(beat, task_lease.Heartbeat):
+        if isinstance(beat, lease.Heartbeat):
             beat.stop()  # rows still queued here go back to pending for the other processes
         self.ctx.close()
 
@@ -77,7 +79,7 @@ class Pipeline:
         stop = stop or threading.Event()
         while remaining:
             with self.ctx.read_sessions() as session:
-                remaining = task_lease.outstanding(session, remaining)
+                remaining = lease.outstanding(session, remaining)
             if on_progress is not None:
                 on_progress(len(remaining))
             if not remaining:

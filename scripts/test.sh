@@ -1,13 +1,25 @@
 #!/usr/bin/env bash
-# Install everything the tests need and run the whole suite (unit + integration on real servers).
+# Install everything the tests need and run them: the whole suite (unit + integration on real servers), or with
+# --fast only the unit tier (`-m "not integration"`: no server, no process; tests/support/tiers.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+fast=0
+if [[ "${1:-}" == "--fast" ]]; then
+  fast=1
+  shift
+fi
 scripts/bootstrap.sh --test
 .venv/bin/ruff check .
+.venv/bin/mypy  # [tool.mypy] in pyproject.toml: pacs, storage, dicom_scp, viewer_api, workers
 set +e
-# Most tests wait on real servers and processes, not on the CPU: three pytest workers on the 2-core CI machine
-# keep the suite well under 15 minutes. A test module runs whole on one worker (its servers are started once).
-.venv/bin/python -m pytest -n "${PACS_TEST_WORKERS:-3}" --dist loadfile "$@"
+if [[ $fast -eq 1 ]]; then
+  # CPU-bound and independent: spread test by test over every core.
+  .venv/bin/python -m pytest -m "not integration" -n "${PACS_TEST_WORKERS:-auto}" --dist load "$@"
+else
+  # Most tests wait on real servers and processes, not on the CPU: three pytest workers on the 2-core CI machine
+  # keep the suite well under 15 minutes. A test module runs whole on one worker (its servers are started once).
+  .venv/bin/python -m pytest -n "${PACS_TEST_WORKERS:-3}" --dist loadfile "$@"
+fi
 rc=$?
 set -e
 if [[ $rc -eq 5 ]]; then

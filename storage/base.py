@@ -6,7 +6,10 @@ import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import BinaryIO, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, BinaryIO, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 #: Read/write granularity used when copying streams (filesystem writes, S3 reads).
 CHUNK_SIZE = 1024 * 1024
@@ -113,9 +116,10 @@ class _ExactLengthReader(io.RawIOBase):
         self._remaining -= len(out)
         return bytes(out)
 
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self.read(len(view))
+        view[: len(data)] = data
         return len(data)
 
 
@@ -132,4 +136,5 @@ def normalize_source(data: bytes | BinaryIO, length: int | None) -> tuple[Binary
         return data, None
     if length < 0:
         raise ValueError(f"length must be >= 0, got {length}")
+    # typing.BinaryIO is nominal: a RawIOBase is not one, though it has every method put's readers call
     return _ExactLengthReader(data, length), length  # type: ignore[return-value]

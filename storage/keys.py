@@ -9,6 +9,7 @@ method, which guarantees nothing is ever written outside the store's root.
 from __future__ import annotations
 
 import re
+from typing import TypeGuard
 
 from storage.errors import InvalidKey
 
@@ -40,20 +41,20 @@ def _show(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def is_valid_uid(s: object) -> bool:
+def is_valid_uid(s: object) -> TypeGuard[str]:
     """A UID as PS3.5 §9.1 defines it: digits and dots, no empty component, no leading zero in a
     component (``0`` alone is one), at most 64 characters."""
     return isinstance(s, str) and 0 < len(s) <= UID_MAX_LEN and UID_RE.match(s) is not None
 
 
-def is_archived_uid(s: object) -> bool:
+def is_archived_uid(s: object) -> TypeGuard[str]:
     """A UID the archive may already hold (digits and dots, at most 64 characters, leading zeros allowed):
     what ``pacs reindex`` accepts from objects acknowledged before the leading-zero rule, so a rebuilt
     index never turns them into orphans that ``pacs check --repair`` would collect."""
     return _key_uid(s)
 
 
-def _key_uid(s: object) -> bool:
+def _key_uid(s: object) -> TypeGuard[str]:
     """The UID segments of a key: digits and dots, no empty component, at most 64 characters
     (leading zeros allowed: see ``_KEY_UID_RE``)."""
     return isinstance(s, str) and 0 < len(s) <= UID_MAX_LEN and _KEY_UID_RE.match(s) is not None
@@ -63,14 +64,14 @@ def require_uid(s: object, what: str) -> str:
     """Return ``s`` if it is a valid UID (:func:`is_valid_uid`), else raise ``InvalidKey`` naming ``what``."""
     if not is_valid_uid(s):
         raise InvalidKey(f"invalid {what}: {_show(s)}")
-    return s  # type: ignore[return-value]
+    return s
 
 
 def _require_key_uid(s: object, what: str) -> str:
     """A key's UID segment: safe as a path segment (charset and length), leading zeros allowed."""
     if not _key_uid(s):
         raise InvalidKey(f"invalid {what}: {_show(s)}")
-    return s  # type: ignore[return-value]
+    return s
 
 
 def _require_sha256(sha256_hex: object) -> str:
@@ -135,10 +136,10 @@ def parse_instance_key(key: str) -> tuple[str, str, str, str] | None:
     m = _INSTANCE_KEY_RE.match(key) if isinstance(key, str) else None
     if m is None:
         return None
-    parts = m.group("study", "series", "sop")
-    if not all(_key_uid(p) for p in parts):
+    study, series, sop, sha = m.group("study", "series", "sop", "sha")
+    if not all(_key_uid(p) for p in (study, series, sop)):
         return None
-    return (*parts, m.group("sha"))
+    return study, series, sop, sha
 
 
 def is_valid_segment(name: str) -> bool:

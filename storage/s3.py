@@ -8,7 +8,7 @@ import os
 import re
 import threading
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import certifi
 import urllib3
@@ -19,6 +19,9 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from storage.base import CHUNK_SIZE, ObjectInfo, normalize_source
 from storage.errors import ObjectNotFound, StorageError, StorageUnavailable
 from storage.keys import validate_key, validate_prefix
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 #: Part size for streams of unknown length (and the cap for known ones): each part is held in memory.
 PART_SIZE = 16 * 1024 * 1024
@@ -41,11 +44,12 @@ class _ResponseReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        view = memoryview(buffer).cast("B")
         with self._store._errors(self._key):
-            data = self._response.read(len(buffer))
+            data = self._response.read(len(view))
         n = len(data)
-        buffer[:n] = data
+        view[:n] = data
         return n
 
     def close(self) -> None:
@@ -196,7 +200,7 @@ class S3Store:
         self.ensure_bucket()
         with self._errors(key):
             response = self._client.get_object(self.bucket, key)
-        return io.BufferedReader(_ResponseReader(response, self, key), buffer_size=CHUNK_SIZE)  # type: ignore[return-value]
+        return io.BufferedReader(_ResponseReader(response, self, key), buffer_size=CHUNK_SIZE)
 
     def get_bytes(self, key: str) -> bytes:
         validate_key(key)
@@ -261,5 +265,5 @@ class S3Store:
                 yield ObjectInfo(
                     key=name,
                     size=obj.size or 0,
-                    last_modified=obj.last_modified,  # type: ignore[arg-type]
+                    last_modified=obj.last_modified,
                 )

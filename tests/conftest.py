@@ -1,37 +1,26 @@
-"""Shared fixtures: the pydicom corpus, and real servers (PostgreSQL, Redis, SeaweedFS S3, `pacs`)."""
+"""Shared fixtures: real servers (PostgreSQL, SeaweedFS S3), and the hooks of the test tiers (tests/support/tiers.py).
+
+Helpers live in tests/support/, never here: tests import them from there (no test imports conftest or
+another test module).
+"""
 
 from __future__ import annotations
 
-import os
 import uuid
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 
-import pydicom
 import pytest
 
 from tests.support.postgres import create_database, drop_database
 from tests.support.seaweed import SeaweedS3
-
-REDIS_URL = os.environ.get("PACS_TEST_REDIS_URL", "redis://127.0.0.1:6379/7")
-
-
-def corpus_files() -> list[Path]:
-    """Every file pydicom ships as test data (read from the installed folder: no downloads)."""
-    root = Path(pydicom.data.get_testdata_file("CT_small.dcm")).parent  # type: ignore[arg-type]
-    return sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-
-
-def corpus_dicom_files() -> list[Path]:
-    """The corpus files that look like DICOM (a .dcm name or the DICM prefix)."""
-    out = []
-    for path in corpus_files():
-        with path.open("rb") as fh:
-            head = fh.read(132)
-        if path.suffix.lower() == ".dcm" or head[128:132] == b"DICM":
-            out.append(path)
-    return out
+from tests.support.tiers import (  # noqa: F401  (the tiers' hooks, registered by being here)
+    pytest_collection_modifyitems,
+    pytest_configure,
+    pytest_runtest_call,
+    pytest_runtest_setup,
+    starts_servers,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -42,6 +31,7 @@ def _quiet_pydicom_warnings() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
+@starts_servers
 def pg_url() -> Iterator[str]:
     name, url = create_database()
     try:
@@ -51,6 +41,7 @@ def pg_url() -> Iterator[str]:
 
 
 @pytest.fixture()
+@starts_servers
 def fresh_pg_url() -> Iterator[str]:
     name, url = create_database()
     try:
@@ -60,6 +51,7 @@ def fresh_pg_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+@starts_servers
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
     server = SeaweedS3(tmp_path_factory.mktemp("seaweed"))
     server.start()

@@ -1,4 +1,4 @@
-"""Access scopes in the query engine (pacs.security.policy.study_condition): which studies a
+"""Access scopes in the query engine (pacs.security.access.study_condition): which studies a
 facility user, a patient token or a share link can find, at every level, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ from pacs.context import AppContext
 from pacs.db import migrate
 from pacs.ingest import Ingestor, IngestSource
 from pacs.query.engine import Query, QueryEngine
-from pacs.security.policy import may_see_study, share_study
+from pacs.security.access import may_see_study, share_study
 from pacs.security.principal import AccessScope, scope_for
 from pacs.security.roles import Role
 from pacs.settings import Settings
 from tests.support.datasets import make_instance
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
 def archive(request: pytest.FixtureRequest, tmp_path):
     if request.param == "sqlite":
         settings = Settings(data_dir=tmp_path / "data")

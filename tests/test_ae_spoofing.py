@@ -8,7 +8,7 @@ What each bad input gets:
 - the spoofed title from another address is an unknown AE: a C-FIND or C-GET association is rejected
   (1, 1, 3) "calling AE title not recognized"; a storage association is accepted (unknown AEs may store,
   ``PACS_ACCEPT_UNKNOWN_STORE_AES``) but a new version of A's instance, or a new instance in A's study, is
-  not filed there (refused, or held for reconciliation: pacs.security.ingest_policy): C-GET from the real
+  not filed there (refused, or held for reconciliation: pacs.security.filing_rules): C-GET from the real
   MODA still returns exactly the original bytes (SHA-256);
 - ``--no-check-host`` (``check_host=False``) restores the old, documented-risky behaviour: believed from anywhere;
 - the first time a registered title calls from an address, one ``ae.new-address`` audit event and one
@@ -41,13 +41,13 @@ from pynetdicom.sop_class import (
 from sqlalchemy import func, select
 
 from dicom_scp.server import Listeners, start_scp
+from pacs.ae_access import PeerCertificate, certificate_matches, normal_tls_subject
 from pacs.ae_sightings import ACTION, MAX_ADDRESSES_PER_AE, AESightings
 from pacs.aes import add_ae
 from pacs.context import AppContext
 from pacs.db import migrate
 from pacs.db.models import AESighting, AuditEvent, Instance, Study
 from pacs.ingest import Ingestor
-from pacs.network_policy import PeerCertificate, certificate_matches, normal_tls_subject
 from pacs.settings import Settings
 from tests.support.datasets import make_dataset
 from tests.support.net import free_port
@@ -184,7 +184,7 @@ def test_spoofed_title_from_another_address_cannot_replace_query_or_retrieve(scp
     added = make_dataset(StudyInstanceUID=study, SeriesInstanceUID=original.SeriesInstanceUID, InstanceNumber=2)
     for ds in (altered, added):
         # an unknown AE's objects for a facility's study are refused, or stored aside for reconciliation
-        # (pacs.security.ingest_policy): either way never filed under A's study, as checked below
+        # (pacs.security.filing_rules): either way never filed under A's study, as checked below
         _store(scp, "MODA", ds, source=AWAY)
 
     # query and retrieve: the spoofer is an unknown AE, rejected before any request

@@ -12,8 +12,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 
 from tests.support.datasets import make_dataset
-from tests.support.pacs_process import EmbeddedPacs
 from tests.support.senders import send_dataset
+from tests.support.stack import EmbeddedPacs
 
 pytestmark = pytest.mark.integration
 

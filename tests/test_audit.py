@@ -45,7 +45,9 @@ from pynetdicom.sop_class import (
 from sqlalchemy import select, text
 
 from dicom_scp import audit as dimse_audit_glue
-from pacs import audit, audit_fhir, audit_search
+from pacs import audit
+from pacs.audit import fhir_export as audit_fhir
+from pacs.audit import search as audit_search
 from pacs.cli.common import operator
 from pacs.context import AppContext
 from pacs.db import migrate
@@ -56,7 +58,8 @@ from pacs.settings import Settings
 from tests.support.datasets import make_dataset, to_bytes
 from tests.support.dcmtk import ReferenceStoreSCP, dcmtk, dcmtk_env, storescu
 from tests.support.net import free_port, port_open, wait_until
-from tests.support.pacs_process import PACS, EmbeddedPacs, run_pacs
+from tests.support.pacs_process import PACS, run_pacs
+from tests.support.stack import EmbeddedPacs
 
 OP = f"os:{operator()}"  # who the CLI audits as (the same account runs the tests' `pacs` commands)
 FHIR_INSTANT = re.compile(r"^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])T([01]\d|2[0-3]):[0-5]\d:([0-5]\d|60)"
@@ -247,7 +250,7 @@ def test_filter_values_are_read_as_documented() -> None:
         audit_search.check_page(1001, 0)
 
 
-# -- DIMSE rows: the association-rejection hook (bound in dicom_scp.policy) ---------------------------------
+# -- DIMSE rows: the association-rejection hook (bound in dicom_scp.association_checks) -------------------
 
 
 def test_a_rejected_association_is_audited_and_auditing_never_raises(tmp_path: Path) -> None:

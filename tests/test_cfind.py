@@ -14,7 +14,7 @@ import re
 import struct
 import subprocess
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,7 +22,6 @@ from typing import Any
 
 import pydicom
 import pytest
-import redis
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
@@ -36,20 +35,18 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
-from sqlalchemy.engine import make_url
 
 from dicom_scp import find_service
+from pacs.ae_access import RegisteredAE, Service, decide, host_matches, service_of
 from pacs.errors import IndexUnavailable
-from pacs.network_policy import RegisteredAE, Service, decide, host_matches, service_of
 from pacs.security.principal import UNRESTRICTED
-from tests.conftest import REDIS_URL
 from tests.support.datasets import to_bytes
 from tests.support.dcmtk import dcmtk, dcmtk_env, echoscu, storescu
 from tests.support.fault_proxy import FaultProxy
-from tests.support.net import free_port
-from tests.support.pacs_process import PacsProcess, embedded_env, run_pacs
-from tests.support.postgres import create_database, drop_database
-from tests.test_query_engine import PATIENTS, STUDIES, UID_ROOT, archive_datasets
+from tests.support.pacs_process import PacsProcess, run_pacs
+from tests.support.query_archive import PATIENTS, STUDIES, UID_ROOT, archive_datasets
+from tests.support.stack import EmbeddedPacs, ScaledStack
+from tests.support.tiers import starts_servers
 
 FIND = str(StudyRootQueryRetrieveInformationModelFind)
 P_FIND = str(PatientRootQueryRetrieveInformationModelFind)
@@ -231,48 +228,31 @@ class Server:
     db_proxy: FaultProxy | None = None  # scaled: the SCP reaches PostgreSQL through it
 
 
+def _start(kind: str, root: Path, request: pytest.FixtureRequest) -> EmbeddedPacs | ScaledStack:
+    if kind == "embedded":
+        return EmbeddedPacs(root)
+    # no worker listens: derived work waits in the stack's own Redis queue (deleted when it closes)
+    s3_url = request.getfixturevalue("s3_server").url_for(f"cfind-{uuid.uuid4().hex[:8]}")
+    return ScaledStack(root, s3_url, db_proxy=True).up("scp")
+
+
 @pytest.fixture(scope="module", params=["embedded", "scaled"])
+@starts_servers
 def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp(f"cfind-{request.param}")
-    cleanups: list[Callable[[], object]] = []
-    proxy = None
-    if request.param == "embedded":
-        env = embedded_env(root / "data")
-        args = ["serve"]
-    else:
-        db_name, db_url = create_database()
-        cleanups.append(lambda: drop_database(db_name))
-        url = make_url(db_url)
-        proxy = FaultProxy(url.host or "127.0.0.1", url.port or 5432).start()
-        cleanups.insert(0, proxy.cut)
-        db_url = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-        queue = f"cfind-{uuid.uuid4().hex[:8]}"  # no worker listens: derived work just waits in Redis
-        cleanups.append(lambda: redis.Redis.from_url(REDIS_URL).delete(queue))
-        env = {"PACS_DATA_DIR": str(root / "data"), "PACS_DATABASE_URL": db_url,
-               "PACS_STORAGE_URL": request.getfixturevalue("s3_server").url_for(f"cfind-{uuid.uuid4().hex[:8]}"),
-               "PACS_BROKER_URL": REDIS_URL, "PACS_TASK_QUEUE": queue, "PACS_DICOM_PORT": str(free_port())}
-        upgrade = run_pacs(["db", "upgrade"], env)
-        assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
-        args = ["scp"]
-    proc = PacsProcess(args, env, root / f"{args[0]}.log").start()
-    port = int(env["PACS_DICOM_PORT"])
-    try:
-        proc.wait_dicom(port)
+    with _start(request.param, root, request) as archive:
+        proc = archive.proc if isinstance(archive, EmbeddedPacs) else archive.scp
         files = []
         for i, ds in enumerate(archive_datasets()):
             files.append(root / f"{i:03d}.dcm")
             files[-1].write_bytes(to_bytes(ds))
-        sent = storescu(port, files, aet="MODALITY")  # not registered: storage is open by default
+        sent = storescu(archive.port, files, aet="MODALITY")  # not registered: storage is open by default
         assert sent.success and sent.returncode == 0, sent.output[-2000:]
         for title, flags in (("QUERYSCU", []), ("NOQUERY", ["--no-query"])):
-            added = run_pacs(["ae", "add", title, "127.0.0.1", "104", "--archive-wide", *flags], env)
+            added = run_pacs(["ae", "add", title, "127.0.0.1", "104", "--archive-wide", *flags], archive.env)
             assert added.returncode == 0, added.stdout + added.stderr
-        yield Server(request.param, port, env, proc, proxy)
+        yield Server(request.param, archive.port, archive.env, proc, getattr(archive, "db_proxy", None))
         assert proc.alive(), proc.log_tail()
-    finally:
-        proc.stop()
-        for cleanup in cleanups:
-            cleanup()
 
 
 @dataclass

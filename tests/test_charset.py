@@ -12,9 +12,10 @@ from pydicom.dataset import Dataset
 from pynetdicom.dsutils import decode, encode
 
 from dicom_scp import find_service
-from pacs import charset, dimse_audit
-from pacs.dicom_object import parse_received
-from pacs.metadata import instance_json
+from pacs import charset
+from pacs.audit import dimse as dimse_audit
+from pacs.dicomweb.metadata import instance_json
+from pacs.ingest.parsing import parse_received
 from pacs.ris import worklist
 from tests.support.datasets import make_dataset, to_bytes
 

@@ -12,10 +12,12 @@ from sqlalchemy import func, select
 from pacs.context import AppContext
 from pacs.db.models import Instance, Study
 from pacs.settings import Settings
-from tests.conftest import corpus_files
+from tests.support.corpus import corpus_files
 from tests.support.datasets import make_dataset
 from tests.support.net import wait_until
 from tests.support.pacs_process import run_pacs
+
+pytestmark = pytest.mark.integration  # every test runs `pacs` as a process
 
 
 @pytest.fixture()
@@ -157,7 +159,8 @@ def test_import_missing_path_is_a_clear_error(env: dict[str, str], tmp_path: Pat
 
 
 def test_serve_prints_where_it_listens(env: dict[str, str], tmp_path: Path) -> None:
-    from tests.support.pacs_process import PacsProcess, embedded_env
+    from tests.support.pacs_process import PacsProcess
+    from tests.support.stack import embedded_env
 
     env = embedded_env(tmp_path / "d")
     proc = PacsProcess(["serve"], env, tmp_path / "serve.log").start()

@@ -32,8 +32,9 @@ from tests.support.datasets import make_dataset, to_bytes
 from tests.support.dcmtk import echoscu, storescu
 from tests.support.http_api import bearer_client
 from tests.support.net import wait_until
-from tests.support.pacs_process import EmbeddedPacs, run_pacs
+from tests.support.pacs_process import run_pacs
 from tests.support.senders import send_dataset
+from tests.support.stack import EmbeddedPacs
 
 pytestmark = pytest.mark.integration
 

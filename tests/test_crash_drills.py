@@ -43,8 +43,9 @@ from tests.support.drill import (
     ScaledStack,
     report,
 )
-from tests.support.pacs_process import embedded_env, run_pacs
+from tests.support.pacs_process import run_pacs
 from tests.support.seaweed import SeaweedS3
+from tests.support.stack import embedded_env
 
 pytestmark = pytest.mark.integration
 

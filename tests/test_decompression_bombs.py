@@ -48,8 +48,10 @@ from tests.support.bombs import Bomb, make_bomb, make_large_j2k
 from tests.support.datasets import dataset_bytes, make_dataset, to_bytes
 from tests.support.http_api import bearer_client
 from tests.support.net import wait_until
-from tests.support.pacs_process import EmbeddedPacs, dicom_echo
+from tests.support.pacs_process import dicom_echo
 from tests.support.senders import send_dataset
+from tests.support.stack import EmbeddedPacs
+from tests.support.tiers import starts_servers
 
 MIB = 1024 * 1024
 RSS_GROWTH_LIMIT = 300 * MIB
@@ -74,6 +76,7 @@ def _reset_peak(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
+@starts_servers
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPacs]:
     pacs = EmbeddedPacs(tmp_path_factory.mktemp("bombs"))
     with pacs.ctx.sessions() as session, session.begin():

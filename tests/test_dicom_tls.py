@@ -17,8 +17,9 @@ from pacs.db.models import Instance
 from pacs.settings import Settings
 from tests.support.dcmtk import dcmtk, dcmtk_env
 from tests.support.net import free_port
-from tests.support.pacs_process import PacsProcess, embedded_env
+from tests.support.pacs_process import PacsProcess
 from tests.support.pki import make_pki
+from tests.support.stack import embedded_env
 
 pytestmark = pytest.mark.integration
 

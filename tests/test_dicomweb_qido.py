@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from pacs.dicomweb.dicom_json import tag_of
+from pacs.dicomweb.qido_json import tag_of
 from pacs.query.attributes import Level, supported_keywords
 from tests.support.dicomweb_world import World, audit_count, shared_world
 

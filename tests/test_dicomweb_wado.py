@@ -24,14 +24,14 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select, update
 
 from bench.generate_ct import write_ct_series
-from pacs import metadata
 from pacs.db.models import AuditEvent, DerivedTask, Instance, Series
+from pacs.dicomweb import metadata
 from storage.keys import instance_metadata_key, series_metadata_key
 from tests.support.datasets import dataset_bytes
 from tests.support.dcmtk import storescu
 from tests.support.dicomweb_world import World, audit_count, shared_world, stored_bytes, wait_derived_work
-from tests.support.scaled_api import ScaledApi
 from tests.support.senders import send_file_raw
+from tests.support.stack import ScaledStack
 from viewer_api.security import COALESCED_READS
 
 pytestmark = pytest.mark.integration
@@ -192,7 +192,7 @@ def test_metadata_is_complete_while_the_workers_are_behind(world: World, tmp_pat
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
     study, series_uid = first.StudyInstanceUID, first.SeriesInstanceUID
     sops = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files]
-    scaled = isinstance(server, ScaledApi)
+    scaled = isinstance(server, ScaledStack)
     if scaled:
         server.stop_worker()
     try:

@@ -14,7 +14,8 @@ from sqlalchemy import select
 from pacs.db.models import AuditEvent
 from tests.support.datasets import make_instance
 from tests.support.dcmtk import dcmtk, dcmtk_env
-from tests.support.pacs_process import EmbeddedPacs, run_pacs
+from tests.support.pacs_process import run_pacs
+from tests.support.stack import EmbeddedPacs
 
 pytestmark = pytest.mark.integration
 

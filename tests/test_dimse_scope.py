@@ -45,20 +45,22 @@ from dicom_scp.commitment_service import send_event_report
 from dicom_scp.server import Listeners, start_scp
 from pacs.ae_scope import NO_STUDIES, ae_scope, needs_scope_flag
 from pacs.aes import AERecord, add_ae, lookup
-from pacs.commitment import NO_SUCH_OBJECT_INSTANCE, CommitmentConfig, CommitmentReporter, SopRef
+from pacs.commitment.service import CommitmentConfig, CommitmentReporter, SopRef
 from pacs.context import AppContext
 from pacs.db import migrate
+from pacs.dimse_status import NO_SUCH_SOP_INSTANCE
 from pacs.ingest import Ingestor
 from pacs.ris.models import ImagingOrder, PerformedProcedureStep
 from pacs.ris.orders import NewOrder, OrderRecord, create_order, get_order
-from pacs.security.policy import share_study
+from pacs.security.access import share_study
 from pacs.security.principal import UNRESTRICTED, AccessScope
 from pacs.settings import Settings
+from tests.support.commitment_modality import Modality
 from tests.support.datasets import make_dataset
 from tests.support.dcmtk import dcmtk, dcmtk_env
 from tests.support.net import free_port
 from tests.support.pacs_process import run_pacs
-from tests.test_storage_commitment import Modality
+from tests.support.tiers import starts_servers
 
 SC = str(SecondaryCaptureImageStorage)
 S_FIND, P_FIND = StudyRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelFind
@@ -120,6 +122,7 @@ class Receiver:
 
 
 @pytest.fixture(scope="module")
+@starts_servers
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     root = tmp_path_factory.mktemp("dimse-scope")
     ctx = AppContext.create(Settings(data_dir=root / "data", dicom_host="127.0.0.1", dicom_port=free_port()))
@@ -438,8 +441,8 @@ def test_commitment_reports_another_facilitys_instances_as_not_archived(world: W
     wsa = world.reporters["WSA"]
     event_type, report = wsa.wait_report(wsa.commit(world.port, refs))
     assert event_type == 2 and _pairs(report, "ReferencedSOPSequence") == [(a_sop,)]
-    assert _pairs(report, "FailedSOPSequence") == sorted([(b_sop, NO_SUCH_OBJECT_INSTANCE),
-                                                          (nowhere, NO_SUCH_OBJECT_INSTANCE)])  # B's = unknown
+    assert _pairs(report, "FailedSOPSequence") == sorted([(b_sop, NO_SUCH_SOP_INSTANCE),
+                                                          (nowhere, NO_SUCH_SOP_INSTANCE)])  # B's = unknown
     prov = world.reporters["PROV"]
     event_type, report = prov.wait_report(prov.commit(world.port, refs[:2]))
     assert event_type == 1 and _pairs(report, "ReferencedSOPSequence") == sorted([(a_sop,), (b_sop,)])
@@ -462,6 +465,7 @@ def test_scope_of_an_ae() -> None:
     assert not needs_scope_flag(True, True, "HOSP-A", False) and not needs_scope_flag(True, True, "", True)
 
 
+@pytest.mark.integration
 def test_upgrade_keeps_facility_less_aes_archive_wide_and_ae_add_asks_for_a_scope(tmp_path: Path) -> None:
     data = tmp_path / "data"
     ctx = AppContext.create(Settings(data_dir=data))

@@ -43,9 +43,11 @@ def test_failure_builder() -> None:
 
 
 def test_no_service_declares_its_own_status_codes() -> None:
-    """A status code assigned to a name, or a failure builder, outside pacs/dimse_status.py fails."""
+    """A status code assigned to a name, or a failure builder, outside pacs/dimse_status.py fails (the DIMSE
+    services, the C-STORE/STOW statuses, the storage commitment report's and STOW-RS's Failure Reasons)."""
     declared = re.compile(r"^[A-Z_]+\s*(:[^=]*)?=\s*0x[0-9A-Fa-f]{4}\b|^def _?(failure|status)\(", re.M)
     offenders = []
-    for path in [*(ROOT / "dicom_scp").glob("*.py"), ROOT / "pacs" / "store_statuses.py"]:
+    for path in [*(ROOT / "dicom_scp").glob("*.py"), ROOT / "pacs" / "ingest" / "statuses.py",
+                 *(ROOT / "pacs" / "commitment").glob("*.py"), ROOT / "pacs" / "dicomweb" / "stow.py"]:
         offenders += [f"{path.name}: {m.group(0)}" for m in declared.finditer(path.read_text(encoding="utf-8"))]
     assert not offenders, offenders

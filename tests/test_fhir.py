@@ -21,7 +21,7 @@ from pacs.fhir.ids import decode_patient_id, patient_fhir_id
 from pacs.fhir.search import SearchError, date_interval, imaging_study_search, parse_token
 from pacs.security.accounts import create_token
 from tests.support.datasets import make_dataset, to_bytes
-from tests.support.pacs_process import EmbeddedPacs
+from tests.support.stack import EmbeddedPacs
 
 pytestmark = pytest.mark.integration
 

@@ -44,8 +44,8 @@ from pacs.security.roles import Role, capabilities_of
 from pacs.settings import Settings
 from tests.support.datasets import make_dataset, to_bytes
 from tests.support.net import wait_until
-from tests.support.pacs_process import EmbeddedPacs
 from tests.support.postgres import create_database, drop_database
+from tests.support.stack import EmbeddedPacs
 
 pytestmark = pytest.mark.integration
 

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -15,7 +16,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-import redis
 from pydicom.dataset import Dataset
 from pynetdicom import AE, StoragePresentationContexts, evt
 from sqlalchemy import select
@@ -31,19 +31,19 @@ from pacs.forwarding.delivery import (
     ForwardDelivery,
     is_delivered,
     queue_stats,
-    retry_delay,
     retry_failed,
 )
 from pacs.forwarding.rules import RuleMatch, RuleRecord, add_rule, destinations_for, remove_rule, rule_matches
 from pacs.ingest import Ingestor, IngestSource, IngestStatus
+from pacs.jobs import retry_delay
 from pacs.settings import Settings
-from tests.conftest import REDIS_URL
 from tests.support.datasets import dataset_bytes, make_instance
 from tests.support.dcmtk import ReferenceStoreSCP, storescu
 from tests.support.net import free_port, port_open, wait_until
-from tests.support.pacs_process import EmbeddedPacs, PacsProcess, run_pacs
-from tests.support.postgres import create_database, drop_database
+from tests.support.pacs_process import run_pacs
 from tests.support.seaweed import SeaweedS3
+from tests.support.stack import REDIS_URL, EmbeddedPacs, ScaledStack
+from tests.support.tiers import starts_servers
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MODALITY = IngestSource("dimse", calling_ae="MODALITY1", address="127.0.0.1:5000")
@@ -167,6 +167,7 @@ class StatusSCP:
 
 
 @pytest.fixture()
+@starts_servers
 def status_scp() -> Iterator[StatusSCP]:
     scp = StatusSCP()
     yield scp
@@ -257,6 +258,7 @@ def test_sender_statuses_retries_and_failure(archive: Archive, status_scp: Statu
     assert [j.state for j in archive.jobs()] == ["sent"] * 4
 
 
+@pytest.mark.integration
 def test_unreachable_destination_and_superseded_versions(archive: Archive) -> None:
     closed = free_port()
     with archive.ctx.sessions() as s, s.begin():
@@ -285,6 +287,7 @@ def test_unreachable_destination_and_superseded_versions(archive: Archive) -> No
     assert old.state == "failed" and "superseded" in old.last_error
 
 
+@pytest.mark.integration
 def test_objects_the_destination_does_not_take_count_against_themselves(archive: Archive) -> None:
     scp = StatusSCP(sop_classes=(CT,))
     try:
@@ -355,6 +358,7 @@ def test_two_senders_on_postgresql_share_the_queue_without_sending_twice(
         ctx.close()
 
 
+@pytest.mark.integration
 def test_cli_rules_and_retry(archive: Archive) -> None:
     env = {"PACS_DATA_DIR": str(archive.ctx.settings.data_dir)}
     with archive.ctx.sessions() as s, s.begin():
@@ -461,38 +465,16 @@ def test_embedded_forwarding_end_to_end(tmp_path: Path, reference_scp: Reference
 @pytest.mark.integration
 def test_scaled_forwarding_end_to_end(tmp_path: Path, reference_scp: ReferenceStoreSCP,
                                       s3_server: SeaweedS3) -> None:
-    db_name, db_url = create_database()
     broker = REDIS_URL.rsplit("/", 1)[0] + "/13"  # not the other tests' broker database
-    redis.Redis.from_url(broker).flushdb()
-    env = {
-        "PACS_DATA_DIR": str(tmp_path / "data"),
-        "PACS_DATABASE_URL": db_url,
-        "PACS_STORAGE_URL": s3_server.url_for(f"pacs-fwd-{db_name[-10:]}"),
-        "PACS_BROKER_URL": broker,
-        "PACS_TASK_QUEUE": f"pacs-fwd-{db_name[-10:]}",
-        "PACS_DICOM_PORT": str(free_port()),
-        "PACS_OUTBOX_POLL_S": "1",
-        **FAST,
-    }
-    port = int(env["PACS_DICOM_PORT"])
-    ctx = AppContext.create(Settings(database_url=db_url, storage_url=env["PACS_STORAGE_URL"]))
-    procs: dict[str, PacsProcess] = {}
-    try:
-        _setup_rule(ctx, reference_scp.port)
-        procs["worker"] = PacsProcess(["worker", "--concurrency", "2"], env, tmp_path / "worker.log").start()
-        procs["scp"] = PacsProcess(["scp"], env, tmp_path / "scp.log").start()
-        procs["scp"].wait_dicom(port)
+    with ScaledStack(tmp_path, s3_server.url_for(f"pacs-fwd-{uuid.uuid4().hex[:10]}"), broker_url=broker,
+                     extra_env=FAST) as stack:
+        _setup_rule(stack.ctx, reference_scp.port)
+        stack.up("worker", "scp", worker_concurrency=2)
 
         def restart() -> None:
-            procs["worker"].stop()
-            procs["worker"] = PacsProcess(["worker", "--concurrency", "2"], env, tmp_path / "worker.log").start()
+            stack.restart("worker")
 
-        _forwarding_scenario(port, ctx, reference_scp, env, tmp_path, restart)
+        _forwarding_scenario(stack.port, stack.ctx, reference_scp, stack.env, tmp_path, restart)
         # one delivery loop per worker node (main process, not each pool process), none in `pacs scp`
-        assert procs["worker"].log_path.read_text().count("delivery loop started") == 2  # two worker runs
-        assert "delivery loop started" not in procs["scp"].log_path.read_text()
-    finally:
-        for proc in procs.values():
-            proc.stop()
-        ctx.close()
-        drop_database(db_name)
+        assert stack.worker.log_path.read_text().count("delivery loop started") == 2  # two worker runs
+        assert "delivery loop started" not in stack.scp.log_path.read_text()

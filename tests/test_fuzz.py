@@ -23,14 +23,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pacs.dicom_object import ObjectRejected, ReceivedObject, parse_received
+from pacs.ingest.parsing import ObjectRejected, ReceivedObject, parse_received
 from storage.keys import is_valid_uid
-from tests.conftest import corpus_dicom_files
+from tests.support.corpus import corpus_dicom_files
 from tests.support.datasets import make_dataset, to_bytes
 from tests.support.dcmtk import echoscu
 from tests.support.net import wait_until
-from tests.support.pacs_process import EmbeddedPacs
-from tests.test_hostile_input import associate_rq
+from tests.support.pdus import associate_rq
+from tests.support.stack import EmbeddedPacs
+from tests.support.tiers import starts_servers
 
 MiB = 1024 * 1024
 SECONDS_PER_CASE = 5.0  # generous: a shared 2-core machine; a hang or a quadratic blow-up is far above
@@ -155,6 +156,7 @@ ACSE_TIMEOUT_S = 1
 
 
 @pytest.fixture(scope="module")
+@starts_servers
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPacs]:
     pacs = EmbeddedPacs(tmp_path_factory.mktemp("fuzz") / "srv", {
         "PACS_DICOM_ACSE_TIMEOUT_S": str(ACSE_TIMEOUT_S), "PACS_NETWORK_TIMEOUT_S": "2",

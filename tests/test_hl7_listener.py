@@ -25,9 +25,6 @@ from pacs.db import migrate
 from pacs.db.models import AuditEvent
 from pacs.hl7.listener import AUDIT_ACTION, Hl7Listener
 from pacs.hl7.outbound import (
-    FAILED,
-    PENDING,
-    SENT,
     Hl7Delivery,
     Hl7DeliveryConfig,
     Hl7Destination,
@@ -36,6 +33,7 @@ from pacs.hl7.outbound import (
     retry_failed,
     wake_delivery,
 )
+from pacs.jobs import JobState
 from pacs.reports.document import ReportDocument
 from pacs.reports.models import Hl7Outbound, Report
 from pacs.ris.models import DISCONTINUED, SCHEDULED
@@ -372,7 +370,7 @@ def outbound_rows(ctx: AppContext) -> list[Hl7Outbound]:
 
 def make_due(ctx: AppContext) -> None:
     with ctx.sessions() as s, s.begin():
-        s.execute(update(Hl7Outbound).where(Hl7Outbound.state == PENDING)
+        s.execute(update(Hl7Outbound).where(Hl7Outbound.state == JobState.PENDING)
                   .values(next_attempt_at=datetime.now(UTC) - timedelta(seconds=1)))
 
 
@@ -384,7 +382,7 @@ def test_enqueue_is_idempotent_and_per_destination(ctx: AppContext) -> None:
     assert first == again and len(first) == 2
     rows = outbound_rows(ctx)
     assert [(r.destination, r.state, r.report_fk, r.report_version, r.message_type) for r in rows] == [
-        ("emr", PENDING, report_id, 1, "ORU^R01"), ("his", PENDING, report_id, 1, "ORU^R01")]
+        ("emr", JobState.PENDING, report_id, 1, "ORU^R01"), ("his", JobState.PENDING, report_id, 1, "ORU^R01")]
     assert len({r.message_control_id for r in rows}) == 2
     for row in rows:
         msg = hl7.parse(row.message)
@@ -393,7 +391,7 @@ def test_enqueue_is_idempotent_and_per_destination(ctx: AppContext) -> None:
     assert len(enqueue(ctx, document(report_id, 2, "amended"), dests)) == 2  # a new version: new messages
     assert len(outbound_rows(ctx)) == 4
     with ctx.sessions() as s:
-        assert [r.destination for r in list_outbound(s, PENDING)] == ["his", "emr", "his", "emr"]
+        assert [r.destination for r in list_outbound(s, JobState.PENDING)] == ["his", "emr", "his", "emr"]
 
 
 def test_delivered_exactly_once_and_woken_by_signing(ctx: AppContext, receiver: Receiver) -> None:
@@ -405,12 +403,12 @@ def test_delivered_exactly_once_and_woken_by_signing(ctx: AppContext, receiver: 
         time.sleep(0.3)  # its first pass found nothing: it now sleeps for a minute unless woken
         (row_id,) = enqueue(ctx, document(report_id), destinations(("emr", receiver.port)))
         wake_delivery(ctx)
-        wait_until(lambda: outbound_rows(ctx)[0].state == SENT, timeout=10, what="delivery after wake()")
+        wait_until(lambda: outbound_rows(ctx)[0].state == JobState.SENT, timeout=10, what="delivery after wake()")
         time.sleep(0.5)
     finally:
         delivery.stop()
     (row,) = outbound_rows(ctx)
-    assert (row.id, row.state, row.ack_code, row.attempts, row.last_error) == (row_id, SENT, "AA", 0, "")
+    assert (row.id, row.state, row.ack_code, row.attempts, row.last_error) == (row_id, JobState.SENT, "AA", 0, "")
     assert receiver.received == [row.message_control_id]
     msg = receiver.messages[0]
     assert str(msg.segment("OBR")(25)) == "F" and str(msg.segment("PID")(5)) == "Nguyễn^Thị Hồng^Ánh"
@@ -423,20 +421,20 @@ def test_receiver_down_then_up(ctx: AppContext) -> None:
     enqueue(ctx, document(report_id), destinations(("emr", port)))
     delivery.run_once()
     (row,) = outbound_rows(ctx)
-    assert (row.state, row.attempts) == (PENDING, 1) and "unreachable" in row.last_error
+    assert (row.state, row.attempts) == (JobState.PENDING, 1) and "unreachable" in row.last_error
     next_at = row.next_attempt_at.replace(tzinfo=UTC) if row.next_attempt_at.tzinfo is None else row.next_attempt_at
     assert next_at > datetime.now(UTC)
     delivery.run_once()  # not due yet: nothing happens
     assert outbound_rows(ctx)[0].attempts == 1
     time.sleep(0.5)
     delivery.run_once()
-    assert outbound_rows(ctx)[0].attempts == 2 and outbound_rows(ctx)[0].state == PENDING
+    assert outbound_rows(ctx)[0].attempts == 2 and outbound_rows(ctx)[0].state == JobState.PENDING
     up = Receiver(port).start()
     try:
         time.sleep(0.5)
         delivery.run_once()
         (row,) = outbound_rows(ctx)
-        assert (row.state, row.ack_code, row.attempts) == (SENT, "AA", 2)
+        assert (row.state, row.ack_code, row.attempts) == (JobState.SENT, "AA", 2)
         delivery.run_once()
         assert up.received == [row.message_control_id]  # exactly once
     finally:
@@ -453,21 +451,21 @@ def test_application_error_is_retried_then_failed_then_retried_by_hand(ctx: AppC
             make_due(ctx)
             delivery.run_once()
         (row,) = outbound_rows(ctx)
-        assert (row.state, row.attempts, row.ack_code) == (FAILED, 3, "AE")
+        assert (row.state, row.attempts, row.ack_code) == (JobState.FAILED, 3, "AE")
         assert "answered AE" in row.last_error and "disk full" in row.last_error
         assert angry.received == [row.message_control_id] * 3
         make_due(ctx)
         delivery.run_once()
         assert len(angry.received) == 3  # failed: no more attempts
         with ctx.sessions() as s:
-            assert [r.id for r in list_outbound(s, FAILED)] == [row.id]
+            assert [r.id for r in list_outbound(s, JobState.FAILED)] == [row.id]
         with ctx.sessions() as s, s.begin():
             assert retry_failed(s) == 1
         (row,) = outbound_rows(ctx)
-        assert (row.state, row.attempts) == (PENDING, 0)
+        assert (row.state, row.attempts) == (JobState.PENDING, 0)
         angry.code = "AA"
         delivery.run_once()
-        assert outbound_rows(ctx)[0].state == SENT
+        assert outbound_rows(ctx)[0].state == JobState.SENT
     finally:
         angry.stop()
 
@@ -487,7 +485,7 @@ def test_versions_of_one_report_are_delivered_in_order(ctx: AppContext, receiver
     delivery.run_once()
     delivery.run_once()
     rows = outbound_rows(ctx)
-    assert [r.state for r in rows] == [SENT, SENT]
+    assert [r.state for r in rows] == [JobState.SENT, JobState.SENT]
     assert receiver.received == [rows[0].message_control_id, rows[1].message_control_id]
     assert [str(m.segment("OBR")(25)) for m in receiver.messages] == ["F", "C"]
 
@@ -502,7 +500,7 @@ def test_two_senders_share_the_queue_without_sending_twice(ctx: AppContext, rece
     for sender in senders:
         sender.start()
     try:
-        wait_until(lambda: all(r.state == SENT for r in outbound_rows(ctx)), timeout=30, what="all sent")
+        wait_until(lambda: all(r.state == JobState.SENT for r in outbound_rows(ctx)), timeout=30, what="all sent")
     finally:
         for sender in senders:
             sender.stop()

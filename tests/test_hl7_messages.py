@@ -28,7 +28,8 @@ from pacs.hl7.mllp import (
     read_frame,
     skip_frame,
 )
-from pacs.hl7.outbound import control_id_for, retry_delay
+from pacs.hl7.outbound import control_id_for
+from pacs.jobs import retry_delay
 from pacs.reports.document import ReportDocument
 from pacs.ris.orders import NewOrder
 

@@ -26,20 +26,19 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
-from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotification, MaximumLengthNotification
-from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import select
 
+from pacs.association_limits import MAX_CONTROL_PDU_BYTES, LiveAssociations, connection_limits, pdu_length_error
 from pacs.db.models import Instance
-from pacs.network_policy import MAX_CONTROL_PDU_BYTES, LiveAssociations, connection_limits, pdu_length_error
 from tests.support.datasets import dataset_bytes, make_dataset, to_bytes
 from tests.support.dcmtk import dcmtk, dcmtk_env, echoscu
 from tests.support.net import free_port, wait_until
-from tests.support.pacs_process import EmbeddedPacs, run_pacs
+from tests.support.pacs_process import run_pacs
+from tests.support.pdus import associate_rq
+from tests.support.pki import make_pki
 from tests.support.senders import send_dataset, send_file_raw
-from tests.test_dicom_tls import make_pki
+from tests.support.stack import EmbeddedPacs
 
 pytestmark = pytest.mark.integration
 
@@ -151,23 +150,6 @@ def _settle(server: Server, baseline_threads: int) -> None:
 
 
 # -- raw PDUs -------------------------------------------------------------------------------------
-
-
-def associate_rq(called: str = "PACS", calling: str = "RAWPDU", max_length: int = 16384) -> bytes:
-    cx = build_context(Verification, ["1.2.840.10008.1.2"])
-    cx.context_id = 1
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
-    primitive.calling_ae_title, primitive.called_ae_title = calling, called
-    primitive.presentation_context_definition_list = [cx]
-    max_len = MaximumLengthNotification()
-    max_len.maximum_length_received = max_length
-    impl = ImplementationClassUIDNotification()
-    impl.implementation_class_uid = "1.2.826.0.1.3680043.9.7433.1"
-    primitive.user_information = [max_len, impl]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(primitive)
-    return pdu.encode()
 
 
 def _connect(port: int, source: str = "127.0.0.1") -> socket.socket:

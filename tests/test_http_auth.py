@@ -20,7 +20,8 @@ from sqlalchemy import update
 
 from pacs.security.models import ApiToken
 from tests.support.net import free_port
-from tests.support.pacs_process import EmbeddedPacs, run_pacs
+from tests.support.pacs_process import run_pacs
+from tests.support.stack import EmbeddedPacs
 
 pytestmark = pytest.mark.integration
 

@@ -23,7 +23,7 @@ MOVE = "to move into pacs/ (issue: structure)"
 ALLOWED: dict[tuple[str, str], str] = {
     # dicom_scp: the index errors these pacs services let through (their modules are owned elsewhere)
     ("dicom_scp.commitment_service", "sqlalchemy.exc"):
-        f"catches SQLAlchemyError from pacs.commitment.record_request; {MOVE}: wrap it in IndexUnavailable there",
+        f"catches SQLAlchemyError from pacs.commitment.service.record_request; {MOVE}: wrap it in IndexUnavailable",
     ("dicom_scp.mpps_service", "sqlalchemy.exc"):
         f"catches SQLAlchemyError from pacs.ris.mpps create_step/set_step; {MOVE}: wrap it in IndexUnavailable",
     ("dicom_scp.worklist_service", "sqlalchemy.exc"):
@@ -34,16 +34,6 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("viewer_api.errors", "storage"): f"maps StorageError to HTTP 503; {MOVE}: one pacs error hierarchy (STYLE 8)",
     ("viewer_api.fhir", "storage"): f"catches StorageError; {MOVE}: one pacs error hierarchy (STYLE 8)",
     ("viewer_api.fhir", "storage.keys"): f"is_valid_uid for request parameters; {MOVE}",
-    # workers
-    ("workers.derived", "sqlalchemy"): f"derived-task queries of its own; {MOVE}",
-    ("workers.derived", "sqlalchemy.exc"): f"catches SQLAlchemyError; {MOVE}",
-    ("workers.derived", "sqlalchemy.orm"): f"Session type of its own queries; {MOVE}",
-    ("workers.derived", "pacs.db.models"): f"DerivedTask, Instance, Series, Study rows; {MOVE}",
-    ("workers.derived", "storage"): f"reads objects and writes thumbnails/metadata in the store; {MOVE}",
-    ("workers.derived", "storage.keys"): f"keys of derived objects; {MOVE}",
-    ("workers.publisher", "sqlalchemy"): f"outbox queries of its own; {MOVE}",
-    ("workers.publisher", "sqlalchemy.exc"): f"catches SQLAlchemyError; {MOVE}",
-    ("workers.publisher", "pacs.db.models"): f"DerivedTask rows; {MOVE}",
 }
 
 

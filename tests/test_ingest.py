@@ -19,8 +19,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from pacs.db import migrate
 from pacs.db.engine import make_engine, make_session_factory
 from pacs.db.models import AuditEvent, DerivedTask, Instance, InstanceVersion, Patient, Series, Study
-from pacs.dicom_object import RejectReason
 from pacs.ingest import Ingestor, IngestSource, IngestStatus
+from pacs.ingest.parsing import RejectReason
 from pacs.settings import DuplicatePolicy
 from storage import ObjectStore, StorageUnavailable, open_store
 from storage.keys import instance_key
@@ -47,7 +47,7 @@ class Backend:
         return [o.key for o in self.store.list(prefix)]
 
 
-@pytest.fixture(params=["embedded", "scaled"])
+@pytest.fixture(params=["embedded", pytest.param("scaled", marks=pytest.mark.integration)])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     if request.param == "embedded":
         url, store_url = f"sqlite:///{tmp_path / 'index.sqlite3'}", f"file://{tmp_path / 'objects'}"

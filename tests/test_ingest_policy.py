@@ -1,4 +1,4 @@
-"""Who may change what on ingest (pacs.security.ingest_policy): a sender never alters another facility's
+"""Who may change what on ingest (pacs.security.filing_rules): a sender never alters another facility's
 study, series or instance — pure rules here, end to end through STOW-RS and C-STORE below."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pydicom.uid import generate_uid
 from pacs.context import AppContext
 from pacs.db import migrate
 from pacs.ingest import Ingestor, IngestSource, IngestStatus
-from pacs.reconciliation import list_items
-from pacs.security.ingest_policy import (
+from pacs.reconciliation.service import list_items
+from pacs.security.filing_rules import (
     HELD_PATIENT,
     HELD_SENDER,
     REFUSAL,
@@ -153,7 +153,7 @@ def test_another_facility_cannot_overwrite_extend_or_empty_a_study(archive) -> N
         is IngestStatus.NEW_VERSION
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
 def any_archive(request: pytest.FixtureRequest, tmp_path: Path):
     url = "" if request.param == "sqlite" else request.getfixturevalue("fresh_pg_url")
     ctx = AppContext.create(Settings(data_dir=tmp_path / "data", database_url=url))

@@ -9,11 +9,12 @@ from kombu import Connection
 from kombu.common import ignore_errors
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from tests.conftest import REDIS_URL
+from tests.support.stack import REDIS_URL
 from workers import kombu_redis_fix
 from workers.celery_app import make_celery
 
 
+@pytest.mark.integration
 def test_a_closed_connection_gives_a_connection_error_that_kombu_ignores() -> None:
     make_celery(REDIS_URL)  # installs the fix for redis:// brokers
     connection = Connection(REDIS_URL)

@@ -35,7 +35,8 @@ from tests.support.browser import PageLog, chromium_browser
 from tests.support.dcmtk import storescu
 from tests.support.http_api import bearer_client
 from tests.support.net import wait_until
-from tests.support.pacs_process import PACS, EmbeddedPacs, run_pacs
+from tests.support.pacs_process import PACS, run_pacs
+from tests.support.stack import EmbeddedPacs
 
 pytestmark = pytest.mark.integration
 

@@ -41,7 +41,7 @@ from pacs.maintenance.reindex import IndexNotEmpty, reindex
 from pacs.settings import Settings
 from storage import ObjectInfo, ObjectStore
 from storage.keys import instance_key
-from tests.conftest import corpus_files
+from tests.support.corpus import corpus_files
 from tests.support.datasets import make_instance
 from tests.support.pacs_process import run_pacs
 from tests.support.postgres import create_database, drop_database

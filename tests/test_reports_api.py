@@ -22,8 +22,8 @@ from pacs.reports.models import ReportVersion
 from pacs.security.accounts import create_token
 from tests.support.datasets import make_dataset
 from tests.support.net import wait_until
-from tests.support.pacs_process import EmbeddedPacs
 from tests.support.senders import send_dataset
+from tests.support.stack import EmbeddedPacs
 
 pytestmark = pytest.mark.integration
 

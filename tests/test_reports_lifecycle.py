@@ -23,7 +23,7 @@ from pacs.ingest import Ingestor, IngestSource
 from pacs.reports import lifecycle
 from pacs.reports.reading_list import UNCLAIMED, ReadingFilters, reading_list
 from pacs.ris.orders import NewOrder, create_order, get_order, link_study
-from pacs.security.policy import Forbidden, share_study
+from pacs.security.access import Forbidden, share_study
 from pacs.security.principal import Principal, scope_for
 from pacs.security.roles import Role, capabilities_of
 from pacs.settings import Settings
@@ -42,7 +42,7 @@ CLIN_A = principal("clin-a", Role.CLINICIAN, "A")
 ADMIN = principal("admin", Role.ADMIN)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
 def archive(request: pytest.FixtureRequest, tmp_path):
     if request.param == "sqlite":
         settings = Settings(data_dir=tmp_path / "data")

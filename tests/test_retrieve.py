@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-import redis
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
@@ -46,13 +45,14 @@ from pacs.retrieve import (
 )
 from pacs.security.principal import UNRESTRICTED
 from pacs.settings import Settings
-from tests.conftest import REDIS_URL, corpus_dicom_files
+from tests.support.corpus import corpus_dicom_files
 from tests.support.datasets import dataset_bytes, make_instance
 from tests.support.dcmtk import STORESCU_TS_OPTION, ReferenceStoreSCP, dcmtk, dcmtk_env, echoscu, storescu
 from tests.support.net import free_port, port_open, wait_until
-from tests.support.pacs_process import EmbeddedPacs, PacsProcess, run_pacs
-from tests.support.postgres import create_database, drop_database
+from tests.support.pacs_process import PacsProcess, run_pacs
 from tests.support.seaweed import SeaweedS3
+from tests.support.stack import EmbeddedPacs, ScaledStack
+from tests.support.tiers import starts_servers
 
 CORPUS = ("JPEG2000.dcm", "MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm")
 CALLING_AES = ("MOVESCU", "GETSCU", "PYSCU")
@@ -195,6 +195,7 @@ def _stop_peers(pacs: Pacs) -> None:
 
 
 @pytest.fixture(scope="module")
+@starts_servers
 def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pacs]:
     root = tmp_path_factory.mktemp("retrieve-embedded")
     running = EmbeddedPacs(root)
@@ -209,36 +210,16 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pacs]:
 
 
 @pytest.fixture(scope="module")
+@starts_servers
 def scaled(tmp_path_factory: pytest.TempPathFactory, s3_server: SeaweedS3) -> Iterator[Pacs]:
     """`pacs scp` alone: retrieves need no worker (derived tasks wait in a queue of this test's own)."""
     root = tmp_path_factory.mktemp("retrieve-scaled")
-    db_name, db_url = create_database()
-    redis.Redis.from_url(REDIS_URL).ping()
-    env = {
-        "PACS_DATA_DIR": str(root / "data"),
-        "PACS_DATABASE_URL": db_url,
-        "PACS_STORAGE_URL": s3_server.url_for(f"pacs-retrieve-{uuid.uuid4().hex[:8]}"),
-        "PACS_BROKER_URL": REDIS_URL,
-        "PACS_TASK_QUEUE": f"pacs-retrieve-test-{uuid.uuid4().hex[:8]}",
-        "PACS_DICOM_PORT": str(free_port()),
-        "PACS_HTTP_PORT": str(free_port()),
-    }
-    upgrade = run_pacs(["db", "upgrade"], env)
-    assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
-    proc = PacsProcess(["scp"], env, root / "scp.log").start()
-    port = int(env["PACS_DICOM_PORT"])
-    ctx = AppContext.create(Settings(database_url=db_url, storage_url=env["PACS_STORAGE_URL"]))
-    pacs: Pacs | None = None
-    try:
-        proc.wait_dicom(port)
-        pacs = _with_peers(Pacs("scaled", proc, port, env, ctx, root))
-        yield pacs
-    finally:
-        if pacs is not None:
+    with ScaledStack(root, s3_server.url_for(f"pacs-retrieve-{uuid.uuid4().hex[:8]}")).up("scp") as stack:
+        pacs = _with_peers(Pacs("scaled", stack.scp, stack.port, stack.env, stack.ctx, root))
+        try:
+            yield pacs
+        finally:
             _stop_peers(pacs)
-        proc.stop()
-        ctx.close()
-        drop_database(db_name)
 
 
 @dataclass
@@ -279,6 +260,7 @@ def _load_study(pacs: Pacs, workdir: Path) -> LoadedStudy:
 
 
 @pytest.fixture(scope="module", params=["embedded", "scaled"])
+@starts_servers  # through getfixturevalue, which the collection does not see
 def pacs(request: pytest.FixtureRequest) -> Pacs:
     return request.getfixturevalue(request.param)
 

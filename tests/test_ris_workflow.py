@@ -43,8 +43,8 @@ from pacs.security.accounts import create_token
 from tests.support.dcmtk import dcmtk, dcmtk_env, storescu
 from tests.support.hl7_peers import EmrReceiver, send_mllp
 from tests.support.net import free_port, wait_until
-from tests.support.pacs_process import EmbeddedPacs, PacsProcess
-from tests.support.scaled_api import ScaledApi
+from tests.support.pacs_process import PacsProcess
+from tests.support.stack import EmbeddedPacs, ScaledStack, scaled_api
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +56,7 @@ AMENDED = "Nốt mờ 4 mm thùy trên phổi phải, cần theo dõi."
 class Ris:
     """The archive under test, the EMR's receiver, and tokens of two radiologists and a clinician."""
 
-    def __init__(self, server: EmbeddedPacs | ScaledApi, emr: EmrReceiver, hl7_port: int) -> None:
+    def __init__(self, server: EmbeddedPacs | ScaledStack, emr: EmrReceiver, hl7_port: int) -> None:
         self.server, self.emr, self.hl7_port = server, emr, hl7_port
         with server.ctx.sessions() as session, session.begin():
             add_ae(session, "CT01", "127.0.0.1", 104, facility="HOSP-A")
@@ -86,7 +86,7 @@ def ris(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     env = _hl7_env(emr.port, hl7_port)
     listener: PacsProcess | None = None
     if request.param == "scaled":
-        server: EmbeddedPacs | ScaledApi = ScaledApi(root, request.getfixturevalue("s3_server"), extra_env=env)
+        server: EmbeddedPacs | ScaledStack = scaled_api(root, request.getfixturevalue("s3_server"), extra_env=env)
         listener = PacsProcess(["hl7", "listen"], server.env, root / "hl7.log").start()  # orders in, ORU out
         wait_until(lambda: _port_open(hl7_port), timeout=60, interval=0.3, what="pacs hl7 listen")
     else:

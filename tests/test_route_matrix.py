@@ -19,8 +19,9 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from pacs.security.roles import ROLE_CAPABILITIES, Capability, Role, capabilities_of
 from tests.support.datasets import make_dataset
-from tests.support.pacs_process import EmbeddedPacs, run_pacs
+from tests.support.pacs_process import run_pacs
 from tests.support.senders import send_dataset
+from tests.support.stack import EmbeddedPacs
 
 pytestmark = pytest.mark.integration
 

@@ -16,14 +16,15 @@ from sqlalchemy import select
 
 from bench.generate_ct import write_ct_series
 from pacs.context import AppContext
-from pacs.db.models import Instance, Patient, Series, Study
+from pacs.db.models import Instance, InstanceVersion, Patient, Series, Study
 from storage.keys import thumbnail_key
-from tests.conftest import corpus_dicom_files
+from tests.support.corpus import corpus_dicom_files
 from tests.support.datasets import dataset_bytes, make_dataset
-from tests.support.dcmtk import STORESCU_TS_OPTION, ReferenceStoreSCP, echoscu, storescu
+from tests.support.dcmtk import STORESCU_TS_OPTION, ReferenceStoreSCP, echoscu, storescu, storescu_each
 from tests.support.net import free_port, port_open, wait_until
-from tests.support.pacs_process import EmbeddedPacs, PacsProcess
+from tests.support.pacs_process import PacsProcess
 from tests.support.senders import send_dataset, send_file_raw
+from tests.support.stack import EmbeddedPacs
 
 pytestmark = pytest.mark.integration
 
@@ -56,10 +57,63 @@ def test_echoscu(server: Server) -> None:
 
 @pytest.fixture()
 def reference_scp(tmp_path: Path) -> Iterator[ReferenceStoreSCP]:
-    ref = ReferenceStoreSCP(tmp_path / "reference", free_port()).start()
+    ref = ReferenceStoreSCP(tmp_path / "reference", free_port(), unique_names=True).start()
     wait_until(lambda: port_open(ref.port), what="reference storescp")
     yield ref
     ref.stop()
+
+
+@dataclass
+class Sent:
+    """One corpus file as it was sent: the sender, the status it got and the dataset bytes that were on the wire."""
+
+    path: Path
+    sop_uid: str
+    tsyntax: str
+    sender: str
+    status: int | None
+    comment: str
+    on_wire: list[bytes]
+
+
+def _send_corpus(server: Server, reference_scp: ReferenceStoreSCP) -> list[Sent]:
+    """storescu's files go in one association to the reference storescp and in one to the server (each file in
+    its own transfer syntax); the reference's files, in the order they came, are what storescu put on the wire.
+    The others go one by one through the raw pynetdicom sender, whose wire bytes are the file's own."""
+    by_dcmtk: list[tuple[Path, str, str]] = []
+    by_pynetdicom: list[tuple[Path, str, str]] = []
+    for path in corpus_dicom_files():
+        try:
+            meta = pydicom.dcmread(path, stop_before_pixels=True)
+            tsyntax, sop_uid = str(meta.file_meta.TransferSyntaxUID), str(meta.SOPInstanceUID)
+        except Exception:
+            tsyntax, sop_uid = "", ""
+        if tsyntax in STORESCU_TS_OPTION and tsyntax != "1.2.840.10008.1.2.1.99":
+            by_dcmtk.append((path, tsyntax, sop_uid))
+        else:
+            by_pynetdicom.append((path, tsyntax, sop_uid))
+    files = [path for path, _, _ in by_dcmtk]
+    to_reference = storescu_each(reference_scp.port, files, aec=reference_scp.aet)
+    received = iter(reference_scp.received_in_order())
+    wire = [[dataset_bytes(next(received).read_bytes())] if r.status == 0 else [] for r in to_reference]
+    assert next(received, None) is None, "the reference received objects nobody sent"
+    sent = [Sent(path, sop_uid, tsyntax, "storescu", r.status, r.error_comment, on_wire)
+            for (path, tsyntax, sop_uid), r, on_wire in zip(by_dcmtk, storescu_each(server.port, files), wire,
+                                                            strict=True)]
+    for path, tsyntax, sop_uid in by_pynetdicom:
+        raw = send_file_raw(server.port, path)
+        on_wire = [dataset_bytes(path.read_bytes())] if raw.status is not None else []
+        sent.append(Sent(path, sop_uid, tsyntax, "pynetdicom", raw.status, raw.error_comment, on_wire))
+    return sent
+
+
+def _stored_versions(server: Server, sop_uid: str) -> tuple[bytes | None, list[bytes]]:
+    """The current object of ``sop_uid`` (None: not indexed) and every prior version kept, as dataset bytes."""
+    current = _stored(server, sop_uid)
+    with server.ctx.sessions() as s:
+        keys = list(s.scalars(select(InstanceVersion.object_key).where(InstanceVersion.sop_instance_uid == sop_uid)))
+    data = [dataset_bytes(server.ctx.store.get_bytes(k)) for k in keys]
+    return (dataset_bytes(server.ctx.store.get_bytes(current.object_key)) if current else None), data
 
 
 def test_whole_pydicom_corpus_is_stored_exactly_or_refused_with_a_reason(
@@ -72,44 +126,35 @@ def test_whole_pydicom_corpus_is_stored_exactly_or_refused_with_a_reason(
     drops trailing padding, for one), so what it put on the wire is taken from DCMTK's storescp in
     bit-preserving mode receiving the same send. Syntaxes DCMTK 3.6.7 cannot propose (deflate,
     HTJ2K, video...) go through a raw pynetdicom sender, whose wire bytes are the file's own.
+
+    The corpus has files sharing a SOP Instance UID (one image in several syntaxes): all are sent before
+    anything is checked, so the last one stored is the current object and the earlier ones must be among
+    the versions kept (duplicate policy ``version``).
     """
     tally: Counter[str] = Counter()
     problems: list[str] = []
-    for path in corpus_dicom_files():
-        try:
-            meta = pydicom.dcmread(path, stop_before_pixels=True)
-            tsyntax, sop_uid = str(meta.file_meta.TransferSyntaxUID), str(meta.SOPInstanceUID)
-        except Exception:
-            tsyntax, sop_uid = "", ""
-        if tsyntax in STORESCU_TS_OPTION and tsyntax != "1.2.840.10008.1.2.1.99":
-            option = STORESCU_TS_OPTION[tsyntax]
-            reference_scp.clear()
-            storescu(reference_scp.port, [path], option, aec=reference_scp.aet)
-            on_wire = [dataset_bytes(p.read_bytes()) for p in reference_scp.received()]
-            res = storescu(server.port, [path], option)
-            status, comment, sender = res.status, res.error_comment, "storescu"
-        else:
-            raw = send_file_raw(server.port, path)
-            status, comment, sender = raw.status, raw.error_comment, "pynetdicom"
-            on_wire = [dataset_bytes(path.read_bytes())] if status is not None else []
-        if status is None:
+    sent = _send_corpus(server, reference_scp)
+    last_stored = {s.sop_uid: s for s in sent if s.status == 0}
+    for s in sent:
+        if s.status is None:
             tally["unsendable"] += 1  # no peer could read the file to send it: it never reached us
             continue
-        if status == 0:
-            inst = _stored(server, sop_uid)
-            if inst is None:
-                problems.append(f"{path.name}: Success but not indexed")
+        if s.status == 0:
+            current, prior = _stored_versions(server, s.sop_uid)
+            if current is None:
+                problems.append(f"{s.path.name}: Success but not indexed")
                 continue
-            stored = dataset_bytes(server.ctx.store.get_bytes(inst.object_key))
-            if len(on_wire) != 1:
-                problems.append(f"{path.name}: reference receiver got {len(on_wire)} objects")
-            elif stored != on_wire[0]:
-                problems.append(f"{path.name}: stored dataset differs from the bytes sent ({sender}, {tsyntax})")
-            tally[f"stored via {sender}"] += 1
+            if len(s.on_wire) != 1:
+                problems.append(f"{s.path.name}: reference receiver got {len(s.on_wire)} objects")
+            elif last_stored[s.sop_uid] is s and current != s.on_wire[0]:
+                problems.append(f"{s.path.name}: stored dataset differs from the bytes sent ({s.sender}, {s.tsyntax})")
+            elif s.on_wire[0] not in (current, *prior):
+                problems.append(f"{s.path.name}: no stored version has the bytes sent ({s.sender}, {s.tsyntax})")
+            tally[f"stored via {s.sender}"] += 1
         else:
-            if not comment:
-                problems.append(f"{path.name}: failure 0x{status:04X} without an Error Comment")
-            tally[f"refused 0x{status:04X}"] += 1
+            if not s.comment:
+                problems.append(f"{s.path.name}: failure 0x{s.status:04X} without an Error Comment")
+            tally[f"refused 0x{s.status:04X}"] += 1
     print(dict(tally))
     assert not problems, "\n".join(problems)
     assert tally["stored via storescu"] > 100 and tally["stored via pynetdicom"] >= 1

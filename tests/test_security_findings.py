@@ -36,8 +36,9 @@ from sqlalchemy import select
 from pacs.db.models import AuditEvent
 from pacs.security.redaction import RedactingLogFilter
 from tests.support.datasets import make_dataset
-from tests.support.pacs_process import PACS, EmbeddedPacs, run_pacs
+from tests.support.pacs_process import PACS, run_pacs
 from tests.support.senders import send_dataset
+from tests.support.stack import EmbeddedPacs
 
 pytestmark = pytest.mark.integration
 

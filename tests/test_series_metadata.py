@@ -1,6 +1,6 @@
 """Series metadata documents (DICOM JSON, bulk data as URIs) and representative thumbnails.
 
-Unit tests of :mod:`pacs.metadata` on pydicom's corpus, then end to end: a CT series sent with
+Unit tests of :mod:`pacs.dicomweb.metadata` on pydicom's corpus, then end to end: a CT series sent with
 DCMTK to `pacs serve` (embedded) and to `pacs scp` + `pacs worker` (PostgreSQL, S3, Redis); the
 document appears, follows added slices and a changed instance, and is not rebuilt per instance.
 """
@@ -26,9 +26,9 @@ from bench.generate_ct import write_ct_series
 from pacs.context import AppContext
 from pacs.db import migrate
 from pacs.db.models import DerivedTask, Instance, Series, Study
-from pacs.imaging.render import placeholder
-from pacs.ingest import Ingestor, IngestSource
-from pacs.metadata import (
+from pacs.derived.kinds import INSTANCE_DERIVED_KIND, SERIES_METADATA_KIND
+from pacs.derived.runner import run_derived_task
+from pacs.dicomweb.metadata import (
     BULK_DATA_THRESHOLD,
     PIXEL_DATA_TAGS,
     JsonArrayWriter,
@@ -38,6 +38,8 @@ from pacs.metadata import (
     iter_bulk_uris,
     read_dataset,
 )
+from pacs.imaging.render import placeholder
+from pacs.ingest import Ingestor, IngestSource
 from pacs.settings import Settings
 from storage import InvalidKey, ObjectNotFound
 from storage.keys import (
@@ -47,16 +49,14 @@ from storage.keys import (
     study_thumbnail_key,
     thumbnail_key,
 )
-from tests.conftest import REDIS_URL, corpus_dicom_files
+from tests.support.corpus import corpus_dicom_files
 from tests.support.datasets import make_dataset, make_instance, to_bytes
 from tests.support.dcmtk import storescu
-from tests.support.net import free_port, wait_until
-from tests.support.pacs_process import EmbeddedPacs, PacsProcess, run_pacs
-from tests.support.postgres import create_database, drop_database
+from tests.support.net import wait_until
 from tests.support.seaweed import SeaweedS3
-from workers.derived import INSTANCE_KIND, SERIES_KIND, run_derived_task
+from tests.support.stack import EmbeddedPacs, ScaledStack
 
-# --- pacs.metadata on the corpus -------------------------------------------------------------------------
+# --- pacs.dicomweb.metadata on the corpus -------------------------------------------------------------------------
 
 
 def _metadata(data: bytes, **kwargs: Any) -> dict[str, Any]:
@@ -226,8 +226,8 @@ def test_every_stored_corpus_object_gets_its_fragment_and_every_series_its_docum
     ingestor = Ingestor(local.sessions, local.store)
     stored = sum(ingestor.ingest(p.read_bytes(), SOURCE).ok for p in corpus_dicom_files())
     assert stored > 100
-    assert set(_run_tasks(local, INSTANCE_KIND).values()) == {"done"}  # placeholders at worst, never failed
-    assert set(_run_tasks(local, SERIES_KIND).values()) == {"done"}
+    assert set(_run_tasks(local, INSTANCE_DERIVED_KIND).values()) == {"done"}  # placeholders at worst, never failed
+    assert set(_run_tasks(local, SERIES_METADATA_KIND).values()) == {"done"}
     with local.sessions() as s:
         indexed = s.execute(select(Instance.sop_instance_uid, Series.metadata_key, Series.thumbnail_key)
                             .join(Series, Series.id == Instance.series_fk)).all()
@@ -252,12 +252,12 @@ def test_series_task_waits_rebuilds_lost_fragments_and_notices_late_instances(
         return sop
 
     sops = [send(n) for n in (3, 1, 2)]
-    assert _run_tasks(local, SERIES_KIND) == {series_uid: "deferred"}  # no fragment built yet
-    row = _task(local, SERIES_KIND, series_uid)
+    assert _run_tasks(local, SERIES_METADATA_KIND) == {series_uid: "deferred"}  # no fragment built yet
+    row = _task(local, SERIES_METADATA_KIND, series_uid)
     assert (row.state, row.attempts) == ("pending", 0) and row.last_error.startswith("deferred: 3 instance(s)")
-    _run_tasks(local, INSTANCE_KIND)
+    _run_tasks(local, INSTANCE_DERIVED_KIND)
     local.settings.series_settle_s = 60
-    assert _run_tasks(local, SERIES_KIND)[series_uid] == "deferred"  # the series is still arriving
+    assert _run_tasks(local, SERIES_METADATA_KIND)[series_uid] == "deferred"  # the series is still arriving
     local.settings.series_settle_s = 0
 
     local.store.delete(instance_metadata_key(study_uid, series_uid, sops[0]))  # a lost fragment
@@ -270,14 +270,14 @@ def test_series_task_waits_rebuilds_lost_fragments_and_notices_late_instances(
             late.append(send(4))  # arrives while the document is being built
 
     monkeypatch.setattr(local.store, "put", put_with_a_late_instance)
-    assert _run_tasks(local, SERIES_KIND)[series_uid] == "deferred"  # built, but not marked done: it is stale
-    assert _task(local, SERIES_KIND, series_uid).state == "pending"
+    assert _run_tasks(local, SERIES_METADATA_KIND)[series_uid] == "deferred"  # built, but not marked done: it is stale
+    assert _task(local, SERIES_METADATA_KIND, series_uid).state == "pending"
     assert local.store.exists(instance_metadata_key(study_uid, series_uid, sops[0]))  # made again
-    _run_tasks(local, INSTANCE_KIND)
-    assert _run_tasks(local, SERIES_KIND)[series_uid] == "done"
+    _run_tasks(local, INSTANCE_DERIVED_KIND)
+    assert _run_tasks(local, SERIES_METADATA_KIND)[series_uid] == "done"
     doc = _series_document(local, study_uid, series_uid)
     assert doc is not None and [_sop(e) for e in doc] == [f"{series_uid}.{n}" for n in (1, 2, 3, 4)]
-    row = _task(local, SERIES_KIND, series_uid)
+    row = _task(local, SERIES_METADATA_KIND, series_uid)
     assert (row.state, row.attempts) == ("done", 1)
 
 
@@ -344,13 +344,14 @@ def _series_document_follows_the_series(archive: Archive, tmp_path: Path) -> Non
     assert series_thumb == middle and series_thumb[:2] == b"\xff\xd8"
     assert series_thumb != placeholder(archive.ctx.settings.thumbnail_size)  # a rendered slice
     assert archive.ctx.store.get_bytes(study_thumbnail_key(study_uid)) == series_thumb
+    # the document and thumbnails are written before the build commits its row: wait for the commit
+    wait_until(lambda: _builds(archive, series_uid) >= 1, timeout=10, what="the build's log line")
     with archive.ctx.sessions() as s:
         series = s.scalars(select(Series).where(Series.series_instance_uid == series_uid)).one()
         study = s.scalars(select(Study).where(Study.study_instance_uid == study_uid)).one()
         assert series.metadata_key == series_metadata_key(study_uid, series_uid)
         assert series.thumbnail_key == series_thumbnail_key(study_uid, series_uid)
         assert study.thumbnail_key == study_thumbnail_key(study_uid)
-    wait_until(lambda: _builds(archive, series_uid) >= 1, timeout=10, what="the build's log line")
     first_builds = _builds(archive, series_uid)
 
     changed = pydicom.dcmread(files[7])
@@ -383,32 +384,11 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
 
 @pytest.fixture(scope="module")
 def scaled(tmp_path_factory: pytest.TempPathFactory, s3_server: SeaweedS3) -> Iterator[Archive]:
-    root = tmp_path_factory.mktemp("scaled-metadata")
-    db_name, db_url = create_database()
-    env = {
-        "PACS_DATA_DIR": str(root / "data"),
-        "PACS_DATABASE_URL": db_url,
-        "PACS_STORAGE_URL": s3_server.url_for(f"pacs-{uuid.uuid4().hex[:10]}"),
-        "PACS_BROKER_URL": REDIS_URL,
-        "PACS_TASK_QUEUE": f"pacs-test-{uuid.uuid4().hex[:8]}",  # no other test's worker takes our tasks
-        "PACS_DICOM_PORT": str(free_port()),
-        "PACS_OUTBOX_POLL_S": "1",
-    }
-    procs: list[PacsProcess] = []
-    ctx = AppContext.create(Settings(database_url=db_url, storage_url=env["PACS_STORAGE_URL"]))
-    try:
-        upgrade = run_pacs(["db", "upgrade"], env)
-        assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
-        worker = PacsProcess(["worker", "--concurrency", "2"], env, root / "worker.log").start()
-        scp = PacsProcess(["scp"], env, root / "scp.log").start()
-        procs += [worker, scp]
-        scp.wait_dicom(int(env["PACS_DICOM_PORT"]))
-        yield Archive(int(env["PACS_DICOM_PORT"]), ctx, worker.log_path)
-    finally:
-        for proc in procs:
-            proc.stop()
-        ctx.close()
-        drop_database(db_name)
+    with ScaledStack(tmp_path_factory.mktemp("scaled-metadata"),
+                     s3_server.url_for(f"pacs-{uuid.uuid4().hex[:10]}")) as stack:
+        worker = stack.start_worker(concurrency=2)
+        stack.start_scp()
+        yield Archive(stack.port, stack.ctx, worker.log_path)
 
 
 @pytest.mark.integration

@@ -4,28 +4,21 @@ whole exchange with a pynetdicom "modality" against `pacs serve` (SQLite + files
 
 from __future__ import annotations
 
-import threading
 import time
-import warnings
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import redis
 from pydicom.dataset import Dataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
-from pynetdicom.transport import ThreadedAssociationServer
+from pydicom.uid import CTImageStorage, generate_uid
 from sqlalchemy import select, update
 
 from dicom_scp.commitment_service import WELL_KNOWN_INSTANCE, parse_request, send_event_report
 from pacs.aes import add_ae
-from pacs.commitment import (
-    CLASS_INSTANCE_CONFLICT,
-    NO_SUCH_OBJECT_INSTANCE,
-    PROCESSING_FAILURE,
+from pacs.commitment.models import StorageCommitment
+from pacs.commitment.service import (
     CommitmentConfig,
     CommitmentReporter,
     CommitmentResult,
@@ -36,25 +29,24 @@ from pacs.commitment import (
     evaluate,
     record_request,
 )
-from pacs.commitment_models import StorageCommitment
 from pacs.context import AppContext
 from pacs.db import migrate
 from pacs.db.models import Instance
+from pacs.dimse_status import CLASS_INSTANCE_CONFLICT, NO_SUCH_SOP_INSTANCE, PROCESSING_FAILURE
 from pacs.forwarding.delivery import Destination
 from pacs.ingest import Ingestor, IngestSource
 from pacs.security.principal import UNRESTRICTED
 from pacs.settings import Settings
 from storage import StorageUnavailable
-from tests.conftest import REDIS_URL
+from tests.support.commitment_modality import Modality, action_info
 from tests.support.datasets import make_dataset, make_instance
 from tests.support.dcmtk import echoscu, storescu
 from tests.support.net import free_port, wait_until
-from tests.support.pacs_process import EmbeddedPacs, PacsProcess, run_pacs
-from tests.support.postgres import create_database, drop_database
+from tests.support.pacs_process import run_pacs
 from tests.support.seaweed import SeaweedS3
+from tests.support.stack import REDIS_URL, EmbeddedPacs, ScaledStack
 
 SC = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture: what make_dataset() builds
-TS = [str(ImplicitVRLittleEndian), str(ExplicitVRLittleEndian)]
 FAST = {"PACS_COMMITMENT_POLL_S": "0.5", "PACS_COMMITMENT_RETRY_BASE_S": "0.5", "PACS_COMMITMENT_RETRY_MAX_S": "1"}
 
 
@@ -97,7 +89,7 @@ def test_evaluate_names_exactly_what_is_stored(archive: AppContext) -> None:
     assert result.success == (refs[0], refs[1], *refs[4:])  # the repeated refs[0] is answered once
     assert result.failed == (FailedRef(SC, refs[2].sop_instance_uid, PROCESSING_FAILURE),
                              FailedRef(SC, refs[3].sop_instance_uid, PROCESSING_FAILURE),
-                             FailedRef(SC, unknown.sop_instance_uid, NO_SUCH_OBJECT_INSTANCE),
+                             FailedRef(SC, unknown.sop_instance_uid, NO_SUCH_SOP_INSTANCE),
                              FailedRef(str(CTImageStorage), refs[1].sop_instance_uid, CLASS_INSTANCE_CONFLICT))
     assert result.event_type == 2
     assert CommitmentResult.from_json(result.to_json()) == result
@@ -121,44 +113,25 @@ def test_unreachable_store_is_a_processing_failure(archive: AppContext) -> None:
     result = evaluate(archive.read_sessions, store, [*refs, unknown], scope=UNRESTRICTED)  # type: ignore[arg-type]
     assert result.success == ()
     assert {f.sop_instance_uid: f.reason for f in result.failed} == {
-        **{r.sop_instance_uid: PROCESSING_FAILURE for r in refs}, unknown.sop_instance_uid: NO_SUCH_OBJECT_INSTANCE}
+        **{r.sop_instance_uid: PROCESSING_FAILURE for r in refs}, unknown.sop_instance_uid: NO_SUCH_SOP_INSTANCE}
     assert store.calls < len(refs)  # once found down, the store is not asked again for every object
 
 
 # -- the request: validation, the table, the reporter -------------------------------------------------
 
 
-def _info(transaction: str | None = None, refs: list[tuple[str, str]] | None = None) -> Dataset:
-    """Action Information; invalid UIDs are set on purpose (pydicom's warnings about them are silenced)."""
-    ds = Dataset()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        if transaction is not None:
-            ds.TransactionUID = transaction
-        if refs is not None:
-            ds.ReferencedSOPSequence = [_ref_item(c, i) for c, i in refs]
-    return ds
-
-
-def _ref_item(sop_class: str, sop_instance: str) -> Dataset:
-    item = Dataset()
-    item.ReferencedSOPClassUID = sop_class
-    item.ReferencedSOPInstanceUID = sop_instance
-    return item
-
-
 @pytest.mark.parametrize(("action", "instance", "info", "status", "words"), [
     (1, WELL_KNOWN_INSTANCE, None, 0x0115, "Action Information"),
-    (1, WELL_KNOWN_INSTANCE, _info(refs=[(SC, "1.2.3")]), 0x0115, "missing TransactionUID"),
-    (1, WELL_KNOWN_INSTANCE, _info("1.2.x", [(SC, "1.2.3")]), 0x0115, "invalid TransactionUID"),
-    (1, WELL_KNOWN_INSTANCE, _info("1.2.3"), 0x0115, "ReferencedSOPSequence"),
-    (1, WELL_KNOWN_INSTANCE, _info("1.2.3", []), 0x0115, "ReferencedSOPSequence"),
-    (1, WELL_KNOWN_INSTANCE, _info("1.2.3", [(SC, "1.2.3"), (SC, "../../etc")]), 0x0115,
+    (1, WELL_KNOWN_INSTANCE, action_info(refs=[(SC, "1.2.3")]), 0x0115, "missing TransactionUID"),
+    (1, WELL_KNOWN_INSTANCE, action_info("1.2.x", [(SC, "1.2.3")]), 0x0115, "invalid TransactionUID"),
+    (1, WELL_KNOWN_INSTANCE, action_info("1.2.3"), 0x0115, "ReferencedSOPSequence"),
+    (1, WELL_KNOWN_INSTANCE, action_info("1.2.3", []), 0x0115, "ReferencedSOPSequence"),
+    (1, WELL_KNOWN_INSTANCE, action_info("1.2.3", [(SC, "1.2.3"), (SC, "../../etc")]), 0x0115,
      "item 2: invalid ReferencedSOPInstanceUID"),
-    (1, WELL_KNOWN_INSTANCE, _info("1.2.3", [("", "1.2.3")]), 0x0115, "invalid ReferencedSOPClassUID"),
-    (2, WELL_KNOWN_INSTANCE, _info("1.2.3", [(SC, "1.2.3")]), 0x0123, "no such action"),
-    (1, "1.2.3", _info("1.2.3", [(SC, "1.2.3")]), 0x0112, "well-known"),
-    (1, "1.2.a", _info("1.2.3", [(SC, "1.2.3")]), 0x0117, "invalid SOP instance"),
+    (1, WELL_KNOWN_INSTANCE, action_info("1.2.3", [("", "1.2.3")]), 0x0115, "invalid ReferencedSOPClassUID"),
+    (2, WELL_KNOWN_INSTANCE, action_info("1.2.3", [(SC, "1.2.3")]), 0x0123, "no such action"),
+    (1, "1.2.3", action_info("1.2.3", [(SC, "1.2.3")]), 0x0112, "well-known"),
+    (1, "1.2.a", action_info("1.2.3", [(SC, "1.2.3")]), 0x0117, "invalid SOP instance"),
 ])
 def test_bad_requests_are_refused_with_a_reason(action: int, instance: str, info: Dataset | None, status: int,
                                                 words: str) -> None:
@@ -170,7 +143,7 @@ def test_bad_requests_are_refused_with_a_reason(action: int, instance: str, info
 
 
 def test_valid_request_is_parsed() -> None:
-    assert parse_request(1, WELL_KNOWN_INSTANCE, _info("1.2.3", [(SC, "1.2.4"), (SC, "1.2.5")])) == (
+    assert parse_request(1, WELL_KNOWN_INSTANCE, action_info("1.2.3", [(SC, "1.2.4"), (SC, "1.2.5")])) == (
         "1.2.3", [SopRef(SC, "1.2.4"), SopRef(SC, "1.2.5")])
 
 
@@ -240,74 +213,7 @@ def test_table_and_reporter(archive: AppContext) -> None:
 # -- the modality --------------------------------------------------------------------------------------
 
 
-class _ReusableServer(ThreadedAssociationServer):
-    allow_reuse_address = True  # the listener comes back on the same port in the restart case
-
-
-class Modality:
-    """A pynetdicom modality: N-ACTION SCU, and an N-EVENT-REPORT listener that takes the SCP role from the peer."""
-
-    def __init__(self, ae_title: str = "MODALITY", scp_role: bool = True) -> None:
-        self.ae_title = ae_title
-        self.port = free_port()
-        self.scp_role = scp_role
-        self.reports: list[tuple[int, Dataset]] = []
-        self._lock = threading.Lock()
-        self._server: ThreadedAssociationServer | None = None
-
-    def listen(self) -> Modality:
-        ae = AE(ae_title=self.ae_title)
-        ae.add_supported_context(StorageCommitmentPushModel, TS, scu_role=not self.scp_role, scp_role=self.scp_role)
-        ae.add_supported_context(Verification, TS)
-        server = ae.make_server(("127.0.0.1", self.port), server_class=_ReusableServer,
-                                evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_report)])
-        ae._servers.append(server)  # what start_server() does; shutdown() takes it out again
-        threading.Thread(target=server.serve_forever, name=f"modality-{self.port}", daemon=True).start()
-        self._server = server
-        return self
-
-    def stop_listening(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
-
-    def _on_report(self, event: evt.Event) -> tuple[int, None]:
-        info = event.event_information
-        with self._lock:
-            self.reports.append((int(event.event_type), info))
-        return 0x0000, None
-
-    def reports_for(self, transaction: str) -> list[tuple[int, Dataset]]:
-        with self._lock:
-            return [(t, ds) for t, ds in self.reports if ds.TransactionUID == transaction]
-
-    def request(self, pacs_port: int, info: Dataset | None, action_type: int = 1,
-                instance: str = WELL_KNOWN_INSTANCE) -> tuple[int | None, str]:
-        """Send an N-ACTION; returns its status and Error Comment (None: association refused)."""
-        ae = AE(ae_title=self.ae_title)
-        ae.add_requested_context(StorageCommitmentPushModel, TS)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
-        assoc = ae.associate("127.0.0.1", pacs_port, ae_title="PACS")
-        if not assoc.is_established:
-            return None, "association not established"
-        try:
-            status, _ = assoc.send_n_action(info, action_type, StorageCommitmentPushModel, instance)
-        finally:
-            assoc.release()
-        assert status and "Status" in status
-        return int(status.Status), str(status.get("ErrorComment", ""))
-
-    def commit(self, pacs_port: int, refs: list[SopRef]) -> str:
-        transaction = generate_uid()
-        status, comment = self.request(pacs_port, _info(transaction, [(r.sop_class_uid, r.sop_instance_uid)
-                                                                      for r in refs]))
-        assert status == 0, comment
-        return transaction
-
-    def wait_report(self, transaction: str, timeout: float = 20) -> tuple[int, Dataset]:
-        wait_until(lambda: bool(self.reports_for(transaction)), timeout=timeout,
-                   what=f"N-EVENT-REPORT for {transaction}")
-        return self.reports_for(transaction)[0]
+# tests/support/commitment_modality.py
 
 
 def _pairs(ds: Dataset, keyword: str) -> list[tuple[str, ...]]:
@@ -318,6 +224,7 @@ def _pairs(ds: Dataset, keyword: str) -> list[tuple[str, ...]]:
     return out
 
 
+@pytest.mark.integration
 def test_report_falls_back_to_default_roles() -> None:
     """A requester that refuses to let us act as SCP still gets its report (without role selection)."""
     modality = Modality(scp_role=False).listen()
@@ -375,10 +282,11 @@ def _commitment_scenario(port: int, ctx: AppContext, modality: Modality, tmp: Pa
                                                (str(CTImageStorage), refs[2].sop_instance_uid, "0x0119")]
 
     # malformed requests: a failure status with a reason, and the server stays up
-    assert modality.request(port, _info(refs=[(SC, refs[0].sop_instance_uid)]))[0] == 0x0115
-    status, comment = modality.request(port, _info(generate_uid(), [(SC, "1.2.abc")]))
+    assert modality.request(port, action_info(refs=[(SC, refs[0].sop_instance_uid)]))[0] == 0x0115
+    status, comment = modality.request(port, action_info(generate_uid(), [(SC, "1.2.abc")]))
     assert status == 0x0115 and "invalid ReferencedSOPInstanceUID" in comment
-    assert modality.request(port, _info(generate_uid(), [(SC, refs[0].sop_instance_uid)]), action_type=7)[0] == 0x0123
+    unknown_action = modality.request(port, action_info(generate_uid(), [(SC, refs[0].sop_instance_uid)]), 7)
+    assert unknown_action[0] == 0x0123
     assert modality.request(port, None)[0] == 0x0115
     assert echoscu(port).returncode == 0
 
@@ -386,7 +294,7 @@ def _commitment_scenario(port: int, ctx: AppContext, modality: Modality, tmp: Pa
     # policy refuses unregistered AEs this service, not even associated)
     stranger = Modality("STRANGER")
     transaction = generate_uid()
-    status, comment = stranger.request(port, _info(transaction, [(SC, refs[0].sop_instance_uid)]))
+    status, comment = stranger.request(port, action_info(transaction, [(SC, refs[0].sop_instance_uid)]))
     if status is not None:
         assert status == 0x0124 and "not registered" in comment
         row = _rows(ctx, transaction)
@@ -429,45 +337,18 @@ def test_embedded_storage_commitment(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_scaled_storage_commitment(tmp_path: Path, s3_server: SeaweedS3) -> None:
     """Two `pacs scp` processes on PostgreSQL + S3 share the table: each report is sent exactly once."""
-    db_name, db_url = create_database()
     broker = REDIS_URL.rsplit("/", 1)[0] + "/12"  # not the other tests' broker database; no worker needed
-    redis.Redis.from_url(broker).flushdb()
-    env = {
-        "PACS_DATA_DIR": str(tmp_path / "data"),
-        "PACS_DATABASE_URL": db_url,
-        "PACS_STORAGE_URL": s3_server.url_for(f"pacs-stgcmt-{db_name[-10:]}"),
-        "PACS_BROKER_URL": broker,
-        "PACS_TASK_QUEUE": f"pacs-stgcmt-{db_name[-10:]}",
-        "PACS_DICOM_PORT": str(free_port()),
-        "PACS_OUTBOX_POLL_S": "1",
-        **FAST,
-    }
-    port = int(env["PACS_DICOM_PORT"])
-    other_env = {**env, "PACS_DICOM_PORT": str(free_port())}
     modality = Modality().listen()
-    ctx = AppContext.create(Settings(database_url=db_url, storage_url=env["PACS_STORAGE_URL"]))
-    procs: dict[str, PacsProcess] = {}
     try:
-        upgrade = run_pacs(["db", "upgrade"], env)
-        assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
-        added = run_pacs(["ae", "add", modality.ae_title, "127.0.0.1", str(modality.port), "--archive-wide"], env)
-        assert added.returncode == 0, added.stdout + added.stderr
-        procs["scp"] = PacsProcess(["scp"], env, tmp_path / "scp.log").start()
-        procs["other"] = PacsProcess(["scp"], other_env, tmp_path / "scp-other.log").start()
-        procs["scp"].wait_dicom(port)
-        procs["other"].wait_dicom(int(other_env["PACS_DICOM_PORT"]))
-
-        def restart() -> None:
-            procs["scp"].stop()
-            procs["scp"] = PacsProcess(["scp"], env, tmp_path / "scp.log").start()
-            procs["scp"].wait_dicom(port)
-
-        _commitment_scenario(port, ctx, modality, tmp_path, restart)
-        for name in ("scp", "other"):
-            assert "report loop started" in procs[name].log_path.read_text()
+        with ScaledStack(tmp_path, s3_server.url_for(f"pacs-stgcmt-{uuid.uuid4().hex[:10]}"), broker_url=broker,
+                         extra_env=FAST) as stack:
+            added = run_pacs(["ae", "add", modality.ae_title, "127.0.0.1", str(modality.port), "--archive-wide"],
+                             stack.env)
+            assert added.returncode == 0, added.stdout + added.stderr
+            stack.start_scp()
+            stack.start_scp("other", free_port())
+            _commitment_scenario(stack.port, stack.ctx, modality, tmp_path, lambda: stack.restart("scp"))
+            for name in ("scp", "other"):
+                assert "report loop started" in stack.processes[name].log_path.read_text()
     finally:
         modality.stop_listening()
-        for proc in procs.values():
-            proc.stop()
-        ctx.close()
-        drop_database(db_name)

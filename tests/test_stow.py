@@ -7,7 +7,7 @@ sent by STOW-RS found by ``findscu`` and retrieved by ``getscu``. The others run
 refused with 413 before it is sent (Content-Length) and a chunked body refused once it passes the limit,
 both storing nothing; 415; a study UID mismatch; 401/403; an oversized part and a malformed body.
 
-The scaled configuration is tests.support.scaled_api.ScaledApi.
+The scaled configuration is tests.support.stack.scaled_api.
 """
 
 from __future__ import annotations
@@ -35,17 +35,17 @@ from sqlalchemy import select as sql_select
 
 from pacs.context import AppContext
 from pacs.db.models import AuditEvent, Instance, InstanceVersion
-from pacs.dicom_object import RejectReason
 from pacs.dicomweb.multipart_reader import MultipartError, MultipartReader
 from pacs.dicomweb.stow import StowItem, StowResult, failure_reason
 from pacs.ingest import IngestOutcome, IngestStatus
+from pacs.ingest.parsing import RejectReason
 from pacs.security.accounts import create_token
-from tests.conftest import corpus_files
+from tests.support.corpus import corpus_files
 from tests.support.datasets import dataset_bytes, make_dataset, make_instance, to_bytes
 from tests.support.dcmtk import dcmtk, dcmtk_env
-from tests.support.pacs_process import EmbeddedPacs, run_pacs
-from tests.support.scaled_api import ScaledApi
+from tests.support.pacs_process import run_pacs
 from tests.support.seaweed import SeaweedS3
+from tests.support.stack import EmbeddedPacs, scaled_api
 
 pytestmark = pytest.mark.integration
 
@@ -200,7 +200,7 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
 @pytest.fixture(scope="module")
 def scaled(tmp_path_factory: pytest.TempPathFactory, s3_server: SeaweedS3) -> Iterator[Archive]:
     """`pacs api` + `pacs scp` + `pacs worker` on PostgreSQL, the S3 server and Redis."""
-    stack = ScaledApi(tmp_path_factory.mktemp("stow-scaled"), s3_server)
+    stack = scaled_api(tmp_path_factory.mktemp("stow-scaled"), s3_server)
     try:
         yield Archive("scaled", stack.http_url, stack.port, stack.env, stack.ctx)
     finally:

@@ -5,7 +5,7 @@ A sender of facility B pre-sent an object with A's scheduled UID and A's real ex
 sent first by an unregistered AE, A's images were filed under the attacker's patient, invisible to A; and
 STOW-RS answered 409 or 200 depending on whether the other facility's study existed.
 
-Now (pacs.security.ingest_policy, pacs.reconciliation): an order pins its study's facility and patient; what
+Now (pacs.security.filing_rules, pacs.reconciliation): an order pins its study's facility and patient; what
 a sender may not file is stored and held in the study's facility's reconciliation queue, acknowledged with
 the answer a new study gets (0x0000 / 200) unless the sender may read the study (then 0xB000 with a reason);
 admins and technologists of that facility resolve it over HTTP, audited.
@@ -24,8 +24,9 @@ from sqlalchemy import select
 
 from pacs.db.models import AuditEvent
 from tests.support.datasets import make_dataset, to_bytes
-from tests.support.pacs_process import EmbeddedPacs, run_pacs
+from tests.support.pacs_process import run_pacs
 from tests.support.senders import SendResult, send_dataset
+from tests.support.stack import EmbeddedPacs
 
 pytestmark = pytest.mark.integration
 

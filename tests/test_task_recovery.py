@@ -19,15 +19,16 @@ import pytest
 from sqlalchemy import select
 
 from bench.generate_ct import write_ct_series
-from pacs import task_lease
 from pacs.context import AppContext
 from pacs.db import migrate
 from pacs.db.models import DerivedTask, Instance, TaskOwner
+from pacs.derived import lease
 from pacs.ingest import Ingestor, IngestSource
 from pacs.settings import Settings
 from tests.support.datasets import make_instance
 from tests.support.net import wait_until
-from tests.support.pacs_process import EmbeddedPacs, PacsProcess, dicom_echo, embedded_env
+from tests.support.pacs_process import PacsProcess, dicom_echo
+from tests.support.stack import EmbeddedPacs, embedded_env
 
 pytestmark = pytest.mark.integration
 
@@ -122,7 +123,7 @@ def index(tmp_path: Path) -> Iterator[AppContext]:
     ctx.close()
 
 
-def _running_row(ctx: AppContext, owner: task_lease.Owner, heartbeat_at: datetime) -> int:
+def _running_row(ctx: AppContext, owner: lease.Owner, heartbeat_at: datetime) -> int:
     with ctx.sessions() as s, s.begin():
         s.add(TaskOwner(id=owner.id, host=owner.host, pid=owner.pid, started=owner.started,
                         heartbeat_at=heartbeat_at))
@@ -143,19 +144,19 @@ def _state(ctx: AppContext, task_id: int) -> tuple[str, int, str]:
 def test_a_live_slow_owner_is_not_robbed_and_its_death_is_seen_at_once(index: AppContext) -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
     try:
-        here = task_lease.this_process()
-        started = task_lease._proc_start(child.pid)
+        here = lease.this_process()
+        started = lease._proc_start(child.pid)
         assert started is not None
-        owner = task_lease.Owner(here.host, child.pid, started)
+        owner = lease.Owner(here.host, child.pid, started)
         task_id = _running_row(index, owner, datetime.now(UTC))
         kwargs = {"lease_s": 30.0, "max_crashes": 3}
-        assert task_lease.reclaim(index.sessions, **kwargs).requeued == []  # alive: left alone
-        assert task_lease.claim(index.sessions, task_id, **kwargs).state == "busy"  # a duplicate message
+        assert lease.reclaim(index.sessions, **kwargs).requeued == []  # alive: left alone
+        assert lease.claim(index.sessions, task_id, **kwargs).state == "busy"  # a duplicate message
         assert _state(index, task_id) == ("running", 0, owner.id)
         child.kill()
         child.wait()
         # its heartbeat is still fresh, but on this host its death is certain: taken back at once
-        assert task_lease.reclaim(index.sessions, **kwargs).requeued == [task_id]
+        assert lease.reclaim(index.sessions, **kwargs).requeued == [task_id]
         assert _state(index, task_id) == ("pending", 1, "")
     finally:
         child.kill()
@@ -163,17 +164,17 @@ def test_a_live_slow_owner_is_not_robbed_and_its_death_is_seen_at_once(index: Ap
 
 
 def test_an_owner_on_another_host_is_judged_by_its_heartbeat(index: AppContext) -> None:
-    fresh = _running_row(index, task_lease.Owner("other-host#1", 4242, "100"), datetime.now(UTC))
-    silent = _running_row(index, task_lease.Owner("other-host#1", 4343, "100"),
+    fresh = _running_row(index, lease.Owner("other-host#1", 4242, "100"), datetime.now(UTC))
+    silent = _running_row(index, lease.Owner("other-host#1", 4343, "100"),
                           datetime.now(UTC) - timedelta(seconds=31))
-    reclaimed = task_lease.reclaim(index.sessions, lease_s=30.0, max_crashes=1)
+    reclaimed = lease.reclaim(index.sessions, lease_s=30.0, max_crashes=1)
     assert (reclaimed.requeued, reclaimed.failed) == ([], [silent])  # max_crashes=1: failed at the first death
     assert _state(index, fresh)[0] == "running"
     state, crashes, _ = _state(index, silent)
     assert (state, crashes) == ("failed", 1)
     # a redelivered message for the silent owner's row goes through the same accounting in claim()
-    other = _running_row(index, task_lease.Owner("other-host#1", 4444, "100"),
+    other = _running_row(index, lease.Owner("other-host#1", 4444, "100"),
                          datetime.now(UTC) - timedelta(hours=1))
-    claimed = task_lease.claim(index.sessions, other, lease_s=30.0, max_crashes=3)
-    assert claimed.state == "running" and _state(index, other) == ("running", 1, task_lease.this_process().id)
-    task_lease.forget(other)
+    claimed = lease.claim(index.sessions, other, lease_s=30.0, max_crashes=3)
+    assert claimed.state == "running" and _state(index, other) == ("running", 1, lease.this_process().id)
+    lease.forget(other)

@@ -16,80 +16,42 @@ import pytest
 from sqlalchemy import func, select
 
 from bench.generate_ct import write_ct_series
-from pacs.context import AppContext
 from pacs.db.models import DerivedTask, Instance
-from pacs.settings import Settings
 from tests.support.dcmtk import storescu
-from tests.support.net import free_port, wait_until
-from tests.support.pacs_process import PacsProcess, run_pacs
-from tests.support.postgres import create_database, drop_database
+from tests.support.net import wait_until
+from tests.support.pacs_process import run_pacs
 from tests.support.redis_server import RedisServer
 from tests.support.seaweed import SeaweedS3
+from tests.support.stack import RABBITMQ_URL, ScaledStack
 
 pytestmark = pytest.mark.integration
 
-RABBITMQ_URL = os.environ.get("PACS_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+def _send_ct(stack: ScaledStack, tmp: Path, slices: int, size: int = 128) -> list[str]:
+    files = write_ct_series(tmp, slices=slices, size=size)
+    result = storescu(stack.port, files, "-xe")
+    assert result.status == 0 and result.returncode == 0, result.output[-1500:]
+    return [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
 
 
-class ScaledStack:
-    """`pacs scp` and `pacs worker` processes on PostgreSQL, the S3 server and a given broker."""
+def _thumbnail_states(stack: ScaledStack, sops: list[str]) -> dict[str, int]:
+    with stack.ctx.sessions() as s:
+        rows = s.execute(select(DerivedTask.state, func.count()).where(
+            DerivedTask.kind == "thumbnail", DerivedTask.subject_uid.in_(sops)).group_by(DerivedTask.state))
+        return dict(rows.all())
 
-    def __init__(self, root: Path, broker_url: str, s3: SeaweedS3, **settings: str) -> None:
-        self.root = root
-        self.db_name, db_url = create_database()
-        self.env = {
-            "PACS_DATA_DIR": str(root / "data"),
-            "PACS_DATABASE_URL": db_url,
-            "PACS_STORAGE_URL": s3.url_for(f"pacs-{uuid.uuid4().hex[:10]}"),
-            "PACS_BROKER_URL": broker_url,
-            "PACS_TASK_QUEUE": f"pacs-test-{uuid.uuid4().hex[:8]}",  # no other stack consumes our tasks
-            "PACS_DICOM_PORT": str(free_port()),
-            "PACS_OUTBOX_POLL_S": "0.5",
-            **settings,
-        }
-        assert run_pacs(["db", "upgrade"], self.env).returncode == 0
-        self.port = int(self.env["PACS_DICOM_PORT"])
-        self.scp = PacsProcess(["scp"], self.env, root / "scp.log").start()
-        self.workers: list[PacsProcess] = []
-        self.ctx = AppContext.create(Settings(database_url=db_url, storage_url=self.env["PACS_STORAGE_URL"]))
-        self.scp.wait_dicom(self.port)
 
-    def start_worker(self, concurrency: int = 2) -> PacsProcess:
-        worker = PacsProcess(["worker", "--concurrency", str(concurrency)], self.env,
-                             self.root / f"worker{len(self.workers)}.log").start()
-        self.workers.append(worker)
-        return worker
-
-    def send_ct(self, tmp: Path, slices: int, size: int = 128) -> list[str]:
-        files = write_ct_series(tmp, slices=slices, size=size)
-        result = storescu(self.port, files, "-xe")
-        assert result.status == 0 and result.returncode == 0, result.output[-1500:]
-        return [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
-
-    def thumbnail_states(self, sops: list[str]) -> dict[str, int]:
-        with self.ctx.sessions() as s:
-            rows = s.execute(select(DerivedTask.state, func.count()).where(
-                DerivedTask.kind == "thumbnail", DerivedTask.subject_uid.in_(sops)).group_by(DerivedTask.state))
-            return dict(rows.all())
-
-    def all_thumbnails_done(self, sops: list[str]) -> bool:
-        return self.thumbnail_states(sops).get("done", 0) == len(sops)
-
-    def close(self) -> None:
-        self.scp.stop()
-        for w in self.workers:
-            w.stop()
-        self.ctx.close()
-        drop_database(self.db_name)
+def _all_thumbnails_done(stack: ScaledStack, sops: list[str]) -> bool:
+    return _thumbnail_states(stack, sops).get("done", 0) == len(sops)
 
 
 @contextmanager
 def scaled_stack(root: Path, broker_url: str, s3: SeaweedS3, **settings: str) -> Iterator[ScaledStack]:
-    stack = ScaledStack(root, broker_url, s3, **settings)
-    try:
+    """`pacs scp` on PostgreSQL, the S3 server and ``broker_url``; each test starts its workers."""
+    with ScaledStack(root, s3.url_for(f"pacs-{uuid.uuid4().hex[:10]}"), broker_url=broker_url,
+                     extra_env={"PACS_OUTBOX_POLL_S": "0.5", **settings}) as stack:
+        stack.start_scp()
         yield stack
-    finally:
-        stack.close()
 
 
 def _assert_each_thumbnail_made_once(stack: ScaledStack, sops: list[str]) -> None:
@@ -107,15 +69,15 @@ def test_worker_killed_mid_batch_then_restarted(tmp_path: Path, s3_server: Seawe
     """SIGKILL the worker while it works through a study; a new worker finishes every thumbnail."""
     with scaled_stack(tmp_path, RABBITMQ_URL, s3_server) as stack:
         worker = stack.start_worker(concurrency=1)
-        sops = stack.send_ct(tmp_path / "ct", slices=60, size=256)
-        wait_until(lambda: stack.thumbnail_states(sops).get("done", 0) >= 3, timeout=60, what="first thumbnails")
+        sops = _send_ct(stack, tmp_path / "ct", slices=60, size=256)
+        wait_until(lambda: _thumbnail_states(stack, sops).get("done", 0) >= 3, timeout=60, what="first thumbnails")
         assert worker.proc is not None
         os.killpg(worker.proc.pid, signal.SIGKILL)
         worker.proc.wait(timeout=10)
-        done_at_kill = stack.thumbnail_states(sops).get("done", 0)
+        done_at_kill = _thumbnail_states(stack, sops).get("done", 0)
         assert done_at_kill < len(sops), "the worker finished before it could be killed; use a larger study"
         stack.start_worker(concurrency=2)
-        wait_until(lambda: stack.all_thumbnails_done(sops), timeout=180, what="all thumbnails after restart")
+        wait_until(lambda: _all_thumbnails_done(stack, sops), timeout=180, what="all thumbnails after restart")
         _assert_each_thumbnail_made_once(stack, sops)
 
 
@@ -126,14 +88,14 @@ def test_broker_outage_delays_derived_work_and_never_loses_it(tmp_path: Path, s3
     try:
         with scaled_stack(tmp_path, redis.url, s3_server) as stack:
             stack.start_worker(concurrency=2)
-            warmup = stack.send_ct(tmp_path / "warm", slices=3, size=64)
-            wait_until(lambda: stack.all_thumbnails_done(warmup), timeout=60, what="warm-up thumbnails")
+            warmup = _send_ct(stack, tmp_path / "warm", slices=3, size=64)
+            wait_until(lambda: _all_thumbnails_done(stack, warmup), timeout=60, what="warm-up thumbnails")
             redis.stop()
-            sops = stack.send_ct(tmp_path / "ct", slices=20, size=64)  # asserts every C-STORE succeeded
-            assert stack.thumbnail_states(sops).get("done", 0) == 0
+            sops = _send_ct(stack, tmp_path / "ct", slices=20, size=64)  # asserts every C-STORE succeeded
+            assert _thumbnail_states(stack, sops).get("done", 0) == 0
             redis.start()
             # Celery reconnects with growing intervals after losing its broker: allow for that.
-            wait_until(lambda: stack.all_thumbnails_done(sops), timeout=240, what="thumbnails after outage")
+            wait_until(lambda: _all_thumbnails_done(stack, sops), timeout=240, what="thumbnails after outage")
             _assert_each_thumbnail_made_once(stack, sops)
             with stack.ctx.sessions() as s:
                 attempts = set(s.scalars(select(DerivedTask.attempts).where(
@@ -147,11 +109,11 @@ def test_failed_tasks_are_listed_and_retried(tmp_path: Path, s3_server: SeaweedS
     """The store is down while the worker runs: tasks fail after the configured attempts, show up in
     `pacs tasks failed`, and `pacs tasks retry` completes them once the store is back."""
     with scaled_stack(tmp_path, RABBITMQ_URL, s3_server, PACS_TASK_MAX_ATTEMPTS="2") as stack:
-        sops = stack.send_ct(tmp_path / "ct", slices=4, size=64)
+        sops = _send_ct(stack, tmp_path / "ct", slices=4, size=64)
         s3_server.stop()
         try:
             stack.start_worker(concurrency=2)
-            wait_until(lambda: stack.thumbnail_states(sops).get("failed", 0) == len(sops), timeout=90,
+            wait_until(lambda: _thumbnail_states(stack, sops).get("failed", 0) == len(sops), timeout=90,
                        what="tasks to fail")
             listed = json.loads(run_pacs(["tasks", "failed", "--json"], stack.env).stdout)
             thumbnails = [t for t in listed if t["kind"] == "thumbnail"]
@@ -163,5 +125,5 @@ def test_failed_tasks_are_listed_and_retried(tmp_path: Path, s3_server: SeaweedS
         assert retried.returncode == 0, retried.stderr
         # The series-level task may fail after the listing above; every failed task is retried.
         assert int(retried.stdout.split()[0]) >= len(thumbnails)
-        wait_until(lambda: stack.all_thumbnails_done(sops), timeout=90, what="retried thumbnails")
+        wait_until(lambda: _all_thumbnails_done(stack, sops), timeout=90, what="retried thumbnails")
         assert json.loads(run_pacs(["tasks", "failed", "--json"], stack.env).stdout) == []

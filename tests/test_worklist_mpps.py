@@ -37,11 +37,10 @@ from pacs.ris import mpps, worklist
 from pacs.ris.models import ImagingOrder, PerformedProcedureStep
 from pacs.ris.orders import NewOrder, cancel_order, create_order, get_order, list_orders
 from pacs.security.principal import UNRESTRICTED
-from pacs.settings import Settings
 from tests.support.dcmtk import dcmtk, dcmtk_env
 from tests.support.net import free_port
-from tests.support.pacs_process import EmbeddedPacs, PacsProcess, run_pacs
-from tests.support.postgres import create_database, drop_database
+from tests.support.pacs_process import run_pacs
+from tests.support.stack import EmbeddedPacs, ScaledStack
 
 VIETNAMESE = "Nguyễn^Văn An"
 
@@ -349,22 +348,11 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
 
 @pytest.fixture(scope="module")
 def scaled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
+    """`pacs scp` on PostgreSQL and a file store, no broker."""
     root = tmp_path_factory.mktemp("mwl-scaled")
-    db_name, db_url = create_database()
-    env = {"PACS_DATA_DIR": str(root / "data"), "PACS_DATABASE_URL": db_url,
-           "PACS_STORAGE_URL": f"file://{root / 'objects'}", "PACS_DICOM_PORT": str(free_port())}
-    proc = PacsProcess(["scp"], env, root / "scp.log")
-    ctx = AppContext.create(Settings(database_url=db_url, storage_url=env["PACS_STORAGE_URL"]))
-    try:
-        upgrade = run_pacs(["db", "upgrade"], env)
-        assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
-        proc.start().wait_dicom(int(env["PACS_DICOM_PORT"]))
-        _register(env, "CT01")
-        yield Archive(int(env["PACS_DICOM_PORT"]), env, ctx)
-    finally:
-        proc.stop()
-        ctx.close()
-        drop_database(db_name)
+    with ScaledStack(root, f"file://{root / 'objects'}", broker_url=None).up("scp") as stack:
+        _register(stack.env, "CT01")
+        yield Archive(stack.port, stack.env, stack.ctx)
 
 
 def _worklist(port: int, query: Dataset, aet: str = "CT01") -> tuple[list[Dataset], int]:

@@ -64,7 +64,8 @@ def create_app(ctx: AppContext, ingestor: Ingestor | None = None) -> FastAPI:
         return JSONResponse({"status": "ok" if healthy else "degraded", "checks": checks},
                             status_code=200 if healthy else 503)
 
-    for module in (auth_routes, audit_routes, orders, reports, reconciliation, qido, wado, wado_uri, stow, fhir,
+    # Starlette tries routes in order: the viewers' busiest paths (DICOMweb) first; OHIF's catch-all last.
+    for module in (qido, wado, wado_uri, stow, fhir, auth_routes, audit_routes, orders, reports, reconciliation,
                    ohif):
         app.include_router(module.router)
 

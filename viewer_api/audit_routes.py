@@ -2,7 +2,7 @@
 
 Every read of the trail is itself audited (action ``audit.read``, written after the read, so a
 page never shows its own read). Filters and their rules, and which rows an administrator of one
-facility sees: :mod:`pacs.audit_search`; the FHIR mapping: :mod:`pacs.audit_fhir`.
+facility sees: :mod:`pacs.audit.search`; the FHIR mapping: :mod:`pacs.audit.fhir_export`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from pacs import audit, audit_fhir, audit_search
-from pacs.audit_search import AuditFilter
-from pacs.security.policy import Forbidden
+from pacs import audit
+from pacs.audit import fhir_export as audit_fhir
+from pacs.audit import search as audit_search
+from pacs.audit.search import AuditFilter
+from pacs.security.access import Forbidden
 from pacs.security.principal import Principal
 from pacs.security.roles import Capability
 from viewer_api.security import audit_access, context, require

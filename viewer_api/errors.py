@@ -11,8 +11,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pacs.dicomweb.media import NotAcceptable
 from pacs.errors import Conflict, IndexUnavailable, InvalidInput, NotFound, PacsError
+from pacs.security.access import Forbidden
 from pacs.security.authenticate import AuthenticationError
-from pacs.security.policy import Forbidden
 from storage import StorageError
 
 log = logging.getLogger("viewer_api")

@@ -60,7 +60,7 @@ from pacs.fhir.search import (
     service_request_search,
 )
 from pacs.fhir.service import FhirService, Found, Page
-from pacs.security.policy import Forbidden
+from pacs.security.access import Forbidden
 from pacs.security.principal import Principal
 from pacs.security.roles import Capability
 from storage import StorageError

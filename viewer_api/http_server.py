@@ -67,6 +67,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     # -- connection ----------------------------------------------------------------------------------
 
+    # override: uvicorn's protocols narrow asyncio.Protocol's BaseTransport to a Transport too (and ignore it)
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._peer = self.client[0] if self.client else ""

@@ -1,4 +1,4 @@
-"""The reconciliation queue under ``/api/reconciliation`` (logic in :mod:`pacs.reconciliation`).
+"""The reconciliation queue under ``/api/reconciliation`` (logic in :mod:`pacs.reconciliation.service`).
 
 =================================================  ===============  ==========================================
 route                                              capability       answers
@@ -22,9 +22,9 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
-from pacs import reconciliation
 from pacs.errors import NotFound
-from pacs.reconciliation import HeldItem
+from pacs.reconciliation import service as reconciliation
+from pacs.reconciliation.service import HeldItem
 from pacs.security.principal import Principal
 from pacs.security.roles import Capability
 from viewer_api.security import audit_access, audited, client_address, context, require

@@ -20,8 +20,8 @@ from starlette.concurrency import run_in_threadpool
 from pacs import audit
 from pacs.context import AppContext
 from pacs.errors import PacsError
+from pacs.security.access import Forbidden, authorize
 from pacs.security.authenticate import AuthenticationError, Authenticator
-from pacs.security.policy import Forbidden, authorize
 from pacs.security.principal import Principal
 from pacs.security.roles import Capability
 

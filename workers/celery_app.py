@@ -9,7 +9,9 @@ from celery import Celery, Task
 
 from pacs import failpoints  # noqa: F401  (a bad PACS_TEST_FAILPOINTS stops `pacs worker` at start)
 from pacs.context import AppContext
+from pacs.jobs import retry_delay
 from pacs.settings import Settings
+from workers.publisher import TASK_NAME
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +46,16 @@ settings = Settings()
 app = make_celery(settings.broker_url or "memory://", settings.task_requeue_s, settings.task_queue)
 
 
-@app.task(name="pacs.derived.run", bind=True, acks_late=True, max_retries=None,
-          soft_time_limit=300, time_limit=360)
+@app.task(name=TASK_NAME, bind=True, acks_late=True, max_retries=None, soft_time_limit=300, time_limit=360)
 def run_derived(self: Task, task_id: int) -> str:
-    from workers.derived import TransientError, run_derived_task
+    """One derived task (:func:`pacs.derived.runner.run_derived_task`); transient failures retry with backoff."""
+    from pacs.derived.outcomes import TransientError
+    from pacs.derived.runner import run_derived_task
 
     try:
         return run_derived_task(worker_context(), task_id)
     except TransientError as exc:
-        delay = min(300, 2 ** min(self.request.retries, 8))
+        delay = int(retry_delay(self.request.retries + 1, base_s=1, max_s=256))  # 1 s, 2 s, 4 s … 256 s
         log.warning("derived task %s: %s; retrying in %ss", task_id, exc, delay)
         raise self.retry(exc=exc, countdown=delay) from exc
 

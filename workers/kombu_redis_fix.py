@@ -18,7 +18,9 @@ from typing import Any
 from kombu.transport import redis as kombu_redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-_original_connparams = kombu_redis.Channel._connparams
+#: Any: the kombu stubs (celery-types) leave out the private method patched here.
+_Channel: Any = kombu_redis.Channel
+_original_connparams = _Channel._connparams
 
 
 def _connparams(self: Any, asynchronous: bool = False) -> Any:
@@ -29,5 +31,5 @@ def _connparams(self: Any, asynchronous: bool = False) -> Any:
 
 def install() -> None:
     """Idempotent; called where the Celery app is made."""
-    if kombu_redis.Channel._connparams is not _connparams:
-        kombu_redis.Channel._connparams = _connparams
+    if _Channel._connparams is not _connparams:
+        _Channel._connparams = _connparams

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from datetime import datetime
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from pacs.cli.common import fail, open_context, out
+from pacs.cli.formatting import json_default, table_time
 
 forward_app = typer.Typer(help="Forwarding rules: send received instances to other DICOM nodes (C-STORE).",
                           no_args_is_help=True)
@@ -95,12 +95,12 @@ def queue(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable
     finally:
         ctx.close()
     if as_json:
-        out.print_json(json.dumps([asdict(s) for s in stats], default=_iso))
+        out.print_json(json.dumps([asdict(s) for s in stats], default=json_default))
         return
     table = Table("destination", "pending", "sent", "failed", "oldest pending", "next attempt", "last error")
     for s in stats:
-        table.add_row(s.destination_ae, str(s.pending), str(s.sent), str(s.failed), _when(s.oldest_pending),
-                      _when(s.next_attempt_at), s.last_error[:80])
+        table.add_row(s.destination_ae, str(s.pending), str(s.sent), str(s.failed), table_time(s.oldest_pending),
+                      table_time(s.next_attempt_at), s.last_error[:80])
     out.print(table)
 
 
@@ -125,13 +125,3 @@ def _criteria(rule: object) -> str:
         ("source AE", "source_ae"), ("modality", "modality"), ("body part", "body_part_examined"),
         ("SOP class", "sop_class_uid"))]
     return ", ".join(f"{label} {value}" for label, value in parts if value)
-
-
-def _iso(value: object) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
-
-
-def _when(value: datetime | None) -> str:
-    return value.strftime("%Y-%m-%d %H:%M:%S UTC") if value is not None else "-"

@@ -6,13 +6,13 @@ import json
 import signal
 import threading
 from dataclasses import asdict
-from datetime import datetime
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from pacs.cli.common import console, ensure_schema, fail, load_settings, open_context, out
+from pacs.cli.formatting import json_default, table_time
 
 if TYPE_CHECKING:
     from pacs.context import AppContext
@@ -67,6 +67,7 @@ def outbound(
     """The outbound queue: each ORU^R01 with its destination, state, attempts and last error."""
     from pacs.errors import PacsError
     from pacs.hl7.outbound import list_outbound
+    from pacs.jobs import JobState
 
     ctx = open_context()
     try:
@@ -77,13 +78,13 @@ def outbound(
     finally:
         ctx.close()
     if as_json:
-        out.print_json(json.dumps([asdict(r) for r in rows], default=_iso))
+        out.print_json(json.dumps([asdict(r) for r in rows], default=json_default))
         return
     table = Table("id", "destination", "control id", "report", "state", "attempts", "next attempt", "ack",
                   "last error")
     for r in rows:
         table.add_row(str(r.id), r.destination, r.message_control_id, f"{r.report_id or '-'} v{r.report_version}",
-                      r.state, str(r.attempts), _when(r.next_attempt_at) if r.state == "pending" else "-",
+                      r.state, str(r.attempts), table_time(r.next_attempt_at) if r.state == JobState.PENDING else "-",
                       r.ack_code or "-", r.last_error[:80])
     out.print(table)
 
@@ -112,14 +113,6 @@ def _wait_for_signal() -> None:
     stop.wait()
 
 
-def _iso(value: object) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
-
-
-def _when(value: datetime | None) -> str:
-    return value.strftime("%Y-%m-%d %H:%M:%S UTC") if value is not None else "-"
 
 
 def start_serve_listener(ctx: AppContext) -> Hl7Listener | None:

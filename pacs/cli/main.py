@@ -308,7 +308,7 @@ def import_(
     (Ctrl-C stops waiting: what is left is run by the next `pacs serve`). With a broker it reports how
     many derived tasks remain (see `pacs tasks status`) unless --wait is given.
     """
-    from pacs.importer import ImportSummary, collect, import_items
+    from pacs.ingest.importer import ImportSummary, collect, import_items
     from pacs.runtime import Pipeline
 
     settings = load_settings()
@@ -370,7 +370,7 @@ def _drain_derived(pipeline: Pipeline, armed: set[int]) -> None:
 
 def _still_to_run(settings: Settings, armed: set[int]) -> set[int]:
     """The imported objects' derived tasks not yet done or failed (counted after this process stopped its own)."""
-    from pacs.task_lease import outstanding
+    from pacs.derived.lease import outstanding
 
     if not armed:
         return set()

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from datetime import datetime
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from pacs.cli.common import fail, open_context, out
+from pacs.cli.formatting import json_default
 
 order_app = typer.Typer(help="RIS orders: what the Modality Worklist offers to modalities.", no_args_is_help=True)
 
@@ -57,7 +57,7 @@ def add(
     finally:
         ctx.close()
     if as_json:
-        out.print_json(json.dumps(asdict(order), default=_iso))
+        out.print_json(json.dumps(asdict(order), default=json_default))
         return
     out.print(f"order {order.accession_number}: {order.patient_name} ({order.patient_id}), {order.modality} "
               f"{order.requested_procedure_description} on {order.scheduled_station_ae_title} "
@@ -84,7 +84,7 @@ def list_(
     finally:
         ctx.close()
     if as_json:
-        out.print_json(json.dumps([asdict(o) for o in orders], default=_iso))
+        out.print_json(json.dumps([asdict(o) for o in orders], default=json_default))
         return
     table = Table("accession", "patient id", "patient name", "modality", "station", "date", "time", "procedure",
                   "state")
@@ -109,9 +109,3 @@ def cancel(accession: Annotated[str, typer.Argument(help="Accession number")]) -
     finally:
         ctx.close()
     out.print(f"order {order.accession_number} {order.state}")
-
-
-def _iso(value: object) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -13,7 +13,7 @@ from pacs.cli.common import audit_config_change, console, fail, open_context, op
 from pacs.errors import PacsError
 
 if TYPE_CHECKING:
-    from pacs.audit_search import AuditFilter
+    from pacs.audit.search import AuditFilter
     from pacs.context import AppContext
 
 user_app = typer.Typer(help="Local user accounts (login to the web API).", no_args_is_help=True)
@@ -78,9 +78,10 @@ def user_list(as_json: Annotated[bool, typer.Option("--json", help="Machine-read
 
     ctx = open_context()
     with ctx.read_sessions() as session:
-        rows = [{"username": u.username, "role": u.role, "facility": u.facility, "patient_id": u.patient_id,
-                 "patient_issuer": u.patient_issuer, "active": u.active, "full_name": u.full_name}
-                for u in list_users(session)]
+        rows: list[dict[str, Any]] = [
+            {"username": u.username, "role": u.role, "facility": u.facility, "patient_id": u.patient_id,
+             "patient_issuer": u.patient_issuer, "active": u.active, "full_name": u.full_name}
+            for u in list_users(session)]
     if as_json:
         out.print_json(json.dumps(rows))
         return
@@ -181,9 +182,10 @@ def token_list(as_json: Annotated[bool, typer.Option("--json", help="Machine-rea
 
     ctx = open_context()
     with ctx.read_sessions() as session:
-        rows = [{"id": t.id, "name": t.name, "role": t.role, "facility": t.facility, "patient_id": t.patient_id,
-                 "patient_issuer": t.patient_issuer, "images": t.images_granted, "expires_at": t.expires_at.isoformat(),
-                 "revoked": t.revoked_at is not None} for t in list_tokens(session)]
+        rows: list[dict[str, Any]] = [
+            {"id": t.id, "name": t.name, "role": t.role, "facility": t.facility, "patient_id": t.patient_id,
+             "patient_issuer": t.patient_issuer, "images": t.images_granted, "expires_at": t.expires_at.isoformat(),
+             "revoked": t.revoked_at is not None} for t in list_tokens(session)]
     if as_json:
         out.print_json(json.dumps(rows))
         return
@@ -212,7 +214,7 @@ def token_revoke(token_id: int) -> None:
 @share_app.command("add")
 def share_add(study_instance_uid: str, facility: str) -> None:
     """Make a study visible to the users of another facility."""
-    from pacs.security.policy import share_study
+    from pacs.security.access import share_study
 
     ctx = open_context()
     try:
@@ -241,7 +243,7 @@ def audit_verify() -> None:
 
 def _audit_filter(actor: str | None, action: str | None, outcome: str | None, patient_id: str | None,
                   study: str | None, since: str | None, until: str | None) -> AuditFilter:
-    from pacs import audit_search
+    from pacs.audit import search as audit_search
 
     try:
         return audit_search.make_filter(actor=actor, action=action, outcome=outcome, patient_id=patient_id,
@@ -277,7 +279,7 @@ def audit_list(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """List audit events, oldest first, with the filters of GET /api/audit."""
-    from pacs import audit_search
+    from pacs.audit import search as audit_search
 
     flt = _audit_filter(actor, action, outcome, patient_id, study, since, until)
     ctx = open_context()
@@ -306,7 +308,8 @@ def audit_export(
     """Export the matching audit events (all of them by default) as a FHIR searchset Bundle."""
     from pathlib import Path
 
-    from pacs import audit_fhir, audit_search
+    from pacs.audit import fhir_export as audit_fhir
+    from pacs.audit import search as audit_search
 
     flt = _audit_filter(actor, action, outcome, patient_id, study, since, until)
     ctx = open_context()

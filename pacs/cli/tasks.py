@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from pacs.cli.common import open_context, out
+from pacs.jobs import JobState
 
 tasks_app = typer.Typer(help="Derived work: status, failed tasks, retry.", no_args_is_help=True)
 
@@ -21,7 +22,7 @@ def register(app: typer.Typer) -> None:
 @tasks_app.command("status")
 def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False) -> None:
     """Counts of derived tasks by kind and state (pending, queued, running, done, failed)."""
-    from pacs.derived_tasks import counts
+    from pacs.derived.admin import counts
 
     ctx = open_context()
     with ctx.sessions() as session:
@@ -29,7 +30,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
     if as_json:
         out.print_json(json.dumps(result))
         return
-    states = ("pending", "queued", "running", "done", "failed")
+    states = [str(s) for s in (JobState.PENDING, JobState.QUEUED, JobState.RUNNING, JobState.DONE, JobState.FAILED)]
     table = Table("kind", *states)
     for kind, by_state in sorted(result.items()):
         table.add_row(kind, *(str(by_state.get(s, 0)) for s in states))
@@ -39,7 +40,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
 @tasks_app.command("failed")
 def failed(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False) -> None:
     """List failed derived tasks with their last error."""
-    from pacs.derived_tasks import failed as list_failed
+    from pacs.derived.admin import failed as list_failed
 
     ctx = open_context()
     with ctx.sessions() as session:
@@ -58,7 +59,7 @@ def retry(
     ids: Annotated[list[int] | None, typer.Argument(help="Task ids (default: every failed task)")] = None,
 ) -> None:
     """Queue failed derived tasks again (the running server publishes them within its poll interval)."""
-    from pacs.derived_tasks import retry as retry_tasks
+    from pacs.derived.admin import retry as retry_tasks
 
     ctx = open_context()
     with ctx.sessions() as session, session.begin():

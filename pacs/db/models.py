@@ -214,7 +214,7 @@ class DerivedTask(Base):
     subject_uid: Mapped[str] = mapped_column(UID)
     sha256: Mapped[str] = mapped_column(String(64), default="")
     state: Mapped[str] = mapped_column(String(16), default="pending")  # pending, queued, running, done, failed
-    attempts: Mapped[int] = mapped_column(Integer, default=0)  # runs started (a claim counts one: pacs.task_lease)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # runs started (a claim counts one: pacs.derived.lease)
     last_error: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(
@@ -226,7 +226,7 @@ class DerivedTask(Base):
 
 
 class TaskOwner(Base):
-    """A process that holds derived tasks, and its heartbeat (pacs.task_lease; migration 0009_task_lease)."""
+    """A process that holds derived tasks, and its heartbeat (pacs.derived.lease; migration 0009_task_lease)."""
 
     __tablename__ = "task_owner"
 
@@ -294,8 +294,8 @@ class AuditEvent(Base):
     detail: Mapped[str] = mapped_column(Text, default="")
     prev_hash: Mapped[str] = mapped_column(String(64), default="")  # entry_hash of the row before (pacs.audit)
     entry_hash: Mapped[str] = mapped_column(String(64), default="")
-import pacs.commitment_models  # noqa: E402  (registers the storage_commitment table on Base)
-import pacs.reconciliation_models  # noqa: E402  (registers the reconciliation queue on Base)
+import pacs.commitment.models  # noqa: E402  (registers the storage_commitment table on Base)
+import pacs.reconciliation.models  # noqa: E402  (registers the reconciliation queue on Base)
 import pacs.reports.models  # noqa: E402  (registers reports, claims, key images, HL7 outbound on Base)
 import pacs.ris.models  # noqa: E402  (registers the RIS tables on Base)
 import pacs.security.models  # noqa: E402, F401  (registers users, tokens and shares on Base)

@@ -1,7 +1,7 @@
 """WADO-RS ``/metadata``: the DICOM JSON of a study, series or instance, streamed.
 
 The workers keep a document per series and a fragment per instance in the store
-(:mod:`pacs.metadata`, ``workers.derived``). A series' stored document is used only while it is current
+(:mod:`pacs.dicomweb.metadata`, :mod:`pacs.derived`). A series' stored document is used only while it is current
 (its series task is done: every instance the series has now is in it, as it is now); otherwise the
 answer is assembled from the current instances' fragments, and an instance whose fragment is not built
 yet (or is of a replaced version) is read from its stored object. So a worker that is behind, stopped
@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacs import metadata
+from pacs.dicomweb import metadata
 from pacs.dicomweb.objects import open_seekable
 from pacs.dicomweb.resources import StoredInstance, Target, iter_instances, series_documents, series_members
 from storage import ObjectNotFound, ObjectStore, StorageUnavailable
@@ -117,7 +117,7 @@ def _without_brackets(store: ObjectStore, key: str) -> Iterator[bytes]:
 def absolute_bulk_uris(chunks: Iterable[bytes], base_url: str) -> Iterator[bytes]:
     """Prefix every stored relative ``BulkDataURI`` with ``base_url``, across chunk boundaries.
 
-    The documents are compact JSON written by :func:`pacs.metadata.encode_json`, so the member always
+    The documents are compact JSON written by :func:`pacs.dicomweb.metadata.encode_json`, so the member always
     reads exactly ``"BulkDataURI":"studies/``; inside a JSON string the quotes would be escaped, so a
     value cannot imitate it.
     """

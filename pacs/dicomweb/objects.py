@@ -24,10 +24,10 @@ from pydicom.encaps import get_frame
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
+from pacs.dicomweb.metadata import BULK_DATA_THRESHOLD, PIXEL_DATA_TAGS
 from pacs.errors import NotFound
 from pacs.forwarding.delivery import local_file
 from pacs.imaging import limits
-from pacs.metadata import BULK_DATA_THRESHOLD, PIXEL_DATA_TAGS
 from pacs.transcode import Unconvertible, to_uncompressed
 from storage import ObjectStore
 from storage.base import CHUNK_SIZE
@@ -100,9 +100,10 @@ class FrameReader:
         self.fp = fp
         self.ds = ds if ds is not None else read_deferred(fp)
         self.syntax = _syntax(self.ds)
-        self.tag = next((t for t in (0x7FE00010, 0x7FE00008, 0x7FE00009) if t in self.ds), None)
-        if self.tag is None:
+        tag = next((t for t in (0x7FE00010, 0x7FE00008, 0x7FE00009) if t in self.ds), None)
+        if tag is None:
             raise NotFound("the instance has no pixel data (no frames)")
+        self.tag: int = tag
         try:
             claimed = max(int(self.ds.get("NumberOfFrames") or 1), 1)
         except (TypeError, ValueError):
@@ -160,7 +161,8 @@ class FrameReader:
         try:
             with limits.reserve(cost):
                 decoder = get_decoder(self.syntax)
-                arr, _ = decoder.as_array(self.ds, index=index, as_rgb=True)
+                # pydicom annotates **kwargs as DecodeOptions where it means Unpack[DecodeOptions]
+                arr, _ = decoder.as_array(self.ds, index=index, as_rgb=True)  # type: ignore[arg-type]
         except limits.DecodeBusy as exc:
             raise FrameError(str(exc)) from None
         except Exception as exc:

@@ -39,7 +39,7 @@ from enum import StrEnum
 
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
 
-from pacs.dicomweb.dicom_json import INSTANCE_AVAILABILITY, RETRIEVE_URL, SYNTHETIC, vr_of
+from pacs.dicomweb.qido_json import INSTANCE_AVAILABILITY, RETRIEVE_URL, SYNTHETIC, vr_of
 from pacs.errors import InvalidInput
 from pacs.query.attributes import Level, Matching, Root, attribute_at, supported_keywords
 from pacs.query.engine import Query

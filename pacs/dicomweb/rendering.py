@@ -77,7 +77,8 @@ def parse_rendered(params: Mapping[str, str]) -> RenderParams:
             raise InvalidInput("viewport must be vw,vh or vw,vh,sx,sy,sw,sh")
         viewport = (_size("viewport width", parts[0]), _size("viewport height", parts[1]))
         if len(parts) == 6:
-            region = tuple(_number(n, p) for n, p in zip(("sx", "sy", "sw", "sh"), parts[2:], strict=True))
+            sx, sy, sw, sh = (_number(n, p) for n, p in zip(("sx", "sy", "sw", "sh"), parts[2:], strict=True))
+            region = (sx, sy, sw, sh)
             if region[0] < 0 or region[1] < 0 or region[2] <= 0 or region[3] <= 0:
                 raise InvalidInput("viewport source region must have sx,sy >= 0 and sw,sh > 0 (no flips)")
     return RenderParams(window, function, viewport, region, False, _quality(params.get("quality")))

@@ -1,9 +1,11 @@
 """The studies, series and instances a WADO request names, inside the asker's access scope.
 
 Every WADO-RS / WADO-URI request goes through :func:`resolve` first: the UIDs must be well formed
-(400 otherwise), the study must exist *and* be inside the scope (:func:`pacs.security.policy.may_see_study`),
+(400 otherwise), the study must exist *and* be inside the scope (:func:`pacs.security.access.may_see_study`),
 and a series or instance in the path must belong to the study (and series) in the path. Each of these
 failures is the same :class:`NotFound` (404), so a guessed UID tells nothing about other facilities' data.
+All of that is one statement (the scope is a condition of it); for an instance it also reads the instance's
+row, which the target carries (:func:`instance` then reads nothing more).
 
 Instances are then listed in short read transactions, a page at a time (keyset on the row id), so a
 long download never holds a transaction or a study's rows.
@@ -12,16 +14,17 @@ long download never holds a transaction or a study's rows.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import Select, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs.db.models import DerivedTask, Instance, Patient, Series, Study
+from pacs.derived.kinds import INSTANCE_DERIVED_KIND, SERIES_METADATA_KIND
 from pacs.errors import IndexUnavailable, InvalidInput, NotFound
-from pacs.ingest import INSTANCE_TASKS, SERIES_TASKS
-from pacs.security.policy import may_see_study
+from pacs.query.sessions import single_statement
+from pacs.security.access import study_condition
 from pacs.security.principal import AccessScope
 from storage.keys import is_valid_uid
 
@@ -36,6 +39,7 @@ class Target:
     series_uid: str | None = None
     sop_uid: str | None = None
     patient_id: str = ""  # for the audit trail
+    instance: StoredInstance | None = field(default=None, compare=False, repr=False)  # read by resolve()
 
 
 @dataclass(frozen=True)
@@ -71,28 +75,28 @@ def resolve(sessions: sessionmaker[Session], scope: AccessScope, study_uid: str,
     if sop_uid is not None:
         check_uid(sop_uid, "SOPInstanceUID")
     what = "instance" if sop_uid else "series" if series_uid else "study"
+    if sop_uid is not None:
+        stmt = _instances(Target(study_uid, series_uid, sop_uid)).add_columns(Patient.patient_id)
+    else:
+        stmt = select(Study.id, Patient.patient_id).where(Study.study_instance_uid == study_uid)
+        if series_uid is not None:
+            stmt = stmt.join(Series, Series.study_fk == Study.id).where(Series.series_instance_uid == series_uid)
+    stmt = stmt.outerjoin(Patient, Patient.id == Study.patient_fk).where(study_condition(scope)).limit(1)
     try:
-        with sessions() as session:
-            if not may_see_study(session, scope, study_uid):
-                raise NotFound(f"no such {what}")
-            patient_id = session.scalar(select(Patient.patient_id).join(Study, Study.patient_fk == Patient.id)
-                                        .where(Study.study_instance_uid == study_uid)) or ""
-            if series_uid is not None:
-                stmt = (select(Series.id).join(Study, Study.id == Series.study_fk)
-                        .where(Study.study_instance_uid == study_uid, Series.series_instance_uid == series_uid))
-                if sop_uid is not None:
-                    stmt = stmt.join(Instance, Instance.series_fk == Series.id).where(
-                        Instance.sop_instance_uid == sop_uid)
-                if session.scalar(stmt.limit(1)) is None:
-                    raise NotFound(f"no such {what}")
+        with single_statement(sessions) as session:
+            row = session.execute(stmt).first()
     except SQLAlchemyError as exc:
         raise IndexUnavailable("index database unavailable") from exc
-    return Target(study_uid, series_uid, sop_uid, patient_id)
+    if row is None:  # unknown, outside the scope, or not of the study (and series) in the path: all alike
+        raise NotFound(f"no such {what}")
+    if sop_uid is None:
+        return Target(study_uid, series_uid, None, row[1] or "")
+    return Target(study_uid, series_uid, sop_uid, row[-1] or "", StoredInstance(*row[:-1]))
 
 
 def _instances(target: Target) -> Select:
     fragment_done = (select(DerivedTask.id).where(
-        DerivedTask.kind == INSTANCE_TASKS[0], DerivedTask.subject_uid == Instance.sop_instance_uid,
+        DerivedTask.kind == INSTANCE_DERIVED_KIND, DerivedTask.subject_uid == Instance.sop_instance_uid,
         DerivedTask.sha256 == Instance.sha256, DerivedTask.state == "done",
         ~DerivedTask.last_error.startswith("unreadable")).exists())
     stmt = (select(Instance.id, Study.study_instance_uid, Series.series_instance_uid, Instance.sop_instance_uid,
@@ -109,11 +113,11 @@ def _instances(target: Target) -> Select:
 
 def iter_instances(sessions: sessionmaker[Session], target: Target, page_size: int = PAGE_SIZE
                    ) -> Iterator[StoredInstance]:
-    """The target's current instances in row order, ``page_size`` per short read transaction."""
+    """The target's current instances in row order, ``page_size`` per statement (each its own snapshot)."""
     last_id = 0
     while True:
         try:
-            with sessions() as session:
+            with single_statement(sessions) as session:
                 rows = session.execute(_instances(target).where(Instance.id > last_id)
                                        .order_by(Instance.id).limit(page_size)).all()
         except SQLAlchemyError as exc:
@@ -126,7 +130,9 @@ def iter_instances(sessions: sessionmaker[Session], target: Target, page_size: i
 
 
 def instance(sessions: sessionmaker[Session], target: Target) -> StoredInstance:
-    """The one instance of an instance-level target."""
+    """The one instance of an instance-level target (the row :func:`resolve` read, when it did)."""
+    if target.instance is not None and target.instance.sop_uid == target.sop_uid:
+        return target.instance
     found = next(iter_instances(sessions, target, page_size=1), None)
     if found is None:
         raise NotFound("no such instance")
@@ -136,7 +142,7 @@ def instance(sessions: sessionmaker[Session], target: Target) -> StoredInstance:
 def stored_syntaxes(sessions: sessionmaker[Session], target: Target) -> list[str]:
     """The distinct transfer syntaxes the target's instances are stored in (to answer 406 before streaming)."""
     try:
-        with sessions() as session:
+        with single_statement(sessions) as session:
             stmt = _instances(target).with_only_columns(Instance.transfer_syntax_uid).distinct()
             return sorted(session.scalars(stmt))
     except SQLAlchemyError as exc:
@@ -158,7 +164,7 @@ def series_documents(sessions: sessionmaker[Session], target: Target) -> list[Se
     A series task is re-armed in the same transaction that adds an instance to the series, so "done"
     read in one transaction with the key means the document describes exactly the current instances.
     """
-    done = (select(DerivedTask.id).where(DerivedTask.kind == SERIES_TASKS[0],
+    done = (select(DerivedTask.id).where(DerivedTask.kind == SERIES_METADATA_KIND,
                                           DerivedTask.subject_uid == Series.series_instance_uid,
                                           DerivedTask.sha256 == "", DerivedTask.state == "done").exists())
     stmt = (select(Series.series_instance_uid, Series.metadata_key, done)
@@ -167,7 +173,7 @@ def series_documents(sessions: sessionmaker[Session], target: Target) -> list[Se
     if target.series_uid is not None:
         stmt = stmt.where(Series.series_instance_uid == target.series_uid)
     try:
-        with sessions() as session:
+        with single_statement(sessions) as session:
             return [SeriesDocument(uid, key, bool(key) and bool(current))
                     for uid, key, current in session.execute(stmt)]
     except SQLAlchemyError as exc:
@@ -180,7 +186,7 @@ def series_members(sessions: sessionmaker[Session], study_uid: str, series_uid: 
     stmt = (_instances(Target(study_uid, series_uid))
             .order_by(Instance.instance_number.asc().nulls_last(), Instance.sop_instance_uid))
     try:
-        with sessions() as session:
+        with single_statement(sessions) as session:
             return [StoredInstance(*row) for row in session.execute(stmt)]
     except SQLAlchemyError as exc:
         raise IndexUnavailable("index database unavailable") from exc

@@ -60,10 +60,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs.db.models import Instance, Series
-from pacs.dicom_object import DEFAULT_MAX_INFLATED_BYTES, PREAMBLE, ObjectRejected, parse_received
 from pacs.dicomweb.multipart_reader import MultipartError
+from pacs.dimse_status import PROCESSING_FAILURE  # a part that failed unexpectedly (a bug, logged)
 from pacs.ingest import Ingestor, IngestOutcome, IngestSource
-from pacs.store_statuses import (
+from pacs.ingest.parsing import DEFAULT_MAX_INFLATED_BYTES, PREAMBLE, ObjectRejected, parse_received
+from pacs.ingest.statuses import (
     CANNOT_UNDERSTAND,
     DATASET_DOES_NOT_MATCH,
     OUT_OF_RESOURCES_TOO_LARGE,
@@ -78,8 +79,6 @@ SPOOL_MEMORY_BYTES = 1024 * 1024  # a request body is kept in memory up to this,
 MAX_PARTS = 100_000  # parts in one request (each costs a small record while the body is read)
 DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"
-
-PROCESSING_FAILURE = 0x0110
 
 
 def failure_reason(outcome: IngestOutcome) -> int | None:

@@ -11,11 +11,18 @@ which always works) and corrupt frames 422, never a 200 with a cut body.
 What fails later (a later object of a study, a later frame) ends the stream without its closing
 boundary (the HTTP server then closes the connection without the chunked body's last chunk), which
 clients report as a truncated response rather than complete data.
+
+A single frame and a rendered image are built whole (a body with a Content-Length) and carry an ``ETag``
+derived from the stored object's SHA-256 and the representation, with ``Cache-Control: private, no-cache``: a
+browser may keep them but asks again each time (so every view is still access-checked and audited), and gets
+``304 Not Modified`` while the instance is the same version. Rendered images are also kept in a process-wide
+:class:`~pacs.imaging.cache.RenderedCache` keyed the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import logging
 import re
@@ -52,6 +59,7 @@ from pacs.dicomweb.resources import (
 )
 from pacs.errors import InvalidInput, NotFound
 from pacs.imaging import limits
+from pacs.imaging.cache import RenderedCache
 from pacs.imaging.render import RenderError, placeholder
 from pacs.transcode import Unconvertible
 from storage import ObjectNotFound, ObjectStore
@@ -60,6 +68,9 @@ from storage.keys import series_thumbnail_key, study_thumbnail_key
 log = logging.getLogger(__name__)
 
 MAX_FRAMES_PER_REQUEST = 10_000
+# A version of an instance never changes; a newer version has another SHA-256 (and so another ETag). The
+# responses stay ``Cache-Control: no-store`` (viewer_api.hardening): patient images are not kept on the disk of a
+# shared ward PC. A client that keeps its own copy anyway may revalidate with ``If-None-Match``.
 _SMALL_INT = re.compile(r"^[0-9]{1,9}$")
 _TAG_PATH = re.compile(r"^[0-9A-Fa-f]{8}(/[0-9]{1,6}/[0-9A-Fa-f]{8})*$")
 
@@ -89,7 +100,7 @@ def parse_frame_list(text: str) -> list[int]:
 
 
 def parse_tag_path(text: str) -> tuple[int, ...]:
-    """``00880200/0/7FE00010`` -> (0x00880200, 0, 0x7FE00010) (pacs.metadata's bulk data URI layout)."""
+    """``00880200/0/7FE00010`` -> (0x00880200, 0, 0x7FE00010) (pacs.dicomweb.metadata's bulk data URI layout)."""
     if not _TAG_PATH.match(text):
         raise InvalidInput("a bulk data path is tags (8 hexadecimal digits) and item indexes joined by '/'")
     return tuple(int(p, 16) if i % 2 == 0 else int(p) for i, p in enumerate(text.split("/")))
@@ -99,10 +110,11 @@ class Wado:
     """One per process; thread-safe (each call opens what it needs)."""
 
     def __init__(self, sessions: sessionmaker[Session], store: ObjectStore, *, thumbnail_size: int = 128,
-                 assume_utf8_for_latin1: bool = False) -> None:
+                 assume_utf8_for_latin1: bool = False, rendered_cache: RenderedCache | None = None) -> None:
         self.sessions = sessions
         self.store = store
         self.thumbnail_size = thumbnail_size
+        self.rendered_cache = rendered_cache
         self.documents = MetadataDocuments(sessions, store, assume_utf8_for_latin1)
 
     # -- instances --------------------------------------------------------------------------------
@@ -182,6 +194,10 @@ class Wado:
         def frame(index: int) -> bytes:
             return reader.decoded(index) if fmt.decode else reader.stored(index)
 
+        if not indexes:
+            stack.close()
+            return Body(writer.content_type, [writer.end()])
+
         try:  # the first frame now: a refusal or a decode error gets a status, not a cut body
             first = frame(indexes[0]) if indexes else b""
         except limits.DecodeTooLarge as exc:
@@ -194,6 +210,12 @@ class Wado:
         except BaseException:
             stack.close()
             raise
+
+        if len(indexes) == 1:  # one frame: the whole body now, with an ETag of this version's frame
+            stack.close()
+            return Body(writer.content_type, [*writer.part(part_type, first), writer.end()],
+                        {"ETag": etag(item.sha256, "frames", indexes[0], fmt.media_type,
+                                                    fmt.transfer_syntax)})
 
         def chunks() -> Iterator[bytes]:
             with stack:
@@ -211,22 +233,34 @@ class Wado:
         or ``multipart/related`` of images for several frames."""
         media_type = media.rendered_type(ranges)
         item = representative(self.sessions, target)
+        numbers = frames or [1]
+        keys = [(item.sha256, n, media_type, params) for n in numbers]
+        cache = self.rendered_cache if item.sha256 else None
+        cached = [cache.get(key) for key in keys] if cache is not None else [None]
+        if all(image is not None for image in cached):  # rendered before: these frames exist and render
+            images = [image for image in cached if image is not None]
+        else:
+            images = self._render(item, numbers, params, media_type)
+            if cache is not None:
+                for key, image in zip(keys, images, strict=True):
+                    cache.put(key, image)
+        if len(images) == 1:
+            return Body(media_type, images, {"ETag": etag(*keys[0])})
+        writer = MultipartWriter(media_type)
+        return Body(writer.content_type, [c for image in images for c in writer.part(media_type, image)]
+                    + [writer.end()])
+
+    def _render(self, item: StoredInstance, numbers: list[int], params: RenderParams, media_type: str) -> list[bytes]:
         with open_seekable(self.store, item.object_key) as fp:
             ds = _read_image(fp)
             count = _frame_count(ds)
-            numbers = frames or [1]
             for n in numbers:
                 if not 1 <= n <= count:
                     raise NotFound(f"frame {n} does not exist: the instance has {count} frame(s)")
             try:
-                images = [render(ds, n - 1, params, media_type) for n in numbers]
+                return [render(ds, n - 1, params, media_type) for n in numbers]
             except RenderError as exc:
                 raise Unrenderable(str(exc)) from exc
-        if len(images) == 1:
-            return Body(media_type, images)
-        writer = MultipartWriter(media_type)
-        return Body(writer.content_type, [c for image in images for c in writer.part(media_type, image)]
-                    + [writer.end()])
 
     def thumbnail(self, target: Target, params: RenderParams, ranges: list[MediaRange]) -> Body:
         """The stored thumbnail when it answers the request, else one rendered now (a placeholder when the
@@ -265,6 +299,12 @@ class Wado:
             return self.store.get_bytes(key)
         except ObjectNotFound:
             return None
+
+
+def etag(*parts: object) -> str:
+    """A weak entity tag for a representation of a stored version (its SHA-256 among ``parts``): weak because a
+    multipart body's boundary differs between two answers of the same content."""
+    return 'W/"' + hashlib.sha256(repr(parts).encode()).hexdigest()[:40] + '"'
 
 
 def _primed(chunks: Iterator[bytes]) -> Iterator[bytes]:

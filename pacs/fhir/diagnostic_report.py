@@ -13,7 +13,7 @@ and reads ``final`` afterwards with the same versionId; a final or amended versi
 from searches). Clinicians, EMRs and other report readers see preliminary, final and amended versions;
 a patient token (or a share link) sees final and amended versions only, of its own studies. A read answers
 the newest version the caller may see. Everything is limited to the caller's study scope
-(:func:`pacs.security.policy.study_condition`): another facility's report is 404, like an unknown one.
+(:func:`pacs.security.access.study_condition`): another facility's report is 404, like an unknown one.
 
 **Content** (from :class:`pacs.reports.document.ReportDocument`, the same words as the SR, PDF and HL7 ORU):
 
@@ -72,7 +72,7 @@ from pacs.reports.document import ReportDocument
 from pacs.reports.lifecycle import VersionView, get_report, report_document
 from pacs.reports.models import AMENDED, FINAL, PRELIMINARY, Report, ReportVersion
 from pacs.ris.orders import order_for_study
-from pacs.security.policy import study_condition
+from pacs.security.access import study_condition
 from pacs.security.principal import AccessScope, Principal
 from pacs.security.roles import Role
 

@@ -2,7 +2,7 @@
 
 ImagingStudy and Patient go through the query engine: every query carries the asker's
 :class:`~pacs.security.principal.AccessScope` (the engine adds the SQL restriction), and a read by id also
-asks :func:`~pacs.security.policy.may_see_study`. DiagnosticReport (:mod:`.diagnostic_report`) and
+asks :func:`~pacs.security.access.may_see_study`. DiagnosticReport (:mod:`.diagnostic_report`) and
 ServiceRequest (:mod:`.service_request`) query the report and order tables with the same scope. Anything
 outside the scope is :class:`~pacs.errors.NotFound`, exactly like something that does not exist.
 """
@@ -26,7 +26,7 @@ from pacs.fhir.ids import PatientRef, decode_patient_id, study_uid_from_id
 from pacs.fhir.search import Search, SearchError
 from pacs.query.attributes import Level, Root
 from pacs.query.engine import Query, QueryEngine, Row
-from pacs.security.policy import may_see_study
+from pacs.security.access import may_see_study
 from pacs.security.principal import AccessScope, Principal
 
 STUDY_RETURNS = ("StudyDate", "AccessionNumber", "StudyDescription", "ModalitiesInStudy", "NumberOfStudyRelatedSeries",

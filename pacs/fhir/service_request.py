@@ -104,24 +104,56 @@ def accession_from_fhir(fhir_id: str) -> str | None:
 
 
 class OrderLike(Protocol):
-    """What the resource is built from: an :class:`OrderRecord` or an ``ImagingOrder`` row."""
+    """What the resource is built from: an :class:`OrderRecord` or an ``ImagingOrder`` row (read-only
+    properties, so a frozen dataclass qualifies too)."""
 
-    accession_number: str
-    patient_id: str
-    issuer_of_patient_id: str
-    patient_name: str
-    requested_procedure_description: str
-    scheduled_start_date: str
-    scheduled_start_time: str
-    modality: str
-    referring_physician_name: str
-    state: str
-    priority: str
-    reason: str
-    facility: str
-    placer_order_number: str
-    created_at: datetime | None
-    updated_at: datetime | None
+    @property
+    def accession_number(self) -> str: ...
+
+    @property
+    def patient_id(self) -> str: ...
+
+    @property
+    def issuer_of_patient_id(self) -> str: ...
+
+    @property
+    def patient_name(self) -> str: ...
+
+    @property
+    def requested_procedure_description(self) -> str: ...
+
+    @property
+    def scheduled_start_date(self) -> str: ...
+
+    @property
+    def scheduled_start_time(self) -> str: ...
+
+    @property
+    def modality(self) -> str: ...
+
+    @property
+    def referring_physician_name(self) -> str: ...
+
+    @property
+    def state(self) -> str: ...
+
+    @property
+    def priority(self) -> str: ...
+
+    @property
+    def reason(self) -> str: ...
+
+    @property
+    def facility(self) -> str: ...
+
+    @property
+    def placer_order_number(self) -> str: ...
+
+    @property
+    def created_at(self) -> datetime | None: ...
+
+    @property
+    def updated_at(self) -> datetime | None: ...
 
 
 def service_request(order: OrderLike) -> dict[str, Any]:

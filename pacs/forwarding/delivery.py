@@ -29,7 +29,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -39,7 +39,10 @@ from sqlalchemy import exists, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs.context import AppContext
+from pacs.db.dml import affected_rows
 from pacs.db.models import ApplicationEntity, ForwardJob, Instance
+from pacs.dimse_status import STORAGE_WARNINGS, SUCCESS
+from pacs.jobs import JobState, RetryPolicy, as_utc, utcnow
 from pacs.polling import PollingLoop
 from pacs.settings import Settings
 from storage import ObjectNotFound, ObjectStore, StorageError
@@ -53,13 +56,10 @@ _FLUSH_EVERY_S = 1.0
 
 
 @dataclass(frozen=True)
-class DeliveryConfig:
+class DeliveryConfig(RetryPolicy):
     calling_ae: str = "PACS"
     poll_s: float = 2.0
     batch_size: int = 50
-    max_attempts: int = 20
-    retry_base_s: float = 5.0
-    retry_max_s: float = 600.0
     lease_s: float = 600.0
     network_timeout_s: float = 60.0
     max_pdu: int = 262_144
@@ -72,14 +72,9 @@ class DeliveryConfig:
                    network_timeout_s=s.network_timeout_s, max_pdu=s.max_pdu_size)
 
 
-def retry_delay(attempts: int, base_s: float, max_s: float) -> float:
-    """Wait after the ``attempts``-th failed attempt: base, 2×base, 4×base, … capped at ``max_s``."""
-    return min(max_s, base_s * 2 ** min(max(attempts - 1, 0), 40))
-
-
 def is_delivered(status: int) -> bool:
     """Success, or a Storage warning (coercion, elements discarded, SOP class mismatch): it was stored."""
-    return status == 0x0000 or 0xB000 <= status <= 0xB007
+    return status == SUCCESS or STORAGE_WARNINGS[0] <= status <= STORAGE_WARNINGS[1]
 
 
 @dataclass(frozen=True)
@@ -107,10 +102,6 @@ class _Stored:
     transfer_syntax_uid: str
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 @dataclass
 class _Results:
     """Outcomes not yet written to the index."""
@@ -123,24 +114,18 @@ class _Results:
     def flush(self, sessions: sessionmaker[Session], cfg: DeliveryConfig) -> None:
         if not (self.sent or self.retry or self.give_up or self.release):
             return
-        now = _utcnow()
-        pending = ForwardJob.state == "pending"
+        now = utcnow()
+        pending = ForwardJob.state == JobState.PENDING
         with sessions() as session, session.begin():
             if self.sent:
                 session.execute(update(ForwardJob).where(ForwardJob.id.in_(self.sent), pending)
-                                .values(state="sent", last_error="", next_attempt_at=now))
+                                .values(state=JobState.SENT, last_error="", next_attempt_at=now))
             for job, error in self.retry:
-                attempts = job.attempts + 1
-                values: dict[str, object] = {"attempts": attempts, "last_error": error[:2000]}
-                if attempts >= cfg.max_attempts:
-                    values["state"] = "failed"
-                else:
-                    values["next_attempt_at"] = now + timedelta(
-                        seconds=retry_delay(attempts, cfg.retry_base_s, cfg.retry_max_s))
-                session.execute(update(ForwardJob).where(ForwardJob.id == job.id, pending).values(**values))
+                session.execute(update(ForwardJob).where(ForwardJob.id == job.id, pending)
+                                .values(last_error=error[:2000], **cfg.after_failure(job.attempts + 1, now)))
             for job, error in self.give_up:
                 session.execute(update(ForwardJob).where(ForwardJob.id == job.id, pending)
-                                .values(state="failed", attempts=job.attempts + 1, last_error=error[:2000]))
+                                .values(state=JobState.FAILED, attempts=job.attempts + 1, last_error=error[:2000]))
             if self.release:
                 session.execute(update(ForwardJob).where(ForwardJob.id.in_(self.release), pending)
                                 .values(next_attempt_at=now + timedelta(seconds=min(cfg.retry_base_s, cfg.poll_s))))
@@ -190,8 +175,9 @@ class ForwardDelivery(PollingLoop):
         return busy
 
     def _due_destinations(self) -> list[Destination]:
-        now = _utcnow()
-        due = exists().where(ForwardJob.destination_ae == ApplicationEntity.ae_title, ForwardJob.state == "pending",
+        now = utcnow()
+        due = exists().where(ForwardJob.destination_ae == ApplicationEntity.ae_title,
+                             ForwardJob.state == JobState.PENDING,
                              ForwardJob.next_attempt_at <= now)
         with self._ctx.sessions() as session:
             rows = session.execute(select(ApplicationEntity.ae_title, ApplicationEntity.host, ApplicationEntity.port)
@@ -199,11 +185,11 @@ class ForwardDelivery(PollingLoop):
         return [Destination(*r) for r in rows if r.host and 1 <= r.port <= 65535]
 
     def _claim(self, dest: Destination) -> list[_Job]:
-        now = _utcnow()
+        now = utcnow()
         with self._ctx.sessions() as session, session.begin():
             rows = session.execute(
                 select(ForwardJob.id, ForwardJob.sop_instance_uid, ForwardJob.sha256, ForwardJob.attempts)
-                .where(ForwardJob.destination_ae == dest.ae_title, ForwardJob.state == "pending",
+                .where(ForwardJob.destination_ae == dest.ae_title, ForwardJob.state == JobState.PENDING,
                        ForwardJob.next_attempt_at <= now)
                 .order_by(ForwardJob.next_attempt_at, ForwardJob.id)
                 .limit(min(self.config.batch_size, MAX_CONTEXTS))
@@ -214,8 +200,8 @@ class ForwardDelivery(PollingLoop):
         return [_Job(*r) for r in rows]
 
     def _extend(self, session: Session, ids: list[int]) -> None:
-        until = _utcnow() + timedelta(seconds=self.config.lease_s)
-        session.execute(update(ForwardJob).where(ForwardJob.id.in_(ids), ForwardJob.state == "pending")
+        until = utcnow() + timedelta(seconds=self.config.lease_s)
+        session.execute(update(ForwardJob).where(ForwardJob.id.in_(ids), ForwardJob.state == JobState.PENDING)
                         .values(next_attempt_at=until))
 
     def _resolve(self, jobs: list[_Job], results: _Results) -> list[tuple[_Job, _Stored]]:
@@ -333,8 +319,7 @@ class ForwardDelivery(PollingLoop):
         """The whole rest of the batch waits; this process also leaves the destination alone meanwhile."""
         log.warning("forwarding: %s; %d object(s) will be retried", error, len(batch))
         results.retry += [(job, error) for job, _ in batch]
-        wait = min(retry_delay(job.attempts + 1, self.config.retry_base_s, self.config.retry_max_s)
-                   for job, _ in batch)
+        wait = min(self.config.delay(job.attempts + 1) for job, _ in batch)
         self._down_until[dest.ae_title] = time.monotonic() + wait
 
 
@@ -378,13 +363,6 @@ class QueueStats:
     last_error: str  # the latest error of a pending or failed job
 
 
-def _aware(value: datetime | None) -> datetime | None:
-    """In UTC: SQLite returns naive datetimes (stored in UTC), PostgreSQL aware ones in its session zone."""
-    if value is None:
-        return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
 def queue_stats(session: Session) -> list[QueueStats]:
     rows = session.execute(
         select(ForwardJob.destination_ae, ForwardJob.state, func.count(), func.min(ForwardJob.created_at),
@@ -392,24 +370,24 @@ def queue_stats(session: Session) -> list[QueueStats]:
         .group_by(ForwardJob.destination_ae, ForwardJob.state)).all()
     by_dest: dict[str, dict[str, tuple[int, datetime | None, datetime | None]]] = {}
     for dest, state, count, oldest, next_at in rows:
-        by_dest.setdefault(dest, {})[state] = (count, _aware(oldest), _aware(next_at))
+        by_dest.setdefault(dest, {})[state] = (count, as_utc(oldest), as_utc(next_at))
     out = []
     for dest in sorted(by_dest):
         states = by_dest[dest]
-        pending = states.get("pending", (0, None, None))
+        pending = states.get(JobState.PENDING, (0, None, None))
         last_error = session.scalar(
             select(ForwardJob.last_error).where(ForwardJob.destination_ae == dest,
-                                                ForwardJob.state.in_(("pending", "failed")),
+                                                ForwardJob.state.in_((JobState.PENDING, JobState.FAILED)),
                                                 ForwardJob.last_error != "")
             .order_by(ForwardJob.updated_at.desc(), ForwardJob.id.desc()).limit(1)) or ""
-        out.append(QueueStats(dest, pending[0], states.get("sent", (0,))[0], states.get("failed", (0,))[0],
-                              pending[1], pending[2], last_error))
+        out.append(QueueStats(dest, pending[0], states.get(JobState.SENT, (0,))[0],
+                              states.get(JobState.FAILED, (0,))[0], pending[1], pending[2], last_error))
     return out
 
 
 def retry_failed(session: Session, destination_ae: str | None = None) -> int:
     """Failed jobs back to pending with a fresh attempt count; returns how many."""
-    stmt = update(ForwardJob).where(ForwardJob.state == "failed")
+    stmt = update(ForwardJob).where(ForwardJob.state == JobState.FAILED)
     if destination_ae:
         stmt = stmt.where(ForwardJob.destination_ae == destination_ae)
-    return session.execute(stmt.values(state="pending", attempts=0, next_attempt_at=_utcnow())).rowcount
+    return affected_rows(session, stmt.values(state=JobState.PENDING, attempts=0, next_attempt_at=utcnow()))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, select
@@ -11,13 +10,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from pacs.aes import validate_ae_title
+from pacs.db.dml import affected_rows
 from pacs.db.models import ApplicationEntity, ForwardJob, ForwardRule
 from pacs.errors import Conflict, InvalidInput, NotFound
+from pacs.jobs import JobState, utcnow
 from storage.keys import is_valid_uid
 
 if TYPE_CHECKING:
-    from pacs.dicom_object import ReceivedObject
     from pacs.ingest import IngestSource
+    from pacs.ingest.parsing import ReceivedObject
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ def queue_forwards(session: Session, obj: ReceivedObject, source: IngestSource, 
     targets = destinations_for(rules, subject)
     if not targets:
         return 0
-    now = datetime.now(UTC)
+    now = utcnow()
     existing = {j.destination_ae: j for j in session.scalars(
         select(ForwardJob).where(ForwardJob.sop_instance_uid == obj.sop_instance_uid, ForwardJob.sha256 == sha256,
                                  ForwardJob.destination_ae.in_(targets)))}
@@ -95,11 +96,11 @@ def queue_forwards(session: Session, obj: ReceivedObject, source: IngestSource, 
         job = existing.get(destination)
         if job is None:
             session.add(ForwardJob(rule_id=rule_ids[rule_name], destination_ae=destination,
-                                   sop_instance_uid=obj.sop_instance_uid, sha256=sha256, state="pending",
+                                   sop_instance_uid=obj.sop_instance_uid, sha256=sha256, state=JobState.PENDING,
                                    attempts=0, next_attempt_at=now, last_error=""))
         else:
             job.rule_id, job.state, job.attempts, job.next_attempt_at, job.last_error = (
-                rule_ids[rule_name], "pending", 0, now, "")
+                rule_ids[rule_name], JobState.PENDING, 0, now, "")
     return len(targets)
 
 
@@ -139,7 +140,7 @@ def list_rules(session: Session) -> list[RuleRecord]:
 
 def remove_rule(session: Session, name: str) -> None:
     """Remove a rule; jobs it queued stay queued (their rule_id becomes NULL)."""
-    if not session.execute(delete(ForwardRule).where(ForwardRule.name == name)).rowcount:
+    if not affected_rows(session, delete(ForwardRule).where(ForwardRule.name == name)):
         raise NotFound(f"no forwarding rule named {name!r}")
 
 

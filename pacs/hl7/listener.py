@@ -48,7 +48,7 @@ from pacs.hl7.messages import (
     parse_orm,
     read_header,
 )
-from pacs.hl7.mllp import FrameTooLarge, MllpError, MllpTimeout, frame, read_frame, skip_frame
+from pacs.hl7.mllp import FrameTooLarge, MllpError, MllpTimeout, frame, read_frame, skip_frame, socket_reader
 from pacs.ris.models import DISCONTINUED
 from pacs.ris.orders import NewOrder, OrderRecord, cancel_order, create_order, find_order_by_placer, get_order
 
@@ -114,7 +114,7 @@ class Hl7Listener:
         sock.settimeout(self.timeout_s)
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with sock.makefile("rb", buffering=65_536) as stream:
+        with socket_reader(sock, 65_536) as stream:
             while True:
                 try:
                     data = read_frame(stream, self.max_message_bytes, frame_timeout_s=self.timeout_s * 2)
@@ -269,6 +269,10 @@ def _encode_ack(ack: str, header: Header | None) -> bytes:
     return ack.encode(codec, errors="replace")
 
 
+#: What socketserver hands a server per request (a TCP server only ever gets the socket).
+_Request = socket.socket | tuple[bytes, socket.socket]
+
+
 class _Server(socketserver.ThreadingTCPServer):
     """A thread per connection; over the limit a new connection is closed at once."""
 
@@ -282,7 +286,7 @@ class _Server(socketserver.ThreadingTCPServer):
         self._slots = threading.BoundedSemaphore(max_connections)
         super().__init__(address, _Handler)
 
-    def process_request(self, request: socket.socket, client_address: tuple[str, int]) -> None:  # type: ignore[override]
+    def process_request(self, request: _Request, client_address: tuple[str, int]) -> None:
         if not self._slots.acquire(blocking=False):
             log.warning("hl7: refusing a connection from %s: %d connections already open", client_address[0],
                         self.max_connections)
@@ -294,7 +298,7 @@ class _Server(socketserver.ThreadingTCPServer):
             self._slots.release()
             raise
 
-    def process_request_thread(self, request: socket.socket, client_address: tuple[str, int]) -> None:  # type: ignore[override]
+    def process_request_thread(self, request: _Request, client_address: tuple[str, int]) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:

@@ -549,7 +549,7 @@ class _Reader:
         section = self.text(obr, 24).upper()
         if section in DICOM_MODALITIES or section in _SECTION_MODALITIES:
             return _SECTION_MODALITIES.get(section, section)
-        letters = re.match(r"[A-Za-z]*", self.text(obr, 4, 1)).group(0).upper()  # type: ignore[union-attr]
+        letters = _prefix(_LETTERS, self.text(obr, 4, 1)).upper()
         for prefix in (letters[:k] for k in (3, 2) if len(letters) >= k):
             if prefix in DICOM_MODALITIES or prefix in _CODE_PREFIXES:
                 return _CODE_PREFIXES.get(prefix, prefix)
@@ -595,9 +595,19 @@ def _first(group: Sequence[Segment], name: str) -> Segment | None:
     return next((s for s in group if s.name == name), None)
 
 
+_DIGITS = re.compile(r"\d*")
+_LETTERS = re.compile(r"[A-Za-z]*")
+
+
+def _prefix(pattern: re.Pattern[str], text: str) -> str:
+    """The start of ``text`` that ``pattern`` matches (it matches the empty string too, so always)."""
+    found = pattern.match(text)
+    return found.group(0) if found else ""
+
+
 def _ts_parts(value: str) -> tuple[str, str]:
     """HL7 TS/DTM ``YYYYMMDD[HHMM[SS[.S]]][+ZZZZ]`` → (YYYYMMDD, HHMMSS or HHMM or ""); a partial date → ("", "")."""
-    digits = re.match(r"\d*", value.strip()).group(0)  # type: ignore[union-attr]
+    digits = _prefix(_DIGITS, value.strip())
     if len(digits) < 8:
         return "", ""
     time_digits = digits[8:14]
@@ -736,7 +746,7 @@ def _oru_obr(obr: Segment, doc: ReportDocument, status: str) -> None:
     _put(obr.obr_3.ei_1, doc.accession_number)
     _put(obr.obr_4.ce_2, doc.procedure or doc.study_description or "Imaging study")
     if doc.study_date.isdigit():  # digits only: ER7 is the literal value
-        study_time = re.match(r"\d*", doc.study_time.replace(":", "")).group(0)[:6]  # type: ignore[union-attr]
+        study_time = _prefix(_DIGITS, doc.study_time.replace(":", ""))[:6]
         obr.obr_7.ts_1.value = doc.study_date + study_time
     _set_xcn(obr.obr_16, doc.referring_physician_name)
     _put(obr.obr_18, doc.accession_number)

@@ -41,6 +41,12 @@ def frame(payload: bytes) -> bytes:
     return START + payload + END
 
 
+def socket_reader(sock: socket.socket, buffer_size: int = _CHUNK) -> io.BufferedReader:
+    """``sock.makefile("rb", buffering=buffer_size)`` written out, so that its type is known to be a
+    BufferedReader (``peek``): typeshed cannot tell it from an unbuffered file for a variable size."""
+    return io.BufferedReader(sock.makefile("rb", buffering=0), buffer_size)
+
+
 def read_frame(sock_file: io.BufferedReader, max_bytes: int, frame_timeout_s: float | None = None) -> bytes | None:
     """Read one MLLP frame's content from a buffered binary stream (``socket.makefile("rb")``).
 
@@ -114,7 +120,7 @@ def send_and_receive(host: str, port: int, payload: bytes, timeout_s: float, max
     with socket.create_connection((host, port), timeout=timeout_s) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(frame(payload))
-        with sock.makefile("rb", buffering=_CHUNK) as stream:
+        with socket_reader(sock) as stream:
             reply = read_frame(stream, max_reply_bytes, timeout_s)
     if reply is None:
         raise MllpError(f"{host}:{port} closed the connection without an acknowledgement")

@@ -22,16 +22,18 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import exists, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
 from pacs.context import AppContext
+from pacs.db.dml import affected_rows
 from pacs.errors import InvalidInput
 from pacs.hl7.messages import Hl7Error, build_oru, parse_ack
 from pacs.hl7.mllp import MllpError, parse_address, send_and_receive
+from pacs.jobs import JobState, RetryPolicy, as_utc, utcnow
 from pacs.polling import PollingLoop
 from pacs.reports.document import ReportDocument
 from pacs.reports.models import Hl7Outbound
@@ -39,10 +41,7 @@ from pacs.settings import Settings
 
 log = logging.getLogger(__name__)
 
-PENDING = "pending"
-SENT = "sent"
-FAILED = "failed"
-OUTBOUND_STATES = (PENDING, SENT, FAILED)
+OUTBOUND_STATES = (JobState.PENDING, JobState.SENT, JobState.FAILED)
 
 
 @dataclass(frozen=True)
@@ -108,7 +107,7 @@ def _insert(session: Session, doc: ReportDocument, dest: Hl7Destination) -> Hl7O
     control_id = control_id_for(doc.report_id, doc.version, dest.name)
     row = Hl7Outbound(
         destination=dest.name, message_type="ORU^R01", message_control_id=control_id, report_fk=doc.report_id,
-        report_version=doc.version, state=PENDING, attempts=0, next_attempt_at=_utcnow(), ack_code="",
+        report_version=doc.version, state=JobState.PENDING, attempts=0, next_attempt_at=utcnow(), ack_code="",
         last_error="", message=build_oru(doc, control_id=control_id, receiving_application=dest.receiving_application,
                                          receiving_facility=dest.receiving_facility),
     )
@@ -127,12 +126,9 @@ def _insert(session: Session, doc: ReportDocument, dest: Hl7Destination) -> Hl7O
 
 
 @dataclass(frozen=True)
-class Hl7DeliveryConfig:
+class Hl7DeliveryConfig(RetryPolicy):
     poll_s: float = 2.0
     batch_size: int = 20
-    max_attempts: int = 20
-    retry_base_s: float = 5.0
-    retry_max_s: float = 600.0
     lease_s: float = 120.0
     timeout_s: float = 30.0
 
@@ -140,11 +136,6 @@ class Hl7DeliveryConfig:
     def from_settings(cls, s: Settings) -> Hl7DeliveryConfig:
         return cls(poll_s=s.hl7_poll_s, max_attempts=s.hl7_max_attempts, retry_base_s=s.hl7_retry_base_s,
                    retry_max_s=s.hl7_retry_max_s, lease_s=s.hl7_lease_s, timeout_s=s.hl7_timeout_s)
-
-
-def retry_delay(attempts: int, base_s: float, max_s: float) -> float:
-    """Wait after the ``attempts``-th failed attempt: base, 2×base, 4×base, … capped at ``max_s``."""
-    return min(max_s, base_s * 2 ** min(max(attempts - 1, 0), 40))
 
 
 @dataclass(frozen=True)
@@ -190,15 +181,15 @@ class Hl7Delivery(PollingLoop):
         return len(jobs) >= self.config.batch_size
 
     def _claim(self) -> list[_Job]:
-        now = _utcnow()
+        now = utcnow()
         skip = [name for name, until in self._down_until.items() if until > time.monotonic()]
         earlier = aliased(Hl7Outbound)
         blocked = exists().where(earlier.destination == Hl7Outbound.destination,
-                                 earlier.report_fk == Hl7Outbound.report_fk, earlier.state == PENDING,
+                                 earlier.report_fk == Hl7Outbound.report_fk, earlier.state == JobState.PENDING,
                                  earlier.id < Hl7Outbound.id)
         stmt = (select(Hl7Outbound.id, Hl7Outbound.destination, Hl7Outbound.message_control_id, Hl7Outbound.message,
                        Hl7Outbound.attempts)
-                .where(Hl7Outbound.state == PENDING, Hl7Outbound.next_attempt_at <= now, ~blocked)
+                .where(Hl7Outbound.state == JobState.PENDING, Hl7Outbound.next_attempt_at <= now, ~blocked)
                 .order_by(Hl7Outbound.next_attempt_at, Hl7Outbound.id).limit(self.config.batch_size)
                 .with_for_update(skip_locked=True, of=Hl7Outbound))
         if skip:
@@ -208,7 +199,7 @@ class Hl7Delivery(PollingLoop):
             if rows:
                 until = now + timedelta(seconds=self.config.lease_s)
                 session.execute(update(Hl7Outbound).where(Hl7Outbound.id.in_([r.id for r in rows]),
-                                                          Hl7Outbound.state == PENDING)
+                                                          Hl7Outbound.state == JobState.PENDING)
                                 .values(next_attempt_at=until, lease_until=until))
         return [_Job(*r) for r in rows]
 
@@ -257,28 +248,22 @@ class Hl7Delivery(PollingLoop):
 
     def _sent(self, job: _Job, ack_code: str) -> None:
         with self._ctx.sessions() as session, session.begin():
-            session.execute(update(Hl7Outbound).where(Hl7Outbound.id == job.id, Hl7Outbound.state == PENDING)
-                            .values(state=SENT, ack_code=ack_code[:4], last_error="", lease_until=None,
-                                    next_attempt_at=_utcnow()))
+            session.execute(update(Hl7Outbound).where(Hl7Outbound.id == job.id, Hl7Outbound.state == JobState.PENDING)
+                            .values(state=JobState.SENT, ack_code=ack_code[:4], last_error="", lease_until=None,
+                                    next_attempt_at=utcnow()))
         log.info("hl7: delivered %s to %s (%s)", job.control_id, job.destination, ack_code)
 
     def _failed_attempt(self, job: _Job, error: str, ack_code: str = "") -> float:
         """Attempts + 1 and a backoff, or ``failed`` at the last attempt; returns the wait."""
-        cfg = self.config
         attempts = job.attempts + 1
-        delay = retry_delay(attempts, cfg.retry_base_s, cfg.retry_max_s)
-        values: dict[str, object] = {"attempts": attempts, "last_error": error[:2000], "ack_code": ack_code[:4],
-                                     "lease_until": None}
-        if attempts >= cfg.max_attempts:
-            values["state"] = FAILED
+        values = self.config.after_failure(attempts, utcnow())
+        if values.get("state") == JobState.FAILED:
             log.error("hl7: message %s to %s failed after %d attempts: %s", job.control_id, job.destination,
                       attempts, error)
-        else:
-            values["next_attempt_at"] = _utcnow() + timedelta(seconds=delay)
         with self._ctx.sessions() as session, session.begin():
-            session.execute(update(Hl7Outbound).where(Hl7Outbound.id == job.id, Hl7Outbound.state == PENDING)
-                            .values(**values))
-        return delay
+            session.execute(update(Hl7Outbound).where(Hl7Outbound.id == job.id, Hl7Outbound.state == JobState.PENDING)
+                            .values(last_error=error[:2000], ack_code=ack_code[:4], lease_until=None, **values))
+        return self.config.delay(attempts)
 
     def _release(self, jobs: list[_Job], delay_s: float) -> None:
         """Hand claimed rows back untried (no attempt counted), due again after ``delay_s``."""
@@ -286,8 +271,8 @@ class Hl7Delivery(PollingLoop):
             return
         with self._ctx.sessions() as session, session.begin():
             session.execute(update(Hl7Outbound).where(Hl7Outbound.id.in_([j.id for j in jobs]),
-                                                      Hl7Outbound.state == PENDING)
-                            .values(next_attempt_at=_utcnow() + timedelta(seconds=delay_s), lease_until=None))
+                                                      Hl7Outbound.state == JobState.PENDING)
+                            .values(next_attempt_at=utcnow() + timedelta(seconds=delay_s), lease_until=None))
 
 
 def wake_delivery(ctx: AppContext) -> None:
@@ -325,26 +310,15 @@ def list_outbound(session: Session, state: str | None = None, limit: int = 500) 
             raise InvalidInput(f"unknown state {state!r}: one of {', '.join(OUTBOUND_STATES)}")
         stmt = stmt.where(Hl7Outbound.state == state)
     return [OutboundRecord(r.id, r.destination, r.message_type, r.message_control_id, r.report_fk, r.report_version,
-                           r.state, r.attempts, _aware(r.next_attempt_at), r.ack_code, r.last_error,
-                           _aware(r.created_at), _aware(r.updated_at))
+                           r.state, r.attempts, as_utc(r.next_attempt_at), r.ack_code, r.last_error,
+                           as_utc(r.created_at), as_utc(r.updated_at))
             for r in session.scalars(stmt)]
 
 
 def retry_failed(session: Session, ids: list[int] | None = None) -> int:
     """Failed messages (all, or those ``ids``) back to pending with a fresh attempt count; returns how many."""
-    stmt = update(Hl7Outbound).where(Hl7Outbound.state == FAILED)
+    stmt = update(Hl7Outbound).where(Hl7Outbound.state == JobState.FAILED)
     if ids:
         stmt = stmt.where(Hl7Outbound.id.in_(ids))
-    return session.execute(stmt.values(state=PENDING, attempts=0, next_attempt_at=_utcnow(), lease_until=None)
-                           ).rowcount
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    """In UTC: SQLite returns naive datetimes (stored in UTC), PostgreSQL aware ones."""
-    if value is None:
-        return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return affected_rows(session, stmt.values(state=JobState.PENDING, attempts=0, next_attempt_at=utcnow(),
+                                              lease_until=None))

@@ -57,7 +57,7 @@ def lax_modes(files: Iterable[Path], trees: Iterable[Path]) -> list[LaxModes]:
         if _is_lax(path):
             out.append(LaxModes(str(path), 1, (str(path),)))
     for root in trees:
-        count, examples = 0, []
+        count, examples = 0, list[str]()
         for path in _walk(root):
             if _is_lax(path):
                 count += 1

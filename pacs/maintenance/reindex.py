@@ -2,7 +2,7 @@
 
 The store holds every object ingest acknowledged, under ``dicom/{study}/{series}/{sop}/{sha256}.dcm``.
 The index is rebuilt by *replaying* those objects through the same parser and index writer as ingest
-(:func:`pacs.dicom_object.parse_received`, :func:`pacs.index_writer.index_instance`), oldest first
+(:func:`pacs.ingest.parsing.parse_received`, :func:`pacs.ingest.index_writer.index_instance`), oldest first
 (the store's last-modified time, then the key):
 
 * For each SOP Instance UID the most recently written object becomes current and the earlier ones
@@ -50,10 +50,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pacs import audit
 from pacs.db.models import Instance, InstanceVersion, Patient, Series, Study
-from pacs.dicom_object import ObjectRejected, ReceivedObject, parse_received
+from pacs.derived.outbox import INSTANCE_TASKS, SERIES_TASKS, arm_derived_tasks
 from pacs.errors import PacsError
-from pacs.index_writer import index_instance
-from pacs.ingest import INSTANCE_TASKS, SERIES_TASKS, arm_derived_tasks
+from pacs.ingest.index_writer import index_instance
+from pacs.ingest.parsing import ObjectRejected, ReceivedObject, parse_received
 from pacs.maintenance import NoProgress, ProgressSink, as_utc
 from storage import ObjectInfo, ObjectStore, StorageError, StorageUnavailable
 from storage.keys import is_valid_uid, parse_instance_key, thumbnail_key
@@ -207,7 +207,10 @@ class _Replay:
         self._tie_rows: dict[str, tuple[bool, tuple[object, ...]]] = {}
 
     def one(self, session: Session, written: datetime, key: str, *, tied: bool = False) -> None:
-        study_uid, series_uid, sop_uid, key_sha = parse_instance_key(key)  # type: ignore[misc]  # listed: valid
+        parsed = parse_instance_key(key)
+        if parsed is None:  # unreachable: the listing spools instance keys only
+            raise ValueError(f"not an instance key: {key!r}")
+        study_uid, series_uid, sop_uid, key_sha = parsed
         current = session.scalars(select(Instance).where(Instance.sop_instance_uid == sop_uid)).one_or_none()
         if current is not None and self._force and _references(session, current, key):
             self._summary.skipped_existing += 1
@@ -242,7 +245,7 @@ class _Replay:
         if written != self._tie_at:
             self._tie_at, self._tie_rows = written, {}
         patient = (obj.patient["patient_id"], obj.patient["issuer_of_patient_id"])
-        rows: list[tuple[str, type, dict[str, str], tuple[object, ...]]] = [
+        rows: list[tuple[str, type[Patient | Study | Series], dict[str, str], tuple[object, ...]]] = [
             (f"patient {'/'.join(patient)}", Patient, {"patient_id": patient[0], "issuer_of_patient_id": patient[1]},
              tuple(obj.patient.values())),
             (f"study {obj.study_instance_uid}", Study, {"study_instance_uid": obj.study_instance_uid},

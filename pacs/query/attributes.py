@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum, StrEnum
+from typing import Any
 
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import InstrumentedAttribute
 
 from pacs.db.models import Instance, Patient, Series, Study
+from pacs.query.matching import Column
 
 
 class Level(StrEnum):
@@ -58,17 +60,19 @@ class Attribute:
     keyword: str
     level: Level
     vr: str
-    column: ColumnElement  # what is returned
+    column: Column  # what is returned
     matching: Matching = Matching.DEFAULT
-    match_column: ColumnElement | None = None  # what is matched, when not ``column`` (folded text)
+    match_column: Column | None = None  # what is matched, when not ``column`` (folded text)
 
     @property
-    def matched_on(self) -> ColumnElement:
+    def matched_on(self) -> Column:
         return self.match_column if self.match_column is not None else self.column
 
 
 # The ORM classes of each level and the unique key (PS3.4 C.6.1.1 / C.6.2.1) that identifies a row.
-MODELS: dict[Level, type] = {Level.PATIENT: Patient, Level.STUDY: Study, Level.SERIES: Series, Level.IMAGE: Instance}
+MODELS: dict[Level, type[Patient | Study | Series | Instance]] = {
+    Level.PATIENT: Patient, Level.STUDY: Study, Level.SERIES: Series, Level.IMAGE: Instance,
+}
 UNIQUE_KEYS: dict[Level, str] = {
     Level.PATIENT: "PatientID",
     Level.STUDY: "StudyInstanceUID",
@@ -83,7 +87,7 @@ PARENT_JOINS: dict[Level, tuple[InstrumentedAttribute, InstrumentedAttribute]] =
 }
 
 
-def _patient_total(column: ColumnElement | None, studies: ColumnElement[bool] | None = None) -> ColumnElement:
+def _patient_total(column: Column | None, studies: ColumnElement[bool] | None = None) -> ColumnElement[Any]:
     """A correlated count over the patient's studies (PS3.4 C.3.4: Number of Patient Related ...);
     ``studies``: only the studies this condition allows (the asker's scope)."""
     aggregate = func.count(Study.id) if column is None else func.coalesce(func.sum(column), 0)
@@ -92,7 +96,7 @@ def _patient_total(column: ColumnElement | None, studies: ColumnElement[bool] | 
 
 
 #: The patient-level counts, by keyword: the study column they sum (None: the studies are counted).
-PATIENT_TOTALS: dict[str, ColumnElement | None] = {
+PATIENT_TOTALS: dict[str, Column | None] = {
     "NumberOfPatientRelatedStudies": None,
     "NumberOfPatientRelatedSeries": Study.number_of_series,
     "NumberOfPatientRelatedInstances": Study.number_of_instances,

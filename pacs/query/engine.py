@@ -4,7 +4,10 @@ A :class:`Query` names a level, an information model (root), the keys to match (
 -> value string as received, PS3.4 C.2.2.2) and the keys to return. :meth:`QueryEngine.search`
 checks it against the model at once (so a transport can answer with a failure status before
 sending anything) and returns a :class:`QueryResult`: iterating it streams ``{keyword: value}``
-dicts from the database in batches; ``count()`` counts the same matches.
+dicts from the database in batches; ``count()`` counts the same matches; ``head(n)`` reads at most
+``n`` of them with one plain statement and knows their total without counting when they are all
+there (what a search with a few matches needs: one round trip instead of a count, a cursor and its
+fetches).
 
 Rules (PS3.4 C.4.1.2, C.2.2.1):
 
@@ -48,7 +51,8 @@ from pacs.query.attributes import (
     attribute_at,
     scoped_patient_total,
 )
-from pacs.security.policy import study_condition
+from pacs.query.sessions import single_statement
+from pacs.security.access import study_condition
 from pacs.security.principal import AccessScope
 from pacs.text import fold
 
@@ -96,6 +100,8 @@ class PreparedQuery:
     statement: Select  # rows, ordered, limited
     count_statement: Select  # the number of matches, without limit/offset
     columns: tuple[str, ...]  # the keys read from SQL; the others in ``keys`` are always None
+    limit: int | None = None  # the query's limit and offset (``statement`` applies them)
+    offset: int = 0
 
 
 def prepare(query: Query) -> PreparedQuery:
@@ -140,7 +146,17 @@ def prepare(query: Query) -> PreparedQuery:
     if query.limit is not None:
         statement = statement.limit(query.limit)
     count_statement = select(func.count(base.id)).select_from(from_clause).where(*conditions)
-    return PreparedQuery(level, root, tuple(keys), statement, count_statement, tuple(known))
+    return PreparedQuery(level, root, tuple(keys), statement, count_statement, tuple(known), query.limit,
+                         query.offset)
+
+
+@dataclass(frozen=True)
+class Head:
+    """The first rows of a result (:meth:`QueryResult.head`)."""
+
+    rows: list[Row]
+    complete: bool  # ``rows`` is every row the query returns (within its limit and offset)
+    total: int | None  # every match, ignoring limit and offset; None when only a count can tell
 
 
 class QueryResult:
@@ -161,17 +177,35 @@ class QueryResult:
         The session stays open while the iterator is alive: close it (``.close()`` on the
         generator, or let it go) when a consumer stops early.
         """
-        missing = [k for k in self.prepared.keys if k not in self.prepared.columns]
         statement = self.prepared.statement.execution_options(yield_per=self._batch_size)
         with _index_errors(), self._sessions() as session:
             for mapping in session.execute(statement).mappings():
-                row: Row = {k: _plain(mapping[k]) for k in self.prepared.columns}
-                row.update(dict.fromkeys(missing))
-                yield {k: row[k] for k in self.prepared.keys}
+                yield self._row(mapping)
 
     def count(self) -> int:
         with _index_errors(), self._sessions() as session:
             return int(session.scalar(self.prepared.count_statement) or 0)
+
+    def head(self, size: int) -> Head:
+        """At most ``size`` rows, read with one plain statement (no server-side cursor).
+
+        ``complete`` when they are all the rows the query returns; the total of matches is then known
+        without a count, unless the query's limit cut the answer or its offset lies past the last match.
+        """
+        limit, offset = self.prepared.limit, self.prepared.offset
+        fetch = size + 1 if limit is None else min(limit, size + 1)
+        with _index_errors(), single_statement(self._sessions) as session:
+            mappings = session.execute(self.prepared.statement.limit(fetch)).mappings().all()
+        rows = [self._row(m) for m in mappings]
+        if len(rows) > size:  # more than asked for: a cursor over all of them (and a count) will tell
+            return Head(rows[:size], False, None)
+        if len(rows) < fetch and (rows or not offset):
+            return Head(rows, True, offset + len(rows))  # the last match is among them
+        return Head(rows, True, None)  # cut by the limit, or an offset past every match: count them
+
+    def _row(self, mapping: Any) -> Row:
+        row: Row = {k: _plain(mapping[k]) for k in self.prepared.columns}
+        return {k: row.get(k) for k in self.prepared.keys}
 
 
 class QueryEngine:
@@ -297,9 +331,8 @@ class _index_errors:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         if isinstance(exc, OperationalError | InterfaceError):
             raise IndexUnavailable("index database unavailable") from exc
         if isinstance(exc, DataError):
             raise MatchValueError(f"value refused by the database: {str(exc.orig)[:100]}") from exc
-        return False

@@ -7,10 +7,15 @@ come from the network: they are bound as parameters, never spliced into SQL text
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import ColumnElement, and_, literal, or_
-from sqlalchemy.sql.elements import ColumnElement as _Col
+from sqlalchemy.orm import QueryableAttribute
 
 from pacs.text import fold
+
+#: An index column or an ORM attribute (``Study.study_date``): what a query key is matched on and returns.
+Column = ColumnElement[Any] | QueryableAttribute[Any]
 
 WILDCARDS = ("*", "?")
 RANGE_VRS = {"DA", "TM", "DT"}
@@ -27,18 +32,18 @@ def is_universal(value: str | None) -> bool:
     return value is None or value.strip(" ") in ("", "*")
 
 
-def single_value(column: _Col, value: str) -> ColumnElement[bool]:
+def single_value(column: Column, value: str) -> ColumnElement[bool]:
     """C.2.2.2.1: exact, case-sensitive (callers fold PN values and columns first)."""
     return column == value
 
 
-def wildcard(column: _Col, pattern: str) -> ColumnElement[bool]:
+def wildcard(column: Column, pattern: str) -> ColumnElement[bool]:
     """C.2.2.2.4: '*' any run of characters, '?' one character; SQL's own wildcards escaped."""
     escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return column.like(escaped.replace("*", "%").replace("?", "_"), escape="\\")
 
 
-def uid_list(column: _Col, value: str) -> ColumnElement[bool]:
+def uid_list(column: Column, value: str) -> ColumnElement[bool]:
     """C.2.2.2.2: a backslash-separated list of UIDs matches any of them."""
     uids = [u.strip(" \x00") for u in value.split("\\") if u.strip(" \x00")]
     if len(uids) > MAX_UID_LIST:
@@ -46,7 +51,7 @@ def uid_list(column: _Col, value: str) -> ColumnElement[bool]:
     return column.in_(uids)
 
 
-def date_time_range(column: _Col, value: str, vr: str) -> ColumnElement[bool]:
+def date_time_range(column: Column, value: str, vr: str) -> ColumnElement[bool]:
     """C.2.2.2.5: 'a-b', 'a-' or '-b' for DA, TM and DT (values compare as strings of digits)."""
     if vr not in RANGE_VRS:
         raise InvalidMatchValue(f"range matching is not defined for VR {vr}")
@@ -74,7 +79,7 @@ def _normalise(value: str, vr: str, upper: bool = False) -> str:
     return cleaned
 
 
-def multi_valued(column: _Col, value: str) -> ColumnElement[bool]:
+def multi_valued(column: Column, value: str) -> ColumnElement[bool]:
     """Match one value of a backslash-joined column (e.g. ModalitiesInStudy 'CT\\\\MR' matches 'CT').
 
     Several values in the query ('CT\\\\MR') match a row holding any of them.
@@ -88,7 +93,7 @@ def _like_escape(value: str) -> str:
     return value.replace("!", "!!").replace("%", "!%").replace("_", "!_")
 
 
-def person_name(folded_column: _Col, value: str) -> ColumnElement[bool] | None:
+def person_name(folded_column: Column, value: str) -> ColumnElement[bool] | None:
     """PN matching on the index's folded column: case- and diacritic-insensitive ("nguyen" finds "Nguyễn").
 
     A name without wildcards also matches names that start with it component-wise, the way
@@ -102,7 +107,7 @@ def person_name(folded_column: _Col, value: str) -> ColumnElement[bool] | None:
     return or_(folded_column == folded, wildcard(folded_column, folded + "^*"))
 
 
-def condition(column: _Col, value: str | None, vr: str) -> ColumnElement[bool] | None:
+def condition(column: Column, value: str | None, vr: str) -> ColumnElement[bool] | None:
     """Pick the matching type for ``value`` (C.2.2.2) and build its condition; None for universal."""
     if is_universal(value):
         return None

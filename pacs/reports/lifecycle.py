@@ -43,8 +43,8 @@ from pacs.reports.models import (
     StudyClaim,
 )
 from pacs.ris.models import ImagingOrder
+from pacs.security.access import Forbidden, may_see_study
 from pacs.security.models import User
-from pacs.security.policy import Forbidden, may_see_study
 from pacs.security.principal import AccessScope, Principal
 from pacs.security.roles import Role
 
@@ -171,7 +171,7 @@ def make_preliminary(session: Session, principal: Principal, report_id: int) -> 
 
 
 def sign(session: Session, principal: Principal, report_id: int, on_signed: SignedHook | None = None,
-         facility_name: Callable[[str], str] | None = None) -> ReportView:
+         facility_name: Callable[[str], str | None] | None = None) -> ReportView:
     """Sign the newest version (draft or preliminary): final for version 1, amended after that.
 
     Only a radiologist (or an admin) signs. Arms the SR outbox row and calls ``on_signed`` (which
@@ -280,7 +280,7 @@ def parse_version_subject(subject: str) -> tuple[int, int]:
 
 
 def report_document(session: Session, report_id: int, version: int,
-                    facility_name: Callable[[str], str] | None = None) -> ReportDocument:
+                    facility_name: Callable[[str], str | None] | None = None) -> ReportDocument:
     """Everything one version becomes, from the report, the study index and the order."""
     report = session.get(Report, report_id)
     if report is None:

@@ -16,7 +16,7 @@ import io
 import json
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pydicom import dcmread
@@ -31,7 +31,7 @@ from pacs.errors import InvalidInput, NotFound, PacsError
 from pacs.ingest import IngestSource, IngestStatus
 from pacs.reports.lifecycle import parse_version_subject, report_document
 from pacs.reports.models import SIGNED_STATES, KeyImageSelection, Report, ReportVersion
-from pacs.security.policy import may_see_study
+from pacs.security.access import may_see_study
 from pacs.security.principal import Principal
 from storage import ObjectNotFound, StorageUnavailable
 
@@ -199,23 +199,23 @@ def evidence_keys(session: Session, study_instance_uid: str) -> list[str]:
 
 def read_evidence(ctx: AppContext, keys: Sequence[str]) -> list[Dataset]:
     """The stored objects' headers (pixel data never read), each from a bounded local copy."""
-    datasets = []
+    datasets: list[Dataset] = []
     for key in keys:
         try:
             with ctx.store.open(key) as stream, tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES) as local:
                 while chunk := stream.read(1024 * 1024):
                     local.write(chunk)
                 local.seek(0)
-                datasets.append(dcmread(local, stop_before_pixels=True))  # type: ignore[arg-type]
+                datasets.append(dcmread(local, stop_before_pixels=True))
         except ObjectNotFound:
             log.warning("evidence object %s is missing from the store", key)
     return datasets
 
 
-def facility_names(ctx: AppContext) -> dict[str, str] | None:
+def facility_names(ctx: AppContext) -> Callable[[str], str | None] | None:
     """The printed facility names (``PACS_FACILITY_NAMES``), as a lookup for report documents."""
-    names = getattr(ctx.settings, "facility_names", None) or {}
-    return names.get if names else None  # type: ignore[return-value]
+    names: dict[str, str] = getattr(ctx.settings, "facility_names", None) or {}
+    return names.get if names else None
 
 
 def _study_facility(session: Session, study_instance_uid: str) -> str:

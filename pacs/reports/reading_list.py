@@ -2,7 +2,7 @@
 
 Queries over the index (study, patient), the order its images arrived for (linked by
 :func:`pacs.ris.orders.link_study`), and the claim; the caller's access scope is the same SQL
-condition every other read uses (:func:`pacs.security.policy.study_condition`). Sorted by the
+condition every other read uses (:func:`pacs.security.access.study_condition`). Sorted by the
 order's priority (STAT, URGENT, ROUTINE; a study with no order counts as ROUTINE), then by how long
 it has waited. Patient, order, prior studies and the state of an unsigned report are looked up for
 the page only; ``bench/reading_list.py`` measures it at 100,000 waiting studies.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from typing import TypeVarTuple
 
 from sqlalchemy import ColumnElement, Select, and_, exists, func, or_, select
 from sqlalchemy.orm import Session
@@ -20,12 +21,14 @@ from pacs.db.models import Patient, Study
 from pacs.errors import InvalidInput
 from pacs.reports.models import SIGNED_STATES, Report, StudyClaim
 from pacs.ris.models import PRIORITIES, PRIORITY_RANK, ROUTINE, ImagingOrder
-from pacs.security.policy import study_condition
+from pacs.security.access import study_condition
 from pacs.security.principal import AccessScope
 
 MAX_LIMIT = 500
 MAX_PRIORS = 5
 UNCLAIMED = "-"  # ``assigned=-``: only studies nobody has claimed
+
+_Columns = TypeVarTuple("_Columns")
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,7 @@ def reading_list(session: Session, scope: AccessScope, filters: ReadingFilters =
     return _items(session, scope, page_ids, now or datetime.now(UTC)), total
 
 
-def _count(session: Session, conditions: list, filters: ReadingFilters) -> int:  # type: ignore[type-arg]
+def _count(session: Session, conditions: list[ColumnElement[bool]], filters: ReadingFilters) -> int:
     """The total, joining only what the filters need (the order for a priority, the claim for an assignee)."""
     stmt = select(func.count(Study.id)).where(*conditions)
     if filters.priority:
@@ -122,7 +125,7 @@ def _urgent_order(rank: int | None = None) -> ColumnElement[bool]:
     return exists().where(ImagingOrder.linked_study_instance_uid == Study.study_instance_uid, condition)
 
 
-def _claim_filter(stmt: Select, filters: ReadingFilters) -> Select:  # type: ignore[type-arg]
+def _claim_filter(stmt: Select[*_Columns], filters: ReadingFilters) -> Select[*_Columns]:
     if filters.assigned == UNCLAIMED:
         return stmt.where(~exists().where(StudyClaim.study_instance_uid == Study.study_instance_uid))
     if filters.assigned:
@@ -175,7 +178,7 @@ def _items(session: Session, scope: AccessScope, study_ids: list[int], now: date
     return items
 
 
-def _conditions(scope: AccessScope, filters: ReadingFilters) -> list:  # type: ignore[type-arg]
+def _conditions(scope: AccessScope, filters: ReadingFilters) -> list[ColumnElement[bool]]:
     """Conditions on the study alone: has images, no signed report, in scope, the simple filters."""
     signed = exists().where(Report.study_instance_uid == Study.study_instance_uid,
                             Report.status.in_(SIGNED_STATES))

@@ -39,6 +39,7 @@ from highdicom.sr import (
     CodedConcept,
     ComprehensiveSR,
     ContainerContentItem,
+    ContentSequence,
     LanguageOfContentItemAndDescendants,
     ObserverContext,
     PersonObserverIdentifyingAttributes,
@@ -182,7 +183,7 @@ def report_text_from_sr(ds: Dataset) -> tuple[str, str]:
 
 def _content_tree(doc: ReportDocument, observer_name: str, organization: str) -> ContainerContentItem:
     root = ContainerContentItem(name=DIAGNOSTIC_IMAGING_REPORT, is_content_continuous=False, template_id="2000")
-    items: list[Dataset] = []
+    items = ContentSequence()
     language = _LANGUAGES.get(doc.language)
     if language is not None:
         items.extend(LanguageOfContentItemAndDescendants(language))
@@ -208,9 +209,9 @@ def _section(heading: CodedConcept, element: CodedConcept, text: str) -> Contain
     section = ContainerContentItem(
         name=heading, is_content_continuous=False, relationship_type=RelationshipTypeValues.CONTAINS,
     )
-    section.ContentSequence = [
+    section.ContentSequence = ContentSequence([
         TextContentItem(name=element, value=text, relationship_type=RelationshipTypeValues.CONTAINS),
-    ]
+    ])
     return section
 
 

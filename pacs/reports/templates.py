@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from typing import Any
 
 from pacs.errors import InvalidInput, NotFound
 from pacs.text import fold
@@ -26,7 +27,7 @@ class Template:
 
 
 @cache
-def _raw() -> list[dict]:  # type: ignore[type-arg]
+def _raw() -> list[dict[str, Any]]:
     return json.loads(resources.files("pacs.reports").joinpath("templates.json").read_text(encoding="utf-8"))
 
 
@@ -50,7 +51,7 @@ def template(template_id: str, language: str = "vi") -> Template:
     raise NotFound(f"no report template {template_id!r}")
 
 
-def _template(raw: dict, language: str) -> Template:  # type: ignore[type-arg]
+def _template(raw: dict[str, Any], language: str) -> Template:
     modalities = tuple(raw.get("modalities") or [raw["modality"]])
     return Template(raw["id"], modalities, tuple(raw.get("keywords", ())), raw["title"][language],
                     raw["findings"][language], raw["impression"][language], language)

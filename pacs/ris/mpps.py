@@ -20,7 +20,7 @@ Who may move an order (issue 12, finding 2):
 - a step is updated (N-SET) only by the AE title that created it (``calling_ae_title``, recorded at
   N-CREATE); to any other AE the step does not exist (``NoSuchStep``);
 - unregistered AEs cannot reach this service at all: the association policy
-  (:mod:`pacs.network_policy`) accepts MPPS only from registered AEs.
+  (:mod:`pacs.ae_access`) accepts MPPS only from registered AEs.
 """
 
 from __future__ import annotations

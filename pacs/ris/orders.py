@@ -227,7 +227,7 @@ def _row(session: Session, accession_number: str, for_update: bool = False) -> I
     return row
 
 
-def _validated(new: NewOrder) -> dict[str, str]:
+def _validated(new: NewOrder) -> dict[str, str | int]:
     patient_id = new.patient_id.strip()
     if not patient_id or len(patient_id) > 64 or "\\" in patient_id or not patient_id.isprintable():
         raise InvalidInput(f"invalid patient id {new.patient_id!r}: 1-64 printable characters, no backslash")

@@ -1,6 +1,6 @@
 """Which orders an :class:`~pacs.security.principal.AccessScope` may see or act on.
 
-The order-side twin of :func:`pacs.security.policy.study_condition`: an order belongs to the
+The order-side twin of :func:`pacs.security.access.study_condition`: an order belongs to the
 facility that placed it (``imaging_order.facility``), so a facility scope sees that facility's
 orders only (an order placed without a facility is seen by unrestricted scopes only, as on HTTP).
 The Modality Worklist lists, and MPPS links steps to, only orders inside the calling AE's scope

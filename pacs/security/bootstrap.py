@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pacs import audit
 from pacs.context import AppContext
 from pacs.security.accounts import create_user, has_admin
 from pacs.security.roles import Role
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 CREDENTIAL_FILE = "initial-admin-credential.txt"
 ADMIN_USERNAME = "admin"
@@ -41,7 +45,7 @@ def ensure_initial_admin(ctx: AppContext) -> tuple[Path, str] | None:
     return path, f"{username} / {password}"
 
 
-def _user_exists(session, username: str) -> bool:  # type: ignore[no-untyped-def]
+def _user_exists(session: Session, username: str) -> bool:
     from sqlalchemy import select
 
     from pacs.security.models import User

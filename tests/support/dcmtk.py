@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import pydicom
 
 # pynetdicom installs its own echoscu/storescu/... into the virtualenv's bin folder, ahead of
 # DCMTK's on PATH: always call DCMTK's by absolute path.
@@ -58,15 +61,16 @@ class StoreResult:
         return self.status == 0
 
 
-def echoscu(port: int, aec: str = "PACS", aet: str = "ECHOSCU") -> subprocess.CompletedProcess[str]:
-    return subprocess.run([dcmtk("echoscu"), "-aet", aet, "-aec", aec, "127.0.0.1", str(port)],
+def echoscu(port: int, aec: str = "PACS", aet: str = "ECHOSCU",
+            host: str = "127.0.0.1") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([dcmtk("echoscu"), "-aet", aet, "-aec", aec, host, str(port)],
                           capture_output=True, text=True, env=dcmtk_env(), timeout=30)
 
 
 def storescu(port: int, files: list[Path], ts_option: str = "-xe", aec: str = "PACS", aet: str = "STORESCU",
-             extra: tuple[str, ...] = ()) -> StoreResult:
+             extra: tuple[str, ...] = (), host: str = "127.0.0.1") -> StoreResult:
     """Send ``files`` on one association; returns the status of the last response received."""
-    cmd = [dcmtk("storescu"), "-d", "-nh", "-aet", aet, "-aec", aec, ts_option, *extra, "127.0.0.1", str(port),
+    cmd = [dcmtk("storescu"), "-d", "-nh", "-aet", aet, "-aec", aec, ts_option, *extra, host, str(port),
            *map(str, files)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dcmtk_env(), timeout=600)
     output = proc.stdout + proc.stderr
@@ -76,23 +80,108 @@ def storescu(port: int, files: list[Path], ts_option: str = "-xe", aec: str = "P
     return StoreResult(proc.returncode, status, comments[-1].strip() if comments else "", output)
 
 
-class ReferenceStoreSCP:
-    """DCMTK's storescp in bit-preserving mode: records exactly the dataset bytes a sender put on the wire."""
+_SENDING_RE = re.compile(r"^I: Sending file: (.*)$", re.MULTILINE)
+_IGNORED_RE = re.compile(r"^W: .* in file: (.*), ignoring file$", re.MULTILINE)
+_UNCOMPRESSED = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2")
+_MAX_CONTEXTS = 127  # 128 presentation contexts per association (PS3.8 9.3.2.2), one left for Verification
 
-    def __init__(self, out_dir: Path, port: int, aet: str = "REFSCP") -> None:
+
+def _association_profile(files: list[Path], folder: Path) -> Path:
+    """A storescu configuration file (DCMTK's asconfig.txt format) whose profile ``Batch`` proposes, for each SOP
+    class among ``files``, one presentation context per transfer syntax the files of that class are in, and one
+    with the uncompressed syntaxes: every file can go in its own syntax, as ``-x?`` options do for one file."""
+    syntaxes: dict[str, set[str]] = {}
+    for path in files:
+        try:
+            meta = pydicom.dcmread(path, stop_before_pixels=True)
+            sop_class, syntax = str(meta.SOPClassUID), str(meta.file_meta.TransferSyntaxUID)
+        except Exception:  # storescu will not send what it cannot read either
+            continue
+        syntaxes.setdefault(sop_class, set()).add(syntax)
+    names = {ts: f"TS{i}" for i, ts in enumerate(sorted({ts for group in syntaxes.values() for ts in group}))}
+    lines = ["[[TransferSyntaxes]]"]
+    for ts, name in names.items():
+        lines += [f"[{name}]", f"TransferSyntax1 = {ts}"]
+    lines += ["[Uncompressed]", *(f"TransferSyntax{i} = {ts}" for i, ts in enumerate(_UNCOMPRESSED, start=1))]
+    contexts = [f"{sop_class}\\{names[ts]}" for sop_class in sorted(syntaxes) for ts in sorted(syntaxes[sop_class])]
+    contexts += [f"{sop_class}\\Uncompressed" for sop_class in sorted(syntaxes)]
+    if len(contexts) > _MAX_CONTEXTS:
+        raise ValueError(f"{len(contexts)} presentation contexts: send these files in smaller batches")
+    lines += ["[[PresentationContexts]]", "[Batch]", "PresentationContext1 = 1.2.840.10008.1.1\\Uncompressed"]
+    lines += [f"PresentationContext{i} = {cx}" for i, cx in enumerate(contexts, start=2)]
+    lines += ["[[Profiles]]", "[Batch]", "PresentationContexts = Batch"]
+    path = folder / "storescu.cfg"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _results_per_file(output: str, returncode: int) -> dict[str, StoreResult]:
+    """Cut storescu's ``-d`` output at each ``Sending file:`` line: the status and Error Comment in a file's part
+    are the answer to that file."""
+    results = {}
+    starts = list(_SENDING_RE.finditer(output))
+    for n, match in enumerate(starts):
+        part = output[match.start():starts[n + 1].start() if n + 1 < len(starts) else len(output)]
+        statuses = _STATUS_RE.findall(part)
+        comments = _COMMENT_RE.findall(part)
+        results[match.group(1).strip()] = StoreResult(returncode, int(statuses[0], 16) if statuses else None,
+                                                      comments[0].strip() if comments else "", part)
+    return results
+
+
+def storescu_each(port: int, files: list[Path], aec: str = "PACS", aet: str = "STORESCU") -> list[StoreResult]:
+    """Send every file in its own transfer syntax on one storescu association (not one storescu per file) and
+    return one result per file, in order: ``status`` None when the file was not sent (storescu could not read
+    or convert it). Should the association end early, the files not yet sent go on a new one."""
+    results: dict[str, StoreResult] = {}
+    pending = list(files)
+    with tempfile.TemporaryDirectory(prefix="storescu-") as folder:
+        while pending:
+            profile = _association_profile(pending, Path(folder))
+            cmd = [dcmtk("storescu"), "-d", "-nh", "-xf", str(profile), "Batch", "-aet", aet, "-aec", aec,
+                   "127.0.0.1", str(port), *map(str, pending)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=dcmtk_env(), timeout=600)
+            output = proc.stdout + proc.stderr
+            attempted = _results_per_file(output, proc.returncode)
+            if not attempted:
+                break
+            results.update(attempted)
+            last = max(i for i, p in enumerate(pending) if str(p) in attempted)
+            skipped = set(_IGNORED_RE.findall(output))  # storescu could not read them: never sent
+            pending = [p for p in pending[last + 1:] if str(p) not in skipped]
+    none = StoreResult(0, None, "", "")
+    return [results.get(str(p), none) for p in files]
+
+
+class ReferenceStoreSCP:
+    """DCMTK's storescp in bit-preserving mode: records exactly the dataset bytes a sender put on the wire.
+
+    Files are named after their SOP Instance UID (a resend replaces the file) unless ``unique_names``: then each
+    received object gets a file of its own, and :meth:`received_in_order` lists them in the order they came.
+    """
+
+    def __init__(self, out_dir: Path, port: int, aet: str = "REFSCP", unique_names: bool = False) -> None:
         self.out_dir, self.port, self.aet = out_dir, port, aet
+        self.unique_names = unique_names
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ReferenceStoreSCP:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         log = (self.out_dir.parent / f"storescp-{self.port}.log").open("ab")
+        naming = "+uf" if self.unique_names else "-uf"
         self.proc = subprocess.Popen(
-            [dcmtk("storescp"), "+B", "+xa", "-aet", self.aet, "-od", str(self.out_dir), "-uf", str(self.port)],
+            [dcmtk("storescp"), "+B", "+xa", "-aet", self.aet, "-od", str(self.out_dir), naming, str(self.port)],
             stdout=log, stderr=subprocess.STDOUT, env=dcmtk_env())
         return self
 
     def received(self) -> list[Path]:
         return sorted(p for p in self.out_dir.iterdir() if p.is_file())
+
+    def received_in_order(self) -> list[Path]:
+        """With ``unique_names``: storescp names each file ``MODALITY.X.<new UID>``, and the last component of the
+        UIDs it generates is a counter, so it sorts the files in the order they were received."""
+        assert self.unique_names, "only unique names keep every object and their order"
+        return sorted(self.received(), key=lambda p: int(p.name.rsplit(".", 1)[1]))
 
     def clear(self) -> None:
         for p in self.received():

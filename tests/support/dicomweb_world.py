@@ -24,11 +24,10 @@ from pacs.db.models import AuditEvent, DerivedTask, Instance
 from pacs.security.accounts import create_token
 from tests.support.datasets import make_dataset, to_bytes
 from tests.support.net import wait_until
-from tests.support.pacs_process import EmbeddedPacs
-from tests.support.scaled_api import ScaledApi
 from tests.support.senders import send_dataset
+from tests.support.stack import EmbeddedPacs, ScaledStack, scaled_api
 
-Server = EmbeddedPacs | ScaledApi
+Server = EmbeddedPacs | ScaledStack
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
 
@@ -69,7 +68,7 @@ class World:
 
 def start_server(kind: str, request: pytest.FixtureRequest, root: Path) -> Server:
     if kind == "scaled":
-        return ScaledApi(root, request.getfixturevalue("s3_server"))
+        return scaled_api(root, request.getfixturevalue("s3_server"))
     return EmbeddedPacs(root)
 
 

@@ -47,9 +47,10 @@ from pacs.settings import Settings
 from tests.support.datasets import dataset_bytes
 from tests.support.fault_proxy import FaultProxy
 from tests.support.net import free_port, wait_until
-from tests.support.pacs_process import PacsProcess, embedded_env, run_pacs
+from tests.support.pacs_process import PacsProcess, run_pacs
 from tests.support.postgres import create_database, drop_database
 from tests.support.seaweed import SeaweedS3
+from tests.support.stack import embedded_env
 
 INGEST_FAILPOINTS = tuple(f for f in FAILPOINTS if f.startswith("ingest."))
 DERIVED_FAILPOINTS = tuple(f for f in FAILPOINTS if f.startswith("derived."))

@@ -13,7 +13,7 @@ import psutil
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from tests.support.net import free_port, wait_until
+from tests.support.net import wait_until
 
 PACS = str(Path(sys.executable).with_name("pacs"))
 
@@ -92,51 +92,3 @@ def run_pacs(args: list[str], env: dict[str, str], timeout: float = 300) -> subp
     """Run a one-shot `pacs` command (db upgrade, ae add, import...) and return its output."""
     return subprocess.run([PACS, *args], env={**os.environ, **env, "COLUMNS": "200"}, capture_output=True,
                           text=True, timeout=timeout)
-
-
-def embedded_env(data_dir: Path) -> dict[str, str]:
-    return {"PACS_DATA_DIR": str(data_dir), "PACS_DICOM_PORT": str(free_port()),
-            "PACS_HTTP_PORT": str(free_port()), "PACS_HL7_PORT": str(free_port()), "PACS_OUTBOX_POLL_S": "1"}
-
-
-class EmbeddedPacs:
-    """A running `pacs serve` on its own data folder, plus the test's own view of its index and store."""
-
-    def __init__(self, root: Path, extra_env: dict[str, str] | None = None) -> None:
-        from pacs.context import AppContext
-        from pacs.settings import Settings
-
-        self.root = root
-        self.env = {**embedded_env(root / "data"), **(extra_env or {})}
-        self.port = int(self.env["PACS_DICOM_PORT"])
-        self.http_url = f"http://127.0.0.1:{self.env['PACS_HTTP_PORT']}"
-        self.proc = PacsProcess(["serve"], self.env, root / "serve.log").start()
-        try:
-            self.proc.wait_dicom(self.port)
-            self.wait_http()
-        except BaseException:
-            self.proc.stop()
-            raise
-        self.ctx = AppContext.create(Settings(data_dir=root / "data"))
-
-    def restart(self) -> None:
-        """Stop the process and start it again on the same data and ports (state must survive)."""
-        self.proc.stop()
-        self.proc = PacsProcess(["serve"], self.env, self.root / "serve.log").start()
-        self.proc.wait_dicom(self.port)
-        self.wait_http()
-
-    def wait_http(self, timeout: float = 60) -> None:
-        from tests.support.http_api import wait_http
-
-        wait_http(self.http_url, timeout)
-
-    def token(self, role: str, **kwargs: object) -> str:
-        """A new API token for ``role`` (see tests.support.http_api.create_token)."""
-        from tests.support.http_api import create_token
-
-        return create_token(self.env, role, **kwargs)  # type: ignore[arg-type]
-
-    def close(self) -> None:
-        self.proc.stop()
-        self.ctx.close()

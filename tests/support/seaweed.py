@@ -33,8 +33,20 @@ from urllib.parse import quote
 import urllib3
 from minio import Minio
 
-_PORT_RANGE = (20000, 29999)  # SeaweedFS also listens on port + 10000 for gRPC
-_GRPC_OFFSET = 10000
+_GRPC_OFFSET = 10000  # SeaweedFS also listens on port + 10000 for gRPC
+# Both p and p + 10000 stay below Linux's ephemeral range (32768+), so no client socket of another test
+# can take a port while a stopped server waits to restart on it; each xdist worker picks from its own slice,
+# so two workers' servers never pick the same port either.
+_PORT_FLOOR, _PORT_CEILING = 12000, 22767
+_WORKER_SLICES = 8
+
+
+def _port_range() -> tuple[int, int]:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    index = int(worker) % _WORKER_SLICES if worker.isdigit() else 0
+    width = (_PORT_CEILING - _PORT_FLOOR) // _WORKER_SLICES
+    low = _PORT_FLOOR + index * width
+    return low, low + width - 1
 _READY_BUCKET = "seaweed-ready"
 
 
@@ -65,8 +77,9 @@ def _pick_ports(count: int) -> list[int]:
     """``count`` distinct ports p with both p and p + 10000 free on 127.0.0.1."""
     chosen: list[int] = []
     rng = random.Random()
+    low, high = _port_range()
     for _ in range(2000):
-        port = rng.randint(*_PORT_RANGE)
+        port = rng.randint(low, high)
         if port in chosen or any(abs(port - c) == _GRPC_OFFSET for c in chosen):
             continue
         if _port_free(port) and _port_free(port + _GRPC_OFFSET):

@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from pacs.dicomweb.dicom_json import json_array
 from pacs.dicomweb.media import NotAcceptable, require_json
 from pacs.dicomweb.qido import Search, parse_search
+from pacs.dicomweb.qido_json import json_array
 from pacs.dicomweb.resources import resolve
 from pacs.errors import PacsError
 from pacs.query.engine import QueryEngine, QueryResult
@@ -29,8 +29,12 @@ from viewer_api.security import audit_access, context, require
 
 router = APIRouter(prefix="/dicom-web", tags=["QIDO-RS"])
 
+# A search returning at most this many rows is answered from one statement (no count, no cursor) in one body;
+# more are streamed from a server-side cursor after a count.
+HEAD_ROWS = 200
+
 SEARCH = Capability.STUDY_SEARCH
-_JSON = {"application/dicom+json": {}}
+_JSON: dict[str, dict[str, object]] = {"application/dicom+json": {}}  # OpenAPI "content" of the responses
 
 
 def _prepare(request: Request, principal: Principal, action: str, resource: str, study: str | None,
@@ -57,18 +61,31 @@ def _patient(search: Search) -> str:
 
 
 def _search(request: Request, principal: Principal, resource: str, study: str | None = None,
-            series: str | None = None) -> StreamingResponse:
+            series: str | None = None) -> Response:
     try:
         require_json(accept(request))
     except NotAcceptable as exc:
         raise ApiError(406, "not_acceptable", str(exc)) from None
     search, result, patient = _prepare(request, principal, "dicomweb.search", resource, study, series)
     try:
-        total = result.count()
+        head = result.head(HEAD_ROWS)
+        total = head.total if head.total is not None else result.count()
     except PacsError as exc:
         audit_access(request, principal, "dicomweb.search", study_instance_uid=(study or "")[:64],
                      outcome="failure", detail=str(exc)[:300])
         raise
+    headers = _headers(request, search, total)
+    if head.complete:  # every row at hand: one body with a Content-Length, audited before it is sent
+        body = b"".join(json_array(head.rows, search.keys, search.level, base_url(request)))
+        _audit_disclosed(request, principal, head.rows, total, study or "", patient)
+        return Response(body, media_type="application/dicom+json", headers=headers)
+    rows = _audited_rows(request, principal, result, total, study or "", patient)
+    return StreamingResponse(json_array(rows, search.keys, search.level, base_url(request)),
+                             media_type="application/dicom+json", headers=headers)
+
+
+def _headers(request: Request, search: Search, total: int) -> dict[str, str]:
+    """``X-Total-Count``, and a ``Warning`` naming ignored parameters and the results left for another page."""
     shown = max(0, min(search.limit, total - search.offset))
     warnings = list(search.warnings)
     if (remaining := total - search.offset - shown) > 0:
@@ -79,32 +96,39 @@ def _search(request: Request, principal: Principal, resource: str, study: str | 
         text = ", ".join(f'299 {agent}: "{w}"' for w in warnings)
         # parameter names come from the client: keep the header printable ASCII
         headers["Warning"] = "".join(c if " " <= c <= "~" else "?" for c in text)[:2000]
-    rows = _audited_rows(request, principal, result, total, study or "", patient)
-    return StreamingResponse(json_array(rows, search.keys, search.level, base_url(request)),
-                             media_type="application/dicom+json", headers=headers)
+    return headers
 
 
 def _audited_rows(request: Request, principal: Principal, rows: Iterable[dict], total: int, study: str,
                   patient: str) -> Iterator[dict]:
-    """Pass the rows through, then audit what was actually disclosed: the studies and patients in the
-    response (named when there is one, counted and listed in the detail otherwise), even when the client
-    stops reading half-way."""
-    studies: dict[str, None] = {}
-    patients: dict[str, None] = {}
+    """Pass the rows through, then audit what was actually disclosed, even when the client stops reading
+    half-way."""
+    seen: list[dict] = []
     try:
         for row in rows:
-            studies[str(row.get("StudyInstanceUID") or "")] = None
-            if row.get("PatientID"):
-                patients[str(row["PatientID"])] = None
+            seen.append({"StudyInstanceUID": row.get("StudyInstanceUID"), "PatientID": row.get("PatientID")})
             yield row
     finally:
-        studies.pop("", None)
-        named_study = study or (next(iter(studies)) if len(studies) == 1 else "")
-        named_patient = patient or (next(iter(patients)) if len(patients) == 1 else "")
-        detail = (f"{total} match(es); returned studies={len(studies)} [{','.join(list(studies)[:20])}] "
-                  f"patients={len(patients)} [{','.join(list(patients)[:20])}]")
-        audit_access(request, principal, "dicomweb.search", study_instance_uid=named_study[:64],
-                     patient_id=named_patient[:64], detail=detail[:1500])
+        _audit_disclosed(request, principal, seen, total, study, patient)
+
+
+def _audit_disclosed(request: Request, principal: Principal, rows: Iterable[dict], total: int, study: str,
+                     patient: str) -> None:
+    """One audit row for a search: the studies and patients in the response (named when there is one,
+    counted and listed in the detail otherwise)."""
+    studies: dict[str, None] = {}
+    patients: dict[str, None] = {}
+    for row in rows:
+        studies[str(row.get("StudyInstanceUID") or "")] = None
+        if row.get("PatientID"):
+            patients[str(row["PatientID"])] = None
+    studies.pop("", None)
+    named_study = study or (next(iter(studies)) if len(studies) == 1 else "")
+    named_patient = patient or (next(iter(patients)) if len(patients) == 1 else "")
+    detail = (f"{total} match(es); returned studies={len(studies)} [{','.join(list(studies)[:20])}] "
+              f"patients={len(patients)} [{','.join(list(patients)[:20])}]")
+    audit_access(request, principal, "dicomweb.search", study_instance_uid=named_study[:64],
+                 patient_id=named_patient[:64], detail=detail[:1500])
 
 
 def _count(request: Request, principal: Principal, resource: str, study: str | None = None,
@@ -119,37 +143,37 @@ def _count(request: Request, principal: Principal, resource: str, study: str | N
 # -- searches ---------------------------------------------------------------------------------------
 
 @router.get("/studies", summary="Search for studies", responses={200: {"content": _JSON}})
-def search_studies(request: Request, principal: Principal = require(SEARCH)) -> StreamingResponse:  # noqa: B008
+def search_studies(request: Request, principal: Principal = require(SEARCH)) -> Response:  # noqa: B008
     return _search(request, principal, "studies")
 
 
 @router.get("/series", summary="Search for series in all studies", responses={200: {"content": _JSON}})
-def search_series(request: Request, principal: Principal = require(SEARCH)) -> StreamingResponse:  # noqa: B008
+def search_series(request: Request, principal: Principal = require(SEARCH)) -> Response:  # noqa: B008
     return _search(request, principal, "series")
 
 
 @router.get("/studies/{study}/series", summary="Search for series of a study", responses={200: {"content": _JSON}})
 def search_study_series(request: Request, study: str,
-                        principal: Principal = require(SEARCH)) -> StreamingResponse:  # noqa: B008
+                        principal: Principal = require(SEARCH)) -> Response:  # noqa: B008
     return _search(request, principal, "series", study)
 
 
 @router.get("/instances", summary="Search for instances in all studies", responses={200: {"content": _JSON}})
-def search_instances(request: Request, principal: Principal = require(SEARCH)) -> StreamingResponse:  # noqa: B008
+def search_instances(request: Request, principal: Principal = require(SEARCH)) -> Response:  # noqa: B008
     return _search(request, principal, "instances")
 
 
 @router.get("/studies/{study}/instances", summary="Search for instances of a study",
             responses={200: {"content": _JSON}})
 def search_study_instances(request: Request, study: str,
-                           principal: Principal = require(SEARCH)) -> StreamingResponse:  # noqa: B008
+                           principal: Principal = require(SEARCH)) -> Response:  # noqa: B008
     return _search(request, principal, "instances", study)
 
 
 @router.get("/studies/{study}/series/{series}/instances", summary="Search for instances of a series",
             responses={200: {"content": _JSON}})
 def search_series_instances(request: Request, study: str, series: str,
-                            principal: Principal = require(SEARCH)) -> StreamingResponse:  # noqa: B008
+                            principal: Principal = require(SEARCH)) -> Response:  # noqa: B008
     return _search(request, principal, "instances", study, series)
 
 
@@ -198,5 +222,5 @@ def count_unknown(request: Request, resource: str,
 
 @router.get("/{resource}", summary="Search: an unknown search resource is refused (400)")
 def search_unknown(request: Request, resource: str,
-                   principal: Principal = require(SEARCH)) -> StreamingResponse:  # noqa: B008
+                   principal: Principal = require(SEARCH)) -> Response:  # noqa: B008
     return _search(request, principal, resource)

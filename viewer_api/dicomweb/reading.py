@@ -1,6 +1,7 @@
 """What the DICOMweb read routes (QIDO-RS, WADO-RS, WADO-URI) share: the base URL, Accept parsing, and
 :func:`serve`, which resolves a target inside the asker's scope, builds the body and audits the request
-once, success or failure."""
+once, success or failure; a body whose ``ETag`` the client already holds (``If-None-Match``) is answered
+``304 Not Modified``, after the same checks and audit."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pacs.dicomweb.media import MediaRange, NotAcceptable, parse_accept
 from pacs.dicomweb.resources import Target, resolve
 from pacs.dicomweb.wado import Body, Unrenderable, Wado
 from pacs.errors import PacsError
+from pacs.imaging.cache import RenderedCache
 from pacs.security.principal import Principal
 from viewer_api.errors import ApiError
 from viewer_api.security import audit_access, context
@@ -22,6 +24,9 @@ from viewer_api.urls import public_base
 log = logging.getLogger("viewer_api")
 
 DICOMWEB_ROOT = "dicom-web/"
+# Rendered images of this process, keyed by the stored object's SHA-256 and the rendering: looked up only after
+# the request was resolved inside the asker's scope (pacs.imaging.cache).
+RENDERED_CACHE = RenderedCache()
 
 
 def base_url(request: Request) -> str:
@@ -39,7 +44,7 @@ def accept(request: Request, query_parameter: bool = False) -> list[MediaRange]:
 def wado(request: Request) -> Wado:
     ctx = context(request)
     return Wado(ctx.read_sessions, ctx.store, thumbnail_size=ctx.settings.thumbnail_size,
-                assume_utf8_for_latin1=ctx.settings.assume_utf8_for_latin1)
+                assume_utf8_for_latin1=ctx.settings.assume_utf8_for_latin1, rendered_cache=RENDERED_CACHE)
 
 
 def serve(request: Request, principal: Principal, action: str, study: str, series: str | None, sop: str | None,
@@ -61,7 +66,19 @@ def serve(request: Request, principal: Principal, action: str, study: str, serie
         _audit_failure(request, principal, action, study, target, str(exc))
         raise
     audit_access(request, principal, action, study_instance_uid=target.study_uid, patient_id=target.patient_id)
+    if _holds(request, body):
+        return Response(status_code=304, headers=body.headers)
     return respond(body)
+
+
+def _holds(request: Request, body: Body) -> bool:
+    """Whether the client's ``If-None-Match`` names the body's ``ETag`` (only whole bodies carry one)."""
+    tag = body.headers.get("ETag")
+    wanted = request.headers.get("if-none-match")
+    if not tag or not wanted or not isinstance(body.chunks, list):
+        return False
+    # weak comparison (RFC 9110 §8.8.3.2), as If-None-Match asks for
+    return wanted.strip() == "*" or tag.removeprefix("W/") in (t.strip().removeprefix("W/") for t in wanted.split(","))
 
 
 def respond(body: Body) -> Response:

@@ -18,9 +18,10 @@ from viewer_api.security import require
 router = APIRouter(prefix="/dicom-web", tags=["WADO-RS"])
 
 READ = Capability.STUDY_READ
-_MULTIPART = {"multipart/related": {}}
-_JSON = {"application/dicom+json": {}}
-_IMAGE = {"image/jpeg": {}, "image/png": {}}
+# OpenAPI "content" of each response: media type -> (empty) media type object
+_MULTIPART: dict[str, dict[str, object]] = {"multipart/related": {}}
+_JSON: dict[str, dict[str, object]] = {"application/dicom+json": {}}
+_IMAGE: dict[str, dict[str, object]] = {"image/jpeg": {}, "image/png": {}}
 _STUDY = "/studies/{study}"
 _SERIES = "/studies/{study}/series/{series}"
 _INSTANCE = "/studies/{study}/series/{series}/instances/{sop}"

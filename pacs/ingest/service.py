@@ -1,0 +1,331 @@
+"""The one ingest function: every transport (C-STORE, STOW-RS, `pacs import`) archives objects through here.
+
+Order of writes (nothing acknowledged is ever lost, nothing half-written is ever visible):
+
+1. Parse and validate the received bytes (pure; a refusal here writes nothing).
+2. Look up the SOP Instance UID in the index. Identical content (same SHA-256) is an
+   idempotent success and writes nothing. Different content follows the duplicate policy.
+   Read with it (:mod:`pacs.ingest.ownership`): the order whose Study Instance UID the object carries,
+   and the study's owner (facility, patient). If :func:`pacs.security.filing_rules.decide` says *hold*
+   (a sender that may not write that study, a patient that is not the study's), the object goes to the
+   reconciliation queue instead: put under ``reconciliation/{sha256}.dcm``, then one transaction
+   adds the queue row and the audit event (:mod:`pacs.reconciliation`); steps 3-5 do not happen.
+3. Put the bytes, unchanged, in the object store under a content-addressed key
+   (``dicom/{study}/{series}/{sop}/{sha256}.dcm``), durable when ``put`` returns. A prior
+   version has another key, so nothing is ever overwritten. Store down → failure, nothing indexed.
+4. One index transaction: the policy decided again with the rows locked (a *hold* now rolls back,
+   removes the object of step 3 when this call created it and holds it as in step 2; a *claim*
+   first moves a provisional study's objects to the reconciliation queue, :mod:`pacs.ingest.claim`: copied
+   under ``reconciliation/`` before their rows are removed, their ``dicom/`` objects deleted after commit),
+   patient/study/series/instance rows, the prior version (if any), the queue row a person's
+   resolution marks (:mod:`pacs.reconciliation`), the outbox rows for derived work, the forward jobs
+   of matching rules, and the audit event.
+   Only after this commit is success reported. If the commit fails, the object written in step 3
+   is removed again when this call created it (it stays invisible either way: queries read the
+   index, and ``pacs check`` lists unreferenced objects).
+5. After commit, the outbox rows are handed to the publisher without waiting on the broker.
+"""
+
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import TypedDict
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from pacs import audit
+from pacs.db.models import Instance
+from pacs.derived.outbox import INSTANCE_TASKS, SERIES_TASKS, arm_derived_tasks
+from pacs.errors import PacsError
+from pacs.failpoints import failpoint
+from pacs.forwarding.rules import queue_forwards
+from pacs.ingest.claim import ClaimStoreFailed, claim_provisional_study
+from pacs.ingest.index_writer import index_instance
+from pacs.ingest.outcome import IngestOutcome, IngestStatus
+from pacs.ingest.ownership import decide, order_patient
+from pacs.ingest.parsing import (
+    DEFAULT_MAX_INFLATED_BYTES,
+    ObjectRejected,
+    ReceivedObject,
+    RejectReason,
+    parse_received,
+)
+from pacs.ingest.source import IngestSource, who
+from pacs.reconciliation import service as reconciliation
+from pacs.security import filing_rules
+from pacs.settings import DuplicatePolicy
+from storage import ObjectStore, StorageError
+from storage.keys import instance_key, reconciliation_key
+
+log = logging.getLogger(__name__)
+
+
+TaskNotifier = Callable[[Iterable[int]], None]
+
+
+class _ObjectIds(TypedDict):
+    """What every outcome for one received object names (spread into :class:`IngestOutcome`)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    sha256: str
+    series_instance_uid: str
+
+
+class Ingestor:
+    """Archives received objects; one per process, shared by all transports and threads."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        store: ObjectStore,
+        *,
+        duplicate_policy: DuplicatePolicy = DuplicatePolicy.VERSION,
+        max_object_bytes: int = 1024**3,
+        assume_utf8_for_latin1: bool = True,
+        notify: TaskNotifier | None = None,
+        read_sessions: sessionmaker[Session] | None = None,
+        max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
+    ) -> None:
+        self._sessions = sessions
+        self._read_sessions = read_sessions or sessions
+        self._store = store
+        self._policy = duplicate_policy
+        self._max_bytes = max_object_bytes
+        self._max_inflated = max_inflated_bytes
+        self._utf8 = assume_utf8_for_latin1
+        self._notify = notify
+
+    def ingest(
+        self,
+        data: bytes,
+        source: IngestSource,
+        *,
+        expected_sop_instance_uid: str | None = None,
+        expected_sop_class_uid: str | None = None,
+    ) -> IngestOutcome:
+        """Archive one object; never raises for bad input or unavailable servers."""
+        try:
+            obj = parse_received(
+                data,
+                max_bytes=self._max_bytes,
+                assume_utf8_for_latin1=self._utf8,
+                expected_sop_instance_uid=expected_sop_instance_uid,
+                expected_sop_class_uid=expected_sop_class_uid,
+                max_inflated_bytes=self._max_inflated,
+            )
+        except ObjectRejected as exc:
+            log.warning("refused object from %s: %s", who(source), exc.message)
+            return IngestOutcome(IngestStatus.REJECTED, exc.message, reason=exc.reason,
+                                 sop_instance_uid=expected_sop_instance_uid or "")
+        sha256 = hashlib.sha256(obj.data).hexdigest()
+        failpoint("ingest.after_receive")
+        try:
+            outcome = self._archive(obj, sha256, source)
+        except IntegrityError:
+            # A concurrent sender committed the same SOP instance first: decide again against it.
+            log.info("concurrent store of %s; re-checking", obj.sop_instance_uid)
+            try:
+                outcome = self._archive(obj, sha256, source)
+            except SQLAlchemyError as exc:
+                outcome = self._index_failed(obj, sha256, exc)
+        if outcome.ok and outcome.derived_task_ids and self._notify is not None:
+            self._notify(outcome.derived_task_ids)
+        failpoint("ingest.before_response")
+        return outcome
+
+    def _archive(self, obj: ReceivedObject, sha256: str, source: IngestSource) -> IngestOutcome:
+        ids = _ObjectIds(sop_instance_uid=obj.sop_instance_uid, sop_class_uid=obj.sop_class_uid,
+                         study_instance_uid=obj.study_instance_uid, sha256=sha256,
+                         series_instance_uid=obj.series_instance_uid)
+        try:
+            with self._read_sessions() as session:
+                current = session.scalars(
+                    select(Instance).where(Instance.sop_instance_uid == obj.sop_instance_uid)
+                ).one_or_none()
+                current_sha = current.sha256 if current is not None else None
+                early = decide(session, obj, current, source) if current_sha != sha256 else None
+        except SQLAlchemyError as exc:
+            return self._index_failed(obj, sha256, exc, stored=False)
+
+        if current is not None and current_sha == sha256:
+            return self._duplicate(obj, sha256, current.object_key, source, ids)
+        if current_sha is not None and self._policy is DuplicatePolicy.REJECT:
+            return IngestOutcome(IngestStatus.REJECTED, "a different object with this SOP Instance UID "
+                                 "is already stored", reason=RejectReason.MISMATCH, **ids)
+        if current_sha is not None and self._policy is DuplicatePolicy.KEEP_EXISTING:
+            self._audit_only(obj, source, "instance.duplicate-discarded", sha256)
+            return IngestOutcome(IngestStatus.KEPT_EXISTING, "a different object with this SOP Instance "
+                                 "UID is already stored; kept the stored one", **ids)
+        if early is not None and early.verdict is filing_rules.Verdict.HOLD:
+            return self._hold(obj, sha256, source, early, ids)
+
+        key = instance_key(obj.study_instance_uid, obj.series_instance_uid, obj.sop_instance_uid, sha256)
+        try:
+            existed = self._store.exists(key)
+            self._store.put(key, obj.data, length=len(obj.data), content_type="application/dicom")
+        except StorageError as exc:
+            log.error("object store failed for %s: %s", obj.sop_instance_uid, exc)
+            return IngestOutcome(IngestStatus.STORAGE_UNAVAILABLE, f"object store unavailable: {exc}"[:200],
+                                 **ids)
+        failpoint("ingest.after_object_write")
+
+        now = datetime.now(UTC)
+        evicted: list[str] = []
+        try:
+            with self._sessions() as session, session.begin():
+                replaces = session.scalars(
+                    select(Instance).where(Instance.sop_instance_uid == obj.sop_instance_uid).with_for_update()
+                ).one_or_none()
+                if replaces is not None and replaces.sha256 == sha256:
+                    return IngestOutcome(IngestStatus.DUPLICATE, "identical object already stored", **ids)
+                if (replaces is None) != (current_sha is None):
+                    raise IntegrityError("instance changed concurrently", None, Exception())
+                decision = decide(session, obj, replaces, source)
+                if decision.verdict is filing_rules.Verdict.REFUSE:
+                    raise _Refused(decision.message)
+                if decision.verdict is filing_rules.Verdict.HOLD:
+                    raise _Held(decision)
+                if decision.verdict is filing_rules.Verdict.CLAIM:
+                    evicted = claim_provisional_study(session, self._store, obj, source, decision)
+                    if replaces is not None and replaces.object_key in evicted:
+                        replaces = None  # moved to the queue with the rest of the provisional study
+                index_instance(session, obj, object_key=key, sha256=sha256, received_at=now,
+                               source=source.transport, source_ae=source.calling_ae,
+                               source_address=source.address, replaces=replaces, facility=decision.facility,
+                               provisional=decision.provisional, study_patient=order_patient(session, obj, source))
+                if source.resolution is not None:
+                    try:
+                        reconciliation.mark_resolved(session, source.resolution, obj.study_instance_uid)
+                    except PacsError as exc:
+                        raise _Refused(str(exc)) from exc
+                tasks = arm_derived_tasks(session, obj.sop_instance_uid, sha256, INSTANCE_TASKS)
+                tasks += arm_derived_tasks(session, obj.series_instance_uid, "", SERIES_TASKS)
+                queue_forwards(session, obj, source, sha256)
+                session.flush()
+                _audit(session, obj, source, "instance.store" if replaces is None else "instance.store-new-version",
+                       f"sha256={sha256}" + (f" replaces={replaces.sha256 if replaces else ''}"))
+                task_ids = tuple(t.id for t in tasks)
+        except IntegrityError:
+            raise
+        except _Held as held:  # decided again under the locks: hold it after all
+            if not existed:
+                self._discard(key)
+            return self._hold(obj, sha256, source, held.decision, ids)
+        except ClaimStoreFailed as exc:
+            if not existed:
+                self._discard(key)
+            return IngestOutcome(IngestStatus.STORAGE_UNAVAILABLE, f"object store unavailable: {exc}"[:200],
+                                 **ids)
+        except _Refused as exc:
+            if not existed:
+                self._discard(key)
+            log.warning("refused object %s from %s: %s", obj.sop_instance_uid, who(source), exc)
+            return IngestOutcome(IngestStatus.REJECTED, str(exc), reason=RejectReason.MISMATCH, **ids)
+        except SQLAlchemyError as exc:
+            if not existed:
+                self._discard(key)
+            return self._index_failed(obj, sha256, exc)
+        failpoint("ingest.after_index_commit")
+        for old in evicted:  # the claimed study's objects, now held under reconciliation/
+            if old != key:  # the same content re-sent by the claiming sender is now its own object
+                self._discard(old)
+        status = IngestStatus.STORED if current_sha is None or decision.verdict is filing_rules.Verdict.CLAIM \
+            else IngestStatus.NEW_VERSION
+        return IngestOutcome(status, "", derived_task_ids=task_ids, **ids)
+
+    def _duplicate(self, obj: ReceivedObject, sha256: str, key: str, source: IngestSource,
+                   ids: _ObjectIds) -> IngestOutcome:
+        """Identical content is already indexed. If its object went missing from the store (a lost
+        disk, a bad restore), the bytes just received are exactly the missing ones: write them back."""
+        try:
+            if self._store.exists(key):
+                return IngestOutcome(IngestStatus.DUPLICATE, "identical object already stored", **ids)
+            self._store.put(key, obj.data, length=len(obj.data), content_type="application/dicom")
+        except StorageError as exc:
+            log.error("object store failed for %s: %s", obj.sop_instance_uid, exc)
+            return IngestOutcome(IngestStatus.STORAGE_UNAVAILABLE, f"object store unavailable: {exc}"[:200], **ids)
+        log.warning("object %s was missing from the store; restored from a re-send by %s", key, who(source))
+        self._audit_only(obj, source, "instance.object-restored", sha256)
+        return IngestOutcome(IngestStatus.DUPLICATE, "identical object already indexed; missing object restored",
+                             **ids)
+
+    def _audit_only(self, obj: ReceivedObject, source: IngestSource, action: str, sha256: str) -> None:
+        try:
+            with self._sessions() as session, session.begin():
+                _audit(session, obj, source, action, f"sha256={sha256}")
+        except SQLAlchemyError as exc:
+            log.error("audit write failed: %s", exc)
+
+    def _hold(self, obj: ReceivedObject, sha256: str, source: IngestSource, decision: filing_rules.Decision,
+              ids: _ObjectIds) -> IngestOutcome:
+        """Step 2's other branch: keep the object, as received, in the reconciliation queue."""
+        if source.resolution is not None:  # a person's resolution is never held again: it is refused
+            return IngestOutcome(IngestStatus.REJECTED, filing_rules.REFUSAL, reason=RejectReason.MISMATCH, **ids)
+        key = reconciliation_key(sha256)
+        try:
+            existed = self._store.exists(key)
+            self._store.put(key, obj.data, length=len(obj.data), content_type="application/dicom")
+        except StorageError as exc:
+            log.error("object store failed for held %s: %s", obj.sop_instance_uid, exc)
+            return IngestOutcome(IngestStatus.STORAGE_UNAVAILABLE, f"object store unavailable: {exc}"[:200], **ids)
+        try:
+            with self._sessions() as session, session.begin():
+                row, created = reconciliation.hold(session, reconciliation.HeldObject.received(obj, source),
+                                                   decision, key=key, sha256=sha256)
+                if created:
+                    _audit(session, obj, source, "instance.hold", f"sha256={sha256} held={row.id} "
+                           f"queue={decision.facility or '-'} reason={decision.reason}")
+        except SQLAlchemyError as exc:
+            if not existed:
+                self._discard(key)
+            return self._index_failed(obj, sha256, exc)
+        log.warning("held object %s from %s for reconciliation (%s, queue %s)", obj.sop_instance_uid, who(source),
+                    decision.reason, decision.facility or "-")
+        return IngestOutcome(IngestStatus.HELD, decision.message if decision.warn else "", warn=decision.warn, **ids)
+
+    def _discard(self, key: str) -> None:
+        try:
+            self._store.delete(key)
+        except StorageError as exc:
+            log.error("could not remove unindexed object %s (pacs check will list it): %s", key, exc)
+
+    @staticmethod
+    def _index_failed(obj: ReceivedObject, sha256: str, exc: Exception, stored: bool = True) -> IngestOutcome:
+        log.error("index unavailable for %s: %s", obj.sop_instance_uid, str(exc).splitlines()[0][:300])
+        return IngestOutcome(IngestStatus.INDEX_UNAVAILABLE, "index database unavailable",
+                             sop_instance_uid=obj.sop_instance_uid, sop_class_uid=obj.sop_class_uid,
+                             study_instance_uid=obj.study_instance_uid, sha256=sha256)
+
+
+def _audit(session: Session, obj: ReceivedObject, source: IngestSource, action: str, detail: str) -> None:
+    """The ingest's audit row, appended last in its transaction (the audit chain lock is held to commit)."""
+    audit.append(
+        session,
+        actor=source.user or source.calling_ae,
+        role=source.role or ("modality" if source.transport == "dimse" else ""),
+        source_address=source.address,
+        action=action,
+        patient_id=obj.patient["patient_id"],
+        study_instance_uid=obj.study_instance_uid,
+        detail=f"transport={source.transport} sop={obj.sop_instance_uid} {detail}",
+    )
+
+
+class _Refused(Exception):
+    """The sender may not change what the index holds for these UIDs (pacs.security.filing_rules)."""
+
+
+class _Held(Exception):
+    """Decided under the locks: the object is held for reconciliation after all."""
+
+    def __init__(self, decision: filing_rules.Decision) -> None:
+        super().__init__(decision.message)
+        self.decision = decision

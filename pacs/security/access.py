@@ -1,0 +1,71 @@
+"""The one access policy: may this principal do this, and which studies may it see.
+
+Every HTTP route asks :func:`authorize` (through ``viewer_api.security.require``) and filters
+data with :func:`study_condition`; DIMSE handlers keep their AE-level policy
+(``pacs.ae_access``), which grants a registered AE the archive-wide scope.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import ColumnElement, and_, exists, or_, select, true
+from sqlalchemy.orm import Session
+
+from pacs.db.models import Patient, Study
+from pacs.errors import InvalidInput, NotFound, PacsError
+from pacs.security.models import StudyShare
+from pacs.security.principal import AccessScope, Principal
+from pacs.security.roles import Capability
+
+
+class Forbidden(PacsError):
+    """Authenticated, but the role (or scope) does not allow it: HTTP 403."""
+
+
+def authorize(principal: Principal, capability: Capability) -> None:
+    if not principal.can(capability):
+        raise Forbidden(f"role {principal.role.value} may not {capability.value}")
+
+
+def study_condition(scope: AccessScope) -> ColumnElement[bool]:
+    """A SQL condition on :class:`Study` rows true exactly for the studies ``scope`` may see."""
+    parts: list[ColumnElement[bool]] = []
+    if scope.facilities is not None:
+        facilities = sorted(scope.facilities)
+        shared = exists().where(StudyShare.study_fk == Study.id, StudyShare.facility.in_(facilities))
+        parts.append(or_(Study.facility.in_(facilities), shared))
+    if scope.patient is not None:  # one patient record, and only the studies of its own facility (no shares)
+        key = scope.patient
+        record = select(Patient.id).where(Patient.patient_id == key.patient_id,
+                                          Patient.issuer_of_patient_id == key.issuer, Patient.facility == key.facility)
+        parts += [Study.patient_fk.in_(record), Study.facility == key.facility]
+    elif scope.patient_ids is not None:
+        patients = select(Patient.id).where(Patient.patient_id.in_(sorted(scope.patient_ids)))
+        parts.append(Study.patient_fk.in_(patients))
+    if scope.study_uids is not None:
+        parts.append(Study.study_instance_uid.in_(sorted(scope.study_uids)))
+    return and_(*parts) if parts else true()
+
+
+def may_see_study(session: Session, scope: AccessScope, study_instance_uid: str) -> bool:
+    """Whether the study exists and is inside ``scope`` (callers answer 404 either way, so a
+    guessed UID tells nothing about other facilities' studies)."""
+    found = session.scalar(select(Study.id).where(Study.study_instance_uid == study_instance_uid,
+                                                  study_condition(scope)).limit(1))
+    return found is not None
+
+
+def share_study(session: Session, study_instance_uid: str, facility: str, shared_by: str) -> StudyShare:
+    facility = facility.strip()
+    if not facility:
+        raise InvalidInput("name the facility to share with")
+    study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == study_instance_uid))
+    if study_id is None:
+        raise NotFound(f"no study {study_instance_uid}")
+    existing = session.scalars(select(StudyShare).where(StudyShare.study_fk == study_id,
+                                                        StudyShare.facility == facility)).one_or_none()
+    if existing is not None:
+        return existing
+    share = StudyShare(study_fk=study_id, facility=facility, shared_by=shared_by[:64])
+    session.add(share)
+    session.flush()
+    return share
