@@ -55,7 +55,8 @@ def run_derived(self: Task, task_id: int) -> str:
     try:
         return run_derived_task(worker_context(), task_id)
     except TransientError as exc:
-        delay = int(retry_delay(self.request.retries + 1, base_s=1, max_s=256))  # 1 s, 2 s, 4 s … 256 s
+        # 1 s, 2 s, 4 s … 256 s after the row's attempts (several messages of one task may be in flight)
+        delay = int(retry_delay(max(exc.attempts, self.request.retries + 1), base_s=1, max_s=256))
         log.warning("derived task %s: %s; retrying in %ss", task_id, exc, delay)
         raise self.retry(exc=exc, countdown=delay) from exc
 

@@ -6,7 +6,15 @@ from dataclasses import dataclass
 
 
 class TransientError(Exception):
-    """A dependency is down; the task should run again later."""
+    """A dependency is down; the task should run again later.
+
+    ``attempts`` is the row's attempt count after this one (0 when unknown): the backoff follows it rather
+    than one broker message's retry count, since the relay's sweep may publish a task again as a new message.
+    """
+
+    def __init__(self, message: str, attempts: int = 0) -> None:
+        super().__init__(message)
+        self.attempts = attempts
 
 
 class Deferred(Exception):

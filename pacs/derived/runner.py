@@ -78,7 +78,7 @@ def run_derived_task(ctx: AppContext, task_id: int) -> str:
             log.error("derived task %s (%s %s) failed after %d attempts: %s", task_id, kind, subject_uid,
                       attempts, exc)
             return _finish(ctx, task_id, JobState.FAILED, f"gave up after {attempts} attempts: {exc}")
-        raise TransientError(str(exc)) from exc
+        raise TransientError(str(exc), attempts) from exc
     except Exception as exc:  # a bug or an unexpected input: recorded for `pacs tasks failed`, not retried
         log.exception("derived task %s (%s %s) failed", task_id, kind, subject_uid)
         return _finish(ctx, task_id, JobState.FAILED, f"{type(exc).__name__}: {exc}"[:2000])

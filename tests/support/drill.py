@@ -414,6 +414,7 @@ class Finish:
     removed: int = 0  # orphans and temporary files `pacs check --repair` removed
     kept: int = 0  # what it left (younger than its grace period)
     seconds: float = 0.0
+    failed_errors: list[str] = field(default_factory=list)  # kind, subject, attempts and error of failed rows
 
 
 class Drill:
@@ -555,6 +556,7 @@ class Drill:
             wait_until(lambda: self._derived_states(acknowledged)[0] == 0, timeout=derived_timeout, interval=0.5,
                        what="derived work of every acknowledged instance")
         not_done, failed = self._derived_states(acknowledged)
+        failed_errors = self._failed_errors() if failed else []
         available = repair and has_repair()
         args = ["check", "--repair", "--grace-minutes", "1", "--json"] if available else ["check", "--json"]
         check_exit, check = _pacs_json(args, stack.env)  # with --repair: the check before it, and what it did
@@ -562,7 +564,8 @@ class Drill:
         done = Finish(
             rounds=self.rounds, missing=[], different=[], derived_not_done=not_done, derived_failed=failed,
             check=check, check_exit=check_exit, index_rows_without_object=_errors(counts),
-            orphans=counts.get("orphan", 0), temp_files=counts.get("temporary", 0), repair_available=available)
+            orphans=counts.get("orphan", 0), temp_files=counts.get("temporary", 0), repair_available=available,
+            failed_errors=failed_errors)
         if available:
             done.repair_exit = check_exit
             report = check.get("repair", {})
@@ -582,6 +585,12 @@ class Drill:
 
     def _verify_all(self) -> bool:
         return all(rnd.verified or not rnd.acknowledged or self._verify(rnd) for rnd in self.rounds)
+
+    def _failed_errors(self) -> list[str]:
+        with self.stack.ctx.read_sessions() as session:
+            rows = session.execute(select(DerivedTask.kind, DerivedTask.subject_uid, DerivedTask.attempts,
+                                          DerivedTask.last_error).where(DerivedTask.state == "failed")).all()
+        return [f"{kind} {subject[-12:]} attempts={attempts}: {error[:300]}" for kind, subject, attempts, error in rows]
 
     def _derived_states(self, sops: list[str]) -> tuple[int, int]:
         """(not yet done, failed) among the thumbnail rows of ``sops`` and the series rows of their series."""
@@ -671,4 +680,5 @@ def report(finishes: list[Finish]) -> str:
         lines.append(f"{mode}: index rows without object {finish.index_rows_without_object}, orphans "
                      f"{finish.orphans}, temporary files {finish.temp_files}, derived not done "
                      f"{finish.derived_not_done}, failed {finish.derived_failed}; {repair}; end {finish.seconds} s")
+        lines += [f"  failed: {error}" for error in finish.failed_errors]
     return "\n".join(lines)
