@@ -509,7 +509,9 @@ def print_environment(args: argparse.Namespace, files: list[Path], total_bytes: 
         table.add_row("SeaweedFS", _version([weed, "version"], r"version\s+\S+\s+(\S+)") if weed else "not found")
     table.add_row("study", f"{len(files)} CT slices {args.size}×{args.size}, Explicit VR LE, "
                            f"{total_bytes / 1e6:.1f} MB in all ({total_bytes / len(files) / 1e6:.3f} MB per file)")
-    table.add_row("runs", f"{args.repeats} repeat(s) × modes (1 association, {args.parallel} in parallel) × systems, "
+    modes = ["1 association", *([f"{args.parallel} in parallel"] if args.parallel > 1 else []),
+             *([f"{min(args.one_image, len(files))} × 1 image (a storescu each)"] if args.one_image > 0 else [])]
+    table.add_row("runs", f"{args.repeats} repeat(s) × modes ({', '.join(modes)}) × systems, "
                           "alternated, each from an empty archive")
     out.print(table)
 
