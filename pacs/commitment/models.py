@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import DateTime, Index, Integer, String, Text, func
+from sqlalchemy import DateTime, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from pacs.db.models import UID, Base
+from pacs.db.models import UID, Base, QueuedJobColumns
 from pacs.jobs import JobState
 
 # states (``storage_commitment.state``): the job vocabulary of pacs.jobs, and one of this table's own
@@ -22,7 +22,7 @@ REPORTED = JobState.REPORTED  # the requester took the N-EVENT-REPORT
 FAILED = JobState.FAILED  # gave up: unregistered requester, or every attempt failed
 
 
-class StorageCommitment(Base):
+class StorageCommitment(QueuedJobColumns, Base):
     """One storage commitment transaction and the state of its N-EVENT-REPORT."""
 
     __tablename__ = "storage_commitment"
@@ -36,12 +36,6 @@ class StorageCommitment(Base):
     requested_refs: Mapped[str] = mapped_column(Text)
     # JSON {"success": [[class, instance], ...], "failed": [[class, instance, reason], ...]}; decided once
     result: Mapped[str | None] = mapped_column(Text, nullable=True)
-    state: Mapped[str] = mapped_column(String(16), default=PENDING)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
-    last_error: Mapped[str] = mapped_column(Text, default="")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
-    updated_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
-    )
+    # state (pending, reported, failed), attempts, next_attempt_at, last_error, created_at, updated_at:
+    # QueuedJobColumns
     reported_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

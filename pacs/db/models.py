@@ -30,6 +30,21 @@ class Base(DeclarativeBase):
     pass
 
 
+class QueuedJobColumns:
+    """The columns every retried job table shares (forwarding, storage-commitment reports, HL7 results): its
+    state in the :class:`pacs.jobs.JobState` vocabulary, the attempts so far, when it is due again (the backoff
+    of :class:`pacs.jobs.RetryPolicy`), the latest error, and when it was made and last changed."""
+
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )
+
+
 class Patient(Base):
     __tablename__ = "patient"
     __table_args__ = (
@@ -253,7 +268,7 @@ class ForwardRule(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
-class ForwardJob(Base):
+class ForwardJob(QueuedJobColumns, Base):
     """One instance waiting for (or done with) delivery to one destination: the per-destination queue."""
 
     __tablename__ = "forward_job"
@@ -267,14 +282,7 @@ class ForwardJob(Base):
     destination_ae: Mapped[str] = mapped_column(String(16))
     sop_instance_uid: Mapped[str] = mapped_column(UID)
     sha256: Mapped[str] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending, sent, failed
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
-    last_error: Mapped[str] = mapped_column(Text, default="")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
-    updated_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
-    )
+    # state (pending, sent, failed), attempts, next_attempt_at, last_error, created_at, updated_at: QueuedJobColumns
 
 
 class AuditEvent(Base):

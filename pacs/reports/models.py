@@ -17,7 +17,7 @@ from datetime import datetime
 from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint, func
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from pacs.db.models import UID, Base
+from pacs.db.models import UID, Base, QueuedJobColumns
 
 # Report and version states.
 DRAFT = "draft"
@@ -104,7 +104,7 @@ class KeyImageSelection(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
-class Hl7Outbound(Base):
+class Hl7Outbound(QueuedJobColumns, Base):
     """One HL7 v2 message waiting for (or done with) delivery to one MLLP destination.
 
     Written in the transaction that signs a report, so a message is never lost when a process dies;
@@ -125,12 +125,6 @@ class Hl7Outbound(Base):
     report_fk: Mapped[int | None] = mapped_column(ForeignKey("report.id", ondelete="SET NULL"), nullable=True)
     report_version: Mapped[int] = mapped_column(Integer, default=0)
     message: Mapped[str] = mapped_column(Text, default="")  # ER7 text, segments separated by \r
-    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending, sent, failed
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # state (pending, sent, failed), attempts, next_attempt_at, last_error, created_at, updated_at: QueuedJobColumns
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     ack_code: Mapped[str] = mapped_column(String(4), default="")
-    last_error: Mapped[str] = mapped_column(Text, default="")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(),
-                                                 onupdate=func.now())
