@@ -6,6 +6,7 @@ behind a round trip through itself.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -454,12 +455,20 @@ def test_oversized_frame_is_refused_early_then_skipped(pipe: tuple[socket.socket
 
 def test_skip_gives_up_after_its_limit(pipe: tuple[socket.socket, socket.socket]) -> None:
     a, b = pipe
-    threading.Thread(target=a.sendall, args=(b"\x0b" + b"y" * 300_000,), daemon=True).start()
+
+    def writer() -> None:
+        with contextlib.suppress(OSError):  # the reader gives up first and the fixture closes the pair
+            a.sendall(b"\x0b" + b"y" * 300_000)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
     with b.makefile("rb") as stream:
         with pytest.raises(FrameTooLarge):
             read_frame(stream, 1000)
         with pytest.raises(MllpError, match="not ended"):
             skip_frame(stream, 100_000)
+    b.close()  # unblocks the writer (EPIPE) so it ends inside this test, not in the next one
+    thread.join(5)
 
 
 @pytest.mark.parametrize(("data", "words"), [
