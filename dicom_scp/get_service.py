@@ -39,8 +39,8 @@ from pynetdicom.sop_class import (
 
 from dicom_scp.audit import audited_stream
 from dicom_scp.verification import UNCOMPRESSED
-from pacs.ae_scope import ae_scope
-from pacs.aes import AERegistry
+from pacs.ae_scope import ae_scope, destination_scope
+from pacs.aes import AERegistry, MoveDestination
 from pacs.context import AppContext
 from pacs.dimse_status import (
     CANCEL,
@@ -91,9 +91,11 @@ def calling_ae(event: evt.Event) -> str:
     return title.strip() if isinstance(title, str) else ""
 
 
-def prepare(event: evt.Event, ctx: AppContext, model: Model) -> tuple[Dataset | None, RetrievePlan | None]:
+def prepare(event: evt.Event, ctx: AppContext, model: Model, destination: MoveDestination | None = None,
+            ) -> tuple[Dataset | None, RetrievePlan | None]:
     """Authorize the caller, validate the identifier and count the matches inside the caller's scope
-    (:func:`pacs.ae_scope.ae_scope`: another facility's study matches nothing, like an unknown one).
+    (:func:`pacs.ae_scope.ae_scope`: another facility's study matches nothing, like an unknown one) and,
+    for C-MOVE, inside the ``destination``'s scope too (:func:`pacs.ae_scope.destination_scope`).
 
     Returns ``(refusal, None)`` with a failure status to answer, or ``(None, plan)``.
     """
@@ -111,7 +113,18 @@ def prepare(event: evt.Event, ctx: AppContext, model: Model) -> tuple[Dataset | 
                         caller, address)
             return failure(REFUSED_NOT_AUTHORIZED, f"AE {caller} is not allowed to retrieve"), None
         request = parse_identifier(identifier, model)
-        retrieve = plan(ctx.read_sessions, request, scope=ae_scope(peer))
+        if destination is None:
+            retrieve = plan(ctx.read_sessions, request, scope=ae_scope(peer))
+        else:
+            retrieve = plan(ctx.read_sessions, request, scope=ae_scope(peer),
+                            destination_scope=destination_scope(destination))
+            withheld = plan(ctx.read_sessions, request, scope=ae_scope(peer)).count - retrieve.count
+            if withheld:
+                log.warning("C-MOVE from %s: %d instance(s) withheld: %s may not hold their studies (another "
+                            "facility's, not shared with it)", caller, withheld, destination.ae_title)
+                if not retrieve.count:
+                    return failure(UNABLE_TO_PROCESS, f"move destination {destination.ae_title} may not receive "
+                                   "these studies (another facility's)"), None
     except IndexUnavailable as exc:
         log.warning("retrieve from %s: index unavailable: %s", caller, exc)
         return failure(OUT_OF_RESOURCES_UNABLE_TO_CALCULATE, "index database unavailable"), None

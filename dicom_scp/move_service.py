@@ -76,7 +76,7 @@ def handle_move(event: evt.Event, ctx: AppContext, sender: StoredObjectSender) -
                     caller, title[:16])
         yield None, None  # pynetdicom answers 0xA801 Refused: Move destination unknown
         return
-    refusal, retrieve = prepare(event, ctx, model)
+    refusal, retrieve = prepare(event, ctx, model, destination)
     # pynetdicom opens the association to the destination between the two next yields, even
     # for a refusal (a failure status can only follow a non-zero count): it is released at once.
     yield destination.host, destination.port, {

@@ -20,7 +20,7 @@ sub-operations, ``No such object instance`` in a commitment report, an unknown o
 
 from __future__ import annotations
 
-from pacs.aes import AERecord, AERegistry
+from pacs.aes import AERecord, AERegistry, MoveDestination
 from pacs.security.principal import UNRESTRICTED, AccessScope
 
 #: The scope that matches no study and no order (``facility IN ()``).
@@ -37,6 +37,16 @@ def ae_scope(record: AERecord | None) -> AccessScope:
     if facility:
         return AccessScope(facilities=frozenset({facility}))
     return NO_STUDIES
+
+
+def destination_scope(destination: MoveDestination) -> AccessScope:
+    """The studies a C-MOVE may send to ``destination``: those it could retrieve itself. A move by a peer of
+    facility A to a node registered for facility B sends only A's studies shared with B (issue 12: the same
+    facility scope over DICOM as over HTTP; a move must not carry a study to a facility that may not see it)."""
+    if destination.archive_wide:
+        return UNRESTRICTED
+    facility = destination.facility.strip()
+    return AccessScope(facilities=frozenset({facility})) if facility else NO_STUDIES
 
 
 def needs_scope_flag(allow_query: bool, allow_retrieve: bool, facility: str, archive_wide: bool) -> str:

@@ -64,11 +64,14 @@ class AERecord:
 
 @dataclass(frozen=True)
 class MoveDestination:
-    """Where a C-MOVE sends its sub-operations: a registered AE with an address."""
+    """Where a C-MOVE sends its sub-operations: a registered AE with an address, and whose studies it may
+    hold (its registration's facility, or every facility's: :func:`pacs.ae_scope.destination_scope`)."""
 
     ae_title: str
     host: str
     port: int
+    facility: str = ""
+    archive_wide: bool = False
 
 
 def validate_ae_title(title: str) -> str:
@@ -213,7 +216,7 @@ class AERegistry:
         record = self.get(title)
         if record is None or not record.allow_retrieve or not record.host or not 1 <= record.port <= 65535:
             return None
-        return MoveDestination(record.ae_title, record.host, record.port)
+        return MoveDestination(record.ae_title, record.host, record.port, record.facility, record.archive_wide)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -107,8 +107,9 @@ class RetrievePlan:
     count: int
     max_id: int
     syntaxes: tuple[tuple[str, str], ...] = field(default=())  # distinct (SOP class, transfer syntax)
-    # what plan() was given, kept by iter_items; a plan built without one sends nothing
-    scope: AccessScope = field(default_factory=lambda: AccessScope(facilities=frozenset()))
+    # what plan() was given, kept by iter_items: an instance is sent only if every scope sees its study
+    # (the caller's and, for C-MOVE, the destination's); a plan built without one sends nothing
+    scopes: tuple[AccessScope, ...] = field(default_factory=lambda: (AccessScope(facilities=frozenset()),))
 
 
 def parse_identifier(identifier: Dataset, model: Model) -> RetrieveRequest:
@@ -189,12 +190,14 @@ def _check_uids(keyword: str, values: tuple[str, ...]) -> None:
             raise InvalidKeyValue(f"{keyword}: invalid UID {shown!r}")
 
 
-def _filtered(stmt: Select, request: RetrieveRequest, scope: AccessScope) -> Select:
-    """Add the joins and unique-key conditions of ``request``, and ``scope``, to a statement over Instance."""
+def _filtered(stmt: Select, request: RetrieveRequest, scopes: tuple[AccessScope, ...]) -> Select:
+    """Add the joins and unique-key conditions of ``request``, and every one of ``scopes``, to a statement
+    over Instance."""
+    restricted = [scope for scope in scopes if not scope.unrestricted]
     stmt = stmt.join(Series, Instance.series_fk == Series.id)
-    if request.study_uids or request.patient_id is not None or not scope.unrestricted:
+    if request.study_uids or request.patient_id is not None or restricted:
         stmt = stmt.join(Study, Series.study_fk == Study.id)
-    if not scope.unrestricted:
+    for scope in restricted:
         stmt = stmt.where(study_condition(scope))
     if request.patient_id is not None:
         stmt = stmt.join(Patient, Study.patient_fk == Patient.id).where(Patient.patient_id == request.patient_id)
@@ -210,22 +213,28 @@ def _filtered(stmt: Select, request: RetrieveRequest, scope: AccessScope) -> Sel
     return stmt
 
 
-def plan(sessions: sessionmaker[Session], request: RetrieveRequest, *, scope: AccessScope) -> RetrievePlan:
+def plan(sessions: sessionmaker[Session], request: RetrieveRequest, *, scope: AccessScope,
+         destination_scope: AccessScope | None = None) -> RetrievePlan:
     """Count the matching instances inside ``scope`` and list their distinct (SOP class, transfer syntax)
-    pairs. ``scope`` is required: every caller says whose studies it may send (``AccessScope()`` for all)."""
+    pairs. ``scope`` is required: every caller says whose studies it may send (``AccessScope()`` for all).
+
+    ``destination_scope``: for C-MOVE, the studies the receiving AE may hold; only studies inside both
+    scopes are sent, so that a peer of facility A cannot move A's studies to another facility's node.
+    """
+    scopes = (scope,) if destination_scope is None else (scope, destination_scope)
     try:
         with sessions() as session:
             count, max_id = session.execute(_filtered(select(func.count(Instance.id), func.max(Instance.id)),
-                                                      request, scope)).one()
+                                                      request, scopes)).one()
             syntaxes: tuple[tuple[str, str], ...] = ()
             if count:
                 rows = session.execute(_filtered(
-                    select(Instance.sop_class_uid, Instance.transfer_syntax_uid), request, scope)
+                    select(Instance.sop_class_uid, Instance.transfer_syntax_uid), request, scopes)
                     .where(Instance.id <= max_id).distinct()).all()
                 syntaxes = tuple(sorted((r[0], r[1]) for r in rows))
     except SQLAlchemyError as exc:
         raise IndexUnavailable(f"index database unavailable: {str(exc).splitlines()[0][:200]}") from exc
-    return RetrievePlan(request, int(count or 0), int(max_id or 0), syntaxes, scope)
+    return RetrievePlan(request, int(count or 0), int(max_id or 0), syntaxes, scopes)
 
 
 def iter_items(sessions: sessionmaker[Session], retrieve: RetrievePlan,
@@ -243,7 +252,7 @@ def iter_items(sessions: sessionmaker[Session], retrieve: RetrievePlan,
     while True:
         try:
             with sessions() as session:
-                rows = session.execute(_filtered(columns, retrieve.request, retrieve.scope)
+                rows = session.execute(_filtered(columns, retrieve.request, retrieve.scopes)
                                        .where(Instance.id > last_id, Instance.id <= retrieve.max_id)
                                        .order_by(Instance.id).limit(page_size)).all()
         except SQLAlchemyError as exc:

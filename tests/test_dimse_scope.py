@@ -34,10 +34,12 @@ from pynetdicom.sop_class import (
     ModalityWorklistInformationFind,
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
     SecondaryCaptureImageStorage,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
+    Verification,
 )
 from sqlalchemy import select, text
 
@@ -65,7 +67,7 @@ from tests.support.tiers import starts_servers
 SC = str(SecondaryCaptureImageStorage)
 S_FIND, P_FIND = StudyRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelFind
 S_GET, P_GET = StudyRootQueryRetrieveInformationModelGet, PatientRootQueryRetrieveInformationModelGet
-S_MOVE = StudyRootQueryRetrieveInformationModelMove
+S_MOVE, P_MOVE = StudyRootQueryRetrieveInformationModelMove, PatientRootQueryRetrieveInformationModelMove
 MWL, MPPS = ModalityWorklistInformationFind, ModalityPerformedProcedureStep
 
 # study key -> (sending modality, Patient ID, patient name, instances)
@@ -93,6 +95,7 @@ class World:
     orders: dict[str, OrderRecord]
     dest: Receiver
     reporters: dict[str, Modality]
+    dest_a: Receiver  # a workstation of HOSP-A registered as a move destination
 
 
 @dataclass
@@ -100,12 +103,14 @@ class Receiver:
     """A C-MOVE destination: a pynetdicom Storage SCP that records what it receives."""
 
     port: int = field(default_factory=free_port)
+    title: str = "DEST"
     received: list[str] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> Receiver:
-        ae = AE(ae_title="DEST")
+        ae = AE(ae_title=self.title)
         ae.add_supported_context(SecondaryCaptureImageStorage)
+        ae.add_supported_context(Verification)  # as real storage SCPs do: what a refused move's association proposes
         self.server = ae.start_server(("127.0.0.1", self.port), block=False,
                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
         return self
@@ -128,14 +133,16 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     ctx = AppContext.create(Settings(data_dir=root / "data", dicom_host="127.0.0.1", dicom_port=free_port()))
     migrate.upgrade(ctx.engine)
     reporters = {title: Modality(title).listen() for title in ("WSA", "PROV")}
-    dest = Receiver().start()
+    dest, dest_a = Receiver().start(), Receiver(title="DESTA").start()
     with ctx.sessions() as s, s.begin():
         for title, facility in (("MODA", "HOSP-A"), ("MODB", "HOSP-B"), ("CTA", "HOSP-A"), ("CTB", "HOSP-B")):
             add_ae(s, title, "127.0.0.1", free_port(), facility=facility)
         add_ae(s, "WSA", "127.0.0.1", reporters["WSA"].port, facility="HOSP-A")
         add_ae(s, "PROV", "127.0.0.1", reporters["PROV"].port, archive_wide=True)
         add_ae(s, "NOSCOPE", "127.0.0.1", free_port())  # in-process only: `pacs ae add` refuses this
-        add_ae(s, "DEST", "127.0.0.1", dest.port, allow_query=False, allow_store=False, facility="HOSP-C")
+        # a province-level node: every facility's studies may be moved to it
+        add_ae(s, "DEST", "127.0.0.1", dest.port, allow_query=False, allow_store=False, archive_wide=True)
+        add_ae(s, "DESTA", "127.0.0.1", dest_a.port, allow_query=False, allow_store=False, facility="HOSP-A")
     listeners: Listeners = start_scp(ctx, Ingestor(ctx.sessions, ctx.store))
     port = listeners.server_address[1]
     reporter = CommitmentReporter(ctx, send_event_report, CommitmentConfig(poll_s=0.2, network_timeout_s=10)).start()
@@ -148,11 +155,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 patient_id=f"P-{key}", patient_name=f"ORDER^{key}", modality="CT", station_ae_title="",
                 start_date="20261206", start_time="0900", procedure_description="CT CHEST", facility=facility))
                 for key, facility in (("OA", "HOSP-A"), ("OB", "HOSP-B"), ("ONONE", ""))}
-        yield World(ctx, port, studies, orders, dest, reporters)
+        yield World(ctx, port, studies, orders, dest, reporters, dest_a)
     finally:
         reporter.stop()
         listeners.shutdown()
         dest.server.shutdown()
+        dest_a.server.shutdown()
         for modality in reporters.values():
             modality.stop_listening()
         ctx.close()
@@ -322,6 +330,35 @@ def test_c_get_and_c_move_of_another_facilitys_study_send_nothing(world: World) 
     assert _get(world, "WSA", _identifier("STUDY", StudyInstanceUID=world.studies["B3"].uid))[0] == \
         world.studies["B3"].sops
     assert _get(world, "WSA", _identifier("STUDY", StudyInstanceUID=world.studies["B4"].uid))[0] == []
+
+
+def _move_to(world: World, aet: str, destination: str, identifier: Dataset) -> tuple[int, ...]:
+    assoc = _associate(aet, world.port, S_MOVE)
+    try:
+        responses = [status for status, _ in assoc.send_c_move(identifier, destination, S_MOVE)]
+    finally:
+        assoc.release()
+    return _final_counts(responses[-1])
+
+
+def test_c_move_sends_only_what_the_destinations_facility_may_see(world: World) -> None:
+    """A move carries a study only to a node whose facility may see it: A's workstation gets A's studies and
+    B's study shared with A; an archive-wide peer cannot push B's unshared study to A's workstation."""
+    a1, b1, b3 = world.studies["A1"], world.studies["B1"], world.studies["B3"]
+    assert _move_to(world, "WSA", "DESTA", _identifier("STUDY", StudyInstanceUID=a1.uid)) == (0x0000, 2, 0, 0)
+    assert world.dest_a.take() == sorted(a1.sops)
+    assert _move_to(world, "PROV", "DESTA", _identifier("STUDY", StudyInstanceUID=b3.uid)) == (0x0000, 1, 0, 0)
+    assert world.dest_a.take() == b3.sops  # shared with HOSP-A
+    refused = _move_to(world, "PROV", "DESTA", _identifier("STUDY", StudyInstanceUID=b1.uid))
+    assert refused[0] == 0xC000 and world.dest_a.take() == []  # B's study, not shared with A: nothing leaves
+    # a patient-level move of a patient with studies at both: only what the destination may hold goes
+    both = _identifier("PATIENT", PatientID="SHARED1")
+    assoc = _associate("PROV", world.port, P_MOVE)
+    try:
+        final = [status for status, _ in assoc.send_c_move(both, "DESTA", P_MOVE)][-1]
+    finally:
+        assoc.release()
+    assert _final_counts(final) == (0x0000, 2, 0, 0) and world.dest_a.take() == sorted(a1.sops)
 
 
 @pytest.mark.parametrize("tool", ["getscu", "movescu"])
