@@ -16,6 +16,7 @@ from pacs.forwarding.delivery import ForwardDelivery
 from pacs.hl7.listener import Hl7Listener
 from pacs.hl7.outbound import Hl7Delivery
 from pacs.ingest import Ingestor, TaskNotifier
+from pacs.persons.identifiers import NationalIdPolicy
 from pacs.settings import Settings
 from workers.publisher import make_publisher
 
@@ -102,6 +103,7 @@ def make_ingestor(ctx: AppContext, notify: TaskNotifier | None = None) -> Ingest
         notify=notify,
         read_sessions=ctx.read_sessions,
         max_inflated_bytes=settings.max_inflated_bytes,
+        national_ids=NationalIdPolicy.from_settings(settings.national_id_issuers, settings.national_id_attribute),
     )
 
 

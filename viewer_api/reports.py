@@ -292,7 +292,7 @@ def _reading_item(i: ReadingItem) -> dict[str, Any]:
         "received_at": _iso(i.received_at), "waiting_s": i.waiting_s, "report_status": i.report_status or None,
         "priors": [{"study_instance_uid": p.study_instance_uid, "study_date": p.study_date,
                     "modalities": [m for m in p.modalities.split("\\") if m], "description": p.description,
-                    "report_status": p.report_status or None} for p in i.priors],
+                    "report_status": p.report_status or None, "facility": p.facility} for p in i.priors],
     }
 
 

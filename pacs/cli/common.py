@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import typer
 from rich.console import Console
@@ -53,6 +55,22 @@ def open_context() -> AppContext:
     settings = load_settings()
     ensure_schema(settings, upgrade=False)
     return AppContext.create(settings)
+
+
+@contextmanager
+def transaction() -> Iterator[Session]:
+    """One write transaction of a command on the process's context; a PacsError becomes the operator's message
+    and exit 1 (nothing of the transaction is kept)."""
+    from pacs.errors import PacsError
+
+    ctx = open_context()
+    try:
+        with ctx.sessions() as session, session.begin():
+            yield session
+    except PacsError as exc:
+        raise fail(exc) from exc
+    finally:
+        ctx.close()
 
 
 def fail(exc: Exception) -> typer.Exit:

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from pacs.cli.common import fail, open_context, out
+from pacs.cli.common import open_context, out, transaction
 from pacs.cli.formatting import json_default, table_time
 
 forward_app = typer.Typer(help="Forwarding rules: send received instances to other DICOM nodes (C-STORE).",
@@ -30,18 +30,11 @@ def add(
     sop_class: Annotated[str, typer.Option("--sop-class", help="Only this SOP Class UID")] = "",
 ) -> None:
     """Forward newly received instances that match (empty criteria match anything) to --to."""
-    from pacs.errors import PacsError
     from pacs.forwarding.rules import add_rule
 
-    ctx = open_context()
-    try:
-        with ctx.sessions() as session, session.begin():
-            rule = add_rule(session, name, to, source_ae=source_ae, modality=modality, body_part_examined=body_part,
-                            sop_class_uid=sop_class)
-    except PacsError as exc:
-        raise fail(exc) from exc
-    finally:
-        ctx.close()
+    with transaction() as session:
+        rule = add_rule(session, name, to, source_ae=source_ae, modality=modality, body_part_examined=body_part,
+                        sop_class_uid=sop_class)
     out.print(f"rule {rule.name}: {_criteria(rule) or 'every instance'} → {rule.destination_ae}")
 
 
@@ -69,17 +62,10 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable
 @forward_app.command("remove")
 def remove(name: str) -> None:
     """Remove a rule (instances it already queued are still sent)."""
-    from pacs.errors import PacsError
     from pacs.forwarding.rules import remove_rule
 
-    ctx = open_context()
-    try:
-        with ctx.sessions() as session, session.begin():
-            remove_rule(session, name)
-    except PacsError as exc:
-        raise fail(exc) from exc
-    finally:
-        ctx.close()
+    with transaction() as session:
+        remove_rule(session, name)
     out.print(f"removed rule {name}")
 
 

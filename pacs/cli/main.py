@@ -423,6 +423,10 @@ from pacs.cli import hl7 as _hl7_cli  # noqa: E402
 
 _hl7_cli.register(app)
 
+from pacs.cli import patients as _patients_cli  # noqa: E402
+
+_patients_cli.register(app)
+
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

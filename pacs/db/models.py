@@ -68,6 +68,10 @@ class Patient(Base):
     patient_birth_date: Mapped[str] = mapped_column(String(8), default="")
     patient_sex: Mapped[str] = mapped_column(String(16), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # the person this record is one of (pacs.persons; migration 0011_persons), and the national identifiers
+    # ("SYSTEM:value", sorted, backslash-joined) it was last linked with: unchanged ones cost ingest nothing
+    person_fk: Mapped[int | None] = mapped_column(ForeignKey("person.id"), nullable=True, index=True)
+    national_ids: Mapped[str] = mapped_column(String(512), default="")
 
     studies: Mapped[list[Study]] = relationship(back_populates="patient")
 
@@ -303,7 +307,10 @@ class AuditEvent(Base):
     prev_hash: Mapped[str] = mapped_column(String(64), default="")  # entry_hash of the row before (pacs.audit)
     entry_hash: Mapped[str] = mapped_column(String(64), default="")
 import pacs.commitment.models  # noqa: E402  (registers the storage_commitment table on Base)
+import pacs.consults.models  # noqa: E402  (registers consults and their answers on Base)
+import pacs.persons.models  # noqa: E402  (registers persons and their national identifiers on Base)
 import pacs.reconciliation.models  # noqa: E402  (registers the reconciliation queue on Base)
 import pacs.reports.models  # noqa: E402  (registers reports, claims, key images, HL7 outbound on Base)
 import pacs.ris.models  # noqa: E402  (registers the RIS tables on Base)
-import pacs.security.models  # noqa: E402, F401  (registers users, tokens and shares on Base)
+import pacs.security.models  # noqa: E402  (registers users, tokens and shares on Base)
+import pacs.sharing.models  # noqa: E402, F401  (registers share links on Base)

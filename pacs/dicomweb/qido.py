@@ -60,10 +60,12 @@ class Resource(StrEnum):
         return {Resource.STUDIES: Level.STUDY, Resource.SERIES: Level.SERIES, Resource.INSTANCES: Level.IMAGE}[self]
 
 
+# IssuerOfPatientID and InstitutionName label each study with the hospital it belongs to (pacs.persons: a
+# person's studies of other facilities appear among the results): read from the same row, no extra statement
 STUDY_DEFAULTS = ("StudyDate", "StudyTime", "AccessionNumber", INSTANCE_AVAILABILITY, "ModalitiesInStudy",
                   "ReferringPhysicianName", RETRIEVE_URL, "PatientName", "PatientID", "PatientBirthDate",
                   "PatientSex", "StudyInstanceUID", "StudyID", "NumberOfStudyRelatedSeries",
-                  "NumberOfStudyRelatedInstances")
+                  "NumberOfStudyRelatedInstances", "IssuerOfPatientID", "InstitutionName")
 SERIES_DEFAULTS = ("Modality", "SeriesDescription", "SeriesNumber", "SeriesInstanceUID",
                    "NumberOfSeriesRelatedInstances", RETRIEVE_URL)
 INSTANCE_DEFAULTS = ("SOPClassUID", "SOPInstanceUID", INSTANCE_AVAILABILITY, RETRIEVE_URL, "InstanceNumber",

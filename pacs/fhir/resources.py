@@ -115,6 +115,8 @@ def imaging_study(study: Row, series: Iterable[Row], instances: Iterable[Row], d
         "modality": [{"system": DCM_SYSTEM, "code": m} for m in modalities],
         "subject": {"reference": f"Patient/{subject}"},
         "started": fhir_date(study.get("StudyDate")),
+        # the hospital the study belongs to (a person's priors come from several: pacs.persons)
+        "location": {"display": str(study["InstitutionName"])} if study.get("InstitutionName") else None,
         "endpoint": [{"reference": f"#{ENDPOINT_ID}"}],
         "numberOfSeries": study.get("NumberOfStudyRelatedSeries"),
         "numberOfInstances": study.get("NumberOfStudyRelatedInstances"),

@@ -30,7 +30,7 @@ from pacs.security.access import may_see_study
 from pacs.security.principal import AccessScope, Principal
 
 STUDY_RETURNS = ("StudyDate", "AccessionNumber", "StudyDescription", "ModalitiesInStudy", "NumberOfStudyRelatedSeries",
-                 "NumberOfStudyRelatedInstances", "PatientID", "IssuerOfPatientID")
+                 "NumberOfStudyRelatedInstances", "PatientID", "IssuerOfPatientID", "InstitutionName")
 SERIES_RETURNS = ("SeriesNumber", "Modality", "SeriesDescription", "BodyPartExamined", "SeriesDate",
                   "NumberOfSeriesRelatedInstances")
 IMAGE_RETURNS = ("SOPClassUID", "InstanceNumber")

@@ -14,6 +14,8 @@ from sqlalchemy.orm import Session
 
 from pacs.db.models import Instance, InstanceVersion, Patient, Series, Study
 from pacs.ingest.parsing import ReceivedObject
+from pacs.persons.identifiers import NationalIdPolicy
+from pacs.persons.linking import link_at_ingest
 
 
 def _insert_ignore(session: Session, model: type, values: dict[str, Any], keys: list[str]) -> None:
@@ -96,12 +98,19 @@ def index_instance(
     facility: str = "",
     provisional: bool = False,
     study_patient: dict[str, str] | None = None,
+    national_ids: NationalIdPolicy | None = None,
 ) -> Instance:
     """Record ``obj`` as the current version of its SOP instance; keep ``replaces`` as a prior version.
 
     A new study is created for ``facility``, ``provisional`` when an unregistered sender creates it, and
-    under ``study_patient`` when given (an order's patient, pacs.ingest.service) instead of the object's patient."""
+    under ``study_patient`` when given (an order's patient, pacs.ingest.service) instead of the object's patient.
+    ``national_ids``: link the patient record to its person by the national IDs the object carries (pacs.persons;
+    not when the study is filed under an order's other patient: the object's identifiers are not that patient's)."""
     patient = _get_or_create_patient(session, study_patient or obj.patient, facility)
+    if national_ids is not None and (study_patient is None or study_patient["patient_id"] == obj.patient["patient_id"]):
+        # the dataset ingest already parsed (pacs.ingest.parsing); the bytes only for an object built elsewhere
+        carried = national_ids.from_dataset(obj.dataset) if obj.dataset is not None else national_ids.read(obj.data)
+        link_at_ingest(session, patient, carried)
     study = _get_or_create_study(session, obj, patient, facility, provisional)
     series, new_series = _get_or_create_series(session, obj, study)
     if new_series:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 import pydicom
@@ -70,6 +70,9 @@ class ReceivedObject:
     study: dict[str, str]
     series: dict[str, str | int | None]
     instance: dict[str, int | None]
+    # the parsed dataset (large values deferred, not loaded): later steps read more attributes from it instead
+    # of parsing ``data`` again (the national identifiers, pacs.persons)
+    dataset: Dataset | None = field(default=None, repr=False, compare=False)
 
 
 def parse_received(
@@ -191,6 +194,7 @@ def _parse_received(
             "columns": _int(ds, "Columns"),
             "number_of_frames": _int(ds, "NumberOfFrames"),
         },
+        dataset=ds,
     )
 
 

@@ -57,6 +57,7 @@ from pacs.ingest.parsing import (
     parse_received,
 )
 from pacs.ingest.source import IngestSource, who
+from pacs.persons.identifiers import NationalIdPolicy
 from pacs.reconciliation import service as reconciliation
 from pacs.security import filing_rules
 from pacs.settings import DuplicatePolicy
@@ -93,7 +94,9 @@ class Ingestor:
         notify: TaskNotifier | None = None,
         read_sessions: sessionmaker[Session] | None = None,
         max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
+        national_ids: NationalIdPolicy | None = None,
     ) -> None:
+        self._national_ids = national_ids  # link records to persons by national IDs (pacs.persons); None: off
         self._sessions = sessions
         self._read_sessions = read_sessions or sessions
         self._store = store
@@ -200,7 +203,8 @@ class Ingestor:
                 index_instance(session, obj, object_key=key, sha256=sha256, received_at=now,
                                source=source.transport, source_ae=source.calling_ae,
                                source_address=source.address, replaces=replaces, facility=decision.facility,
-                               provisional=decision.provisional, study_patient=order_patient(session, obj, source))
+                               provisional=decision.provisional, study_patient=order_patient(session, obj, source),
+                               national_ids=self._national_ids)
                 if source.resolution is not None:
                     try:
                         reconciliation.mark_resolved(session, source.resolution, obj.study_instance_uid)

@@ -131,6 +131,10 @@ _ATTRIBUTES = [
     _A("StudyDescription", Level.STUDY, "LO", Study.study_description, Matching.FOLDED,
        Study.study_description_search),
     _A("ReferringPhysicianName", Level.STUDY, "PN", Study.referring_physician_name),
+    # the institution a study belongs to, labelling other facilities' priors (pacs.persons): as the objects named
+    # it, else the code of the facility it was filed under; returned only (matching it would change C-FIND)
+    _A("InstitutionName", Level.STUDY, "LO", func.coalesce(func.nullif(Study.institution_name, ""), Study.facility),
+       Matching.RETURN_ONLY),
     _A("ModalitiesInStudy", Level.STUDY, "CS", Study.modalities_in_study, Matching.MULTI_VALUED),
     _A("NumberOfStudyRelatedSeries", Level.STUDY, "IS", Study.number_of_series, Matching.RETURN_ONLY),
     _A("NumberOfStudyRelatedInstances", Level.STUDY, "IS", Study.number_of_instances, Matching.RETURN_ONLY),

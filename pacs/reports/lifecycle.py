@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 from pacs import audit
 from pacs.db.models import DerivedTask, Patient, Series, Study
 from pacs.errors import Conflict, InvalidInput, NotFound
+from pacs.persons.scope import without_priors
 from pacs.reports.document import ReportDocument
 from pacs.reports.models import (
     AMENDED,
@@ -119,10 +120,14 @@ def study_reports(session: Session, scope: AccessScope, study_instance_uid: str)
 
 
 def create_draft(session: Session, principal: Principal, study_instance_uid: str, findings: str,
-                 impression: str, language: str = "") -> ReportView:
+                 impression: str, language: str = "", *, scope: AccessScope | None = None) -> ReportView:
     """A new report on a study the principal may see, as version 1 in ``draft``; claims the study for its
-    author when nobody has. Conflict when another radiologist holds the study's claim."""
-    study = _require_study(session, principal.scope, study_instance_uid)
+    author when nobody has. Conflict when another radiologist holds the study's claim.
+
+    ``scope`` (default: the principal's) is what the study is checked against, without what it only borrows
+    (a consult's study, a person's prior). The one caller that passes its own is a consultant's answer
+    ``as_report`` (:func:`pacs.consults.service.answer`): the consult's one study, checked there."""
+    study = _require_study(session, scope or principal.scope, study_instance_uid, write=True)
     findings, impression, language = _text(findings, "findings"), _text(impression, "impression"), _lang(language)
     claim = _claim_row(session, study_instance_uid)
     if claim is not None and claim.claimed_by != principal.subject:
@@ -144,7 +149,7 @@ def create_draft(session: Session, principal: Principal, study_instance_uid: str
 
 def edit(session: Session, principal: Principal, report_id: int, findings: str, impression: str) -> ReportView:
     """Change the text of the newest version while it is a draft or preliminary; its author only."""
-    report = _visible_report(session, principal.scope, report_id, for_update=True)
+    report = _visible_report(session, principal.scope, report_id, for_update=True, author=principal.subject)
     version = report.versions[-1]
     _require_editable(principal, version)
     version.findings, version.impression = _text(findings, "findings"), _text(impression, "impression")
@@ -156,7 +161,7 @@ def edit(session: Session, principal: Principal, report_id: int, findings: str, 
 
 def make_preliminary(session: Session, principal: Principal, report_id: int) -> ReportView:
     """Draft → preliminary (readable by clinicians as preliminary); the author only."""
-    report = _visible_report(session, principal.scope, report_id, for_update=True)
+    report = _visible_report(session, principal.scope, report_id, for_update=True, author=principal.subject)
     version = report.versions[-1]
     _require_editable(principal, version)
     if version.status != DRAFT:
@@ -179,7 +184,7 @@ def sign(session: Session, principal: Principal, report_id: int, on_signed: Sign
     """
     if principal.role not in SIGNING_ROLES:
         raise Forbidden(f"role {principal.role.value} may not sign reports")
-    report = _visible_report(session, principal.scope, report_id, for_update=True)
+    report = _visible_report(session, principal.scope, report_id, for_update=True, author=principal.subject)
     version = report.versions[-1]
     if version.status in SIGNED_STATES:
         raise Conflict(f"version {version.version} is already signed ({version.status})")
@@ -208,7 +213,7 @@ def amend(session: Session, principal: Principal, report_id: int, reason: str, f
     """A new draft version of a signed report, with the reason; signing it makes the report amended."""
     if principal.role not in SIGNING_ROLES:
         raise Forbidden(f"role {principal.role.value} may not amend reports")
-    report = _visible_report(session, principal.scope, report_id, for_update=True)
+    report = _visible_report(session, principal.scope, report_id, for_update=True, author=principal.subject)
     newest = report.versions[-1]
     if newest.status not in SIGNED_STATES:
         raise Conflict(f"only a signed report can be amended; version {newest.version} is {newest.status}"
@@ -235,7 +240,7 @@ def amend(session: Session, principal: Principal, report_id: int, reason: str, f
 
 def claim(session: Session, principal: Principal, study_instance_uid: str) -> StudyClaim:
     """Claim a study for reading; Conflict when another radiologist has it (claiming it again is a no-op)."""
-    _require_study(session, principal.scope, study_instance_uid)
+    _require_study(session, principal.scope, study_instance_uid, write=True)
     existing = _claim_row(session, study_instance_uid)
     if existing is not None:
         if existing.claimed_by != principal.subject:
@@ -250,7 +255,7 @@ def claim(session: Session, principal: Principal, study_instance_uid: str) -> St
 
 def release(session: Session, principal: Principal, study_instance_uid: str) -> None:
     """Release a claim: its holder, or an admin (a radiologist who left for the day)."""
-    _require_study(session, principal.scope, study_instance_uid)
+    _require_study(session, principal.scope, study_instance_uid, write=True)
     existing = _claim_row(session, study_instance_uid)
     if existing is None:
         raise NotFound("the study is not claimed")
@@ -344,17 +349,31 @@ def display_name(session: Session, principal: Principal) -> str:
     return principal.subject[:128]
 
 
-def _visible_report(session: Session, scope: AccessScope, report_id: int, for_update: bool = False) -> Report:
+def _visible_report(session: Session, scope: AccessScope, report_id: int, for_update: bool = False,
+                    author: str = "") -> Report:
+    """The report, if its study is in ``scope``. A change (``for_update``) leaves out what the scope only borrows
+    — another facility's study seen as a person's prior (pacs.persons) or under a consult (pacs.consults) — with
+    one exception: ``author``'s own report on a study it sees through an open consult (the draft its answer
+    ``as_report`` started) stays theirs to finish while the consult lasts. Never someone else's report."""
     stmt = select(Report).where(Report.id == report_id)
     report = session.scalars(stmt.with_for_update() if for_update else stmt).one_or_none()
-    if report is None or not may_see_study(session, scope, report.study_instance_uid):
+    if report is None:
         raise NotFound(f"no report {report_id}")
-    return report
+    uid = report.study_instance_uid
+    if may_see_study(session, scope, uid, borrowed=not for_update):
+        return report
+    if for_update and author and report.created_by == author[:128] \
+            and may_see_study(session, without_priors(scope), uid):
+        return report
+    raise NotFound(f"no report {report_id}")
 
 
-def _require_study(session: Session, scope: AccessScope, study_instance_uid: str) -> Study:
+def _require_study(session: Session, scope: AccessScope, study_instance_uid: str, write: bool = False) -> Study:
+    """The study, if in ``scope``; a change (``write``: a draft, a claim, its release) leaves out what the scope
+    only borrows — a person's prior (pacs.persons), a consult's study (pacs.consults): 404 like an unknown study
+    (a consultant's claim would outlive the consult and lock the owning facility's readers out)."""
     study = session.scalars(select(Study).where(Study.study_instance_uid == study_instance_uid)).one_or_none()
-    if study is None or not may_see_study(session, scope, study_instance_uid):
+    if study is None or not may_see_study(session, scope, study_instance_uid, borrowed=not write):
         raise NotFound(f"no study {study_instance_uid}")
     return study
 

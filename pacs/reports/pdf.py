@@ -7,6 +7,10 @@ markup. The total page count in the footer comes from a first layout pass instea
 Everything printed comes from the :class:`~pacs.reports.document.ReportDocument`; the PDF's
 creation date is the version's signing time, so rendering the same version twice gives the same
 bytes.
+
+Given a share link (``share_url``), the first page's header carries the link's QR code at its right,
+with a caption and the link's expiry, so a printed report opens online too (issue 14); the rest of
+the layout is the same.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import os
 import unicodedata
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -23,15 +28,22 @@ from fpdf.enums import Align, XPos, YPos
 
 from pacs.errors import PacsError
 from pacs.reports.document import ReportDocument
+from pacs.sharing.qr import place_qr
 
 __all__ = [
     "DEFAULT_FONT_DIR",
     "FONT_DIR_ENV",
+    "FONT_FAMILY",
     "LABELS",
     "REPORT_TIMEZONE",
     "ReportFontMissing",
     "display_name",
     "font_dir",
+    "font_files",
+    "format_date",
+    "format_local_time",
+    "format_time",
+    "plain_text",
     "render_report_pdf",
 ]
 
@@ -40,7 +52,7 @@ REPORT_TIMEZONE = ZoneInfo("Asia/Ho_Chi_Minh")
 
 FONT_DIR_ENV = "PACS_REPORT_FONT_DIR"
 DEFAULT_FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")  # Debian's fonts-dejavu-core
-_FONT_FAMILY = "DejaVuSans"
+FONT_FAMILY = "DejaVuSans"
 _FONT_FILES = {"": "DejaVuSans.ttf", "B": "DejaVuSans-Bold.ttf"}
 
 
@@ -75,6 +87,8 @@ LABELS: Mapping[str, Mapping[str, str]] = {
         "report": "Mã kết quả",
         "version": "phiên bản",
         "page": "Trang {page}/{pages}",
+        "share_caption": "Quét mã để xem kết quả trực tuyến",
+        "share_expires": "Hết hạn",
     },
     "en": {
         "title": "DIAGNOSTIC IMAGING REPORT",
@@ -102,6 +116,8 @@ LABELS: Mapping[str, Mapping[str, str]] = {
         "report": "Report",
         "version": "version",
         "page": "Page {page} of {pages}",
+        "share_caption": "Scan to see this result online",
+        "share_expires": "Expires",
     },
 }
 
@@ -109,6 +125,14 @@ _MARGIN = 15.0
 _LINE = 5.5
 _BANNER_FILL = (255, 236, 204)
 _PRELIMINARY_COLOUR = (180, 30, 30)
+_QR_SIZE = 28.0  # mm, quiet zone included: ~0.6 mm per module for a share URL, easy for a phone on paper
+_QR_GAP = 1.0
+
+
+@dataclass(frozen=True)
+class _ShareMark:
+    url: str
+    expires_at: datetime | None
 
 
 def font_dir() -> Path:
@@ -124,45 +148,62 @@ def display_name(pn: str) -> str:
     return " ".join(p for p in parts if p)
 
 
-def render_report_pdf(doc: ReportDocument, *, language: str = "vi") -> bytes:
-    """The report version as PDF bytes, labelled in Vietnamese (``"vi"``) or English (``"en"``)."""
+def render_report_pdf(doc: ReportDocument, *, language: str = "vi", share_url: str | None = None,
+                      share_expires_at: datetime | None = None) -> bytes:
+    """The report version as PDF bytes, labelled in Vietnamese (``"vi"``) or English (``"en"``).
+
+    With ``share_url`` (a share link of the study), the first page also carries the link's QR code, a
+    caption saying what it is for and, given ``share_expires_at``, until when it opens.
+    """
     if language not in LABELS:
         raise ValueError(f"no report labels for language {language!r} (have: {', '.join(LABELS)})")
-    fonts = _font_files()
-    first = _layout(doc, LABELS[language], language, fonts, total_pages=None)
-    final = _layout(doc, LABELS[language], language, fonts, total_pages=first.page)
+    share = _ShareMark(share_url, share_expires_at) if share_url else None
+    fonts = font_files()
+    first = _layout(doc, LABELS[language], language, fonts, total_pages=None, share=share)
+    final = _layout(doc, LABELS[language], language, fonts, total_pages=first.page, share=share)
     return bytes(final.output())
 
 
 class _ReportPDF(FPDF):
     """A4 pages with the facility header, the preliminary mark and a numbered footer on every page."""
 
-    def __init__(self, doc: ReportDocument, labels: Mapping[str, str], total_pages: int | None) -> None:
+    def __init__(self, doc: ReportDocument, labels: Mapping[str, str], total_pages: int | None,
+                 share: _ShareMark | None = None) -> None:
         super().__init__(orientation="P", unit="mm", format="A4")
         self.report = doc
         self.labels = labels
         self.total_pages = total_pages
+        self.share = share
         self.alias_nb_pages(None)  # type: ignore[arg-type]  # "{nb}" in report text must stay literal
 
     def header(self) -> None:
-        self.set_font(_FONT_FAMILY, "B", 11)
+        # On the first page of a shared report the link's QR code stands at the right; the titles keep
+        # the same room at the left, so they stay centred on the page.
+        top = self.get_y()
+        inset, bottom = 0.0, top
+        if self.share is not None and self.page_no() == 1:
+            inset, bottom = _QR_SIZE + _QR_GAP, _share_mark(self, self.share, self.labels, top)
+            self.set_xy(self.l_margin + inset, top)
+        width = self.epw - 2 * inset
+        self.set_font(FONT_FAMILY, "B", 11)
         if self.report.facility_name:
-            self.multi_cell(0, 5.5, _plain(self.report.facility_name), align=Align.C,
-                            new_x=XPos.LMARGIN, new_y=YPos.NEXT)
-        self.set_font(_FONT_FAMILY, "B", 15)
-        self.cell(0, 9, self.labels["title"], align=Align.C, new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+            self.multi_cell(width, 5.5, plain_text(self.report.facility_name), align=Align.C,
+                            new_x=XPos.LEFT, new_y=YPos.NEXT)
+        self.set_font(FONT_FAMILY, "B", 15)
+        self.cell(width, 9, self.labels["title"], align=Align.C, new_x=XPos.LEFT, new_y=YPos.NEXT)
         if self.report.status == "preliminary":
             self.set_text_color(*_PRELIMINARY_COLOUR)
-            self.set_font(_FONT_FAMILY, "B", 12)
-            self.cell(0, 7, self.labels["preliminary"], align=Align.C, new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+            self.set_font(FONT_FAMILY, "B", 12)
+            self.cell(width, 7, self.labels["preliminary"], align=Align.C, new_x=XPos.LEFT, new_y=YPos.NEXT)
             self.set_text_color(0, 0, 0)
+        self.set_y(max(self.get_y(), bottom))
         self.line(self.l_margin, self.get_y() + 1, self.w - self.r_margin, self.get_y() + 1)
         self.ln(4)
 
     def footer(self) -> None:
         self.set_y(-13)
         self.line(self.l_margin, self.get_y(), self.w - self.r_margin, self.get_y())
-        self.set_font(_FONT_FAMILY, "", 8)
+        self.set_font(FONT_FAMILY, "", 8)
         doc = self.report
         ident = f"{self.labels['report']} {doc.report_id}, {self.labels['version']} {doc.version}"
         self.cell(0, 6, ident, align=Align.L)
@@ -172,10 +213,10 @@ class _ReportPDF(FPDF):
 
 
 def _layout(doc: ReportDocument, labels: Mapping[str, str], language: str, fonts: Mapping[str, Path],
-            total_pages: int | None) -> _ReportPDF:
-    pdf = _ReportPDF(doc, labels, total_pages)
+            total_pages: int | None, share: _ShareMark | None = None) -> _ReportPDF:
+    pdf = _ReportPDF(doc, labels, total_pages, share)
     for style, path in fonts.items():
-        pdf.add_font(_FONT_FAMILY, style, str(path))
+        pdf.add_font(FONT_FAMILY, style, str(path))
     pdf.set_margins(_MARGIN, 12, _MARGIN)
     pdf.set_auto_page_break(True, margin=18)
     _metadata(pdf, doc, labels, language)
@@ -192,7 +233,7 @@ def _layout(doc: ReportDocument, labels: Mapping[str, str], language: str, fonts
 def _metadata(pdf: FPDF, doc: ReportDocument, labels: Mapping[str, str], language: str) -> None:
     pdf.set_title(f"{labels['title']} – {labels['report']} {doc.report_id}, {labels['version']} {doc.version}")
     pdf.set_author(_signer(doc))
-    pdf.set_subject(_plain(doc.procedure or doc.study_description))
+    pdf.set_subject(plain_text(doc.procedure or doc.study_description))
     pdf.set_creator("Filmless PACS")
     pdf.set_lang("vi-VN" if language == "vi" else "en-US")
     moment = doc.signed_at or doc.created_at
@@ -202,11 +243,11 @@ def _metadata(pdf: FPDF, doc: ReportDocument, labels: Mapping[str, str], languag
 
 def _amended_banner(pdf: FPDF, doc: ReportDocument, labels: Mapping[str, str]) -> None:
     pdf.set_fill_color(*_BANNER_FILL)
-    pdf.set_font(_FONT_FAMILY, "B", 11)
+    pdf.set_font(FONT_FAMILY, "B", 11)
     pdf.multi_cell(0, 7, labels["amended"], fill=True, align=Align.L, new_x=XPos.LMARGIN, new_y=YPos.NEXT)
     if doc.amend_reason.strip():
-        pdf.set_font(_FONT_FAMILY, "", 10)
-        pdf.multi_cell(0, _LINE, f"{labels['amend_reason']}: {_plain(doc.amend_reason)}", fill=True,
+        pdf.set_font(FONT_FAMILY, "", 10)
+        pdf.multi_cell(0, _LINE, f"{labels['amend_reason']}: {plain_text(doc.amend_reason)}", fill=True,
                        align=Align.L, new_x=XPos.LMARGIN, new_y=YPos.NEXT)
     pdf.set_fill_color(255, 255, 255)  # fpdf2 tables fill their cells with the current fill colour
     pdf.ln(3)
@@ -214,41 +255,54 @@ def _amended_banner(pdf: FPDF, doc: ReportDocument, labels: Mapping[str, str]) -
 
 def _patient_block(pdf: FPDF, doc: ReportDocument, labels: Mapping[str, str]) -> None:
     sex = labels.get(f"sex_{doc.patient_sex}", doc.patient_sex)
-    study_when = " ".join(p for p in (_date(doc.study_date), _time(doc.study_time)) if p)
+    study_when = " ".join(p for p in (format_date(doc.study_date), format_time(doc.study_time)) if p)
     rows = [
         (labels["patient_name"], display_name(doc.patient_name), labels["patient_id"], doc.patient_id),
-        (labels["birth_date"], _date(doc.patient_birth_date), labels["sex"], sex),
+        (labels["birth_date"], format_date(doc.patient_birth_date), labels["sex"], sex),
         (labels["modality"], ", ".join(doc.modalities), labels["study_date"], study_when),
         (labels["accession"], doc.accession_number, labels["referring"], display_name(doc.referring_physician_name)),
     ]
     label_face = FontFace(emphasis="BOLD")
-    pdf.set_font(_FONT_FAMILY, "B", 10)
+    pdf.set_font(FONT_FAMILY, "B", 10)
     # Label columns as wide as their longest label, so labels never wrap; values share the rest.
     left = max(pdf.get_string_width(f"{row[0]}:") for row in [*rows, (labels["procedure"],)]) + 3
     right = max(pdf.get_string_width(f"{row[2]}:") for row in rows) + 3
     value = (pdf.epw - left - right) / 2
-    pdf.set_font(_FONT_FAMILY, "", 10)
+    pdf.set_font(FONT_FAMILY, "", 10)
     with pdf.table(col_widths=(left, value, right, value), borders_layout="NONE", first_row_as_headings=False,
                    text_align="LEFT", line_height=_LINE, padding=(0.6, 1)) as table:
         for label_a, value_a, label_b, value_b in rows:
             row = table.row()
             row.cell(f"{label_a}:", style=label_face)
-            row.cell(_plain(value_a))
+            row.cell(plain_text(value_a))
             row.cell(f"{label_b}:", style=label_face)
-            row.cell(_plain(value_b))
+            row.cell(plain_text(value_b))
         row = table.row()
         row.cell(f"{labels['procedure']}:", style=label_face)
-        row.cell(_plain(doc.procedure or doc.study_description), colspan=3)
+        row.cell(plain_text(doc.procedure or doc.study_description), colspan=3)
     pdf.ln(2)
     pdf.line(pdf.l_margin, pdf.get_y(), pdf.w - pdf.r_margin, pdf.get_y())
     pdf.ln(3)
 
 
+def _share_mark(pdf: FPDF, share: _ShareMark, labels: Mapping[str, str], top: float) -> float:
+    """The QR code at the right margin from ``top`` down and its caption under it; returns the bottom."""
+    x = pdf.w - pdf.r_margin - _QR_SIZE
+    place_qr(pdf, share.url, x=x, y=top, size=_QR_SIZE)
+    caption = labels["share_caption"]
+    if share.expires_at is not None:
+        caption += f"\n{labels['share_expires']}: {format_local_time(share.expires_at)}"
+    pdf.set_font(FONT_FAMILY, "", 6.5)
+    pdf.set_xy(x - 1, top + _QR_SIZE)
+    pdf.multi_cell(_QR_SIZE + 2, 2.9, caption, align=Align.C, new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    return pdf.get_y()
+
+
 def _section(pdf: FPDF, heading: str, text: str, *, bold_body: bool) -> None:
-    pdf.set_font(_FONT_FAMILY, "B", 12)
+    pdf.set_font(FONT_FAMILY, "B", 12)
     pdf.cell(0, 8, heading, new_x=XPos.LMARGIN, new_y=YPos.NEXT)
-    pdf.set_font(_FONT_FAMILY, "B" if bold_body else "", 10.5)
-    pdf.multi_cell(0, _LINE, _plain(text), align=Align.L, new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    pdf.set_font(FONT_FAMILY, "B" if bold_body else "", 10.5)
+    pdf.multi_cell(0, _LINE, plain_text(text), align=Align.L, new_x=XPos.LMARGIN, new_y=YPos.NEXT)
     pdf.ln(4)
 
 
@@ -258,20 +312,20 @@ def _signature(pdf: FPDF, doc: ReportDocument, labels: Mapping[str, str]) -> Non
         pdf.add_page()
     x = pdf.w / 2
     width = pdf.w - pdf.r_margin - x
-    pdf.set_font(_FONT_FAMILY, "", 10)
+    pdf.set_font(FONT_FAMILY, "", 10)
     lines: list[tuple[str, str]] = []
     if doc.signed:
         if doc.signed_at is not None:
-            lines.append(("", f"{labels['signed_at']}: {_local_time(doc.signed_at)}"))
+            lines.append(("", f"{labels['signed_at']}: {format_local_time(doc.signed_at)}"))
         lines.append(("", f"{labels['signed_by']}:"))
     else:
         lines.append(("", labels["preliminary_note"]))
         lines.append(("", f"{labels['reported_by']}:"))
     lines.append(("B", _signer(doc)))
     for style, text in lines:
-        pdf.set_font(_FONT_FAMILY, style, 11 if style else 10)
+        pdf.set_font(FONT_FAMILY, style, 11 if style else 10)
         pdf.set_x(x)
-        pdf.multi_cell(width, _LINE + 0.5, _plain(text), align=Align.C, new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+        pdf.multi_cell(width, _LINE + 0.5, plain_text(text), align=Align.C, new_x=XPos.LMARGIN, new_y=YPos.NEXT)
 
 
 def _signer(doc: ReportDocument) -> str:
@@ -280,7 +334,7 @@ def _signer(doc: ReportDocument) -> str:
     return doc.author_name or doc.author
 
 
-def _font_files() -> dict[str, Path]:
+def font_files() -> dict[str, Path]:
     folder = font_dir()
     files = {style: folder / name for style, name in _FONT_FILES.items()}
     missing = [str(path) for path in files.values() if not path.is_file()]
@@ -293,14 +347,14 @@ def _font_files() -> dict[str, Path]:
     return files
 
 
-def _plain(text: str) -> str:
+def plain_text(text: str) -> str:
     """Report text as it is laid out: NFC (DejaVu has the precomposed Vietnamese letters), Unix line
     breaks, tabs as spaces, and no other control characters."""
     text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n").replace("\t", "    ")
     return "".join(ch for ch in text if ch == "\n" or unicodedata.category(ch) != "Cc")
 
 
-def _date(value: str) -> str:
+def format_date(value: str) -> str:
     """YYYYMMDD as DD/MM/YYYY; anything else as stored."""
     value = value.strip()
     try:
@@ -309,7 +363,7 @@ def _date(value: str) -> str:
         return value
 
 
-def _time(value: str) -> str:
+def format_time(value: str) -> str:
     """DICOM TM (HHMMSS.frac or HH:MM:SS) as HH:MM; anything else as stored."""
     digits = value.strip().replace(":", "").split(".", 1)[0]
     if len(digits) >= 4 and digits[:4].isdigit():
@@ -317,7 +371,7 @@ def _time(value: str) -> str:
     return value.strip()
 
 
-def _local_time(moment: datetime) -> str:
+def format_local_time(moment: datetime) -> str:
     aware = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
     local = aware.astimezone(REPORT_TIMEZONE)
     offset = local.strftime("%z")

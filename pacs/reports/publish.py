@@ -130,7 +130,9 @@ def mark_key_images(ctx: AppContext, principal: Principal, study_instance_uid: s
     if len(uids) > MAX_KEY_IMAGES:
         raise InvalidInput(f"at most {MAX_KEY_IMAGES} key images")
     with ctx.read_sessions() as session:
-        if not may_see_study(session, principal.scope, study_instance_uid):
+        # a change: a borrowed study (a person's prior, a consult's study) is read-only; key images show on
+        # the owning facility's patient share page
+        if not may_see_study(session, principal.scope, study_instance_uid, borrowed=False):
             raise NotFound(f"no study {study_instance_uid}")
         found = session.execute(
             select(Instance.sop_instance_uid, Instance.sop_class_uid, Instance.object_key,

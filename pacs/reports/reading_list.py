@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from pacs.db.models import Patient, Study
 from pacs.errors import InvalidInput
+from pacs.persons.scope import same_person_records
 from pacs.reports.models import SIGNED_STATES, Report, StudyClaim
 from pacs.ris.models import PRIORITIES, PRIORITY_RANK, ROUTINE, ImagingOrder
 from pacs.security.access import study_condition
@@ -48,6 +49,7 @@ class PriorStudy:
     modalities: str
     description: str
     report_status: str  # "" when it has no report
+    facility: str = ""  # the facility the prior belongs to (a person's priors come from several: pacs.persons)
 
 
 @dataclass(frozen=True)
@@ -182,7 +184,9 @@ def _conditions(scope: AccessScope, filters: ReadingFilters) -> list[ColumnEleme
     """Conditions on the study alone: has images, no signed report, in scope, the simple filters."""
     signed = exists().where(Report.study_instance_uid == Study.study_instance_uid,
                             Report.status.in_(SIGNED_STATES))
-    conditions = [Study.number_of_instances > 0, ~signed, study_condition(scope)]
+    # other facilities' studies seen as a person's priors are shown as priors, and a study under an open consult
+    # is the consult's (its inbox), never work to read here: the facility's own and shared studies only
+    conditions = [Study.number_of_instances > 0, ~signed, study_condition(scope, borrowed=False)]
     if filters.modality:
         modality = filters.modality.strip().upper()
         if not modality.isalnum() or len(modality) > 16:
@@ -221,19 +225,27 @@ def _unsigned_status(session: Session, uids: list[str]) -> dict[str, str]:
 
 
 def _priors(session: Session, scope: AccessScope, patient_fks: set[int]) -> dict[int, list[PriorStudy]]:
-    """Other studies of the same patients (newest first), within the caller's scope."""
+    """Other studies of the same patients (newest first), within the caller's scope: with the priors rule
+    (pacs.persons.scope), the studies of every record of the patient's person, each with its facility."""
     if not patient_fks:
         return {}
+    records = same_person_records(session, patient_fks) if scope.linked_priors else {p: {p} for p in patient_fks}
+    wanted = sorted(set().union(*records.values()))
     signed = (select(Report.status).where(Report.study_instance_uid == Study.study_instance_uid)
               .order_by(Report.id.desc()).limit(1).scalar_subquery())
-    out: dict[int, list[PriorStudy]] = {}
+    found: dict[int, list[PriorStudy]] = {}
     for r in session.execute(select(Study.patient_fk, Study.study_instance_uid, Study.study_date,
-                                    Study.modalities_in_study, Study.study_description, signed.label("status"))
-                             .where(Study.patient_fk.in_(sorted(patient_fks)), study_condition(scope))
+                                    Study.modalities_in_study, Study.study_description, signed.label("status"),
+                                    Study.facility)
+                             .where(Study.patient_fk.in_(wanted), study_condition(scope))
                              .order_by(Study.study_date.desc(), Study.id.desc())):
-        out.setdefault(r.patient_fk, []).append(PriorStudy(r.study_instance_uid, r.study_date,
-                                                           r.modalities_in_study, r.study_description,
-                                                           r.status or ""))
+        found.setdefault(r.patient_fk, []).append(PriorStudy(r.study_instance_uid, r.study_date,
+                                                             r.modalities_in_study, r.study_description,
+                                                             r.status or "", r.facility))
+    out: dict[int, list[PriorStudy]] = {}
+    for pk, linked in records.items():
+        merged = [p for record in linked for p in found.get(record, [])]
+        out[pk] = sorted(merged, key=lambda p: p.study_date, reverse=True)
     return out
 
 

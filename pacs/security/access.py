@@ -10,8 +10,10 @@ from __future__ import annotations
 from sqlalchemy import ColumnElement, and_, exists, or_, select, true
 from sqlalchemy.orm import Session
 
+from pacs.consults.grants import consult_grant
 from pacs.db.models import Patient, Study
 from pacs.errors import InvalidInput, NotFound, PacsError
+from pacs.persons.scope import linked_priors_condition
 from pacs.security.models import StudyShare
 from pacs.security.principal import AccessScope, Principal
 from pacs.security.roles import Capability
@@ -26,13 +28,27 @@ def authorize(principal: Principal, capability: Capability) -> None:
         raise Forbidden(f"role {principal.role.value} may not {capability.value}")
 
 
-def study_condition(scope: AccessScope) -> ColumnElement[bool]:
-    """A SQL condition on :class:`Study` rows true exactly for the studies ``scope`` may see."""
+def study_condition(scope: AccessScope, *, borrowed: bool = True) -> ColumnElement[bool]:
+    """A SQL condition on :class:`Study` rows true exactly for the studies ``scope`` may see.
+
+    ``borrowed=False`` leaves out what a facility only borrows — another facility's study under an open
+    consult, a person's prior from another facility — for acts that pass a study on (a share link, a slip)
+    or change it (a claim, key images, a report: :mod:`pacs.reports.lifecycle`). The consult grant applies only
+    to a scope with ``consult_grants`` (:func:`pacs.security.principal.scope_for`: roles holding
+    ``Capability.CONSULT``); AE scopes (:mod:`pacs.ae_scope`) never have it.
+    """
     parts: list[ColumnElement[bool]] = []
     if scope.facilities is not None:
         facilities = sorted(scope.facilities)
         shared = exists().where(StudyShare.study_fk == Study.id, StudyShare.facility.in_(facilities))
-        parts.append(or_(Study.facility.in_(facilities), shared))
+        lent: list[ColumnElement[bool]] = []
+        if borrowed:
+            if scope.consult_grants:  # a doctor of a consulted facility: the consult's study, until it ends
+                lent.append(consult_grant(facilities))  # (pacs.consults; never AEs, technologists, EMR accounts)
+            if scope.linked_priors and facilities:
+                # a person's studies of other facilities (pacs.persons.scope; setting priors_across_facilities)
+                lent.append(linked_priors_condition(facilities))
+        parts.append(or_(Study.facility.in_(facilities), shared, *lent))
     if scope.patient is not None:  # one patient record, and only the studies of its own facility (no shares)
         key = scope.patient
         record = select(Patient.id).where(Patient.patient_id == key.patient_id,
@@ -46,11 +62,11 @@ def study_condition(scope: AccessScope) -> ColumnElement[bool]:
     return and_(*parts) if parts else true()
 
 
-def may_see_study(session: Session, scope: AccessScope, study_instance_uid: str) -> bool:
+def may_see_study(session: Session, scope: AccessScope, study_instance_uid: str, *, borrowed: bool = True) -> bool:
     """Whether the study exists and is inside ``scope`` (callers answer 404 either way, so a
-    guessed UID tells nothing about other facilities' studies)."""
+    guessed UID tells nothing about other facilities' studies); ``borrowed``: see :func:`study_condition`."""
     found = session.scalar(select(Study.id).where(Study.study_instance_uid == study_instance_uid,
-                                                  study_condition(scope)).limit(1))
+                                                  study_condition(scope, borrowed=borrowed)).limit(1))
     return found is not None
 
 

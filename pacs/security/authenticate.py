@@ -1,11 +1,14 @@
 """Turning a bearer token into a :class:`Principal`.
 
-Three kinds of bearer token are accepted:
+Four kinds of bearer token are accepted:
 
 - ``pacs_…``: an API token (`pacs token create`); looked up by the SHA-256 of its secret;
 - a session token issued by ``POST /api/auth/login``: a JWT (HS256) signed with the archive's
   ``auth_secret``, short-lived (``session_token_ttl_s``); the user is re-read on every request,
   so disabling a user takes effect at once;
+- a share-link viewer session (audience ``filmless-pacs-share``, HS256 with the same secret): issued by
+  ``GET /s/{token}/viewer`` for a link of scope "study"; its principal sees that one study, and the link is
+  re-checked on every request;
 - a JWT from the configured OIDC issuer (RS256/ES256, keys from its JWKS URL), with the role
   taken from ``oidc_role_claim`` and the facility from ``oidc_facility_claim``; a patient's JWT also
   carries ``patient_id`` (and ``patient_id_issuer`` when the patient's ID has an issuer) and names its
@@ -27,6 +30,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs.errors import PacsError
+from pacs.persons.scope import priors_allowed
 from pacs.security.accounts import TOKEN_PREFIX, find_token
 from pacs.security.models import User
 from pacs.security.principal import Principal, scope_for
@@ -35,6 +39,7 @@ from pacs.settings import Settings
 
 SESSION_ISSUER = "filmless-pacs"
 SESSION_AUDIENCE = "filmless-pacs-session"
+SHARE_AUDIENCE = "filmless-pacs-share"  # a viewer session opened through a share link (pacs.sharing)
 _SECRET_FILE = "auth-secret"
 
 
@@ -73,7 +78,19 @@ class Authenticator:
                   "pwd": password_fingerprint(user.password_hash), "iat": now, "exp": now + timedelta(seconds=ttl)}
         return jwt.encode(claims, self._secret, algorithm="HS256"), ttl
 
+    def issue_share_token(self, link_id: int, ttl_s: int) -> tuple[str, int]:
+        """A short-lived viewer session for share link ``link_id`` (scope "study"): the link is re-checked on
+        every request (:func:`pacs.sharing.links.session_principal`), so revoking it ends the session at once."""
+        now = datetime.now(UTC)
+        claims = {"iss": SESSION_ISSUER, "aud": SHARE_AUDIENCE, "sub": f"share:{link_id}", "lnk": link_id,
+                  "iat": now, "exp": now + timedelta(seconds=ttl_s)}
+        return jwt.encode(claims, self._secret, algorithm="HS256"), ttl_s
+
     # -- checking --------------------------------------------------------------------------------
+    def _priors(self, role: Role, facility: str) -> bool:
+        """Whether this role sees a person's studies of other facilities (pacs.persons.scope)."""
+        return priors_allowed(self._settings.priors_across_facilities, role, facility)
+
     def authenticate(self, token: str, source_address: str = "") -> Principal:
         token = token.strip()
         if not token or len(token) > 8192:
@@ -85,6 +102,8 @@ class Authenticator:
         except jwt.PyJWTError:
             raise AuthenticationError("malformed bearer token") from None
         if header.get("alg") == "HS256":
+            if _unverified_audience(token) == SHARE_AUDIENCE:
+                return self._share_token(token, source_address)
             return self._session_token(token, source_address)
         if self._settings.oidc_issuer:
             return self._oidc_token(token, source_address)
@@ -98,7 +117,8 @@ class Authenticator:
         role = Role(row.role)
         return Principal(subject=f"token:{row.name}", role=role,
                          capabilities=capabilities_of(role, images_granted=row.images_granted),
-                         scope=scope_for(role, row.facility, row.patient_id, row.patient_issuer), kind="token",
+                         scope=scope_for(role, row.facility, row.patient_id, row.patient_issuer,
+                                         linked_priors=self._priors(role, row.facility)), kind="token",
                          facility=row.facility, source_address=source_address, token_id=row.id)
 
     def _session_token(self, token: str, source_address: str) -> Principal:
@@ -117,8 +137,27 @@ class Authenticator:
             raise AuthenticationError("password changed: log in again")
         role = Role(user.role)
         return Principal(subject=user.username, role=role, capabilities=capabilities_of(role),
-                         scope=scope_for(role, user.facility, user.patient_id, user.patient_issuer), kind="session",
+                         scope=scope_for(role, user.facility, user.patient_id, user.patient_issuer,
+                                         linked_priors=self._priors(role, user.facility)), kind="session",
                          facility=user.facility, source_address=source_address)
+
+    def _share_token(self, token: str, source_address: str) -> Principal:
+        from pacs.sharing.links import session_principal
+
+        try:
+            claims = jwt.decode(token, self._secret, algorithms=["HS256"], audience=SHARE_AUDIENCE,
+                                issuer=SESSION_ISSUER, options={"require": ["exp", "sub", "lnk"]})
+        except jwt.ExpiredSignatureError:
+            raise AuthenticationError("share session expired: open the link again") from None
+        except jwt.PyJWTError:
+            raise AuthenticationError("invalid share session token") from None
+        if not isinstance(claims["lnk"], int):
+            raise AuthenticationError("invalid share session token")
+        with self._sessions() as session:
+            principal = session_principal(session, claims["lnk"], source_address)
+        if principal is None:
+            raise AuthenticationError("the share link was revoked, expired or locked")
+        return principal
 
     @cached_property
     def _jwks(self) -> jwt.PyJWKClient:
@@ -155,8 +194,17 @@ class Authenticator:
             if not isinstance(issuer, str) or len(issuer) > 64:
                 raise AuthenticationError("patient_id_issuer must be a string of at most 64 characters")
         return Principal(subject=f"oidc:{str(claims['sub'])[:100]}", role=role, capabilities=capabilities_of(role),
-                         scope=scope_for(role, facility, patient_id, str(issuer).strip()), kind="oidc",
+                         scope=scope_for(role, facility, patient_id, str(issuer).strip(),
+                                         linked_priors=self._priors(role, facility)), kind="oidc",
                          facility=facility, source_address=source_address)
+
+
+def _unverified_audience(token: str) -> object:
+    """The ``aud`` claim before the signature is checked (only to pick the checker; each checker verifies)."""
+    try:
+        return jwt.decode(token, options={"verify_signature": False}).get("aud")
+    except jwt.PyJWTError:
+        return None
 
 
 def password_fingerprint(password_hash: str) -> str:

@@ -8,6 +8,7 @@ every row) and by the log filter (:class:`RedactingLogFilter`, on the HTTP serve
 - the value of a ``name=value`` pair whose name is a credential's (:func:`is_secret_name`) becomes ``***``;
 - the password of a URL's user information (``scheme://user:password@host``) becomes ``***``;
 - bearer credentials themselves (our ``pacs_…`` API tokens, JWTs) become ``***`` wherever they appear.
+- a share link's path ``/s/<token>`` becomes ``/s/<redacted>`` (the token is the credential).
 
 :func:`mask_url` is the same rule for one configured URL (``pacs config show``).
 """
@@ -33,6 +34,9 @@ _PAIR = re.compile(r"(?P<lead>(?:^|[?&;,\s\"'(]))(?P<name>[A-Za-z0-9_.\-]{1,64})
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]*)@")
 _BEARER = re.compile(r"\b(?:pacs_[A-Za-z0-9_\-]{16,}|eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*)")
 _BEARER_WORD = re.compile(r"(?i)\b(bearer\s+)[^\s,;\"']+")
+# a share link's path carries its token (pacs.sharing): /s/<token>[/…] prints as /s/<redacted>[/…]
+_SHARE_PATH = re.compile(r"/s/[A-Za-z0-9_\-.~%]+")
+SHARE_PATH_MASK = "/s/<redacted>"
 
 
 def is_secret_name(name: str) -> bool:
@@ -49,6 +53,7 @@ def redact_text(text: str) -> str:
     text = _PAIR.sub(lambda m: f"{m['lead']}{m['name']}={MASK}" if is_secret_name(m["name"]) and m["value"]
                      else m[0], text)
     text = _BEARER_WORD.sub(lambda m: f"{m[1]}{MASK}", text)
+    text = _SHARE_PATH.sub(SHARE_PATH_MASK, text)
     return _BEARER.sub(MASK, text)
 
 

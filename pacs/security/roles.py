@@ -23,6 +23,7 @@ class Capability(StrEnum):
     ORDER_MANAGE = "order.manage"
     STUDY_RECONCILE = "study.reconcile"  # the reconciliation queue: list and resolve held objects
     SHARE_CREATE = "share.create"
+    CONSULT = "consult"  # teleconsultation: ask another facility about a study, answer, close (pacs.consults)
     AUDIT_READ = "audit.read"
     ADMIN = "admin"  # users, tokens, configuration
 
@@ -30,11 +31,12 @@ class Capability(StrEnum):
 ROLE_CAPABILITIES: dict[Role, frozenset[Capability]] = {
     Role.ADMIN: frozenset(Capability),
     Role.RADIOLOGIST: frozenset({Capability.STUDY_SEARCH, Capability.STUDY_READ, Capability.STUDY_STORE,
-                                 Capability.REPORT_READ, Capability.REPORT_WRITE, Capability.SHARE_CREATE}),
+                                 Capability.REPORT_READ, Capability.REPORT_WRITE, Capability.SHARE_CREATE,
+                                 Capability.CONSULT}),
     Role.TECHNOLOGIST: frozenset({Capability.STUDY_SEARCH, Capability.STUDY_READ, Capability.STUDY_STORE,
                                   Capability.ORDER_MANAGE, Capability.STUDY_RECONCILE}),
     Role.CLINICIAN: frozenset({Capability.STUDY_SEARCH, Capability.STUDY_READ, Capability.REPORT_READ,
-                               Capability.SHARE_CREATE}),
+                               Capability.SHARE_CREATE, Capability.CONSULT}),
     Role.EMR: frozenset({Capability.STUDY_SEARCH, Capability.STUDY_READ, Capability.STUDY_STORE,
                          Capability.REPORT_READ, Capability.ORDER_MANAGE}),
     # A patient reads their own reports; images only when the token grants them (--images).

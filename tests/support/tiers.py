@@ -33,7 +33,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # Programs a unit test may run: file checkers and converters, no network peers.
 OFFLINE_TOOLS = frozenset({"dciodvfy", "pdftotext", "pdfinfo", "openssl", "docker-compose", "docker", "git",
-                           "dcmdump", "dcm2json", "dcm2xml"})
+                           "dcmdump", "dcm2json", "dcm2xml", "pdftoppm", "zbarimg"})
 
 _INET = (socket.AF_INET, socket.AF_INET6)
 _unit_test: pytest.Item | None = None  # the unmarked test now in setup or call; None: nothing is guarded
