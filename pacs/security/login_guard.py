@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from pacs.errors import PacsError
-from pacs.security.ratelimit import RateLimiter
+from pacs.security.ratelimit import RateLimiter, client_key
 
 T = TypeVar("T")
 
@@ -81,9 +81,9 @@ class LoginGuard:
         return result
 
     def _reserve(self, username: str, host: str) -> _Reservation:
-        name = username.lower()
-        keyed = ((self._tight, f"user:{name}|{host}"), (self._per_user, f"user:{name}"),
-                 (self._per_address, f"addr:{host}"))
+        name, client = username.lower(), client_key(host)  # an IPv6 client by its /64, never by its port
+        keyed = ((self._tight, f"user:{name}|{client}"), (self._per_user, f"user:{name}"),
+                 (self._per_address, f"addr:{client}"))
         with self._lock:  # check every window and count in all of them as one step
             for limiter, key in keyed:
                 if limiter.limited(key):
