@@ -29,13 +29,17 @@ def create_app(ctx: AppContext, ingestor: Ingestor | None = None) -> FastAPI:
         audit_routes,
         auth_routes,
         consult_routes,
+        correction_routes,
+        deletion_routes,
         fhir,
         ohif,
         orders,
         reconciliation,
+        rejection_routes,
         reports,
         share_routes,
         slip_routes,
+        transfer_routes,
     )
     from viewer_api.dicomweb import qido, stow, wado, wado_uri
 
@@ -77,7 +81,8 @@ def create_app(ctx: AppContext, ingestor: Ingestor | None = None) -> FastAPI:
 
     # Starlette tries routes in order: the viewers' busiest paths (DICOMweb) first; OHIF's catch-all last.
     for module in (qido, wado, wado_uri, stow, fhir, auth_routes, audit_routes, orders, reports, reconciliation,
-                   slip_routes, consult_routes, share_routes, ohif):
+                   slip_routes, consult_routes, share_routes, correction_routes, rejection_routes, deletion_routes,
+                   transfer_routes, ohif):
         app.include_router(module.router)
 
     # Outermost first: CORS answers preflights before anything else; limits before routing.

@@ -427,6 +427,10 @@ from pacs.cli import patients as _patients_cli  # noqa: E402
 
 _patients_cli.register(app)
 
+from pacs.cli import studies as _studies_cli  # noqa: E402
+
+_studies_cli.register(app)
+
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -313,4 +313,5 @@ import pacs.reconciliation.models  # noqa: E402  (registers the reconciliation q
 import pacs.reports.models  # noqa: E402  (registers reports, claims, key images, HL7 outbound on Base)
 import pacs.ris.models  # noqa: E402  (registers the RIS tables on Base)
 import pacs.security.models  # noqa: E402  (registers users, tokens and shares on Base)
-import pacs.sharing.models  # noqa: E402, F401  (registers share links on Base)
+import pacs.sharing.models  # noqa: E402  (registers share links on Base)
+import pacs.studies.models  # noqa: E402, F401  (registers rejected instances and rejection notes on Base)

@@ -24,6 +24,11 @@ class Capability(StrEnum):
     STUDY_RECONCILE = "study.reconcile"  # the reconciliation queue: list and resolve held objects
     SHARE_CREATE = "share.create"
     CONSULT = "consult"  # teleconsultation: ask another facility about a study, answer, close (pacs.consults)
+    STUDY_CORRECT = "study.correct"  # correct patient/study attributes, move series (pacs.studies.corrections)
+    STUDY_REJECT = "study.reject"  # IOCM rejection and restore (pacs.studies.rejection; radiologists: quality only)
+    STUDY_DELETE = "study.delete"  # delete studies and rejected objects, retention (pacs.studies.deletion)
+    STUDY_EXPORT = "study.export"  # download a study as a zip with a DICOMDIR (pacs.studies.archive_zip)
+    STUDY_SEND = "study.send"  # send a study to a registered DICOM peer (pacs.studies.send)
     AUDIT_READ = "audit.read"
     ADMIN = "admin"  # users, tokens, configuration
 
@@ -32,11 +37,13 @@ ROLE_CAPABILITIES: dict[Role, frozenset[Capability]] = {
     Role.ADMIN: frozenset(Capability),
     Role.RADIOLOGIST: frozenset({Capability.STUDY_SEARCH, Capability.STUDY_READ, Capability.STUDY_STORE,
                                  Capability.REPORT_READ, Capability.REPORT_WRITE, Capability.SHARE_CREATE,
-                                 Capability.CONSULT}),
+                                 Capability.CONSULT, Capability.STUDY_REJECT, Capability.STUDY_EXPORT,
+                                 Capability.STUDY_SEND}),
     Role.TECHNOLOGIST: frozenset({Capability.STUDY_SEARCH, Capability.STUDY_READ, Capability.STUDY_STORE,
-                                  Capability.ORDER_MANAGE, Capability.STUDY_RECONCILE}),
+                                  Capability.ORDER_MANAGE, Capability.STUDY_RECONCILE, Capability.STUDY_CORRECT,
+                                  Capability.STUDY_REJECT, Capability.STUDY_EXPORT, Capability.STUDY_SEND}),
     Role.CLINICIAN: frozenset({Capability.STUDY_SEARCH, Capability.STUDY_READ, Capability.REPORT_READ,
-                               Capability.SHARE_CREATE, Capability.CONSULT}),
+                               Capability.SHARE_CREATE, Capability.CONSULT, Capability.STUDY_EXPORT}),
     Role.EMR: frozenset({Capability.STUDY_SEARCH, Capability.STUDY_READ, Capability.STUDY_STORE,
                          Capability.REPORT_READ, Capability.ORDER_MANAGE}),
     # A patient reads their own reports; images only when the token grants them (--images).
