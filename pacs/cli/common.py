@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -12,6 +13,9 @@ from sqlalchemy.orm import Session
 
 from pacs.context import AppContext
 from pacs.settings import Settings
+
+if TYPE_CHECKING:
+    from pacs.security.principal import Principal
 
 console = Console(stderr=True)
 out = Console()
@@ -85,6 +89,16 @@ def operator() -> str:
     import os
 
     return os.environ.get("SUDO_USER") or getpass.getuser()
+
+
+def cli_principal() -> Principal:
+    """The operator running a command, as the principal the core's operations take: an archive-wide admin
+    (whoever can run `pacs` on the server can read its index anyway), named ``os:<account>`` in the audit trail."""
+    from pacs.security.principal import Principal
+    from pacs.security.roles import Capability, Role
+
+    return Principal(subject=f"os:{operator()}", role=Role.ADMIN, capabilities=frozenset(Capability), kind="cli",
+                     source_address="cli")
 
 
 def audit_config_change(session: Session, action: str, detail: str) -> None:
