@@ -13,7 +13,16 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from pacs.cli.common import audit_config_change, console, ensure_schema, fail, load_settings, open_context, out
+from pacs.cli.common import (
+    audit_config_change,
+    console,
+    ensure_schema,
+    fail,
+    load_settings,
+    open_context,
+    out,
+    transaction,
+)
 from pacs.context import AppContext
 
 if TYPE_CHECKING:
@@ -183,24 +192,20 @@ def ae_add(
     """
     from pacs.ae_scope import needs_scope_flag
     from pacs.aes import add_ae
-    from pacs.errors import InvalidInput, PacsError
+    from pacs.errors import InvalidInput
 
     if why := needs_scope_flag(query, retrieve, facility, archive_wide):
         raise fail(InvalidInput(why))
 
-    ctx = open_context()
-    try:
-        with ctx.sessions() as session, session.begin():
-            rec = add_ae(session, ae_title, host, port, description, store, query, retrieve, check_host, facility,
-                         archive_wide=archive_wide, tls_subject=tls_subject)
-            audit_config_change(session, "config.ae-add",
-                                f"ae={rec.ae_title} host={rec.host}:{rec.port} store={store} query={query} "
-                                f"retrieve={retrieve} check_host={check_host} facility={facility} "
-                                f"archive_wide={archive_wide} tls_subject={rec.tls_subject}")
-    except PacsError as exc:
-        raise fail(exc) from exc
+    with transaction() as session:
+        rec = add_ae(session, ae_title, host, port, description, store, query, retrieve, check_host, facility,
+                     archive_wide=archive_wide, tls_subject=tls_subject)
+        audit_config_change(session, "config.ae-add",
+                            f"ae={rec.ae_title} host={rec.host}:{rec.port} store={store} query={query} "
+                            f"retrieve={retrieve} check_host={check_host} facility={facility} "
+                            f"archive_wide={archive_wide} tls_subject={rec.tls_subject}")
     out.print(f"registered {rec.ae_title} at {rec.host}:{rec.port}")
-    _warn_identity(ctx, rec)
+    _warn_identity(load_settings(), rec)
 
 
 @ae_app.command("list")
@@ -239,18 +244,13 @@ def ae_identity(
 ) -> None:
     """Change how a registered AE proves who it is (host check, TLS client certificate); others unchanged."""
     from pacs.aes import set_identity
-    from pacs.errors import PacsError
 
-    ctx = open_context()
-    try:
-        with ctx.sessions() as session, session.begin():
-            rec = set_identity(session, ae_title, check_host=check_host, tls_subject=tls_subject)
-            audit_config_change(session, "config.ae-identity",
-                                f"ae={rec.ae_title} check_host={rec.check_host} tls_subject={rec.tls_subject}")
-    except PacsError as exc:
-        raise fail(exc) from exc
+    with transaction() as session:
+        rec = set_identity(session, ae_title, check_host=check_host, tls_subject=tls_subject)
+        audit_config_change(session, "config.ae-identity",
+                            f"ae={rec.ae_title} check_host={rec.check_host} tls_subject={rec.tls_subject}")
     out.print(f"{rec.ae_title}: identity checked by {_identity(rec)}")
-    _warn_identity(ctx, rec)
+    _warn_identity(load_settings(), rec)
 
 
 def _identity(r: AERecord) -> str:
@@ -260,12 +260,12 @@ def _identity(r: AERecord) -> str:
     return " + ".join(checks) if checks else "[red]NONE[/red]"
 
 
-def _warn_identity(ctx: AppContext, rec: AERecord) -> None:
+def _warn_identity(settings: Settings, rec: AERecord) -> None:
     """Say what an operator must know after registering or changing an AE's identity check."""
     if not rec.identity_checked:
         console.print(f"[yellow]warning:[/yellow] {rec.ae_title} is believed from any address: anyone on the "
                       "network can call as it, store as it and use its query/retrieve rights")
-    if rec.tls_subject and ctx.settings.tls_ca_file is None:
+    if rec.tls_subject and settings.tls_ca_file is None:
         console.print(f"[yellow]warning:[/yellow] {rec.ae_title} is bound to a TLS client certificate, but "
                       "PACS_TLS_CA_FILE is not set: no certificate is verified, so it is never recognized")
 
@@ -274,15 +274,10 @@ def _warn_identity(ctx: AppContext, rec: AERecord) -> None:
 def ae_remove(ae_title: str) -> None:
     """Unregister a DICOM peer."""
     from pacs.aes import remove_ae
-    from pacs.errors import PacsError
 
-    ctx = open_context()
-    try:
-        with ctx.sessions() as session, session.begin():
-            remove_ae(session, ae_title)
-            audit_config_change(session, "config.ae-remove", f"ae={ae_title}")
-    except PacsError as exc:
-        raise fail(exc) from exc
+    with transaction() as session:
+        remove_ae(session, ae_title)
+        audit_config_change(session, "config.ae-remove", f"ae={ae_title}")
     out.print(f"removed {ae_title}")
 
 

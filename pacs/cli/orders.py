@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from pacs.cli.common import fail, open_context, out
+from pacs.cli.common import fail, open_context, out, transaction
 from pacs.cli.formatting import json_default
 
 order_app = typer.Typer(help="RIS orders: what the Modality Worklist offers to modalities.", no_args_is_help=True)
@@ -40,7 +40,6 @@ def add(
     as_json: Annotated[bool, typer.Option("--json", help="Print the order as JSON")] = False,
 ) -> None:
     """Schedule an imaging order: it appears on the worklist of --station-ae."""
-    from pacs.errors import PacsError
     from pacs.ris.orders import NewOrder, create_order
 
     new = NewOrder(patient_id=patient_id, patient_name=patient_name, modality=modality, station_ae_title=station_ae,
@@ -48,14 +47,8 @@ def add(
                    requested_procedure_id=procedure_id, scheduled_procedure_step_id=step_id,
                    patient_birth_date=birth_date, patient_sex=sex, referring_physician_name=referring_physician,
                    performing_physician_name=performing_physician)
-    ctx = open_context()
-    try:
-        with ctx.sessions() as session, session.begin():
-            order = create_order(session, new)
-    except PacsError as exc:
-        raise fail(exc) from exc
-    finally:
-        ctx.close()
+    with transaction() as session:
+        order = create_order(session, new)
     if as_json:
         out.print_json(json.dumps(asdict(order), default=json_default))
         return
@@ -97,15 +90,8 @@ def list_(
 @order_app.command("cancel")
 def cancel(accession: Annotated[str, typer.Argument(help="Accession number")]) -> None:
     """Discontinue an order that has not finished: it leaves the worklist."""
-    from pacs.errors import PacsError
     from pacs.ris.orders import cancel_order
 
-    ctx = open_context()
-    try:
-        with ctx.sessions() as session, session.begin():
-            order = cancel_order(session, accession)
-    except PacsError as exc:
-        raise fail(exc) from exc
-    finally:
-        ctx.close()
+    with transaction() as session:
+        order = cancel_order(session, accession)
     out.print(f"order {order.accession_number} {order.state}")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from pacs.cli.common import audit_config_change, console, fail, open_context, operator, out
+from pacs.cli.common import audit_config_change, console, load_settings, open_context, operator, out, transaction
 from pacs.errors import PacsError
 
 if TYPE_CHECKING:
@@ -59,15 +59,11 @@ def user_add(
     from pacs.security.accounts import create_user
 
     password = _read_password(password_stdin)
-    ctx = open_context()
-    try:
-        with ctx.sessions() as session, session.begin():
-            user = create_user(session, username, password, role, facility=facility, patient_id=patient_id,
-                               issuer=issuer, full_name=full_name)
-            audit_config_change(session, "config.user-add",
-                                f"user={user.username} role={user.role} facility={user.facility}")
-    except PacsError as exc:
-        raise fail(exc) from exc
+    with transaction() as session:
+        user = create_user(session, username, password, role, facility=facility, patient_id=patient_id,
+                           issuer=issuer, full_name=full_name)
+        audit_config_change(session, "config.user-add",
+                            f"user={user.username} role={user.role} facility={user.facility}")
     out.print(f"user {username} created ({role})")
 
 
@@ -95,14 +91,10 @@ def user_list(as_json: Annotated[bool, typer.Option("--json", help="Machine-read
 def _set_active(username: str, active: bool) -> None:
     from pacs.security.accounts import set_active
 
-    ctx = open_context()
-    try:
-        with ctx.sessions() as session, session.begin():
-            set_active(session, username, active)
-            audit_config_change(session, "config.user-enable" if active else "config.user-disable",
-                                f"user={username}")
-    except PacsError as exc:
-        raise fail(exc) from exc
+    with transaction() as session:
+        set_active(session, username, active)
+        audit_config_change(session, "config.user-enable" if active else "config.user-disable",
+                            f"user={username}")
     out.print(f"user {username} {'enabled' if active else 'disabled'}")
 
 
@@ -127,13 +119,9 @@ def user_passwd(
     from pacs.security.accounts import set_password
 
     password = _read_password(password_stdin)
-    ctx = open_context()
-    try:
-        with ctx.sessions() as session, session.begin():
-            set_password(session, username, password)
-            audit_config_change(session, "config.user-password", f"user={username}")
-    except PacsError as exc:
-        raise fail(exc) from exc
+    with transaction() as session:
+        set_password(session, username, password)
+        audit_config_change(session, "config.user-password", f"user={username}")
     out.print(f"password of {username} changed")
 
 
@@ -154,18 +142,15 @@ def token_create(
     that ID with an issuer) --issuer; without a facility it is refused (exit 1)."""
     from pacs.security.accounts import create_token
 
-    ctx = open_context()
-    try:
-        with ctx.sessions() as session, session.begin():
-            token = create_token(session, name, role, days=days or ctx.settings.api_token_default_days,
-                                 facility=facility, patient_id=patient_id, issuer=issuer, images=images,
-                                 created_by=operator())
-            audit_config_change(session, "config.token-create",
-                                f"token_id={token.id} name={name} role={role} facility={facility} "
-                                f"patient={patient_id} issuer={issuer} images={images} "
-                                f"expires={token.expires_at.isoformat()}")
-    except PacsError as exc:
-        raise fail(exc) from exc
+    default_days = load_settings().api_token_default_days
+    with transaction() as session:
+        token = create_token(session, name, role, days=days or default_days,
+                             facility=facility, patient_id=patient_id, issuer=issuer, images=images,
+                             created_by=operator())
+        audit_config_change(session, "config.token-create",
+                            f"token_id={token.id} name={name} role={role} facility={facility} "
+                            f"patient={patient_id} issuer={issuer} images={images} "
+                            f"expires={token.expires_at.isoformat()}")
     if as_json:
         out.print_json(json.dumps({"id": token.id, "name": token.name, "token": token.secret,
                                    "expires_at": token.expires_at.isoformat()}))
@@ -201,13 +186,9 @@ def token_revoke(token_id: int) -> None:
     """Revoke a token: it stops working at once."""
     from pacs.security.accounts import revoke_token
 
-    ctx = open_context()
-    try:
-        with ctx.sessions() as session, session.begin():
-            row = revoke_token(session, token_id)
-            audit_config_change(session, "config.token-revoke", f"token_id={token_id} name={row.name}")
-    except PacsError as exc:
-        raise fail(exc) from exc
+    with transaction() as session:
+        row = revoke_token(session, token_id)
+        audit_config_change(session, "config.token-revoke", f"token_id={token_id} name={row.name}")
     out.print(f"token {token_id} revoked")
 
 
@@ -216,13 +197,9 @@ def share_add(study_instance_uid: str, facility: str) -> None:
     """Make a study visible to the users of another facility."""
     from pacs.security.access import share_study
 
-    ctx = open_context()
-    try:
-        with ctx.sessions() as session, session.begin():
-            share_study(session, study_instance_uid, facility, operator())
-            audit_config_change(session, "study.share", f"facility={facility} study={study_instance_uid}")
-    except PacsError as exc:
-        raise fail(exc) from exc
+    with transaction() as session:
+        share_study(session, study_instance_uid, facility, operator())
+        audit_config_change(session, "study.share", f"facility={facility} study={study_instance_uid}")
     out.print(f"study {study_instance_uid} shared with {facility}")
 
 
