@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 from storage.base import ObjectStore
 from storage.filesystem import FilesystemStore
-from storage.s3 import S3Store
+
+if TYPE_CHECKING:  # the minio SDK costs half a second to import: only a process that opens an S3 store pays it
+    from storage.s3 import S3Store
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -57,6 +60,8 @@ def _masked(url: str) -> str:
 
 
 def _open_s3(url: str, parts: SplitResult, scheme_secure: bool | None) -> S3Store:
+    from storage.s3 import S3Store
+
     shown = _masked(url)
     try:
         host, port = parts.hostname, parts.port
