@@ -60,6 +60,10 @@ WARNING_HELD_FOR_RECONCILIATION: Final = 0xB000
 # match): the object was stored
 STORAGE_WARNINGS: Final = (0xB000, 0xB007)
 
+# C-STORE failure (dcm4che's, IHE IOCM): the SOP instance was rejected and is not deleted yet; sent with an
+# Error Comment (pacs.studies.rejection). STOW-RS reports it as the Failure Reason of the part (409).
+SUBSEQUENT_OCCURRENCE_OF_REJECTED: Final = 0xA771
+
 # -- Modality Performed Procedure Step (PS3.4 Table F.7.2-2): an Error ID, sent with PROCESSING_FAILURE ----
 MPPS_MAY_NO_LONGER_BE_UPDATED: Final = 0xA710
 

@@ -17,6 +17,7 @@ from pacs.hl7.listener import Hl7Listener
 from pacs.hl7.outbound import Hl7Delivery
 from pacs.ingest import Ingestor, TaskNotifier
 from pacs.persons.identifiers import NationalIdPolicy
+from pacs.polling import PollingLoop
 from pacs.settings import Settings
 from workers.publisher import make_publisher
 
@@ -30,6 +31,7 @@ class Pipeline:
     commitment: CommitmentReporter | None = None  # storage commitment reports: every `pacs serve` / `pacs scp`
     hl7_delivery: Hl7Delivery | None = None  # ORU^R01 outbound queue: embedded mode (`pacs hl7 listen` when scaled)
     hl7_listener: Hl7Listener | None = None  # MLLP orders in: started by `pacs serve` (and `pacs hl7 listen`)
+    retention: PollingLoop | None = None  # rejected instances past retention: embedded mode (`pacs worker` scaled)
 
     @classmethod
     def start(cls, settings: Settings) -> Pipeline:
@@ -49,11 +51,14 @@ class Pipeline:
         hl7_delivery = Hl7Delivery(ctx).start() if settings.embedded_workers else None
         if hl7_delivery is not None:
             ctx.extras["hl7_delivery"] = hl7_delivery  # report signing wakes it
-        return cls(ctx, relay, ingestor, forwarder, commitment, hl7_delivery)
+        retention = _start_retention_sweeper(ctx) if settings.embedded_workers else None
+        return cls(ctx, relay, ingestor, forwarder, commitment, hl7_delivery, retention=retention)
 
     def stop(self) -> None:
         if self.hl7_listener is not None:
             self.hl7_listener.stop()
+        if self.retention is not None:
+            self.retention.stop()
         if self.hl7_delivery is not None:
             self.hl7_delivery.stop()
         if self.commitment is not None:
@@ -115,3 +120,10 @@ def _start_commitment_reporter(ctx: AppContext) -> CommitmentReporter:
     reporter = CommitmentReporter(ctx, send_event_report).start()
     ctx.extras["commitment_reporter"] = reporter
     return reporter
+
+
+def _start_retention_sweeper(ctx: AppContext) -> PollingLoop:
+    """Deletes rejected instances past their retention (pacs.studies.retention); safe in several processes."""
+    from pacs.studies.retention import RetentionSweeper
+
+    return RetentionSweeper(ctx).start()

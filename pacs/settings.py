@@ -25,6 +25,11 @@ class DuplicatePolicy(StrEnum):
     KEEP_EXISTING = "keep-existing"  # acknowledge, keep the stored one, discard the new bytes
 
 
+#: Days a rejected instance stays restorable per IOCM reason (pacs.studies.models) before the sweep deletes it.
+REJECTION_RETENTION_DEFAULTS: dict[str, int] = {"quality": 30, "patient-safety": 0, "incorrect-worklist-entry": 30,
+                                                "retention-expired": 0}
+
+
 class _TomlFileSource(PydanticBaseSettingsSource):
     """Reads the optional config file named by PACS_CONFIG_FILE (keys as field names)."""
 
@@ -216,6 +221,12 @@ class Settings(BaseSettings):
     oidc_facility_claim: str = Field(default="facility", description="Claim holding the user's facility")
     cors_origins: list[str] = Field(default_factory=list, description="Browser origins allowed to call the API")
     max_request_bytes: int = Field(default=1024**3, ge=1024, description="Largest HTTP request body (STOW-RS)")
+    upload_max_files: int = Field(default=20_000, ge=1, description="Files in one upload (POST "
+                                  "/api/studies/upload): form parts plus the entries of its zips")
+    upload_max_unpacked_bytes: int = Field(default=4 * 1024**3, ge=1024, description="Total size of the files "
+                                           "an upload's zips unpack to (their declared sizes, checked first)")
+    upload_max_zip_ratio: float = Field(default=100.0, ge=1, description="Largest unpacked/packed size ratio of "
+                                        "an uploaded zip of more than 64 MiB unpacked (a zip bomb is refused)")
     login_attempts_per_minute: int = Field(default=10, ge=1, description="Per client address and per user name")
     login_max_concurrent_verifications: int = Field(
         default=2, ge=1, le=64, description="Password checks (argon2: 64 MiB and ~0.1 s CPU each) running at once "
@@ -335,6 +346,38 @@ class Settings(BaseSettings):
             if not 1 <= len(name) <= 64 or not (bare.isascii() and bare.isalnum()):
                 raise ValueError(f"HL7 destination name {name!r}: 1-64 letters, digits, '.', '-' or '_'")
             parse_address(address)
+        return value
+
+    # -- retention (pacs.studies.retention): rejected objects and whole studies deleted after a time ---------
+    rejection_retention_days: dict[str, int] = Field(
+        default_factory=lambda: dict(REJECTION_RETENTION_DEFAULTS),
+        description="Days a rejected instance is kept (restorable) before the retention sweep deletes it, per "
+        "rejection reason (JSON, e.g. '{\"quality\": 30, \"patient-safety\": 0}'; 0: at the next sweep, -1: "
+        "never automatically). Reasons not named keep their defaults")
+    retention_sweep_s: float = Field(default=3600.0, gt=0, description="How often rejected instances past "
+                                     "their retention are deleted (`pacs serve`, `pacs worker`)")
+    study_retention_years: dict[str, int] = Field(
+        default_factory=dict, description="Years a study is kept, per facility, counted from its study date (or "
+        "the day it was received when it has none); '*' for facilities not named, 0 or absent: forever (JSON, "
+        "e.g. '{\"HOSP-A\": 15, \"*\": 0}'). Due studies are listed (`pacs retention due`) and deleted only "
+        "when an admin confirms")
+
+    @field_validator("rejection_retention_days")
+    @classmethod
+    def _check_rejection_retention(cls, value: dict[str, int]) -> dict[str, int]:
+        unknown = sorted(set(value) - set(REJECTION_RETENTION_DEFAULTS))
+        if unknown:
+            raise ValueError(f"rejection_retention_days: unknown reason(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(REJECTION_RETENTION_DEFAULTS)}")
+        if any(days < -1 for days in value.values()):
+            raise ValueError("rejection_retention_days: days are 0 or more (-1: never automatically)")
+        return {**REJECTION_RETENTION_DEFAULTS, **value}
+
+    @field_validator("study_retention_years")
+    @classmethod
+    def _check_study_retention(cls, value: dict[str, int]) -> dict[str, int]:
+        if any(years < 0 or years > 200 for years in value.values()):
+            raise ValueError("study_retention_years: years are 0 (forever) to 200")
         return value
 
     @property

@@ -22,8 +22,9 @@ class BodyTooLarge(Exception):
     pass
 
 
-# Only STOW-RS takes large bodies; every other route (login, JSON) is parsed in memory: keep it small.
-UPLOAD_PREFIX = "/dicom-web/studies"
+# Only STOW-RS and the file/zip upload (pacs.studies.upload) take large bodies; every other route (login,
+# JSON) is parsed in memory: keep it small.
+UPLOAD_PREFIX = ("/dicom-web/studies", "/api/studies/upload")
 SMALL_BODY_BYTES = 64 * 1024
 
 

@@ -1,5 +1,6 @@
 """Runs the delivery loops inside `pacs worker` (scaled mode), one each per worker node: forwarding
-(C-STORE to other DICOM nodes) and the HL7 ORU^R01 queue (signed reports to EMRs).
+(C-STORE to other DICOM nodes) and the HL7 ORU^R01 queue (signed reports to EMRs); and the retention sweep
+(rejected instances past their retention, pacs.studies.retention).
 
 ``worker_ready`` is sent once, in the worker's main process, after the prefork pool has started;
 ``worker_shutdown`` likewise. Pool processes (forked from the main one) never run the loop. The
@@ -36,11 +37,14 @@ def start_forwarding(**_: Any) -> None:
     _running["ctx"] = ctx
     _running["delivery"] = ForwardDelivery(ctx).start()
     _running["hl7_delivery"] = Hl7Delivery(ctx).start()  # leased rows: safe beside `pacs hl7 listen`
+    from pacs.studies.retention import RetentionSweeper
+
+    _running["retention"] = RetentionSweeper(ctx).start()  # each expired row is deleted by one process only
 
 
 @worker_shutdown.connect
 def stop_forwarding(**_: Any) -> None:
-    for name in ("hl7_delivery", "delivery"):
+    for name in ("retention", "hl7_delivery", "delivery"):
         loop = _running.pop(name, None)
         if loop is not None:
             loop.stop()

@@ -79,7 +79,8 @@ def reindex_command(
         ensure_schema(settings, upgrade=not migrate.current_revisions(ctx.engine))
         with _RichProgress(console) as bar:
             summary = reindex(ctx.sessions, ctx.store, force=force, progress=bar,
-                              assume_utf8_for_latin1=settings.assume_utf8_for_latin1, actor=os.environ.get("USER", ""))
+                              assume_utf8_for_latin1=settings.assume_utf8_for_latin1, actor=os.environ.get("USER", ""),
+                              modifying_system=settings.ae_title)
     except IndexNotEmpty as exc:
         console.print(f"[red]refused:[/red] {exc}")
         raise typer.Exit(2) from exc

@@ -52,7 +52,8 @@ def build_series_metadata(ctx: AppContext, series_uid: str, _sha256: str) -> Com
             return "series no longer indexed"
         series_id, study_id, study_uid = found
         members = _series_members(session, series_id)
-        first_series = session.scalar(select(Series.id).where(Series.study_fk == study_id)
+        first_series = session.scalar(select(Series.id).where(Series.study_fk == study_id,
+                                                              Series.number_of_instances > 0)
                                       .order_by(Series.series_number.asc().nulls_last(), Series.id).limit(1))
     if not members:
         return "series has no instances"

@@ -80,7 +80,8 @@ def resolve(sessions: sessionmaker[Session], scope: AccessScope, study_uid: str,
     else:
         stmt = select(Study.id, Patient.patient_id).where(Study.study_instance_uid == study_uid)
         if series_uid is not None:
-            stmt = stmt.join(Series, Series.study_fk == Study.id).where(Series.series_instance_uid == series_uid)
+            stmt = stmt.join(Series, Series.study_fk == Study.id).where(Series.series_instance_uid == series_uid,
+                                                                        Series.number_of_instances > 0)
     stmt = stmt.outerjoin(Patient, Patient.id == Study.patient_fk).where(study_condition(scope)).limit(1)
     try:
         with single_statement(sessions) as session:
@@ -168,7 +169,8 @@ def series_documents(sessions: sessionmaker[Session], target: Target) -> list[Se
                                           DerivedTask.subject_uid == Series.series_instance_uid,
                                           DerivedTask.sha256 == "", DerivedTask.state == "done").exists())
     stmt = (select(Series.series_instance_uid, Series.metadata_key, done)
-            .join(Study, Study.id == Series.study_fk).where(Study.study_instance_uid == target.study_uid)
+            .join(Study, Study.id == Series.study_fk).where(Study.study_instance_uid == target.study_uid,
+                                                            Series.number_of_instances > 0)  # rejected: hidden
             .order_by(Series.series_number.asc().nulls_last(), Series.id))
     if target.series_uid is not None:
         stmt = stmt.where(Series.series_instance_uid == target.series_uid)

@@ -62,7 +62,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pacs.db.models import Instance, Series
 from pacs.dicomweb.multipart_reader import MultipartError
 from pacs.dimse_status import PROCESSING_FAILURE  # a part that failed unexpectedly (a bug, logged)
-from pacs.ingest import Ingestor, IngestOutcome, IngestSource
+from pacs.ingest import Ingestor, IngestOutcome, IngestSource, IngestStatus
 from pacs.ingest.parsing import DEFAULT_MAX_INFLATED_BYTES, PREAMBLE, ObjectRejected, parse_received
 from pacs.ingest.statuses import (
     CANNOT_UNDERSTAND,
@@ -158,6 +158,7 @@ class StowItem:
     comment: str = ""
     series_instance_uid: str = ""  # stored instances: for their Retrieve URL
     warning_reason: int | None = None  # stored instances: B000 held for reconciliation (told to who may read it)
+    duplicate: bool = False  # stored before with identical content (the ingest's idempotent success)
 
     @property
     def stored(self) -> bool:
@@ -317,7 +318,8 @@ class StowService:
         if reason is None:  # stored (or held): the Retrieve URL from the object's own UIDs, whichever it was
             return StowItem(part.number, sop_class, sop, outcome.study_instance_uid, None,
                             outcome.message if outcome.warn else "", outcome.series_instance_uid,
-                            store_status(outcome) if outcome.warn else None)
+                            store_status(outcome) if outcome.warn else None,
+                            outcome.status is IngestStatus.DUPLICATE)
         return StowItem(part.number, sop_class, sop, outcome.study_instance_uid, reason, outcome.message)
 
     def _parse(self, data: bytes) -> Any:
@@ -362,7 +364,8 @@ class StowService:
         except SQLAlchemyError as exc:  # stored all the same: the Retrieve URLs stay empty (Type 2)
             log.error("cannot read series of stored instances: %s", str(exc).splitlines()[0][:200])
         result.items = [StowItem(i.number, i.sop_class_uid, i.sop_instance_uid, i.study_instance_uid,
-                                 i.failure_reason, i.comment, series.get(i.sop_instance_uid, ""), i.warning_reason)
+                                 i.failure_reason, i.comment, series.get(i.sop_instance_uid, ""), i.warning_reason,
+                                 i.duplicate)
                         if i.stored and not i.series_instance_uid else i for i in result.items]
 
 

@@ -15,6 +15,7 @@ class IngestStatus(StrEnum):
     KEPT_EXISTING = "kept-existing"  # policy keep-existing: acknowledged, the stored one stays
     HELD = "held"  # stored in the reconciliation queue, not filed (pacs.reconciliation); acknowledged
     REJECTED = "rejected"  # the object cannot be archived; see reason
+    PREVIOUSLY_REJECTED = "previously-rejected"  # the SOP instance was rejected (IOCM) and not deleted yet
     STORAGE_UNAVAILABLE = "storage-unavailable"
     INDEX_UNAVAILABLE = "index-unavailable"
 

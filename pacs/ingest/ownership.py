@@ -23,6 +23,13 @@ from pacs.security import filing_rules
 def decide(session: Session, obj: ReceivedObject, replaces: Instance | None,
            source: IngestSource) -> filing_rules.Decision:
     """The policy's decision for ``obj`` against what the index (and the RIS) hold now."""
+    correction = source.correction
+    if correction is not None and correction.study_instance_uid == obj.study_instance_uid:
+        # the archive's corrected version of its own object (pacs.studies.corrections, which checked who may):
+        # filed into the study it corrects, whatever patient it now names; the study keeps its facility
+        facility = session.scalar(select(Study.facility).where(Study.study_instance_uid == obj.study_instance_uid))
+        if facility is not None:
+            return filing_rules.Decision(filing_rules.Verdict.FILE, facility=facility)
     existing = _existing(session, obj, replaces)
     resolution = source.resolution
     # an impostor of a registered title is never "the AE that sent the current version" (AE spoofing)

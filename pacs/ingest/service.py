@@ -39,6 +39,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+import pacs.studies.rejection as rejection
 from pacs import audit
 from pacs.db.models import Instance
 from pacs.derived.outbox import INSTANCE_TASKS, SERIES_TASKS, arm_derived_tasks
@@ -145,6 +146,9 @@ class Ingestor:
         return outcome
 
     def _archive(self, obj: ReceivedObject, sha256: str, source: IngestSource) -> IngestOutcome:
+        note = rejection.note_content(obj)
+        if note is not None:  # an IOCM rejection note: applied, never indexed as an instance (pacs.studies.rejection)
+            return rejection.ingest_rejection_note(self._sessions, self._store, obj, sha256, source, note)
         ids = _ObjectIds(sop_instance_uid=obj.sop_instance_uid, sop_class_uid=obj.sop_class_uid,
                          study_instance_uid=obj.study_instance_uid, sha256=sha256,
                          series_instance_uid=obj.series_instance_uid)
@@ -154,16 +158,23 @@ class Ingestor:
                     select(Instance).where(Instance.sop_instance_uid == obj.sop_instance_uid)
                 ).one_or_none()
                 current_sha = current.sha256 if current is not None else None
+                # a new SOP instance only: was it rejected (IOCM)? one indexed lookup
+                rejected = current is None and rejection.is_rejected(session, obj.sop_instance_uid)
                 early = decide(session, obj, current, source) if current_sha != sha256 else None
         except SQLAlchemyError as exc:
             return self._index_failed(obj, sha256, exc, stored=False)
 
+        if rejected:
+            self._audit_only(obj, source, "instance.rejected-resend", sha256)
+            return IngestOutcome(IngestStatus.PREVIOUSLY_REJECTED, "subsequent occurrence of a rejected object: "
+                                 "restore it instead of sending it again", **ids)
         if current is not None and current_sha == sha256:
             return self._duplicate(obj, sha256, current.object_key, source, ids)
-        if current_sha is not None and self._policy is DuplicatePolicy.REJECT:
+        correcting = source.correction is not None  # a correction is a new version whatever the duplicate policy
+        if current_sha is not None and self._policy is DuplicatePolicy.REJECT and not correcting:
             return IngestOutcome(IngestStatus.REJECTED, "a different object with this SOP Instance UID "
                                  "is already stored", reason=RejectReason.MISMATCH, **ids)
-        if current_sha is not None and self._policy is DuplicatePolicy.KEEP_EXISTING:
+        if current_sha is not None and self._policy is DuplicatePolicy.KEEP_EXISTING and not correcting:
             self._audit_only(obj, source, "instance.duplicate-discarded", sha256)
             return IngestOutcome(IngestStatus.KEPT_EXISTING, "a different object with this SOP Instance "
                                  "UID is already stored; kept the stored one", **ids)
@@ -204,7 +215,7 @@ class Ingestor:
                                source=source.transport, source_ae=source.calling_ae,
                                source_address=source.address, replaces=replaces, facility=decision.facility,
                                provisional=decision.provisional, study_patient=order_patient(session, obj, source),
-                               national_ids=self._national_ids)
+                               national_ids=self._national_ids, correction=source.correction)
                 if source.resolution is not None:
                     try:
                         reconciliation.mark_resolved(session, source.resolution, obj.study_instance_uid)

@@ -17,6 +17,7 @@ from pacs.dimse_status import (
     OUT_OF_RESOURCES,
     OUT_OF_RESOURCES_INDEX,
     OUT_OF_RESOURCES_TOO_LARGE,
+    SUBSEQUENT_OCCURRENCE_OF_REJECTED,
     SUCCESS,
     WARNING_HELD_FOR_RECONCILIATION,
     error_comment,
@@ -34,6 +35,7 @@ __all__ = [
     "OUT_OF_RESOURCES",
     "OUT_OF_RESOURCES_INDEX",
     "OUT_OF_RESOURCES_TOO_LARGE",
+    "SUBSEQUENT_OCCURRENCE_OF_REJECTED",
     "SUCCESS",
     "WARNING_HELD_FOR_RECONCILIATION",
     "error_comment",
@@ -48,6 +50,7 @@ _BY_STATUS = {
     IngestStatus.HELD: SUCCESS,  # held for reconciliation: a sender that may not read the study learns nothing
     IngestStatus.STORAGE_UNAVAILABLE: OUT_OF_RESOURCES,
     IngestStatus.INDEX_UNAVAILABLE: OUT_OF_RESOURCES_INDEX,
+    IngestStatus.PREVIOUSLY_REJECTED: SUBSEQUENT_OCCURRENCE_OF_REJECTED,
 }
 
 _BY_REASON = {

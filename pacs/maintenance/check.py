@@ -2,7 +2,8 @@
 
 Two passes, both streaming and in short transactions:
 
-1. every object the index references (current instances and prior versions) is read back in 1 MiB
+1. every object the index references (current instances, prior versions, rejected instances and the
+   rejection notes, :mod:`pacs.studies.rejection`) is read back in 1 MiB
    chunks and its existence, size and SHA-256 compared with the index row;
 2. the ``dicom/`` listing is compared with the index: an object no row references is an orphan (left by
    an ingest that died, or whose index commit failed and whose clean-up failed too, or by hand); and the
@@ -27,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pacs.db.models import Instance, InstanceVersion
 from pacs.maintenance import NoProgress, ProgressSink, file_modes
 from pacs.maintenance.repair import temporary_files
+from pacs.studies.models import RejectedInstance, RejectionNote
 from storage import ObjectNotFound, ObjectStore, StorageError, StorageUnavailable
 from storage.base import CHUNK_SIZE
 from storage.keys import parse_instance_key
@@ -42,6 +44,10 @@ class ProblemKind(StrEnum):
     ORPHAN = "orphan"  # in the store under dicom/, referenced by no index row (a warning)
     TEMPORARY = "temporary"  # a .tmp-* file of an interrupted write (a warning)
 
+
+# the index rows that reference a stored object under dicom/ (rejected instances and rejection notes too)
+_REFERENCING: tuple[type[Instance] | type[InstanceVersion] | type[RejectedInstance] | type[RejectionNote], ...] = (
+    Instance, InstanceVersion, RejectedInstance, RejectionNote)
 
 WARNINGS = frozenset({ProblemKind.ORPHAN, ProblemKind.TEMPORARY})  # the archive is whole; --repair collects them
 
@@ -97,9 +103,9 @@ def check(sessions: sessionmaker[Session], store: ObjectStore, *, batch_size: in
     summary = CheckSummary()
     with sessions() as session:
         total = sum(session.scalar(select(func.count()).select_from(model)) or 0
-                    for model in (Instance, InstanceVersion))
+                    for model in _REFERENCING)
     progress.phase("verifying", total)
-    for model in (Instance, InstanceVersion):
+    for model in _REFERENCING:
         last_id = 0
         while True:
             with sessions() as session:
@@ -173,6 +179,8 @@ def _orphans_in(sessions: sessionmaker[Session], batch: list[tuple[str, str]], s
     query = union_all(
         select(Instance.object_key).where(Instance.sop_instance_uid.in_(sops)),
         select(InstanceVersion.object_key).where(InstanceVersion.sop_instance_uid.in_(sops)),
+        select(RejectedInstance.object_key).where(RejectedInstance.sop_instance_uid.in_(sops)),
+        select(RejectionNote.object_key).where(RejectionNote.sop_instance_uid.in_(sops)),
     )
     with sessions() as session:
         referenced = set(session.scalars(query))

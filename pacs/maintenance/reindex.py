@@ -30,6 +30,10 @@ Limits:
 * An object whose ingest failed after the put and whose clean-up failed too (an orphan for `pacs check`)
   is indexed like any other.
 * The audit trail is not in the store; one audit event records the reindex itself.
+
+Rejection notes (IHE IOCM, :mod:`pacs.studies.rejection`) are not indexed as instances: they are collected while
+replaying and applied, in write order, after every instance is indexed, so the rebuilt index rejects what the
+archive rejected (the notes in the store are the active rejections).
 """
 
 from __future__ import annotations
@@ -54,7 +58,12 @@ from pacs.derived.outbox import INSTANCE_TASKS, SERIES_TASKS, arm_derived_tasks
 from pacs.errors import PacsError
 from pacs.ingest.index_writer import index_instance
 from pacs.ingest.parsing import ObjectRejected, ReceivedObject, parse_received
+from pacs.ingest.source import Correction
 from pacs.maintenance import NoProgress, ProgressSink, as_utc
+from pacs.studies import rejection
+from pacs.studies.models import RejectedInstance, RejectionNote
+from pacs.studies.rejection_notes import RejectionNoteContent
+from pacs.studies.rewrite import correction_of
 from storage import ObjectInfo, ObjectStore, StorageError, StorageUnavailable
 from storage.keys import is_valid_uid, parse_instance_key, thumbnail_key
 
@@ -92,6 +101,8 @@ class ReindexSummary:
     # "instance UID" / "patient ID/ISSUER" / "study UID" / "series UID": rows that depend on the order of
     # objects written in the same instant, which the store cannot tell (see the module docstring)
     ambiguous_order: list[str] = field(default_factory=list)
+    rejection_notes: int = 0  # rejection notes applied again
+    rejected: int = 0  # instances they rejected
     seconds: float = 0.0
 
     @property
@@ -112,12 +123,15 @@ def reindex(
     batch_size: int = 200,
     progress: ProgressSink | None = None,
     actor: str = "",
+    modifying_system: str = "PACS",
 ) -> ReindexSummary:
     """Index every object of ``store`` into an empty index (or, with ``force``, add what the index lacks).
 
     Commits every ``batch_size`` objects, so an interrupted run leaves a consistent, partial index:
     run it again with ``force`` to finish. Raises :class:`IndexNotEmpty`, ``StorageUnavailable`` and
-    SQLAlchemy errors; everything about individual objects is in the summary.
+    SQLAlchemy errors; everything about individual objects is in the summary. ``modifying_system``: this
+    archive's AE title, which its corrected versions name in their Original Attributes Sequence
+    (:func:`pacs.studies.rewrite.correction_of`): their values replace "first seen wins" as they did at ingest.
     """
     progress = progress or NoProgress()
     started = time.monotonic()
@@ -128,7 +142,8 @@ def reindex(
         raise IndexNotEmpty(instances, patients)
 
     summary = ReindexSummary()
-    replay = _Replay(store, summary, force=force, assume_utf8_for_latin1=assume_utf8_for_latin1)
+    replay = _Replay(store, summary, force=force, assume_utf8_for_latin1=assume_utf8_for_latin1,
+                     modifying_system=modifying_system)
     with tempfile.TemporaryDirectory(prefix="pacs-reindex-") as tmp:
         spool = _Spool(Path(tmp) / "listing.sqlite3")
         try:
@@ -149,6 +164,7 @@ def reindex(
                         progress.advance(1, size)
         finally:
             spool.close()
+    _apply_rejection_notes(sessions, replay.notes, summary)
     summary.ambiguous_order = sorted(set(summary.ambiguous_order))
     _link_thumbnails(sessions, store, summary, progress, batch_size)
     _arm_derived_work(sessions, summary, batch_size)
@@ -198,13 +214,15 @@ class _Replay:
     """Indexes one stored object the way ingest indexed it when it arrived."""
 
     def __init__(self, store: ObjectStore, summary: ReindexSummary, *, force: bool,
-                 assume_utf8_for_latin1: bool) -> None:
+                 assume_utf8_for_latin1: bool, modifying_system: str = "PACS") -> None:
         self._store = store
+        self._modifying_system = modifying_system
         self._summary = summary
         self._force = force
         self._utf8 = assume_utf8_for_latin1
         self._tie_at: datetime | None = None
         self._tie_rows: dict[str, tuple[bool, tuple[object, ...]]] = {}
+        self.notes: list[tuple[ReceivedObject, str, RejectionNoteContent]] = []  # (object, key, content)
 
     def one(self, session: Session, written: datetime, key: str, *, tied: bool = False) -> None:
         parsed = parse_instance_key(key)
@@ -215,8 +233,16 @@ class _Replay:
         if current is not None and self._force and _references(session, current, key):
             self._summary.skipped_existing += 1
             return
+        if current is None and self._force and session.scalar(select(RejectedInstance.id).where(
+                RejectedInstance.object_key == key)) is not None:
+            self._summary.skipped_existing += 1  # rejected: indexed in rejected_instance
+            return
         obj = self._read(key, key_sha, (study_uid, series_uid, sop_uid))
         if obj is None:
+            return
+        note = rejection.note_content(obj)
+        if note is not None:  # applied after every instance is indexed
+            self.notes.append((obj, key, note))
             return
         if tied:
             self._note_tie(session, written, obj)
@@ -228,8 +254,11 @@ class _Replay:
                 return
             if written == current_at:
                 self._summary.ambiguous_order.append(f"instance {sop_uid}")
+        # a corrected version (pacs.studies.corrections) applies its values, as it did when it was made
+        fields = correction_of(obj.dataset, self._modifying_system) if obj.dataset is not None else None
+        correction = Correction(obj.study_instance_uid, "reindex", fields) if fields is not None else None
         index_instance(session, obj, object_key=key, sha256=key_sha, received_at=written, source="reindex",
-                       source_ae="", source_address="", replaces=current)
+                       source_ae="", source_address="", replaces=current, correction=correction)
         if current is None:
             self._summary.instances += 1
         else:
@@ -298,6 +327,28 @@ class _Replay:
             self._summary.unparseable.append((key, f"the object holds study/series/SOP {held}, not its key's"))
             return None
         return obj
+
+
+def _apply_rejection_notes(sessions: sessionmaker[Session], notes: list[tuple[ReceivedObject, str,
+                           RejectionNoteContent]], summary: ReindexSummary) -> None:
+    """The stored rejection notes, in write order, each in its own transaction (one already applied is skipped)."""
+    for obj, key, content in notes:
+        with sessions() as session, session.begin():
+            if session.scalar(select(RejectionNote.id).where(
+                    RejectionNote.sop_instance_uid == obj.sop_instance_uid)) is not None:
+                summary.skipped_existing += 1
+                continue
+            try:
+                with session.begin_nested():
+                    applied = rejection.apply_note(
+                        session, study_uid=obj.study_instance_uid, note_sop_uid=obj.sop_instance_uid, content=content,
+                        object_key=key, sha256=key.rsplit("/", 1)[-1].removesuffix(".dcm"), size=len(obj.data),
+                        source=None)
+            except rejection.NoteRefused as exc:
+                summary.unparseable.append((key, f"rejection note not applied: {exc}"))
+                continue
+            summary.rejection_notes += 1
+            summary.rejected += len(applied.rejected)
 
 
 def _compatible(first: tuple[object, ...], other: tuple[object, ...]) -> bool:

@@ -137,6 +137,15 @@ def prepare(query: Query) -> PreparedQuery:
             top = min(top, Level.STUDY, key=lambda lv: lv.depth)  # join up to the study row
             conditions.append(scoped)
         totals = {k: scoped_patient_total(k, study_condition(query.scope)) for k in known if k in PATIENT_TOTALS}
+    else:  # a study or series whose every instance was rejected is hidden (pacs.studies.rejection)
+        current = Study.number_of_instances > 0
+        if level is Level.PATIENT:
+            conditions.append(exists().where(Study.patient_fk == Patient.id, current))
+        elif level is Level.STUDY:
+            conditions.append(current)
+        totals = {k: scoped_patient_total(k, current) for k in known if k in PATIENT_TOTALS}
+    if level is Level.SERIES:
+        conditions.append(Series.number_of_instances > 0)
     from_clause = _from_clause(level, top)
     base = MODELS[level]
     columns = [totals.get(k, a.column).label(k) for k, a in known.items()]

@@ -28,7 +28,7 @@ def authorize(principal: Principal, capability: Capability) -> None:
         raise Forbidden(f"role {principal.role.value} may not {capability.value}")
 
 
-def study_condition(scope: AccessScope, *, borrowed: bool = True) -> ColumnElement[bool]:
+def study_condition(scope: AccessScope, *, borrowed: bool = True, with_empty: bool = False) -> ColumnElement[bool]:
     """A SQL condition on :class:`Study` rows true exactly for the studies ``scope`` may see.
 
     ``borrowed=False`` leaves out what a facility only borrows — another facility's study under an open
@@ -36,8 +36,11 @@ def study_condition(scope: AccessScope, *, borrowed: bool = True) -> ColumnEleme
     or change it (a claim, key images, a report: :mod:`pacs.reports.lifecycle`). The consult grant applies only
     to a scope with ``consult_grants`` (:func:`pacs.security.principal.scope_for`: roles holding
     ``Capability.CONSULT``); AE scopes (:mod:`pacs.ae_scope`) never have it.
+
+    A study with no current instance (every one rejected, :mod:`pacs.studies.rejection`) is seen by nobody;
+    ``with_empty=True`` keeps it, for the acts that bring its instances back or delete it.
     """
-    parts: list[ColumnElement[bool]] = []
+    parts: list[ColumnElement[bool]] = [] if with_empty else [Study.number_of_instances > 0]
     if scope.facilities is not None:
         facilities = sorted(scope.facilities)
         shared = exists().where(StudyShare.study_fk == Study.id, StudyShare.facility.in_(facilities))
@@ -62,11 +65,14 @@ def study_condition(scope: AccessScope, *, borrowed: bool = True) -> ColumnEleme
     return and_(*parts) if parts else true()
 
 
-def may_see_study(session: Session, scope: AccessScope, study_instance_uid: str, *, borrowed: bool = True) -> bool:
+def may_see_study(session: Session, scope: AccessScope, study_instance_uid: str, *, borrowed: bool = True,
+                  with_empty: bool = False) -> bool:
     """Whether the study exists and is inside ``scope`` (callers answer 404 either way, so a
-    guessed UID tells nothing about other facilities' studies); ``borrowed``: see :func:`study_condition`."""
+    guessed UID tells nothing about other facilities' studies); ``borrowed``, ``with_empty``: see
+    :func:`study_condition`."""
     found = session.scalar(select(Study.id).where(Study.study_instance_uid == study_instance_uid,
-                                                  study_condition(scope, borrowed=borrowed)).limit(1))
+                                                  study_condition(scope, borrowed=borrowed,
+                                                                  with_empty=with_empty)).limit(1))
     return found is not None
 
 

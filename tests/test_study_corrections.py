@@ -1,0 +1,417 @@
+"""Correcting studies (issue 15, must-show 1 and 2): a live `pacs serve`, real DCMTK findscu/movescu/storescp.
+
+- a Vietnamese name typed without its diacritics is corrected: QIDO-RS (with and without diacritics), C-FIND and
+  FHIR show the new name, a C-MOVE delivers objects carrying it (the patient's other study too), the prior
+  versions stay readable by an admin with the old name, and the audit row has before and after;
+- a series sent under the wrong patient moves to the right patient's study: it leaves the wrong study and appears
+  in the right one in QIDO-RS, C-FIND and the series metadata, and its thumbnail is rebuilt;
+- refusals (role, facility, unknown study, no reason, a bad birth date) change nothing and are audited;
+- an interrupted correction is finished by running it again; a study moves to another patient; the CLI corrects
+  accession and description; a forwarding rule sends the corrected version.
+Must-show 1 runs on the scaled stack too (PostgreSQL, S3, Celery).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import func, select
+
+from pacs.aes import add_ae
+from pacs.db.models import AuditEvent, InstanceVersion
+from tests.support.dcmtk import ReferenceStoreSCP, dcmtk, dcmtk_env
+from tests.support.facilities import FacilityArchive
+from tests.support.net import free_port, wait_until
+from tests.support.pacs_process import run_pacs
+from tests.support.seaweed import SeaweedS3
+from tests.support.stack import EmbeddedPacs, RunningArchive, scaled_api
+from tests.support.tiers import starts_servers
+
+pytestmark = pytest.mark.integration
+
+OLD_NAME, NEW_NAME = "NGUYEN^VAN^AN", "Nguyễn^Văn^Ấn"
+INSTITUTION = "Clinique Müller"  # Latin-1: must survive the re-labelling as UTF-8
+
+
+class Archive(FacilityArchive):
+    def __init__(self, server: EmbeddedPacs, root: Path) -> None:
+        super().__init__(server)
+        self.add_tokens(("tech-a", "technologist", "HOSP-A"), ("tech-b", "technologist", "HOSP-B"),
+                        ("clin-a", "clinician", "HOSP-A"), ("admin", "admin", ""))
+        self.dest = ReferenceStoreSCP(root / "dest", free_port(), "DESTSCP").start()
+        with server.ctx.sessions() as session, session.begin():
+            for title, port in (("QUERYSCU", 104), ("MOVESCU", 104), ("DESTSCP", self.dest.port)):
+                add_ae(session, title, "127.0.0.1", port, archive_wide=True)
+        # the patient whose name was typed without diacritics at the modality: two studies
+        self.vn_study, self.vn_series = generate_uid(), generate_uid()
+        self.vn_sops = [self.send_instance("MODA", SpecificCharacterSet="ISO_IR 100", PatientName=OLD_NAME,
+                                           PatientID="VN-15", PatientBirthDate="19800101", PatientSex="M",
+                                           InstitutionName=INSTITUTION, StudyInstanceUID=self.vn_study,
+                                           SeriesInstanceUID=self.vn_series, InstanceNumber=n).SOPInstanceUID
+                        for n in (1, 2)]
+        self.vn_prior = self.send_instance("MODA", SpecificCharacterSet="ISO_IR 100", PatientName=OLD_NAME,
+                                           PatientID="VN-15", StudyDate="20250101").StudyInstanceUID
+        # a series sent under the wrong patient's study, and the right patient's study
+        self.right = self.send_instance("MODA", PatientName="TRAN^THI^BINH", PatientID="R-1",
+                                        AccessionNumber="ACC-R", StudyDescription="CT bụng").StudyInstanceUID
+        self.wrong = generate_uid()
+        self.kept = self.send_instance("MODA", PatientName="LE^VAN^CUONG", PatientID="W-1",
+                                       StudyInstanceUID=self.wrong).SeriesInstanceUID
+        self.moved = generate_uid()
+        self.moved_sops = [self.send_instance("MODA", PatientName="LE^VAN^CUONG", PatientID="W-1", Modality="MR",
+                                              StudyInstanceUID=self.wrong, SeriesInstanceUID=self.moved,
+                                              InstanceNumber=n).SOPInstanceUID for n in (1, 2)]
+        self.b_study = self.send_instance("MODB", PatientID="B-1").StudyInstanceUID
+
+    def get(self, who: str, path: str, **kw: Any) -> Any:
+        with self.http(who) as client:
+            return client.get(path, **kw)
+
+    def patch(self, who: str, path: str, body: dict[str, Any]) -> Any:
+        with self.http(who) as client:
+            return client.patch(path, json=body)
+
+    def post(self, who: str, path: str, body: dict[str, Any]) -> Any:
+        with self.http(who) as client:
+            return client.post(path, json=body)
+
+    def audit_rows(self, action: str, outcome: str | None = None) -> list[AuditEvent]:
+        with self.server.ctx.read_sessions() as session:
+            query = select(AuditEvent).where(AuditEvent.action == action)
+            if outcome:
+                query = query.where(AuditEvent.outcome == outcome)
+            return list(session.scalars(query.order_by(AuditEvent.id)))
+
+    def versions_kept(self) -> int:
+        with self.server.ctx.read_sessions() as session:
+            return session.scalar(select(func.count()).select_from(InstanceVersion)) or 0
+
+
+@contextmanager
+def _archive(root: Path, server: RunningArchive) -> Iterator[Archive]:
+    archive = None
+    try:
+        archive = Archive(server, root)  # type: ignore[arg-type]  # a ScaledStack has the same face
+        yield archive
+    finally:
+        if archive is not None:
+            archive.dest.stop()
+        server.close()
+
+
+@pytest.fixture(scope="module")
+@starts_servers
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
+    root = tmp_path_factory.mktemp("corrections")
+    with _archive(root, EmbeddedPacs(root)) as archive:
+        yield archive
+
+
+@pytest.fixture(scope="module")
+@starts_servers
+def scaled(tmp_path_factory: pytest.TempPathFactory, s3_server: SeaweedS3) -> Iterator[Archive]:
+    """`pacs api` + `pacs scp` + `pacs worker` on PostgreSQL, the S3 server and Redis."""
+    root = tmp_path_factory.mktemp("corrections-scaled")
+    with _archive(root, scaled_api(root, s3_server)) as archive:
+        yield archive
+
+
+def findscu(archive: Archive, tmp: Path, keys: list[str]) -> list[pydicom.Dataset]:
+    out = tmp / f"rsp-{uuid.uuid4().hex[:8]}"
+    out.mkdir()
+    cmd = [dcmtk("findscu"), "-S", "-aet", "QUERYSCU", "-aec", "PACS", "-X", "-od", str(out)]
+    for key in keys:
+        cmd += ["-k", key]
+    proc = subprocess.run([*cmd, "127.0.0.1", str(archive.server.port)], capture_output=True, env=dcmtk_env(),
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+    return [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+
+
+def movescu(archive: Archive, study_uid: str) -> list[pydicom.Dataset]:
+    archive.dest.clear()
+    proc = subprocess.run([dcmtk("movescu"), "-S", "-aet", "MOVESCU", "-aec", "PACS", "-aem", "DESTSCP",
+                           "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
+                           "127.0.0.1", str(archive.server.port)], capture_output=True, env=dcmtk_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+    return [pydicom.dcmread(p) for p in archive.dest.received()]
+
+
+def qido_names(archive: Archive, name: str) -> dict[str, str]:
+    found = archive.get("clin-a", "/dicom-web/studies", params={"PatientName": name})
+    assert found.status_code == 200, found.text
+    return {s["0020000D"]["Value"][0]: s["00100010"]["Value"][0]["Alphabetic"] for s in found.json()}
+
+
+# -- must-show 1: a Vietnamese name corrected everywhere ---------------------------------------------------------
+
+
+def test_correct_vietnamese_name_everywhere(archive: Archive, tmp_path: Path) -> None:
+    _correct_vietnamese_name(archive, tmp_path)
+
+
+def test_correct_vietnamese_name_scaled(scaled: Archive, tmp_path: Path) -> None:
+    """The same on PostgreSQL, S3 and Celery: the API process ingests the corrected versions, the SCP serves them."""
+    _correct_vietnamese_name(scaled, tmp_path)
+
+
+def _correct_vietnamese_name(archive: Archive, tmp_path: Path) -> None:
+    original = {sop: _stored(archive, sop) for sop in archive.vn_sops}
+    answer = archive.patch("tech-a", f"/api/studies/{archive.vn_study}",
+                           {"patient": {"name": NEW_NAME}, "reason": "name typed without diacritics at the CT"})
+    assert answer.status_code == 200, answer.text
+    result = answer.json()
+    assert result["before"]["patient"]["name"] == OLD_NAME and result["after"]["patient"]["name"] == NEW_NAME
+    # a name is the patient's: the patient's other study at the facility is corrected too
+    assert result["objects_rewritten"] == 3 and set(result["studies"]) == {archive.vn_study, archive.vn_prior}
+
+    # QIDO-RS, with and without the diacritics
+    for query in (NEW_NAME, "nguyen^van^an", "Nguyễn*"):
+        names = qido_names(archive, query)
+        assert names.get(archive.vn_study) == NEW_NAME and names.get(archive.vn_prior) == NEW_NAME, query
+    # DCMTK findscu
+    found = findscu(archive, tmp_path, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={archive.vn_study}",
+                                        "PatientName", "SpecificCharacterSet"])
+    assert [str(r.PatientName) for r in found] == [NEW_NAME]
+    # FHIR: the study's patient carries the new name
+    study = archive.get("clin-a", f"/fhir/ImagingStudy/{archive.vn_study}")
+    assert study.status_code == 200, study.text
+    patient = archive.get("clin-a", f"/fhir/{study.json()['subject']['reference']}")
+    assert patient.status_code == 200 and patient.json()["name"][0]["family"] == "Nguyễn", patient.text
+
+    # C-MOVE delivers the corrected objects, pixel data and the other texts untouched
+    moved = {str(ds.SOPInstanceUID): ds for ds in movescu(archive, archive.vn_study)}
+    assert sorted(moved) == sorted(archive.vn_sops)
+    for sop, ds in moved.items():
+        before = pydicom.dcmread(io.BytesIO(original[sop]))
+        assert str(ds.PatientName) == NEW_NAME and ds.SpecificCharacterSet == "ISO_IR 192"
+        assert ds.InstitutionName == INSTITUTION and ds.PixelData == before.PixelData
+        assert ds.PatientID == "VN-15" and ds.PatientBirthDate == "19800101"
+        change = ds.OriginalAttributesSequence[-1]  # the object says what was corrected (PS3.3 C.12.1.1.9)
+        assert change.ReasonForTheAttributeModification == "CORRECT"
+        assert str(change.ModifiedAttributesSequence[0].PatientName) == OLD_NAME
+    assert [str(ds.PatientName) for ds in movescu(archive, archive.vn_prior)] == [NEW_NAME]
+
+    # the prior versions, for an admin only, still carry the old name
+    sop = archive.vn_sops[0]
+    listed = archive.get("admin", f"/api/instances/{sop}/versions")
+    assert listed.status_code == 200, listed.text
+    assert [(v["version"], v["current"]) for v in listed.json()] == [(1, False), (2, True)]
+    prior = archive.get("admin", f"/api/instances/{sop}/versions/1")
+    assert prior.status_code == 200 and prior.headers["content-type"] == "application/dicom"
+    assert prior.content == original[sop] and str(pydicom.dcmread(io.BytesIO(prior.content)).PatientName) == OLD_NAME
+    assert archive.get("tech-a", f"/api/instances/{sop}/versions").status_code == 403
+    assert archive.get("admin", f"/api/instances/{sop}/versions/9").status_code == 404
+    assert archive.audit_rows("instance.version-read", "success")
+
+    # the audit row: who, why, before and after
+    (row,) = archive.audit_rows("study.correct", "success")
+    detail = json.loads(row.detail)
+    assert row.actor == "token:tech-a" and row.study_instance_uid == archive.vn_study
+    assert detail["reason"] == "name typed without diacritics at the CT"
+    assert detail["before"]["patient"]["name"] == OLD_NAME and detail["after"]["patient"]["name"] == NEW_NAME
+
+    # the same correction again changes nothing (a finished or an interrupted one is finished by running it again)
+    kept = archive.versions_kept()
+    again = archive.patch("tech-a", f"/api/studies/{archive.vn_study}",
+                          {"patient": {"name": NEW_NAME}, "reason": "again"})
+    assert again.status_code == 200 and again.json()["objects_rewritten"] == 0
+    assert again.json()["objects_unchanged"] == 3 and archive.versions_kept() == kept
+
+
+def _stored(archive: Archive, sop: str) -> bytes:
+    from pacs.db.models import Instance
+
+    with archive.server.ctx.read_sessions() as session:
+        key = session.scalar(select(Instance.object_key).where(Instance.sop_instance_uid == sop))
+    assert key
+    return archive.server.ctx.store.get_bytes(key)
+
+
+# -- must-show 2: a series moved to the right patient's study ----------------------------------------------------
+
+
+def test_move_series_to_the_right_patients_study(archive: Archive, tmp_path: Path) -> None:
+    answer = archive.post("tech-a", f"/api/series/{archive.moved}/move",
+                          {"to_study": archive.right, "reason": "MR series sent under the wrong patient"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["objects_rewritten"] == 2
+
+    def series_of(study: str) -> set[str]:
+        found = archive.get("clin-a", f"/dicom-web/studies/{study}/series")
+        assert found.status_code in (200, 204), found.text
+        return {s["0020000E"]["Value"][0] for s in (found.json() if found.status_code == 200 else [])}
+
+    assert series_of(archive.wrong) == {archive.kept}
+    left = archive.get("clin-a", "/dicom-web/studies", params={"StudyInstanceUID": archive.wrong}).json()
+    assert left[0]["00080061"]["Value"] == ["CT"] and left[0]["00201206"]["Value"] == [1]
+    assert series_of(archive.right) >= {archive.moved}
+    studies = archive.get("clin-a", "/dicom-web/studies", params={"StudyInstanceUID": archive.right}).json()
+    assert studies[0]["00201206"]["Value"] == [2] and studies[0]["00201208"]["Value"] == [3]
+    assert "MR" in studies[0]["00080061"]["Value"]
+    # C-FIND at series level
+    found = findscu(archive, tmp_path, ["QueryRetrieveLevel=SERIES", f"StudyInstanceUID={archive.right}",
+                                        "SeriesInstanceUID"])
+    assert archive.moved in {str(r.SeriesInstanceUID) for r in found}
+
+    # the series metadata and thumbnail are rebuilt for the right study
+    def metadata_moved() -> bool:
+        got = archive.get("clin-a", f"/dicom-web/studies/{archive.right}/series/{archive.moved}/metadata")
+        return got.status_code == 200 and all(
+            item["0020000D"]["Value"] == [archive.right] and item["00100010"]["Value"][0]["Alphabetic"]
+            == "TRAN^THI^BINH" and item["00080050"]["Value"] == ["ACC-R"] for item in got.json())
+
+    wait_until(metadata_moved, timeout=60, what="the moved series' metadata")
+    wait_until(lambda: archive.get("clin-a", f"/dicom-web/studies/{archive.right}/series/{archive.moved}/thumbnail",
+                                   headers={"Accept": "image/jpeg"}).status_code == 200,
+               timeout=60, what="the moved series' thumbnail")
+    moved = {str(ds.SOPInstanceUID): ds for ds in movescu(archive, archive.right)}
+    assert set(archive.moved_sops) <= set(moved)
+    assert {str(moved[s].PatientID) for s in archive.moved_sops} == {"R-1"}
+    (row,) = archive.audit_rows("series.move", "success")
+    detail = json.loads(row.detail)
+    assert detail["before"]["study_instance_uid"] == archive.wrong and detail["after"]["study_instance_uid"] == \
+        archive.right
+
+
+# -- refusals --------------------------------------------------------------------------------------------------
+
+
+def test_refusals_change_nothing_and_are_audited(archive: Archive) -> None:
+    kept = archive.versions_kept()
+    failures = len(archive.audit_rows("study.correct", "failure"))
+    path = f"/api/studies/{archive.right}"
+    body = {"patient": {"birth_date": "19700101"}, "reason": "typo"}
+    denied = len(archive.audit_rows("access.denied"))
+    refused = archive.patch("clin-a", path, body)
+    assert refused.status_code == 403 and refused.json()["code"]
+    assert len(archive.audit_rows("access.denied")) == denied + 1
+
+    for who, target, change, status in (
+            ("tech-b", path, body, 404),  # another facility's study: as if unknown
+            ("tech-a", f"/api/studies/{generate_uid()}", body, 404),
+            ("tech-a", path, {"patient": {"birth_date": "19700101"}}, 422),  # no reason
+            ("tech-a", path, {"patient": {"birth_date": "1970-01-01"}, "reason": "typo"}, 422),
+            ("tech-a", path, {"patient": {"sex": "X"}, "reason": "typo"}, 422),
+            ("tech-a", path, {"reason": "nothing"}, 422)):
+        answer = archive.patch(who, target, change)
+        assert answer.status_code == status, (who, change, answer.text)
+        assert set(answer.json()) == {"code", "message"} and answer.json()["message"]
+    assert len(archive.audit_rows("study.correct", "failure")) == failures + 6
+
+    # a series moves only within its facility
+    across = archive.post("admin", f"/api/series/{archive.kept}/move", {"to_study": archive.b_study,
+                                                                        "reason": "wrong hospital"})
+    assert across.status_code == 422 and "facility" in across.json()["message"]
+    assert archive.post("tech-b", f"/api/series/{archive.kept}/move",
+                        {"to_study": archive.b_study, "reason": "x"}).status_code == 404
+    assert len(archive.audit_rows("series.move", "failure")) == 2
+    assert archive.versions_kept() == kept
+
+
+# -- an interrupted correction ---------------------------------------------------------------------------------
+
+
+def test_interrupted_correction_is_finished_by_running_it_again(archive: Archive) -> None:
+    """A correction stopped between two objects (a crash, a lost connection) leaves each object either in its old
+    or in its corrected version, the index consistent with both; running it again corrects only what is left."""
+    from pacs.cli.common import cli_principal
+    from pacs.studies import corrections
+
+    study = generate_uid()
+    for n in (1, 2):
+        archive.send_instance("MODA", PatientID="INT-1", PatientName="PHAM^MINH", StudyInstanceUID=study,
+                              InstanceNumber=n)
+    changes = corrections.StudyChanges(corrections.PatientChanges(name="Phạm^Minh^Châu", sex="F"))
+
+    def crash(done: int, total: int) -> None:
+        raise _Crash
+
+    with pytest.raises(_Crash):  # the test's own process, on the same index and store as the server
+        corrections.correct_study(archive.server.ctx, cli_principal(), study, changes, "typo", progress=crash)
+    names = qido_names(archive, "PHAM^MINH*")
+    assert names.get(study) == "Phạm^Minh^Châu"  # the patient record took the new name with the first object
+    answer = archive.patch("tech-a", f"/api/studies/{study}",
+                           {"patient": {"name": "Phạm^Minh^Châu", "sex": "F"}, "reason": "finish it"})
+    assert answer.status_code == 200, answer.text
+    assert (answer.json()["objects_rewritten"], answer.json()["objects_unchanged"]) == (1, 1)
+
+
+class _Crash(Exception):
+    pass
+
+
+# -- a study moved to another patient; the command line ------------------------------------------------------------
+
+
+def test_move_study_to_another_patient(archive: Archive) -> None:
+    study = archive.send_instance("MODA", PatientID="MV-1", PatientName="VO^AN").StudyInstanceUID
+    archive.send_instance("MODA", PatientID="MV-2", PatientName="Võ^Thị^Hoa", PatientBirthDate="19900505")
+    missing = archive.post("tech-a", f"/api/studies/{study}/move",
+                           {"to_patient": {"id": "NO-SUCH"}, "reason": "wrong patient"})
+    assert missing.status_code == 404 and "NO-SUCH" in missing.json()["message"]
+    answer = archive.post("tech-a", f"/api/studies/{study}/move", {"to_patient": {"id": "MV-2"},
+                                                                    "reason": "wrong patient chosen"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["after"]["patient"] == {"name": "Võ^Thị^Hoa", "id": "MV-2", "issuer": "",
+                                                  "birth_date": "19900505", "sex": ""}
+    found = archive.get("clin-a", "/dicom-web/studies", params={"PatientID": "MV-2"}).json()
+    assert study in {s["0020000D"]["Value"][0] for s in found} and len(found) == 2
+    assert archive.get("clin-a", "/dicom-web/studies", params={"PatientID": "MV-1"}).status_code in (200, 204)
+    (ds,) = movescu(archive, study)
+    assert (ds.PatientID, str(ds.PatientName), ds.PatientBirthDate) == ("MV-2", "Võ^Thị^Hoa", "19900505")
+
+
+def test_cli_corrects_accession_and_description(archive: Archive) -> None:
+    study = archive.send_instance("MODA", PatientID="CLI-1", AccessionNumber="WRONG",
+                                  StudyDescription="CT").StudyInstanceUID
+    done = run_pacs(["study", "correct", study, "--accession", "ACC-77", "--description", "CT ngực có cản quang",
+                     "--reason", "worklist entry of another exam", "--json"], archive.server.env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout)
+    assert result["objects_rewritten"] == 1 and result["after"]["accession_number"] == "ACC-77"
+    found = archive.get("clin-a", "/dicom-web/studies", params={"AccessionNumber": "ACC-77",
+                                                                "includefield": "StudyDescription"}).json()
+    assert [(s["0020000D"]["Value"][0], s["00081030"]["Value"][0]) for s in found] == [(study,
+                                                                                      "CT ngực có cản quang")]
+    row = archive.audit_rows("study.correct")[-1]
+    assert (row.outcome, row.study_instance_uid) == ("success", study) and row.actor.startswith("os:")
+
+
+def test_forwarding_rules_send_the_corrected_version(archive: Archive, tmp_path: Path) -> None:
+    """A rule (by sending modality and modality) that forwarded the original forwards the corrected version too."""
+    from pacs.forwarding.rules import add_rule, remove_rule
+
+    peer = ReferenceStoreSCP(tmp_path / "fwd", free_port(), "FWDSCP").start()
+
+    def forwarded_names() -> list[str]:
+        try:
+            return [str(pydicom.dcmread(p).PatientName) for p in peer.received()]
+        except Exception:  # a file still being written
+            return []
+
+    try:
+        with archive.server.ctx.sessions() as session, session.begin():
+            add_ae(session, "FWDSCP", "127.0.0.1", peer.port, archive_wide=True)
+            add_rule(session, "us-to-fwd", "FWDSCP", source_ae="MODA", modality="US")
+        study = archive.send_instance("MODA", Modality="US", PatientID="FW-1",
+                                      PatientName="DO^HUNG").StudyInstanceUID
+        wait_until(lambda: forwarded_names() == ["DO^HUNG"], timeout=30, what="the original forwarded")
+        answer = archive.patch("tech-a", f"/api/studies/{study}", {"patient": {"name": "Đỗ^Hùng"},
+                                                                    "reason": "diacritics"})
+        assert answer.status_code == 200, answer.text
+        wait_until(lambda: forwarded_names() == ["Đỗ^Hùng"], timeout=30, what="the corrected version forwarded")
+    finally:
+        with archive.server.ctx.sessions() as session, session.begin():
+            remove_rule(session, "us-to-fwd")
+        peer.stop()

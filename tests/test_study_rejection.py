@@ -1,0 +1,444 @@
+"""Rejecting and restoring instances (issue 15, must-show 3 and 5; IHE IOCM): a live `pacs serve`, real DCMTK
+findscu/movescu/getscu/storescu, dciodvfy.
+
+- a rejected series is gone at once from QIDO-RS (study, series, instance levels), C-FIND, WADO-RS/URI, the series
+  metadata, FHIR ImagingStudy and C-MOVE/C-GET; its rejection note is stored and valid (dciodvfy), listed for an
+  admin; a re-send of a rejected instance is refused with 0xA771; a restore brings it all back and deletes the note;
+- a whole study rejected by a radiologist (quality) is gone from QIDO-RS, C-FIND, FHIR and the reading list;
+- a modality's own rejection note sent with storescu rejects too; another facility's modality is refused;
+- a partly restored rejection is kept by a new note (the old one deleted); `pacs reindex` on a copy of the index
+  ends with the same rejections, and `pacs check` sees rejected objects and notes as referenced;
+- refusals (clinician, radiologist with patient-safety, another facility, unknown study, unknown series) write
+  nothing and are audited.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from highdicom.ko import KeyObjectSelection, KeyObjectSelectionDocument
+from pydicom.dataset import Dataset
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+from sqlalchemy import func, select
+
+from pacs.aes import add_ae
+from pacs.db import migrate
+from pacs.db.engine import make_engine, make_session_factory
+from pacs.db.models import AuditEvent, Instance, Series, Study
+from pacs.maintenance.check import ProblemKind, check
+from pacs.maintenance.reindex import reindex
+from pacs.studies.models import RejectedInstance, RejectionNote
+from tests.support.datasets import to_bytes
+from tests.support.dcmtk import ReferenceStoreSCP, dcmtk, dcmtk_env, storescu
+from tests.support.facilities import FacilityArchive, json_error
+from tests.support.net import free_port
+from tests.support.pacs_process import run_pacs
+from tests.support.seaweed import SeaweedS3
+from tests.support.stack import EmbeddedPacs, scaled_api
+
+pytestmark = pytest.mark.integration
+
+QUALITY_TITLE = Code("113001", "DCM", "Rejected for Quality Reasons")
+
+
+class Archive(FacilityArchive):
+    def __init__(self, server: EmbeddedPacs, root: Path) -> None:
+        super().__init__(server)
+        self.root = root
+        self.add_tokens(("tech-a", "technologist", "HOSP-A"), ("tech-b", "technologist", "HOSP-B"),
+                        ("rad-a", "radiologist", "HOSP-A"), ("clin-a", "clinician", "HOSP-A"),
+                        ("admin", "admin", ""))
+        self.dest = ReferenceStoreSCP(root / "dest", free_port(), "DESTSCP").start()
+        with server.ctx.sessions() as session, session.begin():
+            for title, port in (("QUERYSCU", 104), ("MOVESCU", 104), ("GETSCU", 104), ("DESTSCP", self.dest.port)):
+                add_ae(session, title, "127.0.0.1", port, archive_wide=True)
+        # s1: a kept CT series and an MR series to reject
+        self.s1, self.kept, self.bad = generate_uid(), generate_uid(), generate_uid()
+        self.kept_sops = [self.send_instance("MODA", PatientID="REJ-1", StudyInstanceUID=self.s1,
+                                             SeriesInstanceUID=self.kept, InstanceNumber=n).SOPInstanceUID
+                          for n in (1, 2)]
+        self.bad_ds = [self.send_instance("MODA", PatientID="REJ-1", StudyInstanceUID=self.s1, Modality="MR",
+                                          SeriesInstanceUID=self.bad, SeriesNumber=2, InstanceNumber=n)
+                       for n in (1, 2)]
+        self.bad_sops = [ds.SOPInstanceUID for ds in self.bad_ds]
+        # s2: a study a radiologist rejects whole
+        self.s2 = self.send_instance("MODA", PatientID="REJ-2").StudyInstanceUID
+        # s3: a modality rejects one of its own images
+        self.s3 = generate_uid()
+        self.s3_ds = [self.send_instance("MODA", PatientID="REJ-3", StudyInstanceUID=self.s3, InstanceNumber=n)
+                      for n in (1, 2)]
+        # s4: three instances, two rejected, one of them restored
+        self.s4, self.s4_series = generate_uid(), generate_uid()
+        self.s4_sops = [self.send_instance("MODA", PatientID="REJ-4", StudyInstanceUID=self.s4,
+                                           SeriesInstanceUID=self.s4_series, InstanceNumber=n).SOPInstanceUID
+                        for n in (1, 2, 3)]
+
+        # s5: rejected and restored with the command line
+        self.s5 = generate_uid()
+        self.s5_sops = [self.send_instance("MODA", PatientID="REJ-5", StudyInstanceUID=self.s5,
+                                           InstanceNumber=n).SOPInstanceUID for n in (1, 2)]
+
+    def call(self, method: str, who: str, path: str, **kw: Any) -> Any:
+        with self.http(who) as client:
+            return client.request(method, path, **kw)
+
+    def qido(self, path: str, **params: str) -> list[dict[str, Any]]:
+        found = self.call("GET", "admin", f"/dicom-web/{path}", params=params)
+        assert found.status_code in (200, 204), found.text
+        return found.json() if found.status_code == 200 else []
+
+    def audit_count(self, action: str, outcome: str) -> int:
+        with self.server.ctx.read_sessions() as session:
+            return session.scalar(select(func.count()).select_from(AuditEvent).where(
+                AuditEvent.action == action, AuditEvent.outcome == outcome)) or 0
+
+    def note_row(self, uid: str) -> RejectionNote | None:
+        with self.server.ctx.read_sessions() as session:
+            return session.scalars(select(RejectionNote).where(RejectionNote.sop_instance_uid == uid)).one_or_none()
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
+    root = tmp_path_factory.mktemp("rejection")
+    server = EmbeddedPacs(root)
+    archive = None
+    try:
+        archive = Archive(server, root)
+        yield archive
+    finally:
+        if archive is not None:
+            archive.dest.stop()
+        server.close()
+
+
+def uid_values(rows: list[dict[str, Any]], tag: str) -> set[str]:
+    return {r[tag]["Value"][0] for r in rows if r.get(tag, {}).get("Value")}
+
+
+def findscu(archive: Archive, keys: list[str]) -> list[Dataset]:
+    out = archive.root / f"rsp-{uuid.uuid4().hex[:8]}"
+    out.mkdir()
+    cmd = [dcmtk("findscu"), "-S", "-aet", "QUERYSCU", "-aec", "PACS", "-X", "-od", str(out)]
+    for key in keys:
+        cmd += ["-k", key]
+    proc = subprocess.run([*cmd, "127.0.0.1", str(archive.server.port)], capture_output=True, env=dcmtk_env(),
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+    return [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+
+
+def movescu(archive: Archive, study_uid: str) -> set[str]:
+    archive.dest.clear()
+    proc = subprocess.run([dcmtk("movescu"), "-S", "-aet", "MOVESCU", "-aec", "PACS", "-aem", "DESTSCP",
+                           "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
+                           "127.0.0.1", str(archive.server.port)], capture_output=True, env=dcmtk_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+    return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in archive.dest.received()}
+
+
+def getscu(archive: Archive, study_uid: str, series_uid: str) -> set[str]:
+    out = archive.root / f"get-{uuid.uuid4().hex[:8]}"
+    out.mkdir()
+    subprocess.run([dcmtk("getscu"), "-S", "-aet", "GETSCU", "-aec", "PACS", "-od", str(out),
+                    "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={study_uid}",
+                    "-k", f"SeriesInstanceUID={series_uid}", "127.0.0.1", str(archive.server.port)],
+                   capture_output=True, env=dcmtk_env(), timeout=120)
+    return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in out.iterdir()}
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    result = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    lines = (result.stdout + result.stderr).splitlines()
+    return [line for line in lines if line.startswith("Error")]
+
+
+def modality_note(path: Path, rejected: Dataset, unknown: bool = False) -> Path:
+    """A modality's own IOCM rejection note (highdicom directly, not the archive's builder); ``unknown``: it also
+    names an instance the archive never received."""
+    evidence = [copy.deepcopy(rejected)]
+    if unknown:
+        evidence.append(copy.deepcopy(rejected))
+        evidence[1].SOPInstanceUID = generate_uid()
+    for keyword in ("PatientBirthDate", "PatientSex", "StudyID", "StudyTime", "AccessionNumber",
+                    "ReferringPhysicianName"):  # Type 2 attributes highdicom reads unguarded
+        for ds in evidence:
+            setattr(ds, keyword, ds.get(keyword, ""))
+    note = KeyObjectSelectionDocument(
+        evidence=evidence, content=KeyObjectSelection(document_title=QUALITY_TITLE, referenced_objects=evidence),
+        series_instance_uid=generate_uid(), series_number=99, sop_instance_uid=generate_uid(), instance_number=1,
+        manufacturer="Modality")
+    note.save_as(path, enforce_file_format=True)
+    return path
+
+
+# -- must-show 3: a series rejected is gone everywhere at once, and comes back ------------------------------------
+
+
+def test_reject_series_hides_it_everywhere_and_restore_brings_it_back(archive: Archive, tmp_path: Path) -> None:
+    s1, bad = archive.s1, archive.bad
+    assert movescu(archive, s1) == {*archive.kept_sops, *archive.bad_sops}
+    answer = archive.call("POST", "tech-a", f"/api/studies/{s1}/reject", json={"reason": "quality", "series": [bad]})
+    assert answer.status_code == 200, answer.text
+    result = answer.json()
+    assert sorted(result["rejected"]) == sorted(archive.bad_sops) and result["reason"] == "quality"
+    note_uid = result["note_sop_instance_uid"]
+
+    # QIDO-RS at every level
+    studies = archive.qido("studies", StudyInstanceUID=s1, includefield="NumberOfStudyRelatedSeries")
+    assert len(studies) == 1
+    assert studies[0]["00201206"]["Value"] == [1] and studies[0]["00080061"]["Value"] == ["CT"]
+    assert uid_values(archive.qido(f"studies/{s1}/series"), "0020000E") == {archive.kept}
+    assert uid_values(archive.qido(f"studies/{s1}/instances"), "00080018") == set(archive.kept_sops)
+    assert not archive.qido("instances", SOPInstanceUID=archive.bad_sops[0])
+    # C-FIND (DCMTK findscu) at series level
+    found = findscu(archive, ["QueryRetrieveLevel=SERIES", f"StudyInstanceUID={s1}", "SeriesInstanceUID"])
+    assert {str(ds.SeriesInstanceUID) for ds in found} == {archive.kept}
+    # WADO-RS, WADO-URI, series metadata: 404; the study metadata lists only the kept instances
+    gone = archive.bad_sops[0]
+    json_error(archive.call("GET", "admin", f"/dicom-web/studies/{s1}/series/{bad}/instances/{gone}"), 404)
+    assert archive.call("GET", "admin", "/wado", params={"requestType": "WADO", "studyUID": s1, "seriesUID": bad,
+                                                          "objectUID": gone}).status_code == 404
+    assert archive.call("GET", "admin", f"/dicom-web/studies/{s1}/series/{bad}/metadata").status_code == 404
+    metadata = archive.call("GET", "admin", f"/dicom-web/studies/{s1}/metadata")
+    assert metadata.status_code == 200, metadata.text
+    assert uid_values(metadata.json(), "00080018") == set(archive.kept_sops)
+    # FHIR ImagingStudy
+    fhir = archive.call("GET", "admin", f"/fhir/ImagingStudy/{s1}")
+    assert fhir.status_code == 200, fhir.text
+    assert fhir.json()["numberOfSeries"] == 1 and fhir.json()["numberOfInstances"] == 2
+    # C-MOVE and C-GET send nothing of it
+    assert movescu(archive, s1) == set(archive.kept_sops)
+    assert getscu(archive, s1, bad) == set()
+    assert getscu(archive, s1, archive.kept) == set(archive.kept_sops)
+
+    # the note is stored, valid, and the admin sees what it rejected
+    note = archive.note_row(note_uid)
+    assert note is not None and note.reason == "quality" and note.study_instance_uid == s1
+    path = tmp_path / "note.dcm"
+    path.write_bytes(archive.server.ctx.store.get_bytes(note.object_key))
+    assert not dciodvfy_errors(path)
+    stored = pydicom.dcmread(path)
+    assert stored.ConceptNameCodeSequence[0].CodeValue == "113001" and stored.StudyInstanceUID == s1
+    listed = archive.call("GET", "admin", "/api/rejected", params={"study": s1})
+    assert listed.status_code == 200, listed.text
+    assert {(i["sop_instance_uid"], i["series_instance_uid"], i["reason"], i["rejected_by"], i["note_sop_instance_uid"])
+            for i in listed.json()} == {(sop, bad, "quality", "token:tech-a", note_uid) for sop in archive.bad_sops}
+    assert all(i["rejected_at"] for i in listed.json())
+    assert not archive.call("GET", "tech-b", "/api/rejected", params={"study": s1}).json()  # scope applies
+
+    # a re-send of a rejected instance is refused (0xA771), not archived again
+    resend = archive.bad_ds[0]
+    resend_path = tmp_path / "resend.dcm"
+    resend.save_as(resend_path, enforce_file_format=True)
+    sent = storescu(archive.server.port, [resend_path], aet="MODA")
+    assert sent.status == 0xA771, sent.output[-2000:]
+    assert "0xa771" in sent.output.lower() and sent.error_comment
+    boundary = "rejection-test"
+    body = (f"\r\n--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + to_bytes(archive.bad_ds[1])
+            + f"\r\n--{boundary}--\r\n".encode())
+    stow = archive.call("POST", "tech-a", "/dicom-web/studies", content=body, headers={
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+        "Accept": "application/dicom+json"})
+    assert stow.status_code == 409, stow.text
+    [failed] = stow.json()["00081198"]["Value"]
+    assert failed["00081155"]["Value"] == [archive.bad_sops[1]] and failed["00081197"]["Value"] == [0xA771]
+    assert not archive.qido("instances", SOPInstanceUID=gone)
+
+    # restore: back everywhere, the note deleted from the store and the index
+    restored = archive.call("POST", "tech-a", f"/api/studies/{s1}/restore", json={"series": [bad]})
+    assert restored.status_code == 200, restored.text
+    assert sorted(restored.json()["restored"]) == sorted(archive.bad_sops)
+    assert restored.json()["notes_deleted"] == [note_uid] and restored.json()["notes_created"] == []
+    assert uid_values(archive.qido(f"studies/{s1}/series"), "0020000E") == {archive.kept, bad}
+    studies = archive.qido("studies", StudyInstanceUID=s1)
+    assert set(studies[0]["00080061"]["Value"]) == {"CT", "MR"}
+    wado = archive.call("GET", "admin", f"/dicom-web/studies/{s1}/series/{bad}/instances/{gone}",
+                        headers={"Accept": "multipart/related; type=\"application/dicom\""})
+    assert wado.status_code == 200
+    assert movescu(archive, s1) == {*archive.kept_sops, *archive.bad_sops}
+    assert archive.note_row(note_uid) is None
+    assert not archive.server.ctx.store.exists(note.object_key)
+    assert archive.audit_count("instance.reject", "success") >= 1
+    assert archive.audit_count("instance.restore", "success") >= 1
+
+
+def test_whole_study_rejected_by_a_radiologist_is_gone_from_lists(archive: Archive) -> None:
+    s2 = archive.s2
+    reading = archive.call("GET", "rad-a", "/api/reading-list", params={"limit": 500})
+    assert s2 in {i["study_instance_uid"] for i in reading.json()}
+    answer = archive.call("POST", "rad-a", f"/api/studies/{s2}/reject", json={"reason": "quality"})
+    assert answer.status_code == 200, answer.text
+    assert len(answer.json()["rejected"]) == 1
+
+    assert not archive.qido("studies", StudyInstanceUID=s2)
+    assert not findscu(archive, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={s2}"])
+    assert not findscu(archive, ["QueryRetrieveLevel=STUDY", "PatientID=REJ-2", "StudyInstanceUID"])
+    fhir = archive.call("GET", "admin", f"/fhir/ImagingStudy/{s2}")
+    assert fhir.status_code == 404 and fhir.json()["resourceType"] == "OperationOutcome"
+    reading = archive.call("GET", "rad-a", "/api/reading-list", params={"limit": 500})
+    assert s2 not in {i["study_instance_uid"] for i in reading.json()}
+    json_error(archive.call("GET", "admin", f"/dicom-web/studies/{s2}/metadata"), 404)
+
+    restored = archive.call("POST", "rad-a", f"/api/studies/{s2}/restore")
+    assert restored.status_code == 200, restored.text
+    assert len(restored.json()["restored"]) == 1
+    assert len(archive.qido("studies", StudyInstanceUID=s2)) == 1
+    assert archive.call("GET", "admin", f"/fhir/ImagingStudy/{s2}").status_code == 200
+
+
+def test_a_modalitys_rejection_note_over_storescu(archive: Archive, tmp_path: Path) -> None:
+    first, second = archive.s3_ds
+    # another facility's modality may not reject HOSP-A's images: refused, nothing rejected
+    foreign = storescu(archive.server.port, [modality_note(tmp_path / "foreign.dcm", second)], aet="MODB")
+    assert foreign.status == 0xA900, foreign.output[-2000:]
+    # the modality that sent the image rejects it
+    own = storescu(archive.server.port, [modality_note(tmp_path / "own.dcm", first, unknown=True)], aet="MODA")
+    assert own.status == 0x0000, own.output[-2000:]
+    assert uid_values(archive.qido(f"studies/{archive.s3}/instances"), "00080018") == {second.SOPInstanceUID}
+    with archive.server.ctx.read_sessions() as session:
+        rows = list(session.scalars(select(RejectedInstance).where(RejectedInstance.study_instance_uid == archive.s3)))
+    assert [(r.sop_instance_uid, r.reason, r.rejected_by) for r in rows] == [(first.SOPInstanceUID, "quality", "MODA")]
+    # the note itself never shows as an instance; the instance it names that the archive never had is audited
+    assert not archive.qido("instances", SOPInstanceUID=rows[0].note_sop_instance_uid)
+    with archive.server.ctx.read_sessions() as session:
+        applied = session.scalars(select(AuditEvent).where(AuditEvent.action == "instance.reject",
+                                                           AuditEvent.study_instance_uid == archive.s3)).all()
+    assert [(e.outcome, e.actor) for e in applied] == [("failure", "MODB"), ("success", "MODA")]
+    assert "count=1" in applied[1].detail and "ignored=1" in applied[1].detail
+
+
+def test_partial_restore_keeps_a_new_note_and_reindex_and_check_agree(archive: Archive, tmp_path: Path) -> None:
+    a, b, c = archive.s4_sops
+    answer = archive.call("POST", "tech-a", f"/api/studies/{archive.s4}/reject",
+                          json={"reason": "patient-safety", "instances": [a, b]})
+    assert answer.status_code == 200, answer.text
+    old_note = answer.json()["note_sop_instance_uid"]
+    old_key = archive.note_row(old_note).object_key  # type: ignore[union-attr]
+    restored = archive.call("POST", "tech-a", f"/api/studies/{archive.s4}/restore", json={"instances": [a]})
+    assert restored.status_code == 200, restored.text
+    assert restored.json()["restored"] == [a] and restored.json()["notes_deleted"] == [old_note]
+    [new_note] = restored.json()["notes_created"]
+    assert archive.note_row(old_note) is None and not archive.server.ctx.store.exists(old_key)
+    listed = archive.call("GET", "admin", "/api/rejected", params={"study": archive.s4, "reason": "patient-safety"})
+    assert [(i["sop_instance_uid"], i["note_sop_instance_uid"]) for i in listed.json()] == [(b, new_note)]
+    assert uid_values(archive.qido(f"studies/{archive.s4}/instances"), "00080018") == {a, c}
+
+    # pacs check: rejected objects and notes are referenced, not orphans
+    summary = check(archive.server.ctx.read_sessions, archive.server.ctx.store)
+    assert summary.ok, summary.errors
+    assert not [p for p in summary.problems if p.kind is ProblemKind.ORPHAN]
+
+    # pacs reindex into an empty copy of the index ends with the same rejections
+    engine = make_engine(f"sqlite:///{tmp_path / 'rebuilt.sqlite3'}")
+    migrate.upgrade(engine)
+    rebuilt = make_session_factory(engine)
+    result = reindex(rebuilt, archive.server.ctx.store)
+    assert result.complete and result.rejection_notes >= 1
+    with archive.server.ctx.read_sessions() as live, rebuilt() as copy:
+        def rejections(session: Any) -> set[tuple[str, str, str]]:
+            return {(r.sop_instance_uid, r.reason, r.note_sop_instance_uid)
+                    for r in session.scalars(select(RejectedInstance))}
+
+        def notes(session: Any) -> set[str]:
+            return set(session.scalars(select(RejectionNote.sop_instance_uid)))
+
+        assert rejections(copy) == rejections(live) and notes(copy) == notes(live)
+        assert b in {r[0] for r in rejections(copy)}
+        assert copy.scalar(select(Instance.id).where(Instance.sop_instance_uid == b)) is None
+        assert copy.scalar(select(Instance.id).where(Instance.sop_instance_uid.in_(notes(copy)))) is None
+        counts = copy.execute(select(Study.number_of_instances, Series.number_of_instances)
+                              .join(Series, Series.study_fk == Study.id)
+                              .where(Study.study_instance_uid == archive.s4)).one()
+        assert tuple(counts) == (2, 2)
+    engine.dispose()
+
+
+def test_command_line_reject_list_restore(archive: Archive) -> None:
+    s5, (first, second) = archive.s5, archive.s5_sops
+    env = archive.server.env
+    done = run_pacs(["study", "reject", s5, "--reason", "incorrect-worklist-entry", "--instance", first, "--json"],
+                    env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["rejected"] == [first]
+    listed = run_pacs(["study", "rejected", "--study", s5, "--json"], env)
+    assert listed.returncode == 0, listed.stderr
+    [row] = json.loads(listed.stdout)
+    assert row["sop_instance_uid"] == first and row["reason"] == "incorrect-worklist-entry"
+    assert row["rejected_by"].startswith("os:")
+    assert uid_values(archive.qido(f"studies/{s5}/instances"), "00080018") == {second}
+    unknown = run_pacs(["study", "reject", s5, "--reason", "quality", "--series", generate_uid()], env)
+    assert unknown.returncode == 1 and "not current series" in unknown.stderr
+    restored = run_pacs(["study", "restore", s5, "--json"], env)
+    assert restored.returncode == 0, restored.stderr
+    assert json.loads(restored.stdout)["restored"] == [first]
+    assert uid_values(archive.qido(f"studies/{s5}/instances"), "00080018") == {first, second}
+
+
+# -- must-show 5: refusals write nothing and are audited ----------------------------------------------------------
+
+
+def test_refusals_write_nothing_and_are_audited(archive: Archive) -> None:
+    s1 = archive.s1
+    failures, denied = archive.audit_count("instance.reject", "failure"), archive.audit_count("access.denied",
+                                                                                               "failure")
+    before = uid_values(archive.qido(f"studies/{s1}/instances"), "00080018")
+    json_error(archive.call("POST", "clin-a", f"/api/studies/{s1}/reject", json={"reason": "quality"}), 403)
+    json_error(archive.call("POST", "rad-a", f"/api/studies/{s1}/reject", json={"reason": "patient-safety"}), 403)
+    json_error(archive.call("POST", "tech-b", f"/api/studies/{s1}/reject", json={"reason": "quality"}), 404)
+    json_error(archive.call("POST", "tech-a", f"/api/studies/{generate_uid()}/reject",
+                            json={"reason": "quality"}), 404)
+    message = json_error(archive.call("POST", "tech-a", f"/api/studies/{s1}/reject",
+                                      json={"reason": "quality", "series": [archive.kept, generate_uid()]}), 400)
+    assert "not current series" in message
+    json_error(archive.call("POST", "tech-a", f"/api/studies/{s1}/reject", json={"reason": "bored"}), 400)
+    json_error(archive.call("POST", "tech-a", f"/api/studies/{s1}/restore", json={"series": [archive.kept]}), 400)
+    assert uid_values(archive.qido(f"studies/{s1}/instances"), "00080018") == before
+    assert archive.audit_count("instance.reject", "failure") == failures + 5
+    assert archive.audit_count("instance.restore", "failure") >= 1
+    assert archive.audit_count("access.denied", "failure") == denied + 1
+
+
+# -- the scaled configuration: PostgreSQL, S3, `pacs scp` + `pacs api` + `pacs worker` -----------------------------
+
+
+def test_scaled_reject_resend_and_restore(tmp_path_factory: pytest.TempPathFactory, s3_server: SeaweedS3) -> None:
+    root = tmp_path_factory.mktemp("rejection-scaled")
+    with scaled_api(root, s3_server) as server:
+        world = FacilityArchive(server)  # type: ignore[arg-type]
+        world.add_tokens(("tech-a", "technologist", "HOSP-A"), ("admin", "admin", ""))
+        study, bad = generate_uid(), generate_uid()
+        kept = world.send_instance("MODA", PatientID="SC-1", StudyInstanceUID=study)
+        rejected = [world.send_instance("MODA", PatientID="SC-1", StudyInstanceUID=study, SeriesInstanceUID=bad,
+                                        Modality="MR", InstanceNumber=n) for n in (1, 2)]
+
+        def series() -> set[str]:
+            with world.http("admin") as client:
+                found = client.get(f"/dicom-web/studies/{study}/series")
+            return uid_values(found.json(), "0020000E") if found.status_code == 200 else set()
+
+        with world.http("tech-a") as client:
+            answer = client.post(f"/api/studies/{study}/reject", json={"reason": "incorrect-worklist-entry",
+                                                                       "series": [bad]})
+        assert answer.status_code == 200, answer.text
+        assert sorted(answer.json()["rejected"]) == sorted(ds.SOPInstanceUID for ds in rejected)
+        assert series() == {kept.SeriesInstanceUID}
+        path = root / "resend.dcm"
+        rejected[0].save_as(path, enforce_file_format=True)
+        sent = storescu(server.port, [path], aet="MODA")
+        assert sent.status == 0xA771, sent.output[-2000:]
+        with world.http("admin") as client:
+            listed = client.get("/api/rejected", params={"study": study}).json()
+        assert {i["reason"] for i in listed} == {"incorrect-worklist-entry"} and len(listed) == 2
+        with world.http("tech-a") as client:
+            restored = client.post(f"/api/studies/{study}/restore", json={})
+        assert restored.status_code == 200, restored.text
+        assert series() == {kept.SeriesInstanceUID, bad}
