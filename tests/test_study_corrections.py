@@ -415,3 +415,46 @@ def test_forwarding_rules_send_the_corrected_version(archive: Archive, tmp_path:
         with archive.server.ctx.sessions() as session, session.begin():
             remove_rule(session, "us-to-fwd")
         peer.stop()
+
+
+# -- pacs reindex: the index rebuilt from the store alone keeps corrections and moves ---------------------------
+
+
+def test_reindex_rebuilds_corrected_names_and_moved_series(archive: Archive, tmp_path: Path) -> None:
+    from pacs.db.engine import make_engine, make_session_factory
+    from pacs.db.migrate import upgrade
+    from pacs.db.models import Patient, Series, Study
+    from pacs.maintenance.reindex import reindex
+
+    corrected = archive.send_instance("MODA", PatientName="PHAM^VAN^XUAN", PatientID="RX-1",
+                                      AccessionNumber="ACC-X1").StudyInstanceUID
+    target = archive.send_instance("MODA", PatientName="DO^THI^YEN", PatientID="RY-1").StudyInstanceUID
+    wrong = generate_uid()
+    archive.send_instance("MODA", PatientName="VU^VAN^DUNG", PatientID="RZ-1", StudyInstanceUID=wrong)
+    moved = archive.send_instance("MODA", PatientName="VU^VAN^DUNG", PatientID="RZ-1", StudyInstanceUID=wrong,
+                                  Modality="MR").SeriesInstanceUID
+    answer = archive.patch("tech-a", f"/api/studies/{corrected}",
+                           {"patient": {"name": "Phạm^Văn^Xuân"}, "accession_number": "ACC-X2",
+                            "reason": "tên gõ sai ở máy chụp"})
+    assert answer.status_code == 200, answer.text
+    answer = archive.post("tech-a", f"/api/series/{moved}/move", {"to_study": target, "reason": "wrong patient"})
+    assert answer.status_code == 200, answer.text
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'rebuilt.sqlite3'}")
+    upgrade(engine)
+    rebuilt = make_session_factory(engine)
+    result = reindex(rebuilt, archive.server.ctx.store)
+    assert result.complete, result
+
+    def state(session: Any) -> tuple[str, str, str]:
+        name, accession = session.execute(
+            select(Patient.patient_name, Study.accession_number).join(Study, Study.patient_fk == Patient.id)
+            .where(Study.study_instance_uid == corrected)).one()
+        home = session.scalar(select(Study.study_instance_uid).join(Series, Series.study_fk == Study.id)
+                              .where(Series.series_instance_uid == moved))
+        return name, accession, home
+
+    with archive.server.ctx.read_sessions() as live, rebuilt() as copy:
+        assert state(live) == ("Phạm^Văn^Xuân", "ACC-X2", target)
+        assert state(copy) == state(live)  # not the first-seen name, accession and study of the first versions
+    engine.dispose()
