@@ -95,6 +95,19 @@ def reconciliation_key(sha256_hex: str) -> str:
     return f"reconciliation/{_require_sha256(sha256_hex)}.dcm"
 
 
+def correction_marker_key(sop_uid: str, sha256_hex: str) -> str:
+    """``corrections/{sop}/{sha256}``: written by the archive before it ingests a corrected version of one of its
+    objects (pacs.studies.corrections), so that ``pacs reindex`` applies that version's values as ingest did —
+    a sender cannot write here, so a forged Original Attributes Sequence in an object it sends is never taken for
+    a correction. Outside ``dicom/``: never an instance."""
+    return f"corrections/{_require_key_uid(sop_uid, 'SOPInstanceUID')}/{_require_sha256(sha256_hex)}"
+
+
+def correction_marker_prefix(sop_uid: str) -> str:
+    """``corrections/{sop}/``: every correction marker of one SOP instance (deleted with it)."""
+    return f"corrections/{_require_key_uid(sop_uid, 'SOPInstanceUID')}/"
+
+
 def thumbnail_key(study_uid: str, series_uid: str, sop_uid: str) -> str:
     """``derived/thumbnails/{study}/{series}/{sop}.jpg``."""
     study = _require_key_uid(study_uid, "StudyInstanceUID")

@@ -7,7 +7,7 @@ data with :func:`study_condition`; DIMSE handlers keep their AE-level policy
 
 from __future__ import annotations
 
-from sqlalchemy import ColumnElement, and_, exists, or_, select, true
+from sqlalchemy import ColumnElement, and_, exists, false, or_, select, true
 from sqlalchemy.orm import Session
 
 from pacs.consults.grants import consult_grant
@@ -63,6 +63,18 @@ def study_condition(scope: AccessScope, *, borrowed: bool = True, with_empty: bo
     if scope.study_uids is not None:
         parts.append(Study.study_instance_uid.in_(sorted(scope.study_uids)))
     return and_(*parts) if parts else true()
+
+
+def owned_study_condition(scope: AccessScope) -> ColumnElement[bool]:
+    """The studies a principal may *change* (correct, move, reject, restore, delete): its own facility's — never one
+    it only sees through a share, a consult or a person's priors —, every study for an archive-wide principal, none
+    for a patient or a share link. (Reading, and passing a study on by link, slip or send, use
+    :func:`study_condition`.)"""
+    if scope.patient is not None or scope.patient_ids is not None or scope.study_uids is not None:
+        return false()
+    if scope.facilities is None:
+        return true()
+    return Study.facility.in_(sorted(scope.facilities))
 
 
 def may_see_study(session: Session, scope: AccessScope, study_instance_uid: str, *, borrowed: bool = True,
