@@ -5,9 +5,13 @@
   versions stay readable by an admin with the old name, and the audit row has before and after;
 - a series sent under the wrong patient moves to the right patient's study: it leaves the wrong study and appears
   in the right one in QIDO-RS, C-FIND and the series metadata, and its thumbnail is rebuilt;
-- refusals (role, facility, unknown study, no reason, a bad birth date) change nothing and are audited;
+- refusals (role, facility, unknown study, no reason, a bad birth date) change nothing and are audited; a
+  facility a study is only shared with cannot correct or move it; a study (or the patient's other study, or the
+  series) with rejected instances is refused until they are restored; a correction waits for another one a few
+  seconds at most (409); a corrected version of an object no longer archived is refused by ingest;
 - an interrupted correction is finished by running it again; a study moves to another patient; the CLI corrects
-  accession and description; a forwarding rule sends the corrected version.
+  accession and description; a forwarding rule sends the corrected version; `pacs reindex` applies our corrections,
+  never an Original Attributes item a sender forged.
 Must-show 1 runs on the scaled stack too (PostgreSQL, S3, Celery).
 """
 
@@ -24,13 +28,16 @@ from typing import Any
 
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
 from pacs.aes import add_ae
 from pacs.db.models import AuditEvent, InstanceVersion
+from tests.support.datasets import make_instance
 from tests.support.dcmtk import ReferenceStoreSCP, dcmtk, dcmtk_env
-from tests.support.facilities import FacilityArchive
+from tests.support.facilities import FacilityArchive, json_error
 from tests.support.net import free_port, wait_until
 from tests.support.pacs_process import run_pacs
 from tests.support.seaweed import SeaweedS3
@@ -163,6 +170,28 @@ def test_correct_vietnamese_name_everywhere(archive: Archive, tmp_path: Path) ->
 def test_correct_vietnamese_name_scaled(scaled: Archive, tmp_path: Path) -> None:
     """The same on PostgreSQL, S3 and Celery: the API process ingests the corrected versions, the SCP serves them."""
     _correct_vietnamese_name(scaled, tmp_path)
+
+
+def test_a_waiting_correction_is_refused_across_processes(scaled: Archive) -> None:
+    """PostgreSQL: while another process holds the correction lock, the API refuses (409, try again) after a few
+    seconds instead of tying up a request thread."""
+    from sqlalchemy import text
+
+    from pacs.studies import corrections
+
+    lock = {"key": corrections._ADVISORY_KEY}
+    with scaled.server.ctx.sessions() as session:
+        engine = session.get_bind()
+    with engine.connect() as connection:  # type: ignore[union-attr]
+        connection.execute(text("SELECT pg_advisory_lock(:key)"), lock)
+        connection.commit()
+        try:
+            answer = scaled.patch("tech-a", f"/api/studies/{scaled.right}", {"description": "x", "reason": "busy"})
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(:key)"), lock)
+            connection.commit()
+    assert "another correction is running" in json_error(answer, 409)
+    assert scaled.audit_rows("study.correct", "failure")[-1].detail.startswith("Conflict")
 
 
 def _correct_vietnamese_name(archive: Archive, tmp_path: Path) -> None:
@@ -319,6 +348,92 @@ def test_refusals_change_nothing_and_are_audited(archive: Archive) -> None:
     assert archive.versions_kept() == kept
 
 
+def test_a_shared_study_is_not_the_borrowers_to_change(archive: Archive) -> None:
+    """HOSP-B sees a study of HOSP-A shared with it, but may neither correct it nor move series out of or into it."""
+    from pacs.security.access import share_study
+
+    series, study = generate_uid(), generate_uid()
+    archive.send_instance("MODA", PatientID="SH-1", PatientName="LY^AN", StudyInstanceUID=study,
+                          SeriesInstanceUID=series)
+    b_series = archive.send_instance("MODB", PatientID="SH-B").SeriesInstanceUID
+    with archive.server.ctx.sessions() as session, session.begin():
+        share_study(session, study, "HOSP-B", "test")
+    seen = archive.get("tech-b", "/dicom-web/studies", params={"StudyInstanceUID": study})
+    assert seen.status_code == 200 and len(seen.json()) == 1  # the share works: B reads the study
+    kept = archive.versions_kept()
+    json_error(archive.patch("tech-b", f"/api/studies/{study}", {"patient": {"name": "Lý^An"}, "reason": "x"}), 404)
+    json_error(archive.post("tech-b", f"/api/series/{series}/move", {"to_study": archive.b_study, "reason": "x"}),
+               404)
+    json_error(archive.post("tech-b", f"/api/series/{b_series}/move", {"to_study": study, "reason": "x"}), 404)
+    json_error(archive.post("tech-b", f"/api/studies/{study}/move", {"to_patient": {"id": "B-1"}, "reason": "x"}),
+               404)
+    assert archive.versions_kept() == kept
+    assert qido_names(archive, "LY^AN") == {study: "LY^AN"}
+
+
+def test_refused_while_rejected_instances_are_kept(archive: Archive) -> None:
+    """Rejected instances are out of the index a correction goes through: restored, they would bring the old
+    patient back (or miss their moved series). Refused (409) until they are restored or deleted."""
+    study, series = generate_uid(), generate_uid()
+    sops = [archive.send_instance("MODA", PatientID="RJ-1", PatientName="HO^AN", StudyInstanceUID=study,
+                                  SeriesInstanceUID=series, InstanceNumber=n).SOPInstanceUID for n in (1, 2)]
+    other = archive.send_instance("MODA", PatientID="RJ-1", PatientName="HO^AN").StudyInstanceUID
+    target = archive.send_instance("MODA", PatientID="RJ-2", PatientName="HO^BINH").StudyInstanceUID
+    rejected = archive.post("tech-a", f"/api/studies/{study}/reject", {"reason": "quality", "instances": [sops[0]]})
+    assert rejected.status_code == 200, rejected.text
+    kept = archive.versions_kept()
+    for answer in (
+            archive.patch("tech-a", f"/api/studies/{study}", {"accession_number": "ACC-RJ", "reason": "r"}),
+            # a patient-level change of the other study rewrites this one too
+            archive.patch("tech-a", f"/api/studies/{other}", {"patient": {"name": "Hồ^An"}, "reason": "r"}),
+            archive.post("tech-a", f"/api/series/{series}/move", {"to_study": target, "reason": "r"}),
+            archive.post("tech-a", f"/api/studies/{study}/move", {"to_patient": {"id": "RJ-2"}, "reason": "r"})):
+        assert "restore or delete the rejected instances" in json_error(answer, 409)
+    assert archive.versions_kept() == kept
+    assert len(archive.audit_rows("series.move", "failure")) >= 1
+    restored = archive.post("tech-a", f"/api/studies/{study}/restore", {"instances": [sops[0]]})
+    assert restored.status_code == 200, restored.text
+    answer = archive.patch("tech-a", f"/api/studies/{other}", {"patient": {"name": "Hồ^An"}, "reason": "r"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["objects_rewritten"] == 3  # both studies, the restored instance too
+
+
+def test_a_waiting_correction_is_refused_after_a_few_seconds(archive: Archive,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another correction holding the lock: this one is refused (Conflict, try again), not left waiting."""
+    from pacs.cli.common import cli_principal
+    from pacs.errors import Conflict
+    from pacs.studies import corrections
+
+    monkeypatch.setattr(corrections, "LOCK_WAIT_SECONDS", 0.3)
+    kept = archive.versions_kept()
+    with corrections._LOCK, pytest.raises(Conflict, match="another correction is running"):
+        corrections.correct_study(archive.server.ctx, cli_principal(), archive.right,
+                                  corrections.StudyChanges(description="x"), "busy")
+    assert archive.versions_kept() == kept
+
+
+def test_a_corrected_version_of_a_deleted_object_is_refused(archive: Archive) -> None:
+    """A correction racing a deletion: ingest refuses the corrected copy of an object the archive no longer has
+    (it would bring the deleted study back)."""
+    from pacs.db.models import Instance, Study
+    from pacs.ingest.outcome import IngestStatus
+    from pacs.ingest.source import Correction, IngestSource
+    from pacs.studies import corrections
+
+    study = generate_uid()
+    data = make_instance(PatientID="GONE-1", StudyInstanceUID=study)
+    source = IngestSource(transport="correction", calling_ae="MODA", facility="HOSP-A",
+                          correction=Correction(study, "test"))
+    outcome = corrections._ingestor(archive.server.ctx).ingest(data, source)
+    assert outcome.status is IngestStatus.REJECTED and "no longer in the archive" in outcome.message
+    with archive.server.ctx.read_sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Study).where(Study.study_instance_uid == study)) == 0
+        assert session.scalar(select(func.count()).select_from(Instance)
+                              .where(Instance.sop_instance_uid == outcome.sop_instance_uid)) == 0
+    assert not list(archive.server.ctx.store.list(f"dicom/{study}/"))
+
+
 # -- an interrupted correction ---------------------------------------------------------------------------------
 
 
@@ -439,6 +554,19 @@ def test_reindex_rebuilds_corrected_names_and_moved_series(archive: Archive, tmp
     assert answer.status_code == 200, answer.text
     answer = archive.post("tech-a", f"/api/series/{moved}/move", {"to_study": target, "reason": "wrong patient"})
     assert answer.status_code == 200, answer.text
+    # a sender's object claiming to be our correction (an Original Attributes item naming our AE title) with
+    # another name: ingest kept the first-seen name, and so must the rebuilt index (no correction marker)
+    forged = Dataset()
+    forged.AttributeModificationDateTime = "20260101120000"
+    forged.ModifyingSystem = archive.server.ctx.settings.ae_title
+    forged.SourceOfPreviousValues = ""
+    forged.ReasonForTheAttributeModification = "CORRECT"
+    old = Dataset()
+    old.PatientName = "TRUONG^AN"
+    forged.ModifiedAttributesSequence = Sequence([old])
+    first = archive.send_instance("MODA", PatientName="TRUONG^AN", PatientID="RF-1").StudyInstanceUID
+    archive.send_instance("MODA", PatientName="KE^GIA^MAO", PatientID="RF-1", StudyInstanceUID=first,
+                          OriginalAttributesSequence=Sequence([forged]))
 
     engine = make_engine(f"sqlite:///{tmp_path / 'rebuilt.sqlite3'}")
     upgrade(engine)
@@ -454,7 +582,11 @@ def test_reindex_rebuilds_corrected_names_and_moved_series(archive: Archive, tmp
                               .where(Series.series_instance_uid == moved))
         return name, accession, home
 
+    def forged_name(session: Any) -> str:
+        return str(session.scalar(select(Patient.patient_name).where(Patient.patient_id == "RF-1")))
+
     with archive.server.ctx.read_sessions() as live, rebuilt() as copy:
         assert state(live) == ("Phạm^Văn^Xuân", "ACC-X2", target)
         assert state(copy) == state(live)  # not the first-seen name, accession and study of the first versions
+        assert forged_name(live) == forged_name(copy) == "TRUONG^AN"
     engine.dispose()

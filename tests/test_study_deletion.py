@@ -10,33 +10,43 @@ HOSP-A's studies kept 10 years. What a user relies on:
 - must-show 5: a clinician, technologist or radiologist cannot delete (403), an admin of facility B cannot delete
   A's study (404, like an unknown study), and every refusal is in the audit trail;
 - must-show 3's tail: a rejected series is deleted by the sweep after its reason's retention (objects gone,
-  `pacs check` clean) and its SOP Instance UIDs can be stored again with DCMTK's storescu;
+  `pacs check` clean) and its SOP Instance UIDs can be stored again with DCMTK's storescu; a study the sweep
+  empties keeps its row and its signed report (only an admin's explicit deletion removes a study);
+- SPEC §4: a modality re-sending the same bytes while their object is being deleted gets Success only with the
+  object in the store (tombstones, pacs.studies.tombstones);
 - study retention: due studies are listed (audited) and only the confirmed ones that are really due are deleted.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 
+from pacs.cli.common import cli_principal
 from pacs.db.models import AuditEvent, Instance, InstanceVersion, Study
 from pacs.reports.models import Report
 from pacs.settings import REJECTION_RETENTION_DEFAULTS, Settings
 from pacs.sharing.models import ShareLink
+from pacs.studies import deletion
 from pacs.studies.models import REASON_CODES, RejectedInstance, RejectionNote
+from pacs.studies.tombstones import DeletedObject
+from storage import StorageUnavailable
 from tests.support.datasets import to_bytes
 from tests.support.dcmtk import dcmtk, dcmtk_env, storescu
 from tests.support.facilities import FacilityArchive, json_error
 from tests.support.pacs_process import run_pacs
 from tests.support.seaweed import SeaweedS3
+from tests.support.senders import send_dataset
 from tests.support.stack import scaled_api
 
 pytestmark = pytest.mark.integration
@@ -301,27 +311,145 @@ def test_rejected_series_is_deleted_after_its_retention_and_can_be_stored_again(
     assert sorted(i["00080018"]["Value"][0] for i in found) == sorted(str(ds.SOPInstanceUID) for ds in rejected)
 
 
-def test_a_study_rejected_whole_goes_whole_after_its_retention(archive: Archive, tmp_path: Path) -> None:
-    """The sweep empties the study: its rows, report and objects go as with an explicit delete; its UIDs come back."""
+def test_a_study_rejected_whole_keeps_its_row_and_report_after_its_retention(archive: Archive,
+                                                                              tmp_path: Path) -> None:
+    """The sweep deletes the rejected images and their series, never the study: its signed report stays readable
+    (an admin's explicit deletion is the only way a report goes); the study is hidden from image queries, and
+    the same UIDs sent again fill it again."""
     sent = archive.send_study("MODA", "DEL-7")
     study = str(sent[0].StudyInstanceUID)
     with archive.http("rad-a") as rad:
-        assert rad.post(f"/api/studies/{study}/reports", json={"findings": "x", "impression": "y"}).status_code == 201
-    _reject(archive, "tech-a", study, "patient-safety")
+        report = rad.post(f"/api/studies/{study}/reports", json={"findings": "x", "impression": "y"})
+        assert report.status_code == 201, report.text
+        signed = rad.post(f"/api/reports/{report.json()['id']}/sign", json={})
+        assert signed.status_code in (200, 201), signed.text
 
-    def gone() -> bool:
+    def instances() -> int | None:
         with archive.server.ctx.read_sessions() as session:
-            row = session.scalar(select(Study.id).where(Study.study_instance_uid == study))
-        return row is None and study_keys(archive, study) == []
-    wait_for("the retention sweep", gone)
+            return session.scalar(select(Study.number_of_instances).where(Study.study_instance_uid == study))
+    wait_for("the signed report's SR", lambda: instances() == 3)
+    _reject(archive, "tech-a", study, "patient-safety")  # the images and the SR
+
+    def swept() -> bool:
+        with archive.server.ctx.read_sessions() as session:
+            row = session.scalar(select(RejectedInstance.id).where(RejectedInstance.study_instance_uid == study)
+                                 .limit(1))
+        return row is None and keys_under(archive, f"dicom/{study}/") == []
+    wait_for("the retention sweep", swept)
+    assert instances() == 0
     with archive.server.ctx.read_sessions() as session:
-        assert session.scalar(select(Report.id).where(Report.study_instance_uid == study)) is None
+        assert session.scalar(select(Report.id).where(Report.study_instance_uid == study)) is not None
         assert session.scalar(select(RejectionNote.id).where(RejectionNote.study_instance_uid == study)) is None
+    assert qido_studies(archive, "clin-a", study) == []  # no image: hidden from image queries
+    with archive.http("rad-a") as rad:
+        kept = rad.get(f"/api/reports/{report.json()['id']}")
+        assert kept.status_code == 200, kept.text
     [row] = audit_rows(archive, "instance.delete", study, "success")
-    assert "study_removed=yes" in row.detail and "reports=1" in row.detail
+    assert "study_emptied=yes" in row.detail and "instances=3" in row.detail
+    pacs_check(archive)
     store_again(archive, tmp_path, sent)
     [found] = qido_studies(archive, "clin-a", study)
     assert found["00201208"]["Value"] == [2]
+
+
+def resend_while_deleting(server: Any, aet: str, patient_id: str) -> None:
+    """Delete a one-image study in this process while the server receives the same bytes again: the deletion
+    pauses between claiming the object's tombstone and deleting it from the store, the re-send arrives then
+    (its put is the same content-addressed key; its index transaction waits on the tombstone row), and must end
+    with Success only with its object in the store."""
+    world = Archive(server) if not isinstance(server, Archive) else server
+    [ds] = world.send_study(aet, patient_id, per_series=1)
+    study, sop = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
+    with world.server.ctx.read_sessions() as session:
+        key = session.scalar(select(Instance.object_key).where(Instance.sop_instance_uid == sop))
+    assert key
+    resent: dict[str, Any] = {}
+
+    def send_again() -> None:
+        resent["status"] = send_dataset(world.server.port, ds, ExplicitVRLittleEndian, aet=aet).status
+
+    sender = threading.Thread(target=send_again)
+
+    def pause(deleting: str) -> None:
+        if deleting == key:
+            sender.start()
+            time.sleep(2.5)  # the re-send is received, put and waiting on the tombstone row (or still on its way)
+
+    deletion.before_object_delete = pause
+    try:
+        done = deletion.delete_study(world.server.ctx, cli_principal(), study, "test: re-sent while deleting")
+    finally:
+        deletion.before_object_delete = None
+    sender.join(120)
+    assert resent.get("status") == 0, resent
+    assert done.instances == 1
+    with world.server.ctx.read_sessions() as session:
+        assert session.scalar(select(Instance.object_key).where(Instance.sop_instance_uid == sop)) == key
+        assert session.scalar(select(DeletedObject.id).where(DeletedObject.object_key == key)) is None
+    assert world.server.ctx.store.exists(key), "acknowledged, but its object is gone"
+    assert len(qido_studies(world, "clin-a", study)) == 1
+    pacs_check(world)
+
+
+def test_a_resend_while_its_object_is_deleted_keeps_its_object(archive: Archive) -> None:
+    resend_while_deleting(archive, "MODA", "DEL-9")
+
+
+def test_a_deletion_after_a_resend_keeps_the_resent_object(archive: Archive) -> None:
+    """The other order: the re-send is indexed after the deletion committed, before it deletes the objects (it
+    takes the tombstone): the deletion leaves the object alone."""
+    [ds] = archive.send_study("MODA", "DEL-10", per_series=1)
+    study, sop = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
+    with archive.server.ctx.read_sessions() as session:
+        key = session.scalar(select(Instance.object_key).where(Instance.sop_instance_uid == sop))
+    real_delete_objects = deletion.delete_objects
+
+    def resend_first(ctx: Any, cleanup: deletion.StoreCleanup, **kwargs: Any) -> deletion.StoreCleanup:
+        assert send_dataset(archive.server.port, ds, ExplicitVRLittleEndian, aet="MODA").status == 0
+        return real_delete_objects(ctx, cleanup, **kwargs)
+
+    deletion.delete_objects = resend_first
+    try:
+        done = deletion.delete_study(archive.server.ctx, cli_principal(), study, "test: re-sent before the claim")
+    finally:
+        deletion.delete_objects = real_delete_objects
+    assert done.objects_kept and key in done.objects_kept and done.objects_deleted == 0
+    assert key and archive.server.ctx.store.exists(key)
+    assert len(qido_studies(archive, "clin-a", study)) == 1
+    pacs_check(archive)
+
+
+def test_an_object_the_store_would_not_delete_is_retried_by_the_sweep(archive: Archive) -> None:
+    """The store refuses while a study is deleted: the deletion stands (index rows gone), its object's tombstone
+    stays pending and the retention sweep deletes it an hour later; gone tombstones are forgotten after a day."""
+    [ds] = archive.send_study("MODA", "DEL-11", per_series=1)
+    study, sop = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
+    with archive.server.ctx.read_sessions() as session:
+        key = session.scalar(select(Instance.object_key).where(Instance.sop_instance_uid == sop))
+    assert key
+
+    def store_down(deleting: str) -> None:
+        raise StorageUnavailable("test: the store is down")
+
+    deletion.before_object_delete = store_down
+    try:
+        done = deletion.delete_study(archive.server.ctx, cli_principal(), study, "test: store down")
+    finally:
+        deletion.before_object_delete = None
+    assert done.instances == 1 and done.objects_deleted == 0 and qido_studies(archive, "clin-a", study) == []
+    assert archive.server.ctx.store.exists(key)
+
+    def tombstone() -> str | None:
+        with archive.server.ctx.read_sessions() as session:
+            return session.scalar(select(DeletedObject.state).where(DeletedObject.object_key == key))
+    assert tombstone() == "pending"
+    now = datetime.now(UTC)
+    assert deletion.sweep_tombstones(archive.server.ctx, now=now) == 0  # not yet: the deletion may still be at it
+    assert deletion.sweep_tombstones(archive.server.ctx, now=now + timedelta(hours=2)) == 1
+    assert not archive.server.ctx.store.exists(key) and tombstone() == "gone"
+    deletion.sweep_tombstones(archive.server.ctx, now=now + timedelta(days=2))
+    assert tombstone() is None
+    pacs_check(archive)
 
 
 def test_admin_deletes_a_rejected_instance_before_its_retention(archive: Archive) -> None:
@@ -411,6 +539,7 @@ def test_scaled_sweep_and_delete_on_postgresql_and_s3(tmp_path_factory: pytest.T
         assert keys_under(world, f"dicom/{other}/") == []
         assert len(qido_studies(world, "clin-a", study)) == 1
         pacs_check(world)
+        resend_while_deleting(world, "MODA", "SC-DEL3")  # the tombstone's row lock on PostgreSQL, S3
 
 
 def test_retention_settings_name_every_rejection_reason_and_refuse_unknown_ones() -> None:

@@ -5,11 +5,17 @@ findscu/movescu/getscu/storescu, dciodvfy.
   metadata, FHIR ImagingStudy and C-MOVE/C-GET; its rejection note is stored and valid (dciodvfy), listed for an
   admin; a re-send of a rejected instance is refused with 0xA771; a restore brings it all back and deletes the note;
 - a whole study rejected by a radiologist (quality) is gone from QIDO-RS, C-FIND, FHIR and the reading list;
-- a modality's own rejection note sent with storescu rejects too; another facility's modality is refused;
+- a registered modality's rejection note sent with storescu rejects too (and storage commitment counts the note as
+  stored); another facility's modality and an unregistered peer (even for the images it sent itself) are refused;
+- a rejection note sent over STOW-RS is held to the sending account's rights: an EMR account, a radiologist with a
+  patient-safety title and another facility's technologist are refused (0xA900, audited, nothing rejected); the
+  study's facility's technologist rejects;
+- a study with a signed report whose images are all rejected is gone from QIDO-RS, C-FIND and FHIR ImagingStudy,
+  but its report and the report's PDF still answer for its facility's clinician;
 - a partly restored rejection is kept by a new note (the old one deleted); `pacs reindex` on a copy of the index
   ends with the same rejections, and `pacs check` sees rejected objects and notes as referenced;
-- refusals (clinician, radiologist with patient-safety, another facility, unknown study, unknown series) write
-  nothing and are audited.
+- refusals (clinician, radiologist with patient-safety, another facility even when the study is shared with it,
+  unknown study, unknown series) write nothing and are audited.
 """
 
 from __future__ import annotations
@@ -30,17 +36,21 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
-from pacs.aes import add_ae
+from pacs.ae_scope import ae_scope
+from pacs.aes import add_ae, lookup
+from pacs.commitment.service import SopRef, evaluate
 from pacs.db import migrate
 from pacs.db.engine import make_engine, make_session_factory
 from pacs.db.models import AuditEvent, Instance, Series, Study
 from pacs.maintenance.check import ProblemKind, check
 from pacs.maintenance.reindex import reindex
+from pacs.reports.models import ReportVersion
+from pacs.security.access import share_study
 from pacs.studies.models import RejectedInstance, RejectionNote
 from tests.support.datasets import to_bytes
 from tests.support.dcmtk import ReferenceStoreSCP, dcmtk, dcmtk_env, storescu
 from tests.support.facilities import FacilityArchive, json_error
-from tests.support.net import free_port
+from tests.support.net import free_port, wait_until
 from tests.support.pacs_process import run_pacs
 from tests.support.seaweed import SeaweedS3
 from tests.support.stack import EmbeddedPacs, scaled_api
@@ -48,6 +58,8 @@ from tests.support.stack import EmbeddedPacs, scaled_api
 pytestmark = pytest.mark.integration
 
 QUALITY_TITLE = Code("113001", "DCM", "Rejected for Quality Reasons")
+PATIENT_SAFETY_TITLE = Code("113037", "DCM", "Rejected for Patient Safety Reasons")
+KOS = "1.2.840.10008.5.1.4.1.1.88.59"
 
 
 class Archive(FacilityArchive):
@@ -56,7 +68,7 @@ class Archive(FacilityArchive):
         self.root = root
         self.add_tokens(("tech-a", "technologist", "HOSP-A"), ("tech-b", "technologist", "HOSP-B"),
                         ("rad-a", "radiologist", "HOSP-A"), ("clin-a", "clinician", "HOSP-A"),
-                        ("admin", "admin", ""))
+                        ("emr-a", "emr", "HOSP-A"), ("admin", "admin", ""))
         self.dest = ReferenceStoreSCP(root / "dest", free_port(), "DESTSCP").start()
         with server.ctx.sessions() as session, session.begin():
             for title, port in (("QUERYSCU", 104), ("MOVESCU", 104), ("GETSCU", 104), ("DESTSCP", self.dest.port)):
@@ -86,6 +98,12 @@ class Archive(FacilityArchive):
         self.s5 = generate_uid()
         self.s5_sops = [self.send_instance("MODA", PatientID="REJ-5", StudyInstanceUID=self.s5,
                                            InstanceNumber=n).SOPInstanceUID for n in (1, 2)]
+        # s6: an unregistered peer's study (of no facility); s7: rejection notes over STOW-RS; s8: a reported study
+        self.s6_ds = self.send_instance("LOOSE", PatientID="REJ-6")
+        self.s7 = generate_uid()
+        self.s7_ds = [self.send_instance("MODA", PatientID="REJ-7", StudyInstanceUID=self.s7, InstanceNumber=n)
+                      for n in (1, 2)]
+        self.s8 = self.send_instance("MODA", PatientID="REJ-8").StudyInstanceUID
 
     def call(self, method: str, who: str, path: str, **kw: Any) -> Any:
         with self.http(who) as client:
@@ -161,7 +179,7 @@ def dciodvfy_errors(path: Path) -> list[str]:
     return [line for line in lines if line.startswith("Error")]
 
 
-def modality_note(path: Path, rejected: Dataset, unknown: bool = False) -> Path:
+def modality_note(path: Path, rejected: Dataset, unknown: bool = False, title: Code = QUALITY_TITLE) -> Path:
     """A modality's own IOCM rejection note (highdicom directly, not the archive's builder); ``unknown``: it also
     names an instance the archive never received."""
     evidence = [copy.deepcopy(rejected)]
@@ -173,7 +191,7 @@ def modality_note(path: Path, rejected: Dataset, unknown: bool = False) -> Path:
         for ds in evidence:
             setattr(ds, keyword, ds.get(keyword, ""))
     note = KeyObjectSelectionDocument(
-        evidence=evidence, content=KeyObjectSelection(document_title=QUALITY_TITLE, referenced_objects=evidence),
+        evidence=evidence, content=KeyObjectSelection(document_title=title, referenced_objects=evidence),
         series_instance_uid=generate_uid(), series_number=99, sop_instance_uid=generate_uid(), instance_number=1,
         manufacturer="Modality")
     note.save_as(path, enforce_file_format=True)
@@ -300,20 +318,112 @@ def test_a_modalitys_rejection_note_over_storescu(archive: Archive, tmp_path: Pa
     # another facility's modality may not reject HOSP-A's images: refused, nothing rejected
     foreign = storescu(archive.server.port, [modality_note(tmp_path / "foreign.dcm", second)], aet="MODB")
     assert foreign.status == 0xA900, foreign.output[-2000:]
-    # the modality that sent the image rejects it
+    # an unregistered peer never rejects: neither another sender's images...
+    stranger = storescu(archive.server.port, [modality_note(tmp_path / "stranger.dcm", second)], aet="NOBODY")
+    assert stranger.status == 0xA900, stranger.output[-2000:]
+    # ...nor even the images it sent itself (its AE title proves nothing: anyone could claim it)
+    loose = storescu(archive.server.port, [modality_note(tmp_path / "loose.dcm", archive.s6_ds)], aet="LOOSE")
+    assert loose.status == 0xA900, loose.output[-2000:]
+    assert "not registered" in (loose.error_comment or "")
+    assert uid_values(archive.qido("instances", StudyInstanceUID=archive.s6_ds.StudyInstanceUID),
+                      "00080018") == {archive.s6_ds.SOPInstanceUID}
+    # the registered modality of the study's facility rejects its image
     own = storescu(archive.server.port, [modality_note(tmp_path / "own.dcm", first, unknown=True)], aet="MODA")
     assert own.status == 0x0000, own.output[-2000:]
     assert uid_values(archive.qido(f"studies/{archive.s3}/instances"), "00080018") == {second.SOPInstanceUID}
     with archive.server.ctx.read_sessions() as session:
         rows = list(session.scalars(select(RejectedInstance).where(RejectedInstance.study_instance_uid == archive.s3)))
+        moda_scope = ae_scope(lookup(session, "MODA"))
+        modb_scope = ae_scope(lookup(session, "MODB"))
     assert [(r.sop_instance_uid, r.reason, r.rejected_by) for r in rows] == [(first.SOPInstanceUID, "quality", "MODA")]
     # the note itself never shows as an instance; the instance it names that the archive never had is audited
-    assert not archive.qido("instances", SOPInstanceUID=rows[0].note_sop_instance_uid)
+    note_uid = rows[0].note_sop_instance_uid
+    assert not archive.qido("instances", SOPInstanceUID=note_uid)
     with archive.server.ctx.read_sessions() as session:
         applied = session.scalars(select(AuditEvent).where(AuditEvent.action == "instance.reject",
                                                            AuditEvent.study_instance_uid == archive.s3)).all()
-    assert [(e.outcome, e.actor) for e in applied] == [("failure", "MODB"), ("success", "MODA")]
-    assert "count=1" in applied[1].detail and "ignored=1" in applied[1].detail
+    assert [(e.outcome, e.actor) for e in applied] == [("failure", "MODB"), ("failure", "NOBODY"), ("success", "MODA")]
+    assert "count=1" in applied[2].detail and "ignored=1" in applied[2].detail
+    assert archive.audit_count("instance.reject", "failure") >= 3
+    # storage commitment: the modality's note is stored (for it; another facility's AE is told nothing)
+    ctx = archive.server.ctx
+    committed = evaluate(ctx.read_sessions, ctx.store, [SopRef(KOS, note_uid)], scope=moda_scope)
+    assert committed.success == (SopRef(KOS, note_uid),) and not committed.failed
+    assert [f.reason for f in evaluate(ctx.read_sessions, ctx.store, [SopRef(KOS, note_uid)],
+                                       scope=modb_scope).failed] == [0x0112]
+
+
+def stow(archive: Archive, who: str, note: Path) -> Any:
+    boundary = "note-boundary"
+    body = (f"\r\n--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + note.read_bytes()
+            + f"\r\n--{boundary}--\r\n".encode())
+    return archive.call("POST", who, "/dicom-web/studies", content=body, headers={
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+        "Accept": "application/dicom+json"})
+
+
+def test_a_rejection_note_over_stow_needs_the_senders_right_to_reject(archive: Archive, tmp_path: Path) -> None:
+    first, second = archive.s7_ds
+    failures = archive.audit_count("instance.reject", "failure")
+    for who, title in (("emr-a", QUALITY_TITLE), ("rad-a", PATIENT_SAFETY_TITLE), ("tech-b", QUALITY_TITLE)):
+        answer = stow(archive, who, modality_note(tmp_path / f"{who}.dcm", first, title=title))
+        assert answer.status_code == 409, (who, answer.text)
+        [failed] = answer.json()["00081198"]["Value"]
+        assert failed["00081197"]["Value"] == [0xA900], who
+    assert archive.audit_count("instance.reject", "failure") == failures + 3
+    with archive.server.ctx.read_sessions() as session:
+        refused = session.scalars(select(AuditEvent).where(
+            AuditEvent.action == "instance.reject", AuditEvent.outcome == "failure",
+            AuditEvent.actor.in_(["token:emr-a", "token:rad-a", "token:tech-b"]),
+            AuditEvent.study_instance_uid == archive.s7)).all()
+        assert {e.actor for e in refused} == {"token:emr-a", "token:rad-a", "token:tech-b"}
+        assert any("may not reject" in e.detail for e in refused if e.actor == "token:emr-a")
+        assert session.scalar(select(func.count()).select_from(RejectedInstance).where(
+            RejectedInstance.study_instance_uid == archive.s7)) == 0
+        assert session.scalar(select(func.count()).select_from(RejectionNote).where(
+            RejectionNote.study_instance_uid == archive.s7)) == 0
+    assert uid_values(archive.qido(f"studies/{archive.s7}/instances"), "00080018") == {
+        first.SOPInstanceUID, second.SOPInstanceUID}
+
+    applied = stow(archive, "tech-a", modality_note(tmp_path / "tech-a.dcm", first))
+    assert applied.status_code == 200, applied.text
+    assert uid_values(archive.qido(f"studies/{archive.s7}/instances"), "00080018") == {second.SOPInstanceUID}
+    listed = archive.call("GET", "admin", "/api/rejected", params={"study": archive.s7}).json()
+    assert [(i["sop_instance_uid"], i["rejected_by"]) for i in listed] == [(first.SOPInstanceUID, "token:tech-a")]
+
+
+def test_a_reported_study_with_every_image_rejected_keeps_its_report(archive: Archive) -> None:
+    s8 = archive.s8
+    with archive.http("rad-a") as rad:
+        rid = rad.post(f"/api/studies/{s8}/reports", json={"findings": "Không có bất thường.",
+                                                           "impression": "Bình thường", "language": "vi"}).json()["id"]
+        assert rad.post(f"/api/reports/{rid}/sign").status_code == 200
+
+    def sr_stored() -> bool:
+        with archive.server.ctx.read_sessions() as session:
+            return bool(session.scalar(select(ReportVersion.sr_sop_instance_uid).where(ReportVersion.report_fk == rid)))
+
+    wait_until(sr_stored, timeout=60, interval=0.3, what="the report's SR")  # the SR is one of the study's objects
+    answer = archive.call("POST", "tech-a", f"/api/studies/{s8}/reject", json={"reason": "quality"})
+    assert answer.status_code == 200 and len(answer.json()["rejected"]) == 2, answer.text
+    with archive.server.ctx.read_sessions() as session:
+        assert session.scalar(select(Study.number_of_instances).where(Study.study_instance_uid == s8)) == 0
+
+    # gone wherever the study is listed as images
+    assert not archive.qido("studies", StudyInstanceUID=s8)
+    assert not archive.qido("studies", PatientID="REJ-8")
+    assert not findscu(archive, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={s8}"])
+    assert not findscu(archive, ["QueryRetrieveLevel=PATIENT", "PatientID=REJ-8"])
+    assert archive.call("GET", "clin-a", f"/fhir/ImagingStudy/{s8}").status_code == 404
+    json_error(archive.call("GET", "clin-a", f"/dicom-web/studies/{s8}/metadata"), 404)
+    # its signed report still reaches the facility's clinician, with its PDF
+    with archive.http("clin-a") as clin:
+        reports = clin.get(f"/api/studies/{s8}/reports")
+        assert reports.status_code == 200, reports.text
+        assert [r["id"] for r in reports.json()] == [rid]
+        pdf = clin.get(f"/api/reports/{rid}/pdf")
+        assert pdf.status_code == 200 and pdf.headers["content-type"] == "application/pdf"
+        assert pdf.content.startswith(b"%PDF")
 
 
 def test_partial_restore_keeps_a_new_note_and_reindex_and_check_agree(archive: Archive, tmp_path: Path) -> None:
@@ -391,6 +501,9 @@ def test_refusals_write_nothing_and_are_audited(archive: Archive) -> None:
     failures, denied = archive.audit_count("instance.reject", "failure"), archive.audit_count("access.denied",
                                                                                                "failure")
     before = uid_values(archive.qido(f"studies/{s1}/instances"), "00080018")
+    with archive.server.ctx.sessions() as session, session.begin():  # HOSP-B sees s1 now, but it is not HOSP-B's
+        share_study(session, s1, "HOSP-B", shared_by="test")
+    assert archive.qido("studies", StudyInstanceUID=s1)
     json_error(archive.call("POST", "clin-a", f"/api/studies/{s1}/reject", json={"reason": "quality"}), 403)
     json_error(archive.call("POST", "rad-a", f"/api/studies/{s1}/reject", json={"reason": "patient-safety"}), 403)
     json_error(archive.call("POST", "tech-b", f"/api/studies/{s1}/reject", json={"reason": "quality"}), 404)
@@ -401,9 +514,10 @@ def test_refusals_write_nothing_and_are_audited(archive: Archive) -> None:
     assert "not current series" in message
     json_error(archive.call("POST", "tech-a", f"/api/studies/{s1}/reject", json={"reason": "bored"}), 400)
     json_error(archive.call("POST", "tech-a", f"/api/studies/{s1}/restore", json={"series": [archive.kept]}), 400)
+    json_error(archive.call("POST", "tech-b", f"/api/studies/{s1}/restore"), 404)
     assert uid_values(archive.qido(f"studies/{s1}/instances"), "00080018") == before
     assert archive.audit_count("instance.reject", "failure") == failures + 5
-    assert archive.audit_count("instance.restore", "failure") >= 1
+    assert archive.audit_count("instance.restore", "failure") >= 2
     assert archive.audit_count("access.denied", "failure") == denied + 1
 
 

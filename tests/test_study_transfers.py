@@ -12,7 +12,7 @@ dciodvfy.
 - a study sent to a registered storescp reaches "all sent" and arrives whole; sending again re-sends; `pacs study
   send --wait` shows the same;
 - refusals: patient token, clinician, technologist of the other facility (404), unknown destination, a destination
-  of another facility; each audited.
+  of another facility; each audited; a consultant reads a study under an open consult but may not download it.
 """
 
 from __future__ import annotations
@@ -483,3 +483,19 @@ def test_refusals_are_clear_and_audited(archive: Archive) -> None:
 
         assert not session.scalar(select(func.count()).select_from(ForwardJob)
                                   .where(ForwardJob.destination_ae == "DESTB"))
+
+
+def test_a_consultant_reads_a_consulted_study_but_may_not_export_it(archive: Archive) -> None:
+    """A consult lends B's radiologist one of A's studies to read (QIDO-RS answers), not to take away: archive.zip
+    is 404 for them, as for any study they cannot see, and the refusal is audited."""
+    archive.add_tokens(("rad-b", "radiologist", "HOSP-B"))
+    study = archive.send_instance("MODA", PatientID="CONSULT-1", PatientName="TO^VAN^HAI").StudyInstanceUID
+    opened = archive.call("POST", "clin-a", f"/api/studies/{study}/consults",
+                          json={"to_facility": "HOSP-B", "question": "Xin ý kiến về tổn thương gan?"})
+    assert opened.status_code == 201, opened.text
+    seen = archive.call("GET", "rad-b", "/dicom-web/studies", params={"StudyInstanceUID": study})
+    assert seen.status_code == 200 and len(seen.json()) == 1  # the consult grants reading
+    before = archive.audit_count("study.export", "failure", "rad-b")
+    json_error(archive.call("GET", "rad-b", f"/api/studies/{study}/archive.zip"), 404)
+    assert archive.audit_count("study.export", "failure", "rad-b") == before + 1
+    assert archive.call("GET", "clin-a", f"/api/studies/{study}/archive.zip").status_code == 200

@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from pacs.security.principal import Principal
 from pacs.security.roles import Capability
 from pacs.studies import deletion, retention
+from pacs.studies.common import MAX_REASON
 from viewer_api.security import context, require
 
 router = APIRouter(tags=["study management"])
@@ -33,12 +34,12 @@ REASON_HELP = "why: written to the audit trail (or in the body)"
 
 
 class DeleteIn(BaseModel):
-    reason: str = Field(default="", max_length=deletion.MAX_REASON, description="why: written to the audit trail")
+    reason: str = Field(default="", max_length=MAX_REASON, description="why: written to the audit trail")
 
 
 class RetentionDeleteIn(BaseModel):
     studies: list[str] = Field(min_length=1, max_length=1000, description="Study Instance UIDs the admin confirms")
-    reason: str = Field(min_length=1, max_length=deletion.MAX_REASON, description="why: written to the audit trail")
+    reason: str = Field(min_length=1, max_length=MAX_REASON, description="why: written to the audit trail")
 
 
 def _reason(body: DeleteIn | None, reason: str | None) -> str:
@@ -48,7 +49,7 @@ def _reason(body: DeleteIn | None, reason: str | None) -> str:
 @router.delete("/api/studies/{study}", status_code=204,
                summary="Delete a study: index rows, objects, derived products, reports, share links (admin)")
 async def delete_study(study: str, request: Request, body: DeleteIn | None = Body(None),  # noqa: B008
-                       reason: str | None = Query(None, max_length=deletion.MAX_REASON, description=REASON_HELP),
+                       reason: str | None = Query(None, max_length=MAX_REASON, description=REASON_HELP),
                        principal: Principal = require(Capability.STUDY_DELETE)) -> Response:  # noqa: B008
     await run_in_threadpool(deletion.delete_study, context(request), principal, study,
                             _reason(body, reason))
@@ -58,7 +59,7 @@ async def delete_study(study: str, request: Request, body: DeleteIn | None = Bod
 @router.delete("/api/rejected/{sop}", status_code=204,
                summary="Delete a rejected instance now, before its retention ends (admin)")
 async def delete_rejected(sop: str, request: Request, body: DeleteIn | None = Body(None),  # noqa: B008
-                          reason: str | None = Query(None, max_length=deletion.MAX_REASON, description=REASON_HELP),
+                          reason: str | None = Query(None, max_length=MAX_REASON, description=REASON_HELP),
                           principal: Principal = require(Capability.STUDY_DELETE)) -> Response:  # noqa: B008
     await run_in_threadpool(deletion.delete_rejected, context(request), principal, [sop],
                             _reason(body, reason))

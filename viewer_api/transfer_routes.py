@@ -35,6 +35,7 @@ from viewer_api.security import audit_access, audited, client_address, context, 
 
 log = logging.getLogger("viewer_api")
 router = APIRouter(tags=["study management"])
+_WRITE_BATCH = 1024 * 1024  # bytes of an upload body collected before a worker thread writes them to disk
 
 _ZIP_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {"description": "A zip: DICOMDIR at the root, the objects as stored under DICOM/ (streamed, chunked)",
@@ -131,18 +132,22 @@ async def _receive_upload(request: Request, files: upload.UploadFiles, timeout_s
     else:
         raise ApiError(415, "unsupported_media_type", "send application/zip, application/dicom or "
                        f"multipart/form-data, not {content_type.split(';', 1)[0].strip()[:60] or 'nothing'}")
+    write = reader.feed if reader is not None else files.part_data
+    pending = bytearray()  # the body is written to the parts' files in a worker thread, never on the event loop
     try:
         with anyio.fail_after(timeout_s):
             async for chunk in request.stream():
-                if reader is not None:
-                    reader.feed(chunk)
-                else:
-                    files.part_data(chunk)
+                pending += chunk
+                if len(pending) >= _WRITE_BATCH:
+                    await run_in_threadpool(write, bytes(pending))
+                    pending.clear()
+            if pending:
+                await run_in_threadpool(write, bytes(pending))
     except TimeoutError:
         raise ApiError(408, "request_timeout", f"the request body did not arrive within {timeout_s:g} s") from None
     if reader is not None:
-        reader.close()
-    files.end_part()
+        await run_in_threadpool(reader.close)
+    await run_in_threadpool(files.end_part)
 
 
 # -- send ------------------------------------------------------------------------------------------------------

@@ -35,10 +35,11 @@ def delete(
     """Delete a study for good: its index rows, every stored version of its objects, thumbnails and metadata,
     reports, key images, share links and consults (orders are kept, unlinked). Audited with the reason."""
     from pacs.studies import deletion
+    from pacs.studies.common import check_reason
 
     ctx = open_context()
     try:
-        deletion.check_reason(reason)
+        check_reason(reason, "deletion")
         _confirm(f"Delete study {study} and all its objects for good?", yes)
         result = deletion.delete_study(ctx, cli_principal(), study, reason)
     except PacsError as exc:
@@ -59,10 +60,11 @@ def delete_rejected(
 ) -> None:
     """Delete rejected instances now, before their retention ends (they can no longer be restored)."""
     from pacs.studies import deletion
+    from pacs.studies.common import check_reason
 
     ctx = open_context()
     try:
-        deletion.check_reason(reason)
+        check_reason(reason, "deletion")
         _confirm(f"Delete {len(sops)} rejected instance(s) for good?", yes)
         done = deletion.delete_rejected(ctx, cli_principal(), sops, reason)
     except PacsError as exc:
@@ -130,13 +132,14 @@ def delete_due(
 ) -> None:
     """Delete the given studies if they are due under the retention policy; the others are refused and listed."""
     from pacs.studies import deletion
+    from pacs.studies.common import check_reason
     from pacs.studies.retention import delete_due as delete_due_studies
 
     deleted: list[deletion.StudyDeletion] = []
     refused: list[tuple[str, str]] = []
     ctx = open_context()
     try:
-        deletion.check_reason(reason)
+        check_reason(reason, "deletion")
         _confirm(f"Delete {len(studies)} stud(ies) due under the retention policy, for good?", yes)
         with Progress(TextColumn("[bold]deleting"), BarColumn(), MofNCompleteColumn(), console=console) as bar:
             task = bar.add_task("deleting", total=len(studies))

@@ -52,6 +52,8 @@ from pacs.polling import PollingLoop
 from pacs.security.access import study_condition
 from pacs.security.principal import AccessScope
 from pacs.settings import Settings
+from pacs.studies.models import RejectionNote
+from pacs.studies.rejection_notes import KEY_OBJECT_SELECTION
 from storage import ObjectNotFound, ObjectStore, StorageError
 
 log = logging.getLogger(__name__)
@@ -158,11 +160,19 @@ def _lookup(sessions: sessionmaker[Session], uids: set[str], scope: AccessScope)
     if not scope.unrestricted:
         columns = (columns.join(Series, Instance.series_fk == Series.id).join(Study, Series.study_fk == Study.id)
                    .where(study_condition(scope)))
+    # a stored IOCM rejection note (indexed in rejection_note, never in instance) is stored like any object: the
+    # modality that sent it may ask for its commitment
+    notes = select(RejectionNote.sop_instance_uid, RejectionNote.object_key, RejectionNote.size)
+    if not scope.unrestricted:
+        notes = notes.join(Study, Study.study_instance_uid == RejectionNote.study_instance_uid).where(
+            study_condition(scope))
     with sessions() as session:
         for start in range(0, len(ordered), _IN_CHUNK):
-            rows = session.execute(
-                columns.where(Instance.sop_instance_uid.in_(ordered[start:start + _IN_CHUNK]))).all()
+            part = ordered[start:start + _IN_CHUNK]
+            rows = session.execute(columns.where(Instance.sop_instance_uid.in_(part))).all()
             out.update({r.sop_instance_uid: _Indexed(r.sop_class_uid, r.object_key, r.size) for r in rows})
+            for note in session.execute(notes.where(RejectionNote.sop_instance_uid.in_(part))):
+                out.setdefault(note.sop_instance_uid, _Indexed(KEY_OBJECT_SELECTION, note.object_key, note.size))
     return out
 
 

@@ -314,4 +314,5 @@ import pacs.reports.models  # noqa: E402  (registers reports, claims, key images
 import pacs.ris.models  # noqa: E402  (registers the RIS tables on Base)
 import pacs.security.models  # noqa: E402  (registers users, tokens and shares on Base)
 import pacs.sharing.models  # noqa: E402  (registers share links on Base)
-import pacs.studies.models  # noqa: E402, F401  (registers rejected instances and rejection notes on Base)
+import pacs.studies.models  # noqa: E402  (registers rejected instances and rejection notes on Base)
+import pacs.studies.tombstones  # noqa: E402, F401  (registers the tombstones of deleted objects on Base)

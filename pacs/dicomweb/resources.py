@@ -82,7 +82,9 @@ def resolve(sessions: sessionmaker[Session], scope: AccessScope, study_uid: str,
         if series_uid is not None:
             stmt = stmt.join(Series, Series.study_fk == Study.id).where(Series.series_instance_uid == series_uid,
                                                                         Series.number_of_instances > 0)
-    stmt = stmt.outerjoin(Patient, Patient.id == Study.patient_fk).where(study_condition(scope)).limit(1)
+    # a study whose every instance was rejected or moved away has no images to retrieve: 404 like an unknown one
+    stmt = stmt.outerjoin(Patient, Patient.id == Study.patient_fk).where(study_condition(scope, hide_empty=True)
+                                                                         ).limit(1)
     try:
         with single_statement(sessions) as session:
             row = session.execute(stmt).first()

@@ -148,7 +148,7 @@ class FhirService:
 
     def _may_see(self, scope: AccessScope, study_uid: str) -> bool:
         with self._read() as session:
-            return may_see_study(session, scope, study_uid)
+            return may_see_study(session, scope, study_uid, hide_empty=True)  # ImagingStudy: images only
 
     # -- DiagnosticReport ---------------------------------------------------------------------------
 

@@ -62,6 +62,7 @@ from pacs.persons.identifiers import NationalIdPolicy
 from pacs.reconciliation import service as reconciliation
 from pacs.security import filing_rules
 from pacs.settings import DuplicatePolicy
+from pacs.studies import tombstones
 from storage import ObjectStore, StorageError
 from storage.keys import instance_key, reconciliation_key
 
@@ -164,6 +165,9 @@ class Ingestor:
         except SQLAlchemyError as exc:
             return self._index_failed(obj, sha256, exc, stored=False)
 
+        if source.correction is not None and current is None:  # deleted or rejected while it was being corrected
+            return IngestOutcome(IngestStatus.REJECTED, "the corrected object is no longer in the archive",
+                                 reason=RejectReason.MISMATCH, **ids)
         if rejected:
             self._audit_only(obj, source, "instance.rejected-resend", sha256)
             return IngestOutcome(IngestStatus.PREVIOUSLY_REJECTED, "subsequent occurrence of a rejected object: "
@@ -193,6 +197,7 @@ class Ingestor:
 
         now = datetime.now(UTC)
         evicted: list[str] = []
+        tombstoned = False
         try:
             with self._sessions() as session, session.begin():
                 replaces = session.scalars(
@@ -221,6 +226,9 @@ class Ingestor:
                         reconciliation.mark_resolved(session, source.resolution, obj.study_instance_uid)
                     except PacsError as exc:
                         raise _Refused(str(exc)) from exc
+                # a deletion's tombstone of this very key: its object may be (about to be) deleted, so it is put
+                # again after the commit (pacs.studies.tombstones; waits while a deletion holds the row)
+                tombstoned = tombstones.clear(session, key)
                 tasks = arm_derived_tasks(session, obj.sop_instance_uid, sha256, INSTANCE_TASKS)
                 tasks += arm_derived_tasks(session, obj.series_instance_uid, "", SERIES_TASKS)
                 queue_forwards(session, obj, source, sha256)
@@ -249,12 +257,29 @@ class Ingestor:
                 self._discard(key)
             return self._index_failed(obj, sha256, exc)
         failpoint("ingest.after_index_commit")
+        if tombstoned:
+            failed = self._put_again(obj, key)
+            if failed is not None:
+                return IngestOutcome(IngestStatus.STORAGE_UNAVAILABLE, failed, **ids)
         for old in evicted:  # the claimed study's objects, now held under reconciliation/
             if old != key:  # the same content re-sent by the claiming sender is now its own object
                 self._discard(old)
         status = IngestStatus.STORED if current_sha is None or decision.verdict is filing_rules.Verdict.CLAIM \
             else IngestStatus.NEW_VERSION
         return IngestOutcome(status, "", derived_task_ids=task_ids, **ids)
+
+    def _put_again(self, obj: ReceivedObject, key: str) -> str | None:
+        """Put the bytes again under ``key``, which a deletion tombstoned (the same content-addressed key: the same
+        bytes); the failure's message, or None."""
+        try:
+            self._store.put(key, obj.data, length=len(obj.data), content_type="application/dicom")
+        except StorageError as exc:
+            log.error("INDEXED BUT MAYBE MISSING: %s (%s) was deleted by a deletion while it was re-sent, and "
+                      "putting it again failed: %s; pacs check lists it, the sender's retry restores it",
+                      key, obj.sop_instance_uid, exc)
+            return f"object store unavailable: {exc}"[:200]
+        log.info("re-sent object %s put again after a deletion of the same key", key)
+        return None
 
     def _duplicate(self, obj: ReceivedObject, sha256: str, key: str, source: IngestSource,
                    ids: _ObjectIds) -> IngestOutcome:

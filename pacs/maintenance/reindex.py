@@ -65,7 +65,7 @@ from pacs.studies.models import RejectedInstance, RejectionNote
 from pacs.studies.rejection_notes import RejectionNoteContent
 from pacs.studies.rewrite import correction_of
 from storage import ObjectInfo, ObjectStore, StorageError, StorageUnavailable
-from storage.keys import is_valid_uid, parse_instance_key, thumbnail_key
+from storage.keys import correction_marker_key, is_valid_uid, parse_instance_key, thumbnail_key
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,8 @@ def reindex(
     run it again with ``force`` to finish. Raises :class:`IndexNotEmpty`, ``StorageUnavailable`` and
     SQLAlchemy errors; everything about individual objects is in the summary. ``modifying_system``: this
     archive's AE title, which its corrected versions name in their Original Attributes Sequence
-    (:func:`pacs.studies.rewrite.correction_of`): their values replace "first seen wins" as they did at ingest.
+    (:func:`pacs.studies.rewrite.correction_of`): their values replace "first seen wins" as they did at ingest —
+    only for a version whose correction marker (:func:`storage.keys.correction_marker_key`) is in the store.
     """
     progress = progress or NoProgress()
     started = time.monotonic()
@@ -256,6 +257,8 @@ class _Replay:
                 self._summary.ambiguous_order.append(f"instance {sop_uid}")
         # a corrected version (pacs.studies.corrections) applies its values, as it did when it was made
         fields = correction_of(obj.dataset, self._modifying_system) if obj.dataset is not None else None
+        if fields is not None and not self._store.exists(correction_marker_key(sop_uid, key_sha)):
+            fields = None  # no marker: not a version this archive made (a sender can forge the Original Attributes)
         correction = Correction(obj.study_instance_uid, "reindex", fields) if fields is not None else None
         index_instance(session, obj, object_key=key, sha256=key_sha, received_at=written, source="reindex",
                        source_ae="", source_address="", replaces=current, correction=correction)

@@ -129,14 +129,15 @@ def prepare(query: Query) -> PreparedQuery:
     top = min((a.level for a in known.values()), key=lambda lv: lv.depth, default=level)
     totals: dict[str, ColumnElement] = {}
     if query.scope is not None and not query.scope.unrestricted:
-        scoped = study_condition(query.scope)
+        scoped = study_condition(query.scope, hide_empty=True)  # images: an emptied study is not listed
         if level is Level.PATIENT:
             # a patient is matched only through a study in scope, and counted only with those studies
             conditions.append(exists().where(Study.patient_fk == Patient.id, scoped))
         else:
             top = min(top, Level.STUDY, key=lambda lv: lv.depth)  # join up to the study row
             conditions.append(scoped)
-        totals = {k: scoped_patient_total(k, study_condition(query.scope)) for k in known if k in PATIENT_TOTALS}
+        totals = {k: scoped_patient_total(k, study_condition(query.scope, hide_empty=True))
+                  for k in known if k in PATIENT_TOTALS}
     else:  # a study or series whose every instance was rejected is hidden (pacs.studies.rejection)
         current = Study.number_of_instances > 0
         if level is Level.PATIENT:

@@ -237,7 +237,7 @@ def _priors(session: Session, scope: AccessScope, patient_fks: set[int]) -> dict
     for r in session.execute(select(Study.patient_fk, Study.study_instance_uid, Study.study_date,
                                     Study.modalities_in_study, Study.study_description, signed.label("status"),
                                     Study.facility)
-                             .where(Study.patient_fk.in_(wanted), study_condition(scope))
+                             .where(Study.patient_fk.in_(wanted), study_condition(scope, hide_empty=True))
                              .order_by(Study.study_date.desc(), Study.id.desc())):
         found.setdefault(r.patient_fk, []).append(PriorStudy(r.study_instance_uid, r.study_date,
                                                              r.modalities_in_study, r.study_description,

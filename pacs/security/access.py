@@ -28,7 +28,7 @@ def authorize(principal: Principal, capability: Capability) -> None:
         raise Forbidden(f"role {principal.role.value} may not {capability.value}")
 
 
-def study_condition(scope: AccessScope, *, borrowed: bool = True, with_empty: bool = False) -> ColumnElement[bool]:
+def study_condition(scope: AccessScope, *, borrowed: bool = True, hide_empty: bool = False) -> ColumnElement[bool]:
     """A SQL condition on :class:`Study` rows true exactly for the studies ``scope`` may see.
 
     ``borrowed=False`` leaves out what a facility only borrows — another facility's study under an open
@@ -37,10 +37,12 @@ def study_condition(scope: AccessScope, *, borrowed: bool = True, with_empty: bo
     to a scope with ``consult_grants`` (:func:`pacs.security.principal.scope_for`: roles holding
     ``Capability.CONSULT``); AE scopes (:mod:`pacs.ae_scope`) never have it.
 
-    A study with no current instance (every one rejected, :mod:`pacs.studies.rejection`) is seen by nobody;
-    ``with_empty=True`` keeps it, for the acts that bring its instances back or delete it.
+    ``hide_empty=True`` leaves out a study with no current instance (every one rejected or moved away,
+    :mod:`pacs.studies.rejection`): for the paths that show a study *as images* — QIDO-RS and C-FIND
+    (:mod:`pacs.query.engine`), FHIR ImagingStudy, WADO, the reading list. Everything else (its reports, share
+    links, consults, amending, restoring or deleting it) still sees it: a patient keeps the signed result.
     """
-    parts: list[ColumnElement[bool]] = [] if with_empty else [Study.number_of_instances > 0]
+    parts: list[ColumnElement[bool]] = [Study.number_of_instances > 0] if hide_empty else []
     if scope.facilities is not None:
         facilities = sorted(scope.facilities)
         shared = exists().where(StudyShare.study_fk == Study.id, StudyShare.facility.in_(facilities))
@@ -78,13 +80,13 @@ def owned_study_condition(scope: AccessScope) -> ColumnElement[bool]:
 
 
 def may_see_study(session: Session, scope: AccessScope, study_instance_uid: str, *, borrowed: bool = True,
-                  with_empty: bool = False) -> bool:
+                  hide_empty: bool = False) -> bool:
     """Whether the study exists and is inside ``scope`` (callers answer 404 either way, so a
-    guessed UID tells nothing about other facilities' studies); ``borrowed``, ``with_empty``: see
+    guessed UID tells nothing about other facilities' studies); ``borrowed``, ``hide_empty``: see
     :func:`study_condition`."""
     found = session.scalar(select(Study.id).where(Study.study_instance_uid == study_instance_uid,
                                                   study_condition(scope, borrowed=borrowed,
-                                                                  with_empty=with_empty)).limit(1))
+                                                                  hide_empty=hide_empty)).limit(1))
     return found is not None
 
 

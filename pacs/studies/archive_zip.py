@@ -14,7 +14,11 @@ before the first byte is sent, and audits the export. :func:`zip_stream` then wr
 chunks: the stdlib :mod:`zipfile` writing to an unseekable sink (entries are STORED, each followed by a data
 descriptor with its CRC and sizes; ZIP64 where an entry or the archive passes 4 GiB), every object copied from
 the store in :data:`storage.base.CHUNK_SIZE` pieces. Memory stays at a chunk or two whatever the study's size;
-nothing is spooled to disk.
+nothing is spooled to disk. A non-image object's DICOMDIR record needs its header: read from the store stream up
+to its pixel data (``stop_before_pixels``), the rest never read.
+
+Only the principal's own studies (and those shared with its facility) are exported: not one it borrows through a
+consult or as a linked person's prior (:func:`pacs.security.access.study_condition` with ``borrowed=False``).
 
 Should an object be missing from the store half-way, the stream stops with an error instead of ending in a zip
 whose DICOMDIR names a file it does not hold (a client sees a truncated download; the log says which object).
@@ -22,12 +26,13 @@ whose DICOMDIR names a file it does not hold (a client sees a truncated download
 
 from __future__ import annotations
 
+import io
 import logging
-import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from pydicom import dcmread
 from sqlalchemy import select
@@ -49,7 +54,7 @@ log = logging.getLogger(__name__)
 
 DICOMDIR_NAME = "DICOMDIR"
 ROOT = "DICOM"
-_HEADER_SPOOL_BYTES = 4 * 1024 * 1024  # a non-image object's header is read from a local copy, on disk beyond this
+_LOOKBACK = 64 * 1024  # how far back a header read may seek (pydicom rewinds a few bytes to peek at an element)
 _MAX_PER_LEVEL = 9_999_999  # 7 digits after the one-letter prefix of a File ID component
 
 
@@ -148,7 +153,7 @@ def plan_export(ctx: AppContext, principal: Principal, study_instance_uid: str, 
 def _read_study(session: Session, principal: Principal, study_uid: str,
                 series_uid: str | None) -> tuple[Study, Patient | None, list[Series]]:
     study = session.scalars(select(Study).where(Study.study_instance_uid == study_uid,
-                                                study_condition(principal.scope))).one_or_none()
+                                                study_condition(principal.scope, borrowed=False))).one_or_none()
     if study is None or study.number_of_instances <= 0:
         raise NotFound(f"no study {study_uid}")
     stmt = select(Series).where(Series.study_fk == study.id)  # a series without current instances is skipped
@@ -182,14 +187,61 @@ def _leaf(store: ObjectStore, ref: dicomdir.FileReference, row: _Row, study_date
     record_type = dicomdir.leaf_record_type(row.sop_class_uid)
     if record_type == "IMAGE":
         return dicomdir.image_record(ref, instance_number=number)
-    with store.open(row.object_key) as stream, \
-            tempfile.SpooledTemporaryFile(max_size=_HEADER_SPOOL_BYTES, prefix="pacs-export-") as local:
-        while chunk := stream.read(CHUNK_SIZE):
-            local.write(chunk)
-        local.seek(0)
-        header = dcmread(local, stop_before_pixels=True)
+    with store.open(row.object_key) as stream:
+        header = dcmread(_ForwardReader(stream), stop_before_pixels=True)
     header.decode()  # text values as str, whatever the object's Specific Character Set (the record is UTF-8)
     return dicomdir.leaf_record(record_type, ref, header, instance_number=number, fallback_date=study_date)
+
+
+class _ForwardReader(io.RawIOBase):
+    """A store stream as the seekable file :func:`pydicom.dcmread` wants, without copying it: seeks forward by
+    reading on, backward within the last :data:`_LOOKBACK` bytes read (all pydicom needs to peek at the next
+    element); an object's bytes past the point where parsing stops are never read."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        super().__init__()
+        self._stream = stream
+        self._window = bytearray()  # the bytes [_start, _start + len(_window)) of the object, already read
+        self._start = 0
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = self._start + len(self._window)
+        want = None if size is None or size < 0 else self._pos + size
+        while want is None or end < want:
+            chunk = self._stream.read(CHUNK_SIZE if want is None else max(min(CHUNK_SIZE, want - end), 1))
+            if not chunk:
+                break
+            self._window += chunk
+            end += len(chunk)
+        offset = self._pos - self._start
+        data = bytes(self._window[offset:] if want is None else self._window[offset:want - self._start])
+        self._pos += len(data)
+        if (keep := self._pos - _LOOKBACK) > self._start:
+            del self._window[:keep - self._start]
+            self._start = keep
+        return data
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_CUR:
+            offset += self._pos
+        elif whence != io.SEEK_SET:
+            raise OSError("a store stream cannot seek from its end")
+        if offset < self._start:
+            raise OSError(f"cannot seek back to {offset}: only the last {_LOOKBACK} bytes read are kept")
+        while offset > self._pos and self.read(min(CHUNK_SIZE, offset - self._pos)):
+            pass
+        self._pos = offset if offset <= self._start + len(self._window) else self._pos
+        return self._pos
 
 
 # -- the zip ---------------------------------------------------------------------------------------------

@@ -17,19 +17,28 @@ when new); the record it leaves keeps its other studies unchanged.
 Objects are handled one at a time (one object's bytes in memory). A crash half-way leaves every object either
 in its old or in its corrected version, each consistent with the index; running the same correction again
 finishes it: an object that already carries the corrected values is left as it is (no new version). Corrections
-are serialised (a lock per process, and a PostgreSQL advisory lock across the processes of a scaled archive).
-Not corrected: rejected objects (out of the ``instance`` table; restored, they carry the old values) and the RIS
-order of the study (its patient stays as ordered).
+are serialised (a lock per process, and a PostgreSQL advisory lock across the processes of a scaled archive); one
+that cannot get the lock within :data:`LOCK_WAIT_SECONDS` is refused (409, try again) rather than tying up a
+request thread. Before each corrected version is ingested, a correction marker
+(:func:`storage.keys.correction_marker_key`) is written to the store: ``pacs reindex`` applies a corrected version's
+values only when its marker is there, so an Original Attributes item a sender forged is never taken for ours.
+
+Refused while the study (or, for a patient-level change, any study of the patient record; for a series move, the
+series) has rejected instances: they are out of the ``instance`` table, would not be rewritten and, restored, would
+come back with the old values (restore or delete them first). Not corrected: the RIS order of the study (its
+patient stays as ordered).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import threading
+import time
 import unicodedata
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -41,14 +50,18 @@ from pacs import audit
 from pacs.context import AppContext
 from pacs.db.models import Instance, InstanceVersion, Patient, Series, Study
 from pacs.derived.outbox import SERIES_TASKS, arm_derived_tasks
-from pacs.errors import Conflict, IndexUnavailable, InvalidInput, NotFound, PacsError
+from pacs.errors import Conflict, IndexUnavailable, InvalidInput, NotFound
 from pacs.ingest.outcome import IngestStatus
 from pacs.ingest.source import Correction, IngestSource
 from pacs.reports.models import Report
-from pacs.security.access import Forbidden, may_see_study, study_condition
+from pacs.security.access import Forbidden, authorize, may_see_study, owned_study_condition
 from pacs.security.principal import Principal
+from pacs.security.roles import Capability
+from pacs.studies.common import check_reason, chunks, refusals_audited
+from pacs.studies.models import RejectedInstance
 from pacs.studies.rewrite import rewrite
 from storage import StorageError
+from storage.keys import correction_marker_key
 
 if TYPE_CHECKING:
     from pacs.ingest.service import Ingestor
@@ -57,6 +70,9 @@ Progress = Callable[[int, int], None]  # (objects done, objects in all)
 
 _LOCK = threading.Lock()  # one correction at a time per process (they are rare; two on one study must not mix)
 _ADVISORY_KEY = 0x50414353_0F  # PostgreSQL: one correction at a time across the archive's processes
+LOCK_WAIT_SECONDS = 5.0  # how long a correction waits for another one to finish before it is refused (409)
+_BUSY = "another correction is running, try again in a moment"
+_REJECTED = "restore or delete the rejected instances of this study first"
 
 PATIENT_KEYWORDS = {"name": "PatientName", "id": "PatientID", "issuer": "IssuerOfPatientID",
                     "birth_date": "PatientBirthDate", "sex": "PatientSex"}
@@ -126,7 +142,7 @@ class VersionInfo:
 
 def validate(changes: StudyChanges, reason: str) -> StudyChanges:
     """The changes, trimmed and checked against their VRs; InvalidInput says what is wrong."""
-    _reason(reason)
+    check_reason(reason, "correction")
     if changes.empty():
         raise InvalidInput("nothing to correct: give at least one of patient name, id, issuer, birth_date, sex, "
                            "accession_number, description")
@@ -160,15 +176,6 @@ def validate(changes: StudyChanges, reason: str) -> StudyChanges:
     return StudyChanges(PatientChanges(name, pid, issuer, birth, sex), accession, description)
 
 
-def _reason(reason: str) -> str:
-    reason = (reason or "").strip()
-    if not reason:
-        raise InvalidInput("give the reason for the correction (it is written to the audit trail)")
-    if len(reason) > 1024:
-        raise InvalidInput("reason is longer than 1024 characters")
-    return reason
-
-
 def _text(value: str, what: str, limit: int) -> str:
     value = unicodedata.normalize("NFC", value.strip())  # one spelling of "Ấn" whatever the keyboard sent
     if len(value) > limit:
@@ -184,7 +191,8 @@ def correct_study(ctx: AppContext, principal: Principal, study_uid: str, changes
                   *, progress: Progress | None = None) -> CorrectionResult:
     """Correct ``study_uid``'s patient and study attributes (see the module docstring); audited as
     ``study.correct``. NotFound when the study is unknown or out of the principal's scope."""
-    with _refusals_audited(ctx, principal, "study.correct", study_uid):
+    with refusals_audited(ctx, principal, "study.correct", study_uid):
+        authorize(principal, Capability.STUDY_CORRECT)
         changes = validate(changes, reason)
         with _exclusive(ctx):
             return _correct(ctx, principal, study_uid, changes, reason.strip(), progress)
@@ -194,8 +202,9 @@ def move_study(ctx: AppContext, principal: Principal, study_uid: str, patient_id
                *, progress: Progress | None = None) -> CorrectionResult:
     """Move a study to another, existing patient record of its facility (a correction of the patient identity:
     the objects take that patient's name, ID, issuer, birth date and sex)."""
-    with _refusals_audited(ctx, principal, "study.correct", study_uid):
-        _reason(reason)
+    with refusals_audited(ctx, principal, "study.correct", study_uid):
+        authorize(principal, Capability.STUDY_CORRECT)
+        check_reason(reason, "correction")
         patient_id, issuer = _text(patient_id, "patient id", 64), _text(issuer, "issuer", 64)
         if not patient_id:
             raise InvalidInput("name the patient to move the study to (to_patient.id)")
@@ -232,16 +241,18 @@ def _correct(ctx: AppContext, principal: Principal, study_uid: str, changes: Stu
         demographics = any(k in given for k in ("name", "birth_date", "sex"))
         studies = [study_uid]
         if demographics and target is not None:
-            others = session.execute(select(Study.study_instance_uid, study_condition(principal.scope,
-                                                                                      borrowed=False))
+            others = session.execute(select(Study.study_instance_uid, owned_study_condition(principal.scope),
+                                            Study.number_of_instances)
                                      .where(Study.patient_fk == target.id, Study.study_instance_uid != study_uid,
-                                            Study.facility == study.facility,
-                                            Study.number_of_instances > 0)  # nothing to rewrite in an empty one
+                                            Study.facility == study.facility)
                                      .order_by(Study.id)).all()
-            if any(not visible for _, visible in others):
+            if any(not owned for _, owned, _ in others):
                 raise Forbidden("this patient has studies outside your scope: ask an administrator to correct "
                                 "the patient's name, birth date or sex")
-            studies += [uid for uid, _ in others]
+            # an empty study has nothing to rewrite, but may have rejected instances (checked below)
+            _refuse_if_rejected(session, [uid for uid, _, _ in others])
+            studies += [uid for uid, _, count in others if count > 0]
+        _refuse_if_rejected(session, [study_uid])
         facility = study.facility
     patient_values = {PATIENT_KEYWORDS[k]: v for k, v in patient.items()}
     study_values: dict[str, str] = {}
@@ -280,10 +291,15 @@ def _correct(ctx: AppContext, principal: Principal, study_uid: str, changes: Stu
 def move_series(ctx: AppContext, principal: Principal, series_uid: str, to_study_uid: str, reason: str,
                 *, progress: Progress | None = None) -> CorrectionResult:
     """Move a series to another study of the same facility (the right patient's): each object gets a new version
-    with the target's Study Instance UID and its patient and study attributes; the series row follows. Audited as
-    ``series.move``. NotFound when either is unknown or out of scope; InvalidInput across facilities."""
-    with _refusals_audited(ctx, principal, "series.move", to_study_uid, f"series {series_uid}: "):
-        reason = _reason(reason)
+    with the target's Study Instance UID and its patient and study attributes. The series row (with every instance
+    row of it) moves with the *first* corrected object (:mod:`pacs.ingest.index_writer`): interrupted, the series
+    shows in the target study while its later objects still carry the old study's values; running the same move
+    again finishes it (the series is then found in the target study and only those objects are rewritten). Audited
+    as ``series.move``. NotFound when either is unknown or not the principal's to change; InvalidInput across
+    facilities; Conflict while the series has rejected instances."""
+    with refusals_audited(ctx, principal, "series.move", to_study_uid, f"series {series_uid}: "):
+        authorize(principal, Capability.STUDY_CORRECT)
+        reason = check_reason(reason, "move")
         with _exclusive(ctx):
             return _move_series(ctx, principal, series_uid, to_study_uid, reason, progress)
 
@@ -293,14 +309,14 @@ def _move_series(ctx: AppContext, principal: Principal, series_uid: str, to_stud
     with ctx.read_sessions() as session:
         series = session.scalars(select(Series).where(Series.series_instance_uid == series_uid)).one_or_none()
         source = session.get(Study, series.study_fk) if series is not None else None
-        if series is None or source is None or not may_see_study(session, principal.scope, source.study_instance_uid,
-                                                                   borrowed=False):
+        if series is None or source is None or not _owned(session, principal, source.study_instance_uid):
             raise NotFound(f"no series {series_uid}")
         target = _visible_study(session, principal, to_study_uid)
         if target.facility != source.facility:
             raise InvalidInput(f"the series is of facility {source.facility or '-'} and the study of facility "
                                f"{target.facility or '-'}: a series can only move within its facility")
         from_uid = source.study_instance_uid
+        _refuse_if_rejected(session, [from_uid], series_uid=series_uid)
         before = {"study_instance_uid": from_uid, **_state(source)}
         p = target.patient
         values = {"StudyInstanceUID": target.study_instance_uid, "PatientName": p.patient_name,
@@ -340,7 +356,7 @@ def _move_series(ctx: AppContext, principal: Principal, series_uid: str, to_stud
 
 def list_versions(ctx: AppContext, principal: Principal, sop_uid: str) -> list[VersionInfo]:
     """Every stored version of an instance, the current one last; audited as ``instance.version-read``."""
-    with _refusals_audited(ctx, principal, "instance.version-read", "", f"instance {sop_uid}: "):
+    with refusals_audited(ctx, principal, "instance.version-read", "", f"instance {sop_uid}: "):
         versions, study_uid, patient_id = _versions(ctx, principal, sop_uid)
     _audit_read(ctx, principal, study_uid, patient_id, f"instance {sop_uid}: {len(versions)} version(s) listed")
     return versions
@@ -348,7 +364,7 @@ def list_versions(ctx: AppContext, principal: Principal, sop_uid: str) -> list[V
 
 def read_version(ctx: AppContext, principal: Principal, sop_uid: str, version: int) -> VersionInfo:
     """One stored version of an instance (the caller streams ``object_key`` from the store); audited."""
-    with _refusals_audited(ctx, principal, "instance.version-read", "", f"instance {sop_uid} v{version}: "):
+    with refusals_audited(ctx, principal, "instance.version-read", "", f"instance {sop_uid} v{version}: "):
         versions, study_uid, patient_id = _versions(ctx, principal, sop_uid)
         found = next((v for v in versions if v.version == version), None)
         if found is None:
@@ -377,21 +393,46 @@ def _exclusive(ctx: AppContext) -> Iterator[None]:
     """One correction at a time: in this process (a lock) and, on PostgreSQL, across the archive's processes (a
     session-level advisory lock on a connection of its own, released when the correction ends or the process dies).
     Serialised, a correction reads each object after the previous one has finished: no two versions are made of
-    one correction."""
-    with _LOCK:
+    one correction. Neither lock is waited for longer than :data:`LOCK_WAIT_SECONDS` (a correction runs in an HTTP
+    request's worker thread: waiting ones must not pile up): Conflict, try again."""
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    if not _LOCK.acquire(timeout=LOCK_WAIT_SECONDS):
+        raise Conflict(_BUSY)
+    try:
         with ctx.sessions() as session:
             engine = session.get_bind()
         if engine.dialect.name != "postgresql":
             yield
             return
         with engine.connect() as connection:  # type: ignore[union-attr]
-            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _ADVISORY_KEY})
+            while not connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": _ADVISORY_KEY}):
+                connection.commit()
+                if time.monotonic() >= deadline:
+                    raise Conflict(_BUSY)
+                time.sleep(0.2)
             connection.commit()
             try:
                 yield
             finally:
                 connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _ADVISORY_KEY})
                 connection.commit()
+    finally:
+        _LOCK.release()
+
+
+def _refuse_if_rejected(session: Session, study_uids: Iterable[str], *, series_uid: str | None = None) -> None:
+    """Conflict when one of the studies (or, given ``series_uid``, that series) has rejected instances: a correction
+    cannot rewrite them (they are out of ``instance``), so a restore would bring back the old values — or, for a
+    moved series, fail (its series is elsewhere now)."""
+    uids = list(dict.fromkeys(study_uids))
+    for part in chunks(uids):
+        query = select(RejectedInstance.study_instance_uid).where(RejectedInstance.study_instance_uid.in_(part))
+        if series_uid is not None:
+            query = query.where(RejectedInstance.series_instance_uid == series_uid)
+        found = session.scalar(query.limit(1))
+        if found is not None:
+            where = f"series {series_uid}" if series_uid is not None else f"study {found}"
+            raise Conflict(f"{where} has rejected instances: {_REJECTED}")
 
 
 def _ingestor(ctx: AppContext) -> Ingestor:
@@ -423,6 +464,7 @@ def _correct_object(ctx: AppContext, ingestor: Ingestor, principal: Principal, s
     if corrected is None:
         result.objects_unchanged += 1
         return
+    _write_marker(ctx, sop, corrected, correction)
     source = IngestSource(transport="correction", calling_ae=source_ae, address=principal.source_address,
                           user=principal.subject, role=principal.role.value, facility=facility,
                           correction=correction)
@@ -436,6 +478,20 @@ def _correct_object(ctx: AppContext, ingestor: Ingestor, principal: Principal, s
         result.objects_unchanged += 1
     else:
         result.objects_rewritten += 1
+
+
+def _write_marker(ctx: AppContext, sop: str, corrected: bytes, correction: Correction) -> None:
+    """The store's proof that this archive made this version (``pacs reindex`` applies a corrected version's values
+    only when it is there): written before the version is ingested, so no indexed correction lacks one."""
+    body = json.dumps({"sop_instance_uid": sop, "study_instance_uid": correction.study_instance_uid,
+                       "study_fields": list(correction.study_fields), "by": correction.principal,
+                       "at": datetime.now(UTC).isoformat()}, ensure_ascii=False).encode()
+    try:
+        ctx.store.put(correction_marker_key(sop, hashlib.sha256(corrected).hexdigest()), body,
+                      length=len(body), content_type="application/json")
+    except StorageError as exc:
+        raise IndexUnavailable(f"object store unavailable writing the correction marker of {sop}: {exc}"[:300]) \
+            from exc
 
 
 def _study_objects(ctx: AppContext, study_uid: str) -> list[str]:
@@ -454,10 +510,15 @@ def _study(session: Session, study_uid: str) -> Study:
 
 
 def _visible_study(session: Session, principal: Principal, study_uid: str) -> Study:
-    """The study, if the principal may change it (its own facility's, not one it only borrows)."""
-    if not may_see_study(session, principal.scope, study_uid, borrowed=False):
+    """The study, if the principal may change it (its own facility's, not one it only borrows or is shared)."""
+    if not _owned(session, principal, study_uid):
         raise NotFound(f"no study {study_uid}")
     return _study(session, study_uid)
+
+
+def _owned(session: Session, principal: Principal, study_uid: str) -> bool:
+    return session.scalar(select(Study.id).where(Study.study_instance_uid == study_uid,
+                                                 owned_study_condition(principal.scope)).limit(1)) is not None
 
 
 def _visible_instance(session: Session, principal: Principal, sop_uid: str) -> tuple[Instance, str, str]:
@@ -475,20 +536,6 @@ def _state(study: Study) -> dict[str, object]:
     return {"patient": {"name": p.patient_name, "id": p.patient_id, "issuer": p.issuer_of_patient_id,
                         "birth_date": p.patient_birth_date, "sex": p.patient_sex},
             "accession_number": study.accession_number, "description": study.study_description}
-
-
-@contextmanager
-def _refusals_audited(ctx: AppContext, principal: Principal, action: str, study_uid: str,
-                      what: str = "") -> Iterator[None]:
-    """Audit a refusal (any PacsError) of ``action`` with outcome failure, then let it propagate."""
-    try:
-        yield
-    except PacsError as exc:
-        with suppress(Exception):  # the refusal itself still reaches the caller
-            audit.record(ctx.sessions, action=action, actor=principal.subject, role=principal.role.value,
-                         outcome="failure", source_address=principal.source_address, study_instance_uid=study_uid,
-                         detail=f"{what}{type(exc).__name__}: {str(exc)[:300]}")
-        raise
 
 
 def _audit_done(ctx: AppContext, principal: Principal, action: str, study_uid: str, patient_id: str, reason: str,

@@ -3,15 +3,21 @@
 A deletion is a deliberate, audited act (SPEC §4), never half-visible. Its order is what keeps it safe:
 
 1. **One index transaction** removes every row that names what goes (see :func:`_remove_study_rows` and
-   :func:`_remove_rejected_rows` for the list) and appends the audit row (``study.delete`` / ``instance.delete``:
+   :func:`remove_rejected_rows` for the list) and appends the audit row (``study.delete`` / ``instance.delete``:
    who, why, the counts, the patient and study). After the commit nothing points at the objects any more.
 2. **Then the objects are deleted from the store**: every version (current, prior, rejected), rejection
-   notes, thumbnails and metadata documents. A process that dies between the two leaves only unreferenced
-   objects: ``pacs check`` lists the ``dicom/`` ones as orphans and ``pacs check --repair`` collects them after
-   its grace period. The reverse — an index row pointing at a deleted object — never happens: each key is
-   deleted only when, checked immediately before, no index row names its owner again (a re-send of the same
-   SOP Instance UID in that moment keeps its object; the same narrow window ``pacs check --repair`` documents
-   remains on S3 between that check and the delete).
+   notes, correction markers, thumbnails and metadata documents. Each ``dicom/`` key got a tombstone
+   (:mod:`pacs.studies.tombstones`) in the transaction of step 1; it is deleted holding that row's lock, after
+   checking that no index row names it again, and marked gone. Ingest removes the tombstone of a key it indexes
+   and, when it found one, puts its bytes again before it answers: a modality re-sending the same bytes (the
+   same content-addressed key) at any moment of a deletion keeps its acknowledged object. A process that dies
+   between the steps leaves pending tombstones (the retention sweep retries them) and unreferenced objects
+   (``pacs check`` lists the ``dicom/`` ones as orphans, ``pacs check --repair`` collects them).
+
+Lock order: the study rows first (``FOR UPDATE``, in id order), then the rows that hang on them — the order a
+restore and ingest take too. A sweep or ``delete_rejected`` never removes a study row: an emptied study stays,
+with its reports, consults, share links and orders (hidden from image queries), until an explicit study
+deletion (or a confirmed study retention) removes it.
 
 After a deletion the same SOP Instance UID can be received again: nothing of it remains in the index.
 
@@ -27,27 +33,32 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import ColumnElement, and_, delete, false, select, true, update
+from sqlalchemy import ColumnElement, and_, delete, select, true, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from pacs import audit
 from pacs.consults.models import Consult, ConsultAnswer
 from pacs.context import AppContext
 from pacs.db.models import DerivedTask, ForwardJob, Instance, InstanceVersion, Patient, Series, Study
-from pacs.errors import InvalidInput, NotFound, PacsError
+from pacs.errors import InvalidInput, NotFound
 from pacs.persons.models import Person, PersonIdentifier
 from pacs.reports.models import Hl7Outbound, KeyImageSelection, Report, ReportVersion, StudyClaim
 from pacs.ris.models import ImagingOrder
-from pacs.security.access import Forbidden, authorize
+from pacs.security.access import authorize, owned_study_condition
 from pacs.security.models import StudyShare
-from pacs.security.principal import AccessScope, Principal
+from pacs.security.principal import Principal
 from pacs.security.roles import Capability
 from pacs.sharing.models import ShareLink
+from pacs.studies import tombstones
+from pacs.studies.common import check_reason, chunks, refusals_audited
 from pacs.studies.models import RejectedInstance, RejectionNote
+from pacs.studies.tombstones import DeletedObject
 from storage import StorageError
 from storage.keys import (
+    correction_marker_prefix,
     instance_metadata_key,
     is_archived_uid,
     parse_instance_key,
@@ -59,8 +70,10 @@ from storage.keys import (
 
 log = logging.getLogger(__name__)
 
-MAX_REASON = 1024
-_CHUNK = 500  # UIDs per IN list
+# a tombstone left pending this long (a deletion that died, a store that refused) is retried by the sweep
+PENDING_RETRY_AFTER = timedelta(hours=1)
+# a gone tombstone is kept this long (an ingest that put the bytes before the deletion still finds it)
+GONE_KEPT_FOR = timedelta(days=1)
 
 
 @dataclass
@@ -70,6 +83,7 @@ class StoreCleanup:
 
     instance_keys: dict[str, str] = field(default_factory=dict)  # dicom/ key → SOP Instance UID
     derived_keys: dict[str, tuple[str, str]] = field(default_factory=dict)  # key → (level, uid)
+    marker_sops: set[str] = field(default_factory=set)  # SOP instances whose correction markers go
     deleted: int = 0
     kept: list[str] = field(default_factory=list)  # keys whose owner came back (a re-send): not deleted
     failed: list[str] = field(default_factory=list)  # keys the store refused to delete (left for pacs check)
@@ -77,6 +91,10 @@ class StoreCleanup:
     def add_instance(self, key: str | None, sop_uid: str) -> None:
         if key:
             self.instance_keys[key] = sop_uid
+
+    def add_markers(self, sop_uids: Iterable[str]) -> None:
+        """The correction markers (``corrections/{sop}/``) of SOP instances that leave the index."""
+        self.marker_sops.update(sop for sop in sop_uids if is_archived_uid(sop))
 
     def add_derived(self, key: str | None, level: str, uid: str) -> None:
         if key:
@@ -144,54 +162,19 @@ class RejectedDeletion:
     prior_versions: int = 0
     rejection_notes: int = 0
     series_removed: list[str] = field(default_factory=list)
-    study_removed: StudyDeletion | None = None
+    study_emptied: bool = False  # no image left: the study row stays (reports, consults, links), hidden from queries
 
     def counts(self) -> str:
-        text = (f"instances={len(self.sop_instance_uids)} prior_versions={self.prior_versions} "
+        return (f"instances={len(self.sop_instance_uids)} prior_versions={self.prior_versions} "
                 f"rejection_notes={self.rejection_notes} series_removed={len(self.series_removed)} "
+                f"study_emptied={'yes' if self.study_emptied else 'no'} "
                 f"rejected_for={','.join(sorted(self.reasons))}")
-        if self.study_removed is not None:
-            text += f" study_removed=yes ({self.study_removed.counts()})"
-        return text
 
     def as_dict(self) -> dict[str, object]:
         return {"study_instance_uid": self.study_instance_uid, "patient_id": self.patient_id,
                 "sop_instance_uids": self.sop_instance_uids, "reasons": sorted(self.reasons),
                 "prior_versions": self.prior_versions, "rejection_notes": self.rejection_notes,
-                "series_removed": self.series_removed, "study_removed": self.study_removed is not None}
-
-
-# -- who may delete what ---------------------------------------------------------------------------------------
-
-def owned_condition(scope: AccessScope) -> ColumnElement[bool]:
-    """The studies a principal may delete: its own facility's (never one it only borrows through a share, a
-    consult or a person's priors), every study for an archive-wide principal, none for a patient or a link."""
-    if scope.patient is not None or scope.patient_ids is not None or scope.study_uids is not None:
-        return false()
-    if scope.facilities is None:
-        return true()
-    return Study.facility.in_(sorted(scope.facilities))
-
-
-def check_reason(reason: str | None) -> str:
-    text = (reason or "").strip()
-    if not text:
-        raise InvalidInput("say why (reason): a deletion is written to the audit trail with its reason")
-    if len(text) > MAX_REASON:
-        raise InvalidInput(f"the reason is longer than {MAX_REASON} characters")
-    return text
-
-
-def audit_refusal(ctx: AppContext, principal: Principal, action: str, exc: Exception, *,
-                  study_instance_uid: str = "", detail: str = "") -> None:
-    """Every refused deletion is in the audit trail (issue 15, must-show 5), whatever the transport."""
-    try:
-        audit.record(ctx.sessions, action=action, actor=principal.subject, role=principal.role.value,
-                     outcome="failure", source_address=principal.source_address,
-                     study_instance_uid=study_instance_uid[:64],
-                     detail=f"{detail} {type(exc).__name__}: {str(exc)[:300]}".strip())
-    except Exception as audit_exc:  # the refusal stands even if the trail cannot be written now
-        log.error("audit write failed for a refused %s: %s", action, audit_exc)
+                "series_removed": self.series_removed, "study_emptied": self.study_emptied}
 
 
 # -- deleting a study --------------------------------------------------------------------------------------------
@@ -208,12 +191,12 @@ def delete_study(ctx: AppContext, principal: Principal, study_uid: str, reason: 
     Refusals (no capability, unknown or out-of-scope study: 404 alike, no reason, the check) are audited.
     """
     action = "study.delete"
-    try:
+    with refusals_audited(ctx, principal, action, study_uid, f"{policy} " if policy else ""):
         authorize(principal, Capability.STUDY_DELETE)
-        why = check_reason(reason)
+        why = check_reason(reason, "deletion")
         with ctx.sessions() as session, session.begin():
             study = session.scalars(select(Study).where(Study.study_instance_uid == study_uid,
-                                                        owned_condition(principal.scope))
+                                                        owned_study_condition(principal.scope))
                                     .with_for_update()).one_or_none()
             if study is None:
                 raise NotFound(f"no study {study_uid}")
@@ -221,14 +204,12 @@ def delete_study(ctx: AppContext, principal: Principal, study_uid: str, reason: 
                 check(session, study)
             cleanup = StoreCleanup()
             result = _remove_study_rows(session, study, cleanup)
+            tombstones.add(session, cleanup.instance_keys)
             audit.append(session, action=action, actor=principal.subject, role=principal.role.value,
                          source_address=principal.source_address, patient_id=result.patient_id,
                          study_instance_uid=study_uid,
                          detail=f"reason={why!r} {policy + ' ' if policy else ''}{result.counts()} "
                                 f"objects={len(cleanup.instance_keys)}")
-    except (PacsError, Forbidden) as exc:
-        audit_refusal(ctx, principal, action, exc, study_instance_uid=study_uid, detail=policy)
-        raise
     delete_objects(ctx, cleanup, study_prefixes=[study_uid])
     result.objects_deleted, result.objects_kept = cleanup.deleted, cleanup.kept
     log.info("deleted study %s (%s) by %s", study_uid, result.counts(), principal.subject)
@@ -263,8 +244,9 @@ def _remove_study_rows(session: Session, study: Study, cleanup: StoreCleanup) ->
     result.series, result.instances, result.rejected_instances = len(series_uids), len(instances), len(rejected)
 
     result.prior_versions = _remove_priors(session, sops, cleanup)
+    cleanup.add_markers(sops)
     _remove_pending_work(session, sops, series_uids)
-    for chunk in _chunks(series_ids):
+    for chunk in chunks(series_ids):
         session.execute(delete(Instance).where(Instance.series_fk.in_(chunk)))
     session.execute(delete(RejectedInstance).where(RejectedInstance.study_instance_uid == uid))
     result.rejection_notes = _remove_notes(session, RejectionNote.study_instance_uid == uid, cleanup)
@@ -310,7 +292,7 @@ def _remove_study_rows(session: Session, study: Study, cleanup: StoreCleanup) ->
 
 def _remove_priors(session: Session, sops: Sequence[str], cleanup: StoreCleanup) -> int:
     count = 0
-    for chunk in _chunks(sops):
+    for chunk in chunks(sops):
         rows = session.execute(delete(InstanceVersion).where(InstanceVersion.sop_instance_uid.in_(chunk))
                                .returning(InstanceVersion.sop_instance_uid, InstanceVersion.object_key)).all()
         for sop, key in rows:
@@ -321,9 +303,9 @@ def _remove_priors(session: Session, sops: Sequence[str], cleanup: StoreCleanup)
 
 def _remove_pending_work(session: Session, sops: Sequence[str], series_uids: Sequence[str]) -> None:
     """Derived tasks and forwarding jobs of what goes: nothing is built or sent for a deleted object."""
-    for chunk in _chunks([*sops, *series_uids]):
+    for chunk in chunks([*sops, *series_uids]):
         session.execute(delete(DerivedTask).where(DerivedTask.subject_uid.in_(chunk)))
-    for chunk in _chunks(sops):
+    for chunk in chunks(sops):
         session.execute(delete(ForwardJob).where(ForwardJob.sop_instance_uid.in_(chunk)))
 
 
@@ -342,14 +324,23 @@ def _remove_notes(session: Session, condition: ColumnElement[bool], cleanup: Sto
 
 def remove_rejected_rows(session: Session, condition: ColumnElement[bool],
                          cleanup: StoreCleanup) -> dict[str, RejectedDeletion]:
-    """Delete the ``rejected_instance`` rows matching ``condition`` — one conditional DELETE … RETURNING, so of
-    two processes deleting the same rows each row goes to exactly one — and what only they needed: their prior
-    versions, pending work, derived products, a rejection note none of whose instances is left, and a series or
-    study left with nothing. Returns what went, per study (no audit row: the caller writes it)."""
-    rows = session.execute(delete(RejectedInstance).where(condition).returning(
-        RejectedInstance.sop_instance_uid, RejectedInstance.series_instance_uid,
-        RejectedInstance.study_instance_uid, RejectedInstance.object_key, RejectedInstance.reason,
-        RejectedInstance.note_sop_instance_uid)).all()
+    """Delete the ``rejected_instance`` rows matching ``condition`` — conditional DELETEs … RETURNING, so of two
+    processes deleting the same rows each row goes to exactly one — and what only they needed: their prior
+    versions, pending work, derived products, correction markers, a rejection note none of whose instances is
+    left, and a series left with nothing. The study row always stays (an emptied one keeps its reports, consults,
+    share links and orders: only an explicit study deletion removes those). Locks the studies first, in id order
+    (as restore and ingest do). Returns what went, per study (no audit row: the caller writes it)."""
+    study_uids = sorted(set(session.scalars(select(RejectedInstance.study_instance_uid).where(condition))))
+    if not study_uids:
+        return {}
+    _lock_studies(session, study_uids)
+    rows: list[tuple[str, str, str, str, str, str]] = []
+    for chunk in chunks(study_uids):
+        rows += session.execute(delete(RejectedInstance).where(
+            condition, RejectedInstance.study_instance_uid.in_(chunk)).returning(
+            RejectedInstance.sop_instance_uid, RejectedInstance.series_instance_uid,
+            RejectedInstance.study_instance_uid, RejectedInstance.object_key, RejectedInstance.reason,
+            RejectedInstance.note_sop_instance_uid)).tuples().all()
     by_study: dict[str, RejectedDeletion] = {}
     for sop, series_uid, study_uid, key, reason, _note in rows:
         item = by_study.setdefault(study_uid, RejectedDeletion(study_uid))
@@ -362,19 +353,20 @@ def remove_rejected_rows(session: Session, condition: ColumnElement[bool],
     sops = [row[0] for row in rows]
     # a SOP Instance UID that is current again (never, while rejected; kept safe) keeps its prior versions
     current: set[str] = set()
-    for chunk in _chunks(sops):
+    for chunk in chunks(sops):
         current.update(session.scalars(select(Instance.sop_instance_uid)
                                        .where(Instance.sop_instance_uid.in_(chunk))))
     gone = [sop for sop in sops if sop not in current]
     study_of = {row[0]: row[2] for row in rows}
-    for chunk in _chunks(gone):
+    for chunk in chunks(gone):
         for sop, key in session.execute(delete(InstanceVersion).where(InstanceVersion.sop_instance_uid.in_(chunk))
                                         .returning(InstanceVersion.sop_instance_uid, InstanceVersion.object_key)):
             cleanup.add_instance(key, sop)
             by_study[study_of[sop]].prior_versions += 1
+    cleanup.add_markers(gone)
     _remove_pending_work(session, gone, [])
 
-    for note_uid, study_uid in {(row[5], row[2]) for row in rows}:
+    for note_uid, study_uid in sorted({(row[5], row[2]) for row in rows}):
         if session.scalar(select(RejectedInstance.id).where(RejectedInstance.note_sop_instance_uid == note_uid)
                           .limit(1)) is None:
             by_study[study_uid].rejection_notes += _remove_notes(
@@ -390,15 +382,26 @@ def remove_rejected_rows(session: Session, condition: ColumnElement[bool],
         by_study[study_uid].series_removed.append(series_uid)
     session.flush()
     for study_uid, item in by_study.items():
-        study = session.scalars(select(Study).where(Study.study_instance_uid == study_uid)
-                                .with_for_update()).one_or_none()
+        study = session.scalars(select(Study).where(Study.study_instance_uid == study_uid)).one_or_none()
         if study is None:
             continue
         patient = session.get(Patient, study.patient_fk)
         item.patient_id = patient.patient_id if patient else ""
         if _study_empty(session, study):
-            item.study_removed = _remove_study_rows(session, study, cleanup)
+            item.study_emptied = True
+            if is_archived_uid(study_uid):  # its thumbnail showed images that are gone: it goes while none is back
+                cleanup.add_derived(study_thumbnail_key(study_uid), "study-images", study_uid)
+    tombstones.add(session, cleanup.instance_keys)
     return by_study
+
+
+def _lock_studies(session: Session, study_uids: Sequence[str]) -> None:
+    """``FOR UPDATE`` on the studies' rows in id order: every writer takes them in the same order (no deadlock)."""
+    ids: list[int] = []
+    for chunk in chunks(study_uids):
+        ids += session.scalars(select(Study.id).where(Study.study_instance_uid.in_(chunk)))
+    for id_chunk in chunks(sorted(ids)):
+        session.scalars(select(Study.id).where(Study.id.in_(id_chunk)).order_by(Study.id).with_for_update()).all()
 
 
 def _series_in_use(session: Session, series: Series) -> bool:
@@ -408,7 +411,7 @@ def _series_in_use(session: Session, series: Series) -> bool:
 
 
 def _study_empty(session: Session, study: Study) -> bool:
-    """No series row left and no rejected instance waiting: nothing of the study remains to show or restore."""
+    """No series row left and no rejected instance waiting: no image of the study remains to show or restore."""
     return (session.scalar(select(Series.id).where(Series.study_fk == study.id).limit(1)) is None
             and session.scalar(select(RejectedInstance.id).where(
                 RejectedInstance.study_instance_uid == study.study_instance_uid).limit(1)) is None)
@@ -430,17 +433,18 @@ def audit_rejected_deletion(session: Session, principal: Principal | None, delet
 def delete_rejected(ctx: AppContext, principal: Principal, sop_uids: Sequence[str],
                     reason: str | None) -> list[RejectedDeletion]:
     """Delete rejected instances now (an admin, before their retention ends); audited as ``instance.delete``.
-    An instance that is not rejected, or whose study is outside the principal's facility, is a 404."""
+    An instance that is not rejected, or whose study is outside the principal's facility, is a 404. The study
+    row stays, even when emptied."""
     action = "instance.delete"
     first = sop_uids[0] if sop_uids else ""
-    try:
+    with refusals_audited(ctx, principal, action, "", f"sop={first} "):
         authorize(principal, Capability.STUDY_DELETE)
-        why = check_reason(reason)
+        why = check_reason(reason, "deletion")
         if not sop_uids:
             raise InvalidInput("name the rejected instances to delete")
         wanted = sorted(set(sop_uids))
         with ctx.sessions() as session, session.begin():
-            owned = select(Study.study_instance_uid).where(owned_condition(principal.scope))
+            owned = select(Study.study_instance_uid).where(owned_study_condition(principal.scope))
             condition = and_(RejectedInstance.sop_instance_uid.in_(wanted),
                              RejectedInstance.study_instance_uid.in_(owned) if not principal.scope.unrestricted
                              else true())
@@ -452,52 +456,117 @@ def delete_rejected(ctx: AppContext, principal: Principal, sop_uids: Sequence[st
             cleanup = StoreCleanup()
             deleted = remove_rejected_rows(session, condition, cleanup)
             audit_rejected_deletion(session, principal, deleted.values(), why)
-    except (PacsError, Forbidden) as exc:
-        audit_refusal(ctx, principal, action, exc, detail=f"sop={first}")
-        raise
-    delete_objects(ctx, cleanup, study_prefixes=[s.study_instance_uid for s in deleted.values()
-                                                 if s.study_removed is not None])
+    delete_objects(ctx, cleanup)
     return list(deleted.values())
 
 
 # -- the store, after the commit ---------------------------------------------------------------------------------
 
+#: TEST-ONLY: called with each ``dicom/`` key between its tombstone's claim and its deletion from the store (the
+#: deletion tests pause here to re-send the object meanwhile). Never set in production.
+before_object_delete: Callable[[str], None] | None = None
+
+
 def delete_objects(ctx: AppContext, cleanup: StoreCleanup, *, study_prefixes: Sequence[str] = ()) -> StoreCleanup:
-    """Delete the freed keys whose owner is still absent from the index, a batch at a time; then, for a study
-    that went whole, whatever derived product is left under its ``derived/`` folders. A store error leaves the
-    key for ``pacs check`` (an unreferenced object), never fails the deletion that was committed."""
-    instance_items = list(cleanup.instance_keys.items())
-    for batch in _chunks(instance_items):
-        present = _present(ctx, "instance", [sop for _key, sop in batch])
-        for key, sop in batch:
-            _delete_key(ctx, cleanup, key, keep=sop in present)
+    """Delete the freed keys: each ``dicom/`` key under its tombstone's lock (:func:`delete_tombstoned`), the
+    derived products and correction markers whose owner is still absent from the index; then, for a study that
+    went whole, whatever derived product is left under its ``derived/`` folders. A store error leaves the key
+    (pending tombstone, or unreferenced object for ``pacs check``), never fails the committed deletion."""
+    for key, sop in cleanup.instance_keys.items():
+        delete_tombstoned(ctx, cleanup, key, sop)
     by_level: dict[str, list[tuple[str, str]]] = {}
     for key, (level, uid) in cleanup.derived_keys.items():
         by_level.setdefault(level, []).append((key, uid))
     for level, items in by_level.items():
-        for batch in _chunks(items):
+        for batch in chunks(items):
             present = _present(ctx, level, [uid for _key, uid in batch])
             for key, uid in batch:
-                _delete_key(ctx, cleanup, key, keep=uid in present, count=False)
+                _delete_key(ctx, cleanup, key, keep=uid in present)
+    for sops in chunks(sorted(cleanup.marker_sops)):
+        present = _present(ctx, "instance", sops)
+        for sop in sops:
+            if sop in present:
+                continue
+            try:
+                for info in list(ctx.store.list(correction_marker_prefix(sop))):
+                    _delete_key(ctx, cleanup, info.key, keep=False)
+            except StorageError as exc:
+                log.warning("could not list the correction markers of %s after a deletion: %s", sop, exc)
     for study_uid in study_prefixes:
         if not is_archived_uid(study_uid) or _present(ctx, "study", [study_uid]):
             continue
         for prefix in (f"derived/thumbnails/{study_uid}/", f"derived/metadata/{study_uid}/"):
             try:
                 for info in list(ctx.store.list(prefix)):
-                    _delete_key(ctx, cleanup, info.key, keep=False, count=False)
+                    _delete_key(ctx, cleanup, info.key, keep=False)
             except StorageError as exc:
                 log.warning("could not list %s after a deletion: %s", prefix, exc)
     return cleanup
 
 
-def _delete_key(ctx: AppContext, cleanup: StoreCleanup, key: str, *, keep: bool, count: bool = True) -> None:
+def delete_tombstoned(ctx: AppContext, cleanup: StoreCleanup, key: str, sop_uid: str) -> None:
+    """Delete one ``dicom/`` key in a short transaction holding its tombstone's row lock: no tombstone (an ingest
+    of the same bytes took it: the object is that ingest's now) or an index row naming the key → kept; else
+    deleted from the store and the tombstone marked gone. A store error rolls back (the tombstone stays pending:
+    the retention sweep retries it)."""
+    try:
+        with ctx.sessions() as session, session.begin():
+            row = session.scalars(select(DeletedObject).where(DeletedObject.object_key == key,
+                                                              DeletedObject.state == tombstones.PENDING)
+                                  .with_for_update()).one_or_none()
+            if row is None:
+                cleanup.kept.append(key)
+                return
+            if _names_key(session, key, sop_uid):
+                session.delete(row)  # indexed again (not through ingest's normal path): the object is in use
+                cleanup.kept.append(key)
+                return
+            if before_object_delete is not None:
+                before_object_delete(key)
+            existed = ctx.store.exists(key)
+            ctx.store.delete(key)
+            row.state = tombstones.GONE
+        if existed:
+            cleanup.deleted += 1
+    except (StorageError, SQLAlchemyError) as exc:
+        log.warning("could not delete %s (its tombstone stays pending, retried by the retention sweep): %s",
+                    key, str(exc).splitlines()[0][:300])
+        cleanup.failed.append(key)
+
+
+def _names_key(session: Session, key: str, sop_uid: str) -> bool:
+    """Whether an index row (current, prior, rejected version or rejection note) names ``key``."""
+    return any(session.scalar(select(model.id).where(model.sop_instance_uid == sop_uid, model.object_key == key)
+                              .limit(1)) is not None
+               for model in (Instance, InstanceVersion, RejectedInstance, RejectionNote))
+
+
+def sweep_tombstones(ctx: AppContext, *, now: datetime | None = None, limit: int = 500) -> int:
+    """The retention sweep's share: retry the objects of tombstones left pending (a deletion that died, a store
+    that refused) and forget the gone ones older than a day. Returns how many objects it deleted."""
+    moment = now or datetime.now(UTC)
+    old_gone = (DeletedObject.state == tombstones.GONE, DeletedObject.created_at <= moment - GONE_KEPT_FOR)
+    with ctx.read_sessions() as session:
+        stale = list(session.scalars(select(DeletedObject.object_key).where(
+            DeletedObject.state == tombstones.PENDING, DeletedObject.created_at <= moment - PENDING_RETRY_AFTER)
+            .order_by(DeletedObject.id).limit(limit)))
+        forget = session.scalar(select(DeletedObject.id).where(*old_gone).limit(1)) is not None
+    cleanup = StoreCleanup()
+    for key in stale:
+        parsed = parse_instance_key(key)
+        delete_tombstoned(ctx, cleanup, key, parsed[2] if parsed else "")
+    if forget:  # a pass with nothing to forget takes no write lock
+        with ctx.sessions() as session, session.begin():
+            session.execute(delete(DeletedObject).where(*old_gone))
+    return cleanup.deleted
+
+
+def _delete_key(ctx: AppContext, cleanup: StoreCleanup, key: str, *, keep: bool) -> None:
+    """A derived product or correction marker (not counted as an object; no tombstone: ingest never puts one)."""
     if keep:
         cleanup.kept.append(key)
         return
     try:
-        if count and ctx.store.exists(key):
-            cleanup.deleted += 1
         ctx.store.delete(key)
     except StorageError as exc:
         log.warning("could not delete %s (left for pacs check): %s", key, exc)
@@ -505,7 +574,8 @@ def _delete_key(ctx: AppContext, cleanup: StoreCleanup, key: str, *, keep: bool,
 
 
 def _present(ctx: AppContext, level: str, uids: Sequence[str]) -> set[str]:
-    """Which of ``uids`` the index names again (a re-send after the commit): their keys are theirs now."""
+    """Which of ``uids`` the index names again (a re-send after the commit): their keys are theirs now.
+    ``study-images``: the studies with an image again."""
     wanted = sorted(set(uids))
     found: set[str] = set()
     with ctx.read_sessions() as session:
@@ -516,14 +586,10 @@ def _present(ctx: AppContext, level: str, uids: Sequence[str]) -> set[str]:
         elif level == "series":
             found.update(session.scalars(select(Series.series_instance_uid)
                                          .where(Series.series_instance_uid.in_(wanted))))
+        elif level == "study-images":
+            found.update(session.scalars(select(Study.study_instance_uid)
+                                         .where(Study.study_instance_uid.in_(wanted), Study.number_of_instances > 0)))
         else:
             found.update(session.scalars(select(Study.study_instance_uid)
                                          .where(Study.study_instance_uid.in_(wanted))))
     return found
-
-
-T = TypeVar("T")
-
-
-def _chunks(items: Sequence[T], size: int = _CHUNK) -> list[Sequence[T]]:
-    return [items[i:i + size] for i in range(0, len(items), size)]

@@ -9,11 +9,18 @@ moved from ``instance`` to ``rejected_instance`` (its row as JSON, for :func:`re
 counts and Modalities in Study lowered; series documents and thumbnails cleared and re-armed; pending forward
 jobs and derived tasks of the rejected instances cancelled; the audit event. Since the rows leave
 ``instance``, every instance-level path stops finding them at once; a series or study left with no instance is
-hidden by its count (:func:`pacs.security.access.study_condition`, :mod:`pacs.query.engine`).
+hidden by its count from the paths that list images (QIDO-RS and C-FIND, FHIR ImagingStudy, WADO, the
+reading list: ``hide_empty`` of :func:`pacs.security.access.study_condition`); its reports, share links and
+consults stay.
 
 Who may reject: over HTTP and the CLI, ``Capability.STUDY_REJECT`` (radiologists only for ``quality``) on a
-study the principal may change (``borrowed=False``); over DICOM, a sender that may write the study (trusted,
-of the study's facility or unrestricted; an unregistered peer only its own objects of a study of no facility).
+study the principal may change (:func:`pacs.security.access.owned_study_condition`: its own facility's, never one
+only shared with it). A rejection note *sent* in is held to the same rules (:func:`sender_refusal`,
+:func:`_study_refusal`): over STOW-RS or an upload, the sending account's role must hold ``STUDY_REJECT``
+(radiologists: ``quality`` only) and the study must be one it may change; over DICOM, only a registered AE
+(passing its host check) and only for studies of its facility (any study when archive-wide). An unregistered
+peer never rejects anything: its AE title proves nothing. A refused note is audited and changes nothing (the
+sender gets 0xA900 with the reason).
 
 The store stays the truth for ``pacs reindex``: the notes present in the store are the active rejections. A
 restore therefore deletes a note whose instances are all restored and replaces a partly restored one by a new
@@ -29,8 +36,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -41,6 +47,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs import audit
+from pacs.aes import lookup as lookup_ae
 from pacs.context import AppContext
 from pacs.db.models import DerivedTask, ForwardJob, Instance, Patient, Series, Study
 from pacs.derived.outbox import INSTANCE_TASKS, SERIES_TASKS, arm_derived_tasks
@@ -50,9 +57,10 @@ from pacs.ingest.parsing import ReceivedObject, RejectReason
 from pacs.ingest.source import IngestSource
 from pacs.jobs import JobState
 from pacs.security import filing_rules
-from pacs.security.access import Forbidden, authorize, may_see_study, study_condition
-from pacs.security.principal import Principal
-from pacs.security.roles import Capability, Role
+from pacs.security.access import Forbidden, authorize, owned_study_condition
+from pacs.security.principal import Principal, scope_for
+from pacs.security.roles import ROLE_CAPABILITIES, Capability, Role
+from pacs.studies.common import chunks, refusals_audited
 from pacs.studies.models import QUALITY, REASON_CODES, RejectedInstance, RejectionNote
 from pacs.studies.rejection_notes import Reference, RejectionNoteContent, build_rejection_note, read_rejection_note
 from storage import ObjectStore, StorageError, StorageUnavailable
@@ -61,6 +69,9 @@ from storage.keys import instance_key
 log = logging.getLogger(__name__)
 
 MAX_LISTED = 5000  # rows of one list_rejected answer
+# transports on which an account (a principal with a role and a facility) sends objects: a rejection note sent
+# this way is held to that account's rights, like POST /api/studies/{study}/reject
+ACCOUNT_TRANSPORTS = frozenset({"stow", "upload"})
 _SNAPSHOT_SKIP = frozenset({"id", "series_fk"})
 
 
@@ -130,6 +141,12 @@ def ingest_rejection_note(sessions: sessionmaker[Session], store: ObjectStore, o
                              sop_class_uid=obj.sop_class_uid, study_instance_uid=obj.study_instance_uid,
                              sha256=sha256, series_instance_uid=obj.series_instance_uid, derived_task_ids=task_ids)
 
+    refusal = sender_refusal(source, note.reason)
+    if refusal is not None:  # refused before anything is stored
+        log.warning("refused rejection note %s from %s: %s", obj.sop_instance_uid, source.calling_ae or source.user,
+                    refusal)
+        _audit_refusal(sessions, source, obj.study_instance_uid, f"note={obj.sop_instance_uid} {refusal}")
+        return outcome(IngestStatus.REJECTED, refusal, reason=RejectReason.MISMATCH)
     try:
         with sessions() as session:
             known = session.scalar(select(RejectionNote.sha256).where(
@@ -176,21 +193,26 @@ def apply_note(session: Session, *, study_uid: str, note_sop_uid: str, content: 
     ``source`` None: ``pacs reindex`` re-applying a stored note (no sender check). Raises :class:`NoteRefused`
     when the sender may not reject in this study or the note names no instance of it.
     """
+    if source is not None and (refusal := sender_refusal(source, content.reason)) is not None:
+        raise NoteRefused(refusal)
     study = session.scalars(select(Study).where(Study.study_instance_uid == study_uid).with_for_update()
                             ).one_or_none()
-    wanted = [r.sop_instance_uid for r in content.references if r.study_instance_uid in (study_uid, "")]
+    wanted = list(dict.fromkeys(r.sop_instance_uid for r in content.references
+                                if r.study_instance_uid in (study_uid, "")))
     ignored = [r.sop_instance_uid for r in content.references if r.study_instance_uid not in (study_uid, "")]
     if study is None:
-        raise NoteRefused(filing_rules.REFUSAL if source is not None and not source.trusted
-                          else f"the rejection note references no stored instance of study {study_uid}")
-    found = session.execute(select(Instance, Series).join(Series, Series.id == Instance.series_fk)
-                            .where(Series.study_fk == study.id, Instance.sop_instance_uid.in_(wanted))).all() \
-        if wanted else []
-    already = list(session.scalars(select(RejectedInstance).where(
-        RejectedInstance.study_instance_uid == study_uid, RejectedInstance.sop_instance_uid.in_(wanted)))) \
-        if wanted else []
-    if source is not None and not _sender_may_reject(study, [i for i, _ in found], source):
-        raise NoteRefused(filing_rules.REFUSAL)
+        raise NoteRefused(f"the rejection note references no stored instance of study {study_uid}")
+    if source is not None and (refusal := _study_refusal(session, study, source)) is not None:
+        raise NoteRefused(refusal)
+    found: list[tuple[Instance, Series]] = []
+    already: list[RejectedInstance] = []
+    for part in chunks(wanted):
+        for instance, series in session.execute(
+                select(Instance, Series).join(Series, Series.id == Instance.series_fk)
+                .where(Series.study_fk == study.id, Instance.sop_instance_uid.in_(part))):
+            found.append((instance, series))
+        already += session.scalars(select(RejectedInstance).where(
+            RejectedInstance.study_instance_uid == study_uid, RejectedInstance.sop_instance_uid.in_(part)))
     if not found and not already:
         raise NoteRefused(f"the rejection note references no stored instance of study {study_uid}")
     matched = {i.sop_instance_uid for i, _ in found} | {r.sop_instance_uid for r in already}
@@ -232,16 +254,52 @@ def apply_note(session: Session, *, study_uid: str, note_sop_uid: str, content: 
                        tuple(t.id for t in tasks))
 
 
-def _sender_may_reject(study: Study, instances: Sequence[Instance], source: IngestSource) -> bool:
-    """The filing rules for changing a study: a trusted sender of its facility (or unrestricted); an unregistered
-    peer only for a study of no facility, and only the objects it sent itself."""
-    if source.resolution is not None:
-        return False
-    if source.trusted and not source.impersonating:
-        return source.facility in ("", study.facility)
-    if source.impersonating or study.facility or not source.calling_ae:
-        return False
-    return bool(instances) and all(i.source_ae == source.calling_ae for i in instances)
+def sender_refusal(source: IngestSource, reason: str) -> str | None:
+    """Why this sender may not send a rejection note for ``reason`` at all (whatever the study), or None.
+
+    An account (STOW-RS, upload) needs ``Capability.STUDY_REJECT`` by its role, a radiologist the quality reason;
+    a DICOM peer must be a registered AE that passed its host check: an unregistered peer's AE title proves nothing,
+    so it could name any sender's objects as its own. Other transports are the archive's own (the reject
+    operation, which checked the principal already; a local import by the operator)."""
+    if source.resolution is not None or source.correction is not None:
+        return "refused: a rejection note is not filed from the reconciliation queue or by a correction"
+    if source.transport == "dimse":
+        if source.impersonating:
+            return (f"refused: AE {source.calling_ae} failed its identity check (host); "
+                    "it may not reject instances")
+        if not source.trusted:
+            return (f"refused: AE {source.calling_ae or '(none)'} is not registered; only a registered AE may "
+                    "send rejection notes (pacs ae add)")
+        return None
+    if source.transport in ACCOUNT_TRANSPORTS:
+        role = next((r for r in Role if r.value == source.role), None)
+        if role is None or Capability.STUDY_REJECT not in ROLE_CAPABILITIES[role]:
+            return (f"refused: role {source.role or '(none)'} may not reject instances "
+                    f"(a rejection note needs the {Capability.STUDY_REJECT.value} capability)")
+        if role is Role.RADIOLOGIST and reason != QUALITY:
+            return "refused: a radiologist may reject for quality reasons only"
+        return None
+    return None if source.trusted else filing_rules.REFUSAL
+
+
+def _study_refusal(session: Session, study: Study, source: IngestSource) -> str | None:
+    """Why the sender may not change ``study``, or None: an account only a study it may change
+    (:func:`owned_study_condition` of its facility), a registered AE only its facility's studies (every study when
+    archive-wide), the archive's own transports the study they were given."""
+    if source.transport == "dimse":
+        record = lookup_ae(session, source.calling_ae)
+        if record is not None and (record.archive_wide or record.facility == study.facility):
+            return None
+        return (f"refused: AE {source.calling_ae} may reject only instances of its own facility's studies "
+                f"(study {study.study_instance_uid} is not one)")
+    if source.transport in ACCOUNT_TRANSPORTS:
+        role = next((r for r in Role if r.value == source.role), Role.PATIENT)
+        owned = session.scalar(select(Study.id).where(
+            Study.id == study.id, owned_study_condition(scope_for(role, source.facility))))
+        # worded like an unknown study: an account learns nothing about studies it may not change
+        return None if owned is not None else \
+            f"the rejection note references no stored instance of study {study.study_instance_uid}"
+    return None if source.facility in ("", study.facility) else filing_rules.REFUSAL
 
 
 def _recount(session: Session, study: Study, series_by_id: dict[int, Series], delta: dict[int, int],
@@ -292,12 +350,13 @@ def _first_series(session: Session, study_id: int, include: set[int] | None = No
 
 def _cancel_work(session: Session, sop_uids: list[str]) -> None:
     """Pending forward jobs and derived tasks of rejected instances will not run."""
-    session.execute(update(ForwardJob).where(ForwardJob.sop_instance_uid.in_(sop_uids),
-                                             ForwardJob.state == JobState.PENDING)
-                    .values(state=JobState.FAILED, last_error="cancelled: the instance was rejected"))
-    session.execute(update(DerivedTask).where(DerivedTask.subject_uid.in_(sop_uids),
-                                              DerivedTask.state.in_((JobState.PENDING, JobState.QUEUED)))
-                    .values(state=JobState.DONE, last_error="cancelled: the instance was rejected"))
+    for part in chunks(sop_uids):
+        session.execute(update(ForwardJob).where(ForwardJob.sop_instance_uid.in_(part),
+                                                 ForwardJob.state == JobState.PENDING)
+                        .values(state=JobState.FAILED, last_error="cancelled: the instance was rejected"))
+        session.execute(update(DerivedTask).where(DerivedTask.subject_uid.in_(part),
+                                                  DerivedTask.state.in_((JobState.PENDING, JobState.QUEUED)))
+                        .values(state=JobState.DONE, last_error="cancelled: the instance was rejected"))
 
 
 def _snapshot(instance: Instance) -> str:
@@ -345,19 +404,10 @@ def _audit_refusal(sessions: sessionmaker[Session], source: IngestSource, study_
 # -- reject, restore, list (HTTP and CLI) ------------------------------------------------------------
 
 
-@contextmanager
-def _refusals_audited(ctx: AppContext, principal: Principal, action: str, study_uid: str) -> Iterator[None]:
-    """Every refusal of these operations is audited (outcome failure), whoever asked."""
-    try:
-        yield
-    except PacsError as exc:
-        try:
-            audit.record(ctx.sessions, action=action, outcome="failure", actor=principal.subject,
-                         role=principal.role.value, source_address=principal.source_address,
-                         study_instance_uid=study_uid[:64], detail=f"{type(exc).__name__}: {str(exc)[:300]}")
-        except SQLAlchemyError as audit_exc:
-            log.error("audit write failed: %s", audit_exc)
-        raise
+def _may_change(session: Session, principal: Principal, study_uid: str) -> bool:
+    """The study exists and is one the principal may change (never one only shared with or lent to it)."""
+    return session.scalar(select(Study.id).where(Study.study_instance_uid == study_uid,
+                                                 owned_study_condition(principal.scope))) is not None
 
 
 def _unique(values: Sequence[str] | None) -> list[str]:
@@ -367,7 +417,7 @@ def _unique(values: Sequence[str] | None) -> list[str]:
 def reject(ctx: AppContext, principal: Principal, study_uid: str, reason: str, *,
            series: Sequence[str] | None = None, instances: Sequence[str] | None = None) -> RejectionResult:
     """Reject the whole study, or the listed series and instances of it (both lists: their union)."""
-    with _refusals_audited(ctx, principal, "instance.reject", study_uid):
+    with refusals_audited(ctx, principal, "instance.reject", study_uid):
         authorize(principal, Capability.STUDY_REJECT)
         if reason not in REASON_CODES:
             raise InvalidInput(f"unknown rejection reason {reason!r}: one of {', '.join(REASON_CODES)}")
@@ -375,7 +425,7 @@ def reject(ctx: AppContext, principal: Principal, study_uid: str, reason: str, *
             raise Forbidden("a radiologist may reject for quality reasons only")
         series_uids, sop_uids = _unique(series), _unique(instances)
         with ctx.read_sessions() as session:
-            if not may_see_study(session, principal.scope, study_uid, borrowed=False):
+            if not _may_change(session, principal, study_uid):
                 raise NotFound(f"no study {study_uid}")
             rows = session.execute(
                 select(Instance.sop_instance_uid, Instance.sop_class_uid, Instance.object_key,
@@ -406,11 +456,11 @@ def reject(ctx: AppContext, principal: Principal, study_uid: str, reason: str, *
 def restore(ctx: AppContext, principal: Principal, study_uid: str, *, series: Sequence[str] | None = None,
             instances: Sequence[str] | None = None) -> RestoreResult:
     """Bring rejected (not deleted) instances back: the whole study's, or those of the listed series/instances."""
-    with _refusals_audited(ctx, principal, "instance.restore", study_uid):
+    with refusals_audited(ctx, principal, "instance.restore", study_uid):
         authorize(principal, Capability.STUDY_REJECT)
         series_uids, sop_uids = _unique(series), _unique(instances)
         with ctx.read_sessions() as session:
-            if not may_see_study(session, principal.scope, study_uid, borrowed=False, with_empty=True):
+            if not _may_change(session, principal, study_uid):
                 raise NotFound(f"no study {study_uid}")
             rows = list(session.scalars(select(RejectedInstance).where(
                 RejectedInstance.study_instance_uid == study_uid).order_by(RejectedInstance.id)))
@@ -456,12 +506,16 @@ def _put_back(session: Session, principal: Principal, study_uid: str,
               sop_uids: list[str]) -> tuple[list[str], list[str], tuple[int, ...]]:
     """One transaction: the rows back from their snapshots, counts, tasks, emptied notes removed, audit."""
     study = session.scalars(select(Study).where(Study.study_instance_uid == study_uid).with_for_update()).one()
-    rows = list(session.scalars(select(RejectedInstance).where(
-        RejectedInstance.study_instance_uid == study_uid, RejectedInstance.sop_instance_uid.in_(sop_uids))))
+    rows: list[RejectedInstance] = []
+    for part in chunks(sop_uids):
+        rows += session.scalars(select(RejectedInstance).where(
+            RejectedInstance.study_instance_uid == study_uid, RejectedInstance.sop_instance_uid.in_(part)))
     if not rows:
         raise Conflict("nothing to restore any more (restored or deleted meanwhile)")
-    series_rows = {s.series_instance_uid: s for s in session.scalars(select(Series).where(
-        Series.study_fk == study.id, Series.series_instance_uid.in_({r.series_instance_uid for r in rows})))}
+    series_rows: dict[str, Series] = {}
+    for series_part in chunks(sorted({r.series_instance_uid for r in rows})):
+        series_rows.update((s.series_instance_uid, s) for s in session.scalars(select(Series).where(
+            Series.study_fk == study.id, Series.series_instance_uid.in_(series_part))))
     series_by_id: dict[int, Series] = {}
     added: dict[int, int] = {}
     tasks: list[DerivedTask] = []
@@ -469,8 +523,9 @@ def _put_back(session: Session, principal: Principal, study_uid: str,
     restored: list[str] = []
     for row in rows:
         series = series_rows.get(row.series_instance_uid)
-        if series is None:
-            raise Conflict(f"series {row.series_instance_uid} is no longer indexed; cannot restore")
+        if series is None:  # corrections refuse to move a series with rejected instances: only a guard
+            raise Conflict(f"series {row.series_instance_uid} is no longer in study {study_uid} (moved to another "
+                           "study or deleted since the rejection); nothing was restored")
         instance = _from_snapshot(row.snapshot, series.id)
         session.add(instance)
         if instance.thumbnail_key is None:
@@ -481,11 +536,14 @@ def _put_back(session: Session, principal: Principal, study_uid: str,
         session.delete(row)
     session.flush()
     tasks += _recount(session, study, series_by_id, added, sign=+1)
-    still = set(session.scalars(select(RejectedInstance.note_sop_instance_uid).where(
-        RejectedInstance.note_sop_instance_uid.in_(notes))))
+    still: set[str] = set()
+    for note_part in chunks(sorted(notes)):
+        still.update(session.scalars(select(RejectedInstance.note_sop_instance_uid).where(
+            RejectedInstance.note_sop_instance_uid.in_(note_part))))
     emptied = sorted(notes - still)
-    for note in session.scalars(select(RejectionNote).where(RejectionNote.sop_instance_uid.in_(emptied))):
-        session.delete(note)
+    for note_part in chunks(emptied):
+        for note in session.scalars(select(RejectionNote).where(RejectionNote.sop_instance_uid.in_(note_part))):
+            session.delete(note)
     audit.append(session, action="instance.restore", actor=principal.subject, role=principal.role.value,
                  source_address=principal.source_address, patient_id=_patient_id(session, study),
                  study_instance_uid=study_uid,
@@ -501,7 +559,7 @@ def list_rejected(session: Session, principal: Principal, *, study_uid: str | No
         raise InvalidInput(f"unknown rejection reason {reason!r}: one of {', '.join(REASON_CODES)}")
     stmt = (select(RejectedInstance)
             .join(Study, Study.study_instance_uid == RejectedInstance.study_instance_uid)
-            .where(study_condition(principal.scope, borrowed=False, with_empty=True)))
+            .where(owned_study_condition(principal.scope)))
     if study_uid:
         stmt = stmt.where(RejectedInstance.study_instance_uid == study_uid)
     if reason:

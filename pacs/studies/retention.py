@@ -4,7 +4,10 @@
   deletes those whose ``rejected_at`` plus their reason's retention has passed, a batch per transaction, through
   :func:`pacs.studies.deletion.remove_rejected_rows` (a conditional DELETE … RETURNING: two processes sweeping
   at once delete each row once). :class:`RetentionSweeper` runs it every ``PACS_RETENTION_SWEEP_S`` in the
-  embedded ``pacs serve`` and in ``pacs worker``; ``pacs retention sweep`` runs it now.
+  embedded ``pacs serve`` and in ``pacs worker``; ``pacs retention sweep`` runs it now. It never removes a study
+  row: a study it empties stays with its reports, consults, share links and orders (hidden from image queries);
+  only an explicit deletion (or a confirmed study retention, below) removes a study. The same pass retries
+  tombstoned objects left pending and forgets gone tombstones after a day (:mod:`pacs.studies.tombstones`).
 - **Studies** (``PACS_STUDY_RETENTION_YEARS``, years per facility, ``*`` for the others): a study is due when
   its study date (or, without one, the day it was received) is older than its facility's retention. Nothing is
   deleted by itself: :func:`list_due` shows what is due (audited: it shows patient data), and
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
 from sqlalchemy import ColumnElement, and_, false, func, or_, select, true
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from pacs import audit
@@ -25,11 +29,12 @@ from pacs.context import AppContext
 from pacs.db.models import Patient, Study
 from pacs.errors import InvalidInput, PacsError
 from pacs.polling import PollingLoop
-from pacs.security.access import Forbidden, authorize
+from pacs.security.access import authorize, owned_study_condition
 from pacs.security.principal import Principal
 from pacs.security.roles import Capability
 from pacs.settings import Settings
 from pacs.studies import deletion
+from pacs.studies.common import check_reason, refusals_audited
 from pacs.studies.models import RejectedInstance
 
 log = logging.getLogger(__name__)
@@ -77,13 +82,16 @@ def sweep_rejected(ctx: AppContext, *, now: datetime | None = None, batch_size: 
             # conditional: a row restored or deleted by another process meanwhile is simply not returned
             deleted = deletion.remove_rejected_rows(session, and_(RejectedInstance.id.in_(ids), expired), cleanup)
             deletion.audit_rejected_deletion(session, None, deleted.values(), "retention expired")
-        deletion.delete_objects(ctx, cleanup, study_prefixes=[s.study_instance_uid for s in deleted.values()
-                                                              if s.study_removed is not None])
+        deletion.delete_objects(ctx, cleanup)
         result.deleted.extend(deleted.values())
         result.objects_deleted += cleanup.deleted
         batches += 1
         if len(ids) < batch_size:
             break
+    try:
+        result.objects_deleted += deletion.sweep_tombstones(ctx, now=now)
+    except SQLAlchemyError as exc:  # the next pass tries again
+        log.warning("retention: could not sweep the tombstones of deleted objects: %s", str(exc).splitlines()[0])
     if result.deleted:
         log.info("retention: deleted %d rejected instance(s) of %d stud(ies)", result.instances, len(result.deleted))
     return result
@@ -194,12 +202,12 @@ def list_due(ctx: AppContext, principal: Principal, *, facility: str | None = No
     """Studies due under the retention policy that ``principal`` may delete, oldest first; audited
     (``retention.list``: it shows patient data)."""
     action = "retention.list"
-    try:
+    with refusals_audited(ctx, principal, action):
         authorize(principal, Capability.STUDY_DELETE)
         if not 1 <= limit <= 1000 or offset < 0:
             raise InvalidInput("limit is 1-1000 and offset 0 or more")
         today = today or datetime.now(UTC).date()
-        condition = and_(due_condition(ctx.settings, today), deletion.owned_condition(principal.scope))
+        condition = and_(due_condition(ctx.settings, today), owned_study_condition(principal.scope))
         if facility:
             condition = and_(condition, Study.facility == facility)
         rejected = (select(func.count(RejectedInstance.id))
@@ -214,9 +222,6 @@ def list_due(ctx: AppContext, principal: Principal, *, facility: str | None = No
                               s.modalities_in_study, s.number_of_series, s.number_of_instances, n or 0,
                               years_for(ctx.settings, s.facility))
                      for s, p, n in rows]
-    except (PacsError, Forbidden) as exc:
-        deletion.audit_refusal(ctx, principal, action, exc)
-        raise
     audit.record(ctx.sessions, action=action, actor=principal.subject, role=principal.role.value,
                  source_address=principal.source_address,
                  detail=f"{len(items)} of {total} due stud(ies) listed (facility={facility or 'all'} offset={offset})"
@@ -234,16 +239,13 @@ def delete_due(ctx: AppContext, principal: Principal, study_uids: list[str], rea
                today: date | None = None) -> DueDeletion:
     """Delete the confirmed studies that are really due (each checked again inside its own deletion); the others
     are refused and listed with why. Each deletion and each refusal is audited (``study.delete``)."""
-    try:
+    with refusals_audited(ctx, principal, "study.delete", "", "policy=retention "):
         authorize(principal, Capability.STUDY_DELETE)
-        why = deletion.check_reason(reason)
+        why = check_reason(reason, "deletion")
         if not study_uids:
             raise InvalidInput("name the studies to delete (studies)")
         if len(study_uids) > 1000:
             raise InvalidInput("at most 1000 studies per request")
-    except (PacsError, Forbidden) as exc:
-        deletion.audit_refusal(ctx, principal, "study.delete", exc, detail="policy=retention")
-        raise
     today = today or datetime.now(UTC).date()
     due = due_condition(ctx.settings, today)
 

@@ -18,9 +18,8 @@ would not show it to: refused with 403 and a message that says what to do.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 from sqlalchemy import and_, func, select, update
 from sqlalchemy.orm import Session
@@ -35,10 +34,9 @@ from pacs.jobs import JobState, utcnow
 from pacs.security.access import Forbidden, authorize, may_see_study, study_condition
 from pacs.security.principal import Principal
 from pacs.security.roles import Capability
+from pacs.studies.common import chunks
 from storage.keys import is_valid_uid
 
-_CHUNK = 500  # UIDs per IN (...) list
-_T = TypeVar("_T")
 MAX_SERIES = 1000  # series named in one request
 
 
@@ -109,7 +107,7 @@ def send_progress(session: Session, principal: Principal, study_instance_uid: st
     instances = _current_instances(session, study, series)
     counts: dict[str, dict[str, int]] = {}
     errors: dict[str, str] = {}
-    for chunk in _chunks([sop for sop, _ in instances], _CHUNK):
+    for chunk in chunks([sop for sop, _ in instances]):
         stmt = (select(ForwardJob.destination_ae, ForwardJob.state, func.count(), func.max(ForwardJob.last_error))
                 .join(Instance, and_(Instance.sop_instance_uid == ForwardJob.sop_instance_uid,
                                      Instance.sha256 == ForwardJob.sha256))
@@ -166,7 +164,7 @@ def _current_instances(session: Session, study: Study, series: Sequence[str] | N
 def _queue(session: Session, destination: str, instances: list[tuple[str, str]]) -> int:
     """A pending job per instance version; existing ones (sent, failed or pending) back to pending, due now."""
     now = utcnow()
-    for chunk in _chunks(instances, _CHUNK):
+    for chunk in chunks(instances):
         existing = {(sop, sha): job_id for job_id, sop, sha in session.execute(
             select(ForwardJob.id, ForwardJob.sop_instance_uid, ForwardJob.sha256)
             .where(ForwardJob.destination_ae == destination,
@@ -181,7 +179,3 @@ def _queue(session: Session, destination: str, instances: list[tuple[str, str]])
     session.flush()
     return len(instances)
 
-
-def _chunks(values: list[_T], size: int) -> Iterable[list[_T]]:
-    for start in range(0, len(values), size):
-        yield values[start:start + size]
