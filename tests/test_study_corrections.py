@@ -21,6 +21,7 @@ import io
 import json
 import subprocess
 import uuid
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -230,6 +231,17 @@ def _correct_vietnamese_name(archive: Archive, tmp_path: Path) -> None:
         assert change.ReasonForTheAttributeModification == "CORRECT"
         assert str(change.ModifiedAttributesSequence[0].PatientName) == OLD_NAME
     assert [str(ds.PatientName) for ds in movescu(archive, archive.vn_prior)] == [NEW_NAME]
+    # so does the study's zip (embedded: files; scaled: streamed from the S3 server), with its DICOMDIR
+    zipped = archive.get("clin-a", f"/api/studies/{archive.vn_study}/archive.zip")
+    assert zipped.status_code == 200 and zipped.headers["content-type"] == "application/zip", zipped.text
+    with zipfile.ZipFile(io.BytesIO(zipped.content)) as bundle:
+        dicomdir = pydicom.dcmread(io.BytesIO(bundle.read("DICOMDIR")))
+        leaves = [r for r in dicomdir.DirectoryRecordSequence if r.DirectoryRecordType == "IMAGE"]
+        files = [pydicom.dcmread(io.BytesIO(bundle.read("/".join(r.ReferencedFileID)))) for r in leaves]
+    assert sorted(str(ds.SOPInstanceUID) for ds in files) == sorted(archive.vn_sops)
+    assert {str(ds.PatientName) for ds in files} == {NEW_NAME}
+    patient_record = next(r for r in dicomdir.DirectoryRecordSequence if r.DirectoryRecordType == "PATIENT")
+    assert str(patient_record.PatientName) == NEW_NAME
 
     # the prior versions, for an admin only, still carry the old name
     sop = archive.vn_sops[0]
