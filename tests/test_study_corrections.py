@@ -37,7 +37,7 @@ from sqlalchemy import func, select
 from pacs.aes import add_ae
 from pacs.db.models import AuditEvent, InstanceVersion
 from tests.support.datasets import make_instance
-from tests.support.dcmtk import ReferenceStoreSCP, dcmtk, dcmtk_env
+from tests.support.dcmtk import ReferenceStoreSCP, dcmtk, dcmtk_env, findscu_datasets
 from tests.support.facilities import FacilityArchive, json_error
 from tests.support.net import free_port, wait_until
 from tests.support.pacs_process import run_pacs
@@ -135,15 +135,7 @@ def scaled(tmp_path_factory: pytest.TempPathFactory, s3_server: SeaweedS3) -> It
 
 
 def findscu(archive: Archive, tmp: Path, keys: list[str]) -> list[pydicom.Dataset]:
-    out = tmp / f"rsp-{uuid.uuid4().hex[:8]}"
-    out.mkdir()
-    cmd = [dcmtk("findscu"), "-S", "-aet", "QUERYSCU", "-aec", "PACS", "-X", "-od", str(out)]
-    for key in keys:
-        cmd += ["-k", key]
-    proc = subprocess.run([*cmd, "127.0.0.1", str(archive.server.port)], capture_output=True, env=dcmtk_env(),
-                          timeout=60)
-    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
-    return [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+    return findscu_datasets(archive.server.port, tmp / f"rsp-{uuid.uuid4().hex[:8]}", keys)
 
 
 def movescu(archive: Archive, study_uid: str) -> list[pydicom.Dataset]:

@@ -48,7 +48,7 @@ from pacs.reports.models import ReportVersion
 from pacs.security.access import share_study
 from pacs.studies.models import RejectedInstance, RejectionNote
 from tests.support.datasets import to_bytes
-from tests.support.dcmtk import ReferenceStoreSCP, dcmtk, dcmtk_env, storescu
+from tests.support.dcmtk import ReferenceStoreSCP, dcmtk, dcmtk_env, findscu_datasets, storescu
 from tests.support.facilities import FacilityArchive, json_error
 from tests.support.net import free_port, wait_until
 from tests.support.pacs_process import run_pacs
@@ -143,15 +143,7 @@ def uid_values(rows: list[dict[str, Any]], tag: str) -> set[str]:
 
 
 def findscu(archive: Archive, keys: list[str]) -> list[Dataset]:
-    out = archive.root / f"rsp-{uuid.uuid4().hex[:8]}"
-    out.mkdir()
-    cmd = [dcmtk("findscu"), "-S", "-aet", "QUERYSCU", "-aec", "PACS", "-X", "-od", str(out)]
-    for key in keys:
-        cmd += ["-k", key]
-    proc = subprocess.run([*cmd, "127.0.0.1", str(archive.server.port)], capture_output=True, env=dcmtk_env(),
-                          timeout=60)
-    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
-    return [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+    return findscu_datasets(archive.server.port, archive.root / f"rsp-{uuid.uuid4().hex[:8]}", keys)
 
 
 def movescu(archive: Archive, study_uid: str) -> set[str]:

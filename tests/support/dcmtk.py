@@ -67,6 +67,19 @@ def echoscu(port: int, aec: str = "PACS", aet: str = "ECHOSCU",
                           capture_output=True, text=True, env=dcmtk_env(), timeout=30)
 
 
+def findscu_datasets(port: int, out: Path, keys: list[str], aet: str = "QUERYSCU",
+                     aec: str = "PACS") -> list[pydicom.Dataset]:
+    """A Study Root C-FIND by DCMTK's findscu (``-k`` keys); the responses it wrote to ``out`` (created), in order.
+    It must succeed."""
+    out.mkdir(parents=True)
+    cmd = [dcmtk("findscu"), "-S", "-aet", aet, "-aec", aec, "-X", "-od", str(out)]
+    for key in keys:
+        cmd += ["-k", key]
+    proc = subprocess.run([*cmd, "127.0.0.1", str(port)], capture_output=True, env=dcmtk_env(), timeout=60)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+    return [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+
+
 def storescu(port: int, files: list[Path], ts_option: str = "-xe", aec: str = "PACS", aet: str = "STORESCU",
              extra: tuple[str, ...] = (), host: str = "127.0.0.1") -> StoreResult:
     """Send ``files`` on one association; returns the status of the last response received."""
