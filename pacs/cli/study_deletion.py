@@ -32,8 +32,10 @@ def delete(
     yes: YesOption = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Delete a study for good: its index rows, every stored version of its objects, thumbnails and metadata,
-    reports, key images, share links and consults (orders are kept, unlinked). Audited with the reason."""
+    """Delete a study for good (audited with the reason); orders are kept, unlinked.
+
+    Its index rows, every stored version of its objects, thumbnails and metadata, reports, key images, share links
+    and consults go."""
     from pacs.studies import deletion
     from pacs.studies.common import check_reason
 
