@@ -365,6 +365,15 @@ def _associate(port: int, source: str, title: str = "LIMITS") -> Association:
     return ae.associate("127.0.0.1", port, ae_title="PACS", bind_address=(source, 0))
 
 
+def _keep_alive(live: list[Association]) -> None:
+    """A C-ECHO on each held association: the server closes one idle for PACS_NETWORK_TIMEOUT_S (3 s here), and on a
+    loaded machine the steps of a test can take that long; a slot freed that way would let an association through
+    that the limit under test must refuse."""
+    for assoc in live:
+        status = assoc.send_c_echo()
+        assert assoc.is_established and status and status.Status == 0x0000
+
+
 def _rejection(assoc: Association) -> tuple[int, int, int] | None:
     if not assoc.is_rejected:
         return None
@@ -380,21 +389,27 @@ def test_per_peer_and_total_association_limits(server: Server) -> None:
         assert all(a.is_established for a in live)
         over = _associate(server.port, "127.0.0.1")
         assert _rejection(over) == (2, 3, 2)  # rejected-transient, service provider, local limit exceeded
+        _keep_alive(live)
         dcmtk = echoscu(server.port)  # what a modality is told
         assert dcmtk.returncode != 0 and "Local Limit Exceeded" in dcmtk.stdout + dcmtk.stderr
 
+        _keep_alive(live)
         other = _associate(server.port, "127.0.0.2")  # the limit is per peer address
         assert other.is_established
         live.append(other)
         live += [_associate(server.port, f"127.0.0.{n}") for n in (3, 3, 4)]
         assert all(a.is_established for a in live) and len(live) == MAX_ASSOCIATIONS - RESERVED
         # the last slot is kept for registered AEs that proved who they are: unknown peers cannot fill it
+        _keep_alive(live)
         assert _rejection(_associate(server.port, "127.0.0.4")) == (2, 3, 2)
+        _keep_alive(live)
         spoofed = _associate(server.port, "127.0.0.5", title="MODA")  # the title, from the wrong host
         assert _rejection(spoofed) == (2, 3, 2)
+        _keep_alive(live)
         modality = _associate(server.port, "127.0.0.6", title="MODA")
         assert modality.is_established
         live.append(modality)
+        _keep_alive(live)
         assert _rejection(_associate(server.port, "127.0.0.5")) == (2, 3, 2)  # the total limit
 
         live.pop(0).release()  # a slot of 127.0.0.1 is free again at once (two: one is the kept headroom)
