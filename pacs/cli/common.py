@@ -62,19 +62,26 @@ def open_context() -> AppContext:
 
 
 @contextmanager
-def transaction() -> Iterator[Session]:
-    """One write transaction of a command on the process's context; a PacsError becomes the operator's message
-    and exit 1 (nothing of the transaction is kept)."""
+def operation() -> Iterator[AppContext]:
+    """The process's context for one command calling the core; a PacsError becomes the operator's message and
+    exit 1; the context is closed either way."""
     from pacs.errors import PacsError
 
     ctx = open_context()
     try:
-        with ctx.sessions() as session, session.begin():
-            yield session
+        yield ctx
     except PacsError as exc:
         raise fail(exc) from exc
     finally:
         ctx.close()
+
+
+@contextmanager
+def transaction() -> Iterator[Session]:
+    """One write transaction of a command on the process's context (:func:`operation`; nothing of the transaction
+    is kept when it fails)."""
+    with operation() as ctx, ctx.sessions() as session, session.begin():
+        yield session
 
 
 def fail(exc: Exception) -> typer.Exit:

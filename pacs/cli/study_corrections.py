@@ -11,9 +11,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pacs.cli.common import cli_principal, console, fail, open_context, out
+from pacs.cli.common import cli_principal, console, operation, out
 from pacs.cli.studies import retention_app, study_app  # noqa: F401
-from pacs.errors import PacsError
 
 if TYPE_CHECKING:
     from pacs.studies.corrections import CorrectionResult
@@ -58,14 +57,8 @@ def correct(
 
     changes = corrections.StudyChanges(corrections.PatientChanges(name, patient_id, issuer, birth_date, sex),
                                        accession, description)
-    ctx = open_context()
-    try:
-        with _progress("correcting") as progress:
-            result = corrections.correct_study(ctx, cli_principal(), study, changes, reason, progress=progress)
-    except PacsError as exc:
-        raise fail(exc) from exc
-    finally:
-        ctx.close()
+    with operation() as ctx, _progress("correcting") as progress:
+        result = corrections.correct_study(ctx, cli_principal(), study, changes, reason, progress=progress)
     _print(result, as_json)
 
 
@@ -90,18 +83,12 @@ def move(
     if (to_study is None) == (to_patient is None):
         console.print("[red]give exactly one of --to-study (UID is a series) or --to-patient (UID is a study)[/red]")
         raise typer.Exit(2)
-    ctx = open_context()
-    try:
-        with _progress("moving") as progress:
-            if to_study is not None:
-                result = corrections.move_series(ctx, cli_principal(), uid, to_study, reason, progress=progress)
-            else:
-                result = corrections.move_study(ctx, cli_principal(), uid, to_patient or "", issuer, reason,
-                                                progress=progress)
-    except PacsError as exc:
-        raise fail(exc) from exc
-    finally:
-        ctx.close()
+    with operation() as ctx, _progress("moving") as progress:
+        if to_study is not None:
+            result = corrections.move_series(ctx, cli_principal(), uid, to_study, reason, progress=progress)
+        else:
+            result = corrections.move_study(ctx, cli_principal(), uid, to_patient or "", issuer, reason,
+                                            progress=progress)
     _print(result, as_json)
 
 

@@ -10,9 +10,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from pacs.cli.common import cli_principal, console, fail, open_context, out
+from pacs.cli.common import cli_principal, console, open_context, operation, out
 from pacs.cli.studies import retention_app, study_app
-from pacs.errors import PacsError
 
 ReasonOption = Annotated[str, typer.Option("--reason", help="Why (required): written to the audit trail")]
 YesOption = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation")]
@@ -39,15 +38,10 @@ def delete(
     from pacs.studies import deletion
     from pacs.studies.common import check_reason
 
-    ctx = open_context()
-    try:
+    with operation() as ctx:
         check_reason(reason, "deletion")
         _confirm(f"Delete study {study} and all its objects for good?", yes)
         result = deletion.delete_study(ctx, cli_principal(), study, reason)
-    except PacsError as exc:
-        raise fail(exc) from exc
-    finally:
-        ctx.close()
     if as_json:
         out.print_json(json.dumps(result.as_dict()))
     else:
@@ -64,15 +58,10 @@ def delete_rejected(
     from pacs.studies import deletion
     from pacs.studies.common import check_reason
 
-    ctx = open_context()
-    try:
+    with operation() as ctx:
         check_reason(reason, "deletion")
         _confirm(f"Delete {len(sops)} rejected instance(s) for good?", yes)
         done = deletion.delete_rejected(ctx, cli_principal(), sops, reason)
-    except PacsError as exc:
-        raise fail(exc) from exc
-    finally:
-        ctx.close()
     for item in done:
         out.print(f"study {item.study_instance_uid}: {item.counts()}")
 
@@ -105,13 +94,8 @@ def due(
     """List the studies due for deletion under PACS_STUDY_RETENTION_YEARS (nothing is deleted)."""
     from pacs.studies.retention import list_due
 
-    ctx = open_context()
-    try:
+    with operation() as ctx:
         page = list_due(ctx, cli_principal(), facility=facility, limit=limit, offset=offset)
-    except PacsError as exc:
-        raise fail(exc) from exc
-    finally:
-        ctx.close()
     if as_json:
         out.print_json(json.dumps({"total": page.total, "studies": [s.as_dict() for s in page.items]}))
         return
@@ -139,8 +123,7 @@ def delete_due(
 
     deleted: list[deletion.StudyDeletion] = []
     refused: list[tuple[str, str]] = []
-    ctx = open_context()
-    try:
+    with operation() as ctx:
         check_reason(reason, "deletion")
         _confirm(f"Delete {len(studies)} stud(ies) due under the retention policy, for good?", yes)
         with Progress(TextColumn("[bold]deleting"), BarColumn(), MofNCompleteColumn(), console=console) as bar:
@@ -150,10 +133,6 @@ def delete_due(
                 deleted += result.deleted
                 refused += result.refused
                 bar.advance(task)
-    except PacsError as exc:
-        raise fail(exc) from exc
-    finally:
-        ctx.close()
     if as_json:
         out.print_json(json.dumps({"deleted": [d.as_dict() for d in deleted],
                                    "refused": [{"study_instance_uid": u, "message": m} for u, m in refused]}))

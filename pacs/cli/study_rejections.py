@@ -9,9 +9,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from pacs.cli.common import cli_principal, fail, open_context, out
+from pacs.cli.common import cli_principal, operation, out
 from pacs.cli.studies import retention_app, study_app  # noqa: F401
-from pacs.errors import PacsError
 
 SeriesOption = Annotated[list[str] | None, typer.Option("--series", help="A Series Instance UID of the study "
                                                         "(repeat the option for several)")]
@@ -37,13 +36,8 @@ def reject(
     """
     from pacs.studies import rejection
 
-    ctx = open_context()
-    try:
+    with operation() as ctx:
         result = rejection.reject(ctx, cli_principal(), study, reason, series=series, instances=instance)
-    except PacsError as exc:
-        raise fail(exc) from exc
-    finally:
-        ctx.close()
     if as_json:
         out.print_json(json.dumps({"study_instance_uid": result.study_instance_uid, "reason": result.reason,
                                    "note_sop_instance_uid": result.note_sop_instance_uid,
@@ -63,13 +57,8 @@ def restore(
     """Restore rejected instances that are not deleted yet (the whole study's, or the listed ones)."""
     from pacs.studies import rejection
 
-    ctx = open_context()
-    try:
+    with operation() as ctx:
         result = rejection.restore(ctx, cli_principal(), study, series=series, instances=instance)
-    except PacsError as exc:
-        raise fail(exc) from exc
-    finally:
-        ctx.close()
     if as_json:
         out.print_json(json.dumps({"study_instance_uid": result.study_instance_uid, "restored": result.restored,
                                    "notes_deleted": result.notes_deleted, "notes_created": result.notes_created}))
@@ -89,18 +78,13 @@ def rejected(
     from pacs.studies import rejection
 
     principal = cli_principal()
-    ctx = open_context()
-    try:
+    with operation() as ctx:
         with ctx.read_sessions() as session:
             items = rejection.list_rejected(session, principal, study_uid=study or None, reason=reason or None,
                                             limit=limit)
         audit.record(ctx.sessions, action="instance.rejected-list", actor=principal.subject,
                      role=principal.role.value, study_instance_uid=study,
                      detail=f"cli: {len(items)} rejected instance(s)" + (f" reason={reason}" if reason else ""))
-    except PacsError as exc:
-        raise fail(exc) from exc
-    finally:
-        ctx.close()
     if as_json:
         out.print_json(json.dumps([{"study_instance_uid": i.study_instance_uid,
                                     "series_instance_uid": i.series_instance_uid,
