@@ -32,8 +32,9 @@ or instance outside it is not a match, and neither is a patient who has no study
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
-from functools import partial
+from functools import partial, wraps
 from typing import Any
 
 from pydicom import config as pydicom_config
@@ -51,6 +52,7 @@ from pynetdicom.sop_class import (
 )
 
 from dicom_scp.audit import audited_stream
+from pacs import metrics
 from pacs.ae_scope import calling_scope
 from pacs.aes import AERegistry
 from pacs.charset import assumes_utf8, utf8_text
@@ -106,7 +108,23 @@ class Identifier:
         self.echo_empty = echo_empty  # (tag, VR) of elements that have no keyword: returned empty
 
 
+def _timed(handler: Callable[..., FindResponse]) -> Callable[..., FindResponse]:
+    """``pacs_dimse_find_seconds``: from the request to the final response (or the SCU's stop), by the level
+    the handler read (an invalid one counts as ``other``)."""
+
+    @wraps(handler)
+    def timed(event: evt.Event, *args: Any) -> FindResponse:
+        started = time.perf_counter()
+        try:
+            yield from handler(event, *args)
+        finally:
+            metrics.find_observed(str(event.__dict__.get("_pacs_level", "")), time.perf_counter() - started)
+
+    return timed
+
+
 @audited_stream("dimse.c-find")
+@_timed
 def handle_find(event: evt.Event, engine: QueryEngine, ctx: AppContext, scope_of: ScopeOf) -> FindResponse:
     calling_ae = str(event.assoc.requestor.ae_title).strip()
     address = str(getattr(event.assoc.requestor, "address", "") or "")
@@ -116,6 +134,7 @@ def handle_find(event: evt.Event, engine: QueryEngine, ctx: AppContext, scope_of
         return
     try:
         identifier = read_identifier(_decoded(event), ctx.settings.assume_utf8_for_latin1)
+        event.__dict__["_pacs_level"] = identifier.level  # for _timed
         if not identifier.level:
             raise IdentifierError("no QueryRetrieveLevel in the identifier")
         query = Query(identifier.level, root, identifier.filters, identifier.returns,
@@ -131,6 +150,7 @@ def handle_find(event: evt.Event, engine: QueryEngine, ctx: AppContext, scope_of
         yield failure(UNABLE_TO_PROCESS, str(exc)), None
         return
     except IndexUnavailable:
+        metrics.index_error("c-find")
         log.warning("C-FIND from %s: index database unavailable", calling_ae)
         yield failure(OUT_OF_RESOURCES, "index database unavailable"), None
         return
@@ -151,6 +171,7 @@ def handle_find(event: evt.Event, engine: QueryEngine, ctx: AppContext, scope_of
             count += 1
             row = next(rows, None)
     except IndexUnavailable:
+        metrics.index_error("c-find")
         log.warning("C-FIND from %s: index database lost after %d match(es)", calling_ae, count)
         yield failure(OUT_OF_RESOURCES, "index database unavailable"), None
         return

@@ -93,7 +93,8 @@ def handle_n_create(event: evt.Event, ctx: AppContext, scope_of: ScopeOf) -> tup
             step = mpps.create_step(session, uid, attributes, calling_ae, scope=scope)
     except (PacsError, SQLAlchemyError) as exc:
         return _refused("N-CREATE", calling_ae, uid, exc), None
-    log.info("MPPS %s IN PROGRESS from %s (order %s)", uid, calling_ae, step.order_accession_number or "none")
+    log.info("MPPS %s IN PROGRESS from %s (%s)", uid, calling_ae,  # no accession number: it names a patient's
+             "order matched" if step.order_accession_number else "no order")  # order (the audit trail has it)
     reply = Dataset()
     if request.AffectedSOPInstanceUID is None:  # we assigned the UID: pynetdicom moves it into the response
         reply.AffectedSOPInstanceUID = uid
@@ -117,8 +118,8 @@ def handle_n_set(event: evt.Event, ctx: AppContext) -> tuple[Dataset | int, Data
             step = mpps.set_step(session, uid, modification, calling_ae=calling_ae)
     except (PacsError, SQLAlchemyError) as exc:
         return _refused("N-SET", calling_ae, uid, exc), None
-    log.info("MPPS %s %s from %s (order %s: %s, %d series)", uid, step.state, calling_ae,
-             step.order_accession_number or "none", step.order_state or "-", len(step.series_instance_uids))
+    log.info("MPPS %s %s from %s (order %s, %d series)", uid, step.state, calling_ae,
+             step.order_state or "none", len(step.series_instance_uids))
     return SUCCESS, None
 
 

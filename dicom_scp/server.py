@@ -20,7 +20,14 @@ The listeners are pynetdicom's threaded server hardened against hostile peers (S
 - the dataset fragments of one DIMSE message may add up to ``PACS_MAX_OBJECT_BYTES`` plus 1 MiB:
   past that the association is aborted while the object is still arriving, so that limit bounds
   the memory a sender can make us hold (a bit over it still gets its 0xA702 status from ingest);
-- the association limits themselves are checked at EVT_REQUESTED (``dicom_scp.association_checks``).
+- the association limits themselves are checked at EVT_REQUESTED (``dicom_scp.association_checks``);
+- behind a load balancer (a peer in ``PACS_TRUSTED_PROXIES``, :mod:`pacs.trusted_proxies`), a
+  connection must start with a PROXY protocol v1/v2 header (``pacs.proxy_protocol``, read in the
+  connection's own thread, before the TLS handshake, within the pre-association/ACSE timeout), and
+  the client it names is the association's requestor address: host checks, sightings, audit rows,
+  logs, the per-peer limits and the pre-association budget all see the modality, not the balancer.
+  At accept such a connection counts against the total limit only; its per-peer admission waits
+  for the header. From any other peer a PROXY header is just an invalid PDU (A-ABORT).
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ from pacs.association_limits import LiveAssociations
 from pacs.connection_budget import PreAssociationBudget
 from pacs.context import AppContext
 from pacs.ingest import Ingestor
+from pacs.proxy_protocol import V1_PREFIX, V2_SIGNATURE, read_header
+from pacs.trusted_proxies import trusted_proxies
 
 log = logging.getLogger("dicom_scp")
 
@@ -108,6 +117,8 @@ def start_scp(ctx: AppContext, ingestor: Ingestor) -> Listeners:
         (evt.EVT_ACCEPTED, association_events.on_accepted),
         (evt.EVT_RELEASED, association_events.on_released),
         (evt.EVT_ABORTED, association_events.on_aborted),
+        (evt.EVT_REJECTED, association_events.on_rejected),  # metrics (pacs.metrics), as are the two others
+        (evt.EVT_CONN_CLOSE, association_events.on_conn_close),
     ]
     evt_handlers += [(event, association_checks.on_association_end, [live]) for event in
                      (evt.EVT_ACSE_RECV, evt.EVT_RELEASED, evt.EVT_ABORTED, evt.EVT_CONN_CLOSE)]
@@ -181,9 +192,12 @@ class ConnectionGuard:
                                                                          s.max_associations_per_peer)
         self.network_timeout = s.network_timeout_s
         self.acse_timeout = s.dicom_acse_timeout_s
+        self.proxies = trusted_proxies(tuple(s.trusted_proxies))
+        self.header_timeout = min(s.dicom_acse_timeout_s, s.dicom_preassoc_timeout_s)  # for the PROXY header
         self.max_dataset_bytes = s.max_object_bytes + DATASET_SLACK_BYTES
         self._lock = threading.Lock()
         self._starting: Counter[str] = Counter()
+        self._awaiting_header = 0  # admitted from trusted proxies, PROXY header not read yet (whose: unknown)
         self._refused: Counter[str] = Counter()  # refusals not yet logged, by peer (one line a second)
         self._last_log: dict[str, float] = {}
         self.budget = PreAssociationBudget(
@@ -194,36 +208,67 @@ class ConnectionGuard:
         self._reaper: threading.Thread | None = None
 
     def admit(self, ae: AE, client_address: Any, sock: Any = None) -> bool:
+        """At accept, in the acceptor thread. A trusted proxy's connection is checked against the total
+        limit only: whose it is (per-peer limit, pre-association budget) is known once its PROXY header
+        is in (:meth:`admit_proxied`, in the connection's thread)."""
         peer = peer_key(_host_of(client_address))
-        open_by_peer: Counter[str] = Counter()
-        for assoc in ae.active_associations:
-            if assoc.is_acceptor:
-                open_by_peer[peer_key(_requestor_address(assoc))] += 1
+        proxied = self.proxies.is_trusted(peer)
+        open_by_peer = _open_by_peer(ae)
         with self._lock:
-            reason = association_limits.admit_connection(
-                open_by_peer[peer] + self._starting[peer], sum(open_by_peer.values()) + sum(self._starting.values()),
-                per_peer=self.per_peer, total=self.total)
-            if reason:
-                self._log_refusal(peer, reason)
+            if not self._admit_locked(peer, open_by_peer, None if proxied else sock, per_peer=not proxied):
                 return False
-            if sock is not None:
-                admission = self.budget.admit(sock, peer, time.monotonic())
-                if admission.evict is not None:
-                    _shut_down(admission.evict)
-                    self._log_refusal(admission.evict_peer, admission.reason)
-                elif not admission.accept:
-                    self._log_refusal(peer, admission.reason)
-                    return False
+            if proxied:
+                self._awaiting_header += 1
+            else:
+                self._starting[peer] += 1
+        return True
+
+    def admit_proxied(self, ae: AE, sock: Any, client_address: Any) -> bool:
+        """The PROXY header named ``client_address``: the per-peer limit and budget for it; the slot
+        taken at accept becomes one of that client's (False: the slot is free again)."""
+        peer = peer_key(_host_of(client_address))
+        open_by_peer = _open_by_peer(ae)
+        with self._lock:
+            self._awaiting_header -= 1
+            if not self._admit_locked(peer, open_by_peer, sock, total=False):
+                return False
             self._starting[peer] += 1
+        return True
+
+    def _admit_locked(self, peer: str, open_by_peer: Counter[str], sock: Any, *, per_peer: bool = True,
+                      total: bool = True) -> bool:
+        """The connection limits (and, given the socket, the budget) for one more connection from ``peer``."""
+        reason = association_limits.admit_connection(
+            open_by_peer[peer] + self._starting[peer] if per_peer else 0,
+            sum(open_by_peer.values()) + sum(self._starting.values()) + self._awaiting_header if total else 0,
+            per_peer=self.per_peer, total=self.total)
+        if reason:
+            self._log_refusal(peer, reason)
+            return False
+        if sock is not None:
+            admission = self.budget.admit(sock, peer, time.monotonic())
+            if admission.evict is not None:
+                _shut_down(admission.evict)
+                self._log_refusal(admission.evict_peer, admission.reason)
+            elif not admission.accept:
+                self._log_refusal(peer, admission.reason)
+                return False
         return True
 
     # -- connections that have not associated yet (pacs.connection_budget) ---------------------------
 
     def on_conn_close(self, event: evt.Event) -> None:
-        """EVT_CONN_CLOSE: a connection that ends before its A-ASSOCIATE-RQ frees its budget slot."""
-        token = getattr(getattr(event.assoc, "dul", None), "_pacs_conn", None)
+        """EVT_CONN_CLOSE: a connection that ends before its A-ASSOCIATE-RQ frees its budget slot, and its
+        association thread at once: pynetdicom 3.0's acceptor would wait for the request for the whole ACSE
+        timeout, counted as an open connection of its peer all along (a balancer's health checks, every few
+        seconds, would fill the balancer's per-peer limit)."""
+        dul = getattr(event.assoc, "dul", None)
+        token = getattr(dul, "_pacs_conn", None)
         if token is not None:
             self.budget.forget(token)
+        if dul is not None and event.assoc.is_acceptor and not getattr(dul, "_pacs_requested", True):
+            dul._pacs_requested = True  # once
+            dul.to_user_queue.put(None)  # receive_pdu returns None: the acceptor gives up as if timed out
 
     def start_reaper(self) -> None:
         self._reaper = threading.Thread(target=self._reap, name="PreAssociationReaper", daemon=True)
@@ -259,11 +304,37 @@ class ConnectionGuard:
                 self._last_log.clear()
 
     def started(self, client_address: Any) -> None:
-        peer = peer_key(_host_of(client_address))
         with self._lock:
-            self._starting[peer] -= 1
-            if self._starting[peer] <= 0:
-                del self._starting[peer]
+            self._release_starting(peer_key(_host_of(client_address)))
+
+    def unadmit(self, client_address: Any) -> None:
+        """Free the slot :meth:`admit` took for a connection whose thread did not start."""
+        peer = peer_key(_host_of(client_address))
+        if not self.proxies.is_trusted(peer):
+            self.started(client_address)
+            return
+        with self._lock:
+            self._awaiting_header -= 1
+
+    def _release_starting(self, peer: str) -> None:
+        self._starting[peer] -= 1
+        if self._starting[peer] <= 0:
+            del self._starting[peer]
+
+    def client_of(self, ae: AE, sock: Any, client_address: Any) -> Any:
+        """In this connection's thread, first: the client's address. From a trusted proxy the one its PROXY
+        header names, admitted (:meth:`admit_proxied`), or None: close the connection (its slot is free again;
+        otherwise the caller frees it with :meth:`started`)."""
+        if not self.proxies.is_trusted(peer_key(_host_of(client_address))):
+            return client_address
+        client = None
+        try:
+            client = self._read_proxy_header(sock, client_address)
+        finally:
+            if client is None:
+                with self._lock:
+                    self._awaiting_header -= 1
+        return client if self.admit_proxied(ae, sock, client) else None
 
     def prepare(self, sock: Any, client_address: Any) -> bool:
         """Socket timeouts and, for TLS, the handshake (in this connection's thread); False: close it."""
@@ -276,6 +347,50 @@ class ConnectionGuard:
             log.warning("connection from %s closed: %s", _host_of(client_address), exc)
             return False
         return True
+
+    def _read_proxy_header(self, sock: Any, proxy_address: Any) -> Any:
+        """The client named by the PROXY header (the proxy's own address for LOCAL/UNKNOWN), or None.
+
+        Read from the raw socket (before any TLS handshake: ``socket.socket.recv`` even on an SSLSocket),
+        exactly the header's bytes, all within ``header_timeout`` of starting.
+        """
+        deadline = time.monotonic() + self.header_timeout
+        received = 0
+
+        def recv_exactly(n: int) -> bytes:
+            nonlocal received
+            data = b""
+            while len(data) < n:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                sock.settimeout(remaining)
+                chunk = socket.socket.recv(sock, n - len(data))
+                if not chunk:
+                    break
+                data += chunk
+                received += len(chunk)
+            return data
+
+        proxy = peer_key(_host_of(proxy_address))
+        try:
+            header = read_header(recv_exactly)
+        except (OSError, ValueError) as exc:  # TimeoutError is an OSError, ProxyProtocolError a ValueError
+            if isinstance(exc, TimeoutError):
+                why = f"no PROXY protocol header within {self.header_timeout:g} s"
+            elif isinstance(exc, OSError):
+                why = f"connection lost in its PROXY protocol header: {exc}"
+            else:
+                why = f"invalid PROXY protocol header: {exc}"
+            if received or isinstance(exc, TimeoutError):
+                with self._lock:
+                    self._log_refusal(proxy, why)
+            else:  # connected and closed without a byte: a load balancer's TCP health check
+                log.debug("connection from trusted proxy %s closed: %s", proxy, why)
+            return None
+        if header.source is None:
+            return proxy_address
+        return header.source
 
 
 class GuardedAssociationServer(ThreadedAssociationServer):
@@ -305,25 +420,32 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         try:
             super().process_request(request, client_address)  # starts the connection's thread
         except BaseException:
-            self.guard.started(client_address)  # no thread: the admitted slot is free again
+            self.guard.unadmit(client_address)  # no thread: the admitted slot is free again
             raise
 
 
 class GuardedRequestHandler(RequestHandler):
-    """Prepares the socket in the connection's thread and bounds the association's PDU reads."""
+    """Prepares the socket in the connection's thread (behind a trusted proxy: reads whose connection it is
+    first) and bounds the association's PDU reads."""
 
     server: GuardedAssociationServer
 
     def handle(self) -> None:
         guard = self.server.guard
+        client_address = guard.client_of(self.ae, self.request, self.client_address)
+        if client_address is None:  # from a trusted proxy, without a valid PROXY header or over a limit
+            guard.budget.forget(self.request)
+            self.server.shutdown_request(self.request)
+            return
+        self.client_address = client_address  # behind a proxy: the real client from here on
         try:
-            if not guard.prepare(self.request, self.client_address):
+            if not guard.prepare(self.request, client_address):
                 guard.budget.forget(self.request)
                 self.server.shutdown_request(self.request)
                 return
             super().handle()  # creates the association and starts its thread
         finally:
-            guard.started(self.client_address)
+            guard.started(client_address)
 
     def _create_association(self) -> Any:
         assoc = super()._create_association()
@@ -332,6 +454,7 @@ class GuardedRequestHandler(RequestHandler):
         dul._pacs_max_dataset = self.server.guard.max_dataset_bytes
         dul._pacs_conn = self.request  # its token in the pre-association budget
         dul._pacs_budget = self.server.guard.budget
+        dul._pacs_requested = False  # its A-ASSOCIATE-RQ is not in yet (on_conn_close)
         dul._read_pdu_data = MethodType(_read_pdu_data_bounded, dul)
         return assoc
 
@@ -372,6 +495,9 @@ def _read_pdu_data_bounded(self: DULServiceProvider) -> None:
     except struct.error:
         self.event_queue.put("Evt17")
         return
+    if header in (V2_SIGNATURE[:6], V1_PREFIX):  # an invalid PDU all the same; say why, for the operator
+        _refuse(self, "a PROXY protocol header from a peer not in PACS_TRUSTED_PROXIES")
+        return
     error = association_limits.pdu_length_error(pdu_type, pdu_length, self.assoc.acceptor.maximum_length or 0)
     if error:
         _refuse(self, error)
@@ -392,8 +518,10 @@ def _read_pdu_data_bounded(self: DULServiceProvider) -> None:
     if event == "Evt10" and (error := _count_dataset_bytes(self, pdu)):
         _refuse(self, error)
         return
-    if pdu_type == 0x01 and (budget := getattr(self, "_pacs_budget", None)) is not None:
-        budget.associated(getattr(self, "_pacs_conn", None))  # its A-ASSOCIATE-RQ is in
+    if pdu_type == 0x01:
+        self._pacs_requested = True  # type: ignore[attr-defined]  # our flag on pynetdicom's DUL
+        if (budget := getattr(self, "_pacs_budget", None)) is not None:
+            budget.associated(getattr(self, "_pacs_conn", None))  # its A-ASSOCIATE-RQ is in
     self.event_queue.put(event)
     self._recv_pdu.put(pdu)
 
@@ -429,6 +557,15 @@ def _shut_down(sock: Any) -> None:
     (``socket.socket.shutdown`` even for an SSLSocket, whose override would drop its SSL object.)"""
     with contextlib.suppress(OSError, ValueError, TypeError):  # closed already
         socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+def _open_by_peer(ae: AE) -> Counter[str]:
+    """Live acceptor associations by requestor address (behind a proxy, the client it named)."""
+    open_by_peer: Counter[str] = Counter()
+    for assoc in ae.active_associations:
+        if assoc.is_acceptor:
+            open_by_peer[peer_key(_requestor_address(assoc))] += 1
+    return open_by_peer
 
 
 def _host_of(client_address: Any) -> str:

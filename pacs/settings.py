@@ -55,7 +55,9 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(default=Path("pacs-data"), description="Folder holding all embedded-mode state")
     database_url: str = Field(default="", description="SQLAlchemy URL; default SQLite in the data folder")
-    storage_url: str = Field(default="", description="file:// path or s3://KEY:SECRET@host:port/bucket")
+    storage_url: str = Field(default="", description="file:// path or s3://KEY:SECRET@host:port/bucket; several "
+                             "endpoints of one S3 store: s3://KEY:SECRET@host1:9000,host2:9000/bucket (fails over "
+                             "between them on connection errors)")
     broker_url: str = Field(default="", description="Celery broker; empty runs tasks in-process")
 
     ae_title: str = "PACS"
@@ -121,6 +123,22 @@ class Settings(BaseSettings):
     decode_budget_mib: int = Field(default=256, ge=16, le=65_536, description="Memory all concurrent decodes of "
                                    "one process share; a decode waits for its share")
     log_level: str = "INFO"
+    log_format: str = Field(default="text", pattern=r"^(text|json)$", description="Log lines as plain text, or "
+                            "as JSON objects one per line (time, level, logger, message, role) for a log collector; "
+                            "either way without patient names, IDs or birth dates")
+    # -- monitoring (pacs.metrics, pacs.health): /metrics, /health/live, /health/ready -------------------------
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="Port of GET /metrics for `pacs scp`, "
+                              "`pacs worker` and `pacs hl7 listen` (they have no HTTP API); 0: off. `pacs serve` "
+                              "and `pacs api` serve /metrics on the HTTP port")
+    metrics_host: str = Field(default="127.0.0.1", description="Address the metrics port binds to (loopback by "
+                              "default; 0.0.0.0 for a scraper on another host, with PACS_METRICS_ALLOW)")
+    metrics_allow: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"], description="Addresses and "
+                                     "CIDRs that may read /metrics without a token (JSON list, e.g. "
+                                     "'[\"10.0.5.0/24\"]'). Metrics hold no patient data, but they tell an outsider "
+                                     "how busy each facility's modalities are: the scraper's network is allowed "
+                                     "by address (scrapers rarely carry tokens); anyone else needs a bearer token "
+                                     "with the ops.metrics capability (admin). The metrics port checks addresses "
+                                     "only")
     series_settle_s: float = Field(
         default=2.0, ge=0, description="A series' metadata document is rebuilt once no instance has arrived "
         "for it for this long (not once per instance while a study streams in)")
@@ -142,6 +160,14 @@ class Settings(BaseSettings):
         value = value.strip()
         if not 1 <= len(value) <= 16 or "\\" in value or not value.isprintable():
             raise ValueError("AE title must be 1-16 printable characters without backslash")
+        return value
+
+    @field_validator("metrics_allow")
+    @classmethod
+    def _check_metrics_allow(cls, value: list[str]) -> list[str]:
+        from pacs.metrics import parse_allow_list
+
+        parse_allow_list(value)  # ValueError naming a bad entry
         return value
 
     @model_validator(mode="after")
@@ -239,6 +265,12 @@ class Settings(BaseSettings):
                                          "first byte, between keep-alive requests) is closed")
     http_max_connections_per_client: int = Field(default=64, ge=1, description="Concurrent HTTP connections from "
                                                  "one client address; more are answered 503 and closed at once")
+    trusted_proxies: list[str] = Field(default_factory=list, description="Load balancers / reverse proxies "
+                                       "believed about the real client (JSON list of addresses and CIDRs, e.g. "
+                                       "'[\"10.0.5.0/24\"]'; [] = none): their DICOM connections must start "
+                                       "with a PROXY protocol v1/v2 header, their HTTP requests' X-Forwarded-For "
+                                       "is honoured. From other peers both are ignored (a PROXY header is an "
+                                       "invalid PDU)")
     trusted_hosts: list[str] = Field(default_factory=list, description="Host header values the HTTP API "
                                      "answers (JSON list; '*.example.org' matches subdomains). Always trusted: "
                                      "localhost, the address a connection arrived at, this machine's names, "
@@ -268,6 +300,14 @@ class Settings(BaseSettings):
                                                 description="Roles that also see other facilities' studies of a "
                                                 "person with a study visible to their facility (JSON list; [] = "
                                                 "nobody; 'patient' is refused)")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_trusted_proxies(cls, value: list[str]) -> list[str]:
+        from pacs.trusted_proxies import parse_networks
+
+        parse_networks(value)
+        return value
 
     @field_validator("priors_across_facilities")
     @classmethod

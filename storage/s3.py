@@ -1,4 +1,12 @@
-"""Object store on an S3-compatible server (SeaweedFS, MinIO, AWS) through the ``minio`` SDK."""
+"""Object store on an S3-compatible server (SeaweedFS, MinIO, AWS) through the ``minio`` SDK.
+
+The store may name several endpoints of the same object store (SeaweedFS S3 gateways on one filer, the nodes
+of a distributed MinIO): one client per endpoint, and a request that fails at the connection level (refused,
+reset, timed out) is sent again to the next endpoint; an S3 error answer is never (:mod:`storage.failover`).
+Sending a put again is safe: a put is idempotent (the same key with the same bytes; the archive's instance
+keys are content-addressed, ``storage.keys``), and the bytes are replayed from the start: ``bytes`` as they
+are, a seekable stream by seeking back, any other stream spooled first (to disk past one part).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +14,12 @@ import contextlib
 import io
 import os
 import re
+import shutil
+import tempfile
 import threading
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, BinaryIO
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 import certifi
 import urllib3
@@ -18,6 +29,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 
 from storage.base import CHUNK_SIZE, ObjectInfo, normalize_source
 from storage.errors import ObjectNotFound, StorageError, StorageUnavailable
+from storage.failover import DEFAULT_COOLDOWN_S, EndpointPool, is_connection_error
 from storage.keys import validate_key, validate_prefix
 
 if TYPE_CHECKING:
@@ -31,15 +43,26 @@ _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchObject"})
 _TRANSIENT_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout"})
 
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    index: int
+    name: str
+    client: Minio
+
 
 class _ResponseReader(io.RawIOBase):
     """Streams a get_object response; closing it closes and releases the HTTP connection."""
 
-    def __init__(self, response: urllib3.BaseHTTPResponse, store: S3Store, key: str) -> None:
+    def __init__(self, response: urllib3.BaseHTTPResponse, store: S3Store, key: str,
+                 on_connection_error: Callable[[BaseException], None] | None = None) -> None:
         super().__init__()
         self._response = response
         self._store = store
         self._key = key
+        self._on_connection_error = on_connection_error
 
     def readable(self) -> bool:
         return True
@@ -47,7 +70,12 @@ class _ResponseReader(io.RawIOBase):
     def readinto(self, buffer: WriteableBuffer) -> int:
         view = memoryview(buffer).cast("B")
         with self._store._errors(self._key):
-            data = self._response.read(len(view))
+            try:
+                data = self._response.read(len(view))
+            except Exception as exc:  # mid-stream: no failover, but the next requests go elsewhere
+                if self._on_connection_error is not None and is_connection_error(exc):
+                    self._on_connection_error(exc)
+                raise
         n = len(data)
         view[:n] = data
         return n
@@ -62,11 +90,16 @@ class _ResponseReader(io.RawIOBase):
 
 
 class S3Store:
-    """One bucket of an S3 server; the bucket is created on first use if missing."""
+    """One bucket of an S3 server reached through one or several endpoints; the bucket is created on first use.
+
+    ``endpoint`` is ``host:port`` or a sequence of them (equivalent endpoints of one store). Each endpoint is
+    tried ``retries`` + 1 times by urllib3 before the next one is tried; ``cooldown`` is how long a failed
+    endpoint sits out (:class:`storage.failover.EndpointPool`).
+    """
 
     def __init__(
         self,
-        endpoint: str,
+        endpoint: str | Sequence[str],
         access_key: str,
         secret_key: str,
         bucket: str,
@@ -75,10 +108,17 @@ class S3Store:
         connect_timeout: float = 3.0,
         read_timeout: float = 30.0,
         retries: int = 1,
+        cooldown: float = DEFAULT_COOLDOWN_S,
     ) -> None:
         if not _BUCKET_RE.match(bucket) or ".." in bucket:
             raise ValueError(f"invalid S3 bucket name: {bucket!r}")
-        self.endpoint = endpoint
+        endpoints = (endpoint,) if isinstance(endpoint, str) else tuple(endpoint)
+        if not endpoints or not all(endpoints):
+            raise ValueError("at least one S3 endpoint (host:port) is needed")
+        if cooldown < 0:
+            raise ValueError(f"cooldown must be >= 0 seconds, got {cooldown}")
+        self.endpoints = endpoints
+        self.endpoint = ",".join(endpoints)  # as written in the URL
         self.access_key = access_key
         self.bucket = bucket
         self.secure = secure
@@ -92,14 +132,13 @@ class S3Store:
             cert_reqs="CERT_REQUIRED",
             ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
         )
-        self._client = Minio(
-            endpoint,
-            access_key=access_key,
-            secret_key=secret_key,
-            secure=secure,
-            region=region,
-            http_client=http,
-        )
+        self._endpoints = [
+            _Endpoint(index, name, Minio(name, access_key=access_key, secret_key=secret_key, secure=secure,
+                                         region=region, http_client=http))
+            for index, name in enumerate(endpoints)
+        ]
+        # one endpoint: no pool, every call goes straight to its client as it always did
+        self._pool = EndpointPool(endpoints, cooldown) if len(endpoints) > 1 else None
         self._bucket_ready = False
         self._bucket_lock = threading.Lock()
 
@@ -109,6 +148,40 @@ class S3Store:
     def describe(self) -> str:
         scheme = "s3+https" if self.secure else "s3"
         return f"{scheme}://{self.access_key}:***@{self.endpoint}/{self.bucket}"
+
+    def endpoint_status(self) -> list[tuple[str, bool]]:
+        """Each endpoint and whether it is in use (False: it failed lately and sits out its cool-down)."""
+        return self._pool.status() if self._pool is not None else [(self.endpoints[0], True)]
+
+    # -- failover --------------------------------------------------------------------------------
+
+    def _call(self, key: str, operation: Callable[[_Endpoint], T]) -> T:
+        """``operation`` on one endpoint; on a connection-level failure, again on the next endpoint.
+
+        Errors come out translated (:meth:`_errors`): the last endpoint's when all failed. An S3 answer,
+        even an error answer, ends the call: the endpoint works, and the others would answer the same.
+        """
+        pool = self._pool
+        if pool is None:
+            with self._errors(key):
+                return operation(self._endpoints[0])
+        order = pool.order()
+        with self._errors(key):
+            for attempt, index in enumerate(order):
+                try:
+                    result = operation(self._endpoints[index])
+                except Exception as exc:
+                    if not is_connection_error(exc):
+                        if isinstance(exc, MinioException):
+                            pool.succeeded(index)  # it answered
+                        raise
+                    pool.failed(index, exc)
+                    if attempt == len(order) - 1:
+                        raise
+                    continue
+                pool.succeeded(index)
+                return result
+        raise AssertionError("unreachable: the loop returns or raises")
 
     # -- error translation -----------------------------------------------------------------------
 
@@ -126,7 +199,9 @@ class S3Store:
             cls = StorageUnavailable if not isinstance(status, int) or status >= 500 else StorageError
             raise cls(f"unexpected S3 response for {key!r}: {exc}") from exc
         except Urllib3Error as exc:
-            raise StorageUnavailable(f"S3 server {self.endpoint} unreachable: {exc}") from exc
+            if len(self.endpoints) == 1:
+                raise StorageUnavailable(f"S3 server {self.endpoint} unreachable: {exc}") from exc
+            raise StorageUnavailable(f"every S3 endpoint of {self.endpoint} failed; the last: {exc}") from exc
         except MinioException as exc:
             raise StorageError(f"S3 error for {key!r}: {exc}") from exc
 
@@ -150,19 +225,21 @@ class S3Store:
         with self._bucket_lock:
             if self._bucket_ready:
                 return
-            with self._errors(f"bucket {self.bucket}"):
-                if not self._client.bucket_exists(self.bucket):
-                    try:
-                        self._client.make_bucket(self.bucket, location=self.region)
-                    except S3Error as exc:
-                        if exc.code != "BucketAlreadyOwnedByYou":  # lost a race with another process
-                            raise
+            self._call(f"bucket {self.bucket}", self._create_bucket)
             self._bucket_ready = True
+
+    def _create_bucket(self, endpoint: _Endpoint) -> None:
+        if not endpoint.client.bucket_exists(self.bucket):
+            try:
+                endpoint.client.make_bucket(self.bucket, location=self.region)
+            except S3Error as exc:
+                # lost a race with another process (or our own first attempt on an endpoint that then failed)
+                if exc.code != "BucketAlreadyOwnedByYou":
+                    raise
 
     def ping(self) -> None:
         try:
-            with self._errors(f"bucket {self.bucket}"):
-                present = self._client.bucket_exists(self.bucket)
+            present = self._call(f"bucket {self.bucket}", lambda ep: ep.client.bucket_exists(self.bucket))
             if not present:
                 self._bucket_ready = False
                 self.ensure_bucket()
@@ -181,43 +258,54 @@ class S3Store:
         content_type: str = "application/octet-stream",
     ) -> None:
         validate_key(key)
-        source, n = normalize_source(data, length)
+        source, n = normalize_source(data, length)  # checks data and length before any request
         self.ensure_bucket()
+        if self._pool is None:
+            self._call(key, lambda ep: self._put_object(ep.client, key, source, n, content_type))
+            return
+        with _replayable(data, length) as fresh:
+            self._call(key, lambda ep: self._put_object(ep.client, key, *fresh(), content_type))
+
+    def _put_object(self, client: Minio, key: str, source: BinaryIO, n: int | None, content_type: str) -> None:
         # minio holds one part in memory; it picks the part size itself only for huge objects.
         part_size = PART_SIZE if n is None or n <= PART_SIZE * _MAX_PARTS else 0
-        with self._errors(key):
-            self._client.put_object(
-                self.bucket,
-                key,
-                source,
-                length=-1 if n is None else n,
-                content_type=content_type,
-                part_size=part_size,
-            )
+        client.put_object(
+            self.bucket,
+            key,
+            source,
+            length=-1 if n is None else n,
+            content_type=content_type,
+            part_size=part_size,
+        )
 
     def open(self, key: str) -> BinaryIO:
         validate_key(key)
         self.ensure_bucket()
-        with self._errors(key):
-            response = self._client.get_object(self.bucket, key)
-        return io.BufferedReader(_ResponseReader(response, self, key), buffer_size=CHUNK_SIZE)
+        response, endpoint = self._call(key, lambda ep: (ep.client.get_object(self.bucket, key), ep))
+        pool = self._pool
+        on_error = None if pool is None else (lambda exc: pool.failed(endpoint.index, exc))
+        return io.BufferedReader(_ResponseReader(response, self, key, on_error), buffer_size=CHUNK_SIZE)
 
     def get_bytes(self, key: str) -> bytes:
         validate_key(key)
         self.ensure_bucket()
-        with self._errors(key):
-            response = self._client.get_object(self.bucket, key)
+        return self._call(key, self._read_whole(key))
+
+    def _read_whole(self, key: str) -> Callable[[_Endpoint], bytes]:
+        def read(endpoint: _Endpoint) -> bytes:
+            response = endpoint.client.get_object(self.bucket, key)
             try:
                 return response.read()
             finally:
                 response.close()
                 response.release_conn()
 
+        return read
+
     def size(self, key: str) -> int:
         validate_key(key)
         self.ensure_bucket()
-        with self._errors(key):
-            stat = self._client.stat_object(self.bucket, key)
+        stat = self._call(key, lambda ep: ep.client.stat_object(self.bucket, key))
         if stat.size is None:
             raise StorageError(f"S3 server returned no size for {key!r}")
         return stat.size
@@ -232,8 +320,8 @@ class S3Store:
     def delete(self, key: str) -> None:
         validate_key(key)
         self.ensure_bucket()
-        with self._errors(key):
-            self._client.remove_object(self.bucket, key)  # S3 DELETE of a missing key succeeds
+        # S3 DELETE of a missing key succeeds, so deleting again on another endpoint is safe
+        self._call(key, lambda ep: ep.client.remove_object(self.bucket, key))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         validate_prefix(prefix)
@@ -250,12 +338,11 @@ class S3Store:
         yields true byte order on any server, holding one level in memory at a
         time, at the cost of one LIST request per "folder".
         """
-        with self._errors(prefix or "/"):
-            level = [
-                obj
-                for obj in self._client.list_objects(self.bucket, prefix=prefix or None, recursive=False)
-                if obj.object_name and obj.object_name != prefix
-            ]
+        level = self._call(prefix or "/", lambda ep: [
+            obj
+            for obj in ep.client.list_objects(self.bucket, prefix=prefix or None, recursive=False)
+            if obj.object_name and obj.object_name != prefix
+        ])
         level.sort(key=lambda obj: obj.object_name or "")
         for obj in level:
             name = obj.object_name or ""
@@ -267,3 +354,46 @@ class S3Store:
                     size=obj.size or 0,
                     last_modified=obj.last_modified,
                 )
+
+
+def _position(stream: object) -> int | None:
+    """The stream's position if it can seek back to it, else None."""
+    try:
+        if stream.seekable():  # type: ignore[attr-defined]
+            position = stream.tell()  # type: ignore[attr-defined]
+            return position if isinstance(position, int) else None
+    except (AttributeError, OSError, ValueError):
+        pass
+    return None
+
+
+@contextlib.contextmanager
+def _replayable(data: bytes | BinaryIO, length: int | None) -> Iterator[Callable[[], tuple[BinaryIO, int | None]]]:
+    """A function that gives ``put``'s bytes from their start each time it is called (one call per endpoint).
+
+    ``bytes`` and seekable streams cost nothing; any other stream is copied into a spool first (memory up to
+    one part, a temporary file past it), so a whole study is never held in memory.
+    """
+    if isinstance(data, bytes | bytearray | memoryview):
+        yield lambda: normalize_source(data, length)
+        return
+    start = _position(data)
+    if start is not None:
+        seekable: BinaryIO = data
+
+        def from_start() -> tuple[BinaryIO, int | None]:
+            seekable.seek(start)
+            return normalize_source(seekable, length)
+
+        yield from_start
+        return
+    with tempfile.SpooledTemporaryFile(max_size=PART_SIZE) as spool:
+        source, _ = normalize_source(data, length)
+        shutil.copyfileobj(source, spool, CHUNK_SIZE)
+        size = spool.tell()
+
+        def from_spool() -> tuple[BinaryIO, int | None]:
+            spool.seek(0)
+            return spool, size  # type: ignore[return-value]  # an IO[bytes], not the nominal BinaryIO
+
+        yield from_spool

@@ -29,7 +29,6 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("dicom_scp.worklist_service", "sqlalchemy.exc"):
         f"catches SQLAlchemyError from pacs.ris.worklist.find; {MOVE}: wrap it in IndexUnavailable there",
     # viewer_api
-    ("viewer_api.app", "sqlalchemy"): f"readiness probe runs SELECT 1 itself; {MOVE} (a pacs health check)",
     ("viewer_api.dicomweb.stow", "storage.keys"): f"is_valid_uid for request paths; {MOVE}",
     ("viewer_api.errors", "storage"): f"maps StorageError to HTTP 503; {MOVE}: one pacs error hierarchy (STYLE 8)",
     ("viewer_api.fhir", "storage"): f"catches StorageError; {MOVE}: one pacs error hierarchy (STYLE 8)",

@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pacs import metrics
 from pacs.dicomweb.media import NotAcceptable
 from pacs.errors import Conflict, IndexUnavailable, InvalidInput, NotFound, PacsError
 from pacs.security.access import Forbidden
@@ -48,6 +49,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(PacsError)
     async def _pacs_error(_: Request, exc: PacsError) -> JSONResponse:
+        if isinstance(exc, IndexUnavailable):
+            metrics.index_error("http")
         for kind, status, code in _STATUS:
             if isinstance(exc, kind):
                 headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
@@ -57,6 +60,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StorageError)
     async def _storage_error(_: Request, exc: StorageError) -> JSONResponse:
+        metrics.store_error("http")
         log.error("object store error: %s", exc)
         return error_response(503, "storage_unavailable", "object store unavailable")
 

@@ -111,7 +111,10 @@ def _headers(isolated: bool, docs: bool = False) -> list[tuple[bytes, bytes]]:
         (b"cross-origin-resource-policy", b"same-site"),
     ]
     if isolated:
-        return [*common, (b"cross-origin-opener-policy", b"same-origin"),
+        # the radiologist's report editor shows the viewer in a frame of its own page (viewer_api.ui.reading_pages)
+        common[2] = (b"x-frame-options", b"SAMEORIGIN")
+        return [*common, (b"content-security-policy", b"frame-ancestors 'self'"),
+                (b"cross-origin-opener-policy", b"same-origin"),
                 (b"cross-origin-embedder-policy", b"require-corp")]
     if docs:
         return common

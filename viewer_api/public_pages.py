@@ -50,7 +50,8 @@ PAGE_HEADERS = {
 
 def client_host(request: Request) -> str:
     """The client's host without its port: the throttle's key (a client changes its port every connection)
-    and the source address of the share pages' audit rows."""
+    and the source address of the share pages' audit rows. Behind a proxy in PACS_TRUSTED_PROXIES, the client
+    its X-Forwarded-For names (``request.client`` is set by viewer_api.http_server)."""
     return request.client.host if request.client else ""
 
 

@@ -32,6 +32,7 @@ COALESCED_READS = frozenset({"dicomweb.frames", "dicomweb.rendered", "dicomweb.t
 
 
 def client_address(request: Request) -> str:
+    """'host:port' of the client; behind a proxy in PACS_TRUSTED_PROXIES, the one it names (viewer_api.http_server)."""
     client = request.client
     return f"{client.host}:{client.port}" if client else ""
 

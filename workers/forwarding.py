@@ -35,11 +35,25 @@ def start_forwarding(**_: Any) -> None:
     ctx = AppContext.create(Settings())
     os.register_at_fork(after_in_child=lambda: ctx.engine.dispose(close=False))
     _running["ctx"] = ctx
+    _start_metrics(ctx)
     _running["delivery"] = ForwardDelivery(ctx).start()
     _running["hl7_delivery"] = Hl7Delivery(ctx).start()  # leased rows: safe beside `pacs hl7 listen`
     from pacs.studies.retention import RetentionSweeper
 
     _running["retention"] = RetentionSweeper(ctx).start()  # each expired row is deleted by one process only
+
+
+def _start_metrics(ctx: AppContext) -> None:
+    """The worker's metrics port (PACS_METRICS_PORT; 0 = off), in the main process: queue depths from the index
+    and the process's own figures. Derived tasks run in the forked pool processes, whose counters are not
+    gathered (no prometheus multiprocess mode): their progress shows as ``pacs_queue_jobs{queue="derived"}``."""
+    from pacs import metrics
+    from pacs.metrics_port import start_metrics_port
+
+    metrics.install(ctx, "worker")
+    server = start_metrics_port(ctx.settings)
+    if server is not None:
+        _running["metrics_port"] = server
 
 
 @worker_shutdown.connect
@@ -48,6 +62,9 @@ def stop_forwarding(**_: Any) -> None:
         loop = _running.pop(name, None)
         if loop is not None:
             loop.stop()
+    server = _running.pop("metrics_port", None)
+    if server is not None:
+        server.shutdown()
     ctx = _running.pop("ctx", None)
     if ctx is not None:
         ctx.close()

@@ -21,14 +21,19 @@ console = Console(stderr=True)
 out = Console()
 
 
-def load_settings() -> Settings:
+def load_settings(role: str | None = None) -> Settings:
+    """Settings from the environment, and logging set up for them (``role``: the server process this is, named
+    in JSON log lines and in ``pacs_process_info``; one-shot commands are ``cli``)."""
+    from pacs import logging_setup
+
     try:
         settings = Settings()
     except Exception as exc:
         console.print(f"[red]invalid configuration:[/red] {exc}")
         raise typer.Exit(2) from exc
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s %(threadName)s: %(message)s")
+    if role is not None:
+        logging_setup.set_role(role)
+    logging_setup.configure(settings.log_level, settings.log_format)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     from pacs.security.redaction import install_log_redaction

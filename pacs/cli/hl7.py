@@ -28,16 +28,20 @@ def register(app: typer.Typer) -> None:
 @hl7_app.command("listen")
 def listen() -> None:
     """Run only the MLLP listener and the outbound delivery (scaled deployments; `pacs serve` runs both)."""
+    from pacs import metrics
     from pacs.context import AppContext
     from pacs.hl7.listener import Hl7Listener
     from pacs.hl7.outbound import Hl7Delivery
+    from pacs.metrics_port import start_metrics_port
 
-    settings = load_settings()
+    settings = load_settings(role="hl7")
     if not settings.hl7_port:
         console.print("[red]PACS_HL7_PORT is 0: the HL7 listener is off[/red]")
         raise typer.Exit(2)
     ensure_schema(settings, upgrade=False)
     ctx = AppContext.create(settings)
+    metrics.install(ctx, "hl7")
+    start_metrics_port(settings)  # PACS_METRICS_PORT (0 = off): no HTTP API in this process
     delivery = Hl7Delivery(ctx).start()
     ctx.extras["hl7_delivery"] = delivery
     try:

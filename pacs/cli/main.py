@@ -64,7 +64,7 @@ def serve() -> None:
     from viewer_api import http_server
     from viewer_api.app import create_app
 
-    settings = load_settings()
+    settings = load_settings(role="serve")
     ensure_schema(settings, upgrade=True)
     pipeline = Pipeline.start(settings)
     scp = start_scp(pipeline.ctx, pipeline.ingestor)
@@ -89,11 +89,15 @@ def serve() -> None:
 def scp() -> None:
     """Run the DICOM services only (several in scaled deployments); also relays derived work and commitment reports."""
     from dicom_scp.server import start_scp
+    from pacs import metrics
+    from pacs.metrics_port import start_metrics_port
     from pacs.runtime import Pipeline
 
-    settings = load_settings()
+    settings = load_settings(role="scp")
     ensure_schema(settings, upgrade=False)
     pipeline = Pipeline.start(settings)
+    metrics.install(pipeline.ctx, "scp")
+    metrics_port = start_metrics_port(settings)  # PACS_METRICS_PORT (0 = off): no HTTP API in this process
     server = start_scp(pipeline.ctx, pipeline.ingestor)
     tls = f", TLS on port {server.tls.server_address[1]}" if server.tls else ""
     console.print(f"[green]DICOM SCP ready[/green] {settings.ae_title}@{settings.dicom_host}:"
@@ -102,6 +106,8 @@ def scp() -> None:
         _wait_for_signal()
     finally:
         server.shutdown()
+        if metrics_port is not None:
+            metrics_port.shutdown()
         pipeline.stop()
 
 
@@ -112,7 +118,7 @@ def api() -> None:
     from viewer_api import http_server
     from viewer_api.app import create_app
 
-    settings = load_settings()
+    settings = load_settings(role="api")
     ensure_schema(settings, upgrade=False)
     pipeline = Pipeline.start(settings)  # STOW-RS ingests like C-STORE: same outbox relay
     _announce_initial_admin(pipeline.ctx)
@@ -139,13 +145,17 @@ def worker(
     concurrency: Annotated[int, typer.Option(help="Worker processes")] = 2,
 ) -> None:
     """Run a Celery worker: thumbnails, metadata documents, and forwarding delivery (needs PACS_BROKER_URL)."""
-    settings = load_settings()
+    settings = load_settings(role="worker")
     if settings.embedded_workers:
         console.print("[red]PACS_BROKER_URL is not set: the embedded mode runs workers inside `pacs serve`[/red]")
         raise typer.Exit(2)
     ensure_schema(settings, upgrade=False)
     from workers.celery_app import app as celery_app
 
+    if settings.log_format == "json":  # Celery's own log setup would replace the JSON lines with its text
+        from celery.signals import setup_logging
+
+        setup_logging.connect(lambda **_: None, weak=False)
     celery_app.worker_main(["worker", "--loglevel", settings.log_level.upper(), "--concurrency",
                             str(concurrency), "-Q", settings.task_queue, "--without-gossip", "--without-mingle"])
 
@@ -425,6 +435,14 @@ _patients_cli.register(app)
 from pacs.cli import studies as _studies_cli  # noqa: E402
 
 _studies_cli.register(app)
+
+from pacs.cli import backup as _backup_cli  # noqa: E402
+
+_backup_cli.register(app)
+
+from pacs.cli import demo as _demo_cli  # noqa: E402
+
+_demo_cli.register(app)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -168,7 +168,9 @@ class Hl7Listener:
             text = decode_text(data, header)
             orm = parse_orm(text, default_facility=self.default_facility)
             detail = self._apply(orm, peer)
-            log.info("hl7: from %s (%s): %s", _actor(orm.header), peer, detail)
+            # what was done, with accession numbers, is in the audit row; the log names no patient or order
+            log.info("hl7: %s %s from %s (%s): %d order item(s) applied", orm.header.message_type,
+                     orm.header.control_id, _actor(orm.header), peer, len(orm.items))
             return _Outcome(_encode_ack(build_ack(orm.header, "AA", text=""), orm.header), "AA", detail)
         except Hl7Error as exc:
             error = exc
@@ -177,8 +179,10 @@ class Hl7Listener:
             error = Hl7Error("application internal error", INTERNAL_ERROR)
         header = orm.header if orm is not None else header
         detail = f"{error.ack_code} {error.message}"
-        log.warning("hl7: %s %s from %s: %s", header.message_type if header else "message",
-                    header.control_id if header else "", peer, detail)
+        # the error text may quote the message's values (a patient ID, an accession number): the audit row has it
+        log.warning("hl7: %s %s from %s answered %s (error %s at %s-%s)", header.message_type if header else "message",
+                    header.control_id if header else "", peer, error.ack_code, error.code, error.segment or "?",
+                    error.field_no)
         self._audit_failure(header, peer, orm.patient_id if orm is not None else "", detail)
         return _Outcome(_encode_ack(build_ack(header, error.ack_code, error), header), error.ack_code, detail)
 

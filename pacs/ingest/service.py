@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import TypedDict
@@ -40,7 +41,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 import pacs.studies.rejection as rejection
-from pacs import audit
+from pacs import audit, metrics
 from pacs.db.models import Instance
 from pacs.derived.outbox import INSTANCE_TASKS, SERIES_TASKS, arm_derived_tasks
 from pacs.errors import PacsError
@@ -117,6 +118,17 @@ class Ingestor:
         expected_sop_class_uid: str | None = None,
     ) -> IngestOutcome:
         """Archive one object; never raises for bad input or unavailable servers."""
+        started = time.perf_counter()
+        outcome = self._ingest(data, source, expected_sop_instance_uid, expected_sop_class_uid)
+        metrics.ingest_observed(source.transport, outcome.status, time.perf_counter() - started)
+        if outcome.status is IngestStatus.STORAGE_UNAVAILABLE:
+            metrics.store_error("ingest")
+        elif outcome.status is IngestStatus.INDEX_UNAVAILABLE:
+            metrics.index_error("ingest")
+        return outcome
+
+    def _ingest(self, data: bytes, source: IngestSource, expected_sop_instance_uid: str | None,
+                expected_sop_class_uid: str | None) -> IngestOutcome:
         try:
             obj = parse_received(
                 data,

@@ -137,7 +137,9 @@ def _conflict(session: Session, patient: Patient, ids: Sequence[NationalId], hol
         detail = (f"record {_record(patient)} (person {patient.person_fk or 'none'}) carries national identifiers "
                   f"of another person: {named}; not merged — resolve with `pacs patient link` or "
                   "`pacs patient merge`")
-    log.warning("person conflict: %s", detail)
+    # the log names no patient (the audit row below does): the facility, and where to look
+    log.warning("person conflict: a patient record of facility %s carries national identifiers of another "
+                "person; not linked (see the person.conflict audit row)", patient.facility or "-")
     audit.append(session, action="person.conflict", actor="ingest", role="system", outcome="warning",
                  patient_id=patient.patient_id, detail=detail)
 

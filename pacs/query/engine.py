@@ -118,6 +118,8 @@ def prepare(query: Query) -> PreparedQuery:
     known = {k: a for k in keys if (a := attribute_at(k, level)) is not None}
 
     conditions: list[ColumnElement[bool]] = []
+    matched = [level]  # the levels the conditions read: all a count needs to join
+    ranged = False  # a date range from a day on: its matches lie together, late in arrival (id) order
     for keyword, value in query.filters.items():
         attr = known.get(keyword)
         if attr is None or attr.matching is Matching.RETURN_ONLY:
@@ -125,6 +127,8 @@ def prepare(query: Query) -> PreparedQuery:
         cond = _condition(attr, value)
         if cond is not None:
             conditions.append(cond)
+            matched.append(attr.level)
+            ranged = ranged or (attr.vr == "DA" and "-" in value and not value.strip(" ").startswith("-"))
 
     top = min((a.level for a in known.values()), key=lambda lv: lv.depth, default=level)
     totals: dict[str, ColumnElement] = {}
@@ -136,6 +140,7 @@ def prepare(query: Query) -> PreparedQuery:
         else:
             top = min(top, Level.STUDY, key=lambda lv: lv.depth)  # join up to the study row
             conditions.append(scoped)
+            matched.append(Level.STUDY)
         totals = {k: scoped_patient_total(k, study_condition(query.scope, hide_empty=True))
                   for k in known if k in PATIENT_TOTALS}
     else:  # a study or series whose every instance was rejected is hidden (pacs.studies.rejection)
@@ -150,12 +155,22 @@ def prepare(query: Query) -> PreparedQuery:
     from_clause = _from_clause(level, top)
     base = MODELS[level]
     columns = [totals.get(k, a.column).label(k) for k, a in known.items()]
-    statement = select(*columns).select_from(from_clause).where(*conditions).order_by(base.id)
+    # Rows come in id order. Dates follow arrival order, so a date range's matches lie together, while
+    # PostgreSQL assumes them spread over the table: for a page of a month it walks the primary key from the
+    # oldest study and filters (at 10^7 instances 420,000 rows for March 2022: 540 ms). "id + 0" is the same
+    # order without that index, so the range's own index finds the matches and they are sorted (27 ms). A range
+    # with no lower bound ("-20170101") matches the oldest studies, which the primary key finds first: as before.
+    statement = select(*columns).select_from(from_clause).where(*conditions).order_by(
+        base.id + 0 if ranged else base.id)
     if query.offset:
         statement = statement.offset(query.offset)
     if query.limit is not None:
         statement = statement.limit(query.limit)
-    count_statement = select(func.count(base.id)).select_from(from_clause).where(*conditions)
+    # The count joins only the tables its conditions read: each row has exactly one parent (inner joins along
+    # NOT NULL foreign keys), so the join a return key needs (patient names on a study list) changes no count,
+    # and leaving it out spares a lookup per match (the study browser's first page counts every study).
+    count_from = _from_clause(level, min(matched, key=lambda lv: lv.depth))
+    count_statement = select(func.count(base.id)).select_from(count_from).where(*conditions)
     return PreparedQuery(level, root, tuple(keys), statement, count_statement, tuple(known), query.limit,
                          query.offset)
 

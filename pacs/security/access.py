@@ -7,7 +7,7 @@ data with :func:`study_condition`; DIMSE handlers keep their AE-level policy
 
 from __future__ import annotations
 
-from sqlalchemy import ColumnElement, and_, exists, false, or_, select, true
+from sqlalchemy import ColumnElement, and_, false, or_, select, true
 from sqlalchemy.orm import Session
 
 from pacs.consults.grants import consult_grant
@@ -45,7 +45,10 @@ def study_condition(scope: AccessScope, *, borrowed: bool = True, hide_empty: bo
     parts: list[ColumnElement[bool]] = [Study.number_of_instances > 0] if hide_empty else []
     if scope.facilities is not None:
         facilities = sorted(scope.facilities)
-        shared = exists().where(StudyShare.study_fk == Study.id, StudyShare.facility.in_(facilities))
+        # IN, not a correlated EXISTS: PostgreSQL hashes the few shared study ids once instead of probing
+        # study_share for every study a list or a count walks (bench/index_scale.py: 765 -> 145 ms to count one
+        # facility's 240,000 studies)
+        shared = Study.id.in_(select(StudyShare.study_fk).where(StudyShare.facility.in_(facilities)))
         lent: list[ColumnElement[bool]] = []
         if borrowed:
             if scope.consult_grants:  # a doctor of a consulted facility: the consult's study, until it ends

