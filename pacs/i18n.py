@@ -1,8 +1,11 @@
 """Vietnamese and English for the web pages: gettext catalogues (Babel) and Jinja2 templates.
 
-The catalogues are the ``.po`` files under ``pacs/locale/{vi,en}/LC_MESSAGES/messages.po`` (message ids are the
-English text). They are read at run time with Babel (:func:`babel.messages.pofile.read_po`) and turned into
-:class:`babel.support.Translations` in memory, once per process, so an installation needs no compile step.
+The catalogues are the ``.po`` files under ``pacs/locale/{vi,en}/LC_MESSAGES/`` (message ids are the English
+text): ``messages.po`` (the share and consult pages) and one ``ui_<area>.po`` per area of the web pages
+(viewer_api.ui), merged into one catalogue per language (a message id is defined in one file only:
+tests/test_ui_catalogues.py). They are read at run time with Babel (:func:`babel.messages.pofile.read_po`) and
+turned into :class:`babel.support.Translations` in memory, once per process, so an installation needs no compile
+step.
 :func:`environment` gives a Jinja2 environment per template folder and language, autoescaping on, with the
 ``i18n`` extension installed (``{{ _("…") }}``, ``{% trans %}``); environments are cached and never changed
 after they are built, so they are shared by threads.
@@ -29,16 +32,27 @@ DOMAIN = "messages"
 
 @lru_cache(maxsize=8)
 def translations(language: str) -> Translations:
-    """The catalogue of ``language`` (one of :data:`LANGUAGES`), read from its ``.po`` file."""
+    """The catalogue of ``language`` (one of :data:`LANGUAGES`): its ``.po`` files merged (the first definition
+    of a message id wins)."""
     if language not in LANGUAGES:
         raise ValueError(f"no catalogue for language {language!r} (have: {', '.join(LANGUAGES)})")
-    path = LOCALE_DIR / language / "LC_MESSAGES" / f"{DOMAIN}.po"
-    with path.open("rb") as po:
-        catalog = read_po(po, locale=language, domain=DOMAIN)
+    catalog = read_po(io.BytesIO(b""), locale=language, domain=DOMAIN)
+    for path in catalogue_files(language):
+        with path.open("rb") as po:
+            part = read_po(po, locale=language, domain=DOMAIN)
+        for message in part:
+            if message.id and message.id not in catalog:
+                catalog[message.id] = message
     compiled = io.BytesIO()
     write_mo(compiled, catalog)
     compiled.seek(0)
     return Translations(fp=compiled, domain=DOMAIN)
+
+
+def catalogue_files(language: str) -> list[Path]:
+    """The ``.po`` files of ``language``: ``messages.po`` first, then the others by name."""
+    folder = LOCALE_DIR / language / "LC_MESSAGES"
+    return sorted(folder.glob("*.po"), key=lambda path: (path.stem != DOMAIN, path.name))
 
 
 def gettext(language: str, message: str, **values: object) -> str:
@@ -49,7 +63,14 @@ def gettext(language: str, message: str, **values: object) -> str:
 
 @lru_cache(maxsize=16)
 def environment(template_dir: Path, language: str) -> Environment:
-    """A Jinja2 environment for the templates in ``template_dir``, translating into ``language``."""
+    """A Jinja2 environment for the templates in ``template_dir``, translating into ``language`` (shared: not to
+    be changed by callers; :func:`new_environment` gives one to add globals to)."""
+    return new_environment(template_dir, language)
+
+
+def new_environment(template_dir: Path, language: str) -> Environment:
+    """A new Jinja2 environment for the templates in ``template_dir``, translating into ``language``: autoescape
+    on, the ``i18n`` extension (``{{ _("…") }}``, ``{% trans %}``), ``language`` as a global."""
     env = Environment(loader=FileSystemLoader(str(template_dir)), autoescape=select_autoescape(default=True),
                       extensions=["jinja2.ext.i18n"], trim_blocks=True, lstrip_blocks=True)
     env.install_gettext_translations(translations(language), newstyle=True)  # type: ignore[attr-defined]

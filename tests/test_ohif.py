@@ -8,14 +8,9 @@ CT and renders it from our WADO-RS, every DICOMweb request carrying the user's b
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import io
 import json
-import os
 import re
-import shutil
-import subprocess
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,18 +25,17 @@ from playwright.sync_api import Browser, BrowserContext, Page, expect
 import pacs.viewer
 from bench.generate_ct import write_ct_series
 from pacs.viewer import MARKER_FILE, OHIF_VERSION
-from pacs.viewer.install import installed_version
 from tests.support.browser import PageLog, chromium_browser
 from tests.support.dcmtk import storescu
 from tests.support.http_api import bearer_client
+from tests.support.inprocess import new_user
 from tests.support.net import wait_until
-from tests.support.pacs_process import PACS, run_pacs
+from tests.support.ohif import installed_ohif
+from tests.support.pacs_process import run_pacs
 from tests.support.stack import EmbeddedPacs
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parent.parent
-CACHE = REPO / ".cache" / "ohif"
 PATIENT_NAME = "Trần^Thị Bích"
 PATIENT_SHOWN = "Trần, Thị Bích"  # how OHIF's study list writes a PN
 PATIENT_ID = "VN-0042"
@@ -51,32 +45,9 @@ USER, PASSWORD = "reader1", "correct-horse-battery-7"
 MIN_VARIANCE = 200.0
 
 
-def _viewer_code_digest() -> str:
-    """Changes whenever pacs/viewer changes, so the cached install is never older than the code under test."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(pacs.viewer.__file__).parent.glob("*.py")):
-        digest.update(path.name.encode() + path.read_bytes())
-    return digest.hexdigest()[:12]
-
-
 @pytest.fixture(scope="session")
 def ohif_dir() -> Path:
-    """The viewer, installed by the real command (npm pack from the registry) once per version of pacs/viewer;
-    npm's own cache makes the reinstall after a code change quick."""
-    target = CACHE / f"{OHIF_VERSION}-{_viewer_code_digest()}"
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with (CACHE / "install.lock").open("w") as lock:  # several test runs may share this working tree
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if installed_version(target) != OHIF_VERSION:
-            for stale in CACHE.iterdir():
-                if stale.is_dir() and stale != target:
-                    shutil.rmtree(stale, ignore_errors=True)
-            result = run_pacs(["viewer", "install-ohif", "--dir", str(target)],
-                              {"PACS_DATA_DIR": str(CACHE / "data")}, timeout=1200)
-            assert result.returncode == 0, f"install-ohif failed:\n{result.stdout}\n{result.stderr}"
-            assert f"installed @ohif/app {OHIF_VERSION}" in result.stdout
-    assert installed_version(target) == OHIF_VERSION
-    return target
+    return installed_ohif()
 
 
 @pytest.fixture(scope="module")
@@ -108,10 +79,7 @@ def ct_study(server: EmbeddedPacs) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def user(server: EmbeddedPacs) -> str:
-    result = subprocess.run([PACS, "user", "add", USER, "--role", "radiologist", "--password-stdin"],
-                            input=PASSWORD + "\n", text=True, capture_output=True, timeout=120,
-                            env={**os.environ, **server.env})
-    assert result.returncode == 0, result.stderr
+    new_user(server.ctx, USER, PASSWORD, "radiologist")
     return USER
 
 
@@ -160,7 +128,7 @@ def test_signed_in_user_sees_the_study_list_and_the_ct_rendered(
 
         # The study list comes from our QIDO-RS.
         expect(page.get_by_text(PATIENT_SHOWN).first).to_be_visible(timeout=90_000)
-        page.get_by_role("button", name="Confirm and hide").click()  # OHIF's "investigational use" notice
+        assert page.get_by_role("button", name="Confirm and hide").count() == 0  # no "investigational use" notice
         page.get_by_text(PATIENT_SHOWN).first.click()
         launch = page.get_by_role("button", name="Basic Viewer")
         expect(launch).to_be_visible()

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
-from sqlalchemy import text
+from fastapi_offline import FastAPIOffline
 
 import pacs
-from pacs import audit
+from pacs import audit, metrics
 from pacs.context import AppContext
 from pacs.ingest import Ingestor
+from pacs.logging_setup import current_role
 from pacs.query.engine import QueryEngine
 from pacs.runtime import make_ingestor
 from pacs.security.authenticate import Authenticator
@@ -20,6 +20,7 @@ from viewer_api import errors
 from viewer_api.hardening import RequestLimits, SecurityHeaders, TrustedHosts, trusted_host_names
 
 EXPOSED_HEADERS = ["X-Total-Count", "Content-Location", "Warning"]
+DOCS_STATIC = "/docs/static"  # Swagger UI and ReDoc files (the fastapi-offline package)
 
 
 def create_app(ctx: AppContext, ingestor: Ingestor | None = None) -> FastAPI:
@@ -33,6 +34,7 @@ def create_app(ctx: AppContext, ingestor: Ingestor | None = None) -> FastAPI:
         deletion_routes,
         fhir,
         ohif,
+        ops_routes,
         orders,
         reconciliation,
         rejection_routes,
@@ -42,12 +44,17 @@ def create_app(ctx: AppContext, ingestor: Ingestor | None = None) -> FastAPI:
         transfer_routes,
     )
     from viewer_api.dicomweb import qido, stow, wado, wado_uri
+    from viewer_api.ui import router as ui_router
 
     settings = ctx.settings
     install_log_redaction()  # the access log prints request URLs: no ?access_token= values in it
-    app = FastAPI(title="Filmless PACS", version=pacs.__version__,
-                  description="DICOMweb (QIDO-RS, WADO-RS, STOW-RS, WADO-URI), FHIR R4 and the audit trail. "
-                  "Every route but /health and the viewer's static files needs `Authorization: Bearer <token>`.")
+    # /docs and /redoc load Swagger UI / ReDoc from this server (/docs/static), not from a CDN: they work on a
+    # hospital network without internet (and under /docs the hardening leaves their inline scripts alone)
+    app = FastAPIOffline(
+        static_url=DOCS_STATIC, title="Filmless PACS", version=pacs.__version__,
+        description="DICOMweb (QIDO-RS, WADO-RS, STOW-RS, WADO-URI), FHIR R4 and the audit trail. "
+        "Every route but /health, /metrics (from allowed addresses) and the viewer's static files needs "
+        "`Authorization: Bearer <token>`.")
     app.state.ctx = ctx
     app.state.ingestor = ingestor or make_ingestor(ctx)
     app.state.authenticator = Authenticator(settings, ctx.sessions)
@@ -60,29 +67,16 @@ def create_app(ctx: AppContext, ingestor: Ingestor | None = None) -> FastAPI:
     app.state.denial_coalescer = audit.ReadCoalescer(10.0 if settings.audit_coalesce_s > 0 else 0.0)
     app.state.read_coalescer = audit.ReadCoalescer(settings.audit_coalesce_s)
     errors.install(app)
+    ui_router.install(app)  # HTML error pages and sign-in redirects for the web pages (viewer_api.ui)
 
-    @app.get("/health", tags=["health"], summary="Liveness and dependency health (no patient data)")
-    def health() -> JSONResponse:
-        checks: dict[str, str] = {}
-        try:
-            with ctx.engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-            checks["index"] = "ok"
-        except Exception as exc:
-            checks["index"] = f"unavailable: {type(exc).__name__}"
-        try:
-            ctx.store.ping()
-            checks["storage"] = "ok"
-        except Exception as exc:
-            checks["storage"] = f"unavailable: {type(exc).__name__}"
-        healthy = all(v == "ok" for v in checks.values())
-        return JSONResponse({"status": "ok" if healthy else "degraded", "checks": checks},
-                            status_code=200 if healthy else 503)
+    # /health/live, /health/ready (and /health), /metrics: no patient data (viewer_api.ops_routes)
+    app.state.metrics_allow = metrics.parse_allow_list(settings.metrics_allow)
+    metrics.install(ctx, current_role())
 
     # Starlette tries routes in order: the viewers' busiest paths (DICOMweb) first; OHIF's catch-all last.
-    for module in (qido, wado, wado_uri, stow, fhir, auth_routes, audit_routes, orders, reports, reconciliation,
-                   slip_routes, consult_routes, share_routes, correction_routes, rejection_routes, deletion_routes,
-                   transfer_routes, ohif):
+    for module in (ops_routes, qido, wado, wado_uri, stow, fhir, auth_routes, audit_routes, orders, reports,
+                   reconciliation, slip_routes, consult_routes, share_routes, correction_routes, rejection_routes,
+                   deletion_routes, transfer_routes, ui_router, ohif):
         app.include_router(module.router)
 
     # Outermost first: CORS answers preflights before anything else; limits before routing.

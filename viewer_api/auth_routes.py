@@ -5,10 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
-from pacs import audit
-from pacs.security.accounts import check_password
-from pacs.security.login_guard import LoginGuard, LoginRefused, unverified_actor
-from pacs.security.models import User
+from pacs.security.login import LoginRefused, WrongCredentials, password_login
 from pacs.security.principal import Principal
 from viewer_api.errors import ApiError
 from viewer_api.security import client_address, context, require
@@ -41,30 +38,17 @@ class Me(BaseModel):
                         429: {"description": "Too many failed attempts; see Retry-After"},
                         503: {"description": "Too many password checks at once; see Retry-After"}})
 def login(body: LoginRequest, request: Request) -> TokenResponse:
-    ctx = context(request)
-    guard: LoginGuard = request.app.state.login_guard
-    address = client_address(request)
     host = request.client.host if request.client else ""
-    claimed = unverified_actor(body.username)  # failures name the claim, never a verified user
-
-    def verify() -> User | None:
-        with ctx.read_sessions() as session:
-            return check_password(session, body.username, body.password)
-
     try:
-        user = guard.attempt(body.username, host, verify)
+        user = password_login(context(request), request.app.state.login_guard, body.username, body.password,
+                              host=host, address=client_address(request))
     except LoginRefused as exc:
-        audit.record(ctx.sessions, action="auth.login", actor=claimed, outcome="failure", source_address=address,
-                     detail=exc.reason)
         code = "too_many_attempts" if exc.status == 429 else "busy"
         message = "too many login attempts; try again later" if exc.status == 429 else str(exc)
         raise ApiError(exc.status, code, message, {"Retry-After": str(exc.retry_after)}) from None
-    if user is None:
-        audit.record(ctx.sessions, action="auth.login", actor=claimed, outcome="failure",
-                     source_address=address, detail="wrong user name or password")
-        raise ApiError(401, "unauthenticated", "wrong user name or password", {"WWW-Authenticate": "Bearer"})
+    except WrongCredentials:
+        raise ApiError(401, "unauthenticated", "wrong user name or password", {"WWW-Authenticate": "Bearer"}) from None
     token, ttl = request.app.state.authenticator.issue_session_token(user)
-    audit.record(ctx.sessions, action="auth.login", actor=user.username, role=user.role, source_address=address)
     return TokenResponse(access_token=token, expires_in=ttl, role=user.role)
 
 

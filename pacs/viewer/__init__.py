@@ -21,6 +21,12 @@ DICOMWEB_ROOT = "/dicom-web"
 WADO_URI_ROOT = "/wado"
 TOKEN_STORAGE_KEY = "pacs.ohif.token"
 EXPIRY_STORAGE_KEY = "pacs.ohif.expires"
+# Written by the web pages' hand-off (/ui/viewer/{study}, static/ui/viewer.js) next to the token: the user's
+# language for OHIF, the CSRF token of the page session (for the viewer's sign-out button: POST /logout) and where
+# the token came from ("pages": an expired token sends the user back through the pages' sign-in).
+LANG_STORAGE_KEY = "pacs.ohif.lang"
+CSRF_STORAGE_KEY = "pacs.ohif.csrf"
+ORIGIN_STORAGE_KEY = "pacs.ohif.origin"
 MARKER_FILE = "pacs-ohif.json"  # written last by the installer: the folder holds a complete viewer
 
 
