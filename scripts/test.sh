@@ -17,8 +17,10 @@ if [[ $fast -eq 1 ]]; then
   .venv/bin/python -m pytest -m "not integration" -n "${PACS_TEST_WORKERS:-auto}" --dist load "$@"
 else
   # Most tests wait on real servers and processes, not on the CPU: three pytest workers on the 2-core CI machine
-  # keep the suite well under 15 minutes. A test module runs whole on one worker (its servers are started once).
-  .venv/bin/python -m pytest -n "${PACS_TEST_WORKERS:-3}" --dist loadfile "$@"
+  # keep the suite well under 15 minutes. A test module runs whole on one worker (its servers are started once),
+  # in collection order, which puts the longest modules first (tests/support/scheduling.py); xdist's own reorder
+  # (by number of tests) would start the few-but-long modules last and leave the run waiting on one worker.
+  .venv/bin/python -m pytest -n "${PACS_TEST_WORKERS:-3}" --dist loadfile --no-loadscope-reorder "$@"
 fi
 rc=$?
 set -e

@@ -13,14 +13,21 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.postgres import create_database, drop_database
+from tests.support.scheduling import longest_modules_first
 from tests.support.seaweed import SeaweedS3
+from tests.support.tiers import pytest_collection_modifyitems as mark_tiers
 from tests.support.tiers import (  # noqa: F401  (the tiers' hooks, registered by being here)
-    pytest_collection_modifyitems,
     pytest_configure,
     pytest_runtest_call,
     pytest_runtest_setup,
     starts_servers,
 )
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker (tests/support/tiers.py)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    mark_tiers(items)
+    longest_modules_first(items)  # tests/support/scheduling.py: for the xdist workers of `make test`
 
 
 @pytest.fixture(autouse=True)

@@ -57,6 +57,7 @@ from pacs.security.accounts import create_token
 from pacs.settings import Settings
 from tests.support.datasets import make_dataset, to_bytes
 from tests.support.dcmtk import ReferenceStoreSCP, dcmtk, dcmtk_env, storescu
+from tests.support.http_api import create_token as cli_token
 from tests.support.net import free_port, port_open, wait_until
 from tests.support.pacs_process import PACS, run_pacs
 from tests.support.stack import EmbeddedPacs
@@ -590,8 +591,9 @@ def _run_session(pacs: EmbeddedPacs, root: Path) -> Session:
                            env={**os.environ, **pacs.env})
     assert added.returncode == 0, added.stderr
     expected.append(("config.user-add", OP, "operator", "success", "", ""))
-    admin = pacs.token("admin", name="audit-admin")
-    clinician = pacs.token("clinician", name="audit-clinician")
+    # `pacs token create` itself (the CLI writes these audit rows; pacs.token() makes tokens in-process)
+    admin = cli_token(pacs.env, "admin", name="audit-admin")
+    clinician = cli_token(pacs.env, "clinician", name="audit-clinician")
     expected += [("config.token-create", OP, "operator", "success", "", "")] * 2
     first = make_dataset(PatientID=P1, PatientName=NAME_1)
     study_a = first.StudyInstanceUID

@@ -31,8 +31,8 @@ from pydicom.uid import generate_uid
 from bench.generate_ct import write_ct_series
 from tests.support.blackbox import DEFAULT_CALLING_AE, Target, target_from_environment
 from tests.support.dcmtk import StoreResult, dcmtk, dcmtk_env, echoscu, storescu
+from tests.support.inprocess import register_ae
 from tests.support.net import free_port
-from tests.support.pacs_process import run_pacs
 from tests.support.stack import EmbeddedPacs
 
 pytestmark = pytest.mark.integration
@@ -48,8 +48,7 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
         return
     move_port = free_port()
     with EmbeddedPacs(tmp_path_factory.mktemp("blackbox")) as pacs:
-        added = run_pacs(["ae", "add", DEFAULT_CALLING_AE, "127.0.0.1", str(move_port), "--archive-wide"], pacs.env)
-        assert added.returncode == 0, added.stdout + added.stderr
+        register_ae(pacs.ctx, DEFAULT_CALLING_AE, "127.0.0.1", move_port, archive_wide=True)
         yield Target(http_url=pacs.http_url, host="127.0.0.1", port=pacs.port, ae_title="PACS",
                      token=pacs.token("admin"), calling_ae=DEFAULT_CALLING_AE, move_port=move_port)
 

@@ -43,7 +43,8 @@ from pacs.security.principal import UNRESTRICTED
 from tests.support.datasets import to_bytes
 from tests.support.dcmtk import dcmtk, dcmtk_env, echoscu, storescu
 from tests.support.fault_proxy import FaultProxy
-from tests.support.pacs_process import PacsProcess, run_pacs
+from tests.support.inprocess import register_ae
+from tests.support.pacs_process import PacsProcess
 from tests.support.query_archive import PATIENTS, STUDIES, UID_ROOT, archive_datasets
 from tests.support.stack import EmbeddedPacs, ScaledStack
 from tests.support.tiers import starts_servers
@@ -248,9 +249,8 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
             files[-1].write_bytes(to_bytes(ds))
         sent = storescu(archive.port, files, aet="MODALITY")  # not registered: storage is open by default
         assert sent.success and sent.returncode == 0, sent.output[-2000:]
-        for title, flags in (("QUERYSCU", []), ("NOQUERY", ["--no-query"])):
-            added = run_pacs(["ae", "add", title, "127.0.0.1", "104", "--archive-wide", *flags], archive.env)
-            assert added.returncode == 0, added.stdout + added.stderr
+        for title, query in (("QUERYSCU", True), ("NOQUERY", False)):
+            register_ae(archive.ctx, title, "127.0.0.1", 104, archive_wide=True, query=query)
         yield Server(request.param, archive.port, archive.env, proc, getattr(archive, "db_proxy", None))
         assert proc.alive(), proc.log_tail()
 

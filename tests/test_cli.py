@@ -1,4 +1,6 @@
-"""The `pacs` command line, run as a real process the way an operator would."""
+"""The `pacs` command line, run as a real process the way an operator would (a test of one command family's
+logic alone may run it in-process with tests.support.pacs_process.invoke_pacs, when another test here runs that
+family as a process)."""
 
 from __future__ import annotations
 
@@ -15,9 +17,9 @@ from pacs.settings import Settings
 from tests.support.corpus import corpus_files
 from tests.support.datasets import make_dataset
 from tests.support.net import wait_until
-from tests.support.pacs_process import run_pacs
+from tests.support.pacs_process import invoke_pacs, run_pacs
 
-pytestmark = pytest.mark.integration  # every test runs `pacs` as a process
+pytestmark = pytest.mark.integration  # every test runs `pacs` (as a process, or its commands on a real index)
 
 
 @pytest.fixture()
@@ -66,23 +68,24 @@ def test_ae_add_list_remove(env: dict[str, str]) -> None:
 
 def test_ae_identity_host_check_by_default_and_a_loud_opt_out(env: dict[str, str]) -> None:
     """Issue 12 finding 3: `ae add` checks the host unless --no-check-host, which warns and is flagged by
-    `ae list` and `pacs check` (a warning: exit status unchanged) until `ae identity` turns a check on."""
-    assert run_pacs(["db", "upgrade"], env).returncode == 0
-    opened = run_pacs(["ae", "add", "OPEN", "10.0.0.5", "104", "--archive-wide", "--no-check-host"], env)
+    `ae list` and `pacs check` (a warning: exit status unchanged) until `ae identity` turns a check on.
+    In-process (the `ae` commands' logic; test_ae_add_list_remove runs them as processes)."""
+    assert invoke_pacs(["db", "upgrade"], env).returncode == 0
+    opened = invoke_pacs(["ae", "add", "OPEN", "10.0.0.5", "104", "--archive-wide", "--no-check-host"], env)
     assert opened.returncode == 0 and "believed from any address" in opened.stderr
-    bad = run_pacs(["ae", "add", "TLS1", "10.0.0.6", "104", "--archive-wide", "--tls-subject", "*.ward"], env)
+    bad = invoke_pacs(["ae", "add", "TLS1", "10.0.0.6", "104", "--archive-wide", "--tls-subject", "*.ward"], env)
     assert bad.returncode == 1 and "invalid TLS subject" in bad.stderr  # no wildcards
-    listed = run_pacs(["ae", "list"], env)
+    listed = invoke_pacs(["ae", "list"], env)
     assert "NONE" in listed.stdout and "believed from any address" in listed.stderr and "OPEN" in listed.stderr
-    checked = run_pacs(["check"], env)
+    checked = invoke_pacs(["check"], env)
     assert checked.returncode == 0 and "believed from any address" in checked.stderr, checked.stderr
-    changed = run_pacs(["ae", "identity", "OPEN", "--tls-subject", "ct01.ward.example"], env)
+    changed = invoke_pacs(["ae", "identity", "OPEN", "--tls-subject", "ct01.ward.example"], env)
     assert changed.returncode == 0 and "TLS ct01.ward.example" in changed.stdout
     assert "PACS_TLS_CA_FILE is not set" in changed.stderr  # a binding no certificate can ever satisfy here
-    (row,) = json.loads(run_pacs(["ae", "list", "--json"], env).stdout)
+    (row,) = json.loads(invoke_pacs(["ae", "list", "--json"], env).stdout)
     assert (row["check_host"], row["tls_subject"]) == (False, "ct01.ward.example")
-    assert "believed from any address" not in run_pacs(["ae", "list"], env).stderr
-    assert run_pacs(["ae", "identity", "NOSUCH", "--check-host"], env).returncode == 1
+    assert "believed from any address" not in invoke_pacs(["ae", "list"], env).stderr
+    assert invoke_pacs(["ae", "identity", "NOSUCH", "--check-host"], env).returncode == 1
 
 
 def test_commands_refuse_an_unmigrated_database(env: dict[str, str]) -> None:
@@ -181,8 +184,8 @@ def test_serve_prints_where_it_listens(env: dict[str, str], tmp_path: Path) -> N
 def test_config_file_is_read_and_environment_wins(env: dict[str, str], tmp_path: Path) -> None:
     config = tmp_path / "pacs.toml"
     config.write_text('ae_title = "FROMFILE"\ndicom_port = 4242\nduplicate_policy = "reject"\n')
-    shown = json.loads(run_pacs(["config", "show"], {**env, "PACS_CONFIG_FILE": str(config)}).stdout)
+    shown = json.loads(invoke_pacs(["config", "show"], {**env, "PACS_CONFIG_FILE": str(config)}).stdout)
     assert (shown["ae_title"], shown["dicom_port"], shown["duplicate_policy"]) == ("FROMFILE", 4242, "reject")
-    shown = json.loads(run_pacs(["config", "show"], {**env, "PACS_CONFIG_FILE": str(config),
+    shown = json.loads(invoke_pacs(["config", "show"], {**env, "PACS_CONFIG_FILE": str(config),
                                                       "PACS_AE_TITLE": "FROMENV"}).stdout)
     assert (shown["ae_title"], shown["dicom_port"]) == ("FROMENV", 4242)

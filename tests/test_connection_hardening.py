@@ -31,6 +31,7 @@ from pacs.dimse_status import CANNOT_UNDERSTAND_INVALID_UID
 from tests.support.datasets import make_dataset, to_bytes
 from tests.support.dcmtk import echoscu, storescu
 from tests.support.http_api import bearer_client
+from tests.support.inprocess import register_ae
 from tests.support.net import wait_until
 from tests.support.pacs_process import run_pacs
 from tests.support.senders import send_dataset
@@ -106,8 +107,7 @@ def _read_all(sock: socket.socket, timeout: float) -> bytes:
 
 
 def test_idle_dicom_connections_cannot_lock_a_registered_modality_out(pacs: EmbeddedPacs) -> None:
-    added = run_pacs(["ae", "add", "ECHOSCU", "127.0.0.1", "104", "--no-query", "--no-retrieve"], pacs.env)
-    assert added.returncode == 0, added.stdout + added.stderr
+    register_ae(pacs.ctx, "ECHOSCU", "127.0.0.1", 104, query=False, retrieve=False)
     idle = [s for s in (_connect("127.0.0.1", pacs.port, ATTACKERS[i % 4]) for i in range(64)) if s is not None]
     started = time.monotonic()
     try:

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from pacs.db.models import AuditEvent
 from tests.support.datasets import make_instance
 from tests.support.dcmtk import dcmtk, dcmtk_env
-from tests.support.pacs_process import run_pacs
+from tests.support.inprocess import register_ae
 from tests.support.stack import EmbeddedPacs
 
 pytestmark = pytest.mark.integration
@@ -23,9 +23,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPacs]:
     server = EmbeddedPacs(tmp_path_factory.mktemp("policy"))
-    for args in (["ae", "add", "STOREONLY", "127.0.0.1", "104", "--no-query", "--no-retrieve"],
-                 ["ae", "add", "VIEWER", "127.0.0.1", "104", "--archive-wide"]):
-        assert run_pacs(args, server.env).returncode == 0
+    register_ae(server.ctx, "STOREONLY", "127.0.0.1", 104, query=False, retrieve=False)
+    register_ae(server.ctx, "VIEWER", "127.0.0.1", 104, archive_wide=True)
     try:
         yield server
     finally:

@@ -33,8 +33,8 @@ from pacs.association_limits import MAX_CONTROL_PDU_BYTES, LiveAssociations, con
 from pacs.db.models import Instance
 from tests.support.datasets import dataset_bytes, make_dataset, to_bytes
 from tests.support.dcmtk import dcmtk, dcmtk_env, echoscu
+from tests.support.inprocess import register_ae
 from tests.support.net import free_port, wait_until
-from tests.support.pacs_process import run_pacs
 from tests.support.pdus import associate_rq
 from tests.support.pki import make_pki
 from tests.support.senders import send_dataset, send_file_raw
@@ -96,8 +96,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "PACS_MAX_OBJECT_BYTES": str(MAX_OBJECT), "PACS_DICOM_TLS_PORT": str(free_port()),
         "PACS_TLS_CERT_FILE": str(pki / "server.crt"), "PACS_TLS_KEY_FILE": str(pki / "server.key"),
         "PACS_TLS_CA_FILE": str(pki / "hospital-ca.crt"), "PACS_TLS_REQUIRE_CLIENT_CERT": "true"})
-    registered = run_pacs(["ae", "add", "MODA", "127.0.0.6", "104", "--no-query", "--no-retrieve"], pacs.env)
-    assert registered.returncode == 0, registered.stdout + registered.stderr
+    register_ae(pacs.ctx, "MODA", "127.0.0.6", 104, query=False, retrieve=False)
     try:
         yield Server(pacs, outside, pki)
     finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import stat
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from sqlalchemy import update
 
 from pacs.security.models import ApiToken
 from tests.support.net import free_port
-from tests.support.pacs_process import run_pacs
+from tests.support.pacs_process import invoke_pacs
 from tests.support.stack import EmbeddedPacs
 
 pytestmark = pytest.mark.integration
@@ -94,14 +95,9 @@ def _add_user(pacs: EmbeddedPacs, username: str, password: str, role: str, *extr
     assert result.returncode == 0, result.stderr
 
 
-def _run_with_stdin(pacs: EmbeddedPacs, args: list[str], stdin: str):  # type: ignore[no-untyped-def]
-    import os
-    import subprocess
-
-    from tests.support.pacs_process import PACS
-
-    return subprocess.run([PACS, *args], env={**os.environ, **pacs.env}, input=stdin + "\n", capture_output=True,
-                          text=True, timeout=120)
+def _run_with_stdin(pacs: EmbeddedPacs, args: list[str], stdin: str) -> subprocess.CompletedProcess[str]:
+    """The `pacs user` command in-process (its logic; tests/test_audit.py runs `pacs user add` as a process)."""
+    return invoke_pacs(args, pacs.env, input=stdin + "\n")
 
 
 def test_first_start_creates_an_admin_credential_once(pacs: EmbeddedPacs) -> None:
@@ -130,7 +126,7 @@ def test_login_wrong_password_and_disabled_user(pacs: EmbeddedPacs) -> None:
     wrong = _login(pacs, "dr.lan", "wrong horse battery")
     assert wrong.status_code == 401 and wrong.json()["code"] == "unauthenticated"
     assert _login(pacs, "nobody", "whatever-password").status_code == 401  # same answer for an unknown user
-    assert run_pacs(["user", "disable", "dr.lan"], pacs.env).returncode == 0
+    assert invoke_pacs(["user", "disable", "dr.lan"], pacs.env).returncode == 0
     assert _me(pacs, token).status_code == 401  # a disabled user's session stops at once
     assert _login(pacs, "dr.lan", "correct horse battery").status_code == 401
     assert _run_with_stdin(pacs, ["user", "add", "short", "--role", "clinician", "--password-stdin"],
@@ -159,10 +155,10 @@ def test_login_attempts_are_rate_limited(pacs: EmbeddedPacs) -> None:
 def test_api_tokens_revoked_expired_and_garbage(pacs: EmbeddedPacs) -> None:
     token = pacs.token("emr", name="his-gateway", facility="HOSP-A")
     assert token.startswith("pacs_") and _me(pacs, token).json()["subject"] == "token:his-gateway"
-    listing = json.loads(run_pacs(["token", "list", "--json"], pacs.env).stdout)
+    listing = json.loads(invoke_pacs(["token", "list", "--json"], pacs.env).stdout)
     row = next(t for t in listing if t["name"] == "his-gateway")
     assert token not in json.dumps(listing)  # only the hash is stored
-    assert run_pacs(["token", "revoke", str(row["id"])], pacs.env).returncode == 0
+    assert invoke_pacs(["token", "revoke", str(row["id"])], pacs.env).returncode == 0
     assert _me(pacs, token).status_code == 401
     expiring = pacs.token("clinician", name="short-lived")
     with pacs.ctx.sessions() as session, session.begin():

@@ -19,7 +19,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from pacs.security.roles import ROLE_CAPABILITIES, Capability, Role, capabilities_of
 from tests.support.datasets import make_dataset
-from tests.support.pacs_process import run_pacs
+from tests.support.inprocess import register_ae
 from tests.support.senders import send_dataset
 from tests.support.stack import EmbeddedPacs
 
@@ -27,7 +27,12 @@ pytestmark = pytest.mark.integration
 
 # Operations without a token, and why each holds no patient data.
 PUBLIC_EXACT = {
-    ("get", "/health"),  # liveness of the index and the store
+    ("get", "/health"),  # readiness: the index and the store reachable (the older name of /health/ready)
+    ("get", "/health/live"),  # the process answers
+    ("get", "/health/ready"),  # the index, the store and the broker reachable; names the failed check
+    # counters and queue depths, no patient data: PACS_METRICS_ALLOW peers (the test's loopback), or a token
+    # with ops.metrics (tests/test_metrics_health.py checks the refusal)
+    ("get", "/metrics"),
     ("post", "/api/auth/login"),  # takes a password, returns a token
     # an outside doctor's consult page and its answer form: the share link's token is the key (open_link)
     ("get", "/s/{token}/consult"),
@@ -74,8 +79,7 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPacs]:
 
 
 def _send_study(pacs: EmbeddedPacs, aet: str, facility: str, patient_id: str, name: str) -> StudyRef:
-    result = run_pacs(["ae", "add", aet, "127.0.0.1", "104", "--facility", facility], pacs.env)
-    assert result.returncode == 0, result.stderr
+    register_ae(pacs.ctx, aet, "127.0.0.1", 104, facility=facility)
     study, series, sop = generate_uid(), generate_uid(), generate_uid()
     ds = make_dataset(StudyInstanceUID=study, SeriesInstanceUID=series, SOPInstanceUID=sop, PatientID=patient_id,
                       PatientName=name, Modality="CT", SOPClassUID="1.2.840.10008.5.1.4.1.1.2")
@@ -141,13 +145,22 @@ def _fill(path: str, ref: StudyRef) -> str:
     return re.sub(r"\{([^}/]+)\}", value, path)
 
 
-def _call(base: str, method: str, url: str, token: str | None, params: dict | None = None) -> httpx.Response:
+@pytest.fixture(scope="module")
+def http(pacs: EmbeddedPacs) -> Iterator[httpx.Client]:
+    """One keep-alive client for the module's thousands of requests (a client per request costs its own TLS
+    context and connection: most of this module's CPU time on the test's side)."""
+    with httpx.Client(base_url=pacs.http_url, timeout=60) as client:
+        yield client
+
+
+def _call(http: httpx.Client, method: str, url: str, token: str | None, params: dict | None = None) -> httpx.Response:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    kwargs: dict = {"headers": headers, "params": params, "timeout": 60}
+    kwargs: dict = {"headers": headers, "params": params}
     if method == "post":
         kwargs["content"] = b"{}"
         headers["Content-Type"] = "application/json"
-    return httpx.request(method.upper(), base + url, **kwargs)
+    http.cookies.clear()  # each call stands alone: nothing a previous answer set goes with it
+    return http.request(method.upper(), url, **kwargs)
 
 
 def test_every_route_is_secured_or_knowingly_public(world: dict) -> None:
@@ -158,7 +171,7 @@ def test_every_route_is_secured_or_knowingly_public(world: dict) -> None:
     assert len(_operations(world["openapi"])) >= 3
 
 
-def test_role_by_route_matrix(pacs: EmbeddedPacs, world: dict) -> None:
+def test_role_by_route_matrix(world: dict, http: httpx.Client) -> None:
     """Each role × each secured route: 401 without a token, 403 without the capability, otherwise
     the route answers (not 401/403, never 500)."""
     a: StudyRef = world["a"]
@@ -169,7 +182,7 @@ def test_role_by_route_matrix(pacs: EmbeddedPacs, world: dict) -> None:
             continue
         url = _fill(path, a)
         for subject in world["subjects"]:
-            response = _call(pacs.http_url, method, url, subject.token)
+            response = _call(http, method, url, subject.token)
             checked += 1
             if subject.token is None:
                 expected_ok = response.status_code == 401
@@ -196,7 +209,7 @@ def _leaks(response: httpx.Response, ref: StudyRef) -> bool:
                                           or ref.study in body)
 
 
-def test_other_facility_and_patient_tokens_never_see_out_of_scope_data(pacs: EmbeddedPacs, world: dict) -> None:
+def test_other_facility_and_patient_tokens_never_see_out_of_scope_data(world: dict, http: httpx.Client) -> None:
     """Radiologist of hospital B vs hospital A's study; patient A's token vs patient B's study: by UID on
     every route, and by search with wildcards and includefield=all."""
     a: StudyRef = world["a"]
@@ -221,7 +234,7 @@ def test_other_facility_and_patient_tokens_never_see_out_of_scope_data(pacs: Emb
                                                                                   "objectUID": hidden.sop,
                                                                                   "requestType": "WADO"})]
             for url, params in attempts:
-                response = _call(pacs.http_url, method, url, token, params)
+                response = _call(http, method, url, token, params)
                 checked += 1
                 if _leaks(response, hidden) or response.status_code >= 500:
                     failures.append(f"{who}: GET {url} {params} -> {response.status_code} {response.text[:150]}")
@@ -231,37 +244,38 @@ def test_other_facility_and_patient_tokens_never_see_out_of_scope_data(pacs: Emb
     assert not failures, "\n".join(failures)
 
 
-def test_in_scope_access_works_for_the_same_routes(pacs: EmbeddedPacs, world: dict) -> None:
+def test_in_scope_access_works_for_the_same_routes(world: dict, http: httpx.Client) -> None:
     """The scope checks above are not vacuous: the same searches find the in-scope study."""
     a: StudyRef = world["a"]
     radiologist = next(s for s in world["subjects"] if s.name == "radiologist")
-    response = _call(pacs.http_url, "get", "/dicom-web/studies", radiologist.token, {"PatientName": "*"})
+    response = _call(http, "get", "/dicom-web/studies", radiologist.token, {"PatientName": "*"})
     assert response.status_code == 200, response.text
     assert a.study in response.text and world["b"].study not in response.text
-    response = _call(pacs.http_url, "get", f"/dicom-web/studies/{a.study}/metadata", radiologist.token)
+    response = _call(http, "get", f"/dicom-web/studies/{a.study}/metadata", radiologist.token)
     assert response.status_code == 200 and a.sop in response.text
 
 
-def test_result_slip_route_is_share_create_and_facility_scoped(pacs: EmbeddedPacs, world: dict) -> None:
+def test_result_slip_route_is_share_create_and_facility_scoped(world: dict, http: httpx.Client) -> None:
     """POST /api/studies/{study}/slip.pdf (issue 14) is in the matrix above with share.create; a POST (which the
     GET-only scope checks above skip) for another facility's study is a 404 that names nothing of it."""
     operation = world["openapi"]["paths"]["/api/studies/{study}/slip.pdf"]["post"]
     assert _required_capability(operation) == (True, Capability.SHARE_CREATE)
     a: StudyRef = world["a"]
-    response = _call(pacs.http_url, "post", f"/api/studies/{a.study}/slip.pdf", world["other_facility"])
+    response = _call(http, "post", f"/api/studies/{a.study}/slip.pdf", world["other_facility"])
     assert response.status_code == 404 and not _leaks(response, a), response.text
     clinician = next(s for s in world["subjects"] if s.name == "clinician")
-    response = _call(pacs.http_url, "post", f"/api/studies/{a.study}/slip.pdf", clinician.token)
+    response = _call(http, "post", f"/api/studies/{a.study}/slip.pdf", clinician.token)
     assert response.status_code == 200 and response.headers["content-type"] == "application/pdf"
 
 
-def test_share_link_viewer_session_never_sees_another_study(pacs: EmbeddedPacs, world: dict) -> None:
+def test_share_link_viewer_session_never_sees_another_study(pacs: EmbeddedPacs, world: dict,
+                                                            http: httpx.Client) -> None:
     """A share link of scope "study" for A (issue 14): its viewer session, on every secured GET route with B's
     UIDs and with wildcard searches, gets nothing of B; A's own metadata it reads."""
     a: StudyRef = world["a"]
     b: StudyRef = world["b"]
     radiologist = next(s for s in world["subjects"] if s.name == "radiologist")
-    made = _call(pacs.http_url, "post", f"/api/studies/{a.study}/shares", radiologist.token)
+    made = _call(http, "post", f"/api/studies/{a.study}/shares", radiologist.token)
     assert made.status_code == 400  # the body {} names no scope
     made = httpx.post(f"{pacs.http_url}/api/studies/{a.study}/shares", json={"scope": "study"}, timeout=30,
                       headers={"Authorization": f"Bearer {radiologist.token}"})
@@ -280,11 +294,11 @@ def test_share_link_viewer_session_never_sees_another_study(pacs: EmbeddedPacs, 
             (route, {"PatientName": "*"}), (route, {"includefield": "all"}), (route, {"PatientID": b.patient_id}),
             (route, {"StudyInstanceUID": b.study})]
         for url, params in attempts:
-            response = _call(pacs.http_url, method, url, session_token, params)
+            response = _call(http, method, url, session_token, params)
             checked += 1
             if _leaks(response, b) or response.status_code >= 500:
                 failures.append(f"GET {url} {params} -> {response.status_code} {response.text[:150]}")
     print(f"share-session scope checks: {checked} requests")
     assert not failures, "\n".join(failures)
-    response = _call(pacs.http_url, "get", f"/dicom-web/studies/{a.study}/metadata", session_token)
+    response = _call(http, "get", f"/dicom-web/studies/{a.study}/metadata", session_token)
     assert response.status_code == 200 and a.sop in response.text

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,7 +34,8 @@ from sqlalchemy import select
 from pacs.db.models import AuditEvent
 from pacs.security.redaction import RedactingLogFilter
 from tests.support.datasets import make_dataset
-from tests.support.pacs_process import PACS, run_pacs
+from tests.support.inprocess import new_user, register_ae
+from tests.support.pacs_process import invoke_pacs
 from tests.support.senders import send_dataset
 from tests.support.stack import EmbeddedPacs
 
@@ -75,8 +74,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     pacs = EmbeddedPacs(tmp_path_factory.mktemp("findings"), {"PACS_LOG_LEVEL": "DEBUG"})
     try:
         for aet, facility in (("MODA", "HOSP-A"), ("MODB", "HOSP-B")):
-            added = run_pacs(["ae", "add", aet, "127.0.0.1", "104", "--facility", facility], pacs.env)
-            assert added.returncode == 0, added.stderr
+            register_ae(pacs.ctx, aet, "127.0.0.1", 104, facility=facility)
         study_a, _, _ = _send(pacs, "MODA", SHARED, "ALPHA^ANNA")
         study_b, series_b, sop_b = _send(pacs, "MODB", SHARED, "BRAVO^BINH")
         study_issued, _, _ = _send(pacs, "MODA", ISSUED, "ISSUED^IVY", IssuerOfPatientID=ISSUER)
@@ -99,10 +97,11 @@ def _audit_rows(world: World) -> list[AuditEvent]:
 
 
 def test_a_patient_token_is_bound_to_one_facilitys_patient(world: World) -> None:
-    refused = run_pacs(["token", "create", "p-any", "--role", "patient", "--patient-id", SHARED, "--images",
-                        "--json"], world.pacs.env)
+    # `pacs token create` in-process (its logic; tests/test_audit.py runs it as a process)
+    refused = invoke_pacs(["token", "create", "p-any", "--role", "patient", "--patient-id", SHARED, "--images",
+                           "--json"], world.pacs.env)
     assert refused.returncode == 1 and "--facility" in refused.stderr, refused.stderr  # no token at all
-    assert "p-any" not in run_pacs(["token", "list", "--json"], world.pacs.env).stdout
+    assert "p-any" not in invoke_pacs(["token", "list", "--json"], world.pacs.env).stdout
 
     token = world.pacs.token("patient", name="p-a", facility="HOSP-A", patient_id=SHARED, images=True)
     found = _get(world, token, "/dicom-web/studies", includefield="PatientName")
@@ -117,8 +116,8 @@ def test_a_patient_token_is_bound_to_one_facilitys_patient(world: World) -> None
         assert _get(world, token, path).status_code == 404, path  # images of B's SHARED1 neither
 
     # HOSP-A records ISS-7 with an issuer: the token must say which record (exit 1 naming the issuer)
-    no_issuer = run_pacs(["token", "create", "p-iss", "--role", "patient", "--facility", "HOSP-A",
-                          "--patient-id", ISSUED], world.pacs.env)
+    no_issuer = invoke_pacs(["token", "create", "p-iss", "--role", "patient", "--facility", "HOSP-A",
+                             "--patient-id", ISSUED], world.pacs.env)
     assert no_issuer.returncode == 1 and ISSUER in no_issuer.stderr and "--issuer" in no_issuer.stderr
     issued = world.pacs.token("patient", name="p-iss", facility="HOSP-A", patient_id=ISSUED, issuer=ISSUER,
                               images=True)
@@ -170,10 +169,7 @@ def _peak_rss(pid: int) -> int:
 
 
 def _add_user(world: World, name: str) -> None:
-    added = subprocess.run([PACS, "user", "add", name, "--role", "radiologist", "--facility", "HOSP-A",
-                            "--password-stdin"], input=PASSWORD + "\n", capture_output=True, text=True,
-                           timeout=120, env={**os.environ, **world.pacs.env})
-    assert added.returncode == 0, added.stderr
+    new_user(world.pacs.ctx, name, PASSWORD, "radiologist", facility="HOSP-A")
 
 
 def test_parallel_wrong_logins_are_counted_before_hashing(world: World) -> None:
@@ -243,7 +239,7 @@ def test_config_show_masks_query_passwords_and_jwks_userinfo(tmp_path: Path) -> 
            "PACS_OIDC_AUDIENCE": "pacs", "PACS_OIDC_JWKS_URL": "https://svc:jwks-pass@idp.example/certs?key=k3y",
            "PACS_DATABASE_URL": "postgresql+psycopg://pacs@db/pacs?password=hunter2",
            "PACS_BROKER_URL": "amqp://guest:brokerpw@mq:5672//"}
-    shown = run_pacs(["config", "show"], env)
+    shown = invoke_pacs(["config", "show"], env)  # in-process; tests/test_cli.py runs `config show` as a process
     assert shown.returncode == 0, shown.stderr
     for secret in ("hunter2", "jwks-pass", "svc", "k3y", "brokerpw"):
         assert secret not in shown.stdout, secret

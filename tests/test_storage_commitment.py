@@ -41,8 +41,8 @@ from storage import StorageUnavailable
 from tests.support.commitment_modality import Modality, action_info
 from tests.support.datasets import make_dataset, make_instance
 from tests.support.dcmtk import echoscu, storescu
+from tests.support.inprocess import register_ae
 from tests.support.net import free_port, wait_until
-from tests.support.pacs_process import run_pacs
 from tests.support.seaweed import SeaweedS3
 from tests.support.stack import REDIS_URL, EmbeddedPacs, ScaledStack
 
@@ -325,9 +325,7 @@ def test_embedded_storage_commitment(tmp_path: Path) -> None:
     modality = Modality().listen()
     pacs = EmbeddedPacs(tmp_path, FAST)
     try:
-        added = run_pacs(["ae", "add", modality.ae_title, "127.0.0.1", str(modality.port), "--archive-wide"],
-                         pacs.env)
-        assert added.returncode == 0, added.stdout + added.stderr
+        register_ae(pacs.ctx, modality.ae_title, "127.0.0.1", modality.port, archive_wide=True)
         _commitment_scenario(pacs.port, pacs.ctx, modality, tmp_path, pacs.restart)
     finally:
         modality.stop_listening()
@@ -342,9 +340,7 @@ def test_scaled_storage_commitment(tmp_path: Path, s3_server: SeaweedS3) -> None
     try:
         with ScaledStack(tmp_path, s3_server.url_for(f"pacs-stgcmt-{uuid.uuid4().hex[:10]}"), broker_url=broker,
                          extra_env=FAST) as stack:
-            added = run_pacs(["ae", "add", modality.ae_title, "127.0.0.1", str(modality.port), "--archive-wide"],
-                             stack.env)
-            assert added.returncode == 0, added.stdout + added.stderr
+            register_ae(stack.ctx, modality.ae_title, "127.0.0.1", modality.port, archive_wide=True)
             stack.start_scp()
             stack.start_scp("other", free_port())
             _commitment_scenario(stack.port, stack.ctx, modality, tmp_path, lambda: stack.restart("scp"))

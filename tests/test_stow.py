@@ -43,7 +43,7 @@ from pacs.security.accounts import create_token
 from tests.support.corpus import corpus_files
 from tests.support.datasets import dataset_bytes, make_dataset, make_instance, to_bytes
 from tests.support.dcmtk import dcmtk, dcmtk_env
-from tests.support.pacs_process import run_pacs
+from tests.support.inprocess import register_ae
 from tests.support.seaweed import SeaweedS3
 from tests.support.stack import EmbeddedPacs, scaled_api
 
@@ -375,8 +375,7 @@ def test_stow_study_is_found_by_findscu_and_retrieved_by_getscu(archive: Archive
     files = {ds.SOPInstanceUID: to_bytes(ds) for ds in datasets}
     response = stow(archive, tech_token, multipart(list(files.values())))
     assert response.status_code == 200, response.text[:500]
-    added = run_pacs(["ae", "add", "STOWSCU", "127.0.0.1", "104", "--archive-wide"], archive.env)
-    assert added.returncode == 0, added.stdout + added.stderr
+    register_ae(archive.ctx, "STOWSCU", "127.0.0.1", 104, archive_wide=True)
     find = _dcmtk("findscu", archive, ["-S", "-aet", "STOWSCU", "-aec", "PACS", "-k", "QueryRetrieveLevel=STUDY",
                                        "-k", f"StudyInstanceUID={study}", "-k", "PatientID",
                                        "-k", "NumberOfStudyRelatedInstances"])

@@ -44,7 +44,7 @@ from storage import StorageUnavailable
 from tests.support.datasets import to_bytes
 from tests.support.dcmtk import dcmtk, dcmtk_env, storescu
 from tests.support.facilities import FacilityArchive, json_error
-from tests.support.pacs_process import run_pacs
+from tests.support.pacs_process import invoke_pacs, run_pacs
 from tests.support.seaweed import SeaweedS3
 from tests.support.senders import send_dataset
 from tests.support.stack import scaled_api
@@ -112,8 +112,9 @@ def audit_rows(archive: Archive, action: str, study_uid: str = "", outcome: str 
 
 
 def pacs_check(archive: Archive) -> dict[str, Any]:
-    """`pacs check --json` on the server's own environment: no error, and no orphan either."""
-    result = run_pacs(["check", "--json"], archive.server.env)
+    """`pacs check --json` on the server's own environment: no error, and no orphan either (in-process: the
+    command's code on the same index and store; tests/test_check_repair.py runs `pacs check` as a process)."""
+    result = invoke_pacs(["check", "--json"], archive.server.env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads(result.stdout)
     assert summary["errors"] == 0 and summary["counts"].get("orphan", 0) == 0, summary
@@ -262,9 +263,9 @@ def test_cli_delete_asks_for_confirmation(archive: Archive) -> None:
     assert qido_studies(archive, "clin-a", study) == []
     [row] = audit_rows(archive, "study.delete", study, "success")
     assert row.actor.startswith("os:") and "patient asked" in row.detail
-    unknown = run_pacs(["study", "delete", generate_uid(), "--reason", "x", "--yes"], archive.server.env)
+    unknown = invoke_pacs(["study", "delete", generate_uid(), "--reason", "x", "--yes"], archive.server.env)
     assert unknown.returncode == 1 and "no study" in unknown.stderr
-    swept = run_pacs(["retention", "sweep", "--json"], archive.server.env)  # nothing due: the server swept already
+    swept = invoke_pacs(["retention", "sweep", "--json"], archive.server.env)  # nothing due: the server swept already
     assert swept.returncode == 0 and json.loads(swept.stdout)["instances"] == 0, swept.stderr
 
 

@@ -51,7 +51,7 @@ from tests.support.datasets import to_bytes
 from tests.support.dcmtk import ReferenceStoreSCP, dcmtk, dcmtk_env, findscu_datasets, storescu
 from tests.support.facilities import FacilityArchive, json_error
 from tests.support.net import free_port, wait_until
-from tests.support.pacs_process import run_pacs
+from tests.support.pacs_process import invoke_pacs, run_pacs
 from tests.support.seaweed import SeaweedS3
 from tests.support.stack import EmbeddedPacs, scaled_api
 
@@ -465,21 +465,22 @@ def test_partial_restore_keeps_a_new_note_and_reindex_and_check_agree(archive: A
 
 
 def test_command_line_reject_list_restore(archive: Archive) -> None:
+    """`pacs study reject` as a process; `study rejected` and `study restore` in-process (the same commands)."""
     s5, (first, second) = archive.s5, archive.s5_sops
     env = archive.server.env
     done = run_pacs(["study", "reject", s5, "--reason", "incorrect-worklist-entry", "--instance", first, "--json"],
                     env)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["rejected"] == [first]
-    listed = run_pacs(["study", "rejected", "--study", s5, "--json"], env)
+    listed = invoke_pacs(["study", "rejected", "--study", s5, "--json"], env)
     assert listed.returncode == 0, listed.stderr
     [row] = json.loads(listed.stdout)
     assert row["sop_instance_uid"] == first and row["reason"] == "incorrect-worklist-entry"
     assert row["rejected_by"].startswith("os:")
     assert uid_values(archive.qido(f"studies/{s5}/instances"), "00080018") == {second}
-    unknown = run_pacs(["study", "reject", s5, "--reason", "quality", "--series", generate_uid()], env)
+    unknown = invoke_pacs(["study", "reject", s5, "--reason", "quality", "--series", generate_uid()], env)
     assert unknown.returncode == 1 and "not current series" in unknown.stderr
-    restored = run_pacs(["study", "restore", s5, "--json"], env)
+    restored = invoke_pacs(["study", "restore", s5, "--json"], env)
     assert restored.returncode == 0, restored.stderr
     assert json.loads(restored.stdout)["restored"] == [first]
     assert uid_values(archive.qido(f"studies/{s5}/instances"), "00080018") == {first, second}

@@ -24,7 +24,7 @@ from sqlalchemy import select
 
 from pacs.db.models import AuditEvent
 from tests.support.datasets import make_dataset, to_bytes
-from tests.support.pacs_process import run_pacs
+from tests.support.inprocess import register_ae
 from tests.support.senders import SendResult, send_dataset
 from tests.support.stack import EmbeddedPacs
 
@@ -83,8 +83,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     pacs = EmbeddedPacs(tmp_path_factory.mktemp("squatting"))
     try:
         for aet, facility in (("MODA", "HOSP-A"), ("MODB", "HOSP-B")):
-            added = run_pacs(["ae", "add", aet, "127.0.0.1", "104", "--facility", facility], pacs.env)
-            assert added.returncode == 0, added.stderr
+            register_ae(pacs.ctx, aet, "127.0.0.1", 104, facility=facility)
         yield Site(pacs, pacs.token("technologist", name="tech-a", facility="HOSP-A"),
                    pacs.token("admin", name="admin-a", facility="HOSP-A"),
                    pacs.token("technologist", name="tech-b", facility="HOSP-B"),

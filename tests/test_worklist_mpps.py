@@ -38,6 +38,7 @@ from pacs.ris.models import ImagingOrder, PerformedProcedureStep
 from pacs.ris.orders import NewOrder, cancel_order, create_order, get_order, list_orders
 from pacs.security.principal import UNRESTRICTED
 from tests.support.dcmtk import dcmtk, dcmtk_env
+from tests.support.inprocess import register_ae
 from tests.support.net import free_port
 from tests.support.pacs_process import run_pacs
 from tests.support.stack import EmbeddedPacs, ScaledStack
@@ -323,11 +324,11 @@ class Archive:
     ctx: AppContext
 
 
-def _register(env: dict[str, str], *titles: str) -> None:
-    """Another issue adds an association policy for query and MPPS: register our modalities as a site would."""
+def _register(ctx: AppContext, *titles: str) -> None:
+    """Another issue adds an association policy for query and MPPS: register our modalities as a site would
+    (in-process, as `pacs ae add TITLE 127.0.0.1 PORT --archive-wide` does)."""
     for title in titles:
-        result = run_pacs(["ae", "add", title, "127.0.0.1", str(free_port()), "--archive-wide"], env)
-        assert result.returncode == 0, result.stdout + result.stderr
+        register_ae(ctx, title, "127.0.0.1", free_port(), archive_wide=True)
 
 
 def _add_order(env: dict[str, str], *args: str) -> dict:
@@ -340,7 +341,7 @@ def _add_order(env: dict[str, str], *args: str) -> dict:
 def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
     pacs = EmbeddedPacs(tmp_path_factory.mktemp("mwl"))
     try:
-        _register(pacs.env, "CT01", "FINDSCU")
+        _register(pacs.ctx, "CT01", "FINDSCU")
         yield Archive(pacs.port, pacs.env, pacs.ctx)
     finally:
         pacs.close()
@@ -351,7 +352,7 @@ def scaled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
     """`pacs scp` on PostgreSQL and a file store, no broker."""
     root = tmp_path_factory.mktemp("mwl-scaled")
     with ScaledStack(root, f"file://{root / 'objects'}", broker_url=None).up("scp") as stack:
-        _register(stack.env, "CT01")
+        _register(stack.ctx, "CT01")
         yield Archive(stack.port, stack.env, stack.ctx)
 
 

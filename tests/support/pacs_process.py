@@ -57,7 +57,7 @@ class PacsProcess:
                 raise RuntimeError(f"pacs {self.args} exited early:\n{self.log_tail()}")
             return dicom_echo(port)
 
-        wait_until(ready, timeout=timeout, interval=0.3, what=f"pacs {self.args[0]} on port {port}")
+        wait_until(ready, timeout=timeout, interval=0.1, what=f"pacs {self.args[0]} on port {port}")
 
     def rss_bytes(self) -> int:
         """Resident memory of the process and its children (Celery forks workers)."""
@@ -92,3 +92,21 @@ def run_pacs(args: list[str], env: dict[str, str], timeout: float = 300) -> subp
     """Run a one-shot `pacs` command (db upgrade, ae add, import...) and return its output."""
     return subprocess.run([PACS, *args], env={**os.environ, **env, "COLUMNS": "200"}, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def invoke_pacs(args: list[str], env: dict[str, str], input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`pacs ARGS` run in this process (typer's CliRunner) with ``env`` added to the environment: the same
+    command code and output as :func:`run_pacs` without a new interpreter (~1.4 s of CPU per command), for tests
+    of a command's logic; the entry point and exit codes as a process stay tested by :func:`run_pacs` callers.
+    ``input``: the command's stdin. A command that crashes raises here instead of exiting 1."""
+    from typer.testing import CliRunner
+
+    from pacs.cli.main import app
+
+    umask = os.umask(0o077)  # a `pacs` command sets the owner-only umask for its process: not for this one
+    os.umask(umask)
+    try:
+        result = CliRunner().invoke(app, args, input=input, env={**env, "COLUMNS": "200"}, catch_exceptions=False)
+    finally:
+        os.umask(umask)
+    return subprocess.CompletedProcess(["pacs", *args], result.exit_code, result.stdout, result.stderr)

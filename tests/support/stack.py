@@ -35,10 +35,11 @@ from sqlalchemy.engine import make_url
 from pacs.context import AppContext
 from pacs.settings import Settings
 from tests.support.fault_proxy import FaultProxy
-from tests.support.http_api import create_token, wait_http
+from tests.support.http_api import wait_http
+from tests.support.inprocess import new_token
 from tests.support.net import free_port
-from tests.support.pacs_process import PacsProcess, run_pacs
-from tests.support.postgres import create_database, drop_database
+from tests.support.pacs_process import PacsProcess
+from tests.support.postgres import create_migrated_database, drop_database
 from tests.support.seaweed import SeaweedS3
 
 REDIS_URL = os.environ.get("PACS_TEST_REDIS_URL", "redis://127.0.0.1:6379/7")
@@ -77,7 +78,8 @@ class EmbeddedPacs(_Closing):
         except BaseException:
             self.proc.stop()
             raise
-        self.ctx = AppContext.create(Settings(data_dir=root / "data"))
+        # the same index and store as the process (a store URL in extra_env: an S3 store instead of data/objects)
+        self.ctx = AppContext.create(Settings(data_dir=root / "data", storage_url=self.env.get("PACS_STORAGE_URL", "")))
 
     def restart(self) -> None:
         """Stop the process and start it again on the same data and ports (state must survive)."""
@@ -90,8 +92,9 @@ class EmbeddedPacs(_Closing):
         wait_http(self.http_url, timeout)
 
     def token(self, role: str, **kwargs: object) -> str:
-        """A new API token for ``role`` (see tests.support.http_api.create_token)."""
-        return create_token(self.env, role, **kwargs)  # type: ignore[arg-type]
+        """A new API token for ``role``, made in-process as `pacs token create` makes it
+        (tests.support.inprocess.new_token; tests.support.http_api.create_token runs the command itself)."""
+        return new_token(self.ctx, role, **kwargs)  # type: ignore[arg-type]
 
     def close(self) -> None:
         self.proc.stop()
@@ -99,8 +102,9 @@ class EmbeddedPacs(_Closing):
 
 
 class ScaledStack(_Closing):
-    """A fresh PostgreSQL database (migrated with `pacs db upgrade`) and the environment of the scaled processes;
-    the processes themselves are started with :meth:`start_scp`, :meth:`start_worker`, :meth:`start_api`.
+    """A fresh PostgreSQL database (the newest schema: a copy of a migrated template, as `pacs db upgrade` leaves
+    it) and the environment of the scaled processes; the processes themselves are started with :meth:`start_scp`,
+    :meth:`start_worker`, :meth:`start_api`.
 
     ``db_proxy=True`` puts a :class:`~tests.support.fault_proxy.FaultProxy` between the processes and PostgreSQL
     (``ctx`` still reaches it directly) so a test can cut the index. ``broker_url=None`` runs without a broker.
@@ -110,7 +114,7 @@ class ScaledStack(_Closing):
     def __init__(self, root: Path, storage_url: str, *, broker_url: str | None = REDIS_URL, db_proxy: bool = False,
                  extra_env: dict[str, str] | None = None) -> None:
         self.root = root
-        self.db_name, self.db_url = create_database()
+        self.db_name, self.db_url = create_migrated_database()  # as `pacs db upgrade` leaves it
         self.db_proxy: FaultProxy | None = None
         self.processes: dict[str, PacsProcess] = {}
         self._ports: dict[str, int] = {}
@@ -135,8 +139,6 @@ class ScaledStack(_Closing):
                 **({"PACS_BROKER_URL": broker_url, "PACS_TASK_QUEUE": self.queue} if broker_url else {}),
                 **(extra_env or {}),
             }
-            upgrade = run_pacs(["db", "upgrade"], self.env)
-            assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
             self.ctx = AppContext.create(Settings(database_url=self.db_url, storage_url=storage_url,
                                                   data_dir=root / "data"))
         except BaseException:
@@ -225,8 +227,9 @@ class ScaledStack(_Closing):
     # -- the rest of the face ---------------------------------------------------------------------
 
     def token(self, role: str, **kwargs: object) -> str:
-        """A new API token for ``role`` (see tests.support.http_api.create_token)."""
-        return create_token(self.env, role, **kwargs)  # type: ignore[arg-type]
+        """A new API token for ``role``, made in-process as `pacs token create` makes it
+        (tests.support.inprocess.new_token; tests.support.http_api.create_token runs the command itself)."""
+        return new_token(self.ctx, role, **kwargs)  # type: ignore[arg-type]
 
     def logs(self) -> str:
         return "\n".join(f"--- {name}\n{p.log_tail(40)}" for name, p in self.processes.items())

@@ -32,8 +32,9 @@ INTEGRATION = "integration"
 F = TypeVar("F", bound=Callable[..., Any])
 
 # Programs a unit test may run: file checkers and converters, no network peers.
+# (systemd-analyze verify and haproxy -c only read unit and configuration files: tests/test_deploy.py)
 OFFLINE_TOOLS = frozenset({"dciodvfy", "pdftotext", "pdfinfo", "openssl", "docker-compose", "docker", "git",
-                           "dcmdump", "dcm2json", "dcm2xml", "pdftoppm", "zbarimg"})
+                           "dcmdump", "dcm2json", "dcm2xml", "pdftoppm", "zbarimg", "systemd-analyze", "haproxy"})
 
 _INET = (socket.AF_INET, socket.AF_INET6)
 _unit_test: pytest.Item | None = None  # the unmarked test now in setup or call; None: nothing is guarded
