@@ -334,6 +334,8 @@ class ConnectionGuard:
             if client is None:
                 with self._lock:
                     self._awaiting_header -= 1
+        if client is None:  # its slot is free already: admit_proxied would release it a second time
+            return None
         return client if self.admit_proxied(ae, sock, client) else None
 
     def prepare(self, sock: Any, client_address: Any) -> bool:

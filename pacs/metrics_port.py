@@ -27,12 +27,34 @@ log = logging.getLogger("pacs.metrics")
 StartResponse = Callable[..., Any]
 
 
+MAX_SCRAPES = 8  # connections served at once; more are closed at once (a scraper needs one)
+
+
 class _QuietHandler(WSGIRequestHandler):
+    timeout = 5  # a connection that sends no request in 5 s is closed (no thread held by a silent peer)
+
     def log_message(self, format: str, *args: Any) -> None:
         """No line per scrape."""
 
 
-class _ThreadingWSGIServer6(ThreadingWSGIServer):
+class _BoundedWSGIServer(ThreadingWSGIServer):
+    """At most :data:`MAX_SCRAPES` connection threads: this port lives in the ingest process."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_SCRAPES)
+        super().__init__(*args, **kwargs)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        return self._slots.acquire(blocking=False)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class _BoundedWSGIServer6(_BoundedWSGIServer):
     address_family = socket.AF_INET6
 
 
@@ -54,7 +76,7 @@ def start_metrics_port(settings: Settings) -> WSGIServer | None:
     if not settings.metrics_port:
         return None
     host = settings.metrics_host
-    server_class: type[ThreadingWSGIServer] = _ThreadingWSGIServer6 if ":" in host else ThreadingWSGIServer
+    server_class: type[ThreadingWSGIServer] = _BoundedWSGIServer6 if ":" in host else _BoundedWSGIServer
     app = allow_list_app(make_wsgi_app(REGISTRY), parse_allow_list(settings.metrics_allow))
     try:
         server = make_server(host, settings.metrics_port, app, server_class, handler_class=_QuietHandler)

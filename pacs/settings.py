@@ -183,8 +183,14 @@ class Settings(BaseSettings):
         if self.oidc_issuer and not (self.oidc_audience and self.oidc_jwks_url):
             raise ValueError("OIDC needs oidc_audience (tokens minted for other applications are refused) "
                              "and oidc_jwks_url besides oidc_issuer")
+        if self.oidc_client_id and "openid" not in self.oidc_scopes.split():
+            raise ValueError("oidc_scopes must include 'openid' (the sign-in needs an ID token)")
         if self.auth_secret and len(self.auth_secret.encode()) < 32:
             raise ValueError("auth_secret must be at least 32 bytes (e.g. `openssl rand -base64 48`)")
+        if self.auth_secret and ("change-me" in self.auth_secret.lower() or len(set(self.auth_secret)) < 12):
+            # the deploy/ examples' placeholders are long enough: an archive started with one would sign share
+            # sessions, CSRF tokens and API tokens with a key anyone can read on GitHub
+            raise ValueError("auth_secret is a placeholder or too uniform: make one with `openssl rand -base64 48`")
         return self
 
     @property
@@ -245,6 +251,18 @@ class Settings(BaseSettings):
     oidc_jwks_url: str = Field(default="", description="The issuer's JWKS URL (signing keys)")
     oidc_role_claim: str = Field(default="roles", description="Claim holding the user's role(s)")
     oidc_facility_claim: str = Field(default="facility", description="Claim holding the user's facility")
+    oidc_client_id: str = Field(default="", description="Client id of the web pages at the OIDC provider; with "
+                                "oidc_issuer it turns on 'Sign in with …' (redirect URI: "
+                                "{public URL}/login/oidc/callback)")
+    oidc_client_secret: str = Field(default="", description="Client secret (sent as client_secret_basic); empty: a "
+                                    "public client proven by PKCE alone")
+    oidc_provider_name: str = Field(default="", description="Name on the sign-in button (default: the issuer's host)")
+    oidc_scopes: str = Field(default="openid profile", description="Scopes asked for at sign-in (must include openid)")
+    oidc_authorization_url: str = Field(default="", description="Authorization endpoint (default: from the issuer's "
+                                        "/.well-known/openid-configuration)")
+    oidc_token_url: str = Field(default="", description="Token endpoint (default: from discovery)")
+    oidc_end_session_url: str = Field(default="", description="End-session endpoint: sign-out also signs out there "
+                                      "(default: from discovery; none: local sign-out only)")
     cors_origins: list[str] = Field(default_factory=list, description="Browser origins allowed to call the API")
     max_request_bytes: int = Field(default=1024**3, ge=1024, description="Largest HTTP request body (STOW-RS)")
     upload_max_files: int = Field(default=20_000, ge=1, description="Files in one upload (POST "

@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -52,11 +53,23 @@ def test_compose_sets_only_real_settings(compose: dict) -> None:
                 assert var in fields, f"{name} sets {var}, which no setting reads"
 
 
+def operator_settings(env: dict[str, str]) -> Settings:
+    """The settings of an example environment as an operator fills it in: the examples' auth secret is a
+    placeholder, which the archive refuses to start with (checked here), so a real one replaces it. Complex
+    settings (dicts, lists) come as JSON from the environment, as pydantic-settings reads them."""
+    values: dict[str, Any] = {k.removeprefix("PACS_").lower(): json.loads(v) if v[:1] in "{[" and v else v
+                              for k, v in env.items() if k.startswith("PACS_")}
+    if "change-me" in str(values.get("auth_secret", "")).lower():
+        with pytest.raises(ValueError, match="placeholder"):
+            Settings(**values)
+        values["auth_secret"] = secrets.token_urlsafe(48)
+    return Settings(**values)
+
+
 def test_compose_configuration_is_accepted_by_settings(compose: dict) -> None:
     env = compose["services"]["scp"]["environment"]
     # complex settings (dicts, lists) come as JSON from the environment, as pydantic-settings reads them
-    settings = Settings(**{k.removeprefix("PACS_").lower(): json.loads(v) if v[:1] in "{[" and v else v
-                           for k, v in env.items()})
+    settings = operator_settings(env)
     assert settings.effective_database_url.startswith("postgresql+psycopg://pacs:")
     # the balancer in front of the four MinIO nodes, never one node (issue 17)
     assert settings.effective_storage_url.endswith("@minio-lb:9000/dicom") and not settings.embedded_workers
@@ -184,8 +197,7 @@ def test_k8s_configuration_is_accepted_by_settings() -> None:
     env = _k8s_environment()
     for _, container in _pacs_containers():
         merged = {**env, **{var["name"]: var["value"] for var in container.get("env", [])}}
-        settings = Settings(**{k.removeprefix("PACS_").lower(): json.loads(v) if v[:1] in "{[" else v
-                               for k, v in merged.items() if k.startswith("PACS_")})
+        settings = operator_settings(merged)
         assert settings.effective_database_url.startswith("postgresql+psycopg://")
         assert "sslmode=verify-full" in settings.effective_database_url
         assert urlsplit(settings.effective_storage_url).hostname == "minio.pacs.svc"  # the Service, not a pod
@@ -315,7 +327,8 @@ def test_systemd_units_run_as_pacs_hardened_with_real_settings() -> None:
         assert service["ExecStart"][0].split()[0] == PACS_BINARY, name
         assert service["ProtectSystem"] == ["strict"] and service["NoNewPrivileges"] == ["yes"], name
         assert service["Restart"] == ["on-failure"], name
-        env = dict(value.split("=", 1) for value in service.get("Environment", []))
+        # systemd unquotes Environment= lines as a shell would (a JSON value is single-quoted whole)
+        env = dict(item.split("=", 1) for value in service.get("Environment", []) for item in shlex.split(value))
         assert set(env) <= SETTING_NAMES, name
         # the data folder is the one writable place
         assert service["ReadWritePaths"] == [env["PACS_DATA_DIR"]] == ["/var/lib/pacs"], name
@@ -345,8 +358,7 @@ def test_systemd_environment_file_is_accepted_by_settings() -> None:
     assert {"PACS_DATABASE_URL", "PACS_STORAGE_URL", "PACS_BROKER_URL", "PACS_AUTH_SECRET"} <= names
     assert names - SETTING_NAMES == set()
     values = _env_file(example, commented=True)
-    settings = Settings(**{k.removeprefix("PACS_").lower(): json.loads(v) if v[:1] in "{[" else v
-                           for k, v in values.items()})
+    settings = operator_settings(values)
     assert "target_session_attrs=read-write" in settings.effective_database_url
 
 

@@ -35,6 +35,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 from pydicom.dataset import Dataset
@@ -44,7 +46,9 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
 from sqlalchemy import func, select
 
+from dicom_scp.server import ConnectionGuard
 from pacs.aes import add_ae
+from pacs.context import AppContext
 from pacs.db.models import AESighting, AuditEvent, Instance
 from pacs.proxy_protocol import (
     MAX_V1_BYTES,
@@ -55,6 +59,7 @@ from pacs.proxy_protocol import (
     parse,
     read_header,
 )
+from pacs.settings import Settings
 from pacs.trusted_proxies import TrustedProxies, parse_networks
 from tests.support.net import free_port, port_open, wait_until
 from tests.support.pdus import associate_rq
@@ -175,6 +180,30 @@ def test_a_v1_line_is_read_no_further_than_107_bytes() -> None:
 
 
 # -- the trust list (fast tier) ------------------------------------------------------------------------------
+
+
+def test_a_bad_header_frees_its_connection_slot_exactly_once() -> None:
+    """The guard's counts after connections from the trusted proxy whose header is garbage or missing: back to
+    zero (the slot was freed twice, so every health check or broken connection raised the total limit by one
+    and left a phantom connection of a peer "none": issue 17 review)."""
+    settings = Settings(trusted_proxies=[PROXY], max_associations=4, dicom_preassoc_timeout_s=1.0)
+    guard = ConnectionGuard(cast(AppContext, SimpleNamespace(settings=settings)))
+    acceptor = AE()
+    for payload in (b"PROXY TCP4 banana 127.0.0.1 1 2\r\n", b""):
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            theirs.sendall(payload)
+            theirs.shutdown(socket.SHUT_WR)
+            assert guard.admit(acceptor, (PROXY, 40000), ours)
+            assert guard.client_of(acceptor, ours, (PROXY, 40000)) is None
+        assert guard._awaiting_header == 0 and not guard._starting, (guard._awaiting_header, guard._starting)
+    # and a good header turns the proxy's slot into the modality's
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(f"PROXY TCP4 {MOD_A} 127.0.0.1 40000 104\r\n".encode())
+        assert guard.admit(acceptor, (PROXY, 40001), ours)
+        assert guard.client_of(acceptor, ours, (PROXY, 40001)) == (MOD_A, 40000)
+        assert guard._awaiting_header == 0 and guard._starting == {MOD_A: 1}
 
 
 def test_trust_list_addresses_and_cidrs() -> None:

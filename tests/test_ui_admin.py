@@ -248,6 +248,10 @@ def test_refusals(world: World) -> None:
         token = page.locator("meta[name=csrf-token]").get_attribute("content") or ""
         denied = page.request.post(base + "/ui/admin/aes", form={**form, "csrf": token}, max_redirects=0)
         assert denied.status == 403
+        for listing in ("/ui/admin/users", "/ui/admin/tokens"):  # every facility's accounts, patients' included
+            response = page.request.get(base + listing, max_redirects=0)
+            assert response.status == 403, listing
+            assert "rad_b" not in response.text(), listing
     with world.pacs.ctx.read_sessions() as session:
         assert lookup(session, "CT_EVIL") is None
     failures = [r for r in _audit_rows(world, "config.ae-add") if r["outcome"] == "failure"]

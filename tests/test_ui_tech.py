@@ -150,14 +150,21 @@ def test_technologist_journey(world: World) -> None:
         page.get_by_label("Choose DICOM files or zips, or drop them here").set_input_files(
             [world.upload_dir / "chest.zip", world.upload_dir / "img3.dcm", world.upload_dir / "notes.txt"])
         status = page.locator("#upload-status")
-        expect(status).to_contain_text("4 file(s): 3 stored, 0 already here, 1 refused", timeout=15_000)
+        expect(status).to_contain_text("4 file(s): 3 stored, 0 already here, 1 refused", timeout=60_000)
         expect(page.locator("#upload-results tbody tr")).to_have_count(4)
         expect(page.locator("#upload-results")).to_contain_text("IMG1.dcm")
         expect(page.locator("#upload-results tr.status-refused")).to_contain_text("notes.txt")
         assert axe(page) == []
-        # without the page's script: a plain form post (the CSRF token in the form) gets the result page
-        plain = page.request.post(world.url + "/ui/upload", multipart={
+        # without the page's script: a plain form post gets the result page; its CSRF token is in the form's
+        # action URL (a multipart body is never parsed before the token is checked)
+        action = page.locator("#upload-form").get_attribute("action") or ""
+        assert action.startswith("/ui/upload?csrf="), action
+        body_only = page.request.post(world.url + "/ui/upload", multipart={
             "csrf": page.locator("meta[name=csrf-token]").get_attribute("content") or "",
+            "files": {"name": "img3.dcm", "mimeType": "application/dicom",
+                      "buffer": (world.upload_dir / "img3.dcm").read_bytes()}})
+        assert body_only.status == 403, "a token only inside a multipart body is not read"
+        plain = page.request.post(world.url + action, multipart={
             "files": {"name": "img3.dcm", "mimeType": "application/dicom",
                       "buffer": (world.upload_dir / "img3.dcm").read_bytes()}})
         assert plain.status == 200 and "1 file(s): 0 stored, 1 already here, 0 refused" in plain.text()

@@ -24,7 +24,7 @@ class BodyTooLarge(Exception):
 
 # Only STOW-RS and the file/zip upload (pacs.studies.upload) take large bodies; every other route (login,
 # JSON) is parsed in memory: keep it small.
-UPLOAD_PREFIX = ("/dicom-web/studies", "/api/studies/upload")
+UPLOAD_PREFIX = ("/dicom-web/studies", "/api/studies/upload", "/ui/upload")
 SMALL_BODY_BYTES = 64 * 1024
 
 

@@ -17,8 +17,10 @@ from pacs.settings import Settings
 if TYPE_CHECKING:
     from pacs.security.principal import Principal
 
-console = Console(stderr=True)
-out = Console()
+# soft_wrap: a message is one line however narrow the terminal (or 80 columns when piped to a file or a log:
+# a warning cut in the middle of a setting's name cannot be found with grep); tables still fit the width
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 
 def load_settings(role: str | None = None) -> Settings:

@@ -24,7 +24,7 @@ MASK = "***"
 # Parameter names (lower case, without "-", "_" and ".") that carry a credential: these exact names, or
 # names ending with one of the suffixes (x-amz-security-token, client_secret, api_key, X-Amz-Signature).
 _SECRET_NAMES = frozenset({"code", "key", "sig", "pwd", "pass", "auth", "authorization", "session", "sessionid",
-                           "jwt", "bearer", "ticket", "otp"})
+                           "jwt", "bearer", "ticket", "otp", "csrf"})
 _SECRET_SUFFIXES = ("token", "password", "passwd", "secret", "apikey", "accesskey", "secretkey", "privatekey",
                     "signature", "credential", "credentials", "passphrase")
 

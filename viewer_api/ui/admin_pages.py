@@ -44,6 +44,13 @@ QUEUE_LABELS = {"derived": _("Derived work (thumbnails, metadata)"), "forward": 
                 "commitment": _("Storage commitment reports"), "hl7": _("HL7 results")}
 
 
+def _archive_wide_only(principal: Principal) -> None:
+    """The account lists name every facility's users, patient accounts (a patient's name and ID) included: an
+    administrator of one facility may not read them."""
+    if not principal.scope.unrestricted:
+        raise PageForbidden("the account lists are for an archive-wide administrator")
+
+
 def denied(exc: Forbidden) -> PageForbidden:
     """A change refused by the core (already audited there, e.g. by an administrator of one facility): the 403
     page."""
@@ -242,6 +249,7 @@ def _users_page(request: Request, principal: Principal, *, status: int = 200, er
 
 @pages.get("/users", response_class=HTMLResponse)
 def users_page(request: Request, principal: Admin) -> HTMLResponse:
+    _archive_wide_only(principal)
     return _users_page(request, principal)
 
 
@@ -359,6 +367,7 @@ def _tokens_page(request: Request, principal: Principal, *, status: int = 200, e
 
 @pages.get("/tokens", response_class=HTMLResponse)
 def tokens_page(request: Request, principal: Admin) -> HTMLResponse:
+    _archive_wide_only(principal)
     return _tokens_page(request, principal)
 
 

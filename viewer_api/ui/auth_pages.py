@@ -3,8 +3,9 @@
 ``POST /login`` checks the password on the same path as ``POST /api/auth/login`` (:func:`pacs.security.login.
 password_login`: the login guard's limits, the ``auth.login`` audit rows) and keeps the same short-lived session
 token in the session cookie. EMR service accounts and patients have no pages: their sign-in is refused with a
-message (and audited as a failure). OIDC: the archive accepts OIDC bearer tokens from API clients but has no
-browser sign-in flow (no client registration, no redirect endpoint), so the page offers local accounts only.
+message (and audited as a failure). When OIDC sign-in is configured (``oidc_issuer`` + ``oidc_client_id``) the page
+also offers "Sign in with …" (viewer_api.ui.oidc_pages), and an OIDC user's sign-out goes on to the provider's
+end-session endpoint when it has one (viewer_api.ui.oidc_common).
 
 Sign-out cannot revoke the session token (a signed, short-lived token with no server-side list): it drops the
 cookie and audits ``auth.logout``; the token itself ends at its expiry, or at once when the password changes or
@@ -43,6 +44,7 @@ from viewer_api.ui.core import (
     set_session_cookie,
     translate,
 )
+from viewer_api.ui.oidc_common import end_session_page, login_page
 
 router = APIRouter(include_in_schema=False)
 
@@ -93,8 +95,7 @@ async def login_form(request: Request) -> Response:
     target = _next(request.query_params.get("next"))
     if principal is not None:
         return redirect(target or _start_page(request, principal))
-    response = render(request, "ui/login.html", None, next=target, username="",
-                      expired=request.query_params.get("expired") == "1")
+    response = await login_page(request, next=target, username="", expired=request.query_params.get("expired") == "1")
     if request.cookies.get("pacs_session"):
         clear_session_cookie(response)  # a stale (expired or revoked) session
     return response
@@ -107,25 +108,26 @@ async def login_submit(request: Request, username: Annotated[str, Form(max_lengt
     target = _next(next)
     host = request.client.host if request.client else ""
 
-    def refused(message: str, status: int, headers: dict[str, str] | None = None) -> Response:
-        response = render(request, "ui/login.html", None, status=status, next=target, username=username,
-                          error=translate(request, message), expired=False)
+    async def refused(message: str, status: int, headers: dict[str, str] | None = None) -> Response:
+        response = await login_page(request, status=status, next=target, username=username,
+                                    error=translate(request, message), expired=False)
         for name, value in (headers or {}).items():
             response.headers[name] = value
         return response
 
     if not username or not password:
-        return refused(WRONG_PASSWORD, 200)
+        return await refused(WRONG_PASSWORD, 200)
     try:
         user = await run_in_threadpool(password_login, context(request), request.app.state.login_guard, username,
                                        password, host=host, address=client_address(request),
                                        roles={role.value for role in PAGE_ROLES}, detail="web pages")
     except LoginRefused as exc:
-        return refused(TOO_MANY if exc.status == 429 else BUSY, exc.status, {"Retry-After": str(exc.retry_after)})
+        return await refused(TOO_MANY if exc.status == 429 else BUSY, exc.status,
+                             {"Retry-After": str(exc.retry_after)})
     except WrongCredentials:
-        return refused(WRONG_PASSWORD, 200)
+        return await refused(WRONG_PASSWORD, 200)
     except RoleWithoutAccess:
-        return refused(NO_PAGES, 403)
+        return await refused(NO_PAGES, 403)
     token, _ttl = request.app.state.authenticator.issue_session_token(user)
     principal = await run_in_threadpool(request.app.state.authenticator.authenticate, token, client_address(request))
     response = redirect(target or _start_page(request, principal))
@@ -135,13 +137,15 @@ async def login_submit(request: Request, username: Annotated[str, Form(max_lengt
 
 
 @router.post("/logout", dependencies=[Depends(check_csrf)])
-async def logout(request: Request) -> RedirectResponse:
+async def logout(request: Request) -> Response:
     principal = await current_principal(request)
+    response: Response | None = None
     if principal is not None:
         await run_in_threadpool(audit.record, context(request).sessions, action="auth.logout",
                                 actor=principal.subject, role=principal.role.value,
                                 source_address=client_address(request), detail="web pages")
-    response = redirect("/login", flash=SIGNED_OUT)
+        response = await end_session_page(request, principal)  # an OIDC user: on to the provider's sign-out
+    response = response or redirect("/login", flash=SIGNED_OUT)
     clear_session_cookie(response)
     return response
 

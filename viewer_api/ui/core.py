@@ -174,7 +174,9 @@ def _expected_csrf_tokens(request: Request) -> list[str]:
     key = _secret(request)
     expected = []
     if token := session_token(request):
-        expected.append(_mac(key, "ui.csrf", token))
+        # with a session only its own token: a login nonce planted by another site (a sibling subdomain's cookie)
+        # must not pass for the victim's session
+        return [_mac(key, "ui.csrf", token)]
     if nonce := request.cookies.get(LOGIN_NONCE_COOKIE, ""):
         expected.append(_mac(key, "ui.login-csrf", nonce))
     return expected
@@ -203,10 +205,13 @@ async def check_csrf(request: Request) -> None:
         return
     if _cross_site(request):
         raise CsrfRefused("cross-site request")
-    given = request.headers.get("x-csrf-token", "")
+    given = request.headers.get("x-csrf-token", "") or request.query_params.get("csrf", "")
     if not given:
+        # a small urlencoded form only (RequestLimits bounds it): a multipart body (an upload) is never parsed
+        # before the token is checked, so it carries the token in a header (the page's script) or in its form's
+        # action URL (?csrf=, without script)
         content_type = request.headers.get("content-type", "")
-        if content_type.startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
+        if content_type.startswith("application/x-www-form-urlencoded"):
             form = await request.form()
             value = form.get("csrf")
             given = value if isinstance(value, str) else ""
@@ -423,7 +428,7 @@ class _Redirect(RedirectResponse):
             payload = _flash_payload(self._messages)
             key = archive_secret(scope["app"].state.ctx)
             self.set_cookie(FLASH_COOKIE, f"{payload}.{_mac(key, 'ui.flash', payload)}", max_age=FLASH_MAX_AGE_S,
-                            path="/", httponly=True, samesite="lax", secure=scope.get("scheme") == "https")
+                            path="/", httponly=True, samesite="lax", secure=is_https(Request(scope)))
         await super().__call__(scope, receive, send)
 
 

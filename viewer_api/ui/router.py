@@ -31,7 +31,7 @@ from viewer_api.ui.core import N_
 
 log = logging.getLogger("viewer_api")
 
-AREAS = ("auth_pages", "studies_pages", "reading_pages", "tech_pages", "admin_pages", "front_pages")
+AREAS = ("auth_pages", "oidc_pages", "studies_pages", "reading_pages", "tech_pages", "admin_pages", "front_pages")
 
 router = APIRouter(include_in_schema=False)
 loaded_areas: list[str] = []
