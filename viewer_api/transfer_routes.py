@@ -59,6 +59,12 @@ async def series_archive(study: str, series: str, request: Request,
 
 
 async def _archive(request: Request, principal: Principal, study: str, series: str | None) -> StreamingResponse:
+    return await exported_zip(request, principal, study, series)
+
+
+async def exported_zip(request: Request, principal: Principal, study: str, series: str | None) -> StreamingResponse:
+    """The study's (or series') zip, planned (checked and audited ``study.export``) before the first byte is sent;
+    a :class:`~pacs.errors.PacsError` of the plan reaches the caller (the API's and the pages' own answers)."""
     ctx = context(request)
     principal = _with_address(request, principal)
 

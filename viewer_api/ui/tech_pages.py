@@ -29,7 +29,7 @@ from datetime import date
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, Path, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile as StarletteUpload
 
@@ -41,11 +41,11 @@ from pacs.ris.orders import list_orders
 from pacs.security.access import Forbidden
 from pacs.security.principal import Principal
 from pacs.security.roles import Capability
-from pacs.studies import archive_zip, corrections, deletion, rejection, send, upload
+from pacs.studies import corrections, deletion, rejection, send, upload
 from pacs.studies.models import REASON_CODES
 from pacs.studies.send_targets import send_targets
 from viewer_api.security import audit_access, audited, client_address, context
-from viewer_api.transfer_routes import _receive_upload  # the API's streaming multipart reader, shared
+from viewer_api.transfer_routes import _receive_upload, exported_zip  # the API's streaming reader and zip
 from viewer_api.ui.core import N_, check_csrf, redirect, render, require_page, translate
 
 log = logging.getLogger("viewer_api")
@@ -307,20 +307,10 @@ async def series_zip(study: Uid, series: Uid, request: Request,
 
 
 async def _zip(request: Request, principal: Principal, study: str, series: str | None) -> Response:
-    ctx = context(request)
-    principal = _addressed(request, principal)
-
-    def plan() -> archive_zip.ExportPlan:
-        with audited(request, principal, "study.export", study):
-            return archive_zip.plan_export(ctx, principal, study, series_instance_uid=series)
-
     try:
-        made = await run_in_threadpool(plan)
+        return await exported_zip(request, principal, study, series)
     except PacsError as exc:
         return _error(request, principal, exc)
-    return StreamingResponse(archive_zip.zip_stream(ctx.store, made), media_type="application/zip",
-                             headers={"Content-Disposition": f'attachment; filename="{made.filename}"',
-                                      "Cache-Control": "no-store"})
 
 
 @router.post("/ui/studies/{study}/send", dependencies=[Depends(check_csrf)])
