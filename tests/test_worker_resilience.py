@@ -68,8 +68,10 @@ def _assert_each_thumbnail_made_once(stack: ScaledStack, sops: list[str]) -> Non
 def test_worker_killed_mid_batch_then_restarted(tmp_path: Path, s3_server: SeaweedS3) -> None:
     """SIGKILL the worker while it works through a study; a new worker finishes every thumbnail."""
     with scaled_stack(tmp_path, RABBITMQ_URL, s3_server) as stack:
-        worker = stack.start_worker(concurrency=1)
+        # the study is in before the worker starts: a quick worker kept pace with the sender and was done before
+        # the test could kill it (a flake of a clean run on an idle machine)
         sops = _send_ct(stack, tmp_path / "ct", slices=60, size=256)
+        worker = stack.start_worker(concurrency=1)
         wait_until(lambda: _thumbnail_states(stack, sops).get("done", 0) >= 3, timeout=60, what="first thumbnails")
         assert worker.proc is not None
         os.killpg(worker.proc.pid, signal.SIGKILL)

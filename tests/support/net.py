@@ -3,13 +3,50 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import random
 import socket
 import time
 from collections.abc import Callable
 
+# Servers' ports come from below Linux's ephemeral range (32768+) and below the SeaweedFS slices
+# (tests/support/seaweed.py, 12000+): a port the kernel picked with bind(0) is an ephemeral one, which any client
+# socket of a parallel test may take as its source port before the server started on it binds ("Address already
+# in use": a flake of a clean run). Each xdist worker has its own slice, and a process never hands out a port
+# twice until its slice is used up, so two servers never pick the same port.
+_PORT_LOW, _PORT_HIGH, _PORT_SLICES = 2000, 11999, 8
+_handed_out: set[int] = set()
+_rng = random.Random()
+
+
+def _port_slice() -> tuple[int, int]:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    index = int(worker) % _PORT_SLICES if worker.isdigit() else 0
+    width = (_PORT_HIGH - _PORT_LOW + 1) // _PORT_SLICES
+    low = _PORT_LOW + index * width
+    return low, low + width - 1
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port nothing listens on, for a server a test starts (see the comment above)."""
+    low, high = _port_slice()
+    if len(_handed_out) >= (high - low + 1) // 2:
+        _handed_out.clear()  # long since released by the servers that had them
+    for _ in range(500):
+        port = _rng.randint(low, high)
+        if port not in _handed_out and _bindable(port):
+            _handed_out.add(port)
+            return port
+    with socket.socket() as s:  # the slice is crowded: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
