@@ -69,6 +69,19 @@ HEAD_ROWS = 200  # viewer_api.dicomweb.qido.HEAD_ROWS
 SLOW_MS = 100.0
 
 
+def create_bench_database(prefix: str) -> tuple[str, str]:
+    """A new empty database on the local server: its name and SQLAlchemy URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return name, f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+
+
+def drop_bench_database(name: str) -> None:
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
 def _dsn(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
@@ -468,10 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     created = ""
     url = args.database_url
     if not url:
-        created = f"pacs_bench_scale_{uuid.uuid4().hex[:8]}"
-        with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(created)))
-        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{created}"
+        created, url = create_bench_database("pacs_bench_scale")
     log(f"database {make_url(url).database}; {os.cpu_count()} CPUs; load average "
         f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     try:
@@ -484,8 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         failures = measure(url, args.runs, args.seed, not args.no_explain, log)
     finally:
         if created and not args.keep:
-            with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
-                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(created)))
+            drop_bench_database(created)
         elif created:
             log(f"kept: {url}")
     for failure in failures:

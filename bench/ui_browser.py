@@ -35,11 +35,10 @@ from contextlib import contextmanager
 
 import httpx
 import psycopg
-from psycopg import sql
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
 
-from bench.index_scale import ADMIN_DSN, _dsn, load
+from bench.index_scale import _dsn, create_bench_database, drop_bench_database, load
 from bench.scale_data import FACILITY_CODES, MEAN_INSTANCES_PER_STUDY
 
 BOUND_S = 1.0
@@ -152,10 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     created = ""
     url = args.database_url
     if not url:
-        created = f"pacs_bench_ui_{uuid.uuid4().hex[:8]}"
-        with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(created)))
-        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{created}"
+        created, url = create_bench_database("pacs_bench_ui")
     _log(f"database {make_url(url).database}; {os.cpu_count()} CPUs; load average "
          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     failures: list[str] = []
@@ -195,8 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             clinician.close()
     finally:
         if created and not args.keep:
-            with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
-                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(created)))
+            drop_bench_database(created)
         elif created:
             _log(f"kept: {url}")
     for failure in failures:

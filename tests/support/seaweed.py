@@ -50,6 +50,18 @@ def _port_range() -> tuple[int, int]:
 _READY_BUCKET = "seaweed-ready"
 
 
+def _terminate(proc: subprocess.Popen[bytes] | None, grace: float) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds; waits for the process (nothing when it is gone already)."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
 def find_weed() -> str | None:
     """Path of the ``weed`` executable: $WEED_BIN, next to this interpreter, the scripts dir, or $PATH."""
     candidates = [
@@ -270,14 +282,7 @@ class SeaweedS3:
         streams), too slow for tests; data written before the kill survives it.
         """
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
+        _terminate(proc, grace)
 
     def _kill_quietly(self) -> None:
         proc = self._proc
@@ -486,15 +491,7 @@ class SeaweedCluster:
 
     def stop_member(self, member: str, grace: float = 2.0) -> None:
         """Stop one member (SIGTERM, then SIGKILL after ``grace`` seconds) and wait for it."""
-        proc = self._procs.pop(member, None)
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
+        _terminate(self._procs.pop(member, None), grace)
 
     def stop(self, grace: float = 2.0) -> None:
         for member in reversed(self.MEMBERS):

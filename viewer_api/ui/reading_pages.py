@@ -27,7 +27,7 @@ page in the user's language (:func:`explain`); they are audited by ``audited`` a
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -180,30 +180,29 @@ def reading_rows(request: Request, principal: Annotated[Principal, require_page(
 
 @router.post("/{study}/claim", dependencies=CSRF)
 def claim(study: UID, request: Request, principal: Annotated[Principal, require_page(WRITE)]) -> Response:
-    try:
-        with (
-            audited(request, principal, "study.claim", study),
-            context(request).sessions() as session, session.begin(),
-        ):
-            lifecycle.claim(session, principal, study)
-    except PacsError as exc:
-        message, values = refusal(exc)
-        return redirect("/ui/reading", flash=message, flash_values=values)
-    return redirect("/ui/reading", flash=N_("Study claimed: it is yours to read."))
+    return _claim_change(request, principal, study, "study.claim", lifecycle.claim,
+                         N_("Study claimed: it is yours to read."))
 
 
 @router.post("/{study}/release", dependencies=CSRF)
 def release(study: UID, request: Request, principal: Annotated[Principal, require_page(WRITE)]) -> Response:
+    return _claim_change(request, principal, study, "study.release", lifecycle.release,
+                         N_("Study released: back on the list for everyone."))
+
+
+def _claim_change(request: Request, principal: Principal, study: str, action: str,
+                  change: Callable[..., object], done: str) -> Response:
+    """Claim or release (the same service as POST/DELETE /api/studies/{study}/claim), audited; back to the list."""
     try:
         with (
-            audited(request, principal, "study.release", study),
+            audited(request, principal, action, study),
             context(request).sessions() as session, session.begin(),
         ):
-            lifecycle.release(session, principal, study)
+            change(session, principal, study)
     except PacsError as exc:
         message, values = refusal(exc)
         return redirect("/ui/reading", flash=message, flash_values=values)
-    return redirect("/ui/reading", flash=N_("Study released: back on the list for everyone."))
+    return redirect("/ui/reading", flash=done)
 
 
 # -- the report editor --------------------------------------------------------------------------------------
