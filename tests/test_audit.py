@@ -58,7 +58,7 @@ from pacs.settings import Settings
 from tests.support.datasets import make_dataset, to_bytes
 from tests.support.dcmtk import ReferenceStoreSCP, dcmtk, dcmtk_env, storescu
 from tests.support.http_api import create_token as cli_token
-from tests.support.net import free_port, port_open, wait_until
+from tests.support.net import free_port, wait_until
 from tests.support.pacs_process import PACS, run_pacs
 from tests.support.stack import EmbeddedPacs
 
@@ -579,9 +579,8 @@ def _multipart(*parts: bytes) -> tuple[bytes, str]:
 
 def _run_session(pacs: EmbeddedPacs, root: Path) -> Session:
     expected: list[Row] = [("config.initial-admin", "system", "system", "success", "", "")]
-    dest_port = free_port()
-    dest = ReferenceStoreSCP(root / "dest", dest_port, aet="DESTSCP").start()
-    wait_until(lambda: port_open(dest_port), timeout=30, what="DCMTK storescp")
+    dest = ReferenceStoreSCP(root / "dest", free_port(), aet="DESTSCP").start()
+    dest_port = dest.port
     # setup: peers, credentials and the data, each audited as it is made
     for title, port in (("FINDSCU", free_port()), ("MOVESCU", free_port()), ("DESTSCP", dest_port)):
         _pacs_cli(pacs, "ae", "add", title, "127.0.0.1", str(port), "--archive-wide")

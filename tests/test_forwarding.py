@@ -39,7 +39,7 @@ from pacs.jobs import retry_delay
 from pacs.settings import Settings
 from tests.support.datasets import dataset_bytes, make_instance
 from tests.support.dcmtk import ReferenceStoreSCP, storescu
-from tests.support.net import free_port, port_open, wait_until
+from tests.support.net import free_port, wait_until
 from tests.support.pacs_process import run_pacs
 from tests.support.seaweed import SeaweedS3
 from tests.support.stack import REDIS_URL, EmbeddedPacs, ScaledStack
@@ -447,7 +447,6 @@ def _setup_rule(ctx: AppContext, ref_port: int) -> None:
 @pytest.fixture()
 def reference_scp(tmp_path: Path) -> Iterator[ReferenceStoreSCP]:
     ref = ReferenceStoreSCP(tmp_path / "reference", free_port()).start()
-    wait_until(lambda: port_open(ref.port), what="reference storescp")
     yield ref
     ref.stop()
 

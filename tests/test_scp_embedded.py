@@ -21,7 +21,7 @@ from storage.keys import thumbnail_key
 from tests.support.corpus import corpus_dicom_files
 from tests.support.datasets import dataset_bytes, make_dataset
 from tests.support.dcmtk import STORESCU_TS_OPTION, ReferenceStoreSCP, echoscu, storescu, storescu_each
-from tests.support.net import free_port, port_open, wait_until
+from tests.support.net import free_port, wait_until
 from tests.support.pacs_process import PacsProcess
 from tests.support.senders import send_dataset, send_file_raw
 from tests.support.stack import EmbeddedPacs
@@ -58,7 +58,6 @@ def test_echoscu(server: Server) -> None:
 @pytest.fixture()
 def reference_scp(tmp_path: Path) -> Iterator[ReferenceStoreSCP]:
     ref = ReferenceStoreSCP(tmp_path / "reference", free_port(), unique_names=True).start()
-    wait_until(lambda: port_open(ref.port), what="reference storescp")
     yield ref
     ref.stop()
 

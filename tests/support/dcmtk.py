@@ -6,10 +6,13 @@ import os
 import re
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
+
+from tests.support.net import free_port, listens, wait_until
 
 # pynetdicom installs its own echoscu/storescu/... into the virtualenv's bin folder, ahead of
 # DCMTK's on PATH: always call DCMTK's by absolute path.
@@ -177,15 +180,33 @@ class ReferenceStoreSCP:
         self.out_dir, self.port, self.aet = out_dir, port, aet
         self.unique_names = unique_names
         self.proc: subprocess.Popen[bytes] | None = None
+        self._started = False
 
-    def start(self) -> ReferenceStoreSCP:
+    def start(self, timeout: float = 30.0) -> ReferenceStoreSCP:
+        """Start storescp and return once it listens itself; should another process have taken the port in the
+        meantime (storescp then exits: address in use), start again: on a new port the first time (read
+        :attr:`port` after), on the same one when restarted (peers were told that port)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        log = (self.out_dir.parent / f"storescp-{self.port}.log").open("ab")
         naming = "+uf" if self.unique_names else "-uf"
-        self.proc = subprocess.Popen(
-            [dcmtk("storescp"), "+B", "+xa", "-aet", self.aet, "-od", str(self.out_dir), naming, str(self.port)],
-            stdout=log, stderr=subprocess.STDOUT, env=dcmtk_env())
-        return self
+        for attempt in range(3):
+            if attempt and self._started:
+                time.sleep(1.0)
+            elif attempt:
+                self.port = free_port()
+            log_path = self.out_dir.parent / f"storescp-{self.port}.log"
+            with log_path.open("ab") as log:
+                self.proc = subprocess.Popen(
+                    [dcmtk("storescp"), "+B", "+xa", "-aet", self.aet, "-od", str(self.out_dir), naming,
+                     str(self.port)], stdout=log, stderr=subprocess.STDOUT, env=dcmtk_env())
+            self._wait_listening(self.proc, timeout)
+            if self.proc.poll() is None:
+                self._started = True
+                return self
+        raise RuntimeError(f"storescp could not listen: {log_path.read_text(errors='replace')[-2000:]}")
+
+    def _wait_listening(self, proc: subprocess.Popen[bytes], timeout: float) -> None:
+        wait_until(lambda: proc.poll() is not None or listens(proc.pid, self.port), timeout=timeout,
+                   interval=0.05, what=f"storescp listening on {self.port}")
 
     def received(self) -> list[Path]:
         return sorted(p for p in self.out_dir.iterdir() if p.is_file())
