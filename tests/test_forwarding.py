@@ -409,8 +409,11 @@ def _forwarding_scenario(port: int, ctx: AppContext, ref: ReferenceStoreSCP, env
     result = storescu(port, [*ct, other], "-xe")
     assert result.status == 0 and result.returncode == 0, result.output[-2000:]
     first = {_sop_uid(p) for p in ct}
-    wait_until(lambda: len(ref.received()) >= 10 and all(j.state == "sent" for j in _jobs(ctx, first)),
-               timeout=30, what="10 CT instances at the destination")
+    try:
+        wait_until(lambda: len(ref.received()) >= 10 and all(j.state == "sent" for j in _jobs(ctx, first)),
+                   timeout=30, what="10 CT instances at the destination")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}; {ref.status()}") from exc
     time.sleep(0.5)  # nothing else (the OT object) follows
     _assert_received_exactly(ctx, ref, first)
     assert not _jobs(ctx, {_sop_uid(other)})

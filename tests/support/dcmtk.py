@@ -208,6 +208,14 @@ class ReferenceStoreSCP:
         wait_until(lambda: proc.poll() is not None or listens(proc.pid, self.port), timeout=timeout,
                    interval=0.05, what=f"storescp listening on {self.port}")
 
+    def status(self) -> str:
+        """For a failing test's message: is storescp still running, and the end of its log."""
+        state = "not started" if self.proc is None else (
+            "running" if self.proc.poll() is None else f"exited with {self.proc.returncode}")
+        log = self.out_dir.parent / f"storescp-{self.port}.log"
+        tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
+        return f"storescp on port {self.port}: {state}; log: {tail}"
+
     def received(self) -> list[Path]:
         return sorted(p for p in self.out_dir.iterdir() if p.is_file())
 
