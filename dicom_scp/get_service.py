@@ -38,6 +38,7 @@ from pynetdicom.sop_class import (
 )
 
 from dicom_scp.audit import audited_stream
+from dicom_scp.presentation_contexts import own_copy
 from dicom_scp.verification import UNCOMPRESSED
 from pacs.ae_scope import ae_scope, destination_scope
 from pacs.aes import AERegistry, MoveDestination
@@ -296,7 +297,7 @@ def accept_storage_scp_role(event: evt.Event) -> None:
 
     pynetdicom accepts an SCP/SCU Role Selection only for contexts supported with explicit roles,
     and the services contract (``contexts()``: abstract and transfer syntaxes) carries none, so
-    this association's own copy of the supported contexts is adjusted, before negotiation. Only
+    this association gets its own list, with its own copies of the contexts it changes, before negotiation. Only
     SOP classes the requester wants to receive are touched; ordinary C-STORE associations are not.
 
     pynetdicom accepts, for each proposed context, the first of *our* transfer syntaxes that the
@@ -312,12 +313,15 @@ def accept_storage_scp_role(event: evt.Event) -> None:
     assert requestor.primitive is not None  # the A-ASSOCIATE request this event is about
     for rq in requestor.primitive.presentation_context_definition_list:
         proposed.setdefault(str(rq.abstract_syntax), list(rq.transfer_syntax))
-    for cx in event.assoc.acceptor.supported_contexts:
-        if cx.abstract_syntax in wanted and cx.abstract_syntax in STORAGE_SOP_CLASSES:
+    contexts = list(event.assoc.acceptor.supported_contexts)  # shared read-only: this association's own list
+    for index, shared_cx in enumerate(contexts):
+        if shared_cx.abstract_syntax in wanted and shared_cx.abstract_syntax in STORAGE_SOP_CLASSES:
+            cx = contexts[index] = own_copy(shared_cx)
             cx.scu_role = True
             cx.scp_role = True
             # list(): pynetdicom's setter is typed list[str | bytes | UID], and a list is invariant
             cx.transfer_syntax = list(_retrieve_order(cx.transfer_syntax, proposed.get(str(cx.abstract_syntax), [])))
+    event.assoc.acceptor.supported_contexts = contexts
 
 
 def _retrieve_order(ours: list[UID], theirs: list[UID]) -> list[UID]:

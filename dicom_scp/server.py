@@ -45,14 +45,13 @@ from dataclasses import dataclass
 from types import MethodType
 from typing import Any
 
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
-from dicom_scp import association_checks, association_events
-from dicom_scp.presentation_contexts import cheaply_copied
+from dicom_scp import association_checks, association_events, presentation_contexts, uid_memo
 from dicom_scp.services import SERVICES
 from dicom_scp.tls import server_ssl_context
 from pacs import association_limits
@@ -71,6 +70,11 @@ DATASET_SLACK_BYTES = 1024 * 1024  # over DIMSE, a dataset may run this far past
 
 def build_ae(ctx: AppContext) -> AE:
     s = ctx.settings
+    uid_memo.install()  # conformant UIDs validated once, not on every association (dicom_scp.uid_memo)
+    if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+        # pynetdicom's standard event handlers format every PDU and DIMSE message for log lines at INFO and
+        # DEBUG, dropped at `pacs`'s WARNING: not bound, they cost nothing (its warnings and errors stay)
+        _config.LOG_HANDLER_LEVEL = "none"
     ae = AE(ae_title=s.ae_title)
     ae.maximum_pdu_size = s.max_pdu_size
     # pynetdicom counts every connection's thread, negotiating or not: its limit is set to the
@@ -467,7 +471,7 @@ def _start_server(ae: AE, address: tuple[str, int], evt_handlers: list[evt.Event
     server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
                             server_class=GuardedAssociationServer, guard=guard)
     assert isinstance(server, GuardedAssociationServer)  # make_server's type cannot tell from server_class
-    server.contexts = cheaply_copied(server.contexts)  # each association gets a copy: make it cheap
+    server.contexts = presentation_contexts.shared(server.contexts)  # built once, shared read-only by associations
     thread = threading.Thread(target=make_target(server.serve_forever), name=f"AcceptorServer@{address[1]}",
                               daemon=True)
     thread.start()

@@ -1,23 +1,28 @@
-"""Each association's copy of the supported presentation contexts: the same as pynetdicom's deepcopy, and
-independent of the server's (dicom_scp.presentation_contexts)."""
+"""The supported presentation contexts shared read-only by every association (dicom_scp.presentation_contexts),
+and pynetdicom's UID validation remembered for conformant UIDs (dicom_scp.uid_memo)."""
 
 from __future__ import annotations
 
 import copy
+import logging
 
-from pynetdicom import AE, AllStoragePresentationContexts
-from pynetdicom.presentation import QueryRetrievePresentationContexts
+import pytest
+from pydicom.uid import UID
+from pynetdicom import AE, AllStoragePresentationContexts, utils
+from pynetdicom.presentation import QueryRetrievePresentationContexts, negotiate_as_acceptor
 
-from dicom_scp.presentation_contexts import CheaplyCopiedContext, cheaply_copied
+from dicom_scp import uid_memo
+from dicom_scp.presentation_contexts import SharedContext, own_copy, shared
 
 _SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5"]
+_CT = "1.2.840.10008.5.1.4.1.1.2"
 
 
 def _server_contexts() -> list:
     ae = AE()
     for context in AllStoragePresentationContexts[:60] + QueryRetrievePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, _SYNTAXES)
-    ae.add_supported_context("1.2.840.10008.5.1.4.1.1.2", _SYNTAXES, scu_role=True, scp_role=True)
+    ae.add_supported_context(_CT, _SYNTAXES, scu_role=True, scp_role=True)
     return ae.supported_contexts
 
 
@@ -26,35 +31,107 @@ def _described(contexts: list) -> list[tuple]:
              c.result) for c in contexts]
 
 
-def test_the_copy_holds_what_deepcopy_holds() -> None:
+def test_an_association_gets_the_servers_contexts_themselves_holding_what_deepcopy_holds() -> None:
     original = _server_contexts()
-    cheap = copy.deepcopy(cheaply_copied(original))
-    assert _described(cheap) == _described(copy.deepcopy(original))
-    assert all(isinstance(c, CheaplyCopiedContext) for c in cheap)
-    assert str(cheap[0]) == str(original[0])  # pynetdicom's own rendering (UID names) works on the copy
+    server = shared(original)
+    mine = copy.deepcopy(server)  # what pynetdicom does for each association
+    assert mine is server and mine[0] is server[0]
+    assert _described(mine) == _described(copy.deepcopy(original))
+    assert all(isinstance(c, SharedContext) for c in mine)
+    assert str(mine[0]) == str(original[0])  # pynetdicom's own rendering (UID names) works on them
 
 
-def test_an_association_changing_its_copy_leaves_the_server_alone() -> None:
-    server = cheaply_copied(_server_contexts())
+def test_the_shared_contexts_cannot_be_changed() -> None:
+    server = shared(_server_contexts())
     before = _described(server)
-    mine = copy.deepcopy(server)
-    mine[0].transfer_syntax.remove("1.2.840.10008.1.2")
-    mine[0].context_id = 7
-    mine[1].result = 0x00
-    mine[2].scp_role = True
+    with pytest.raises(AttributeError):
+        server[0].scu_role = True
+    with pytest.raises(AttributeError):
+        server[0].transfer_syntax = ["1.2.840.10008.1.2"]
+    with pytest.raises(AttributeError):
+        server[0].transfer_syntax.remove("1.2.840.10008.1.2")  # a tuple
+    with pytest.raises(AttributeError):
+        server[0].add_transfer_syntax("1.2.840.10008.1.2.4.50")
+    for change in (lambda: server.append(server[0]), lambda: server.pop(), lambda: server.__setitem__(0, server[1]),
+                   lambda: server.sort(key=str), lambda: server.__delitem__(0), server.clear):
+        with pytest.raises(TypeError):
+            change()
     assert _described(server) == before
-    assert _described(copy.deepcopy(server)) == before
 
 
-def test_a_role_selection_request_negotiates_against_the_copy() -> None:
-    """The acceptor side of negotiation reads roles and syntaxes from the copy (what a C-GET SCU asks for)."""
-    from pynetdicom.presentation import negotiate_as_acceptor
+def test_an_own_copy_changes_alone() -> None:
+    server = shared(_server_contexts())
+    before = _described(server)
+    mine = own_copy(server[0])
+    mine.scu_role = True
+    mine.transfer_syntax = ["1.2.840.10008.1.2"]
+    mine.add_transfer_syntax("1.2.840.10008.1.2.1")
+    assert mine.transfer_syntax == ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"] and mine.scu_role is True
+    assert _described(server) == before
 
-    server = copy.deepcopy(cheaply_copied(_server_contexts()))
+
+def test_negotiation_against_the_shared_contexts_leaves_them_as_they_were() -> None:
+    """The acceptor side of negotiation reads roles and syntaxes (what a C-GET SCU asks for) and builds new ones."""
+    server = shared(_server_contexts())
+    before = _described(server)
     ae = AE()
-    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.4.90"])
+    ae.add_requested_context(_CT, ["1.2.840.10008.1.2.4.90"])
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.4", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
     requested = copy.deepcopy(ae.requested_contexts)
-    requested[0].context_id = 1
-    accepted, _ = negotiate_as_acceptor(requested, server, {"1.2.840.10008.5.1.4.1.1.2": (False, True)})
+    for index, context in enumerate(requested):
+        context.context_id = 2 * index + 1
+    accepted, _ = negotiate_as_acceptor(requested, copy.deepcopy(server), {_CT: (False, True)})
     assert accepted[0].result == 0x00 and accepted[0].transfer_syntax[0] == "1.2.840.10008.1.2.4.90"
     assert accepted[0].as_scu is True
+    assert accepted[1].result == 0x00 and accepted[1].transfer_syntax[0] == "1.2.840.10008.1.2.1"
+    assert not any(a is s for a in accepted for s in server)
+    assert _described(server) == before
+
+
+def _outcome(set_uid: object, value: object) -> tuple[str, object]:
+    try:
+        return "ok", set_uid(value, "abstract_syntax")  # type: ignore[operator]
+    except ValueError as exc:
+        return "ValueError", str(exc)
+
+
+def test_the_uid_memo_returns_what_pynetdicom_returns(caplog: pytest.LogCaptureFixture) -> None:
+    uid_memo.install()
+    original = uid_memo._original_set_uid
+    for value in ("1.2.840.10008.1.2.1", b"1.2.840.10008.5.1.4.1.1.2", UID("1.2.840.10008.1.2"), "1.2.3 ",
+                  b"1.2.4\x00"):
+        for _ in range(2):  # learned, then remembered
+            got = uid_memo.set_uid(value, "abstract_syntax", True, False, True)
+            assert got == original(value, "abstract_syntax", True, False, True) and type(got) is UID
+    assert uid_memo.set_uid(None, "x") is None
+    for refused in ("", b""):
+        with pytest.raises(ValueError):
+            uid_memo.set_uid(refused, "abstract_syntax", False, False, True)
+    for invalid in ("1.2.3" + "4" * 70, "1.2\\3", b"1.2.\x013", "1.2.a"):  # long, backslash, control, a letter
+        for _ in range(2):
+            assert _outcome(uid_memo.set_uid, invalid) == _outcome(original, invalid)
+            assert invalid not in uid_memo._known
+    with pytest.raises(ValueError):
+        uid_memo.set_uid("1.2.3" + "4" * 70, "abstract_syntax")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pynetdicom"):
+        for _ in range(2):  # non-conformant but valid: the same UID and pynetdicom's warning, each time
+            assert uid_memo.set_uid("1.02.3", "abstract_syntax") == "1.02.3"
+    assert sum("Non-conformant" in r.getMessage() for r in caplog.records) == 2
+    private = UID("1.2.3.4.5.6")
+    private.set_private_encoding(False, True)
+    assert uid_memo.set_uid(private, "transfer_syntax").is_little_endian is True  # not taken from the memo
+
+
+def test_the_uid_memo_is_bounded_and_in_pynetdicoms_modules(monkeypatch: pytest.MonkeyPatch) -> None:
+    uid_memo.install()
+    uid_memo.install()  # idempotent
+    from pynetdicom import pdu_items, presentation
+
+    assert pdu_items.set_uid is uid_memo.set_uid and presentation.set_uid is uid_memo.set_uid
+    assert utils.set_uid is uid_memo._original_set_uid  # pynetdicom's own stays where it is
+    monkeypatch.setattr(uid_memo, "_known", {})
+    monkeypatch.setattr(uid_memo, "MAX_ENTRIES", 3)
+    for n in range(10):
+        assert uid_memo.set_uid(f"1.2.826.0.1.{n}", "sop_class_uid") == f"1.2.826.0.1.{n}"
+    assert len(uid_memo._known) == 3
