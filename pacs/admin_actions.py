@@ -211,6 +211,6 @@ def retry_tasks(ctx: AppContext, principal: Principal, ids: list[int] | None) ->
     from pacs.derived.admin import retry
 
     with _change(ctx, principal, "tasks.retry") as session:
-        n = retry(session, ids)
+        n = retry(session, ids, principal.scope)
         _audit(session, principal, "tasks.retry", f"ids={ids or 'all failed'} queued={n}")
     return n

@@ -1,7 +1,8 @@
 """The share page in headless Chromium on a 360×640 phone screen (issue 14, must-show 1 and 5): the report with
 its Vietnamese diacritics is visible, nothing scrolls sideways, the key images load, a screenshot is kept and is
-not blank; in Vietnamese and English. The birth-date form and the viewer hand-off work in a real browser (the
-SameSite=Strict cookie, the script allowed by the page's CSP)."""
+not blank; in Vietnamese and English, with no serious axe-core violation, every control reached by the keyboard,
+and no failed request or error status (issue 16). The birth-date form and the viewer hand-off work in a real
+browser (the SameSite=Strict cookie, the script allowed by the page's CSP)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from tests.support.browser import PageLog, chromium_browser
 from tests.support.share_world import FACILITY_NAMES, IMPRESSION, PATIENT_A_SHOWN, ShareWorld, populate
 from tests.support.stack import EmbeddedPacs
 from tests.support.tiers import starts_servers
+from tests.support.ui import assert_clean, assert_keyboard_reachable, axe
 
 PHONE = {"width": 360, "height": 640}
 
@@ -81,6 +83,8 @@ def test_share_page_on_a_phone(served: tuple[EmbeddedPacs, ShareWorld], browser:
             page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=images.nth(i).element_handle())
         _no_sideways_scroll(page)
         assert page.evaluate("document.documentElement.lang") == language
+        assert axe(page) == []  # serious or critical axe-core violations, on the phone's screen
+        assert_keyboard_reachable(page)
         shot = tmp_path / f"share-page-{language}.png"
         page.screenshot(path=str(shot), full_page=True)
         picture = Image.open(io.BytesIO(shot.read_bytes())).convert("L")
@@ -93,8 +97,8 @@ def test_share_page_on_a_phone(served: tuple[EmbeddedPacs, ShareWorld], browser:
         page.locator(f'nav.languages a[lang="{other}"]').click()
         page.wait_for_url(f"**?lang={other}")
         assert page.evaluate("document.documentElement.lang") == other
-        assert log.console_errors == [] and log.page_errors == [], log.summary()
-        assert log.failed == [], log.summary()
+        assert axe(page) == []
+        assert_clean(log)  # no failed request, no 4xx/5xx answer, no console or page error
     finally:
         page.context.close()
 
@@ -109,6 +113,8 @@ def test_birth_date_form_then_report_in_the_browser(served: tuple[EmbeddedPacs, 
         page.click("#continue")
         expect(page.locator("#error")).to_contain_text("Còn 4 lần thử")
         _no_sideways_scroll(page)
+        assert axe(page) == []
+        assert_keyboard_reachable(page)
         page.fill("#birth_date", "15/04/1965")
         page.click("#continue")
         expect(page.locator(".impression")).to_have_text(IMPRESSION)

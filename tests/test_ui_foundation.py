@@ -37,6 +37,7 @@ from tests.support.ui import (
     PASSWORD,
     UiWorld,
     assert_clean,
+    assert_keyboard_reachable,
     axe,
     choose_language,
     screenshot,
@@ -92,14 +93,19 @@ def test_sign_in_journey_in_vietnamese_then_english(ui_world: UiWorld) -> None:
         assert page.get_by_label("Tên đăng nhập").is_visible() and page.get_by_label("Mật khẩu").is_visible()
         assert axe(page) == []
 
-        # the keyboard reaches the form and the language switch
-        page.evaluate("() => document.activeElement && document.activeElement.blur()")
-        reached = set()
-        for _ in range(12):
-            page.keyboard.press("Tab")
-            reached.add(page.evaluate("() => document.activeElement.id || document.activeElement.getAttribute('type')"
-                                      " || document.activeElement.tagName"))
-        assert {"username", "password", "sign-in", "lang-select"} <= reached, reached
+        # the keyboard reaches the form and the language switch, and shows where it is
+        assert_keyboard_reachable(page)
+        # (the walk itself fails a field whose focus cannot be seen, and a button that a Tab trap keeps out of reach)
+        page.evaluate("""() => {
+          Object.assign(document.getElementById('username').style, {outline: 'none', boxShadow: 'none'});
+          document.getElementById('password').addEventListener('keydown', (e) => {
+            if (e.key === 'Tab') e.preventDefault(); });
+        }""")
+        with pytest.raises(AssertionError) as failed:
+            assert_keyboard_reachable(page)
+        assert re.search(r"never focused: \[.*button#sign-in", str(failed.value)), failed.value
+        assert re.search(r"focus not visible: \['input#username", str(failed.value)), failed.value
+        page.reload()
 
         page.locator("#username").fill(username)
         page.locator("#password").fill(password)
@@ -112,6 +118,7 @@ def test_sign_in_journey_in_vietnamese_then_english(ui_world: UiWorld) -> None:
         assert "Quản trị" not in page.locator("nav").inner_text()  # the menu follows the role's capabilities
         screenshot(page, ui_world.screenshots / "home-vi.png", "Xin chào, rad_a", "Danh sách đọc", "Đăng xuất")
         assert axe(page) == []
+        assert_keyboard_reachable(page)
 
         choose_language(page, "en")
         assert urlsplit(page.url).path == "/ui"

@@ -39,7 +39,16 @@ from pacs.security import accounts
 from tests.support.browser import PageLog
 from tests.support.datasets import make_dataset, to_bytes
 from tests.support.stack import EmbeddedPacs
-from tests.support.ui import SCREEN, UiWorld, assert_clean, axe, screenshot, sign_in, ui_world  # noqa: F401
+from tests.support.ui import (  # noqa: F401 (ui_world: fixture)
+    SCREEN,
+    UiWorld,
+    assert_clean,
+    assert_keyboard_reachable,
+    axe,
+    screenshot,
+    sign_in,
+    ui_world,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -161,6 +170,7 @@ def test_radiologist_journey(world: World) -> None:
         expect(rows.nth(1)).to_contain_text("Trần Thị Bích")
         assert re.search(r"\b\d+ min\b", rows.nth(0).inner_text()), rows.nth(0).inner_text()
         assert not axe(page), axe(page)
+        assert_keyboard_reachable(page)
 
         # claim the STAT study, then open it
         page.locator(f"#claim-{_css(world.stat.uid)}").click()
@@ -189,6 +199,7 @@ def test_radiologist_journey(world: World) -> None:
             page.keyboard.press("Control+s")
         assert saved.value.ok and saved.value.json()["status"] == "draft"
         assert not axe(page), axe(page)
+        assert_keyboard_reachable(page)  # the editor of a draft: templates, text, buttons
 
         page.get_by_role("button", name="Preliminary").click()
         expect(page.locator(".flashes")).to_contain_text("The report is preliminary")
@@ -239,6 +250,7 @@ def test_radiologist_journey(world: World) -> None:
         expect(page.locator(".flashes")).to_contain_text("1 key image(s) marked.")
         expect(page.locator(".key-image-list")).to_contain_text("1 image(s) marked by rad_a")
         assert not axe(page), axe(page)
+        assert_keyboard_reachable(page)  # the editor of a signed report: amendment, history, key images
         page.locator("#version-history details").first.locator("summary").click()
         shot = screenshot(page, world.ui.screenshots / "reading-editor.png", "Nguyễn Văn An", "Version 3",
                           AMENDED_AGAIN, "Kết luận rõ hơn", "1 image(s) marked by rad_a")

@@ -35,7 +35,7 @@ from pacs.security.principal import Principal, scope_for
 from pacs.security.roles import Role, capabilities_of
 from tests.support.browser import PageLog, chromium_browser
 from tests.support.facilities import FacilityArchive
-from tests.support.ui import assert_clean, axe, screenshot, sign_in
+from tests.support.ui import assert_clean, assert_keyboard_reachable, axe, screenshot, sign_in
 
 pytestmark = pytest.mark.integration
 
@@ -131,6 +131,8 @@ def test_clinician_finds_a_patient_and_reads_the_report(world: World, language: 
         # the facility's studies, newest first; HOSP-B's is not there
         assert _rows(page) == [archive.an, archive.binh, archive.script, archive.an_prior]
         assert not _axe(page), _axe(page)
+        if language == "en":  # (the keyboard walk once: the language changes no element)
+            assert_keyboard_reachable(page)
 
         page.locator("#search-name").fill("nguyen van an")
         page.locator("form.study-search button[type=submit]").click()
@@ -154,8 +156,13 @@ def test_clinician_finds_a_patient_and_reads_the_report(world: World, language: 
         expect(priors).to_contain_text(TEXTS[language]["priors"])
         expect(priors.locator(f"a[href='/ui/studies/{archive.an_prior}']")).to_have_count(1)
         expect(page.locator("#open-viewer")).to_have_attribute("href", f"/ui/viewer/{archive.an}")
+        # a clinician may export but not manage: the zip link, no button to a page that would refuse them
+        expect(page.locator("#download-study")).to_have_attribute("href", f"/ui/studies/{archive.an}/archive.zip")
+        expect(page.locator(f"a[href='/ui/studies/{archive.an}/manage']")).to_have_count(0)
         _loaded(page.locator(".series-grid img").first)
         assert not _axe(page), _axe(page)
+        if language == "en":
+            assert_keyboard_reachable(page)
         screenshot(page, tmp_path / f"clinician-{language}.png", "Nguyễn Văn An", "AN-001", FINDINGS, IMPRESSION,
                    TEXTS[language]["priors"])
 
@@ -167,6 +174,7 @@ def test_clinician_finds_a_patient_and_reads_the_report(world: World, language: 
             expect(page.locator("article.patient-study")).to_have_count(2)
             expect(page.locator("article.patient-study").first).to_contain_text(IMPRESSION)
             assert not _axe(page), _axe(page)
+            assert_keyboard_reachable(page)
             page.go_back()
             # a share link for the patient: shown once, with its QR code
             page.locator("#share-panel summary").click()
@@ -176,6 +184,7 @@ def test_clinician_finds_a_patient_and_reads_the_report(world: World, language: 
             assert re.fullmatch(r"https?://[^/]+/s/\S+", page.locator("#share-url").input_value())
             _loaded(page.locator("img.qr"))
             assert not _axe(page), _axe(page)
+            assert_keyboard_reachable(page)
     assert_clean(log)
     # audited as QIDO-RS audits a search (the patient shown), and the study page and its thumbnails as reads
     with archive.server.ctx.read_sessions() as session:
@@ -262,6 +271,8 @@ def test_another_facility_gets_404_until_asked_for_a_consult(world: World) -> No
         inbox = b.locator("#consult-list tbody tr")
         expect(inbox).to_have_count(1)
         expect(inbox.first).to_contain_text("Nguyễn Văn An")
+        assert not _axe(b), _axe(b)
+        assert_keyboard_reachable(b)
         inbox.first.locator("a").first.click()
         b.wait_for_load_state("load")
         expect(b.locator("main")).to_contain_text(QUESTION)
@@ -272,6 +283,7 @@ def test_another_facility_gets_404_until_asked_for_a_consult(world: World) -> No
         b.wait_for_load_state("load")
         expect(b.locator("section[aria-labelledby='answers-heading']")).to_contain_text(ANSWER)
         assert not _axe(b), _axe(b)
+        assert_keyboard_reachable(b)
 
         # A reads the answer and closes the consult: B's 404 is back
         a.goto(consult_url)

@@ -37,7 +37,16 @@ from pacs.security import accounts
 from tests.support.datasets import make_instance
 from tests.support.net import free_port
 from tests.support.stack import EmbeddedPacs
-from tests.support.ui import UiWorld, assert_clean, axe, choose_language, screenshot, sign_in, ui_world  # noqa: F401
+from tests.support.ui import (  # noqa: F401 (ui_world: fixture)
+    UiWorld,
+    assert_clean,
+    assert_keyboard_reachable,
+    axe,
+    choose_language,
+    screenshot,
+    sign_in,
+    ui_world,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -143,6 +152,7 @@ def test_technologist_journey(world: World) -> None:
         expect(row).to_contain_text("TRAN THI BINH")
         expect(row).to_contain_text("MPPS completed")
         expect(row).to_contain_text("No images yet")
+        assert_keyboard_reachable(page)
 
         # upload through the drop zone's labelled file input (the page's script posts the files as they are chosen)
         page.locator("nav a[href='/ui/upload']").click()
@@ -155,6 +165,7 @@ def test_technologist_journey(world: World) -> None:
         expect(page.locator("#upload-results")).to_contain_text("IMG1.dcm")
         expect(page.locator("#upload-results tr.status-refused")).to_contain_text("notes.txt")
         assert axe(page) == []
+        assert_keyboard_reachable(page)
         # without the page's script: a plain form post gets the result page; its CSRF token is in the form's
         # action URL (a multipart body is never parsed before the token is checked)
         action = page.locator("#upload-form").get_attribute("action") or ""
@@ -185,10 +196,12 @@ def test_technologist_journey(world: World) -> None:
         expect(cells.nth(0)).to_have_text("3")  # received
         expect(cells.nth(2)).to_have_text("4")  # announced by MPPS
         assert axe(page) == []
+        assert_keyboard_reachable(page)
 
         # correct the patient name, with a reason
         page.get_by_role("link", name="Correct patient data").click()
         assert axe(page) == []
+        assert_keyboard_reachable(page)
         page.get_by_label("Patient name").fill(NEW_NAME)
         page.get_by_role("button", name="Save the correction").click()  # no reason: the browser refuses (required)
         assert page.url.endswith("/correct")
@@ -204,6 +217,7 @@ def test_technologist_journey(world: World) -> None:
         expect(page.locator("#reject-form")).to_be_visible()
         assert page.locator("#delete-form").count() == 0  # admins only
         assert axe(page) == []
+        assert_keyboard_reachable(page)
         response = page.request.get(world.url + f"/ui/studies/{world.study_uid}/archive.zip")
         assert response.status == 200 and response.headers["content-type"] == "application/zip"
         with zipfile.ZipFile(io.BytesIO(response.body())) as archive:
@@ -300,11 +314,14 @@ def test_admin_rejects_restores_sends_and_deletes(world: World) -> None:
                                                                    timeout=20_000)
             assert len(set(received)) == 3
             assert axe(page) == []
+            assert_keyboard_reachable(page)  # the administrator's manage page: send and delete too
 
             page.locator("#delete-reason").fill("Ca chụp thử nghiệm")
             page.locator("#delete-form button[type=submit]").click()
             expect(page.locator("h1")).to_have_text("Delete the study?")
             expect(page.locator("#delete-reason")).to_have_value("Ca chụp thử nghiệm")
+            assert axe(page) == []
+            assert_keyboard_reachable(page)
             page.locator("#delete-confirm-form button[type=submit]").click()
             expect(page.locator(".flashes")).to_contain_text("The study was deleted.")
             assert page.request.get(world.url + f"/ui/studies/{world.study_uid}/manage").status == 404

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from pacs.db.dml import affected_rows
-from pacs.db.models import DerivedTask
+from pacs.db.models import DerivedTask, Instance, Series, Study
 from pacs.jobs import JobState
+
+if TYPE_CHECKING:
+    from pacs.security.principal import AccessScope
 
 
 @dataclass(frozen=True)
@@ -33,15 +37,35 @@ def counts(session: Session) -> dict[str, dict[str, int]]:
     return out
 
 
-def failed(session: Session, limit: int = 1000) -> list[FailedTask]:
-    rows = session.scalars(select(DerivedTask).where(DerivedTask.state == JobState.FAILED)
-                           .order_by(DerivedTask.updated_at.desc()).limit(limit))
+def _of_scope(scope: AccessScope) -> ColumnElement[bool]:
+    """Tasks whose subject (an instance, a series or a study) belongs to a study the scope owns: a task names
+    UIDs and its error, which an administrator of another facility has no business seeing or re-running."""
+    from pacs.security.access import study_condition
+
+    own = study_condition(scope, borrowed=False)
+    instances = (select(Instance.sop_instance_uid).join(Series, Instance.series_fk == Series.id)
+                 .join(Study, Series.study_fk == Study.id).where(own))
+    series = select(Series.series_instance_uid).join(Study, Series.study_fk == Study.id).where(own)
+    studies = select(Study.study_instance_uid).where(own)
+    return or_(DerivedTask.subject_uid.in_(instances), DerivedTask.subject_uid.in_(series),
+               DerivedTask.subject_uid.in_(studies))
+
+
+def failed(session: Session, limit: int = 1000, scope: AccessScope | None = None) -> list[FailedTask]:
+    """The newest failed tasks; with a restricted ``scope``, only those of its own facility's studies."""
+    stmt = select(DerivedTask).where(DerivedTask.state == JobState.FAILED)
+    if scope is not None and not scope.unrestricted:
+        stmt = stmt.where(_of_scope(scope))
+    rows = session.scalars(stmt.order_by(DerivedTask.updated_at.desc()).limit(limit))
     return [FailedTask(r.id, r.kind, r.subject_uid, r.attempts, r.last_error, r.updated_at) for r in rows]
 
 
-def retry(session: Session, ids: list[int] | None = None) -> int:
-    """Put failed rows (all, or those in ``ids``) back to pending; the outbox relay publishes them."""
+def retry(session: Session, ids: list[int] | None = None, scope: AccessScope | None = None) -> int:
+    """Put failed rows (all, or those in ``ids``; with a restricted ``scope`` only its own facility's) back to
+    pending; the outbox relay publishes them."""
     stmt = update(DerivedTask).where(DerivedTask.state == JobState.FAILED)
     if ids is not None:
         stmt = stmt.where(DerivedTask.id.in_(ids))
+    if scope is not None and not scope.unrestricted:
+        stmt = stmt.where(_of_scope(scope))
     return affected_rows(session, stmt.values(state=JobState.PENDING, attempts=0, last_error=""))

@@ -223,3 +223,89 @@ def assert_clean(log: PageLog, *, allow_statuses: Sequence[str] = ()) -> None:
     failed = [f for f in log.failed if "net::ERR_ABORTED" not in f]  # a fetch cut short by leaving the page
     problems = failed + statuses + log.console_errors + log.page_errors
     assert not problems, "the page log is not clean:\n" + log.summary()
+
+
+# What a keyboard user must reach on a page: each visible, enabled element of these (a tabindex below 0 and the
+# hidden inputs excepted); one stop per radio group. Frames are passed through but not required (their document is
+# another page's).
+_KEYBOARD_WALK = r"""() => {
+  const SELECTOR = 'a[href], area[href], button, input, select, textarea, summary, iframe, [tabindex], '
+                 + '[contenteditable="true"]';
+  const wanted = (el) => {
+    if (el.tagName === 'IFRAME' || el.closest('[inert]') || el.matches(':disabled, input[type=hidden]')) return false;
+    const tabindex = el.getAttribute('tabindex');
+    if (tabindex !== null && tabindex.trim() !== '' && parseInt(tabindex, 10) < 0) return false;
+    if (el.tagName === 'SUMMARY' && !(el.parentElement && el.parentElement.tagName === 'DETAILS'
+                                      && el.parentElement.querySelector(':scope > summary') === el)) return false;
+    return el.checkVisibility({checkVisibilityCSS: true});
+  };
+  const describe = (el) => {
+    if (el.type === 'radio' && el.name) {
+      return `radio group ${el.name}` + (el.form && el.form.id ? ` of #${el.form.id}` : '');
+    }
+    const text = (el.getAttribute('aria-label') || el.innerText || el.value || el.getAttribute('title') || '')
+      .replace(/\s+/g, ' ').trim().slice(0, 40);
+    return el.tagName.toLowerCase() + (el.id ? '#' + el.id : '') + (el.name ? `[name=${el.name}]` : '')
+      + (el.getAttribute('href') ? `[href=${el.getAttribute('href')}]` : '') + (text ? ` "${text}"` : '');
+  };
+  const keys = () => {
+    const seen = new Map(), out = new Map();
+    for (const el of document.querySelectorAll(SELECTOR)) {
+      if (!wanted(el)) continue;
+      const d = describe(el);
+      if (d.startsWith('radio group ') && seen.has(d)) { out.set(el, d); continue; }
+      const n = (seen.get(d) || 0) + 1;
+      seen.set(d, n);
+      out.set(el, n > 1 ? `${d} (${n})` : d);
+    }
+    return out;
+  };
+  // the walk starts at the top of the page, as after loading it
+  document.body.setAttribute('tabindex', '-1');
+  document.body.focus({preventScroll: true});
+  document.body.removeAttribute('tabindex');
+  window.scrollTo(0, 0);
+  window.__keyboardWalk = [];
+  window.__keyboardWalkListener = (event) => {
+    const el = event.target;
+    if (!(el instanceof Element)) return;
+    const key = keys().get(el) || `${describe(el)} (not expected)`;
+    const style = getComputedStyle(el);
+    const outline = style.outlineStyle !== 'none' && parseFloat(style.outlineWidth) > 0;
+    const shadow = style.boxShadow !== 'none';
+    const r = el.getBoundingClientRect();
+    window.__keyboardWalk.push({
+      key, frame: el.tagName === 'IFRAME', focusVisible: el.matches(':focus-visible'), indicator: outline || shadow,
+      onPage: r.width > 2 && r.height > 2 && r.right + window.scrollX > 0 && r.bottom + window.scrollY > 0,
+    });
+  };
+  document.addEventListener('focusin', window.__keyboardWalkListener, true);
+  return [...new Set(keys().values())];
+}"""
+
+
+def assert_keyboard_reachable(page: Page) -> None:
+    """Tab through ``page`` with the keyboard only, from its top: every visible, enabled interactive element (links,
+    buttons, form fields, summaries, ``tabindex`` ≥ 0) receives the focus in turn, each focused element shows it (an
+    outline or a box-shadow while it matches ``:focus-visible``) and none is pushed off the page while focused."""
+    expected: list[str] = page.evaluate(_KEYBOARD_WALK)
+    limit = 2 * len(expected) + 10  # room for a frame's own stops and scrollable regions the browser adds
+    presses, walk = 0, []
+    try:
+        while presses < limit:
+            missing = set(expected) - {w["key"] for w in walk}
+            if not missing:
+                break
+            for _ in range(min(len(missing), limit - presses)):
+                page.keyboard.press("Tab")
+                presses += 1
+            walk = page.evaluate("() => window.__keyboardWalk")
+    finally:
+        page.evaluate("() => document.removeEventListener('focusin', window.__keyboardWalkListener, true)")
+    reached = {w["key"] for w in walk}
+    unreached = [key for key in expected if key not in reached]
+    unseen = sorted({w["key"] for w in walk if not w["frame"] and not (w["focusVisible"] and w["indicator"])})
+    off_page = sorted({w["key"] for w in walk if not w["frame"] and not w["onPage"]})
+    assert not (unreached or unseen or off_page), (
+        f"keyboard walk of {page.url} ({presses} Tab presses, {len(expected)} stops expected):\n"
+        f"never focused: {unreached}\nfocus not visible: {unseen}\nfocused off the page: {off_page}")

@@ -154,7 +154,7 @@ def forwarding_retry(request: Request, principal: Admin,
 def tasks_page(request: Request, principal: Admin) -> HTMLResponse:
     with context(request).read_sessions() as session:
         counts = derived_admin.counts(session)
-        failed = derived_admin.failed(session, limit=200)
+        failed = derived_admin.failed(session, limit=200, scope=principal.scope)
     states = ("pending", "queued", "running", "done", "failed")
     return render(request, "ui/admin/tasks.html", principal, counts=sorted(counts.items()), states=states,
                   failed=failed)

@@ -276,8 +276,10 @@ def _actions(principal: Principal) -> dict[str, bool]:
     can = principal.can
     return {"viewer": can(Capability.STUDY_READ), "share": can(Capability.SHARE_CREATE),
             "consult": can(Capability.CONSULT),
-            "manage": any(can(c) for c in (Capability.STUDY_EXPORT, Capability.STUDY_SEND, Capability.STUDY_REJECT,
-                                           Capability.STUDY_DELETE)),
+            # the manage page needs STUDY_REJECT (viewer_api.ui.tech_pages); a role that may only export (clinicians)
+            # gets the zip link on the study page instead of a button to a page it would be refused
+            "manage": can(Capability.STUDY_REJECT),
+            "download": can(Capability.STUDY_EXPORT) and not can(Capability.STUDY_REJECT),
             "correct": can(Capability.STUDY_CORRECT),
             "completeness": can(Capability.ORDER_MANAGE) and principal.role is not Role.EMR}
 
