@@ -5,7 +5,8 @@ an API token, a signed and amended report and its audit trail is backed up by a 
 process (pg_dump), restored by `pacs backup restore` (pg_restore; run in this process to spare an interpreter
 start) into another empty database and another empty bucket, and everything is shown to be back: every index
 row and object, the report's versions, the user's login and session, the token, `pacs check` clean, the audit
-chain intact. Damaged, unfinished and foreign folders and non-empty targets are refused with nothing written.
+chain intact (in-process, then by real `pacs check` and `pacs audit verify` processes on the restored archive).
+Damaged, unfinished and foreign folders and non-empty targets are refused with nothing written.
 The embedded archive (SQLite + filesystem) makes the same round trip in-process, and a backup of an older
 schema is migrated by its restore.
 """
@@ -15,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -209,6 +212,16 @@ def test_restore_drill_on_postgresql_and_s3(pg_s3, tmp_path: Path) -> None:
         actions = list(t.scalars(select(AuditEventRow.action).order_by(AuditEventRow.id)))
     assert target_chain[:len(source_chain)] == source_chain and len(target_chain) == len(source_chain) + 1
     assert actions[-2:] == ["backup.create", "backup.restore"]
+    # and as an operator proves it: `pacs check` and `pacs audit verify` on the restored archive, run as
+    # processes side by side (each an interpreter start)
+    with ThreadPoolExecutor(2) as pool:
+        checked, verified = pool.map(lambda args: _pacs(args, target, 0)[0],
+                                     [["check", "--json"], ["audit", "verify"]])
+    summary = json.loads(checked)
+    assert summary["ok"] and summary["errors"] == summary["warnings"] == 0, summary
+    assert summary["checked"] == len(before["objects"]) - 1  # every DICOM object and version; not the thumbnail
+    assert re.fullmatch(rf"audit trail intact: {len(target_chain)} rows, last hash {target_chain[-1]}\s*",
+                        verified), verified
 
     # a target that is not empty (the one just restored) is refused, and nothing in it changes
     _, err = _cli(["backup", "restore", str(backup)], target, 2)

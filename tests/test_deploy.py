@@ -6,6 +6,7 @@ every secret they use."""
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import os
 import re
@@ -120,6 +121,24 @@ def test_haproxy_configurations_parse(cfg: str) -> None:
     warnings = [line for line in (result.stdout + result.stderr).splitlines()
                 if "WARNING" in line and "could not resolve address" not in line]
     assert not warnings, warnings
+
+
+# -- whose PROXY header / X-Forwarded-For is believed: exactly the balancer, never a range others share --------
+
+def test_compose_trusts_proxy_headers_from_dicom_lb_alone(compose: dict) -> None:
+    services = compose["services"]
+    network = compose["networks"]["default"]["ipam"]["config"]
+    assert len(network) == 1
+    subnet, dynamic = ipaddress.ip_network(network[0]["subnet"]), ipaddress.ip_network(network[0]["ip_range"])
+    lb = services["dicom-lb"]["networks"]["default"]["ipv4_address"]
+    # dicom-lb's fixed address is on the network, outside the range Docker numbers the other containers from
+    assert ipaddress.ip_address(lb) in subnet and ipaddress.ip_address(lb) not in dynamic
+    assert dynamic.subnet_of(subnet)  # type: ignore[arg-type]
+    assert json.loads(services["scp"]["environment"]["PACS_TRUSTED_PROXIES"]) == [lb]
+    assert "send-proxy-v2" in (DEPLOY / "haproxy.cfg").read_text()
+    # nobody else believes a PROXY header or an X-Forwarded-For (the api is reached directly on 8000)
+    assert [name for name, service in services.items()
+            if "PACS_TRUSTED_PROXIES" in (service.get("environment") or {})] == ["scp"]
 
 
 # -- Kubernetes ---------------------------------------------------------------------------------------------
@@ -273,6 +292,26 @@ def test_k8s_api_probes_use_the_health_endpoints() -> None:
     assert next(doc for doc in _of_kind("StatefulSet") if doc["metadata"]["name"] == "minio")["spec"]["replicas"] == 4
 
 
+def test_k8s_trusts_proxies_only_behind_a_network_policy() -> None:
+    config = next(doc for doc in _of_kind("ConfigMap") if doc["metadata"]["name"] == "pacs-config")["data"]
+    assert "PACS_TRUSTED_PROXIES" not in config  # not inherited by every process
+    trusted = {name: json.loads(var["value"]) for name, c in _pacs_containers() for var in c.get("env", [])
+               if var["name"] == "PACS_TRUSTED_PROXIES"}
+    assert trusted["pacs-scp"] == []  # modalities arrive with their own address (externalTrafficPolicy: Local)
+    assert set(trusted) == {"pacs-scp", "pacs-api"}
+    # the api believes the pod network: only the ingress controller and Prometheus may reach its pods
+    api_labels = next(doc for doc in _of_kind("Deployment")
+                      if doc["metadata"]["name"] == "pacs-api")["spec"]["template"]["metadata"]["labels"]
+    policies = [doc["spec"] for doc in _of_kind("NetworkPolicy")
+                if doc["spec"]["podSelector"]["matchLabels"].items() <= api_labels.items()]
+    assert len(policies) == 1 and policies[0]["policyTypes"] == ["Ingress"]
+    peers = [peer for rule in policies[0]["ingress"] for peer in rule["from"]]
+    assert peers and all(set(peer) == {"namespaceSelector", "podSelector"} and peer["podSelector"]["matchLabels"]
+                         for peer in peers)  # named pods of named namespaces: no address range, no "anyone"
+    assert [peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for peer in peers] == [
+        "ingress-nginx", "monitoring"]
+
+
 # -- systemd ------------------------------------------------------------------------------------------------
 
 SYSTEMD = DEPLOY / "systemd"
@@ -360,6 +399,18 @@ def test_systemd_environment_file_is_accepted_by_settings() -> None:
     values = _env_file(example, commented=True)
     settings = operator_settings(values)
     assert "target_session_attrs=read-write" in settings.effective_database_url
+
+
+def test_systemd_api_trusts_its_local_proxy_alone() -> None:
+    trusted = {name: json.loads(item.split("=", 1)[1]) for name, unit in _units().items()
+               for value in unit["Service"].get("Environment", []) for item in shlex.split(value)
+               if item.startswith("PACS_TRUSTED_PROXIES=")}
+    assert trusted == {"pacs-api.service": ["127.0.0.1", "::1"]}
+    # the environment file would override the unit's (EnvironmentFile= wins over Environment=): an example only
+    example = SYSTEMD / "pacs.env.example"
+    assert "PACS_TRUSTED_PROXIES" not in _env_file(example)
+    balancers = json.loads(_env_file(example, commented=True)["PACS_TRUSTED_PROXIES"])
+    assert balancers and all(ipaddress.ip_network(address).num_addresses == 1 for address in balancers)
 
 
 # -- every command deploy/ runs is a real pacs subcommand -----------------------------------------------------
