@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import subprocess
 import threading
@@ -57,9 +56,8 @@ from pacs.security.accounts import create_token
 from pacs.settings import Settings
 from tests.support.datasets import make_dataset, to_bytes
 from tests.support.dcmtk import ReferenceStoreSCP, dcmtk, dcmtk_env, storescu
-from tests.support.http_api import create_token as cli_token
 from tests.support.net import free_port, wait_until
-from tests.support.pacs_process import PACS, run_pacs
+from tests.support.pacs_process import invoke_pacs, run_pacs
 from tests.support.stack import EmbeddedPacs
 
 OP = f"os:{operator()}"  # who the CLI audits as (the same account runs the tests' `pacs` commands)
@@ -300,7 +298,8 @@ def trail_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TrailDb
 
 
 def _verify(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return run_pacs(["audit", "verify"], env)
+    """`pacs audit verify` in-process (its logic; the session test below runs it as a process)."""
+    return invoke_pacs(["audit", "verify"], env)
 
 
 @pytest.mark.integration
@@ -521,7 +520,7 @@ def test_cli_lists_and_exports_fhir(api: Api, tmp_path: Path) -> None:
     listed = run_pacs(["audit", "list", "--action", "dimse.", "--json"], api.env)
     assert listed.returncode == 0, listed.stderr
     assert [_key(r) for r in json.loads(listed.stdout)] == [SEED[0], SEED[1], SEED[6]]
-    table = run_pacs(["audit", "list", "--actor", "alice"], api.env)
+    table = invoke_pacs(["audit", "list", "--actor", "alice"], api.env)  # in-process: the command's logic
     assert table.returncode == 0 and "auth.login" in table.stdout and "2 of 2 event(s)" in table.stderr
 
     out = tmp_path / "audit.fhir.json"
@@ -530,13 +529,14 @@ def test_cli_lists_and_exports_fhir(api: Api, tmp_path: Path) -> None:
     assert "2 audit event(s) exported" in exported.stderr
     resources = check_bundle(json.loads(out.read_text()))
     assert [r["id"] for r in resources] == [str(api.seeded[i]["id"]) for i in (4, 6)]
-    everything = run_pacs(["audit", "export", "--fhir", "-"], api.env)
+    everything = invoke_pacs(["audit", "export", "--fhir", "-"], api.env)
     assert everything.returncode == 0
     assert {r["id"] for r in check_bundle(json.loads(everything.stdout))} >= {str(r["id"]) for r in api.seeded}
 
-    bad = run_pacs(["audit", "list", "--since", "soon"], api.env)
+    bad = invoke_pacs(["audit", "list", "--since", "soon"], api.env)
     assert bad.returncode == 2 and "since" in bad.stderr
-    unwritable = run_pacs(["audit", "export", "--fhir", str(tmp_path / "no" / "such" / "dir" / "x.json")], api.env)
+    unwritable = invoke_pacs(["audit", "export", "--fhir", str(tmp_path / "no" / "such" / "dir" / "x.json")],
+                             api.env)
     assert unwritable.returncode == 1 and "cannot write" in unwritable.stderr
     reads = [r for r in _rows(api.ctx) if r.action == "audit.read"]
     assert [_key(r)[:4] for r in reads] == [("audit.read", OP, "operator", "success")] * 4
@@ -565,9 +565,12 @@ class Session:
     ports: dict[str, int] = field(default_factory=dict)
 
 
-def _pacs_cli(pacs: EmbeddedPacs, *args: str) -> None:
-    result = run_pacs(list(args), pacs.env)
+def _pacs_cli(pacs: EmbeddedPacs, *args: str, input: str | None = None) -> str:
+    """A `pacs` command in-process (tests.support.pacs_process.invoke_pacs: the same command code and audit rows
+    without a new interpreter each; these commands run as processes in tests/test_cli.py); its stdout."""
+    result = invoke_pacs(list(args), pacs.env, input=input)
     assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
 
 
 def _multipart(*parts: bytes) -> tuple[bytes, str]:
@@ -585,14 +588,11 @@ def _run_session(pacs: EmbeddedPacs, root: Path) -> Session:
     for title, port in (("FINDSCU", free_port()), ("MOVESCU", free_port()), ("DESTSCP", dest_port)):
         _pacs_cli(pacs, "ae", "add", title, "127.0.0.1", str(port), "--archive-wide")
         expected.append(("config.ae-add", OP, "operator", "success", "", ""))
-    added = subprocess.run([PACS, "user", "add", "dr.lan", "--role", "radiologist", "--password-stdin"],
-                           input=PASSWORD + "\n", capture_output=True, text=True, timeout=120,
-                           env={**os.environ, **pacs.env})
-    assert added.returncode == 0, added.stderr
+    _pacs_cli(pacs, "user", "add", "dr.lan", "--role", "radiologist", "--password-stdin", input=PASSWORD + "\n")
     expected.append(("config.user-add", OP, "operator", "success", "", ""))
     # `pacs token create` itself (the CLI writes these audit rows; pacs.token() makes tokens in-process)
-    admin = cli_token(pacs.env, "admin", name="audit-admin")
-    clinician = cli_token(pacs.env, "clinician", name="audit-clinician")
+    admin, clinician = (json.loads(_pacs_cli(pacs, "token", "create", f"audit-{role}", "--role", role, "--days", "1",
+                                             "--json"))["token"] for role in ("admin", "clinician"))
     expected += [("config.token-create", OP, "operator", "success", "", "")] * 2
     first = make_dataset(PatientID=P1, PatientName=NAME_1)
     study_a = first.StudyInstanceUID
@@ -759,7 +759,7 @@ def test_worklist_mpps_get_and_refusals_are_audited_once_per_request(session: Se
     pacs = session.pacs
     for title in ("CT01", "GETSCU"):
         _pacs_cli(pacs, "ae", "add", title, "127.0.0.1", str(free_port()), "--archive-wide")
-    order = run_pacs(["order", "add", "--patient-id", P1, "--patient-name", "AUDIT^ONE", "--modality", "CT",
+    order = invoke_pacs(["order", "add", "--patient-id", P1, "--patient-name", "AUDIT^ONE", "--modality", "CT",
                       "--station-ae", "CT01", "--date", "20261128", "--time", "0900", "--procedure", "CT CHEST",
                       "--json"], pacs.env)
     assert order.returncode == 0, order.stderr

@@ -1,6 +1,7 @@
 """`pacs import` finishes its derived work before it exits; `pacs check` lists what crashes leave behind
 (orphans, temporary files) as warnings, and `pacs check --repair` collects only what is old and unreferenced
-(issue 12, "Reliability"). Real `pacs` processes on the embedded configuration."""
+(issue 12, "Reliability"). Real `pacs` processes on the embedded configuration (a command run again within a
+test, for its logic, runs in-process: tests.support.pacs_process.invoke_pacs)."""
 
 from __future__ import annotations
 
@@ -17,15 +18,15 @@ from pacs.context import AppContext
 from pacs.db.models import AuditEvent, DerivedTask, Instance, InstanceVersion, Study
 from pacs.maintenance.repair import repair_refusal
 from pacs.settings import Settings
-from tests.support.pacs_process import run_pacs
+from tests.support.pacs_process import invoke_pacs, run_pacs
 
 pytestmark = pytest.mark.integration
 
 OLD = time.time() - 3 * 3600  # older than the default grace period of 60 minutes
 
 
-def _pacs(args: list[str], env: dict[str, str], expect: int = 0) -> str:
-    result = run_pacs(args, env, timeout=300)
+def _pacs(args: list[str], env: dict[str, str], expect: int = 0, process: bool = True) -> str:
+    result = run_pacs(args, env, timeout=300) if process else invoke_pacs(args, env)
     assert result.returncode == expect, f"pacs {args} exited {result.returncode}:\n{result.stdout[-3000:]}" \
                                         f"\n{result.stderr[-3000:]}"
     return result.stdout
@@ -98,7 +99,7 @@ def test_check_lists_orphans_and_temporary_files_as_warnings_and_repair_takes_on
         assert listed == {("orphan", orphan), ("orphan", young_orphan), ("orphan", held),
                           ("temporary", str(temp_dir / old_tmp.name)), ("temporary", str(temp_dir / young_tmp.name))}
 
-        repaired = json.loads(_pacs(["check", "--repair", "--json"], env, expect=0))["repair"]
+        repaired = json.loads(_pacs(["check", "--repair", "--json"], env, expect=0, process=False))["repair"]
         assert repaired["removed_orphans"] == [orphan]
         assert repaired["removed_temporary"] == [str(temp_dir / old_tmp.name)]
         kept = dict(repaired["kept"])
@@ -111,11 +112,11 @@ def test_check_lists_orphans_and_temporary_files_as_warnings_and_repair_takes_on
             audited = list(s.scalars(select(AuditEvent.detail).where(AuditEvent.action.like("store.%"))))
         assert len(audited) == 2 and any(orphan in d for d in audited)
 
-        text = _pacs(["check", "--repair"], env, expect=0)
+        text = _pacs(["check", "--repair"], env, expect=0, process=False)
         assert "removed 0 orphan(s) and 0 temporary file(s)" in text
 
         indexed.unlink()  # an index row without its object stays an error
-        assert json.loads(_pacs(["check", "--json"], env, expect=1))["counts"]["missing"] == 1
+        assert json.loads(_pacs(["check", "--json"], env, expect=1, process=False))["counts"]["missing"] == 1
     finally:
         ctx.close()
 

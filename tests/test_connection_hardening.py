@@ -33,7 +33,7 @@ from tests.support.dcmtk import echoscu, storescu
 from tests.support.http_api import bearer_client
 from tests.support.inprocess import register_ae
 from tests.support.net import wait_until
-from tests.support.pacs_process import run_pacs
+from tests.support.pacs_process import invoke_pacs, run_pacs
 from tests.support.senders import send_dataset
 from tests.support.stack import EmbeddedPacs
 
@@ -258,7 +258,7 @@ def test_data_is_the_owners_only_and_check_warns_about_lax_modes(pacs: EmbeddedP
     assert clean.returncode == 0 and "open to group or others" not in clean.stdout, clean.stdout + clean.stderr
     objects[0].chmod(0o644)  # as an older release (or a careless copy) left it
     try:
-        lax = run_pacs(["check"], pacs.env)
+        lax = invoke_pacs(["check"], pacs.env)  # in-process: the check's logic (a process just above)
         assert lax.returncode == 0, lax.stdout + lax.stderr  # a warning, not a problem
         assert "open to group or others" in lax.stdout and objects[0].name in lax.stdout, lax.stdout
         assert "chmod -R go-rwx" in lax.stdout

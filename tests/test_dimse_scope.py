@@ -61,7 +61,7 @@ from tests.support.commitment_modality import Modality
 from tests.support.datasets import make_dataset
 from tests.support.dcmtk import dcmtk, dcmtk_env
 from tests.support.net import free_port
-from tests.support.pacs_process import run_pacs
+from tests.support.pacs_process import invoke_pacs, run_pacs
 from tests.support.tiers import starts_servers
 
 SC = str(SecondaryCaptureImageStorage)
@@ -525,7 +525,7 @@ def test_upgrade_keeps_facility_less_aes_archive_wide_and_ae_add_asks_for_a_scop
     env = {"PACS_DATA_DIR": str(data)}
     bare = run_pacs(["ae", "add", "NEWWS", "127.0.0.1", "104"], env)
     assert bare.returncode == 1 and "--archive-wide" in bare.stderr, bare.stdout + bare.stderr
-    both = run_pacs(["ae", "add", "NEWWS", "127.0.0.1", "104", "--facility", "HOSP-A", "--archive-wide"], env)
+    both = invoke_pacs(["ae", "add", "NEWWS", "127.0.0.1", "104", "--facility", "HOSP-A", "--archive-wide"], env)
     assert both.returncode == 1 and "not both" in both.stderr, both.stdout + both.stderr
-    store_only = run_pacs(["ae", "add", "NEWCT", "127.0.0.1", "104", "--no-query", "--no-retrieve"], env)
+    store_only = invoke_pacs(["ae", "add", "NEWCT", "127.0.0.1", "104", "--no-query", "--no-retrieve"], env)
     assert store_only.returncode == 0, store_only.stdout + store_only.stderr

@@ -31,7 +31,7 @@ from tests.support.http_api import bearer_client
 from tests.support.inprocess import new_user
 from tests.support.net import wait_until
 from tests.support.ohif import installed_ohif
-from tests.support.pacs_process import run_pacs
+from tests.support.pacs_process import invoke_pacs, run_pacs
 from tests.support.stack import EmbeddedPacs
 
 pytestmark = pytest.mark.integration
@@ -289,11 +289,21 @@ def test_static_files_routes_and_missing_assets(server: EmbeddedPacs, ohif_dir: 
 
 
 def test_viewer_not_installed_answers_404_with_the_install_command(tmp_path: Path) -> None:
-    pacs = EmbeddedPacs(tmp_path, {"PACS_OHIF_DIR": str(tmp_path / "no-viewer")})
+    """The route's answer, in-process (the API app on a migrated index: no `pacs serve` just for one 404)."""
+    from fastapi.testclient import TestClient
+
+    from pacs.context import AppContext
+    from pacs.db import migrate
+    from pacs.settings import Settings
+    from viewer_api.app import create_app
+
+    ctx = AppContext.create(Settings(data_dir=tmp_path / "data", ohif_dir=tmp_path / "no-viewer"))
     try:
-        response = httpx.get(f"{pacs.http_url}/ohif/viewer", timeout=30)
+        migrate.upgrade(ctx.engine)
+        with TestClient(create_app(ctx)) as client:
+            response = client.get("/ohif/viewer")
     finally:
-        pacs.close()
+        ctx.close()
     assert response.status_code == 404
     body = response.json()
     assert body["code"] == "viewer_not_installed" and "pacs viewer install-ohif" in body["message"]
@@ -321,8 +331,8 @@ def test_install_refuses_to_replace_a_folder_it_did_not_make(tmp_path: Path) -> 
     target = tmp_path / "data"
     target.mkdir()
     (target / "index.sqlite3").write_bytes(b"precious")
-    result = run_pacs(["viewer", "install-ohif", "--from-tarball", str(tmp_path / "none.tgz"), "--dir", str(target)],
-                      {"PACS_DATA_DIR": str(tmp_path / "data")})
+    result = invoke_pacs(["viewer", "install-ohif", "--from-tarball", str(tmp_path / "none.tgz"), "--dir",
+                          str(target)], {"PACS_DATA_DIR": str(tmp_path / "data")})  # in-process: a process above
     assert result.returncode == 1
     assert "is not an OHIF install made by this command" in " ".join(result.stderr.split())
     assert (target / "index.sqlite3").read_bytes() == b"precious"

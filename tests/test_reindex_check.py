@@ -1,4 +1,6 @@
-"""`pacs reindex` and `pacs check` as real processes, against SQLite + filesystem and PostgreSQL + S3.
+"""`pacs reindex` and `pacs check` as real processes, against SQLite + filesystem and PostgreSQL + S3 (each
+command runs as a process at least once per configuration; its other runs, for their logic, in-process with
+tests.support.pacs_process.invoke_pacs: the same command code and exit codes without a new interpreter).
 
 The archive is filled with `pacs import` (pydicom's whole test corpus, whose files share SOP Instance
 UIDs so prior versions exist, and a generated CT series). C-FIND does not exist yet, so the comparison
@@ -43,7 +45,7 @@ from storage import ObjectInfo, ObjectStore
 from storage.keys import instance_key
 from tests.support.corpus import corpus_files
 from tests.support.datasets import make_instance
-from tests.support.pacs_process import run_pacs
+from tests.support.pacs_process import invoke_pacs, run_pacs
 from tests.support.postgres import create_database, drop_database
 from tests.support.seaweed import SeaweedS3
 
@@ -65,8 +67,8 @@ class Archive:
                                           storage_url=self.env.get("PACS_STORAGE_URL", "")))
 
 
-def _pacs(args: list[str], env: dict[str, str], expect: int = 0) -> str:
-    result = run_pacs(args, env, timeout=300)
+def _pacs(args: list[str], env: dict[str, str], expect: int = 0, process: bool = True) -> str:
+    result = run_pacs(args, env, timeout=300) if process else invoke_pacs(args, env)
     assert result.returncode == expect, f"pacs {args} exited {result.returncode}:\n{result.stdout[-3000:]}" \
                                         f"\n{result.stderr[-3000:]}"
     return result.stdout
@@ -189,11 +191,11 @@ def _masked(snap: dict[str, Any], ambiguous: list[str]) -> dict[str, Any]:
     }
 
 
-def _rebuild(archive: Archive, expect: int = 0, upgrade: bool = True) -> dict[str, Any]:
+def _rebuild(archive: Archive, expect: int = 0, upgrade: bool = True, process: bool = True) -> dict[str, Any]:
     archive.drop_index()
     if upgrade:  # reindex also creates the schema of an empty database itself
-        _pacs(["db", "upgrade"], archive.env)
-    return json.loads(_pacs(["reindex", "--json"], archive.env, expect=expect))
+        _pacs(["db", "upgrade"], archive.env, process=False)  # as a process in tests/test_cli.py
+    return json.loads(_pacs(["reindex", "--json"], archive.env, expect=expect, process=process))
 
 
 def test_reindex_rebuilds_the_same_index(archive: Archive) -> None:
@@ -220,13 +222,13 @@ def test_reindex_rebuilds_the_same_index(archive: Archive) -> None:
     for part in ("patients", "studies", "series", "versions", "instances"):
         assert _masked(after, ambiguous)[part] == _masked(before, ambiguous)[part], part
 
-    refused = run_pacs(["reindex"], archive.env)
+    refused = invoke_pacs(["reindex"], archive.env)
     assert refused.returncode == 2 and "already holds" in refused.stderr and "--force" in refused.stderr
-    forced = json.loads(_pacs(["reindex", "--force", "--json"], archive.env))
+    forced = json.loads(_pacs(["reindex", "--force", "--json"], archive.env, process=False))
     assert (forced["instances"], forced["versions"], forced["bytes_read"]) == (0, 0, 0)
     assert forced["skipped_existing"] == summary["objects"]
     assert snapshot(archive) == after
-    clean = json.loads(_pacs(["check", "--json"], archive.env))
+    clean = json.loads(_pacs(["check", "--json"], archive.env, process=False))  # a process in the next test
     assert clean["ok"] and clean["checked"] == clean["listed"] == summary["objects"]
 
 
@@ -254,14 +256,14 @@ def test_check_and_reindex_report_a_corrupt_and_a_missing_object(archive: Archiv
     assert report["counts"] == {"corrupt": 1, "missing": 1}
 
     before = snapshot(archive)
-    summary = _rebuild(archive, expect=1, upgrade=False)
+    summary = _rebuild(archive, expect=1, upgrade=False, process=False)  # a process in the test above
     assert summary["corrupt"] == [corrupt] and not summary["complete"]
     after = snapshot(archive)
     assert after["counts"]["instances"] == before["counts"]["instances"] - 2
     indexed = {row[4] for row in after["instances"].values()}
     assert corrupt not in indexed and missing not in indexed
     # the corrupt object, no longer indexed, is an orphan: a warning (exit 0), no longer an error
-    after_check = json.loads(_pacs(["check", "--json"], archive.env, expect=0))
+    after_check = json.loads(_pacs(["check", "--json"], archive.env, expect=0, process=False))
     assert after_check["counts"] == {"orphan": 1} and after_check["ok"] and after_check["warnings"] == 1
 
 

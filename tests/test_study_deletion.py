@@ -249,13 +249,8 @@ def test_who_may_not_delete_is_refused_and_every_refusal_is_audited(archive: Arc
 
 def test_cli_delete_asks_for_confirmation(archive: Archive) -> None:
     study = str(archive.send_study("MODA", "DEL-4")[0].StudyInstanceUID)
-    import subprocess
-
-    from tests.support.pacs_process import PACS
-
-    answer_no = subprocess.run([PACS, "study", "delete", study, "--reason", "test"], input="n\n", text=True,
-                               capture_output=True, env={**__import__("os").environ, **archive.server.env},
-                               timeout=120)
+    # the prompt in-process (invoke_pacs: the same command code; the command runs as a process just below)
+    answer_no = invoke_pacs(["study", "delete", study, "--reason", "test"], archive.server.env, input="n\n")
     assert answer_no.returncode == 1 and len(qido_studies(archive, "clin-a", study)) == 1
     done = run_pacs(["study", "delete", study, "--reason", "patient asked", "--yes", "--json"], archive.server.env)
     assert done.returncode == 0, done.stderr

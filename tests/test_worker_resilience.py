@@ -19,7 +19,7 @@ from bench.generate_ct import write_ct_series
 from pacs.db.models import DerivedTask, Instance
 from tests.support.dcmtk import storescu
 from tests.support.net import wait_until
-from tests.support.pacs_process import run_pacs
+from tests.support.pacs_process import invoke_pacs, run_pacs
 from tests.support.redis_server import RedisServer
 from tests.support.seaweed import SeaweedS3
 from tests.support.stack import RABBITMQ_URL, ScaledStack
@@ -123,9 +123,9 @@ def test_failed_tasks_are_listed_and_retried(tmp_path: Path, s3_server: SeaweedS
             assert all(t["attempts"] == 2 and "gave up" in t["last_error"] for t in thumbnails)
         finally:
             s3_server.start()
-        retried = run_pacs(["tasks", "retry"], stack.env)
+        retried = invoke_pacs(["tasks", "retry"], stack.env)  # in-process: `pacs tasks` ran as a process above
         assert retried.returncode == 0, retried.stderr
         # The series-level task may fail after the listing above; every failed task is retried.
         assert int(retried.stdout.split()[0]) >= len(thumbnails)
         wait_until(lambda: _all_thumbnails_done(stack, sops), timeout=90, what="retried thumbnails")
-        assert json.loads(run_pacs(["tasks", "failed", "--json"], stack.env).stdout) == []
+        assert json.loads(invoke_pacs(["tasks", "failed", "--json"], stack.env).stdout) == []

@@ -40,7 +40,7 @@ from pacs.security.principal import UNRESTRICTED
 from tests.support.dcmtk import dcmtk, dcmtk_env
 from tests.support.inprocess import register_ae
 from tests.support.net import free_port
-from tests.support.pacs_process import run_pacs
+from tests.support.pacs_process import invoke_pacs, run_pacs
 from tests.support.stack import EmbeddedPacs, ScaledStack
 
 VIETNAMESE = "Nguyễn^Văn An"
@@ -331,8 +331,10 @@ def _register(ctx: AppContext, *titles: str) -> None:
         register_ae(ctx, title, "127.0.0.1", free_port(), archive_wide=True)
 
 
-def _add_order(env: dict[str, str], *args: str) -> dict:
-    result = run_pacs(["order", "add", "--modality", "CT", "--procedure", "CT CHEST", "--json", *args], env)
+def _add_order(env: dict[str, str], *args: str, process: bool = False) -> dict:
+    """`pacs order add`: as a process (``process``), else in-process (invoke_pacs: the same command code)."""
+    add = ["order", "add", "--modality", "CT", "--procedure", "CT CHEST", "--json", *args]
+    result = run_pacs(add, env) if process else invoke_pacs(add, env)
     assert result.returncode == 0, result.stdout + result.stderr
     return json.loads(result.stdout)
 
@@ -411,7 +413,7 @@ def _full_cycle(archive: Archive) -> None:
     """Orders from the CLI; the modality's worklist; MPPS in progress then completed; cancel."""
     env = archive.env
     viet = _add_order(env, "--patient-id", "VN001", "--patient-name", VIETNAMESE, "--station-ae", "CT01",
-                      "--date", "20261128", "--time", "0900", "--accession", "ACC-VN1")
+                      "--date", "20261128", "--time", "0900", "--accession", "ACC-VN1", process=True)
     other = _add_order(env, "--patient-id", "P2", "--patient-name", "DOE^JANE", "--station-ae", "CT01",
                        "--date", "20261129", "--time", "1400")
     _add_order(env, "--patient-id", "P3", "--patient-name", "ELSE^WHERE", "--station-ae", "CT02",
@@ -442,10 +444,10 @@ def _full_cycle(archive: Archive) -> None:
     assert _state(archive, "ACC-VN1") == "completed"
     assert _mpps(archive.port, "set", generate_uid(), n_set_modification("COMPLETED", [])).Status == 0x0112
 
-    cancelled = run_pacs(["order", "cancel", other["accession_number"]], env)
+    cancelled = invoke_pacs(["order", "cancel", other["accession_number"]], env)
     assert cancelled.returncode == 0, cancelled.stderr
     assert _worklist(archive.port, _ct01_query("20261128-20261130")) == ([], 0)
-    again = run_pacs(["order", "cancel", other["accession_number"]], env)
+    again = invoke_pacs(["order", "cancel", other["accession_number"]], env)
     assert again.returncode == 1 and "already discontinued" in again.stderr
 
 

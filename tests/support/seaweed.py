@@ -275,11 +275,12 @@ class SeaweedS3:
             f"{self.log_tail()}"
         )
 
-    def stop(self, grace: float = 2.0) -> None:
-        """Terminate the server and wait; SIGKILL after ``grace`` seconds.
+    def stop(self, grace: float = 0.0) -> None:
+        """Terminate the server and wait; SIGKILL after ``grace`` seconds (at once by default).
 
         A graceful SeaweedFS shutdown takes ~15 s (the filer drains its gRPC
-        streams), too slow for tests; data written before the kill survives it.
+        streams), too slow for tests: a 2 s grace always ended in the SIGKILL anyway, 2 s later (every stop, and
+        the session's end on each xdist worker). Data written before the kill survives it.
         """
         proc, self._proc = self._proc, None
         _terminate(proc, grace)
