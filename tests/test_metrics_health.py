@@ -154,6 +154,7 @@ def test_metrics_count_ingest_associations_and_qido(world: World, tmp_path: Path
     paths = write_study(tmp_path / "study", 5)
     gate = tmp_path / "gate.dcm"
     sender = held_storescu(world.serve_dicom, paths[:3], paths[3:], gate)
+    gate_opened = False
     try:
         # scraped mid-ingest: three objects acknowledged, the sender held on its open association
         wait_until(lambda: moved(scrape(), "pacs_ingest_objects_total", **STORED) >= 3, timeout=30,
@@ -165,8 +166,11 @@ def test_metrics_count_ingest_associations_and_qido(world: World, tmp_path: Path
         assert sample(mid, "pacs_dicom_associations_open") == 1
         assert moved(mid, "pacs_dicom_associations_total", result="accepted") == 1
         wait_until(lambda: open_gate(gate), timeout=30, what="storescu at the gate")
+        gate_opened = True
     finally:
-        if sender.poll() is None and not open_gate(gate):
+        # once opened, the gate has no reader any more (storescu went on to the last files): only a sender never
+        # let through (an assertion above failed) is opened now or, if not at the gate yet, killed
+        if not gate_opened and sender.poll() is None and not open_gate(gate):
             sender.kill()
         output = sender.communicate(timeout=60)[0]
     assert sender.returncode == 0 and output.count("Received Store Response (Success)") == 5, output[-3000:]

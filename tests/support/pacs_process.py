@@ -101,7 +101,12 @@ def invoke_pacs(args: list[str], env: dict[str, str], input: str | None = None) 
     ``input``: the command's stdin. A command that crashes raises here instead of exiting 1."""
     from typer.testing import CliRunner
 
+    from pacs.cli import common
     from pacs.cli.main import app
+
+    # the consoles are made once per process: one made while the environment said otherwise (or none: 80
+    # columns) would wrap tables that run_pacs's processes print 200 columns wide
+    common.out.width = common.console.width = 200
 
     umask = os.umask(0o077)  # a `pacs` command sets the owner-only umask for its process: not for this one
     os.umask(umask)
