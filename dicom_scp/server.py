@@ -75,6 +75,8 @@ def build_ae(ctx: AppContext) -> AE:
         # pynetdicom's standard event handlers format every PDU and DIMSE message for log lines at INFO and
         # DEBUG, dropped at `pacs`'s WARNING: not bound, they cost nothing (its warnings and errors stay)
         _config.LOG_HANDLER_LEVEL = "none"
+    else:
+        _config.LOG_HANDLER_LEVEL = "standard"  # process-wide: an AE built later at INFO/DEBUG logs again
     ae = AE(ae_title=s.ae_title)
     ae.maximum_pdu_size = s.max_pdu_size
     # pynetdicom counts every connection's thread, negotiating or not: its limit is set to the

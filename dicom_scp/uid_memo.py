@@ -14,8 +14,8 @@ returns the UID it returned before for the same ``str`` or ``bytes`` value, when
 validation pynetdicom and pydicom make, in every mode, and logs nothing, so the result is the same UID.
 Anything else (an empty, non-conformant or invalid value, a UID carrying a private transfer syntax's
 encoding, a value past the memo's bound) takes pynetdicom's own path: its errors and warnings are
-unchanged. The memo is bounded (:data:`MAX_ENTRIES`): a peer sending ever new UIDs makes it stop growing,
-not grow without end.
+unchanged. The memo is bounded (:data:`MAX_ENTRIES`) and keeps only values that are exactly their UID (at most 64
+characters each): a peer sending ever new or padded UIDs makes it stop growing, not grow without end.
 """
 
 from __future__ import annotations
@@ -25,10 +25,13 @@ from types import ModuleType
 from typing import Any
 
 from pydicom.uid import UID
-from pynetdicom import dimse_primitives, pdu_items, pdu_primitives, presentation, utils
+from pynetdicom import pdu_items, pdu_primitives, presentation, utils
 
 MAX_ENTRIES = 8192
-_MODULES: tuple[ModuleType, ...] = (pdu_items, pdu_primitives, presentation, dimse_primitives)
+# Association negotiation only (PDU items and primitives, presentation contexts): the UIDs there are SOP classes
+# and transfer syntaxes, a few hundred that come back on every association. Not the DIMSE messages, whose SOP
+# Instance UIDs never come back and would fill the memo with one-time values.
+_MODULES: tuple[ModuleType, ...] = (pdu_items, pdu_primitives, presentation)
 _original_set_uid = utils.set_uid
 _known: dict[str | bytes, UID] = {}
 _install_lock = threading.Lock()
@@ -41,12 +44,18 @@ def set_uid(value: Any, name: str, allow_empty: bool = True, allow_none: bool = 
     memo = kind is str or kind is bytes or (kind is UID and not value.__dict__)
     if memo:
         known = _known.get(value)
-        if known is not None:
+        if known is not None and not known.__dict__:  # nothing set on a shared UID since (a private encoding)
             return known
     uid = _original_set_uid(value, name, allow_empty, allow_none, validate)
-    if memo and uid and len(_known) < MAX_ENTRIES and not uid.__dict__ and uid.is_valid:
+    if memo and uid and len(_known) < MAX_ENTRIES and not uid.__dict__ and uid.is_valid and _canonical(value, uid):
         _known[str(value) if kind is UID else value] = uid
     return uid
+
+
+def _canonical(value: str | bytes, uid: UID) -> bool:
+    """Only a value that is exactly its UID is remembered: a padded one (``"1.2.3 " + 60,000 spaces``, stripped by
+    pydicom) would pin its whole length in the memo, and its first-time warning would not be logged again."""
+    return value == uid if isinstance(value, str) else value == uid.encode("ascii")
 
 
 def install() -> None:

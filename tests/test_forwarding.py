@@ -40,7 +40,7 @@ from pacs.settings import Settings
 from tests.support.datasets import dataset_bytes, make_instance
 from tests.support.dcmtk import ReferenceStoreSCP, storescu
 from tests.support.net import free_port, wait_until
-from tests.support.pacs_process import invoke_pacs, run_pacs
+from tests.support.pacs_process import run_pacs
 from tests.support.seaweed import SeaweedS3
 from tests.support.stack import REDIS_URL, EmbeddedPacs, ScaledStack
 from tests.support.tiers import starts_servers
@@ -368,13 +368,13 @@ def test_cli_rules_and_retry(archive: Archive) -> None:
     added = run_pacs(["forward", "add", "chest-ai", "--to", "AI", "--modality", "ct", "--body-part", "chest",
                       "--source-ae", "CT01", "--sop-class", CT], env)
     assert added.returncode == 0, added.stderr
-    assert json.loads(invoke_pacs(["forward", "list", "--json"], env).stdout) == [  # in-process: its logic
+    assert json.loads(run_pacs(["forward", "list", "--json"], env).stdout) == [
         {"name": "chest-ai", "destination_ae": "AI", "source_ae": "CT01", "modality": "CT",
          "body_part_examined": "CHEST", "sop_class_uid": CT, "enabled": True}]
-    retried = invoke_pacs(["forward", "retry", "--destination", "AI"], env)
+    retried = run_pacs(["forward", "retry", "--destination", "AI"], env)  # processes: the commands an operator runs
     assert retried.returncode == 0 and "1 failed delivery queued again" in retried.stdout
     assert [(j.state, j.attempts) for j in archive.jobs()] == [("pending", 0)]
-    removed = invoke_pacs(["forward", "remove", "nope"], env)
+    removed = run_pacs(["forward", "remove", "nope"], env)  # a process: its exit code
     assert removed.returncode == 1 and "no forwarding rule named 'nope'" in removed.stderr
 
 

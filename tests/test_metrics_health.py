@@ -172,7 +172,11 @@ def test_metrics_count_ingest_associations_and_qido(world: World, tmp_path: Path
         # let through (an assertion above failed) is opened now or, if not at the gate yet, killed
         if not gate_opened and sender.poll() is None and not open_gate(gate):
             sender.kill()
-        output = sender.communicate(timeout=60)[0]
+        try:
+            output = sender.communicate(timeout=60)[0]
+        except subprocess.TimeoutExpired:
+            sender.kill()
+            output = sender.communicate()[0]
     assert sender.returncode == 0 and output.count("Received Store Response (Success)") == 5, output[-3000:]
 
     # the association's close is counted when its connection closes, a moment after storescu exits

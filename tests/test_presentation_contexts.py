@@ -118,6 +118,11 @@ def test_the_uid_memo_returns_what_pynetdicom_returns(caplog: pytest.LogCaptureF
         for _ in range(2):  # non-conformant but valid: the same UID and pynetdicom's warning, each time
             assert uid_memo.set_uid("1.02.3", "abstract_syntax") == "1.02.3"
     assert sum("Non-conformant" in r.getMessage() for r in caplog.records) == 2
+    padded = "1.2.840.10008.1.2" + " " * 60_000  # pydicom strips it: valid, but never kept at that length
+    assert uid_memo.set_uid(padded, "transfer_syntax") == "1.2.840.10008.1.2"
+    assert uid_memo.set_uid(padded.encode(), "transfer_syntax") == "1.2.840.10008.1.2"
+    assert padded not in uid_memo._known and padded.encode() not in uid_memo._known
+    assert "1.2.3 " not in uid_memo._known and b"1.2.4\x00" not in uid_memo._known
     private = UID("1.2.3.4.5.6")
     private.set_private_encoding(False, True)
     assert uid_memo.set_uid(private, "transfer_syntax").is_little_endian is True  # not taken from the memo
@@ -129,6 +134,9 @@ def test_the_uid_memo_is_bounded_and_in_pynetdicoms_modules(monkeypatch: pytest.
     from pynetdicom import pdu_items, presentation
 
     assert pdu_items.set_uid is uid_memo.set_uid and presentation.set_uid is uid_memo.set_uid
+    from pynetdicom import dimse_primitives
+
+    assert dimse_primitives.set_uid is uid_memo._original_set_uid  # SOP Instance UIDs never come back: not kept
     assert utils.set_uid is uid_memo._original_set_uid  # pynetdicom's own stays where it is
     monkeypatch.setattr(uid_memo, "_known", {})
     monkeypatch.setattr(uid_memo, "MAX_ENTRIES", 3)

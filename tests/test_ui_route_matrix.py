@@ -45,12 +45,13 @@ from fastapi.routing import iter_route_contexts
 from fastapi.testclient import TestClient
 from httpx import Response
 from pydicom.uid import UID, generate_uid
-from sqlalchemy import MetaData, select
+from sqlalchemy import MetaData, select, update
 
 from pacs.consults import service as consults
 from pacs.context import AppContext
 from pacs.db import migrate
 from pacs.db.models import AuditEvent, DerivedTask
+from pacs.derived.kinds import INSTANCE_DERIVED_KIND, SERIES_METADATA_KIND
 from pacs.ingest import Ingestor, IngestSource
 from pacs.reports import lifecycle
 from pacs.ris.orders import NewOrder, create_order
@@ -296,16 +297,21 @@ def _populate(ctx: AppContext) -> tuple[dict[str, str], str]:
     a_study, b_study = ids.pop(A), ids.pop(B)
     series = generate_uid()
     sops = _ingest(ctx, A, a_study, series, A_ID, A_NAME, A_ACCESSION, 2)
-    b_sops = _ingest(ctx, B, b_study, generate_uid(), B_ID, B_NAME, B_ACCESSION, 1)
-    with ctx.sessions() as session, session.begin():  # derived work that failed, one task of each facility
-        for sop in (sops[1], b_sops[0]):
-            session.add(DerivedTask(kind="matrix-check", subject_uid=sop, state="failed", attempts=3,
-                                    last_error="decoder gave up"))
+    b_series = generate_uid()
+    b_sops = _ingest(ctx, B, b_study, b_series, B_ID, B_NAME, B_ACCESSION, 1)
+    report_subjects = {}
     for study, facility in ((a_study, A), (b_study, B)):
         radiologist = _principal(f"rad-{facility}", Role.RADIOLOGIST, facility)
         with ctx.sessions() as session, session.begin():
             view = lifecycle.create_draft(session, radiologist, study, "Phổi sáng.", "Bình thường.", "vi")
             lifecycle.sign(session, radiologist, view.id)
+            report_subjects[facility] = lifecycle.version_subject(view.id, 1)
+    # derived work that failed, of each kind of subject and each facility: an instance's thumbnail, a series
+    # document, a report version's SR (its subject "{report id}.{version}", not a UID of the study)
+    failed = [(INSTANCE_DERIVED_KIND, sops[1]), (SERIES_METADATA_KIND, series), (INSTANCE_DERIVED_KIND, b_sops[0]),
+              (SERIES_METADATA_KIND, b_series), (lifecycle.REPORT_SR_KIND, report_subjects[A]),
+              (lifecycle.REPORT_SR_KIND, report_subjects[B])]
+    _fail_tasks(ctx, failed)  # the tasks ingest and signing armed
     consult = consults.request_consult(ctx, _principal("rad_a", Role.RADIOLOGIST, A), a_study,
                                        question="Nốt mờ thuỳ trên?", to_facility=C)
     register_ae(ctx, "PEER_A", "127.0.0.1", 11112, facility=A, query=False, retrieve=False)
@@ -318,8 +324,22 @@ def _populate(ctx: AppContext) -> tuple[dict[str, str], str]:
         patient = create_token(session, "patient-a", Role.PATIENT, days=1, facility=A, patient_id=A_ID,
                                images=True)
     ids.update(study=a_study, series=series, sop=sops[0], failed_sop=sops[1], b_failed_sop=b_sops[0],
+               b_series=b_series, a_report_task=report_subjects[A], b_report_task=report_subjects[B],
                consult_id=str(consult.consult.id), token_id=str(patient.id), patient_token=patient.secret)
     return ids, b_study
+
+
+def _fail_tasks(ctx: AppContext, tasks: list[tuple[str, str]]) -> None:
+    """These (kind, subject) derived tasks failed: the row ingest or signing armed, or a new one where a test of
+    the matrix (a rejection of HOSP-B's own study) cancelled it since."""
+    with ctx.sessions() as session, session.begin():
+        for kind, subject in tasks:
+            done = session.execute(update(DerivedTask).where(DerivedTask.kind == kind,
+                                                             DerivedTask.subject_uid == subject)
+                                   .values(state="failed", attempts=3, last_error="gave up"))
+            if not done.rowcount:
+                session.add(DerivedTask(kind=kind, subject_uid=subject, state="failed", attempts=3,
+                                        last_error="gave up"))
 
 
 CSRF_META = re.compile(r'<meta name="csrf-token" content="([^"]*)"')
@@ -779,12 +799,20 @@ def test_the_refused_requests_act_on_the_users_own_study(world: World) -> None:
 def test_failed_tasks_page_shows_each_facility_its_own(world: World) -> None:
     """The failed derived work names instances: an administrator of one facility sees its own facility's, the
     archive-wide administrator every one (found by this matrix: the page listed every facility's)."""
-    a_task, b_task = world.ids["failed_sop"], world.ids["b_failed_sop"]
-    for key, own, other in (("admin_a", a_task, b_task), ("admin_b", b_task, a_task)):
+    ids = world.ids
+    _fail_tasks(world.ctx, [(INSTANCE_DERIVED_KIND, ids["failed_sop"]), (SERIES_METADATA_KIND, ids["series"]),
+                            (INSTANCE_DERIVED_KIND, ids["b_failed_sop"]), (SERIES_METADATA_KIND, ids["b_series"]),
+                            (lifecycle.REPORT_SR_KIND, ids["a_report_task"]),
+                            (lifecycle.REPORT_SR_KIND, ids["b_report_task"])])
+    a_tasks = (ids["failed_sop"], ids["series"], f">{ids['a_report_task']}<")  # thumbnail, series document, SR
+    b_tasks = (ids["b_failed_sop"], ids["b_series"], f">{ids['b_report_task']}<")
+    for key, own, other in (("admin_a", a_tasks, b_tasks), ("admin_b", b_tasks, a_tasks)):
         page = _send(world, "GET", "/ui/admin/tasks", world.subjects[key])
-        assert page.status_code == 200 and own in page.text and other not in page.text, key
+        assert page.status_code == 200 and "Retry task" not in page.text, key  # retrying is archive-wide only
+        assert all(s in page.text for s in own) and not any(s in page.text for s in other), (
+            key, [s for s in own if s not in page.text], [s for s in other if s in page.text])
     page = _send(world, "GET", "/ui/admin/tasks", world.subjects["archive_admin"])
-    assert a_task in page.text and b_task in page.text
+    assert all(s in page.text for s in a_tasks + b_tasks) and "Retry task" in page.text
 
 
 def test_pages_refuse_hosp_b_exactly_where_the_api_does(world: World) -> None:

@@ -200,6 +200,7 @@ def test_technologist_journey(world: World) -> None:
 
         # correct the patient name, with a reason
         page.get_by_role("link", name="Correct patient data").click()
+        expect(page.locator("h1")).to_contain_text("Correct patient data:")  # the new page, not the old one
         assert axe(page) == []
         assert_keyboard_reachable(page)
         page.get_by_label("Patient name").fill(NEW_NAME)

@@ -123,7 +123,7 @@ def test_failed_tasks_are_listed_and_retried(tmp_path: Path, s3_server: SeaweedS
             assert all(t["attempts"] == 2 and "gave up" in t["last_error"] for t in thumbnails)
         finally:
             s3_server.start()
-        retried = invoke_pacs(["tasks", "retry"], stack.env)  # in-process: `pacs tasks` ran as a process above
+        retried = run_pacs(["tasks", "retry"], stack.env)  # a process: the command an operator runs
         assert retried.returncode == 0, retried.stderr
         # The series-level task may fail after the listing above; every failed task is retried.
         assert int(retried.stdout.split()[0]) >= len(thumbnails)

@@ -444,7 +444,7 @@ def _full_cycle(archive: Archive) -> None:
     assert _state(archive, "ACC-VN1") == "completed"
     assert _mpps(archive.port, "set", generate_uid(), n_set_modification("COMPLETED", [])).Status == 0x0112
 
-    cancelled = invoke_pacs(["order", "cancel", other["accession_number"]], env)
+    cancelled = run_pacs(["order", "cancel", other["accession_number"]], env)  # a process: the operator's command
     assert cancelled.returncode == 0, cancelled.stderr
     assert _worklist(archive.port, _ct01_query("20261128-20261130")) == ([], 0)
     again = invoke_pacs(["order", "cancel", other["accession_number"]], env)

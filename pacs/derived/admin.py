@@ -6,11 +6,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from sqlalchemy import ColumnElement, func, or_, select, update
+from sqlalchemy import ColumnElement, String, and_, cast, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from pacs.db.dml import affected_rows
 from pacs.db.models import DerivedTask, Instance, Series, Study
+from pacs.derived.kinds import INSTANCE_DERIVED_KIND, SERIES_METADATA_KIND
 from pacs.jobs import JobState
 
 if TYPE_CHECKING:
@@ -38,17 +39,24 @@ def counts(session: Session) -> dict[str, dict[str, int]]:
 
 
 def _of_scope(scope: AccessScope) -> ColumnElement[bool]:
-    """Tasks whose subject (an instance, a series or a study) belongs to a study the scope owns: a task names
-    UIDs and its error, which an administrator of another facility has no business seeing or re-running."""
+    """Tasks whose subject belongs to a study the scope owns, by the kind of subject: a thumbnail names an
+    instance, a series document a series, a report SR ``{report id}.{version}``. A task names UIDs and its error,
+    which an administrator of another facility has no business seeing."""
+    from pacs.reports.lifecycle import REPORT_SR_KIND
+    from pacs.reports.models import Report
     from pacs.security.access import study_condition
 
     own = study_condition(scope, borrowed=False)
-    instances = (select(Instance.sop_instance_uid).join(Series, Instance.series_fk == Series.id)
-                 .join(Study, Series.study_fk == Study.id).where(own))
-    series = select(Series.series_instance_uid).join(Study, Series.study_fk == Study.id).where(own)
-    studies = select(Study.study_instance_uid).where(own)
-    return or_(DerivedTask.subject_uid.in_(instances), DerivedTask.subject_uid.in_(series),
-               DerivedTask.subject_uid.in_(studies))
+    instance = (select(Instance.id).join(Series, Instance.series_fk == Series.id)
+                .join(Study, Series.study_fk == Study.id)
+                .where(Instance.sop_instance_uid == DerivedTask.subject_uid, own).exists())
+    series = (select(Series.id).join(Study, Series.study_fk == Study.id)
+              .where(Series.series_instance_uid == DerivedTask.subject_uid, own).exists())
+    report = (select(Report.id).join(Study, Study.study_instance_uid == Report.study_instance_uid)
+              .where(DerivedTask.subject_uid.startswith(cast(Report.id, String) + "."), own).exists())
+    return or_(and_(DerivedTask.kind == INSTANCE_DERIVED_KIND, instance),
+               and_(DerivedTask.kind == SERIES_METADATA_KIND, series),
+               and_(DerivedTask.kind == REPORT_SR_KIND, report))
 
 
 def failed(session: Session, limit: int = 1000, scope: AccessScope | None = None) -> list[FailedTask]:
