@@ -528,18 +528,24 @@ def _shows_a(response: Response, world: World) -> bool:
         (kind == "application/zip" and response.content[:2] == b"PK") or kind == "application/json"
 
 
-def _expected_get(page: Page, subject: Subject) -> int:
-    if page.public:
-        return 200
+def _refusal(page: Page, subject: Subject, no_session: int) -> int | None:
+    """The status a page's rules give ``subject`` (``no_session`` without a session), or None: admitted."""
     if subject.role is None:
-        return 303
+        return no_session
     if not subject.has_pages or (page.capability is not None and page.capability not in subject.capabilities):
         return 403
     if page.archive_wide and subject.facility:
         return 403
     if page.target and subject.facility == B:
         return 404
-    return page.ok
+    return None
+
+
+def _expected_get(page: Page, subject: Subject) -> int:
+    if page.public:
+        return 200
+    refused = _refusal(page, subject, no_session=303)
+    return page.ok if refused is None else refused
 
 
 def test_get_matrix(world: World) -> None:
@@ -613,15 +619,7 @@ def _refused_to(world: World, response: Response, subject: Subject, page: Page) 
 
 def _expected_post(page: Page, subject: Subject) -> int | None:
     """The status for ``subject`` with a valid CSRF token; None: the request would act (not sent)."""
-    if subject.role is None:
-        return 401
-    if not subject.has_pages or (page.capability is not None and page.capability not in subject.capabilities):
-        return 403
-    if page.archive_wide and subject.facility:
-        return 403
-    if page.target and subject.facility == B:
-        return 404
-    return None
+    return _refusal(page, subject, no_session=401)
 
 
 def test_post_matrix(world: World) -> None:
