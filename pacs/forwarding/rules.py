@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
-from sqlalchemy import delete, select
+from sqlalchemy import Table, delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -67,6 +67,13 @@ def destinations_for(rules: list[RuleRecord], subject: RuleMatch) -> dict[str, s
     return out
 
 
+_rule = cast(Table, ForwardRule.__table__).c
+# prebuilt on the table: ingest runs it for every object it indexes
+_ENABLED_RULES = (select(_rule.id, _rule.name, _rule.destination_ae, _rule.source_ae, _rule.modality,
+                         _rule.body_part_examined, _rule.sop_class_uid)
+                  .where(_rule.enabled.is_(True)).order_by(_rule.id))
+
+
 def queue_forwards(session: Session, obj: ReceivedObject, source: IngestSource, sha256: str) -> int:
     """Add a pending job per destination whose rule matches ``obj``; returns how many.
 
@@ -74,10 +81,7 @@ def queue_forwards(session: Session, obj: ReceivedObject, source: IngestSource, 
     version it names was committed. Costs one query over the (small) rule table when nothing
     matches. A version that was current before (A-B-A re-sends) re-arms its old job.
     """
-    rows = session.execute(select(ForwardRule.id, ForwardRule.name, ForwardRule.destination_ae,
-                                  ForwardRule.source_ae, ForwardRule.modality, ForwardRule.body_part_examined,
-                                  ForwardRule.sop_class_uid).where(ForwardRule.enabled.is_(True))
-                           .order_by(ForwardRule.id)).all()
+    rows = session.execute(_ENABLED_RULES).all()
     if not rows:
         return 0
     rule_ids = {r.name: r.id for r in rows}

@@ -7,9 +7,9 @@ concurrent associations sending the same new study never race into a duplicate-k
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from pacs.db.models import Instance, InstanceVersion, Patient, Series, Study
@@ -19,6 +19,38 @@ from pacs.persons.linking import link_at_ingest
 
 if TYPE_CHECKING:
     from pacs.ingest.source import Correction
+
+
+# The statements every received object runs, prebuilt on the tables with bound parameters: building an ORM
+# statement per call cost several times running it (issue 13). ORM objects are loaded only on the rare paths
+# (a new version, a correction, national identifiers to link), after these statements, so they are never stale.
+_patient_t, _study_t, _series_t = (cast(Table, m.__table__) for m in (Patient, Study, Series))
+_patient, _study, _series = _patient_t.c, _study_t.c, _series_t.c
+_PATIENT_FIELDS = ("patient_name", "patient_name_search", "patient_birth_date", "patient_sex")
+_PATIENT = (select(_patient.id, *(_patient[f] for f in _PATIENT_FIELDS))
+            .where(_patient.patient_id == bindparam("patient_id"),
+                   _patient.issuer_of_patient_id == bindparam("issuer_of_patient_id"),
+                   _patient.facility == bindparam("facility")))
+_STUDY_LOCKED = (select(_study.id, _study.patient_fk, _study.modalities_in_study)
+                 .where(_study.study_instance_uid == bindparam("uid")).with_for_update())
+_SERIES = (select(_series.id, _series.study_fk, _series.modality)
+           .where(_series.series_instance_uid == bindparam("uid")))
+_NEW_SERIES_OF_STUDY = (update(_study_t).where(_study.id == bindparam("target_study"))
+                        .values(number_of_series=_study.number_of_series + 1,
+                                modalities_in_study=bindparam("new_modalities")))
+_COUNT_STUDY = (update(_study_t).where(_study.id == bindparam("target_study"))
+                .values(number_of_instances=_study.number_of_instances + bindparam("by")))
+_COUNT_SERIES = (update(_series_t).where(_series.id == bindparam("target_series"))
+                 .values(number_of_instances=_series.number_of_instances + bindparam("by")))
+_INSERT_INSTANCE = insert(cast(Table, Instance.__table__))
+
+
+class _Row(NamedTuple):
+    """The ids a new instance's row needs, and what its study's counters need."""
+
+    id: int
+    parent_fk: int  # a study's patient, a series' study
+    modalities: str  # a study's modalities in study, a series' modality
 
 
 def _insert_ignore(session: Session, model: type, values: dict[str, Any], keys: list[str]) -> None:
@@ -36,27 +68,31 @@ def _insert_ignore(session: Session, model: type, values: dict[str, Any], keys: 
 
 
 def _get_or_create_patient(session: Session, values: dict[str, str], facility: str,
-                           corrected: bool = False) -> Patient:
+                           corrected: bool = False) -> int:
     ident = {**{k: values[k] for k in ("patient_id", "issuer_of_patient_id")}, "facility": facility[:64]}
-    _insert_ignore(session, Patient, {**values, "facility": facility[:64]}, list(ident))
-    patient = session.scalars(select(Patient).filter_by(**ident)).one()
+    row = session.execute(_PATIENT, ident).one_or_none()
+    if row is None:
+        _insert_ignore(session, Patient, {**values, "facility": facility[:64]}, list(ident))
+        row = session.execute(_PATIENT, ident).one()
     # First seen wins; later objects only fill what was blank (corrections are an explicit action: ``corrected``,
     # the values of a corrected version replace the record's).
-    for field in ("patient_name", "patient_name_search", "patient_birth_date", "patient_sex"):
-        if (corrected or not getattr(patient, field)) and values[field] != getattr(patient, field) \
-                and (corrected or values[field]):
-            setattr(patient, field, values[field])
-    return patient
+    changes = {field: values[field] for field, held in zip(_PATIENT_FIELDS, row[1:], strict=True)
+               if (corrected or not held) and values[field] != held and (corrected or values[field])}
+    if changes:
+        session.execute(update(_patient_t).where(_patient.id == row[0]).values(**changes))
+    return int(row[0])
 
 
-def _get_or_create_study(session: Session, obj: ReceivedObject, patient: Patient, facility: str,
-                         provisional: bool) -> Study:
-    values = {"study_instance_uid": obj.study_instance_uid, "patient_fk": patient.id, **obj.study,
-              "facility": facility[:64], "provisional": provisional}  # first seen wins, like the other attributes
-    _insert_ignore(session, Study, values, ["study_instance_uid"])
-    return session.scalars(
-        select(Study).where(Study.study_instance_uid == obj.study_instance_uid).with_for_update()
-    ).one()
+def _get_or_create_study(session: Session, obj: ReceivedObject, patient_id: int, facility: str,
+                         provisional: bool) -> _Row:
+    uid = {"uid": obj.study_instance_uid}
+    row = session.execute(_STUDY_LOCKED, uid).one_or_none()
+    if row is None:
+        values = {"study_instance_uid": obj.study_instance_uid, "patient_fk": patient_id, **obj.study,
+                  "facility": facility[:64], "provisional": provisional}  # first seen wins, like the other attributes
+        _insert_ignore(session, Study, values, ["study_instance_uid"])
+        row = session.execute(_STUDY_LOCKED, uid).one()
+    return _Row(*row)
 
 
 def _apply_correction(study: Study, patient: Patient, obj: ReceivedObject, correction: Correction) -> None:
@@ -86,41 +122,34 @@ def _move_series(session: Session, series: Series, study: Study) -> None:
     old.modalities_in_study = "\\".join(dict.fromkeys(m for m in remaining if m))[:128]
     study.number_of_series += 1
     study.number_of_instances += moved
-    _add_modality(study, series.modality)
+    study.modalities_in_study = _with_modality(study.modalities_in_study, series.modality)
 
 
-def _get_or_create_series(session: Session, obj: ReceivedObject, study: Study,
-                          moving: bool = False) -> tuple[Series, bool]:
-    existing = session.scalars(
-        select(Series).where(Series.series_instance_uid == obj.series_instance_uid)
-    ).one_or_none()
+def _get_or_create_series(session: Session, obj: ReceivedObject, study: _Row) -> tuple[_Row, bool]:
+    """The series row, and whether this call created it (then its study's series count and modalities follow)."""
+    uid = {"uid": obj.series_instance_uid}
+    existing = session.execute(_SERIES, uid).one_or_none()
     if existing is not None:
-        if moving and existing.study_fk != study.id:
-            _move_series(session, existing, study)
-        return existing, False
+        return _Row(*existing), False
     values = {"series_instance_uid": obj.series_instance_uid, "study_fk": study.id, **obj.series}
     _insert_ignore(session, Series, values, ["series_instance_uid"])
-    series = session.scalars(
-        select(Series).where(Series.series_instance_uid == obj.series_instance_uid)
-    ).one()
-    return series, True  # the study row is locked, so no concurrent transaction created it
+    series = _Row(*session.execute(_SERIES, uid).one())
+    # the study row is locked, so no concurrent transaction created the series
+    session.execute(_NEW_SERIES_OF_STUDY, {"target_study": study.id,
+                                           "new_modalities": _with_modality(study.modalities, series.modalities)})
+    return series, True
 
 
-def _add_modality(study: Study, modality: str) -> None:
-    present = [m for m in study.modalities_in_study.split("\\") if m]
+def _with_modality(modalities: str, modality: str) -> str:
+    present = [m for m in modalities.split("\\") if m]
     if modality and modality not in present:
-        study.modalities_in_study = "\\".join([*present, modality])[:128]
+        return "\\".join([*present, modality])[:128]
+    return modalities
 
 
 def _count(session: Session, study_id: int, series_id: int, delta: int) -> None:
-    session.execute(
-        update(Study).where(Study.id == study_id)
-        .values(number_of_instances=Study.number_of_instances + delta)
-    )
-    session.execute(
-        update(Series).where(Series.id == series_id)
-        .values(number_of_instances=Series.number_of_instances + delta)
-    )
+    session.execute(_COUNT_STUDY, {"target_study": study_id, "by": delta})
+    session.execute(_COUNT_SERIES, {"target_series": series_id, "by": delta})
 
 
 def index_instance(
@@ -139,8 +168,9 @@ def index_instance(
     study_patient: dict[str, str] | None = None,
     national_ids: NationalIdPolicy | None = None,
     correction: Correction | None = None,
-) -> Instance:
-    """Record ``obj`` as the current version of its SOP instance; keep ``replaces`` as a prior version.
+) -> int:
+    """Record ``obj`` as the current version of its SOP instance; keep ``replaces`` as a prior version. Returns the
+    instance row's id.
 
     A new study is created for ``facility``, ``provisional`` when an unregistered sender creates it, and
     under ``study_patient`` when given (an order's patient, pacs.ingest.service) instead of the object's patient.
@@ -148,19 +178,24 @@ def index_instance(
     not when the study is filed under an order's other patient: the object's identifiers are not that patient's).
     ``correction``: a corrected version (pacs.ingest.source.Correction): its patient and study values replace the
     index's, and its series row moves to its study when it was under another one."""
+    session.flush()  # the caller's ORM changes first (e.g. a claim's removals): the statements below do not autoflush
     corrected = correction is not None and correction.study_instance_uid == obj.study_instance_uid
-    patient = _get_or_create_patient(session, study_patient or obj.patient, facility, corrected=corrected)
+    patient_id = _get_or_create_patient(session, study_patient or obj.patient, facility, corrected=corrected)
     if national_ids is not None and (study_patient is None or study_patient["patient_id"] == obj.patient["patient_id"]):
         # the dataset ingest already parsed (pacs.ingest.parsing); the bytes only for an object built elsewhere
         carried = national_ids.from_dataset(obj.dataset) if obj.dataset is not None else national_ids.read(obj.data)
-        link_at_ingest(session, patient, carried)
-    study = _get_or_create_study(session, obj, patient, facility, provisional)
+        if carried:
+            link_at_ingest(session, session.get_one(Patient, patient_id, populate_existing=True), carried)
+    study = _get_or_create_study(session, obj, patient_id, facility, provisional)
     if corrected and correction is not None:
-        _apply_correction(study, patient, obj, correction)
-    series, new_series = _get_or_create_series(session, obj, study, moving=corrected)
-    if new_series:
-        study.number_of_series += 1
-        _add_modality(study, series.modality)
+        study_orm = session.get_one(Study, study.id, populate_existing=True)
+        _apply_correction(study_orm, session.get_one(Patient, patient_id, populate_existing=True), obj, correction)
+        existing = session.execute(_SERIES, {"uid": obj.series_instance_uid}).one_or_none()
+        if existing is not None and existing[1] != study.id:
+            _move_series(session, session.get_one(Series, existing[0], populate_existing=True), study_orm)
+        session.flush()
+        study = _Row(*session.execute(_STUDY_LOCKED, {"uid": obj.study_instance_uid}).one())
+    series, _new = _get_or_create_series(session, obj, study)
     attrs = {
         "sop_class_uid": obj.sop_class_uid,
         "transfer_syntax_uid": obj.transfer_syntax_uid,
@@ -175,11 +210,11 @@ def index_instance(
         **obj.instance,
     }
     if replaces is None:
-        instance = Instance(sop_instance_uid=obj.sop_instance_uid, series_fk=series.id, version=1, **attrs)
-        session.add(instance)
-        session.flush()  # raises IntegrityError now if a concurrent sender won the race
-        _count(session, series.study_fk, series.id, +1)
-        return instance
+        # raises IntegrityError now if a concurrent sender won the race
+        row = {"sop_instance_uid": obj.sop_instance_uid, "series_fk": series.id, "version": 1, **attrs}
+        result = cast(CursorResult[Any], session.execute(_INSERT_INSTANCE, row))
+        _count(session, series.parent_fk, series.id, +1)
+        return int(result.inserted_primary_key[0])  # type: ignore[index]  # one row inserted: never None
 
     session.add(InstanceVersion(
         sop_instance_uid=replaces.sop_instance_uid,
@@ -196,9 +231,10 @@ def index_instance(
         old_series = session.get(Series, replaces.series_fk)
         if old_series is not None:
             _count(session, old_series.study_fk, old_series.id, -1)
-        _count(session, series.study_fk, series.id, +1)
+        _count(session, series.parent_fk, series.id, +1)
     for name, value in attrs.items():
         setattr(replaces, name, value)
     replaces.series_fk = series.id
     replaces.version += 1
-    return replaces
+    session.flush()
+    return replaces.id

@@ -7,11 +7,12 @@ before the object is stored (step 2 of its order of writes) and again with the r
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Protocol, cast
 
-from sqlalchemy import select
+from sqlalchemy import Table, bindparam, exists, or_, select
 from sqlalchemy.orm import Session
 
-from pacs.db.models import Instance, Patient, Series, Study
+from pacs.db.models import Patient, Series, Study
 from pacs.ingest.parsing import ReceivedObject
 from pacs.ingest.source import IngestSource
 from pacs.reconciliation import service as reconciliation
@@ -20,14 +21,21 @@ from pacs.ris.models import ImagingOrder
 from pacs.security import filing_rules
 
 
-def decide(session: Session, obj: ReceivedObject, replaces: Instance | None,
+class StoredVersion(Protocol):
+    """What the policy reads of the instance's current version: an :class:`Instance` or a row of its columns."""
+
+    series_fk: int
+    source_ae: str
+
+
+def decide(session: Session, obj: ReceivedObject, replaces: StoredVersion | None,
            source: IngestSource) -> filing_rules.Decision:
     """The policy's decision for ``obj`` against what the index (and the RIS) hold now."""
     correction = source.correction
     if correction is not None and correction.study_instance_uid == obj.study_instance_uid:
         # the archive's corrected version of its own object (pacs.studies.corrections, which checked who may):
         # filed into the study it corrects, whatever patient it now names; the study keeps its facility
-        facility = session.scalar(select(Study.facility).where(Study.study_instance_uid == obj.study_instance_uid))
+        facility = session.scalar(_STUDY_FACILITY, {"study_uid": obj.study_instance_uid})
         if facility is not None:
             return filing_rules.Decision(filing_rules.Verdict.FILE, facility=facility)
     existing = _existing(session, obj, replaces)
@@ -42,27 +50,41 @@ def decide(session: Session, obj: ReceivedObject, replaces: Instance | None,
     if decision.verdict is filing_rules.Verdict.FILE and existing.order is None and existing.study_owner is None \
             and source.trusted and not source.facility and accession:
         # an unrestricted sender's new study with an order's accession number and patient: the order's facility
-        order = session.execute(select(ImagingOrder.facility, ImagingOrder.patient_id,
-                                       ImagingOrder.issuer_of_patient_id)
-                                .where(ImagingOrder.accession_number == accession[:16])).one_or_none()
+        order = session.execute(_ORDER_BY_ACCESSION, {"accession": accession[:16]}).one_or_none()
         if order is not None and filing_rules.same_patient(filing_rules.Owner(*order), patient_id, issuer):
             decision = replace(decision, facility=order[0])
     return decision
 
 
-def _existing(session: Session, obj: ReceivedObject, replaces: Instance | None) -> filing_rules.Existing:
-    study = session.execute(select(Study.facility, Study.provisional, Patient.patient_id,
-                                   Patient.issuer_of_patient_id).join(Patient, Patient.id == Study.patient_fk)
-                            .where(Study.study_instance_uid == obj.study_instance_uid)).one_or_none()
-    order = session.execute(select(ImagingOrder.facility, ImagingOrder.patient_id, ImagingOrder.issuer_of_patient_id)
-                            .where(ImagingOrder.study_instance_uid == obj.study_instance_uid)).one_or_none()
-    series_study = session.scalar(select(Study.study_instance_uid).join(Series, Series.study_fk == Study.id)
-                                  .where(Series.series_instance_uid == obj.series_instance_uid))
+# Prebuilt on the tables (not the ORM entities), run with bound parameters: the ingest path runs them for every
+# received object, and building and caching an ORM statement per call costs several times running it (issue 13).
+_study_t, _patient_t, _series_t, _order_t = (cast(Table, m.__table__) for m in (Study, Patient, Series, ImagingOrder))
+_study, _patient, _series, _order = _study_t.c, _patient_t.c, _series_t.c, _order_t.c
+_STUDY_OWNER = (select(_study.facility, _study.provisional, _patient.patient_id, _patient.issuer_of_patient_id)
+                .select_from(_study_t.join(_patient_t, _patient.id == _study.patient_fk))
+                .where(_study.study_instance_uid == bindparam("study_uid")))
+_STUDY_ORDER = (select(_order.facility, _order.patient_id, _order.issuer_of_patient_id)
+                .where(_order.study_instance_uid == bindparam("study_uid")))
+_SERIES_STUDY = (select(_study.study_instance_uid).select_from(_study_t.join(_series_t, _series.study_fk == _study.id))
+                 .where(_series.series_instance_uid == bindparam("series_uid")))
+_SERIES_ID_STUDY = (select(_study.study_instance_uid, _study.facility)
+                    .select_from(_study_t.join(_series_t, _series.study_fk == _study.id))
+                    .where(_series.id == bindparam("series_id")))
+_HAS_READING = select(or_(*(exists().where(cast(Table, model.__table__).c.study_instance_uid == bindparam("study_uid"))
+                            for model in (Report, KeyImageSelection, StudyClaim))))
+_STUDY_FACILITY = select(_study.facility).where(_study.study_instance_uid == bindparam("study_uid"))
+_ORDER_BY_ACCESSION = (select(_order.facility, _order.patient_id, _order.issuer_of_patient_id)
+                       .where(_order.accession_number == bindparam("accession")))
+
+
+def _existing(session: Session, obj: ReceivedObject, replaces: StoredVersion | None) -> filing_rules.Existing:
+    uid = {"study_uid": obj.study_instance_uid}
+    study = session.execute(_STUDY_OWNER, uid).one_or_none()
+    order = session.execute(_STUDY_ORDER, uid).one_or_none()
+    series_study = session.scalar(_SERIES_STUDY, {"series_uid": obj.series_instance_uid})
     instance_study = None
     if replaces is not None:
-        instance_study = session.execute(select(Study.study_instance_uid, Study.facility)
-                                         .join(Series, Series.study_fk == Study.id)
-                                         .where(Series.id == replaces.series_fk)).one_or_none()
+        instance_study = session.execute(_SERIES_ID_STUDY, {"series_id": replaces.series_fk}).one_or_none()
     return filing_rules.Existing(
         study_facility=study[0] if study else None, series_study_uid=series_study,
         instance_study_uid=instance_study[0] if instance_study else None,
@@ -76,8 +98,7 @@ def _existing(session: Session, obj: ReceivedObject, replaces: Instance | None) 
 def _has_reading(session: Session, study_uid: str) -> bool:
     """Someone has read the study (a report, key images or a claim): it is no longer provisional, since a
     claim would move its images away from the report written on them."""
-    return any(session.scalar(select(model.id).where(model.study_instance_uid == study_uid).limit(1)) is not None
-               for model in (Report, KeyImageSelection, StudyClaim))
+    return bool(session.scalar(_HAS_READING, {"study_uid": study_uid}))
 
 
 def order_patient(session: Session, obj: ReceivedObject, source: IngestSource) -> dict[str, str] | None:

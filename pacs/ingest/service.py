@@ -34,9 +34,9 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
-from typing import TypedDict
+from typing import TypedDict, cast
 
-from sqlalchemy import select
+from sqlalchemy import Table, bindparam, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -71,6 +71,13 @@ log = logging.getLogger(__name__)
 
 
 TaskNotifier = Callable[[Iterable[int]], None]
+
+
+# Prebuilt with a bound parameter (every received object runs them; see pacs.ingest.index_writer)
+_instance = cast(Table, Instance.__table__).c
+_CURRENT_VERSION = (select(_instance.id, _instance.sha256, _instance.object_key, _instance.series_fk,
+                           _instance.source_ae).where(_instance.sop_instance_uid == bindparam("sop")))
+_CURRENT_VERSION_LOCKED = _CURRENT_VERSION.with_for_update()
 
 
 class _ObjectIds(TypedDict):
@@ -167,9 +174,7 @@ class Ingestor:
                          series_instance_uid=obj.series_instance_uid)
         try:
             with self._read_sessions() as session:
-                current = session.scalars(
-                    select(Instance).where(Instance.sop_instance_uid == obj.sop_instance_uid)
-                ).one_or_none()
+                current = session.execute(_CURRENT_VERSION, {"sop": obj.sop_instance_uid}).one_or_none()
                 current_sha = current.sha256 if current is not None else None
                 # a new SOP instance only: was it rejected (IOCM)? one indexed lookup
                 rejected = current is None and rejection.is_rejected(session, obj.sop_instance_uid)
@@ -212,9 +217,9 @@ class Ingestor:
         tombstoned = False
         try:
             with self._sessions() as session, session.begin():
-                replaces = session.scalars(
-                    select(Instance).where(Instance.sop_instance_uid == obj.sop_instance_uid).with_for_update()
-                ).one_or_none()
+                locked = session.execute(_CURRENT_VERSION_LOCKED, {"sop": obj.sop_instance_uid}).one_or_none()
+                # a new version (rare) updates the current row through the ORM; a new instance needs no object
+                replaces = None if locked is None else session.get_one(Instance, locked.id, populate_existing=True)
                 if replaces is not None and replaces.sha256 == sha256:
                     return IngestOutcome(IngestStatus.DUPLICATE, "identical object already stored", **ids)
                 if (replaces is None) != (current_sha is None):
@@ -247,7 +252,7 @@ class Ingestor:
                 session.flush()
                 _audit(session, obj, source, "instance.store" if replaces is None else "instance.store-new-version",
                        f"sha256={sha256}" + (f" replaces={replaces.sha256 if replaces else ''}"))
-                task_ids = tuple(t.id for t in tasks)
+                task_ids = tuple(tasks)
         except IntegrityError:
             raise
         except _Held as held:  # decided again under the locks: hold it after all

@@ -341,7 +341,7 @@ def _move_series(ctx: AppContext, principal: Principal, series_uid: str, to_stud
                                .where(Study.study_instance_uid == from_uid)).all()
         tasks = [t for uid in left for t in arm_derived_tasks(session, uid, "", SERIES_TASKS)]
         session.flush()
-        task_ids = [t.id for t in tasks]
+        task_ids = tasks
         result.after = {"study_instance_uid": to_study_uid, **_state(_study(session, to_study_uid))}
     notify = ctx.extras.get("ingest_notify")
     if task_ids and callable(notify):

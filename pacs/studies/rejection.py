@@ -39,10 +39,11 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from sqlalchemy import ColumnElement, or_, select, update
+from sqlalchemy import ColumnElement, Table, bindparam, or_, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -127,8 +128,12 @@ def note_content(obj: ReceivedObject) -> RejectionNoteContent | None:
 
 def is_rejected(session: Session, sop_instance_uid: str) -> bool:
     """Whether the SOP instance is rejected and not deleted (one lookup on a unique index)."""
-    return session.scalar(select(RejectedInstance.id).where(
-        RejectedInstance.sop_instance_uid == sop_instance_uid)) is not None
+    return session.scalar(_REJECTED, {"sop": sop_instance_uid}) is not None
+
+
+# prebuilt on the table: ingest asks it for every new SOP instance (pacs.ingest.service)
+_REJECTED = select(cast(Table, RejectedInstance.__table__).c.id).where(
+    cast(Table, RejectedInstance.__table__).c.sop_instance_uid == bindparam("sop"))
 
 
 def ingest_rejection_note(sessions: sessionmaker[Session], store: ObjectStore, obj: ReceivedObject, sha256: str,
@@ -251,7 +256,7 @@ def apply_note(session: Session, *, study_uid: str, note_sop_uid: str, content: 
                          + (f" transport={source.transport}" if source is not None else "")
                          + (f" ignored_uids={','.join(ignored[:20])}" if ignored else "")))
     return AppliedNote(rejected, [r.sop_instance_uid for r in already], ignored,
-                       tuple(t.id for t in tasks))
+                       tuple(tasks))
 
 
 def sender_refusal(source: IngestSource, reason: str) -> str | None:
@@ -303,9 +308,9 @@ def _study_refusal(session: Session, study: Study, source: IngestSource) -> str 
 
 
 def _recount(session: Session, study: Study, series_by_id: dict[int, Series], delta: dict[int, int],
-             sign: int) -> list[DerivedTask]:
+             sign: int) -> list[int]:
     """Counts, Modalities in Study, series documents and thumbnails after instances left (-1) or came back (+1)."""
-    tasks: list[DerivedTask] = []
+    tasks: list[int] = []
     total = 0
     for series_id, n in delta.items():
         series = series_by_id[series_id]
@@ -518,7 +523,7 @@ def _put_back(session: Session, principal: Principal, study_uid: str,
             Series.study_fk == study.id, Series.series_instance_uid.in_(series_part))))
     series_by_id: dict[int, Series] = {}
     added: dict[int, int] = {}
-    tasks: list[DerivedTask] = []
+    tasks: list[int] = []
     notes = {r.note_sop_instance_uid for r in rows}
     restored: list[str] = []
     for row in rows:
@@ -548,7 +553,7 @@ def _put_back(session: Session, principal: Principal, study_uid: str,
                  source_address=principal.source_address, patient_id=_patient_id(session, study),
                  study_instance_uid=study_uid,
                  detail=f"count={len(restored)} notes_deleted={','.join(emptied)}"[:2000])
-    return restored, emptied, tuple(t.id for t in tasks)
+    return restored, emptied, tuple(tasks)
 
 
 def list_rejected(session: Session, principal: Principal, *, study_uid: str | None = None,

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
+from typing import cast
 
-from sqlalchemy import CursorResult, DateTime, Integer, String, delete, func, insert
+from sqlalchemy import CursorResult, DateTime, Integer, String, Table, bindparam, delete, func, insert
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from pacs.db.models import Base
@@ -52,8 +53,13 @@ def add(session: Session, keys: Iterable[str]) -> None:
         session.execute(insert(DeletedObject), [{"object_key": key, "state": PENDING} for key in chunk])
 
 
+# prebuilt on the table: ingest runs it for every object it indexes
+_CLEAR = delete(cast(Table, DeletedObject.__table__)).where(
+    cast(Table, DeletedObject.__table__).c.object_key == bindparam("key"))
+
+
 def clear(session: Session, key: str) -> bool:
     """Ingest, in its index transaction: remove ``key``'s tombstone; True when there was one (the object may be
     deleted, or about to be: put the bytes again after the commit). Waits while a deletion holds the row."""
-    result = session.execute(delete(DeletedObject).where(DeletedObject.object_key == key))
+    result = session.execute(_CLEAR, {"key": key})
     return bool(result.rowcount) if isinstance(result, CursorResult) else False
