@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import func, select
 
 from pacs.context import AppContext
-from pacs.db.models import Instance, Study
+from pacs.db.models import Instance, Series, Study
 from pacs.settings import Settings
 from tests.support.corpus import corpus_files
 from tests.support.datasets import make_dataset
@@ -50,20 +50,22 @@ def test_invalid_configuration_is_a_clear_error(env: dict[str, str]) -> None:
 
 
 def test_ae_add_list_remove(env: dict[str, str]) -> None:
-    assert run_pacs(["db", "upgrade"], env).returncode == 0
+    """`ae add`, `ae list` and `ae remove` each run once as a process; their refusals and repeats in-process
+    (the same command code; exit statuses as a process are tested by the tests around this one)."""
+    assert invoke_pacs(["db", "upgrade"], env).returncode == 0  # a process in test_db_upgrade_on_postgresql
     added = run_pacs(["ae", "add", "CT01", "10.0.0.5", "104", "--description", "Ward CT", "--no-query",
                       "--facility", "HOSP-A"], env)
     assert added.returncode == 0, added.stderr
-    again = run_pacs(["ae", "add", "CT01", "10.0.0.6", "104", "--archive-wide"], env)
+    again = invoke_pacs(["ae", "add", "CT01", "10.0.0.6", "104", "--archive-wide"], env)
     assert again.returncode == 1 and "already registered" in again.stderr
-    assert run_pacs(["ae", "add", "BAD\\AE", "h", "104"], env).returncode == 1
+    assert invoke_pacs(["ae", "add", "BAD\\AE", "h", "104"], env).returncode == 1
     listed = json.loads(run_pacs(["ae", "list", "--json"], env).stdout)
     assert listed == [{"ae_title": "CT01", "host": "10.0.0.5", "port": 104, "description": "Ward CT",
                        "allow_store": True, "allow_query": False, "allow_retrieve": True, "check_host": True,
                        "facility": "HOSP-A", "archive_wide": False, "tls_subject": ""}]
     assert run_pacs(["ae", "remove", "CT01"], env).returncode == 0
-    assert run_pacs(["ae", "remove", "CT01"], env).returncode == 1
-    assert json.loads(run_pacs(["ae", "list", "--json"], env).stdout) == []
+    assert invoke_pacs(["ae", "remove", "CT01"], env).returncode == 1
+    assert json.loads(invoke_pacs(["ae", "list", "--json"], env).stdout) == []
 
 
 def test_ae_identity_host_check_by_default_and_a_loud_opt_out(env: dict[str, str]) -> None:
@@ -96,8 +98,8 @@ def test_commands_refuse_an_unmigrated_database(env: dict[str, str]) -> None:
 def test_db_upgrade_on_postgresql(fresh_pg_url: str, env: dict[str, str]) -> None:
     env = {**env, "PACS_DATABASE_URL": fresh_pg_url}
     assert run_pacs(["db", "upgrade"], env).returncode == 0
-    assert run_pacs(["db", "upgrade"], env).returncode == 0  # idempotent
-    assert run_pacs(["ae", "list", "--json"], env).stdout.strip() == "[]"
+    assert invoke_pacs(["db", "upgrade"], env).returncode == 0  # idempotent (its logic: in-process)
+    assert invoke_pacs(["ae", "list", "--json"], env).stdout.strip() == "[]"
 
 
 def test_worker_without_broker_explains_embedded_mode(env: dict[str, str]) -> None:
@@ -105,8 +107,10 @@ def test_worker_without_broker_explains_embedded_mode(env: dict[str, str]) -> No
     assert result.returncode == 2 and "PACS_BROKER_URL" in result.stderr
 
 
-def _import(path: Path, env: dict[str, str]) -> dict:
-    result = run_pacs(["import", "--json", str(path)], env, timeout=600)
+def _import(path: Path, env: dict[str, str], process: bool = True) -> dict:
+    """`pacs import --json` as a process, or in-process (``process=False``) where it already ran as one."""
+    args = ["import", "--json", str(path)]
+    result = run_pacs(args, env, timeout=600) if process else invoke_pacs(args, env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads(result.stdout)
 
@@ -126,11 +130,12 @@ def test_import_whole_corpus_reports_stored_duplicates_and_refusals(env: dict[st
     ctx = AppContext.create(Settings(data_dir=Path(env["PACS_DATA_DIR"])))
     with ctx.sessions() as s:
         instances = s.scalar(select(func.count()).select_from(Instance))
-        # Thumbnails were made in-process before the command returned.
-        assert s.scalar(select(func.count()).select_from(Instance).where(Instance.thumbnail_key.is_(None))) == 0
+        # The series' documents and thumbnails were made in-process before the command returned.
+        assert s.scalar(select(func.count()).select_from(Series).where(Series.thumbnail_key.is_(None))) == 0
+        assert s.scalar(select(func.count()).select_from(Series).where(Series.metadata_key.is_(None))) == 0
     assert instances == counts["stored"]
     # Importing again stores nothing new.
-    again = _import(corpus, env)["counts"]
+    again = _import(corpus, env, process=False)["counts"]  # the same command again: its logic, in-process
     assert again.get("stored", 0) == 0 and again["rejected"] == counts["rejected"]
     with ctx.sessions() as s:
         assert s.scalar(select(func.count()).select_from(Instance)) == instances
@@ -147,7 +152,7 @@ def test_import_zip(env: dict[str, str], tmp_path: Path) -> None:
             ds.save_as(path, enforce_file_format=True)
             zf.write(path, f"dir/{i}.dcm")
         zf.writestr("dir/notes.txt", "not an image")
-    summary = _import(zpath, env)
+    summary = _import(zpath, env, process=False)  # `pacs import` runs as a process in the corpus test
     assert summary["counts"] == {"stored": 3, "rejected": 1}
     assert summary["rejected"][0][0] == "dir/notes.txt" and "not a DICOM object" in summary["rejected"][0][1]
     ctx = AppContext.create(Settings(data_dir=Path(env["PACS_DATA_DIR"])))
@@ -157,7 +162,7 @@ def test_import_zip(env: dict[str, str], tmp_path: Path) -> None:
 
 
 def test_import_missing_path_is_a_clear_error(env: dict[str, str], tmp_path: Path) -> None:
-    result = run_pacs(["import", str(tmp_path / "nope")], env)
+    result = invoke_pacs(["import", str(tmp_path / "nope")], env)  # exit statuses as a process: tests above
     assert result.returncode == 2 and "neither a folder nor a file" in result.stderr
 
 

@@ -49,7 +49,7 @@ from tests.support.stack import embedded_env
 
 pytestmark = pytest.mark.integration
 
-SLICES = 4  # per batch: every armed hit count (1..3) is reached by one batch
+SLICES = 4  # per batch, each its own series: every armed hit count (1..3) is reached by one batch
 ROOT = Path(__file__).resolve().parents[1]
 
 

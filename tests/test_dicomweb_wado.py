@@ -329,9 +329,13 @@ def test_rendered_frames_and_thumbnails(world: World, extra: Extra) -> None:
             response = http.get(path)
             assert response.status_code == 200 and _image(response.content).format == "JPEG", path
         with world.server.ctx.read_sessions() as session:
-            key = session.scalar(select(Instance.thumbnail_key).where(Instance.sop_instance_uid == sop))
-        stored = http.get(f"{base}/series/{series}/instances/{sop}/thumbnail").content
-        assert key and stored == world.server.ctx.store.get_bytes(key)  # the worker's thumbnail, as stored
+            key = session.scalar(select(Series.thumbnail_key).where(Series.series_instance_uid == series))
+            own = session.scalar(select(Instance.thumbnail_key).where(Instance.sop_instance_uid == sop))
+        stored = http.get(f"{base}/series/{series}/thumbnail").content
+        assert key and stored == world.server.ctx.store.get_bytes(key)  # the series task's thumbnail, as stored
+        made = _image(http.get(f"{base}/series/{series}/instances/{sop}/thumbnail").content)
+        # an instance's own thumbnail is not made at ingest (one per series is): rendered when asked for
+        assert own is None and made.format == "JPEG" and max(made.size) <= world.server.ctx.settings.thumbnail_size
         small = http.get(f"{base}/series/{series}/thumbnail", params={"viewport": "8,8", "accept": "image/png"})
         assert _image(small.content).format == "PNG" and max(_image(small.content).size) <= 8
         for params, headers, status in (({"window": "abc"}, {}, 400), ({"viewport": "0,0"}, {}, 400),

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 
 from bench.generate_ct import write_ct_series
 from pacs.db.models import Instance, Series
-from storage.keys import thumbnail_key
+from storage.keys import instance_metadata_key, series_metadata_key, series_thumbnail_key
 from tests.support.dcmtk import echoscu, storescu
 from tests.support.net import wait_until
 from tests.support.seaweed import SeaweedS3
@@ -46,11 +46,14 @@ def test_ct_series_is_archived_and_thumbnails_appear_in_s3(stack: ScaledStack, t
     assert result.status == 0 and result.returncode == 0, result.output[-2000:]
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
     assert _count_series(stack, first.SeriesInstanceUID) == 100
-    keys = [thumbnail_key(first.StudyInstanceUID, first.SeriesInstanceUID,
-                          pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
-    wait_until(lambda: all(stack.ctx.store.exists(k) for k in keys), timeout=180,
-               what="100 thumbnails in S3 from the Celery worker")
-    assert stack.ctx.store.get_bytes(keys[50])[:2] == b"\xff\xd8"  # JPEG
+    # the series' thumbnail (its middle slice) and document from the Celery worker; the fragments from ingest
+    key = series_thumbnail_key(first.StudyInstanceUID, first.SeriesInstanceUID)
+    wait_until(lambda: stack.ctx.store.exists(key), timeout=180, what="the series thumbnail in S3 from the worker")
+    assert stack.ctx.store.get_bytes(key)[:2] == b"\xff\xd8"  # JPEG
+    assert stack.ctx.store.exists(series_metadata_key(first.StudyInstanceUID, first.SeriesInstanceUID))
+    assert all(stack.ctx.store.exists(instance_metadata_key(first.StudyInstanceUID, first.SeriesInstanceUID,
+                                                            pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID))
+               for f in files)
 
 
 def test_s3_outage_gives_failure_status_and_indexes_nothing(stack: ScaledStack, tmp_path: Path,

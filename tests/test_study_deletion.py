@@ -163,7 +163,10 @@ def test_admin_deletes_a_study_everywhere_and_it_can_be_stored_again(archive: Ar
         link = rad.post(f"/api/studies/{study}/shares", json={"scope": "study"})
         assert link.status_code == 201, link.text
     share_path = "/s/" + link.json()["url"].split("/s/", 1)[1]
-    wait_for("thumbnails", lambda: len(keys_under(archive, f"derived/thumbnails/{study}/")) >= len(sent))
+    # derived objects to be deleted with it: each series' thumbnail (and document), each instance's fragment
+    thumbnails = [f"derived/thumbnails/{study}/{uid}.jpg" for uid in {str(ds.SeriesInstanceUID) for ds in sent}]
+    wait_for("series thumbnails", lambda: len(keys_under(archive, *thumbnails)) == len(thumbnails))
+    assert len(keys_under(archive, f"derived/metadata/{study}/")) >= len(sent)
     with archive.http(None) as anonymous:
         assert anonymous.get(share_path).status_code == 200
     assert qido_studies(archive, "clin-a", study)
@@ -280,7 +283,8 @@ def test_rejected_series_is_deleted_after_its_retention_and_can_be_stored_again(
     sent = archive.send_study("MODA", "DEL-5", series=2)
     study, series = str(sent[0].StudyInstanceUID), str(sent[0].SeriesInstanceUID)
     rejected = [ds for ds in sent if ds.SeriesInstanceUID == series]
-    wait_for("thumbnails", lambda: len(keys_under(archive, f"derived/thumbnails/{study}/{series}/")) == 2)
+    wait_for("the series thumbnail", lambda: keys_under(archive, f"derived/thumbnails/{study}/{series}.jpg") != [])
+    assert len(keys_under(archive, f"derived/metadata/{study}/{series}/")) == 2  # the instances' fragments
     _reject(archive, "tech-a", study, "patient-safety", series=[series])
 
     def swept() -> bool:  # the rows go in one transaction, the objects right after its commit

@@ -21,8 +21,9 @@ from sqlalchemy import select
 from bench.generate_ct import write_ct_series
 from pacs.context import AppContext
 from pacs.db import migrate
-from pacs.db.models import DerivedTask, Instance, TaskOwner
+from pacs.db.models import DerivedTask, Series, TaskOwner
 from pacs.derived import lease
+from pacs.derived.kinds import SERIES_METADATA_KIND
 from pacs.ingest import Ingestor, IngestSource
 from pacs.settings import Settings
 from tests.support.datasets import make_instance
@@ -54,16 +55,16 @@ def test_tasks_of_a_killed_import_are_redone_within_seconds_by_the_running_serve
 
         def all_done() -> bool:
             with server.ctx.sessions() as s:
-                sops = set(s.scalars(select(Instance.sop_instance_uid)))
-            tasks = _tasks(server.ctx)
-            return bool(sops) and {t.subject_uid for t in tasks if t.state == "done"} == sops
+                series = set(s.scalars(select(Series.series_instance_uid)))
+            tasks = _tasks(server.ctx, SERIES_METADATA_KIND)
+            return bool(series) and {t.subject_uid for t in tasks if t.state == "done"} == series
 
-        wait_until(all_done, timeout=90, interval=0.2, what="the killed import's thumbnails")  # not 600 s
+        wait_until(all_done, timeout=90, interval=0.2, what="the killed import's series work")  # not 600 s
         recovered_s = time.monotonic() - died_at
-        crashed = [t for t in _tasks(server.ctx) if t.crashes]
-        # the one thumbnail in flight when the import died counted the crash and the attempt it used
+        crashed = [t for t in _tasks(server.ctx, SERIES_METADATA_KIND) if t.crashes]
+        # the series document and thumbnail in flight when the import died counted the crash and the attempt it used
         assert [(t.crashes, t.attempts, t.state) for t in crashed] == [(1, 2, "done")]
-        print(f"thumbnails of the killed import redone {recovered_s:.1f} s after its death")
+        print(f"series work of the killed import redone {recovered_s:.1f} s after its death")
         with server.ctx.sessions() as s:
             owners = list(s.scalars(select(TaskOwner.pid)))
         assert importer.proc.pid not in owners  # the dead owner's registration is gone too
@@ -72,16 +73,18 @@ def test_tasks_of_a_killed_import_are_redone_within_seconds_by_the_running_serve
 
 
 def test_a_poison_object_ends_failed_after_the_allowed_crashes_and_the_server_stays_up(tmp_path: Path) -> None:
-    """An object whose thumbnail kills the process: each start used to run it again (a crash loop). Now the
-    task in flight counts a crash, and at PACS_TASK_MAX_CRASHES it is failed with a clear error."""
+    """An object whose derived work kills the process (its series' thumbnail is rendered from it): each start used
+    to run it again (a crash loop). Now the task in flight counts a crash, and at PACS_TASK_MAX_CRASHES it is
+    failed with a clear error."""
     data = tmp_path / "data"
     ctx = AppContext.create(Settings(data_dir=data))
     try:
         migrate.upgrade(ctx.engine)
-        sop = "1.2.826.0.1.3680043.8.498.424242"
-        assert Ingestor(ctx.sessions, ctx.store).ingest(make_instance(SOPInstanceUID=sop), IngestSource("import")).ok
-        # every thumbnail kills its process: the poison. One worker thread, so that no other task (the series
-        # document) is in flight at the kill: every task running in a process that dies counts the crash.
+        sop, series_uid = "1.2.826.0.1.3680043.8.498.424242", "1.2.826.0.1.3680043.8.498.4242"
+        assert Ingestor(ctx.sessions, ctx.store).ingest(make_instance(SOPInstanceUID=sop, SeriesInstanceUID=series_uid),
+                                                        IngestSource("import")).ok
+        # every series build kills its process: the poison. One worker thread, so that no other task is in flight
+        # at the kill: every task running in a process that dies counts the crash.
         env = {**embedded_env(data), "PACS_TASK_MAX_CRASHES": "2", "PACS_IN_PROCESS_WORKERS": "1",
                "PACS_TEST_FAILPOINTS": "derived.before_write=1"}
         port = int(env["PACS_DICOM_PORT"])
@@ -95,16 +98,14 @@ def test_a_poison_object_ends_failed_after_the_allowed_crashes_and_the_server_st
             serve.wait_dicom(port)  # the third start takes it back for the second time: failed, not run
 
             def failed() -> DerivedTask | None:
-                task = next(t for t in _tasks(ctx) if t.subject_uid == sop)
+                task = next(t for t in _tasks(ctx, SERIES_METADATA_KIND) if t.subject_uid == series_uid)
                 return task if task.state == "failed" else None
 
             wait_until(lambda: failed() is not None, timeout=60, what="the poison task to be failed")
             task = failed()
             assert task is not None and task.crashes == 2 and task.attempts == 2
-            assert task.last_error == f"worker died 2 times while building thumbnail of {sop}"
-            # its series document is still built (without a thumbnail), and the server keeps answering
-            wait_until(lambda: _tasks(ctx, "series-metadata")[0].state == "done", timeout=60, what="series document")
-            assert serve.alive() and dicom_echo(port)
+            assert task.last_error == f"worker died 2 times while building {SERIES_METADATA_KIND} of {series_uid}"
+            assert serve.alive() and dicom_echo(port)  # the server keeps answering
             assert "FAILPOINT" not in serve.log_tail()
         finally:
             serve.stop()

@@ -95,7 +95,8 @@ def reindex_command(
         out.print_json(json.dumps(summary.as_dict()))
     else:
         table = Table("", "count")
-        for name in ("objects", "instances", "versions", "skipped_existing", "thumbnails_linked", "tasks_armed"):
+        for name in ("objects", "instances", "versions", "skipped_existing", "thumbnails_linked", "fragments_linked",
+                     "tasks_armed"):
             table.add_row(name.replace("_", " "), str(getattr(summary, name)))
         out.print(table)
         for key in summary.corrupt:

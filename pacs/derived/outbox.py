@@ -28,12 +28,20 @@ _ARMED = (select(_task.id, _task.kind, _task.state)
                  _task.kind.in_(bindparam("kinds", expanding=True))))
 _REARM = (update(_task_t).where(_task.id == bindparam("task_id"))
           .values(state=JobState.PENDING, attempts=0, last_error="", updated_at=func.now()))
+_MADE = (update(_task_t).where(_task.id == bindparam("task_id"))
+         .values(state=JobState.DONE, last_error="", updated_at=func.now()))
 _ADD = insert(_task_t)
 
 
-def arm_derived_tasks(session: Session, subject_uid: str, sha256: str, kinds: tuple[str, ...]) -> list[int]:
+def arm_derived_tasks(session: Session, subject_uid: str, sha256: str, kinds: tuple[str, ...], *,
+                      newly_armed_only: bool = False) -> list[int]:
     """Outbox rows for ``subject_uid`` (their ids); an existing row (content that was current before, or a
-    series already known) is re-armed instead of adding a second one."""
+    series already known) is re-armed instead of adding a second one.
+
+    ``newly_armed_only``: leave out the ids of rows that were already pending, queued or running. Ingest notifies
+    the relay of the ids it gets, and a series row re-armed by each of its 500 instances needs publishing once:
+    a queued or running row sees the new instances when it runs, and a pending one is published by the relay's
+    sweep (saves the relay a claim transaction per received instance, issue 13)."""
     existing = {kind: (task_id, state) for task_id, kind, state in session.execute(
         _ARMED, {"subject": subject_uid, "sha": sha256, "kinds": list(kinds)})}
     ids = []
@@ -46,7 +54,23 @@ def arm_derived_tasks(session: Session, subject_uid: str, sha256: str, kinds: tu
             ids.append(int(result.inserted_primary_key[0]))  # type: ignore[index]  # one row inserted: never None
             continue
         task_id, state = found
-        if state in (JobState.DONE, JobState.FAILED):  # pending or queued rows will run and see the new state
+        rearmed = state in (JobState.DONE, JobState.FAILED)
+        if rearmed:  # pending or queued rows will run and see the new state
             session.execute(_REARM, {"task_id": task_id})
-        ids.append(task_id)
+        if rearmed or not newly_armed_only:
+            ids.append(task_id)
     return ids
+
+
+def record_fragment_made(session: Session, sop_uid: str, sha256: str) -> None:
+    """Ingest made this instance version's fragment itself (:mod:`pacs.ingest.fragment`): its instance row is
+    recorded done (readers take the fragment as current) instead of armed. A row already pending or running for
+    the same content is left to run: it writes the same fragment."""
+    existing = {kind: (task_id, state) for task_id, kind, state in session.execute(
+        _ARMED, {"subject": sop_uid, "sha": sha256, "kinds": [INSTANCE_DERIVED_KIND]})}
+    found = existing.get(INSTANCE_DERIVED_KIND)
+    if found is None:
+        session.execute(_ADD, {"kind": INSTANCE_DERIVED_KIND, "subject_uid": sop_uid, "sha256": sha256,
+                               "state": JobState.DONE, "attempts": 0, "last_error": "", "owner": "", "crashes": 0})
+    elif found[1] in (JobState.DONE, JobState.FAILED):
+        session.execute(_MADE, {"task_id": found[0]})

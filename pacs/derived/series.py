@@ -24,6 +24,8 @@ from pacs.derived.kinds import INSTANCE_DERIVED_KIND, SERIES_METADATA_KIND
 from pacs.derived.outcomes import Completed, Deferred
 from pacs.derived.seekable import SPOOL_BYTES, open_seekable
 from pacs.dicomweb import metadata
+from pacs.failpoints import failpoint
+from pacs.imaging.render import RenderBusy, placeholder, thumbnail
 from pacs.jobs import JobState, as_utc, utcnow
 from pacs.ris.orders import link_study
 from storage import ObjectNotFound, ObjectStore, StorageUnavailable
@@ -68,13 +70,15 @@ def build_series_metadata(ctx: AppContext, series_uid: str, _sha256: str) -> Com
             _add_fragment(ctx, writer, study_uid, series_uid, member, notes)
         length = writer.finish()
         out.seek(0)
+        failpoint("derived.before_write")
         ctx.store.put(doc_key, out, length=length, content_type="application/dicom+json")  # type: ignore[arg-type]
-    series_thumb = _representative_thumbnail(ctx.store, members, series_thumbnail_key(study_uid, series_uid))
+    series_thumb = _representative_thumbnail(ctx, members, series_thumbnail_key(study_uid, series_uid), notes)
     study_thumb = None
-    if series_thumb is not None and first_series == series_id:
+    if first_series == series_id:
         study_thumb = study_thumbnail_key(study_uid)
         _copy(ctx.store, series_thumb, study_thumb)
 
+    failpoint("derived.after_write")
     with ctx.sessions() as session, session.begin():
         # Ingest holds this lock from before it adds an instance until after it re-arms this row, so
         # no instance can slip in between this check and marking the row done.
@@ -85,7 +89,7 @@ def build_series_metadata(ctx: AppContext, series_uid: str, _sha256: str) -> Com
         series = session.get(Series, series_id)
         if series is not None:
             series.metadata_key = doc_key
-            series.thumbnail_key = series_thumb or series.thumbnail_key
+            series.thumbnail_key = series_thumb
         if study_thumb is not None:
             study.thumbnail_key = study_thumb
         if series is not None and series.modality not in ("SR", "KO", "PR"):
@@ -97,6 +101,7 @@ def build_series_metadata(ctx: AppContext, series_uid: str, _sha256: str) -> Com
         session.execute(update(DerivedTask).where(
             DerivedTask.kind == SERIES_METADATA_KIND, DerivedTask.subject_uid == series_uid, DerivedTask.sha256 == ""
         ).values(state=JobState.DONE, owner="", last_error=note))  # the claim counted the attempt
+        failpoint("derived.before_done")  # the work is done, the row's "done" not committed yet
     log.info("series %s: metadata document of %d instance(s) built", series_uid, writer.count)
     return Completed(note)
 
@@ -159,14 +164,38 @@ def _add_fragment(ctx: AppContext, writer: metadata.JsonArrayWriter, study_uid: 
         writer.add(stream)
 
 
-def _representative_thumbnail(store: ObjectStore, members: list[_Member], target: str) -> str | None:
-    """Copy the middle instance's thumbnail (or the nearest one that has one) to ``target``."""
+def _representative_thumbnail(ctx: AppContext, members: list[_Member], target: str, notes: list[str]) -> str:
+    """The middle instance's thumbnail (or the nearest one's) as ``target``: copied when an instance task made one,
+    else rendered here from the stored object — one decode per series, not one per instance (issue 13; an
+    instance's own thumbnail is rendered when it is asked for, :mod:`pacs.dicomweb.wado`); a placeholder when
+    none of the nearest renders."""
     middle = len(members) // 2
-    for i in sorted(range(len(members)), key=lambda i: abs(i - middle)):
+    nearest = sorted(range(len(members)), key=lambda i: abs(i - middle))
+    for i in nearest:
         source = members[i].thumbnail_key
-        if source and _copy(store, source, target):
+        if source and _copy(ctx.store, source, target):
             return target
-    return None
+    unrendered: list[str] = []
+    for i in nearest[:_RENDER_TRIES]:
+        try:
+            with open_seekable(ctx.store, members[i].object_key) as fp:
+                image = thumbnail(metadata.read_dataset(fp), size=ctx.settings.thumbnail_size)
+        except (RenderBusy, StorageUnavailable):  # transient: the row runs again (pacs.derived.runner)
+            raise
+        except Exception as exc:  # unrenderable pixel data (or none, an SR): try the next nearest instance
+            log.info("series thumbnail: %s not rendered: %s", members[i].sop_uid, str(exc)[:200])
+            unrendered.append(f"{members[i].sop_uid}: {exc}")
+            continue
+        break
+    else:  # nothing to render (reports, waveforms, unreadable pixel data): a grey square, as the thumbnails show
+        image = placeholder(ctx.settings.thumbnail_size, "no rendered image")
+        notes.append(f"placeholder thumbnail: {'; '.join(unrendered)}"[:1000])
+    ctx.store.put(target, image, length=len(image), content_type="image/jpeg")
+    return target
+
+
+#: Instances tried when rendering a series' representative thumbnail (a series of reports has no image).
+_RENDER_TRIES = 3
 
 
 def _copy(store: ObjectStore, source: str, target: str) -> bool:

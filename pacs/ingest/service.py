@@ -43,11 +43,12 @@ from sqlalchemy.orm import Session, sessionmaker
 import pacs.studies.rejection as rejection
 from pacs import audit, metrics
 from pacs.db.models import Instance
-from pacs.derived.outbox import INSTANCE_TASKS, SERIES_TASKS, arm_derived_tasks
+from pacs.derived.outbox import INSTANCE_TASKS, SERIES_TASKS, arm_derived_tasks, record_fragment_made
 from pacs.errors import PacsError
 from pacs.failpoints import failpoint
 from pacs.forwarding.rules import queue_forwards
 from pacs.ingest.claim import ClaimStoreFailed, claim_provisional_study
+from pacs.ingest.fragment import make_fragment
 from pacs.ingest.index_writer import index_instance
 from pacs.ingest.outcome import IngestOutcome, IngestStatus
 from pacs.ingest.ownership import decide, order_patient
@@ -65,7 +66,7 @@ from pacs.security import filing_rules
 from pacs.settings import DuplicatePolicy
 from pacs.studies import tombstones
 from storage import ObjectStore, StorageError
-from storage.keys import instance_key, reconciliation_key
+from storage.keys import instance_key, instance_metadata_key, reconciliation_key
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +212,14 @@ class Ingestor:
             return IngestOutcome(IngestStatus.STORAGE_UNAVAILABLE, f"object store unavailable: {exc}"[:200],
                                  **ids)
         failpoint("ingest.after_object_write")
+        # a new instance's fragment beside it: its row then needs no derived work (pacs.ingest.fragment)
+        fragment_key = self._put_fragment(obj) if current_sha is None else None
+
+        def undo() -> None:  # the transaction did not commit: nothing this call wrote stays
+            if fragment_key is not None:
+                self._discard(fragment_key)
+            if not existed:
+                self._discard(key)
 
         now = datetime.now(UTC)
         evicted: list[str] = []
@@ -246,32 +255,34 @@ class Ingestor:
                 # a deletion's tombstone of this very key: its object may be (about to be) deleted, so it is put
                 # again after the commit (pacs.studies.tombstones; waits while a deletion holds the row)
                 tombstoned = tombstones.clear(session, key)
-                tasks = arm_derived_tasks(session, obj.sop_instance_uid, sha256, INSTANCE_TASKS)
-                tasks += arm_derived_tasks(session, obj.series_instance_uid, "", SERIES_TASKS)
+                if fragment_key is not None:
+                    tasks = []
+                    record_fragment_made(session, obj.sop_instance_uid, sha256)
+                else:
+                    tasks = arm_derived_tasks(session, obj.sop_instance_uid, sha256, INSTANCE_TASKS)
+                tasks += arm_derived_tasks(session, obj.series_instance_uid, "", SERIES_TASKS, newly_armed_only=True)
                 queue_forwards(session, obj, source, sha256)
                 session.flush()
                 _audit(session, obj, source, "instance.store" if replaces is None else "instance.store-new-version",
                        f"sha256={sha256}" + (f" replaces={replaces.sha256 if replaces else ''}"))
                 task_ids = tuple(tasks)
         except IntegrityError:
+            if fragment_key is not None:  # the same key as the winner's fragment: the readers make it again
+                self._discard(fragment_key)
             raise
         except _Held as held:  # decided again under the locks: hold it after all
-            if not existed:
-                self._discard(key)
+            undo()
             return self._hold(obj, sha256, source, held.decision, ids)
         except ClaimStoreFailed as exc:
-            if not existed:
-                self._discard(key)
+            undo()
             return IngestOutcome(IngestStatus.STORAGE_UNAVAILABLE, f"object store unavailable: {exc}"[:200],
                                  **ids)
         except _Refused as exc:
-            if not existed:
-                self._discard(key)
+            undo()
             log.warning("refused object %s from %s: %s", obj.sop_instance_uid, who(source), exc)
             return IngestOutcome(IngestStatus.REJECTED, str(exc), reason=RejectReason.MISMATCH, **ids)
         except SQLAlchemyError as exc:
-            if not existed:
-                self._discard(key)
+            undo()
             return self._index_failed(obj, sha256, exc)
         failpoint("ingest.after_index_commit")
         if tombstoned:
@@ -284,6 +295,20 @@ class Ingestor:
         status = IngestStatus.STORED if current_sha is None or decision.verdict is filing_rules.Verdict.CLAIM \
             else IngestStatus.NEW_VERSION
         return IngestOutcome(status, "", derived_task_ids=task_ids, **ids)
+
+    def _put_fragment(self, obj: ReceivedObject) -> str | None:
+        """Put a new instance's DICOM JSON fragment (pacs.ingest.fragment); its key, or None when a worker is to make
+        it (not made here, or the store refused it: the object itself is what must be durable)."""
+        fragment = make_fragment(obj, assume_utf8_for_latin1=self._utf8)
+        if fragment is None:
+            return None
+        key = instance_metadata_key(obj.study_instance_uid, obj.series_instance_uid, obj.sop_instance_uid)
+        try:
+            self._store.put(key, fragment, length=len(fragment), content_type="application/dicom+json")
+        except StorageError as exc:
+            log.warning("fragment of %s left to the worker: %s", obj.sop_instance_uid, exc)
+            return None
+        return key
 
     def _put_again(self, obj: ReceivedObject, key: str) -> str | None:
         """Put the bytes again under ``key``, which a deletion tombstoned (the same content-addressed key: the same

@@ -53,8 +53,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs import audit
-from pacs.db.models import Instance, InstanceVersion, Patient, Series, Study
-from pacs.derived.outbox import INSTANCE_TASKS, SERIES_TASKS, arm_derived_tasks
+from pacs.db.models import DerivedTask, Instance, InstanceVersion, Patient, Series, Study
+from pacs.derived.kinds import INSTANCE_DERIVED_KIND
+from pacs.derived.outbox import INSTANCE_TASKS, SERIES_TASKS, arm_derived_tasks, record_fragment_made
 from pacs.errors import PacsError
 from pacs.ingest.index_writer import index_instance
 from pacs.ingest.parsing import ObjectRejected, ReceivedObject, parse_received
@@ -71,6 +72,7 @@ log = logging.getLogger(__name__)
 
 INSTANCE_PREFIX = "dicom/"
 THUMBNAIL_PREFIX = "derived/thumbnails/"
+METADATA_PREFIX = "derived/metadata/"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 
@@ -93,6 +95,7 @@ class ReindexSummary:
     skipped_existing: int = 0  # with force: already referenced by the index, not read again
     bytes_read: int = 0
     thumbnails_linked: int = 0
+    fragments_linked: int = 0  # instances whose stored DICOM JSON fragment is taken as current (no task armed)
     tasks_armed: int = 0
     corrupt: list[str] = field(default_factory=list)  # SHA-256 of the bytes differs from the key's
     unparseable: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
@@ -168,6 +171,7 @@ def reindex(
     _apply_rejection_notes(sessions, replay.notes, summary)
     summary.ambiguous_order = sorted(set(summary.ambiguous_order))
     _link_thumbnails(sessions, store, summary, progress, batch_size)
+    _link_fragments(sessions, store, summary, progress, batch_size)
     _arm_derived_work(sessions, summary, batch_size)
     summary.seconds = round(time.monotonic() - started, 3)
     with sessions() as session, session.begin():
@@ -420,17 +424,51 @@ def _link_batch(sessions: sessionmaker[Session], keys: dict[str, str], summary: 
                 summary.thumbnails_linked += 1
 
 
+def _link_fragments(sessions: sessionmaker[Session], store: ObjectStore, summary: ReindexSummary,
+                    progress: ProgressSink, batch_size: int) -> None:
+    """Take the DICOM JSON fragments already in the store (``derived/metadata/{study}/{series}/{sop}.json``, made at
+    ingest, :mod:`pacs.ingest.fragment`) as current for instances with a single version: their rows are recorded
+    done instead of armed (which would read and render every object again). The fragment's key does not name a
+    version, so an instance with prior versions gets its fragment made again."""
+    progress.phase("fragments")
+    pending: list[str] = []
+    for info in store.list(METADATA_PREFIX):
+        parts = info.key.split("/")  # series documents have fewer segments
+        sop_uid = parts[-1].removesuffix(".json")
+        if len(parts) == 5 and is_valid_uid(sop_uid):
+            pending.append(sop_uid)
+        progress.advance()
+        if len(pending) >= batch_size:
+            _link_fragment_batch(sessions, pending, summary)
+            pending = []
+    if pending:
+        _link_fragment_batch(sessions, pending, summary)
+
+
+def _link_fragment_batch(sessions: sessionmaker[Session], sop_uids: list[str], summary: ReindexSummary) -> None:
+    with sessions() as session, session.begin():
+        rows = session.execute(select(Instance.sop_instance_uid, Instance.sha256)
+                               .where(Instance.sop_instance_uid.in_(sop_uids), Instance.version == 1)).all()
+        for sop_uid, sha256 in rows:
+            record_fragment_made(session, sop_uid, sha256)
+            summary.fragments_linked += 1
+
+
 def _arm_derived_work(sessions: sessionmaker[Session], summary: ReindexSummary, batch_size: int) -> None:
-    """Outbox rows, as ingest arms them, for instances without a thumbnail and series without metadata.
+    """Outbox rows, as ingest arms them, for instances with neither a thumbnail nor a fragment taken as current,
+    and series without metadata.
 
     They stay ``pending`` until the outbox relay of a running ``pacs serve`` / ``pacs scp`` publishes them.
     """
     last_id = 0
     while True:
         with sessions() as session, session.begin():
+            made = (select(DerivedTask.id).where(DerivedTask.kind == INSTANCE_DERIVED_KIND,
+                                                 DerivedTask.subject_uid == Instance.sop_instance_uid,
+                                                 DerivedTask.sha256 == Instance.sha256).exists())
             rows = session.execute(
                 select(Instance.id, Instance.sop_instance_uid, Instance.sha256)
-                .where(Instance.thumbnail_key.is_(None), Instance.id > last_id).order_by(Instance.id)
+                .where(Instance.thumbnail_key.is_(None), ~made, Instance.id > last_id).order_by(Instance.id)
                 .limit(batch_size)).all()
             for _, sop_uid, sha256 in rows:
                 summary.tasks_armed += len(arm_derived_tasks(session, sop_uid, sha256, INSTANCE_TASKS))

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config, build_role, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 from sqlalchemy import func, select
@@ -69,7 +69,9 @@ DRILL_SETTINGS = {"PACS_TASK_MAX_CRASHES": "1000"}
 
 @dataclass(frozen=True)
 class Batch:
-    """A few small CT slices of a study of their own, with the SHA-256 of each one's dataset bytes."""
+    """A few small CT slices of a study of their own, each in a series of its own (derived work is one task per
+    series: every armed hit count of a derived failpoint is reached by one batch), with the SHA-256 of each
+    one's dataset bytes."""
 
     study_uid: str
     files: tuple[Path, ...]
@@ -77,7 +79,9 @@ class Batch:
 
     @classmethod
     def make(cls, folder: Path, slices: int, size: int = 32) -> Batch:
-        files = write_ct_series(folder, slices=slices, size=size, patient_id=f"DRILL-{uuid.uuid4().hex[:6]}")
+        patient_id, study_uid = f"DRILL-{uuid.uuid4().hex[:6]}", generate_uid()
+        files = [f for n in range(slices) for f in write_ct_series(folder / f"series-{n}", slices=1, size=size,
+                                                                    patient_id=patient_id, study_uid=study_uid)]
         sha = {}
         for path in files:
             data = path.read_bytes()
@@ -411,7 +415,7 @@ class Finish:
     rounds: list[Round]
     missing: list[str]  # acknowledged, not delivered (or delivered different) by C-GET at the end
     different: list[str]
-    derived_not_done: int  # derived rows of acknowledged instances not done (or without a thumbnail)
+    derived_not_done: int  # derived rows of acknowledged instances not done (or a series without its thumbnail)
     derived_failed: int
     check: dict[str, object]  # `pacs check --json` before the repair
     check_exit: int
@@ -615,8 +619,9 @@ class Drill:
                 select(DerivedTask.state, func.count()).where(DerivedTask.kind == "series-metadata",
                                                               DerivedTask.subject_uid.in_(series_uids))
                 .group_by(DerivedTask.state)).all())
-            no_thumbnail = session.scalar(select(func.count()).select_from(Instance).where(
-                Instance.sop_instance_uid.in_(sops), Instance.thumbnail_key.is_(None))) or 0
+            # one thumbnail per series (pacs.derived.series); an instance's is rendered when asked for
+            no_thumbnail = session.scalar(select(func.count()).select_from(Series).where(
+                Series.id.in_(series), Series.thumbnail_key.is_(None))) or 0
         expected = len(set(sops)) + len(series_uids)
         done = thumbs.get("done", 0) + series_rows.get("done", 0)
         failed = thumbs.get("failed", 0) + series_rows.get("failed", 0)
