@@ -513,6 +513,7 @@ def print_environment(args: argparse.Namespace, files: list[Path], total_bytes: 
              *([f"{min(args.one_image, len(files))} × 1 image (a storescu each)"] if args.one_image > 0 else [])]
     table.add_row("runs", f"{args.repeats} repeat(s) × modes ({', '.join(modes)}) × systems, "
                           "alternated, each from an empty archive")
+    table.add_row("DICOM receiving processes", os.environ.get("PACS_DICOM_PROCESSES") or "the archive's default")
     out.print(table)
 
 
@@ -625,6 +626,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-scaled", action="store_true", help="leave out scp + worker on PostgreSQL/S3/Redis")
     parser.add_argument("--skip-orthanc", action="store_true", help="leave out Debian's Orthanc")
     parser.add_argument("--keep", action="store_true", help="keep each run's archive (data, database, bucket)")
+    parser.add_argument("--dicom-processes", type=int, default=None, metavar="N",
+                        help="DICOM receiving processes of `pacs serve` / `pacs scp` (PACS_DICOM_PROCESSES; "
+                        "default: the environment's, else the archive's default)")
     args = parser.parse_args(argv)
     if args.slices < 1 or args.size < 16 or args.repeats < 1 or args.parallel < 1:
         parser.error("--slices, --repeats and --parallel must be >= 1 and --size >= 16")
@@ -633,6 +637,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.dicom_processes is not None:  # every `pacs` process the bench starts inherits it
+        os.environ["PACS_DICOM_PROCESSES"] = str(args.dicom_processes)
     if not args.skip_orthanc and find_orthanc() is None:
         err.print("[yellow]Orthanc is not installed (apt-get install orthanc): running without it[/yellow]")
         args.skip_orthanc = True

@@ -28,6 +28,11 @@ The listeners are pynetdicom's threaded server hardened against hostile peers (S
   logs, the per-peer limits and the pre-association budget all see the modality, not the balancer.
   At accept such a connection counts against the total limit only; its per-peer admission waits
   for the header. From any other peer a PROXY header is just an invalid PDU (A-ABORT).
+
+Several receiving processes (``PACS_DICOM_PROCESSES``, ``pacs.receiving_processes``) each run
+:func:`start_scp` with ``shared`` (:class:`pacs.shared_limits.SharedLimits`) and ``reuse_port``: the listeners
+bind with ``SO_REUSEPORT`` (the kernel spreads connections over the processes), and every limit above counts
+the connections and associations of all of them.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import socketserver
 import ssl
 import struct
 import threading
@@ -61,6 +67,7 @@ from pacs.connection_budget import PreAssociationBudget
 from pacs.context import AppContext
 from pacs.ingest import Ingestor
 from pacs.proxy_protocol import V1_PREFIX, V2_SIGNATURE, read_header
+from pacs.shared_limits import SharedLimits, SharedLiveAssociations, SharedPreAssociationBudget
 from pacs.trusted_proxies import trusted_proxies
 
 log = logging.getLogger("dicom_scp")
@@ -95,8 +102,8 @@ def build_ae(ctx: AppContext) -> AE:
 class Listeners:
     """The plain DICOM listener and, when a certificate is configured, the TLS one (same services)."""
 
-    plain: ThreadedAssociationServer
-    tls: ThreadedAssociationServer | None = None
+    plain: GuardedAssociationServer
+    tls: GuardedAssociationServer | None = None
     guard: ConnectionGuard | None = None
 
     @property
@@ -110,12 +117,35 @@ class Listeners:
         if self.guard is not None:
             self.guard.stop()
 
+    def stop_accepting(self) -> None:
+        """Close the listening sockets (no new connection) and leave the open associations running."""
+        for server in (self.tls, self.plain):
+            if server is not None:
+                server.stop_accepting()
 
-def start_scp(ctx: AppContext, ingestor: Ingestor) -> Listeners:
-    """Start listening in background threads; call ``shutdown()`` on the result to stop."""
+    def open_associations(self) -> int:
+        return len([a for a in self.plain.ae.active_associations if a.is_acceptor])
+
+    def drain(self, timeout_s: float) -> int:
+        """Stop accepting, then wait up to ``timeout_s`` for the open associations to end; how many are left."""
+        self.stop_accepting()
+        deadline = time.monotonic() + timeout_s
+        while (left := self.open_associations()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return left
+
+
+def start_scp(ctx: AppContext, ingestor: Ingestor, *, shared: SharedLimits | None = None,
+              reuse_port: bool = False) -> Listeners:
+    """Start listening in background threads; call ``shutdown()`` on the result to stop.
+
+    ``shared``: the limits are kept with other receiving processes; ``reuse_port``: bind with SO_REUSEPORT."""
     ae = build_ae(ctx)
-    # the register's tokens are the Associations (threads); LiveAssociations only needs them hashable
-    live = LiveAssociations(is_alive=lambda assoc: assoc.is_alive())  # type: ignore[attr-defined]
+
+    def is_alive(assoc: Any) -> bool:  # the register's tokens are the Associations (threads)
+        return bool(assoc.is_alive())
+
+    live = LiveAssociations(is_alive=is_alive) if shared is None else SharedLiveAssociations(shared, is_alive)
     evt_handlers: list[evt.EventHandlerType] = [
         (evt.EVT_CONN_OPEN, association_events.on_conn_open),
         # association limits and the AE's rights: may reject before negotiation
@@ -129,16 +159,16 @@ def start_scp(ctx: AppContext, ingestor: Ingestor) -> Listeners:
     evt_handlers += [(event, association_checks.on_association_end, [live]) for event in
                      (evt.EVT_ACSE_RECV, evt.EVT_RELEASED, evt.EVT_ABORTED, evt.EVT_CONN_CLOSE)]
     evt_handlers += service_bindings(ctx, ingestor)
-    guard = ConnectionGuard(ctx)
+    guard = ConnectionGuard(ctx, shared=shared, ae=ae)
     evt_handlers.append((evt.EVT_CONN_CLOSE, guard.on_conn_close))
     address = (ctx.settings.dicom_host, ctx.settings.dicom_port)
-    listeners = Listeners(_start_server(ae, address, evt_handlers, guard), guard=guard)
+    listeners = Listeners(_start_server(ae, address, evt_handlers, guard, reuse_port=reuse_port), guard=guard)
     guard.start_reaper()
     log.info("DICOM SCP %s listening on %s:%s", ctx.settings.ae_title, *listeners.server_address)
     ssl_context = server_ssl_context(ctx.settings)
     if ssl_context is not None:
         tls_address = (ctx.settings.dicom_host, ctx.settings.dicom_tls_port)
-        listeners.tls = _start_server(ae, tls_address, evt_handlers, guard, ssl_context)
+        listeners.tls = _start_server(ae, tls_address, evt_handlers, guard, ssl_context, reuse_port=reuse_port)
         log.info("DICOM TLS listening on %s:%s (client certificate %s)", *listeners.tls.server_address[:2],
                  "required" if ctx.settings.tls_require_client_cert else "optional")
     return listeners
@@ -192,8 +222,10 @@ class ConnectionGuard:
     started yet (counted here, so a burst of connections cannot slip past the limit).
     """
 
-    def __init__(self, ctx: AppContext) -> None:
+    def __init__(self, ctx: AppContext, *, shared: SharedLimits | None = None, ae: AE | None = None) -> None:
         s = ctx.settings
+        self.shared = shared  # several receiving processes: their connections count too (pacs.shared_limits)
+        self.ae = ae
         self.total, self.per_peer = association_limits.connection_limits(s.max_associations,
                                                                          s.max_associations_per_peer)
         self.network_timeout = s.network_timeout_s
@@ -206,10 +238,11 @@ class ConnectionGuard:
         self._awaiting_header = 0  # admitted from trusted proxies, PROXY header not read yet (whose: unknown)
         self._refused: Counter[str] = Counter()  # refusals not yet logged, by peer (one line a second)
         self._last_log: dict[str, float] = {}
-        self.budget = PreAssociationBudget(
-            total=s.dicom_max_unassociated or s.max_associations,
-            per_peer=s.dicom_max_unassociated_per_peer or s.max_associations_per_peer,
-            timeout_s=s.dicom_preassoc_timeout_s)
+        total = s.dicom_max_unassociated or s.max_associations
+        per_peer = s.dicom_max_unassociated_per_peer or s.max_associations_per_peer
+        self.budget = PreAssociationBudget(total=total, per_peer=per_peer, timeout_s=s.dicom_preassoc_timeout_s) \
+            if shared is None else \
+            SharedPreAssociationBudget(shared, total=total, per_peer=per_peer, timeout_s=s.dicom_preassoc_timeout_s)
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
 
@@ -220,13 +253,14 @@ class ConnectionGuard:
         peer = peer_key(_host_of(client_address))
         proxied = self.proxies.is_trusted(peer)
         open_by_peer = _open_by_peer(ae)
-        with self._lock:
+        with self._lock, self._shared_locked():
             if not self._admit_locked(peer, open_by_peer, None if proxied else sock, per_peer=not proxied):
                 return False
             if proxied:
                 self._awaiting_header += 1
             else:
                 self._starting[peer] += 1
+            self._publish_locked(open_by_peer)
         return True
 
     def admit_proxied(self, ae: AE, sock: Any, client_address: Any) -> bool:
@@ -234,19 +268,23 @@ class ConnectionGuard:
         taken at accept becomes one of that client's (False: the slot is free again)."""
         peer = peer_key(_host_of(client_address))
         open_by_peer = _open_by_peer(ae)
-        with self._lock:
+        with self._lock, self._shared_locked():
             self._awaiting_header -= 1
-            if not self._admit_locked(peer, open_by_peer, sock, total=False):
-                return False
-            self._starting[peer] += 1
-        return True
+            admitted = self._admit_locked(peer, open_by_peer, sock, total=False)
+            if admitted:
+                self._starting[peer] += 1
+            self._publish_locked(open_by_peer)
+        return admitted
 
     def _admit_locked(self, peer: str, open_by_peer: Counter[str], sock: Any, *, per_peer: bool = True,
                       total: bool = True) -> bool:
-        """The connection limits (and, given the socket, the budget) for one more connection from ``peer``."""
+        """The connection limits (and, given the socket, the budget) for one more connection from ``peer``
+        (several receiving processes: with the shared lock held, the others' connections counted too)."""
+        others_from_peer, others = self.shared.other_connections(peer) if self.shared is not None else (0, 0)
         reason = association_limits.admit_connection(
-            open_by_peer[peer] + self._starting[peer] if per_peer else 0,
-            sum(open_by_peer.values()) + sum(self._starting.values()) + self._awaiting_header if total else 0,
+            open_by_peer[peer] + self._starting[peer] + others_from_peer if per_peer else 0,
+            sum(open_by_peer.values()) + sum(self._starting.values()) + self._awaiting_header + others
+            if total else 0,
             per_peer=self.per_peer, total=self.total)
         if reason:
             self._log_refusal(peer, reason)
@@ -260,6 +298,20 @@ class ConnectionGuard:
                 self._log_refusal(peer, admission.reason)
                 return False
         return True
+
+    def _shared_locked(self) -> contextlib.AbstractContextManager[None]:
+        return self.shared.locked() if self.shared is not None else contextlib.nullcontext()
+
+    def _publish_locked(self, open_by_peer: Counter[str]) -> None:
+        """Several receiving processes: this one's open connections by peer, for the others (both locks held)."""
+        if self.shared is not None:
+            self.shared.publish_connections(open_by_peer + self._starting, self._awaiting_header)
+
+    def publish(self) -> None:
+        if self.shared is not None and self.ae is not None:
+            open_by_peer = _open_by_peer(self.ae)
+            with self._lock, self.shared.locked():
+                self._publish_locked(open_by_peer)
 
     # -- connections that have not associated yet (pacs.connection_budget) ---------------------------
 
@@ -292,12 +344,22 @@ class ConnectionGuard:
             for peer in sorted({peer for _, peer in late}):
                 with self._lock:
                     self._log_refusal(peer, f"no A-ASSOCIATE-RQ within {self.budget.timeout_s:g} s of connecting")
+            if isinstance(self.budget, SharedPreAssociationBudget):  # several receiving processes
+                evicted = self.budget.take_evicted()  # by another process, for a newcomer from a smaller holder
+                for sock, _ in evicted:
+                    _shut_down(sock)
+                for peer in sorted({peer for _, peer in evicted}):
+                    with self._lock:
+                        self._log_refusal(peer, "oldest unassociated connection closed for a newcomer from a "
+                                          "smaller holder (in another receiving process)")
+                self.publish()  # connections closed since the last admission free their slots for the others
 
     def _until_next_deadline(self) -> float:
+        longest = 0.5 if self.shared is None else 0.1  # shared: evictions and the connection snapshot, 0.1 s
         deadline = self.budget.next_deadline()
         if deadline is None:
-            return 0.5  # a newly admitted connection's deadline is at least timeout_s away
-        return min(0.5, max(0.02, deadline - time.monotonic()))
+            return longest  # a newly admitted connection's deadline is at least timeout_s away
+        return min(longest, max(0.02, deadline - time.monotonic()))
 
     def _log_refusal(self, peer: str, reason: str) -> None:
         """At most one line a second per peer (a flood must not flood the log); called under the lock."""
@@ -408,10 +470,34 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
     def __init__(self, ae: AE, address: tuple[str, int], ae_title: str, contexts: list[PresentationContext],
                  ssl_context: ssl.SSLContext | None = None, evt_handlers: list[evt.EventHandlerType] | None = None,
-                 *, guard: ConnectionGuard) -> None:
+                 *, guard: ConnectionGuard, reuse_port: bool = False) -> None:
         self.guard = guard
+        self.reuse_port = reuse_port
+        self._accepting_stopped = False
         super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers,
                          request_handler=GuardedRequestHandler)
+
+    def server_bind(self) -> None:
+        """pynetdicom's bind, with SO_REUSEPORT for several receiving processes on one port (Linux)."""
+        if self.reuse_port:
+            assert self.socket is not None
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def stop_accepting(self) -> None:
+        """Stop the accept loop and close the listening socket; the associations run on (drain)."""
+        if self._accepting_stopped:
+            return
+        self._accepting_stopped = True
+        socketserver.BaseServer.shutdown(self)  # the accept loop ends
+        assert self.socket is not None
+        self.socket.close()
+
+    def shutdown(self) -> None:
+        if self._accepting_stopped:
+            self.ae._servers.remove(self)  # the rest of AssociationServer.shutdown() (stopped already)
+            return
+        super().shutdown()
 
     def get_request(self) -> tuple[Any, Any]:
         """Accept; for TLS only wrap the socket: the handshake is done in the connection's thread."""
@@ -468,10 +554,10 @@ class GuardedRequestHandler(RequestHandler):
 
 
 def _start_server(ae: AE, address: tuple[str, int], evt_handlers: list[evt.EventHandlerType], guard: ConnectionGuard,
-                  ssl_context: ssl.SSLContext | None = None) -> GuardedAssociationServer:
+                  ssl_context: ssl.SSLContext | None = None, *, reuse_port: bool = False) -> GuardedAssociationServer:
     """``AE.start_server(block=False)`` with our server class."""
     server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
-                            server_class=GuardedAssociationServer, guard=guard)
+                            server_class=GuardedAssociationServer, guard=guard, reuse_port=reuse_port)
     assert isinstance(server, GuardedAssociationServer)  # make_server's type cannot tell from server_class
     server.contexts = presentation_contexts.shared(server.contexts)  # built once, shared read-only by associations
     thread = threading.Thread(target=make_target(server.serve_forever), name=f"AcceptorServer@{address[1]}",

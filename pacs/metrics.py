@@ -20,6 +20,13 @@ reported) are history, not queue depth, and are never counted: every count is a 
 column is ``state`` (forward jobs: one range per destination, found by a loose index scan), so a scrape costs
 the same at 10^7 instances as at 10.
 
+With several DICOM receiving processes (``PACS_DICOM_PROCESSES``, :mod:`pacs.receiving_processes`) the
+associations and C-STOREs are counted in those processes; each sends its values (:func:`snapshot`) to the
+supervising process, which adds what changed to its own metrics (:func:`add_snapshot_delta`), so the parent's
+``/metrics`` (and `pacs scp`'s metrics port) show the whole server; a scrape first asks every receiving process
+for its current values (:func:`install_receivers`). ``pacs_dicom_receiver_objects_total{receiver}`` counts the
+C-STORE objects of each receiving process (1..N: how the kernel spread the connections).
+
 No label carries patient data, a UID or an AE title (unbounded, and the latter two identify peers): labels are
 fixed vocabularies, and anything else a peer sends (a C-FIND level) is folded into ``other``.
 """
@@ -27,9 +34,10 @@ fixed vocabularies, and anything else a peer sends (a C-FIND level) is folded in
 from __future__ import annotations
 
 import ipaddress
+import logging
 import threading
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -77,6 +85,8 @@ ASSOCIATIONS = Counter("pacs_dicom_associations", "DICOM associations by result 
                        ["result"])
 STORE_ERRORS = Counter("pacs_store_errors", "Object store failures met while serving, by operation", ["operation"])
 INDEX_ERRORS = Counter("pacs_index_errors", "Index database failures met while serving, by operation", ["operation"])
+RECEIVER_OBJECTS = Counter("pacs_dicom_receiver_objects", "C-STORE objects received, by DICOM receiving process "
+                           "(PACS_DICOM_PROCESSES over 1)", ["receiver"])
 PROCESS = Info("pacs_process", "Which pacs process this is (role: serve, api, scp, worker, hl7) and its version")
 
 for _result in ("accepted", "rejected", "aborted"):
@@ -125,6 +135,100 @@ def store_error(operation: str) -> None:
 
 def index_error(operation: str) -> None:
     INDEX_ERRORS.labels(operation).inc()
+
+
+# -- several receiving processes (pacs.receiving_processes) --------------------------------------------------
+
+#: what a receiving process counts and its supervisor adds to its own
+RECEIVED: tuple[Counter | Gauge | Histogram, ...] = (INGESTED, INGEST_SECONDS, FIND_SECONDS, ASSOCIATIONS_OPEN,
+                                                   ASSOCIATIONS, STORE_ERRORS, INDEX_ERRORS)
+#: metric name → label values → values (a counter's or gauge's value; a histogram's buckets, then its sum)
+Snapshot = dict[str, dict[tuple[str, ...], list[float]]]
+
+
+def _children(metric: Any) -> list[tuple[tuple[str, ...], Any]]:
+    if not metric._labelnames:
+        return [((), metric)]
+    with metric._lock:
+        return list(metric._metrics.items())
+
+
+def snapshot() -> Snapshot:
+    """This process's values of :data:`RECEIVED` (prometheus-client's value holders, read as they are)."""
+    out: Snapshot = {}
+    for metric in RECEIVED:
+        values: dict[tuple[str, ...], list[float]] = {}
+        for labels, child in _children(metric):
+            if isinstance(metric, Histogram):
+                values[labels] = [bucket.get() for bucket in child._buckets] + [child._sum.get()]
+            else:
+                values[labels] = [child._value.get()]
+        out[metric._name] = values
+    return out
+
+
+def add_snapshot_delta(before: Snapshot, after: Snapshot, receiver: str) -> None:
+    """Add to this process's metrics what a receiving process counted between two of its snapshots."""
+    by_name = {metric._name: metric for metric in RECEIVED}
+    for name, values in after.items():
+        metric = by_name.get(name)
+        if metric is None:
+            continue
+        previous = before.get(name, {})
+        for labels, now in values.items():
+            deltas = [value - old for value, old in zip(now, previous.get(labels, [0.0] * len(now)), strict=False)]
+            if not any(deltas):
+                continue
+            child: Any = metric.labels(*labels) if labels else metric
+            if isinstance(metric, Histogram):
+                for bucket, delta in zip(child._buckets, deltas[:-1], strict=False):
+                    bucket.inc(delta)
+                child._sum.inc(deltas[-1])
+            else:
+                child._value.inc(deltas[0])
+            if metric is INGESTED and labels and labels[0] == SOURCES["dimse"]:
+                RECEIVER_OBJECTS.labels(receiver).inc(deltas[0])
+
+
+def retired(last: Snapshot) -> Snapshot:
+    """What a receiving process that ended leaves: its counts stay, its gauges go back to zero."""
+    return {name: {labels: ([0.0] if name == ASSOCIATIONS_OPEN._name else values) for labels, values in
+                   series.items()} for name, series in last.items()}
+
+
+class _ReceiverSync(Collector):
+    """Registered first: at each scrape, the receiving processes' current values are added before the
+    metrics are read."""
+
+    def __init__(self, pull: Callable[[], None]) -> None:
+        self.pull = pull
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        try:
+            self.pull()
+        except Exception:  # a scrape never fails for it: the last values pushed are shown
+            logging.getLogger("pacs.metrics").exception("receiving processes' metrics not read")
+        return iter(())
+
+
+_sync: _ReceiverSync | None = None
+
+
+def install_receivers(pull: Callable[[], None]) -> None:
+    """Pull the receiving processes' values at each scrape (idempotent: the latest ``pull`` wins)."""
+    global _sync
+    with _lock:
+        if _sync is not None:
+            _sync.pull = pull
+            return
+        _sync = _ReceiverSync(pull)
+        REGISTRY.register(_sync)
+        for metric in (*RECEIVED, RECEIVER_OBJECTS):  # collected after the sync: registered again, after it
+            REGISTRY.unregister(metric)
+            REGISTRY.register(metric)
 
 
 # -- queue depths, read from the index at scrape time -------------------------------------------------------

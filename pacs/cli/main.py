@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -26,7 +28,9 @@ from pacs.cli.common import (
 from pacs.context import AppContext
 
 if TYPE_CHECKING:
+    from dicom_scp.server import Listeners
     from pacs.aes import AERecord
+    from pacs.receiving_processes import ReceivingProcesses
     from pacs.runtime import Pipeline
     from pacs.settings import Settings
 
@@ -55,10 +59,96 @@ def _wait_for_signal() -> None:
     stop.wait()
 
 
-@app.command()
-def serve() -> None:
-    """Run everything in one process: DICOM SCP, HTTP API and workers (embedded defaults)."""
+DicomProcesses = Annotated[int | None, typer.Option(
+    "--dicom-processes", min=0, max=64, show_default=False,
+    help="DICOM receiving processes sharing the DICOM port(s) (SO_REUSEPORT, Linux); the rest runs once in this "
+    "process. Default: PACS_DICOM_PROCESSES; 0: decide (1 today, see README)")]
+
+
+@dataclass
+class _DicomListening:
+    """Where `pacs serve` / `pacs scp` receive DICOM: in this process (``listeners``) or in receiving
+    processes (``receivers``, :mod:`pacs.receiving_processes`)."""
+
+    port: int
+    tls_port: int | None
+    listeners: Listeners | None = None
+    receivers: ReceivingProcesses | None = None
+    exit_code: int = 0
+    running: bool = False  # ready: a fatal failure from now on stops the command with SIGTERM
+
+    def describe(self) -> str:
+        if self.receivers is None:
+            return ""
+        return f" ({self.receivers.count} receiving processes)"
+
+    def wait_ready(self) -> None:
+        """Several receiving processes: until each listens (they start while this process gets ready)."""
+        from pacs import metrics
+
+        if self.receivers is None:
+            return
+        try:
+            self.receivers.wait_ready()
+        except RuntimeError as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(1) from exc
+        self.running = True
+        metrics.install_receivers(self.receivers.pull_metrics)
+        self.port, self.tls_port = self.receivers.port, self.receivers.tls_port
+
+    def stop(self) -> None:
+        if self.listeners is not None:
+            self.listeners.shutdown()
+        if self.receivers is not None:
+            self.receivers.stop()
+
+
+def _start_receivers(settings: Settings, role: str, processes: int | None) -> _DicomListening | None:
+    """``--dicom-processes`` over 1: start the receiving processes now, before this process starts any thread
+    (they are forked, every module already imported: quick); None: the DICOM services run in this process."""
+    from pacs.receiving_processes import ReceivingProcesses, effective_processes
+
+    if processes is not None:
+        settings = settings.model_copy(update={"dicom_processes": processes})
+    count = effective_processes(settings)
+    if count <= 1:
+        return None
+    listening = _DicomListening(settings.dicom_port, None)
+
+    def fatal(why: str) -> None:  # a receiving process keeps dying: this command exits non-zero
+        listening.exit_code = 1
+        if listening.running:  # (while starting, wait_ready says so)
+            console.print(f"[red]{why}[/red]")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    listening.receivers = ReceivingProcesses(settings, count, role=role, on_fatal=fatal).start()
+    return listening
+
+
+def _start_dicom(pipeline: Pipeline, receiving: _DicomListening | None) -> _DicomListening:
+    """The DICOM listeners in this process, or the receiving processes' link to this one's relay and
+    commitment reporter (:meth:`_DicomListening.wait_ready` then waits for them)."""
     from dicom_scp.server import start_scp
+
+    if receiving is None:
+        listeners = start_scp(pipeline.ctx, pipeline.ingestor)
+        return _DicomListening(listeners.server_address[1], listeners.tls.server_address[1] if listeners.tls
+                               else None, listeners=listeners)
+    assert receiving.receivers is not None
+    # until now their derived tasks wait for the relay's first sweep, which publishes every pending row
+    receiving.receivers.on_tasks = pipeline.relay.notify
+    if pipeline.commitment is not None:
+        receiving.receivers.on_commitment = pipeline.commitment.wake
+    return receiving
+
+
+@app.command()
+def serve(dicom_processes: DicomProcesses = None) -> None:
+    """Run everything in one process: DICOM SCP, HTTP API and workers (embedded defaults).
+
+    With --dicom-processes N (PACS_DICOM_PROCESSES) over 1, N processes receive DICOM on the same port(s)
+    and this one runs the rest once: HTTP, relay, workers, forwarding, commitment reports, HL7, retention."""
     from pacs.cli.hl7 import start_serve_listener
     from pacs.runtime import Pipeline
     from viewer_api import http_server
@@ -66,49 +156,93 @@ def serve() -> None:
 
     settings = load_settings(role="serve")
     ensure_schema(settings, upgrade=True)
-    pipeline = Pipeline.start(settings)
-    scp = start_scp(pipeline.ctx, pipeline.ingestor)
-    pipeline.hl7_listener = start_serve_listener(pipeline.ctx)  # PACS_HL7_PORT (0 = off)
-    _announce_initial_admin(pipeline.ctx)
-    http_app = create_app(pipeline.ctx, pipeline.ingestor)
+    receiving = _start_receivers(settings, "serve", dicom_processes)
+    try:
+        pipeline = Pipeline.start(settings)
+    except BaseException:
+        if receiving is not None:
+            receiving.stop()
+        raise
+    try:
+        dicom = _start_dicom(pipeline, receiving)
+    except BaseException:
+        if receiving is not None:
+            receiving.stop()
+        pipeline.stop()
+        raise
+    try:
+        pipeline.hl7_listener = start_serve_listener(pipeline.ctx)  # PACS_HL7_PORT (0 = off)
+        _announce_initial_admin(pipeline.ctx)
+        http_app = create_app(pipeline.ctx, pipeline.ingestor)
+        dicom.wait_ready()
+    except BaseException:
+        dicom.stop()
+        pipeline.stop()
+        raise
     console.print(f"[green]PACS ready[/green]: DICOM {settings.ae_title}@{settings.dicom_host}:"
-                  f"{scp.server_address[1]}, HTTP http://{settings.http_host}:{settings.http_port}, "
+                  f"{dicom.port}{dicom.describe()}, HTTP http://{settings.http_host}:{settings.http_port}, "
                   f"index {pipeline.ctx.engine.url.render_as_string(hide_password=True)}, "
                   f"store {pipeline.ctx.store.describe()}, workers "
                   f"{'in-process' if settings.embedded_workers else 'celery'}"
-                  + (f", DICOM TLS on port {scp.tls.server_address[1]}" if scp.tls else "")
+                  + (f", DICOM TLS on port {dicom.tls_port}" if dicom.tls_port else "")
                   + (f", HL7 MLLP on port {pipeline.hl7_listener.server_address[1]}" if pipeline.hl7_listener else ""))
+    if dicom.receivers is not None:
+        # uvicorn restores these handlers and raises the signal it caught again once it has stopped: with
+        # Python's defaults SIGTERM would end this process there, before the receiving processes are stopped
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: None)
     try:
         http_server.run(http_app, settings)
     finally:
-        scp.shutdown()
+        dicom.stop()
         pipeline.stop()
+    if dicom.exit_code:
+        raise typer.Exit(dicom.exit_code)
 
 
 @app.command()
-def scp() -> None:
-    """Run the DICOM services only (several in scaled deployments); also relays derived work and commitment reports."""
-    from dicom_scp.server import start_scp
+def scp(dicom_processes: DicomProcesses = None) -> None:
+    """Run the DICOM services only (several in scaled deployments); also relays derived work and commitment reports.
+
+    With --dicom-processes N (PACS_DICOM_PROCESSES) over 1, N processes receive DICOM on the same port(s) and
+    this one relays, reports and serves the metrics port for all of them."""
     from pacs import metrics
     from pacs.metrics_port import start_metrics_port
     from pacs.runtime import Pipeline
 
     settings = load_settings(role="scp")
     ensure_schema(settings, upgrade=False)
-    pipeline = Pipeline.start(settings)
+    receiving = _start_receivers(settings, "scp", dicom_processes)
+    try:
+        pipeline = Pipeline.start(settings)
+    except BaseException:
+        if receiving is not None:
+            receiving.stop()
+        raise
     metrics.install(pipeline.ctx, "scp")
     metrics_port = start_metrics_port(settings)  # PACS_METRICS_PORT (0 = off): no HTTP API in this process
-    server = start_scp(pipeline.ctx, pipeline.ingestor)
-    tls = f", TLS on port {server.tls.server_address[1]}" if server.tls else ""
-    console.print(f"[green]DICOM SCP ready[/green] {settings.ae_title}@{settings.dicom_host}:"
-                  f"{server.server_address[1]}{tls}")
     try:
-        _wait_for_signal()
-    finally:
-        server.shutdown()
+        dicom = _start_dicom(pipeline, receiving)
+        dicom.wait_ready()
+    except BaseException:
+        if receiving is not None:
+            receiving.stop()
         if metrics_port is not None:
             metrics_port.shutdown()
         pipeline.stop()
+        raise
+    tls = f", TLS on port {dicom.tls_port}" if dicom.tls_port else ""
+    console.print(f"[green]DICOM SCP ready[/green] {settings.ae_title}@{settings.dicom_host}:"
+                  f"{dicom.port}{dicom.describe()}{tls}")
+    try:
+        _wait_for_signal()
+    finally:
+        dicom.stop()
+        if metrics_port is not None:
+            metrics_port.shutdown()
+        pipeline.stop()
+    if dicom.exit_code:
+        raise typer.Exit(dicom.exit_code)
 
 
 @app.command()
