@@ -28,6 +28,7 @@ from pacs.ingest.parsing import parse_received
 from pacs.persons.identifiers import NationalIdPolicy, normalise_value
 from pacs.persons.models import Person, PersonIdentifier
 from pacs.query.engine import QueryEngine
+from pacs.query.sessions import read_path_engine
 from pacs.runtime import make_ingestor
 from pacs.security.accounts import create_token
 from pacs.security.principal import AccessScope
@@ -386,11 +387,15 @@ def test_qido_with_priors_is_still_one_statement_per_page(archive: Archive) -> N
     def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         statements.append(statement)
 
-    event.listen(archive.ctx.engine, "before_cursor_execute", count)
+    # the searches run on the read path's own connections on PostgreSQL (pacs.query.sessions): count on both
+    engines = [e for e in (archive.ctx.engine, read_path_engine(archive.ctx.engine)) if e is not None]
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", count)
     try:
         head = QueryEngine(archive.ctx.read_sessions).search(search.query).head(100)
     finally:
-        event.remove(archive.ctx.engine, "before_cursor_execute", count)
+        for engine in engines:
+            event.remove(engine, "before_cursor_execute", count)
     assert {r["StudyInstanceUID"] for r in head.rows} == {p.study_a, p.study_b}
     assert len([s for s in statements if s.lstrip().upper().startswith("SELECT")]) == 1, statements
 

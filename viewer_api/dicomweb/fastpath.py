@@ -1,0 +1,98 @@
+"""The DICOMweb read routes (QIDO-RS and WADO-RS GETs) without FastAPI's per-request machinery.
+
+A viewer sends these by the hundred per study. Through FastAPI each one is matched against the routers in
+turn, has its dependencies solved, and crosses into the thread pool twice (the token check, then the route).
+:class:`DicomwebReads` (pure ASGI, inside the hardening middleware) answers them itself: it matches the path
+with the routes' own matchers, in the routers' order, and runs in *one* thread-pool call exactly what the
+route would: :func:`viewer_api.security.authenticate_request` (the bearer token, the route's capability as
+declared with ``require(...)``, refusals audited), then the route's own function. Errors become responses
+through the application's exception handlers, as Starlette's ExceptionMiddleware does. Routes are taken only
+when their signature is the request, path parameters and the principal, with the one ``require(...)``
+dependency; anything else (another method, an unknown path, another kind of route) goes on to FastAPI.
+The routes stay declared there (OpenAPI, the route matrix) and answer the same.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware.exceptions import ExceptionMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Match
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from pacs.security.roles import Capability
+from viewer_api.security import REQUIREMENTS, authenticate_request
+
+PREFIX = "/dicom-web/"
+
+
+@dataclass(frozen=True)
+class ReadRoute:
+    route: APIRoute
+    capability: Capability | None
+
+
+def read_routes(routes: Iterable[Any]) -> list[ReadRoute]:
+    """The GET routes among ``routes`` (in order) that this path can serve as FastAPI would."""
+    found = []
+    for route in routes:
+        if not isinstance(route, APIRoute) or route.methods != {"GET"} or not route.path.startswith(PREFIX):
+            continue
+        if inspect.iscoroutinefunction(route.endpoint) or route.dependencies:
+            continue
+        calls = [d.call for d in route.dependant.dependencies]
+        if len(calls) != 1 or calls[0] not in REQUIREMENTS:
+            continue
+        params = set(inspect.signature(route.endpoint).parameters)
+        if params != {"request", "principal", *route.param_convertors}:
+            continue
+        found.append(ReadRoute(route, REQUIREMENTS[calls[0]]))
+    return found
+
+
+class DicomwebReads:
+    """ASGI middleware answering the routes of ``routes`` (see the module's description)."""
+
+    def __init__(self, app: ASGIApp, routes: Iterable[Any]) -> None:
+        self.app = app
+        self.routes = read_routes(routes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"].startswith(PREFIX):
+            for read in self.routes:
+                match, child = read.route.matches(scope)
+                if match is Match.FULL:
+                    scope.update(child)
+                    await self._serve(read, scope, receive, send)
+                    return
+                if match is not Match.NONE:
+                    break  # FastAPI decides what a partial match means
+        await self.app(scope, receive, send)
+
+    async def _serve(self, read: ReadRoute, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive, send)
+        params = dict(scope.get("path_params") or {})
+
+        def call() -> Response:
+            principal = authenticate_request(request, read.capability)
+            response: Response = read.route.endpoint(request=request, principal=principal, **params)
+            return response
+
+        async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+            response = await run_in_threadpool(call)
+            await response(scope, receive, send)
+
+        await self._with_handlers(scope["app"], endpoint)(scope, receive, send)
+
+    def _with_handlers(self, app: Any, endpoint: ASGIApp) -> ASGIApp:
+        """``endpoint`` wrapped as Starlette wraps the router: the application's exception handlers (all but
+        the one for ``Exception``/500, which the outermost ServerErrorMiddleware applies)."""
+        handlers = {key: value for key, value in app.exception_handlers.items() if key not in (500, Exception)}
+        return ExceptionMiddleware(endpoint, handlers=handlers)  # a few dict entries: built per request
