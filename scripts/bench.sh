@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks: installs what they need when missing (DCMTK, Orthanc and its DICOMweb plugin from Debian, curl,
 # the venv with the test extras), then runs one of them with the arguments given. The first argument may
-# name the benchmark (ingest, query, dicomweb, reading_list, index_scale, ui_browser or crash_drill; ingest when it is
-# an option or absent), e.g.
+# name the benchmark (ingest, query, dicomweb, reading_list, index_scale, ui_browser, ohif or crash_drill; ingest when
+# it is an option or absent), e.g.
 #   scripts/bench.sh                                 # ingest: 500 slices 512x512, 3 repeats, 4 in parallel
 #   scripts/bench.sh --slices 50 --size 256 --repeats 1
 #   scripts/bench.sh --skip-scaled --skip-orthanc
@@ -11,6 +11,7 @@
 #   scripts/bench.sh reading_list                    # the radiologist's reading list at 100,000 unreported studies
 #   scripts/bench.sh index_scale                     # QIDO/C-FIND/reading list at 10^7 instances (~15 min, 8 GB)
 #   scripts/bench.sh ui_browser --explain            # the study browser's first page at 100,000 studies
+#   scripts/bench.sh ohif                            # OHIF time to first image, 300-slice CT, ours vs Orthanc
 #   scripts/bench.sh crash_drill --rounds 200        # kill -9 at every failpoint, outages: nothing acknowledged lost
 # The scaled configuration also needs PostgreSQL on 127.0.0.1:5432 (trust auth for `postgres`) and Redis
 # on 127.0.0.1:6379 (db 8 is flushed); leave it out with --skip-scaled. query, dicomweb, reading_list, index_scale and
@@ -23,6 +24,7 @@ missing=()
 [[ -x "${ORTHANC_BIN:-/usr/sbin/Orthanc}" ]] || missing+=(orthanc)
 [[ -f "${ORTHANC_DICOMWEB_PLUGIN:-/usr/share/orthanc/plugins/libOrthancDicomWeb.so}" ]] || missing+=(orthanc-dicomweb)
 command -v curl >/dev/null || missing+=(curl)
+[[ -x /usr/bin/chromium ]] || missing+=(chromium)  # the ohif bench (Playwright drives Debian's Chromium)
 if ((${#missing[@]})); then
   SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
   echo "installing ${missing[*]} with apt-get" >&2
@@ -38,6 +40,6 @@ fi
 
 bench=ingest
 case "${1:-}" in
-  ingest|query|dicomweb|reading_list|index_scale|ui_browser|crash_drill) bench=$1; shift ;;
+  ingest|query|dicomweb|reading_list|index_scale|ui_browser|ohif|crash_drill) bench=$1; shift ;;
 esac
 exec .venv/bin/python -m "bench.$bench" "$@"

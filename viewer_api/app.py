@@ -12,11 +12,13 @@ from pacs.context import AppContext
 from pacs.ingest import Ingestor
 from pacs.logging_setup import current_role
 from pacs.query.engine import QueryEngine
+from pacs.query.sessions import read_path_sessions
 from pacs.runtime import make_ingestor
 from pacs.security.authenticate import Authenticator
 from pacs.security.login_guard import LoginGuard
 from pacs.security.redaction import install_log_redaction
 from viewer_api import errors
+from viewer_api.compression import GzipText
 from viewer_api.hardening import RequestLimits, SecurityHeaders, TrustedHosts, trusted_host_names
 
 EXPOSED_HEADERS = ["X-Total-Count", "Content-Location", "Warning"]
@@ -44,6 +46,7 @@ def create_app(ctx: AppContext, ingestor: Ingestor | None = None) -> FastAPI:
         transfer_routes,
     )
     from viewer_api.dicomweb import qido, stow, wado, wado_uri
+    from viewer_api.dicomweb.fastpath import DicomwebReads
     from viewer_api.ui import router as ui_router
 
     settings = ctx.settings
@@ -52,12 +55,16 @@ def create_app(ctx: AppContext, ingestor: Ingestor | None = None) -> FastAPI:
     # hospital network without internet (and under /docs the hardening leaves their inline scripts alone)
     app = FastAPIOffline(
         static_url=DOCS_STATIC, title="Filmless PACS", version=pacs.__version__,
+        # no OpenTelemetry here (pacs.metrics is the process's metrics): FastAPI's own would look for a provider
+        # on every request
+        telemetry={"tracing": False, "metrics": False, "logs": False},
         description="DICOMweb (QIDO-RS, WADO-RS, STOW-RS, WADO-URI), FHIR R4 and the audit trail. "
         "Every route but /health, /metrics (from allowed addresses) and the viewer's static files needs "
         "`Authorization: Bearer <token>`.")
     app.state.ctx = ctx
     app.state.ingestor = ingestor or make_ingestor(ctx)
-    app.state.authenticator = Authenticator(settings, ctx.sessions)
+    # the bearer token is looked up on every request: one statement on the read path's connections (autocommit)
+    app.state.authenticator = Authenticator(settings, read_path_sessions(ctx.sessions))
     app.state.query_engine = QueryEngine(ctx.read_sessions)
     # failed logins per user name and address / per user name / per client address, reserved before the
     # password is hashed, and a cap on concurrent argon2 checks (auth_routes.login)
@@ -80,6 +87,10 @@ def create_app(ctx: AppContext, ingestor: Ingestor | None = None) -> FastAPI:
         app.include_router(module.router)
 
     # Outermost first: CORS answers preflights before anything else; limits before routing.
+    # the DICOMweb reads (QIDO-RS, WADO-RS GETs) answered without FastAPI's per-request machinery, with the same
+    # checks, audit and error handlers (viewer_api.dicomweb.fastpath)
+    app.add_middleware(DicomwebReads, routes=[*qido.router.routes, *wado.router.routes])
+    app.add_middleware(GzipText)  # gzip for JSON/text answers and raw frames, fast path's too (viewer_api.compression)
     app.add_middleware(SecurityHeaders)
     app.add_middleware(RequestLimits, max_bytes=settings.max_request_bytes)
     if settings.cors_origins:
