@@ -29,14 +29,22 @@ if [[ "${1:-}" != "--test" && ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.t
   SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq fonts-dejavu-core >/dev/null
 fi
-[[ -x .venv/bin/python ]] || "$PY" -m venv .venv
+# The venv is made without pip (ensurepip alone takes ~5 s of CPU): uv installs pip into it with the rest.
+[[ -x .venv/bin/python ]] || "$PY" -m venv --without-pip .venv
 # uv (from PyPI, into the venv) resolves and installs the same packages as pip from the same index in seconds
-# instead of a minute and more; pip is the fallback when uv cannot be installed. --compile-bytecode as pip does:
+# instead of a minute and more; pip is the fallback when uv cannot be installed. uv comes into the venv by the
+# installing Python's own pip, else by the venv's pip. --compile-bytecode as pip does:
 # where PYTHONDONTWRITEBYTECODE is set (CI machines), nothing else writes the .pyc files, and every `pacs` process
 # would compile its imports again (2-3x slower starts, the whole test suite twice as long).
-if .venv/bin/python -m pip install -q --disable-pip-version-check uv 2>/dev/null; then
-  .venv/bin/python -m uv pip install -q --compile-bytecode --python .venv/bin/python -e ".${extras}"
+venv_has() { .venv/bin/python -m "$1" --version >/dev/null 2>&1; }
+if venv_has uv \
+   || { "$PY" -m pip install -q --disable-pip-version-check --ignore-installed --prefix "$PWD/.venv" uv \
+          >/dev/null 2>&1 && venv_has uv; } \
+   || { { venv_has pip || .venv/bin/python -m ensurepip -q >/dev/null 2>&1; } \
+        && .venv/bin/python -m pip install -q --disable-pip-version-check uv 2>/dev/null && venv_has uv; }; then
+  .venv/bin/python -m uv pip install -q --compile-bytecode --python .venv/bin/python pip -e ".${extras}"
 else
+  venv_has pip || .venv/bin/python -m ensurepip -q
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e ".${extras}"
 fi

@@ -19,7 +19,6 @@ from tests.support.tiers import is_integration
 LONGEST_FIRST = (
     "test_crash_drills.py",
     "test_reindex_check.py",
-    "test_cli.py",
     "test_worker_resilience.py",
     "test_study_deletion.py",
     "test_series_metadata.py",
@@ -29,6 +28,7 @@ LONGEST_FIRST = (
     "test_study_corrections.py",
     "test_stow.py",
     "test_ui_studies.py",
+    "test_cli.py",  # ~40 % less CPU since its repeated commands run in-process (issue 10)
     "test_ui_admin.py",
     "test_api_fuzz.py",
     "test_forwarding.py",
