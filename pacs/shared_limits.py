@@ -30,6 +30,7 @@ import hashlib
 import logging
 import multiprocessing
 import os
+import threading
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
@@ -59,7 +60,10 @@ class SharedLimits:
     def __init__(self, capacity: int, mp_context: Any | None = None) -> None:
         mp = mp_context or multiprocessing.get_context("spawn")
         self.capacity = capacity
-        self.lock = mp.RLock()
+        # a plain lock (any process may release it: the supervisor frees one a killed holder left), re-entered in
+        # a thread by counting (the association guard takes it around the connection budget's use of it)
+        self.lock = mp.Lock()
+        self._held = threading.local()
         self.table = mp.RawArray("q", capacity * FIELDS)
         self.seq = mp.RawValue("q", 0)
 
@@ -72,16 +76,24 @@ class SharedLimits:
         return cls(processes * (total + 2) + settings.max_associations + 2 * unassociated + 16, mp_context)
 
     def __getstate__(self) -> dict[str, Any]:  # pickled only to a spawned process (multiprocessing's rule)
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "_held"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._held = threading.local()
 
     @contextmanager
     def locked(self) -> Iterator[None]:
-        if not self.lock.acquire(timeout=LOCK_TIMEOUT_S):  # pragma: no cover - a holder died in the lock
+        depth = getattr(self._held, "depth", 0)
+        if depth == 0 and not self.lock.acquire(timeout=LOCK_TIMEOUT_S):  # a holder died in the lock
             raise TimeoutError("the shared DICOM limits are locked")
+        self._held.depth = depth + 1
         try:
             yield
         finally:
-            self.lock.release()
+            self._held.depth = depth
+            if depth == 0:
+                self.lock.release()
 
     # -- rows (call with the lock held) ---------------------------------------------------------------------
 
@@ -116,7 +128,7 @@ class SharedLimits:
         (a few microseconds of table work) would leave it held: after the timeout it is released once."""
         if not self.lock.acquire(timeout=LOCK_TIMEOUT_S):
             log.error("the shared DICOM limits were left locked by process %d: released", pid)
-            self.lock.release()  # the dead holder's (multiprocessing's RLock lets another process release it)
+            self.lock.release()  # the dead holder's (a multiprocessing Lock may be released by any process)
             self.lock.acquire()
         try:
             dropped = 0

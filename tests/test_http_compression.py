@@ -181,8 +181,10 @@ def test_the_viewers_hashed_assets_are_immutable_and_its_written_files_revalidat
     for name in ("index.html", "app-config.js"):
         _, headers, body = _raw(client, f"/ohif/{name}", GZIP)
         assert headers["cache-control"] == "no-cache", name
-        assert headers["content-encoding"] == "gzip", name  # no .gz of its own: gzipped by the middleware
-        assert gzip.decompress(body) == (viewer / name).read_bytes(), name
+        if name.endswith(".html"):  # HTML is never gzipped (pages carry CSRF tokens beside reflected input)
+            assert "content-encoding" not in headers and body == (viewer / name).read_bytes(), name
+        else:  # no .gz of its own: gzipped by the middleware
+            assert headers["content-encoding"] == "gzip" and gzip.decompress(body) == (viewer / name).read_bytes()
         assert "etag" in headers or "last-modified" in headers, name  # revalidated, not downloaded again
 
 
@@ -233,10 +235,10 @@ def test_already_encoded_partial_and_binary_answers_pass_untouched() -> None:
 
 def test_which_media_types_are_compressible() -> None:
     for yes in ("application/dicom+json", "application/json; charset=utf-8", "application/fhir+json",
-                "text/javascript; charset=utf-8", "text/css", "text/html; charset=utf-8", "image/svg+xml"):
+                "text/javascript; charset=utf-8", "text/css", "image/svg+xml"):
         assert compressible(yes), yes
     assert compressible('multipart/related; type="application/octet-stream"; boundary=x')  # raw frames
     for no in ('multipart/related; type="application/dicom"', 'multipart/related; type="image/jls"',
                'multipart/related; type="image/jpeg"', "application/dicom", "image/jpeg", "image/png",
-               "application/octet-stream", "application/wasm", "application/zip", ""):
+               "application/octet-stream", "application/wasm", "application/zip", "text/html; charset=utf-8", ""):
         assert not compressible(no), no

@@ -20,6 +20,7 @@ limits (12 in all, 8 per address, none reserved) so they can be filled from the 
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import signal
 import socket
@@ -42,6 +43,7 @@ from pacs.commitment.service import SopRef
 from pacs.db.models import DerivedTask, Instance, Series, Study, TaskOwner
 from pacs.receiving_processes import ReceivingProcesses
 from pacs.settings import Settings
+from pacs.shared_limits import SharedLimits
 from tests.support.commitment_modality import Modality
 from tests.support.datasets import make_dataset
 from tests.support.dcmtk import storescu
@@ -308,3 +310,31 @@ def test_serve_exits_non_zero_when_its_receiving_processes_keep_dying(tmp_path: 
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode not in (0, None), output.decode(errors="replace")[-3000:]
     assert b"not restarted" in output
+
+
+def _hold_the_limits_lock(limits: SharedLimits) -> None:
+    """A receiving process killed inside the shared lock (what SIGKILL or the OOM killer can do)."""
+    with limits.locked():
+        limits.insert(1, 7)
+        time.sleep(120)
+
+
+@pytest.mark.integration
+def test_a_lock_left_by_a_killed_receiving_process_is_freed_by_the_supervisor() -> None:
+    ctx = multiprocessing.get_context("spawn")
+    limits = SharedLimits(16, ctx)
+    holder = ctx.Process(target=_hold_the_limits_lock, args=(limits,))
+    holder.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not any(pid == holder.pid for _, pid, *_ in limits.rows()) and time.monotonic() < deadline:
+            time.sleep(0.05)  # read without the lock: the holder's row shows it is inside
+        assert holder.pid is not None and any(pid == holder.pid for _, pid, *_ in limits.rows())
+    finally:
+        holder.kill()
+        holder.join(timeout=10)
+    with pytest.raises(TimeoutError), limits.locked():  # what every other process meets: the dead holder's lock
+        pass
+    assert limits.purge(holder.pid) == 1  # freed once, the dead process's row dropped
+    with limits.locked(), limits.locked():  # usable again, and re-entered within a thread
+        assert limits.rows() == []

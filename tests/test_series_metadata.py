@@ -20,7 +20,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from bench.generate_ct import write_ct_series
 from pacs.context import AppContext
@@ -415,3 +415,27 @@ def test_embedded_series_document_and_thumbnails(embedded: Archive, tmp_path: Pa
 @pytest.mark.integration
 def test_scaled_series_document_and_thumbnails(scaled: Archive, tmp_path: Path) -> None:
     _series_document_follows_the_series(scaled, tmp_path)
+
+
+def test_a_series_whose_build_died_before_is_built_without_rendering_again(local: AppContext) -> None:
+    """A poison object (one whose decode kills the process) in a series: the run after a crash builds the document
+    with a placeholder thumbnail instead of decoding again, so the series still gets its metadata."""
+    study_uid, series_uid = "1.2.826.0.1.3680043.10.2", "1.2.826.0.1.3680043.10.2.1"
+    ingestor = Ingestor(local.sessions, local.store)
+    for n in (1, 2):
+        assert ingestor.ingest(make_instance(StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid,
+                                             SOPInstanceUID=f"{series_uid}.{n}", InstanceNumber=n), SOURCE).ok
+    with local.sessions() as s, s.begin():  # what the lease records when a process dies running the row
+        s.execute(update(DerivedTask).where(DerivedTask.subject_uid == series_uid).values(crashes=1))
+    assert _run_tasks(local, SERIES_METADATA_KIND) == {series_uid: "done"}
+    row = _task(local, SERIES_METADATA_KIND, series_uid)
+    assert "not rendered after a crash" in row.last_error, row.last_error
+    thumb = local.store.get_bytes(series_thumbnail_key(study_uid, series_uid))
+    assert thumb == placeholder(local.settings.thumbnail_size)
+    doc = _series_document(local, study_uid, series_uid)
+    assert doc is not None and [_sop(e) for e in doc] == [f"{series_uid}.{n}" for n in (1, 2)]
+    # a later instance re-arms the row with its crashes forgotten: the thumbnail is rendered again
+    assert ingestor.ingest(make_instance(StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid,
+                                         SOPInstanceUID=f"{series_uid}.3", InstanceNumber=3), SOURCE).ok
+    assert _run_tasks(local, SERIES_METADATA_KIND) == {series_uid: "done"}
+    assert local.store.get_bytes(series_thumbnail_key(study_uid, series_uid)) != thumb

@@ -112,7 +112,7 @@ def _values(fields: dict[str, str]) -> list[str]:
         return fields.get(name, "")
 
     return [redact_text(field("actor")[:256])[:128], field("role")[:32], field("source_address")[:64],
-            field("action")[:64], (field("outcome") or "success")[:16], field("patient_id")[:64],
+            field("action")[:64], fields.get("outcome", "success")[:16], field("patient_id")[:64],
             field("study_instance_uid")[:64], redact_text(field("detail")[:4000])[:2000]]
 
 

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import select
 
 from pacs.context import AppContext
-from pacs.db.models import DerivedTask, Instance, Series, Study
-from pacs.derived.kinds import INSTANCE_DERIVED_KIND, SERIES_METADATA_KIND
+from pacs.db.models import Instance, Series, Study
+from pacs.derived.outbox import redo_newer_version
 from pacs.derived.seekable import open_seekable
 from pacs.dicomweb import metadata
 from pacs.failpoints import failpoint
 from pacs.imaging.render import RenderBusy, RenderError, placeholder, thumbnail
-from pacs.jobs import JobState
 from storage.keys import instance_metadata_key, thumbnail_key
 
 log = logging.getLogger(__name__)
@@ -70,16 +68,5 @@ def build_thumbnail_and_fragment(ctx: AppContext, sop_uid: str, sha256: str) -> 
         if instance is not None and instance.sha256 == sha256:
             instance.thumbnail_key = key
         elif instance is not None:
-            _redo_newer_version(session, instance)
+            redo_newer_version(session, instance.sop_instance_uid)
     return note or None
-
-
-def _redo_newer_version(session: Session, instance: Instance) -> None:
-    """We were superseded while working, so our puts may have landed after the newer version's:
-    put its instance row (and its series row) back to pending so that they are written again."""
-    series = session.get(Series, instance.series_fk)
-    for kind, subject, sha in ((INSTANCE_DERIVED_KIND, instance.sop_instance_uid, instance.sha256),
-                               (SERIES_METADATA_KIND, series.series_instance_uid if series else "", "")):
-        session.execute(update(DerivedTask).where(
-            DerivedTask.kind == kind, DerivedTask.subject_uid == subject, DerivedTask.sha256 == sha,
-            DerivedTask.state == JobState.DONE).values(state=JobState.PENDING))

@@ -12,7 +12,7 @@ from typing import Any, cast
 from sqlalchemy import CursorResult, Table, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from pacs.db.models import DerivedTask
+from pacs.db.models import DerivedTask, Instance, Series
 from pacs.derived.kinds import INSTANCE_DERIVED_KIND, SERIES_METADATA_KIND
 from pacs.jobs import JobState
 
@@ -27,7 +27,7 @@ _ARMED = (select(_task.id, _task.kind, _task.state)
           .where(_task.subject_uid == bindparam("subject"), _task.sha256 == bindparam("sha"),
                  _task.kind.in_(bindparam("kinds", expanding=True))))
 _REARM = (update(_task_t).where(_task.id == bindparam("task_id"))
-          .values(state=JobState.PENDING, attempts=0, last_error="", updated_at=func.now()))
+          .values(state=JobState.PENDING, attempts=0, crashes=0, last_error="", updated_at=func.now()))
 _MADE = (update(_task_t).where(_task.id == bindparam("task_id"))
          .values(state=JobState.DONE, last_error="", updated_at=func.now()))
 _ADD = insert(_task_t)
@@ -74,3 +74,19 @@ def record_fragment_made(session: Session, sop_uid: str, sha256: str) -> None:
                                "state": JobState.DONE, "attempts": 0, "last_error": "", "owner": "", "crashes": 0})
     elif found[1] in (JobState.DONE, JobState.FAILED):
         session.execute(_MADE, {"task_id": found[0]})
+
+
+def redo_newer_version(session: Session, sop_uid: str) -> None:
+    """A version superseded while its derived objects were written (a worker's, or ingest's fragment put after its
+    commit): those puts may have landed after the newer version's, so the newer version's instance row and its
+    series row go back to pending (if done) and are written again."""
+    row = session.execute(select(Instance.sha256, Series.series_instance_uid)
+                          .join(Series, Series.id == Instance.series_fk)
+                          .where(Instance.sop_instance_uid == sop_uid)).one_or_none()
+    if row is None:
+        return
+    sha256, series_uid = row
+    for kind, subject, sha in ((INSTANCE_DERIVED_KIND, sop_uid, sha256), (SERIES_METADATA_KIND, series_uid, "")):
+        session.execute(update(DerivedTask).where(
+            DerivedTask.kind == kind, DerivedTask.subject_uid == subject, DerivedTask.sha256 == sha,
+            DerivedTask.state == JobState.DONE).values(state=JobState.PENDING))

@@ -54,6 +54,8 @@ def build_series_metadata(ctx: AppContext, series_uid: str, _sha256: str) -> Com
             return "series no longer indexed"
         series_id, study_id, study_uid = found
         members = _series_members(session, series_id)
+        crashes = session.scalar(select(DerivedTask.crashes).where(
+            DerivedTask.kind == SERIES_METADATA_KIND, DerivedTask.subject_uid == series_uid, DerivedTask.sha256 == ""))
         first_series = session.scalar(select(Series.id).where(Series.study_fk == study_id,
                                                               Series.number_of_instances > 0)
                                       .order_by(Series.series_number.asc().nulls_last(), Series.id).limit(1))
@@ -72,7 +74,10 @@ def build_series_metadata(ctx: AppContext, series_uid: str, _sha256: str) -> Com
         out.seek(0)
         failpoint("derived.before_write")
         ctx.store.put(doc_key, out, length=length, content_type="application/dicom+json")  # type: ignore[arg-type]
-    series_thumb = _representative_thumbnail(ctx, members, series_thumbnail_key(study_uid, series_uid), notes)
+    # a run of this row died before (a poison object's decode can kill the process): the document is built without
+    # rendering again, so that one object never keeps its whole series from its metadata
+    series_thumb = _representative_thumbnail(ctx, members, series_thumbnail_key(study_uid, series_uid), notes,
+                                             render=not crashes)
     study_thumb = None
     if first_series == series_id:
         study_thumb = study_thumbnail_key(study_uid)
@@ -164,7 +169,8 @@ def _add_fragment(ctx: AppContext, writer: metadata.JsonArrayWriter, study_uid: 
         writer.add(stream)
 
 
-def _representative_thumbnail(ctx: AppContext, members: list[_Member], target: str, notes: list[str]) -> str:
+def _representative_thumbnail(ctx: AppContext, members: list[_Member], target: str, notes: list[str], *,
+                              render: bool = True) -> str:
     """The middle instance's thumbnail (or the nearest one's) as ``target``: copied when an instance task made one,
     else rendered here from the stored object — one decode per series, not one per instance (issue 13; an
     instance's own thumbnail is rendered when it is asked for, :mod:`pacs.dicomweb.wado`); a placeholder when
@@ -175,8 +181,8 @@ def _representative_thumbnail(ctx: AppContext, members: list[_Member], target: s
         source = members[i].thumbnail_key
         if source and _copy(ctx.store, source, target):
             return target
-    unrendered: list[str] = []
-    for i in nearest[:_RENDER_TRIES]:
+    unrendered: list[str] = [] if render else ["not rendered after a crash in an earlier run"]
+    for i in nearest[:_RENDER_TRIES if render else 0]:
         try:
             with open_seekable(ctx.store, members[i].object_key) as fp:
                 image = thumbnail(metadata.read_dataset(fp), size=ctx.settings.thumbnail_size)

@@ -23,7 +23,9 @@ Order of writes (nothing acknowledged is ever lost, nothing half-written is ever
    Only after this commit is success reported. If the commit fails, the object written in step 3
    is removed again when this call created it (it stays invisible either way: queries read the
    index, and ``pacs check`` lists unreferenced objects).
-5. After commit, the outbox rows are handed to the publisher without waiting on the broker.
+5. After commit, a new instance's DICOM JSON fragment (made from the parsed dataset, its outbox row recorded done
+   in step 4; :mod:`pacs.ingest.fragment`) is put under ``derived/metadata/``, and the outbox rows are handed to
+   the publisher without waiting on the broker.
 """
 
 
@@ -43,7 +45,13 @@ from sqlalchemy.orm import Session, sessionmaker
 import pacs.studies.rejection as rejection
 from pacs import audit, metrics
 from pacs.db.models import Instance
-from pacs.derived.outbox import INSTANCE_TASKS, SERIES_TASKS, arm_derived_tasks, record_fragment_made
+from pacs.derived.outbox import (
+    INSTANCE_TASKS,
+    SERIES_TASKS,
+    arm_derived_tasks,
+    record_fragment_made,
+    redo_newer_version,
+)
 from pacs.errors import PacsError
 from pacs.failpoints import failpoint
 from pacs.forwarding.rules import queue_forwards
@@ -79,6 +87,7 @@ _instance = cast(Table, Instance.__table__).c
 _CURRENT_VERSION = (select(_instance.id, _instance.sha256, _instance.object_key, _instance.series_fk,
                            _instance.source_ae).where(_instance.sop_instance_uid == bindparam("sop")))
 _CURRENT_VERSION_LOCKED = _CURRENT_VERSION.with_for_update()
+_CURRENT_SHA = select(_instance.sha256).where(_instance.sop_instance_uid == bindparam("sop"))
 
 
 class _ObjectIds(TypedDict):
@@ -212,12 +221,10 @@ class Ingestor:
             return IngestOutcome(IngestStatus.STORAGE_UNAVAILABLE, f"object store unavailable: {exc}"[:200],
                                  **ids)
         failpoint("ingest.after_object_write")
-        # a new instance's fragment beside it: its row then needs no derived work (pacs.ingest.fragment)
-        fragment_key = self._put_fragment(obj) if current_sha is None else None
+        # a new instance's fragment, put after the commit: its row then needs no derived work (pacs.ingest.fragment)
+        fragment = make_fragment(obj, assume_utf8_for_latin1=self._utf8) if current_sha is None else None
 
         def undo() -> None:  # the transaction did not commit: nothing this call wrote stays
-            if fragment_key is not None:
-                self._discard(fragment_key)
             if not existed:
                 self._discard(key)
 
@@ -255,7 +262,7 @@ class Ingestor:
                 # a deletion's tombstone of this very key: its object may be (about to be) deleted, so it is put
                 # again after the commit (pacs.studies.tombstones; waits while a deletion holds the row)
                 tombstoned = tombstones.clear(session, key)
-                if fragment_key is not None:
+                if fragment is not None:
                     tasks = []
                     record_fragment_made(session, obj.sop_instance_uid, sha256)
                 else:
@@ -267,8 +274,6 @@ class Ingestor:
                        f"sha256={sha256}" + (f" replaces={replaces.sha256 if replaces else ''}"))
                 task_ids = tuple(tasks)
         except IntegrityError:
-            if fragment_key is not None:  # the same key as the winner's fragment: the readers make it again
-                self._discard(fragment_key)
             raise
         except _Held as held:  # decided again under the locks: hold it after all
             undo()
@@ -285,6 +290,8 @@ class Ingestor:
             undo()
             return self._index_failed(obj, sha256, exc)
         failpoint("ingest.after_index_commit")
+        if fragment is not None:
+            self._put_fragment(obj, fragment, sha256)
         if tombstoned:
             failed = self._put_again(obj, key)
             if failed is not None:
@@ -296,19 +303,28 @@ class Ingestor:
             else IngestStatus.NEW_VERSION
         return IngestOutcome(status, "", derived_task_ids=task_ids, **ids)
 
-    def _put_fragment(self, obj: ReceivedObject) -> str | None:
-        """Put a new instance's DICOM JSON fragment (pacs.ingest.fragment); its key, or None when a worker is to make
-        it (not made here, or the store refused it: the object itself is what must be durable)."""
-        fragment = make_fragment(obj, assume_utf8_for_latin1=self._utf8)
-        if fragment is None:
-            return None
+    def _put_fragment(self, obj: ReceivedObject, fragment: bytes, sha256: str) -> None:
+        """Put a new instance's DICOM JSON fragment (pacs.ingest.fragment), after the commit that recorded its row
+        done. Put only now, a fragment is never of content that did not commit. Missing (a crash before the put, a
+        store that refused it), readers make it from the object (:mod:`pacs.dicomweb.documents`,
+        :mod:`pacs.derived.series`). Put late (a newer version committed meanwhile, its fragment maybe written
+        already by a worker): the newer version's work is armed again, as a worker superseded does."""
         key = instance_metadata_key(obj.study_instance_uid, obj.series_instance_uid, obj.sop_instance_uid)
         try:
             self._store.put(key, fragment, length=len(fragment), content_type="application/dicom+json")
         except StorageError as exc:
-            log.warning("fragment of %s left to the worker: %s", obj.sop_instance_uid, exc)
-            return None
-        return key
+            log.warning("fragment of %s not put (made again when it is read): %s", obj.sop_instance_uid, exc)
+            return
+        try:
+            with self._sessions() as session, session.begin():
+                current = session.scalar(_CURRENT_SHA, {"sop": obj.sop_instance_uid})
+                if current is not None and current != sha256:
+                    redo_newer_version(session, obj.sop_instance_uid)
+        except SQLAlchemyError as exc:  # the index went away after our commit: readers check the version
+            log.warning("could not check the version of %s's fragment: %s", obj.sop_instance_uid, exc)
+            return
+        if current is None:  # deleted meanwhile: its derived objects went with it, so this one goes too
+            self._discard(key)
 
     def _put_again(self, obj: ReceivedObject, key: str) -> str | None:
         """Put the bytes again under ``key``, which a deletion tombstoned (the same content-addressed key: the same
