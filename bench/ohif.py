@@ -245,11 +245,12 @@ def front_app(ohif_dir: Path, upstream: str) -> Starlette:
     from starlette.applications import Starlette
     from starlette.background import BackgroundTask
     from starlette.requests import Request
-    from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+    from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     from pacs.viewer.site import ViewerSite, accepts_gzip
     from viewer_api.hardening import SecurityHeaders
+    from viewer_api.ohif import file_response
 
     site = ViewerSite(ohif_dir)
     pool = httpx.Limits(max_connections=64, max_keepalive_connections=64, keepalive_expiry=0.5)
@@ -268,12 +269,7 @@ def front_app(ohif_dir: Path, upstream: str) -> Starlette:
         found = site.resolve(request.path_params["path"], accepts_gzip(request.headers.get("accept-encoding", "")))
         if found is None:
             return JSONResponse({"code": "not_found"}, status_code=404)
-        headers = {"Cache-Control": found.cache_control}
-        if found.compressible:
-            headers["Vary"] = "Accept-Encoding"
-        if found.gzip:
-            headers["Content-Encoding"] = "gzip"
-        return FileResponse(found.path, media_type=found.media_type, headers=headers)
+        return file_response(found)  # as ours serves the viewer
 
     async def dicomweb(request: Request) -> Response:
         path, query = request.url.path, request.url.query

@@ -9,7 +9,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, RedirectResponse
 
-from pacs.viewer.site import ViewerSite, accepts_gzip
+from pacs.viewer.site import SiteFile, ViewerSite, accepts_gzip
 from viewer_api.errors import ApiError
 from viewer_api.security import context
 
@@ -32,6 +32,11 @@ def viewer_file(path: str, request: Request) -> FileResponse:
     found = site.resolve(path, accepts_gzip(request.headers.get("accept-encoding", "")))
     if found is None:
         raise ApiError(404, "not_found", f"the viewer has no file /ohif/{path}")
+    return file_response(found)
+
+
+def file_response(found: SiteFile) -> FileResponse:
+    """A viewer file as served: its cache policy, and its precompressed form when the client takes gzip."""
     headers = {"Cache-Control": found.cache_control}
     if found.compressible:
         headers["Vary"] = "Accept-Encoding"

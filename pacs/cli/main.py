@@ -104,6 +104,18 @@ class _DicomListening:
             self.receivers.stop()
 
 
+def _start_pipeline(settings: Settings, receiving: _DicomListening | None) -> Pipeline:
+    """This process's pipeline; the receiving processes already started are stopped if it cannot start."""
+    from pacs.runtime import Pipeline
+
+    try:
+        return Pipeline.start(settings)
+    except BaseException:
+        if receiving is not None:
+            receiving.stop()
+        raise
+
+
 def _start_receivers(settings: Settings, role: str, processes: int | None) -> _DicomListening | None:
     """``--dicom-processes`` over 1: start the receiving processes now, before this process starts any thread
     (they are forked, every module already imported: quick); None: the DICOM services run in this process."""
@@ -150,19 +162,13 @@ def serve(dicom_processes: DicomProcesses = None) -> None:
     With --dicom-processes N (PACS_DICOM_PROCESSES) over 1, N processes receive DICOM on the same port(s)
     and this one runs the rest once: HTTP, relay, workers, forwarding, commitment reports, HL7, retention."""
     from pacs.cli.hl7 import start_serve_listener
-    from pacs.runtime import Pipeline
     from viewer_api import http_server
     from viewer_api.app import create_app
 
     settings = load_settings(role="serve")
     ensure_schema(settings, upgrade=True)
     receiving = _start_receivers(settings, "serve", dicom_processes)
-    try:
-        pipeline = Pipeline.start(settings)
-    except BaseException:
-        if receiving is not None:
-            receiving.stop()
-        raise
+    pipeline = _start_pipeline(settings, receiving)
     try:
         dicom = _start_dicom(pipeline, receiving)
     except BaseException:
@@ -208,17 +214,11 @@ def scp(dicom_processes: DicomProcesses = None) -> None:
     this one relays, reports and serves the metrics port for all of them."""
     from pacs import metrics
     from pacs.metrics_port import start_metrics_port
-    from pacs.runtime import Pipeline
 
     settings = load_settings(role="scp")
     ensure_schema(settings, upgrade=False)
     receiving = _start_receivers(settings, "scp", dicom_processes)
-    try:
-        pipeline = Pipeline.start(settings)
-    except BaseException:
-        if receiving is not None:
-            receiving.stop()
-        raise
+    pipeline = _start_pipeline(settings, receiving)
     metrics.install(pipeline.ctx, "scp")
     metrics_port = start_metrics_port(settings)  # PACS_METRICS_PORT (0 = off): no HTTP API in this process
     try:
