@@ -16,7 +16,6 @@ import base64
 import json
 import re
 import subprocess
-import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -54,6 +53,7 @@ from pacs.db.models import AuditEvent
 from pacs.errors import InvalidInput
 from pacs.security.accounts import create_token
 from pacs.settings import Settings
+from tests.support.concurrent import run_together
 from tests.support.datasets import make_dataset, to_bytes
 from tests.support.dcmtk import ReferenceStoreSCP, dcmtk, dcmtk_env, storescu
 from tests.support.net import free_port, wait_until
@@ -338,25 +338,14 @@ def test_verify_names_an_edited_row_and_a_removed_row(trail_db: TrailDb) -> None
 @pytest.mark.integration
 def test_concurrent_writers_keep_one_chain_on_postgresql(fresh_pg_url: str, tmp_path: Path) -> None:
     ctx = AppContext.create(Settings(data_dir=tmp_path, database_url=fresh_pg_url))
-    errors: list[BaseException] = []
-    start = threading.Barrier(4)
 
     def writer(n: int) -> None:
-        try:
-            start.wait()
-            for i in range(50):
-                audit.record(ctx.sessions, action="dimse.c-find", actor=f"AE{n}", role="ae", detail=f"{n}/{i}")
-        except BaseException as exc:
-            errors.append(exc)
+        for i in range(50):
+            audit.record(ctx.sessions, action="dimse.c-find", actor=f"AE{n}", role="ae", detail=f"{n}/{i}")
 
     try:
         migrate.upgrade(ctx.engine)
-        threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=240)
-        assert not errors, errors
+        run_together(writer, 4)
         checked, problems, last = audit.verify(ctx.read_sessions)
         assert (checked, problems) == (200, [])
         rows = _rows(ctx)

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from pacs.db import migrate
 from pacs.db.models import AuditEvent
 from pacs.query import sessions as read_path
 from pacs.settings import Settings
+from tests.support.concurrent import run_together
 from tests.support.dicomweb_world import World, shared_world
 from tests.support.net import wait_until
 from tests.support.postgres import ADMIN_URL
@@ -149,31 +149,20 @@ def test_the_fast_lane_answers_and_audits_as_the_long_way(world: World) -> None:
 @pytest.mark.integration
 def test_fast_and_durable_audit_rows_keep_one_chain_on_postgresql(fresh_pg_url: str, tmp_path: Path) -> None:
     ctx = AppContext.create(Settings(data_dir=tmp_path, database_url=fresh_pg_url))
-    errors: list[BaseException] = []
-    start = threading.Barrier(6)
 
     def writer(n: int) -> None:
-        try:
-            start.wait()
-            for i in range(40):
-                # text JSON escapes (quotes, backslashes, control characters, non-ASCII): the database hashes
-                # the same canonical text as entry_hash()
-                audit.record(ctx.sessions, pipelined=n % 2 == 1, action="dicomweb.search", actor=f"token:t{n}",
-                             role="admin", patient_id=f"P{n}", study_instance_uid=f"1.2.{n}.{i}",
-                             source_address="127.0.0.1:5000",
-                             detail=f"{n}/{i} GET /dicom-web/studies?access_token=secret{n} PatientName=Nguyễn^Văn"
-                                    f' "An" \\ \t\n\x7f \u2028 {"x" * (i * 50)}')
-        except BaseException as exc:
-            errors.append(exc)
+        for i in range(40):
+            # text JSON escapes (quotes, backslashes, control characters, non-ASCII): the database hashes
+            # the same canonical text as entry_hash()
+            audit.record(ctx.sessions, pipelined=n % 2 == 1, action="dicomweb.search", actor=f"token:t{n}",
+                         role="admin", patient_id=f"P{n}", study_instance_uid=f"1.2.{n}.{i}",
+                         source_address="127.0.0.1:5000",
+                         detail=f"{n}/{i} GET /dicom-web/studies?access_token=secret{n} PatientName=Nguyễn^Văn"
+                                f' "An" \\ \t\n\x7f \u2028 {"x" * (i * 50)}')
 
     try:
         migrate.upgrade(ctx.engine)
-        threads = [threading.Thread(target=writer, args=(n,)) for n in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=240)
-        assert not errors, errors
+        run_together(writer, 6)
         checked, problems, last = audit.verify(ctx.read_sessions)
         assert (checked, problems) == (240, [])
         with ctx.read_sessions() as s:
