@@ -51,6 +51,7 @@ from pacs.ingest import Ingestor
 from pacs.settings import Settings
 from tests.support.datasets import make_dataset
 from tests.support.net import free_port
+from tests.support.pdus import rejection_of
 from tests.support.pki import make_pki
 
 pytestmark = pytest.mark.integration
@@ -118,13 +119,6 @@ def _associate(scp: Scp, title: str, *contexts: str, source: str = HOME, cert: s
                         tls_args=tls, ext_neg=roles, evt_handlers=handlers)
 
 
-def _reject_reason(assoc: Association) -> tuple[int, int, int] | None:
-    if not assoc.is_rejected:
-        return None
-    primitive = assoc.acceptor.primitive
-    return (primitive.result, primitive.result_source, primitive.diagnostic)
-
-
 def _store(scp: Scp, title: str, ds: Dataset, **where: object) -> int:
     assoc = _associate(scp, title, SecondaryCaptureImageStorage, **where)  # type: ignore[arg-type]
     assert assoc.is_established, "storage is open to unknown AEs"
@@ -135,17 +129,10 @@ def _store(scp: Scp, title: str, ds: Dataset, **where: object) -> int:
 
 
 def _find_studies(scp: Scp, title: str, **where: object) -> list[str] | tuple[int, int, int] | None:
-    """Study UIDs a C-FIND finds, or the A-ASSOCIATE-RJ reason when the association is rejected.
-
-    A rejection over TLS can reach a loaded machine's client as a closed connection before the A-ASSOCIATE-RJ
-    is read (neither established nor rejected: the server's log shows the rejection); the client tries again,
-    as a modality would, up to three times before that counts as the answer."""
-    for _ in range(3):
-        assoc = _associate(scp, title, StudyRootQueryRetrieveInformationModelFind, **where)  # type: ignore[arg-type]
-        if assoc.is_established or assoc.is_rejected:
-            break
+    """Study UIDs a C-FIND finds, or the A-ASSOCIATE-RJ reason when the association is rejected."""
+    assoc = _associate(scp, title, StudyRootQueryRetrieveInformationModelFind, **where)  # type: ignore[arg-type]
     if not assoc.is_established:
-        return _reject_reason(assoc)
+        return rejection_of(assoc)
     try:
         query = Dataset()
         query.QueryRetrieveLevel = "STUDY"
@@ -163,7 +150,7 @@ def _get_study(scp: Scp, title: str, study_uid: str, source: str = HOME) -> list
     assoc = _associate(scp, title, StudyRootQueryRetrieveInformationModelGet, SecondaryCaptureImageStorage,
                        source=source, received=received)
     if not assoc.is_established:
-        return _reject_reason(assoc)
+        return rejection_of(assoc)
     try:
         query = Dataset()
         query.QueryRetrieveLevel = "STUDY"

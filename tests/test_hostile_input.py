@@ -35,7 +35,7 @@ from tests.support.datasets import dataset_bytes, make_dataset, to_bytes
 from tests.support.dcmtk import dcmtk, dcmtk_env, echoscu
 from tests.support.inprocess import register_ae
 from tests.support.net import free_port, wait_until
-from tests.support.pdus import associate_rq
+from tests.support.pdus import associate_rq, rejection_of
 from tests.support.pki import make_pki
 from tests.support.senders import send_dataset, send_file_raw
 from tests.support.stack import EmbeddedPacs
@@ -373,13 +373,6 @@ def _keep_alive(live: list[Association]) -> None:
         assert assoc.is_established and status and status.Status == 0x0000
 
 
-def _rejection(assoc: Association) -> tuple[int, int, int] | None:
-    if not assoc.is_rejected:
-        return None
-    rsp = assoc.acceptor.primitive
-    return int(rsp.result), int(rsp.result_source), int(rsp.diagnostic)
-
-
 def test_per_peer_and_total_association_limits(server: Server) -> None:
     baseline = server.threads()
     live: list[Association] = []
@@ -387,7 +380,7 @@ def test_per_peer_and_total_association_limits(server: Server) -> None:
         live += [_associate(server.port, "127.0.0.1") for _ in range(PER_PEER)]
         assert all(a.is_established for a in live)
         over = _associate(server.port, "127.0.0.1")
-        assert _rejection(over) == (2, 3, 2)  # rejected-transient, service provider, local limit exceeded
+        assert rejection_of(over) == (2, 3, 2)  # rejected-transient, service provider, local limit exceeded
         _keep_alive(live)
         dcmtk = echoscu(server.port)  # what a modality is told
         assert dcmtk.returncode != 0 and "Local Limit Exceeded" in dcmtk.stdout + dcmtk.stderr
@@ -400,16 +393,16 @@ def test_per_peer_and_total_association_limits(server: Server) -> None:
         assert all(a.is_established for a in live) and len(live) == MAX_ASSOCIATIONS - RESERVED
         # the last slot is kept for registered AEs that proved who they are: unknown peers cannot fill it
         _keep_alive(live)
-        assert _rejection(_associate(server.port, "127.0.0.4")) == (2, 3, 2)
+        assert rejection_of(_associate(server.port, "127.0.0.4")) == (2, 3, 2)
         _keep_alive(live)
         spoofed = _associate(server.port, "127.0.0.5", title="MODA")  # the title, from the wrong host
-        assert _rejection(spoofed) == (2, 3, 2)
+        assert rejection_of(spoofed) == (2, 3, 2)
         _keep_alive(live)
         modality = _associate(server.port, "127.0.0.6", title="MODA")
         assert modality.is_established
         live.append(modality)
         _keep_alive(live)
-        assert _rejection(_associate(server.port, "127.0.0.5")) == (2, 3, 2)  # the total limit
+        assert rejection_of(_associate(server.port, "127.0.0.5")) == (2, 3, 2)  # the total limit
 
         live.pop(0).release()  # a slot of 127.0.0.1 is free again at once (two: one is the kept headroom)
         live.pop(0).release()

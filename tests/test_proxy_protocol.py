@@ -62,7 +62,7 @@ from pacs.proxy_protocol import (
 from pacs.settings import Settings
 from pacs.trusted_proxies import TrustedProxies, parse_networks
 from tests.support.net import free_port, port_open, wait_until
-from tests.support.pdus import associate_rq
+from tests.support.pdus import associate_rq, rejection_of
 from tests.support.pki import make_pki
 from tests.support.stack import EmbeddedPacs
 from tests.support.tiers import starts_servers
@@ -328,13 +328,6 @@ def _associate(stack: Stack, frontend: str, title: str, source: str, *contexts: 
                         tls_args=tls)
 
 
-def _reject_reason(assoc: Association) -> tuple[int, int, int] | None:
-    if not assoc.is_rejected:
-        return None
-    primitive = assoc.acceptor.primitive
-    return (primitive.result, primitive.result_source, primitive.diagnostic)
-
-
 def _find(assoc: Association) -> list[int]:
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"
@@ -346,14 +339,14 @@ def _find(assoc: Association) -> list[int]:
 @pytest.mark.parametrize("frontend", ["v2", "v1", "tls"])
 def test_the_host_check_sees_the_modality_through_the_proxy(stack: Stack, frontend: str) -> None:
     assoc = _associate(stack, frontend, "MODP", MOD_A, StudyRootQueryRetrieveInformationModelFind)
-    assert assoc.is_established, f"the registered AE at {MOD_A} through the {frontend} proxy: {_reject_reason(assoc)}"
+    assert assoc.is_established, f"the registered AE at {MOD_A} through the {frontend} proxy: {rejection_of(assoc)}"
     try:
         assert _find(assoc)[-1] == 0x0000
     finally:
         assoc.release()
     spoof = _associate(stack, frontend, "MODP", MOD_B, StudyRootQueryRetrieveInformationModelFind)
     try:
-        assert _reject_reason(spoof) == NOT_RECOGNIZED, "the same title from another host is an unknown AE"
+        assert rejection_of(spoof) == NOT_RECOGNIZED, "the same title from another host is an unknown AE"
     finally:
         if spoof.is_established:
             spoof.release()
@@ -390,10 +383,10 @@ def test_the_per_peer_limit_counts_each_modality_behind_the_proxy(stack: Stack) 
             for _ in range(PER_PEER):
                 assoc = _associate(stack, "v2", "ANYMOD", source)
                 opened.append(assoc)
-                assert assoc.is_established, f"association {len(opened)} ({source}): {_reject_reason(assoc)}"
+                assert assoc.is_established, f"association {len(opened)} ({source}): {rejection_of(assoc)}"
         third = _associate(stack, "v2", "ANYMOD", MOD_A)
         opened.append(third)
-        assert _reject_reason(third) == LOCAL_LIMIT, f"{MOD_A} is over its own limit of {PER_PEER}"
+        assert rejection_of(third) == LOCAL_LIMIT, f"{MOD_A} is over its own limit of {PER_PEER}"
     finally:
         for assoc in opened:
             if assoc.is_established:
