@@ -46,6 +46,7 @@ from pacs.commitment.service import (
     record_request,
 )
 from pacs.context import AppContext
+from pacs.dimse_responses import keeper_for
 from pacs.dimse_status import (
     INVALID_ARGUMENT_VALUE,
     INVALID_OBJECT_INSTANCE,
@@ -205,8 +206,9 @@ def send_event_report(cfg: CommitmentConfig, dest: Destination, transaction_uid:
             why = "rejected the association" if assoc.is_rejected else "is unreachable"
             raise ReportNotDelivered(f"{dest} {why}")
         try:
-            status, _ = assoc.send_n_event_report(info, result.event_type, STORAGE_COMMITMENT_PUSH_MODEL,
-                                                  WELL_KNOWN_INSTANCE)
+            with keeper_for(assoc).sending():
+                status, _ = assoc.send_n_event_report(info, result.event_type, STORAGE_COMMITMENT_PUSH_MODEL,
+                                                      WELL_KNOWN_INSTANCE)
         except (RuntimeError, OSError, ValueError) as exc:
             raise ReportNotDelivered(f"N-EVENT-REPORT to {dest} failed: {exc}") from exc
         finally:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from dicom_scp.verification import UNCOMPRESSED
 from pacs.ae_scope import ae_scope, destination_scope
 from pacs.aes import AERegistry, MoveDestination
 from pacs.context import AppContext
+from pacs.dimse_responses import keeper_for
 from pacs.dimse_status import (
     CANCEL,
     IDENTIFIER_DOES_NOT_MATCH,
@@ -202,7 +202,8 @@ class StoredObjectSender:
         if assoc.__dict__.get("_pacs_stored_sender") is self:
             return
         original: Callable[..., Dataset] = assoc.send_c_store
-        sending = threading.Event()
+        # associations we request (to a C-MOVE destination) run pynetdicom's reactor beside the sender
+        sending = keeper_for(assoc).sending if assoc.is_requestor else contextlib.nullcontext
 
         def send_c_store(dataset: Any, msg_id: int = 1, priority: int = 2, originator_aet: str | None = None,
                          originator_id: int | None = None) -> Dataset:
@@ -210,18 +211,13 @@ class StoredObjectSender:
                 originator_aet = move_originator
             kwargs = {"msg_id": msg_id, "priority": priority, "originator_aet": originator_aet,
                       "originator_id": originator_id}
-            sending.set()
-            try:
+            with sending():
                 if isinstance(dataset, PendingStore):
                     return self.send(assoc, original, dataset.retrieve_item, **kwargs)
                 return original(dataset, **kwargs)
-            finally:
-                sending.clear()
 
         assoc.send_c_store = send_c_store  # type: ignore[method-assign]  # wrapped on this association only
         assoc.__dict__["_pacs_stored_sender"] = self
-        if assoc.is_requestor:
-            _return_stolen_responses(assoc, sending)
 
     def on_conn_open(self, event: evt.Event, move_originator: str | None = None) -> None:
         """EVT_CONN_OPEN handler for an association we request (to a C-MOVE destination)."""
@@ -242,29 +238,6 @@ class StoredObjectSender:
                      item.sop_instance_uid, stored.name, target.name)
             with converted_copy(path, target) as copy:
                 return send_c_store(copy, **kwargs)
-
-
-def _return_stolen_responses(assoc: Association, sending: threading.Event) -> None:
-    """Work around a race in pynetdicom (3.0) on associations we request, whose reactor thread
-    runs beside the thread calling ``send_c_store``.
-
-    ``send_c_store`` pauses the reactor by clearing a checkpoint and waiting for ``_is_paused``,
-    but the reactor sets that flag just *before* its checkpoint wait: caught right after the wait,
-    it goes on to take the C-STORE response off the DIMSE queue, logs "Received unexpected
-    C-STORE service message" and drops it, and the sender waits out the DIMSE timeout (seen once
-    in this project's C-MOVE tests; rare, and then it costs the rest of the move). A response the
-    reactor takes while a send is in progress is put back on the queue, where the sender waits.
-    """
-    serve_request = assoc._serve_request
-
-    def serve(msg: Any, context_id: int) -> None:
-        if sending.is_set() and not msg.is_valid_request:
-            assoc.dimse.msg_queue.put((context_id, msg))
-            log.info("C-STORE response taken by the reactor returned to the sender (pynetdicom race)")
-            return
-        serve_request(msg, context_id)
-
-    assoc._serve_request = serve  # type: ignore[method-assign]  # wrapped on this association only
 
 
 def accepted_syntaxes(assoc: Association, sop_class_uid: str) -> list[UID]:

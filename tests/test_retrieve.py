@@ -508,22 +508,23 @@ def test_get_of_a_large_series_streams_it(embedded: Pacs, large_series: tuple[st
     assert growth < series_bytes / 4
 
 
-def test_a_store_response_taken_by_the_reactor_goes_back_to_the_sender() -> None:
-    """The pynetdicom race worked around in get_service._return_stolen_responses, replayed by hand."""
+@pytest.mark.parametrize("primitive", ["C_STORE", "N_EVENT_REPORT"])
+def test_a_response_taken_by_the_reactor_goes_back_to_the_sender(primitive: str) -> None:
+    """The pynetdicom race worked around in pacs.dimse_responses, replayed by hand (C-STORE: forwarding and
+    retrieve sub-operations; N-EVENT-REPORT: storage-commitment reports)."""
+    from pynetdicom import dimse_primitives
     from pynetdicom.association import Association as _Association
-    from pynetdicom.dimse_primitives import C_STORE
 
-    from dicom_scp.get_service import _return_stolen_responses
+    from pacs.dimse_responses import keeper_for
 
     assoc = _Association(AE(), "requestor")
-    sending = threading.Event()
-    _return_stolen_responses(assoc, sending)
-    rsp = C_STORE()
+    keeper = keeper_for(assoc)
+    assert keeper_for(assoc) is keeper  # installed once
+    rsp = getattr(dimse_primitives, primitive)()
     rsp.MessageIDBeingRespondedTo, rsp.Status = 1, 0x0000
-    sending.set()
-    assoc._serve_request(rsp, 1)  # what the reactor does with a message it takes off the queue
+    with keeper.sending():
+        assoc._serve_request(rsp, 1)  # what the reactor does with a message it takes off the queue
     assert assoc.dimse.get_msg(block=False) == (1, rsp)
-    sending.clear()
     assoc._serve_request(rsp, 1)  # not sending: pynetdicom's own handling (logged and dropped)
     assert assoc.dimse.get_msg(block=False) == (None, None)
 

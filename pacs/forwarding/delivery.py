@@ -41,6 +41,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pacs.context import AppContext
 from pacs.db.dml import affected_rows
 from pacs.db.models import ApplicationEntity, ForwardJob, Instance
+from pacs.dimse_responses import keeper_for
 from pacs.dimse_status import STORAGE_WARNINGS, SUCCESS
 from pacs.jobs import JobState, RetryPolicy, as_utc, utcnow
 from pacs.polling import PollingLoop
@@ -306,7 +307,8 @@ class ForwardDelivery(PollingLoop):
         """C-STORE one stored object from a file; None when the association broke (no response)."""
         with local_file(self._ctx.store, stored.object_key) as path:
             try:
-                status = assoc.send_c_store(path)
+                with keeper_for(assoc).sending():
+                    status = assoc.send_c_store(path)
             except (RuntimeError, OSError) as exc:  # association no longer established / socket gone
                 log.warning("forwarding: C-STORE failed: %s", exc)
                 return None
