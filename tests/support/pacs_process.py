@@ -13,6 +13,7 @@ import psutil
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from tests.support import zygote
 from tests.support.net import wait_until
 
 PACS = str(Path(sys.executable).with_name("pacs"))
@@ -39,13 +40,18 @@ class PacsProcess:
         self.args = args
         self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
         self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
+        # exec'd, or forked by this worker's zygote (the same entry point, without importing everything again)
+        self.proc: subprocess.Popen[bytes] | zygote.ForkedProcess | None = None
 
     def start(self) -> PacsProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen([PACS, *self.args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        forked = zygote.start(PACS, self.args, self.env, self.log_path)
+        if forked is not None:
+            self.proc = forked
+            return self
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen([PACS, *self.args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
         return self
 
     def alive(self) -> bool:
