@@ -23,7 +23,7 @@ from pacs import aes, audit
 from pacs.ae_scope import needs_scope_flag
 from pacs.context import AppContext
 from pacs.errors import InvalidInput
-from pacs.security import accounts
+from pacs.security import accounts, token_cache
 from pacs.security.access import Forbidden, authorize
 from pacs.security.principal import Principal
 from pacs.security.roles import Capability
@@ -163,6 +163,7 @@ def revoke_token(ctx: AppContext, principal: Principal, token_id: int) -> None:
     with _change(ctx, principal, "config.token-revoke") as session:
         row = accounts.revoke_token(session, token_id)
         _audit(session, principal, "config.token-revoke", f"token_id={token_id} name={row.name}")
+    token_cache.forget_all()  # this process's DICOMweb reads stop trusting it at once (others within 1 s)
 
 
 # -- forwarding (pacs forward …) and derived tasks (pacs tasks retry) -------------------------------------------

@@ -84,13 +84,15 @@ def require(capability: Capability | None) -> Any:
     return Security(dependency, scopes=[capability.value] if capability is not None else [])
 
 
-def authenticate_request(request: Request, capability: Capability | None) -> Principal:
+def authenticate_request(request: Request, capability: Capability | None, *, cached: bool = False) -> Principal:
     """What :func:`require`'s dependency does (call from a worker thread): the request's bearer token checked,
-    the principal allowed to ``capability``, refusals audited; the principal is kept in ``request.state``."""
+    the principal allowed to ``capability``, refusals audited; the principal is kept in ``request.state``.
+    ``cached``: an API token verified less than a second ago is not looked up again (the DICOMweb reads only,
+    :mod:`pacs.security.token_cache`)."""
     address = client_address(request)
     try:
         token = bearer_token(request)
-        principal = authenticator(request).authenticate(token, address)
+        principal = authenticator(request).authenticate(token, address, cached=cached)
     except AuthenticationError as exc:
         _audit_denied(request, "", "", "auth.denied", str(exc), address)
         raise

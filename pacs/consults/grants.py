@@ -9,11 +9,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
-from sqlalchemy import ColumnElement, exists
+from sqlalchemy import ColumnElement, bindparam, exists
 from sqlalchemy.orm import aliased
 
 from pacs.consults.models import ACTIVE_STATES, Consult
 from pacs.db.models import Study
+
+NOW_PARAM = "consult_now"  # the bound parameter holding "now" (a prebuilt statement sets it per execution)
 
 
 def consult_grant(facilities: Iterable[str], now: datetime | None = None) -> ColumnElement[bool]:
@@ -31,4 +33,4 @@ def consult_grant(facilities: Iterable[str], now: datetime | None = None) -> Col
     return exists().where(granting.study_instance_uid == Study.study_instance_uid,
                           granting.consulted_facility.in_(names),
                           granting.state.in_(ACTIVE_STATES),
-                          granting.expires_at > moment)
+                          granting.expires_at > bindparam(NOW_PARAM, moment, unique=True))

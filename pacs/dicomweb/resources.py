@@ -5,7 +5,9 @@ Every WADO-RS / WADO-URI request goes through :func:`resolve` first: the UIDs mu
 and a series or instance in the path must belong to the study (and series) in the path. Each of these
 failures is the same :class:`NotFound` (404), so a guessed UID tells nothing about other facilities' data.
 All of that is one statement (the scope is a condition of it); for an instance it also reads the instance's
-row, which the target carries (:func:`instance` then reads nothing more).
+row, which the target carries (:func:`instance` then reads nothing more). On PostgreSQL that statement is built
+and compiled once per access scope and kind of target, and run with the UIDs (and the time of the request) as
+parameters on the read path's connections.
 
 Instances are then listed in short read transactions, a page at a time (keyset on the row id), so a
 long download never holds a transaction or a study's rows.
@@ -13,17 +15,21 @@ long download never holds a transaction or a study's rows.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import Select, select
+from sqlalchemy import Engine, Select, String, bindparam, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from pacs.consults.grants import NOW_PARAM
 from pacs.db.models import DerivedTask, Instance, Patient, Series, Study
 from pacs.derived.kinds import INSTANCE_DERIVED_KIND, SERIES_METADATA_KIND
 from pacs.errors import IndexUnavailable, InvalidInput, NotFound
-from pacs.query.sessions import single_statement
+from pacs.query.sessions import read_path_engine, single_statement
 from pacs.security.access import study_condition
 from pacs.security.principal import AccessScope
 from storage.keys import is_valid_uid
@@ -75,21 +81,16 @@ def resolve(sessions: sessionmaker[Session], scope: AccessScope, study_uid: str,
     if sop_uid is not None:
         check_uid(sop_uid, "SOPInstanceUID")
     what = "instance" if sop_uid else "series" if series_uid else "study"
-    if sop_uid is not None:
-        stmt = _instances(Target(study_uid, series_uid, sop_uid)).add_columns(Patient.patient_id)
+    engine = read_path_engine(sessions.kw.get("bind"))
+    prebuilt = _prebuilt(engine, scope, (what, series_uid is not None)) if engine is not None else None
+    if engine is not None and prebuilt is not None:  # PostgreSQL: the statement built for this scope, raw
+        row = _prebuilt_row(engine, prebuilt, {"r_study": study_uid, "r_series": series_uid, "r_sop": sop_uid})
     else:
-        stmt = select(Study.id, Patient.patient_id).where(Study.study_instance_uid == study_uid)
-        if series_uid is not None:
-            stmt = stmt.join(Series, Series.study_fk == Study.id).where(Series.series_instance_uid == series_uid,
-                                                                        Series.number_of_instances > 0)
-    # a study whose every instance was rejected or moved away has no images to retrieve: 404 like an unknown one
-    stmt = stmt.outerjoin(Patient, Patient.id == Study.patient_fk).where(study_condition(scope, hide_empty=True)
-                                                                         ).limit(1)
-    try:
-        with single_statement(sessions) as session:
-            row = session.execute(stmt).first()
-    except SQLAlchemyError as exc:
-        raise IndexUnavailable("index database unavailable") from exc
+        try:
+            with single_statement(sessions) as session:
+                row = session.execute(_resolve_statement(scope, what, study_uid, series_uid, sop_uid)).first()
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable("index database unavailable") from exc
     if row is None:  # unknown, outside the scope, or not of the study (and series) in the path: all alike
         raise NotFound(f"no such {what}")
     if sop_uid is None:
@@ -97,7 +98,87 @@ def resolve(sessions: sessionmaker[Session], scope: AccessScope, study_uid: str,
     return Target(study_uid, series_uid, sop_uid, row[-1] or "", StoredInstance(*row[:-1]))
 
 
+def _resolve_statement(scope: AccessScope, what: str, study_uid: Any, series_uid: Any, sop_uid: Any) -> Select:
+    """:func:`resolve`'s one statement for a target of kind ``what`` (the UIDs: values or bound parameters)."""
+    if what == "instance":
+        stmt = _instance_select(study_uid, series_uid, sop_uid).add_columns(Patient.patient_id)
+    else:
+        stmt = select(Study.id, Patient.patient_id).where(Study.study_instance_uid == study_uid)
+        if what == "series":
+            stmt = stmt.join(Series, Series.study_fk == Study.id).where(Series.series_instance_uid == series_uid,
+                                                                        Series.number_of_instances > 0)
+    # a study whose every instance was rejected or moved away has no images to retrieve: 404 like an unknown one
+    return stmt.outerjoin(Patient, Patient.id == Study.patient_fk).where(study_condition(scope, hide_empty=True)
+                                                                         ).limit(1)
+
+
+@dataclass(frozen=True)
+class _Prebuilt:
+    sql: str
+    params: dict[str, Any]  # the scope's values
+    clock: tuple[str, ...]  # parameters that hold "now" (an open consult's expiry is compared with it)
+
+
+# (scope, kind of target) -> the resolve statement compiled for PostgreSQL with the UIDs as parameters, and its
+# other parameters (the scope's values). Built once per scope a process sees; a viewer's hundreds of requests
+# then skip building, cache-keying and compiling it (and psycopg prepares it on the server after a few uses).
+_PREBUILT: dict[tuple[AccessScope, tuple[str, bool]], _Prebuilt | None] = {}
+_PREBUILT_MAX = 512
+_prebuilt_lock = threading.Lock()
+_UNBUILT = object()
+
+
+def _prebuilt(engine: Engine, scope: AccessScope, kind: tuple[str, bool]) -> _Prebuilt | None:
+    """``kind``: what the target is, and whether the path names a series. None: this scope's statement holds a
+    time that is not "now" (it is then built per request)."""
+    key = (scope, kind)
+    known = _PREBUILT.get(key, _UNBUILT)
+    if known is not _UNBUILT:
+        return known if isinstance(known, _Prebuilt) else None
+    what, with_series = kind
+    study, series, sop = (bindparam(name, "", type_=String) for name in ("r_study", "r_series", "r_sop"))
+    compiled = _resolve_statement(scope, what, study, series if with_series else None, sop).compile(
+        dialect=engine.dialect, compile_kwargs={"render_postcompile": True})
+    params = dict(compiled.params)
+    # consult_grant's "now" is set to the moment of each execution; a statement holding any other time (none does
+    # today) is left to the per-request path rather than guessed at
+    clock = tuple(name for name in params if name.startswith(NOW_PARAM))
+    others = [value for name, value in params.items() if isinstance(value, datetime) and name not in clock]
+    found = _Prebuilt(str(compiled), params, clock) if not others else None
+    with _prebuilt_lock:
+        if len(_PREBUILT) >= _PREBUILT_MAX:
+            _PREBUILT.clear()
+        _PREBUILT[key] = found
+    return found
+
+
+def _prebuilt_row(engine: Engine, prebuilt: _Prebuilt, uids: dict[str, str | None]) -> Sequence[Any] | None:
+    params = {**prebuilt.params, **uids}
+    if prebuilt.clock:
+        now = datetime.now(UTC)
+        params.update((name, now) for name in prebuilt.clock)
+    try:
+        raw = engine.raw_connection()
+    except SQLAlchemyError as exc:
+        raise IndexUnavailable("index database unavailable") from exc
+    try:
+        cursor = raw.cursor()
+        cursor.execute(prebuilt.sql, params)
+        row: Sequence[Any] | None = cursor.fetchone()
+        cursor.close()
+    except Exception as exc:
+        raw.invalidate()  # whatever state it is in, the connection does not go back to the pool
+        raise IndexUnavailable("index database unavailable") from exc
+    finally:
+        raw.close()
+    return row
+
+
 def _instances(target: Target) -> Select:
+    return _instance_select(target.study_uid, target.series_uid, target.sop_uid)
+
+
+def _instance_select(study_uid: Any, series_uid: Any, sop_uid: Any) -> Select:
     fragment_done = (select(DerivedTask.id).where(
         DerivedTask.kind == INSTANCE_DERIVED_KIND, DerivedTask.subject_uid == Instance.sop_instance_uid,
         DerivedTask.sha256 == Instance.sha256, DerivedTask.state == "done",
@@ -106,11 +187,11 @@ def _instances(target: Target) -> Select:
                    Instance.sop_class_uid, Instance.transfer_syntax_uid, Instance.object_key, Instance.sha256,
                    Instance.number_of_frames, Instance.thumbnail_key, fragment_done.label("fragment_current"))
             .join(Series, Series.id == Instance.series_fk).join(Study, Study.id == Series.study_fk)
-            .where(Study.study_instance_uid == target.study_uid))
-    if target.series_uid is not None:
-        stmt = stmt.where(Series.series_instance_uid == target.series_uid)
-    if target.sop_uid is not None:
-        stmt = stmt.where(Instance.sop_instance_uid == target.sop_uid)
+            .where(Study.study_instance_uid == study_uid))
+    if series_uid is not None:
+        stmt = stmt.where(Series.series_instance_uid == series_uid)
+    if sop_uid is not None:
+        stmt = stmt.where(Instance.sop_instance_uid == sop_uid)
     return stmt
 
 

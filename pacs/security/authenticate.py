@@ -31,10 +31,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pacs.errors import PacsError
 from pacs.persons.scope import priors_allowed
-from pacs.security.accounts import TOKEN_PREFIX, find_token
+from pacs.security.accounts import TOKEN_PREFIX, find_token, token_digest
 from pacs.security.models import User
 from pacs.security.principal import Principal, scope_for
 from pacs.security.roles import Role, capabilities_of
+from pacs.security.token_cache import VERIFIED
 from pacs.settings import Settings
 
 SESSION_ISSUER = "filmless-pacs"
@@ -91,12 +92,15 @@ class Authenticator:
         """Whether this role sees a person's studies of other facilities (pacs.persons.scope)."""
         return priors_allowed(self._settings.priors_across_facilities, role, facility)
 
-    def authenticate(self, token: str, source_address: str = "") -> Principal:
+    def authenticate(self, token: str, source_address: str = "", *, cached: bool = False) -> Principal:
+        """The principal of ``token``. ``cached=True`` (the DICOMweb read path only) may answer an API token from
+        what was verified less than a second ago (:mod:`pacs.security.token_cache`: revocation then takes effect
+        within that second); every other kind of token is checked in full every time."""
         token = token.strip()
         if not token or len(token) > 8192:
             raise AuthenticationError("missing or malformed bearer token")
         if token.startswith(TOKEN_PREFIX):
-            return self._api_token(token, source_address)
+            return self._api_token(token, source_address, cached)
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -109,17 +113,24 @@ class Authenticator:
             return self._oidc_token(token, source_address)
         raise AuthenticationError("unsupported token")
 
-    def _api_token(self, token: str, source_address: str) -> Principal:
+    def _api_token(self, token: str, source_address: str, cached: bool = False) -> Principal:
+        digest = f"{id(self)}:{token_digest(token)}" if cached else ""  # this authenticator's (settings, index)
+        if cached and (known := VERIFIED.get(digest, source_address)) is not None:
+            return known
+        started = VERIFIED.started()  # before the statement: bounds how long a revocation can go unseen
         with self._sessions() as session:
             row = find_token(session, token)
         if row is None:
             raise AuthenticationError("unknown, revoked or expired token")
         role = Role(row.role)
-        return Principal(subject=f"token:{row.name}", role=role,
-                         capabilities=capabilities_of(role, images_granted=row.images_granted),
-                         scope=scope_for(role, row.facility, row.patient_id, row.patient_issuer,
-                                         linked_priors=self._priors(role, row.facility)), kind="token",
-                         facility=row.facility, source_address=source_address, token_id=row.id)
+        principal = Principal(subject=f"token:{row.name}", role=role,
+                              capabilities=capabilities_of(role, images_granted=row.images_granted),
+                              scope=scope_for(role, row.facility, row.patient_id, row.patient_issuer,
+                                              linked_priors=self._priors(role, row.facility)), kind="token",
+                              facility=row.facility, source_address=source_address, token_id=row.id)
+        if cached:
+            VERIFIED.put(digest, principal, row.expires_at, started)
+        return principal
 
     def _session_token(self, token: str, source_address: str) -> Principal:
         try:

@@ -81,7 +81,8 @@ class DicomwebReads:
         params = dict(scope.get("path_params") or {})
 
         def call() -> Response:
-            principal = authenticate_request(request, read.capability)
+            # an API token verified within the last second is not looked up again (pacs.security.token_cache)
+            principal = authenticate_request(request, read.capability, cached=True)
             response: Response = read.route.endpoint(request=request, principal=principal, **params)
             return response
 
