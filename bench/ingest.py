@@ -449,6 +449,9 @@ def run_once(system: str, mode: str, parallel: int, repeat: int, files: list[Pat
     try:
         with starter as server:
             time.sleep(1.0)  # let start-up work (imports, schema checks, first connections) finish
+            # `pacs serve` answers on its DICOM port before it has built its HTTP app (~4 s of CPU on the 2-core
+            # machine): measured from here, a run would count that too (most of a one-image association's figure)
+            _wait_idle(server.pids)
             offsets = {name: path.stat().st_size if path.exists() else 0 for name, (path, _) in server.logs.items()}
             result.idle_rss = {name: tree_rss(pid) for name, pid in server.pids.items()}
             cpu_before = {name: tree_cpu_s(pid) for name, pid in server.pids.items()}

@@ -42,6 +42,10 @@ from pacs.context import AppContext
 
 log = logging.getLogger("dicom_scp")
 
+# On the association (its __dict__): the AE registered under its calling title as read at EVT_REQUESTED (None:
+# none); absent when the registry was not read. The storage service's sender comes from it (storage_service._source).
+REGISTERED = "_pacs_registered"
+
 
 def on_requested(event: evt.Event, ctx: AppContext, live: LiveAssociations | None = None) -> None:
     assoc = event.assoc
@@ -52,7 +56,9 @@ def on_requested(event: evt.Event, ctx: AppContext, live: LiveAssociations | Non
     association_certificate.set(certificate)  # this thread serves this association only (pacs.aes)
     assert request is not None  # the A-ASSOCIATE request this event is about
     syntaxes = [str(cx.abstract_syntax) for cx in (request.presentation_context_definition_list or [])]
-    decision, registered = _decide(ctx, calling_ae, address, syntaxes, certificate)
+    decision, registered, looked_up = _decide(ctx, calling_ae, address, syntaxes, certificate)
+    if looked_up:  # the storage service's sender for this association, without reading the registry again
+        assoc.__dict__[REGISTERED] = registered
     if registered is not None:
         _note_sighting(ctx, registered, address, decision)
     if live is not None:
@@ -95,14 +101,15 @@ def on_association_end(event: evt.Event, live: LiveAssociations) -> None:
 
 
 def _decide(ctx: AppContext, calling_ae: str, address: str, syntaxes: list[str],
-            certificate: PeerCertificate | None) -> tuple[Decision, AERecord | None]:
-    """The decision, and the AE registered under the calling title (None: unregistered, or not looked up)."""
+            certificate: PeerCertificate | None) -> tuple[Decision, AERecord | None, bool]:
+    """The decision, the AE registered under the calling title (None: unregistered, or not looked up), and whether
+    the registry was read."""
     try:
         if not ae_access.needs_registry(syntaxes):
-            return Decision(True, ""), None
+            return Decision(True, ""), None, False
         registered = AERegistry(ctx.read_sessions).get(calling_ae)
         return ae_access.decide(calling_ae, address, syntaxes, registered, certificate=certificate,
-                                     accept_unknown_store_aes=ctx.settings.accept_unknown_store_aes), registered
+                                accept_unknown_store_aes=ctx.settings.accept_unknown_store_aes), registered, True
     except Exception as exc:  # the registry is unreadable (or a bug): never fail open for query/retrieve
         try:
             open_only = ae_access.only_open_services(syntaxes)
@@ -111,8 +118,8 @@ def _decide(ctx: AppContext, calling_ae: str, address: str, syntaxes: list[str],
         if open_only:
             log.warning("association policy for %s@%s not checked (%s): verification/storage only, accepted",
                         calling_ae, address, exc)
-            return Decision(True, ""), None
-        return Decision(False, f"AE registry unavailable: {exc}", ae_access.REJECT_TRANSIENT), None
+            return Decision(True, ""), None, False
+        return Decision(False, f"AE registry unavailable: {exc}", ae_access.REJECT_TRANSIENT), None, False
 
 
 def _note_sighting(ctx: AppContext, registered: AERecord, address: str, decision: Decision) -> None:

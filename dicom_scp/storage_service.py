@@ -14,7 +14,8 @@ from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
 
-from pacs.aes import AERegistry
+from dicom_scp.association_checks import REGISTERED
+from pacs.aes import AERegistry, sender_rights
 from pacs.context import AppContext
 from pacs.dimse_status import REFUSED_NOT_AUTHORIZED, error_comment
 from pacs.errors import IndexUnavailable
@@ -63,10 +64,13 @@ def handle_store(event: evt.Event, ingestor: Ingestor, ctx: AppContext) -> Datas
 
 def _source(event: evt.Event, ctx: AppContext, calling_ae: str) -> IngestSource:
     """Who is storing: a registered AE (passing its host check) is trusted and stores for its facility;
-    any other peer is untrusted (pacs.security.filing_rules). Looked up once per association."""
+    any other peer is untrusted (pacs.security.filing_rules). Once per association, from the registration the
+    association checks read (association_checks.REGISTERED), else from the registry."""
     requestor = event.assoc.requestor
     address = f"{requestor.address}:{requestor.port}"
     cache = event.assoc.__dict__
+    if "_pacs_sender" not in cache and REGISTERED in cache:
+        cache["_pacs_sender"] = sender_rights(cache[REGISTERED], str(requestor.address))
     if "_pacs_sender" not in cache:
         try:
             cache["_pacs_sender"] = AERegistry(ctx.read_sessions).sender(calling_ae, str(requestor.address))

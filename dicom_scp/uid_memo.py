@@ -16,6 +16,14 @@ Anything else (an empty, non-conformant or invalid value, a UID carrying a priva
 encoding, a value past the memo's bound) takes pynetdicom's own path: its errors and warnings are
 unchanged. The memo is bounded (:data:`MAX_ENTRIES`) and keeps only values that are exactly their UID (at most 64
 characters each): a peer sending ever new or padded UIDs makes it stop growing, not grow without end.
+
+``PresentationContext.add_transfer_syntax`` does not go through ``set_uid``: it makes ``UID(syntax)`` itself (pydicom's
+regular expression), then pynetdicom's validator, ``is_valid`` and ``is_transfer_syntax``, for each of the 192
+transfer syntaxes of storescu's A-ASSOCIATE-RQ as it is decoded (~2 ms of CPU per association, py-spy).
+:func:`add_transfer_syntax` remembers, in the same bounded way, the values that took that path without a word:
+conformant UIDs that are transfer syntaxes or private ones (pynetdicom warns about any other UID there); for such a
+value it appends the remembered UID unless the context has it already, as pynetdicom does, and anything else
+takes pynetdicom's own path.
 """
 
 from __future__ import annotations
@@ -33,7 +41,9 @@ MAX_ENTRIES = 8192
 # Instance UIDs never come back and would fill the memo with one-time values.
 _MODULES: tuple[ModuleType, ...] = (pdu_items, pdu_primitives, presentation)
 _original_set_uid = utils.set_uid
+_original_add_transfer_syntax = presentation.PresentationContext.add_transfer_syntax
 _known: dict[str | bytes, UID] = {}
+_known_syntaxes: dict[str | bytes, UID] = {}
 _install_lock = threading.Lock()
 
 
@@ -58,11 +68,45 @@ def _canonical(value: str | bytes, uid: UID) -> bool:
     return value == uid if isinstance(value, str) else value == uid.encode("ascii")
 
 
+def add_transfer_syntax(self: presentation.PresentationContext, syntax: Any) -> None:
+    """``PresentationContext.add_transfer_syntax`` with conformant transfer syntaxes remembered (module docstring)."""
+    kind = type(syntax)
+    memo = kind is str or kind is bytes or (kind is UID and not syntax.__dict__)  # decoded PDU items hold UIDs
+    if memo:
+        known = _known_syntaxes.get(syntax)
+        if known is not None and not known.__dict__:  # nothing set on a shared UID since (a private encoding)
+            if known not in self._transfer_syntax:
+                self._transfer_syntax.append(known)
+            return
+    _original_add_transfer_syntax(self, syntax)
+    if memo and len(_known_syntaxes) < MAX_ENTRIES:
+        uid = _syntax_uid(str(syntax) if kind is UID else syntax)
+        if uid is not None:
+            _known_syntaxes[str(syntax) if kind is UID else syntax] = uid
+
+
+def _syntax_uid(value: str | bytes) -> UID | None:
+    """The UID pynetdicom made of ``value`` when that took no warning or error: exactly a conformant UID that is a
+    transfer syntax or a private one; else None (not remembered)."""
+    try:
+        text = value if isinstance(value, str) else value.decode("ascii")
+        uid = UID(text)
+    except (ValueError, TypeError, UnicodeDecodeError):
+        return None
+    if uid != text or uid.__dict__ or not uid.is_valid or not (uid.is_transfer_syntax or uid.is_private):
+        return None
+    return uid
+
+
 def install() -> None:
-    """Use :func:`set_uid` in pynetdicom's modules (idempotent). A module whose ``set_uid`` is not pynetdicom's
-    (a later pynetdicom, another patch) is left alone: it only loses the memo."""
+    """Use :func:`set_uid` in pynetdicom's modules and :func:`add_transfer_syntax` in its presentation contexts
+    (idempotent). One that is not pynetdicom's (a later pynetdicom, another patch) is left alone: it only loses the
+    memo."""
     with _install_lock:
         for module in _MODULES:
             current = getattr(module, "set_uid", None)
             if current is _original_set_uid:
                 module.set_uid = set_uid  # type: ignore[attr-defined]
+        context = presentation.PresentationContext
+        if context.add_transfer_syntax is _original_add_transfer_syntax:
+            context.add_transfer_syntax = add_transfer_syntax  # type: ignore[method-assign]

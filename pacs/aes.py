@@ -203,10 +203,7 @@ class AERegistry:
         host check) is trusted and stores for its facility; any other peer is untrusted
         (pacs.security.filing_rules). ``impersonating``: the title is registered but this peer failed its
         identity check, so it must not count as the title's earlier sender either."""
-        record = self.calling_peer(title, peer_address)
-        if record is not None:
-            return record.facility, True, False
-        return "", False, self.get(title) is not None
+        return sender_rights(self.get(title), peer_address)
 
     def move_destination(self, title: str) -> MoveDestination | None:
         """The registered AE named ``title``, if it has an address and may take part in retrieves.
@@ -217,6 +214,14 @@ class AERegistry:
         if record is None or not record.allow_retrieve or not record.host or not 1 <= record.port <= 65535:
             return None
         return MoveDestination(record.ae_title, record.host, record.port, record.facility, record.archive_wide)
+
+
+def sender_rights(record: AERecord | None, peer_address: str) -> tuple[str, bool, bool]:
+    """:meth:`AERegistry.sender` for the AE registered under the calling title (``record``, None: none), read
+    already: the association checks read it once per association (``dicom_scp.association_checks``)."""
+    if record is not None and record.calls_from(peer_address, association_certificate.get()):
+        return record.facility, True, False
+    return "", False, record is not None
 
 
 def _first_line(exc: BaseException) -> str:

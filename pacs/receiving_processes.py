@@ -387,6 +387,9 @@ def _receive(settings: Settings, index: int, count: int, role: str, shared: Shar
     ctx.extras["ingest_notify"] = parent.notify
     ingestor = make_ingestor(ctx, notify=parent.notify)
     listeners = start_scp(ctx, ingestor, shared=shared, reuse_port=True)
+    from pacs.heap import freeze_startup_heap
+
+    freeze_startup_heap()  # full garbage collections walk only what is made from now on
     parent.send(("ready", os.getpid()))
     stop = threading.Event()
 

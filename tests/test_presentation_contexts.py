@@ -143,3 +143,69 @@ def test_the_uid_memo_is_bounded_and_in_pynetdicoms_modules(monkeypatch: pytest.
     for n in range(10):
         assert uid_memo.set_uid(f"1.2.826.0.1.{n}", "sop_class_uid") == f"1.2.826.0.1.{n}"
     assert len(uid_memo._known) == 3
+
+
+def _added(values: list, add: object) -> tuple[list, list[str]]:
+    """The transfer syntaxes a new context holds after ``add(context, value)`` of each value, and the log lines."""
+    from pynetdicom.presentation import PresentationContext
+
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler = Collect(logging.DEBUG)
+    logger = logging.getLogger("pynetdicom")
+    logger.addHandler(handler)
+    context = PresentationContext()
+    try:
+        for value in values:
+            try:
+                add(context, value)  # type: ignore[operator]
+            except ValueError as exc:
+                records.append(f"ValueError: {exc}")
+    finally:
+        logger.removeHandler(handler)
+    return [(str(s), type(s), s.__dict__) for s in context.transfer_syntax], records
+
+
+def test_the_transfer_syntax_memo_adds_what_pynetdicom_adds_and_logs_what_it_logs() -> None:
+    """An A-ASSOCIATE-RQ's transfer syntaxes as pynetdicom decodes them: the same list, the same warnings and
+    errors, whether the value is remembered or not (twice: learned, then remembered)."""
+    uid_memo.install()
+    from pynetdicom.presentation import PresentationContext
+
+    assert PresentationContext.add_transfer_syntax is uid_memo.add_transfer_syntax
+    private_ts = UID("1.2.3.4.5.6")
+    private_ts.set_private_encoding(False, True)
+    values = ["1.2.840.10008.1.2.1", b"1.2.840.10008.1.2", "1.2.840.10008.1.2.1",  # again: not added twice
+              UID("1.2.840.10008.1.2.4.70"), UID("1.2.840.10008.1.2.4.70"),  # as a decoded A-ASSOCIATE-RQ holds them
+              "1.2.840.10008.5.1.4.1.1.2",  # a conformant UID that is not a transfer syntax: pynetdicom warns
+              "1.2.826.0.1.3680043.2.1", b"1.02.3", "1.2.840.10008.1.2.4.50 ", "", b"", None, 7,
+              "1.2.3" + "4" * 70, "1.2.a", b"1.2.\xff", "1.2.3.4.5.6", private_ts]  # the same text, own encoding
+    for _ in range(2):
+        ours = _added(values, uid_memo.add_transfer_syntax)
+        theirs = _added(values, uid_memo._original_add_transfer_syntax)
+        assert ours == theirs
+    assert ours[0][:2] == [("1.2.840.10008.1.2.1", UID, {}), ("1.2.840.10008.1.2", UID, {})]
+    added = _added([private_ts], uid_memo.add_transfer_syntax)[0]  # its encoding kept, as pynetdicom keeps it
+    assert added == _added([private_ts], uid_memo._original_add_transfer_syntax)[0] and added[0][2]
+    assert any("not a transfer syntax" in line for line in ours[1])  # still said the second time
+    kept = uid_memo._known_syntaxes
+    assert "1.2.840.10008.1.2.1" in kept and b"1.2.840.10008.1.2" in kept and "1.2.826.0.1.3680043.2.1" in kept
+    assert type(next(k for k in kept if k == "1.2.840.10008.1.2.4.70")) is str  # kept by its text
+    for never in ("1.2.840.10008.5.1.4.1.1.2", b"1.02.3", "1.2.840.10008.1.2.4.50 ", "", b"", "1.2.a"):
+        assert never not in kept
+
+
+def test_the_transfer_syntax_memo_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pynetdicom.presentation import PresentationContext
+
+    monkeypatch.setattr(uid_memo, "_known_syntaxes", {})
+    monkeypatch.setattr(uid_memo, "MAX_ENTRIES", 3)
+    context = PresentationContext()
+    for n in range(10):
+        uid_memo.add_transfer_syntax(context, f"1.2.826.0.1.{n}")
+    assert len(uid_memo._known_syntaxes) == 3
+    assert [str(s) for s in context.transfer_syntax] == [f"1.2.826.0.1.{n}" for n in range(10)]

@@ -26,6 +26,7 @@ from pacs.cli.common import (
     transaction,
 )
 from pacs.context import AppContext
+from pacs.heap import freeze_startup_heap
 
 if TYPE_CHECKING:
     from dicom_scp.server import Listeners
@@ -197,6 +198,7 @@ def serve(dicom_processes: DicomProcesses = None) -> None:
         # Python's defaults SIGTERM would end this process there, before the receiving processes are stopped
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: None)
+    freeze_startup_heap()  # full garbage collections walk only what is made from now on (pacs.heap)
     try:
         http_server.run(http_app, settings)
     finally:
@@ -234,6 +236,7 @@ def scp(dicom_processes: DicomProcesses = None) -> None:
     tls = f", TLS on port {dicom.tls_port}" if dicom.tls_port else ""
     console.print(f"[green]DICOM SCP ready[/green] {settings.ae_title}@{settings.dicom_host}:"
                   f"{dicom.port}{dicom.describe()}{tls}")
+    freeze_startup_heap()  # full garbage collections walk only what is made from now on (pacs.heap)
     try:
         _wait_for_signal()
     finally:

@@ -316,9 +316,12 @@ class Ingestor:
             log.warning("fragment of %s not put (made again when it is read): %s", obj.sop_instance_uid, exc)
             return
         try:
-            with self._sessions() as session, session.begin():
+            # read on the read-only pool (no write lock: SQLite's BEGIN IMMEDIATE would queue behind every other
+            # ingest); a newer version committed after this read puts its own fragment after its commit, after ours
+            with self._read_sessions() as session:
                 current = session.scalar(_CURRENT_SHA, {"sop": obj.sop_instance_uid})
-                if current is not None and current != sha256:
+            if current is not None and current != sha256:
+                with self._sessions() as session, session.begin():
                     redo_newer_version(session, obj.sop_instance_uid)
         except SQLAlchemyError as exc:  # the index went away after our commit: readers check the version
             log.warning("could not check the version of %s's fragment: %s", obj.sop_instance_uid, exc)
