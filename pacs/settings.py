@@ -100,8 +100,9 @@ class Settings(BaseSettings):
                                  "DICOM port(s) with SO_REUSEPORT (Linux), started by `pacs serve` / `pacs scp`; "
                                  "workers, relays and schedulers still run once, in the parent. 1: the DICOM "
                                  "services run in the main process; 0: decide (pacs.receiving_processes)")
-    dicom_drain_s: float = Field(default=20.0, ge=0, description="On shutdown, how long a receiving process "
-                                 "waits for its open associations to end before it closes them")
+    dicom_drain_s: float = Field(default=20.0, ge=0, description="On shutdown, how long the DICOM "
+                                 "listeners (in `pacs serve` or each receiving process) wait for open associations "
+                                 "to end before they close them")
 
     duplicate_policy: DuplicatePolicy = DuplicatePolicy.VERSION
     assume_utf8_for_latin1: bool = Field(

@@ -285,6 +285,34 @@ def test_sigterm_drains_open_associations_and_leaves_no_process(pacs: EmbeddedPa
         assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, f"{child.pid} left over"
 
 
+def test_sigterm_drains_open_associations_with_one_process(tmp_path: Path) -> None:
+    """The default (no receiving processes): the same shutdown. SIGTERM used to end `pacs serve` with status 143
+    once uvicorn had stopped, cutting the associations in flight and never stopping the workers."""
+    server = EmbeddedPacs(tmp_path, {"PACS_DICOM_DRAIN_S": "20"})
+    try:
+        assert server.proc.proc is not None
+        assoc = associate(server.port, aet="INFLIGHT")
+        assert assoc.is_established
+        os.killpg(server.proc.proc.pid, signal.SIGTERM)
+
+        def refused() -> bool:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", server.port), 1):
+                return False
+            return True
+
+        wait_until(refused, timeout=30, what="the DICOM port closed for new connections")
+        ds = make_dataset(PatientID="INFLIGHT1")
+        status = assoc.send_c_store(ds)  # the open association still works, and what it stored is kept
+        assert status and status.Status == 0
+        assoc.release()
+        assert server.proc.proc.wait(timeout=60) == 0, server.proc.log_tail()
+        with server.ctx.read_sessions() as session:
+            assert session.scalar(select(func.count()).select_from(Instance)
+                                  .where(Instance.sop_instance_uid == ds.SOPInstanceUID)) == 1
+    finally:
+        server.close()
+
+
 def test_a_process_that_keeps_dying_is_given_up(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path / "data", dicom_host="127.0.0.1", dicom_port=free_port(),
                         dicom_tls_port=free_port(), tls_cert_file=tmp_path / "missing.pem",

@@ -77,6 +77,7 @@ class _DicomListening:
     receivers: ReceivingProcesses | None = None
     exit_code: int = 0
     running: bool = False  # ready: a fatal failure from now on stops the command with SIGTERM
+    drain_s: float = 0.0  # listeners in this process: how long stop() waits for open associations (PACS_DICOM_DRAIN_S)
 
     def describe(self) -> str:
         if self.receivers is None:
@@ -100,6 +101,10 @@ class _DicomListening:
 
     def stop(self) -> None:
         if self.listeners is not None:
+            left = self.listeners.drain(self.drain_s)  # no new connection; the open associations may finish
+            if left:
+                console.print(f"[yellow]{left} DICOM association(s) still open after {self.drain_s:g} s: "
+                              "closed[/yellow]")
             self.listeners.shutdown()
         if self.receivers is not None:
             self.receivers.stop()
@@ -147,7 +152,7 @@ def _start_dicom(pipeline: Pipeline, receiving: _DicomListening | None) -> _Dico
     if receiving is None:
         listeners = start_scp(pipeline.ctx, pipeline.ingestor)
         return _DicomListening(listeners.server_address[1], listeners.tls.server_address[1] if listeners.tls
-                               else None, listeners=listeners)
+                               else None, listeners=listeners, drain_s=pipeline.ctx.settings.dicom_drain_s)
     assert receiving.receivers is not None
     # until now their derived tasks wait for the relay's first sweep, which publishes every pending row
     receiving.receivers.on_tasks = pipeline.relay.notify
@@ -193,11 +198,11 @@ def serve(dicom_processes: DicomProcesses = None) -> None:
                   f"{'in-process' if settings.embedded_workers else 'celery'}"
                   + (f", DICOM TLS on port {dicom.tls_port}" if dicom.tls_port else "")
                   + (f", HL7 MLLP on port {pipeline.hl7_listener.server_address[1]}" if pipeline.hl7_listener else ""))
-    if dicom.receivers is not None:
-        # uvicorn restores these handlers and raises the signal it caught again once it has stopped: with
-        # Python's defaults SIGTERM would end this process there, before the receiving processes are stopped
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: None)
+    # uvicorn restores these handlers and raises the signal it caught again once it has stopped: with Python's
+    # defaults SIGTERM would end this process there (exit status 143), before the DICOM associations in flight
+    # are drained and the receiving processes, workers and relays are stopped
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     freeze_startup_heap()  # full garbage collections walk only what is made from now on (pacs.heap)
     try:
         http_server.run(http_app, settings)
