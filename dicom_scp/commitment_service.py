@@ -46,7 +46,7 @@ from pacs.commitment.service import (
     record_request,
 )
 from pacs.context import AppContext
-from pacs.dimse_responses import keeper_for
+from pacs.dimse_responses import keeper_for, rejection_of
 from pacs.dimse_status import (
     INVALID_ARGUMENT_VALUE,
     INVALID_OBJECT_INSTANCE,
@@ -203,7 +203,7 @@ def send_event_report(cfg: CommitmentConfig, dest: Destination, transaction_uid:
         if not assoc.is_established:
             if with_role and assoc.is_aborted and assoc.rejected_contexts and not assoc.accepted_contexts:
                 continue  # it answered but took no context with us as SCP: try the default roles
-            why = "rejected the association" if assoc.is_rejected else "is unreachable"
+            why = "rejected the association" if rejection_of(assoc) else "is unreachable"
             raise ReportNotDelivered(f"{dest} {why}")
         try:
             with keeper_for(assoc).sending():

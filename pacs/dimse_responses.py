@@ -1,5 +1,6 @@
 """Keeps a DIMSE response for the thread waiting on it, on associations we request (forwarding, C-MOVE and
-C-GET sub-operations, storage-commitment reports).
+C-GET sub-operations, storage-commitment reports); and reads the A-ASSOCIATE-RJ a peer answered with even when
+pynetdicom reports it as an abort (:func:`rejection_of`).
 
 pynetdicom (3.0) runs a reactor thread beside the thread that calls ``send_c_store``/``send_n_event_report``.
 Those pause the reactor by clearing a checkpoint and waiting for its ``_is_paused`` flag, but the reactor sets
@@ -20,6 +21,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 log = logging.getLogger("pacs.dimse_responses")
 
@@ -57,3 +59,24 @@ def keeper_for(assoc: Association) -> ResponseKeeper:
     if keeper is None:
         keeper = assoc.__dict__[_KEEPER] = ResponseKeeper(assoc)
     return keeper
+
+
+def rejection_of(assoc: Association) -> tuple[int, int, int] | None:
+    """The (result, source, reason) of the A-ASSOCIATE-RJ the peer answered ``assoc``'s request with, or None
+    (it accepted, or never answered).
+
+    pynetdicom 3.0's requestor can report a rejection it received as an abort: after sending the request it waits
+    for its socket to be ready and then checks that it is still connected, and when its thread is slower than the
+    DUL thread, which has already read the A-ASSOCIATE-RJ and closed the connection as PS3.8 says, it aborts
+    without reading the answer. The answer's primitive is then still in the DUL's queue; it is read from there.
+    """
+    if assoc.is_rejected:
+        primitive = assoc.acceptor.primitive
+    elif assoc.is_aborted:
+        primitive = next((p for p in list(assoc.dul.to_user_queue.queue)
+                          if isinstance(p, A_ASSOCIATE) and p.result in (0x01, 0x02)), None)
+    else:
+        return None
+    if primitive is None or primitive.result is None:
+        return None
+    return int(primitive.result), int(primitive.result_source or 0), int(primitive.diagnostic or 0)

@@ -47,11 +47,11 @@ from pacs.aes import add_ae
 from pacs.context import AppContext
 from pacs.db import migrate
 from pacs.db.models import AESighting, AuditEvent, Instance, Study
+from pacs.dimse_responses import rejection_of
 from pacs.ingest import Ingestor
 from pacs.settings import Settings
 from tests.support.datasets import make_dataset
 from tests.support.net import free_port
-from tests.support.pdus import rejection_of
 from tests.support.pki import make_pki
 
 pytestmark = pytest.mark.integration

@@ -31,11 +31,12 @@ from sqlalchemy import select
 
 from pacs.association_limits import MAX_CONTROL_PDU_BYTES, LiveAssociations, connection_limits, pdu_length_error
 from pacs.db.models import Instance
+from pacs.dimse_responses import rejection_of
 from tests.support.datasets import dataset_bytes, make_dataset, to_bytes
 from tests.support.dcmtk import dcmtk, dcmtk_env, echoscu
 from tests.support.inprocess import register_ae
 from tests.support.net import free_port, wait_until
-from tests.support.pdus import associate_rq, rejection_of
+from tests.support.pdus import associate_rq
 from tests.support.pki import make_pki
 from tests.support.senders import send_dataset, send_file_raw
 from tests.support.stack import EmbeddedPacs

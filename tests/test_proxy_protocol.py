@@ -50,6 +50,7 @@ from dicom_scp.server import ConnectionGuard
 from pacs.aes import add_ae
 from pacs.context import AppContext
 from pacs.db.models import AESighting, AuditEvent, Instance
+from pacs.dimse_responses import rejection_of
 from pacs.proxy_protocol import (
     MAX_V1_BYTES,
     MAX_V2_BODY_BYTES,
@@ -62,7 +63,7 @@ from pacs.proxy_protocol import (
 from pacs.settings import Settings
 from pacs.trusted_proxies import TrustedProxies, parse_networks
 from tests.support.net import free_port, port_open, wait_until
-from tests.support.pdus import associate_rq, rejection_of
+from tests.support.pdus import associate_rq
 from tests.support.pki import make_pki
 from tests.support.stack import EmbeddedPacs
 from tests.support.tiers import starts_servers

@@ -41,6 +41,7 @@ from sqlalchemy import func, select
 
 from pacs.commitment.service import SopRef
 from pacs.db.models import DerivedTask, Instance, Series, Study, TaskOwner
+from pacs.dimse_responses import rejection_of
 from pacs.receiving_processes import ReceivingProcesses
 from pacs.settings import Settings
 from pacs.shared_limits import SharedLimits
@@ -50,7 +51,6 @@ from tests.support.dcmtk import storescu
 from tests.support.inprocess import register_ae
 from tests.support.net import free_port, wait_until
 from tests.support.pacs_process import PACS
-from tests.support.pdus import rejection_of
 from tests.support.stack import EmbeddedPacs, embedded_env
 
 pytestmark = pytest.mark.integration

@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pacs.context import AppContext
 from pacs.db.dml import affected_rows
 from pacs.db.models import ApplicationEntity, ForwardJob, Instance
-from pacs.dimse_responses import keeper_for
+from pacs.dimse_responses import keeper_for, rejection_of
 from pacs.dimse_status import STORAGE_WARNINGS, SUCCESS
 from pacs.jobs import JobState, RetryPolicy, as_utc, utcnow
 from pacs.polling import PollingLoop
@@ -253,7 +253,7 @@ class ForwardDelivery(PollingLoop):
                 # It answered, but takes none of these objects as stored: counts against them, not the destination.
                 results.retry += [(job, _no_context(dest, s)) for job, s in batch]
                 return
-            why = "rejected the association" if assoc.is_rejected else "is unreachable"
+            why = "rejected the association" if rejection_of(assoc) else "is unreachable"
             self._destination_down(dest, batch, results, f"{dest} {why}")
             return
         sent = 0

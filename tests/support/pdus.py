@@ -3,7 +3,6 @@ pynetdicom's association machinery (hostile input, fuzzing)."""
 
 from __future__ import annotations
 
-from pynetdicom.association import Association
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotification, MaximumLengthNotification
 from pynetdicom.presentation import build_context
@@ -26,22 +25,3 @@ def associate_rq(called: str = "PACS", calling: str = "RAWPDU", max_length: int 
     pdu.from_primitive(primitive)
     return pdu.encode()
 
-
-def rejection_of(assoc: Association) -> tuple[int, int, int] | None:
-    """The (result, source, reason) of the A-ASSOCIATE-RJ the server answered ``assoc``'s request with, or None.
-
-    pynetdicom 3.0's requestor can report a rejection it received as an abort: after sending the request it waits
-    for its socket to be ready and then checks that it is still connected, and when its thread is slower than the
-    DUL thread, which has already read the A-ASSOCIATE-RJ and closed the connection as PS3.8 says, it aborts
-    without reading the answer. The answer's primitive is then still in the DUL's queue; it is read from there.
-    """
-    if assoc.is_rejected:
-        primitive = assoc.acceptor.primitive
-    elif assoc.is_aborted:
-        primitive = next((p for p in list(assoc.dul.to_user_queue.queue)
-                          if isinstance(p, A_ASSOCIATE) and p.result in (0x01, 0x02)), None)
-    else:
-        return None
-    if primitive is None:
-        return None
-    return int(primitive.result), int(primitive.result_source), int(primitive.diagnostic)
