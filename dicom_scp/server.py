@@ -128,6 +128,16 @@ class Listeners:
     def open_associations(self) -> int:
         return len([a for a in self.plain.ae.active_associations if a.is_acceptor])
 
+    def close(self, drain_s: float) -> int:
+        """Stop accepting, let the open associations finish for up to ``drain_s`` seconds, abort those left and shut
+        the listeners down; how many had to be aborted (SIGTERM of `pacs serve` and of a receiving process)."""
+        left = self.drain(drain_s)
+        for assoc in self.plain.ae.active_associations:
+            with contextlib.suppress(Exception):
+                assoc.abort()
+        self.shutdown()
+        return left
+
     def drain(self, timeout_s: float) -> int:
         """Stop accepting, then wait up to ``timeout_s`` for the open associations to end; how many are left."""
         self.stop_accepting()

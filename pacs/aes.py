@@ -180,10 +180,7 @@ class AERegistry:
         """The registered AE a peer at ``peer_address`` calling as ``title`` is; None for an unknown AE,
         or a registered one that does not prove to be it (another host, or not its TLS certificate:
         that of the association this thread serves, :data:`association_certificate`)."""
-        record = self.get(title)
-        if record is None or not record.calls_from(peer_address, association_certificate.get()):
-            return None
-        return record
+        return proven_caller(self.get(title), peer_address)
 
     def may_store(self, title: str, peer_address: str) -> bool:
         record = self.calling_peer(title, peer_address)
@@ -216,11 +213,19 @@ class AERegistry:
         return MoveDestination(record.ae_title, record.host, record.port, record.facility, record.archive_wide)
 
 
+def proven_caller(record: AERecord | None, peer_address: str) -> AERecord | None:
+    """``record`` (the AE registered under a calling title) when the peer at ``peer_address`` proves to be it: its
+    host, or the TLS certificate of the association this thread serves (:data:`association_certificate`)."""
+    if record is None or not record.calls_from(peer_address, association_certificate.get()):
+        return None
+    return record
+
+
 def sender_rights(record: AERecord | None, peer_address: str) -> tuple[str, bool, bool]:
     """:meth:`AERegistry.sender` for the AE registered under the calling title (``record``, None: none), read
     already: the association checks read it once per association (``dicom_scp.association_checks``)."""
-    if record is not None and record.calls_from(peer_address, association_certificate.get()):
-        return record.facility, True, False
+    if (proven := proven_caller(record, peer_address)) is not None:
+        return proven.facility, True, False
     return "", False, record is not None
 
 

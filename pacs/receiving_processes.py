@@ -410,11 +410,7 @@ def _receive(settings: Settings, index: int, count: int, role: str, shared: Shar
     threading.Thread(target=listen, name="SupervisorPipe", daemon=True).start()
     while not stop.wait(METRICS_PUSH_S):
         parent.send(("metrics", metrics.snapshot()))
-    left = listeners.drain(settings.dicom_drain_s)
-    for assoc in listeners.plain.ae.active_associations:
-        with contextlib.suppress(Exception):
-            assoc.abort()
-    listeners.shutdown()
+    left = listeners.close(settings.dicom_drain_s)
     parent.send(("metrics", metrics.snapshot()))
     parent.send(("bye", os.getpid(), left))
     ctx.close()

@@ -101,11 +101,10 @@ class _DicomListening:
 
     def stop(self) -> None:
         if self.listeners is not None:
-            left = self.listeners.drain(self.drain_s)  # no new connection; the open associations may finish
+            left = self.listeners.close(self.drain_s)  # no new connection; the open associations may finish
             if left:
                 console.print(f"[yellow]{left} DICOM association(s) still open after {self.drain_s:g} s: "
-                              "closed[/yellow]")
-            self.listeners.shutdown()
+                              "aborted[/yellow]")
         if self.receivers is not None:
             self.receivers.stop()
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import gc
 import importlib
 import json
 import os
@@ -46,8 +45,9 @@ PRELOAD = (
 def preload() -> None:
     for name in PRELOAD:
         importlib.import_module(name)
-    gc.collect()
-    gc.freeze()  # what the children inherit stays out of their collections (pacs.heap does the same at start)
+    from pacs.heap import freeze_startup_heap
+
+    freeze_startup_heap()  # what the children inherit stays out of their collections
 
 
 def run_child(request: dict[str, Any], conn: socket.socket, listener: socket.socket) -> None:
