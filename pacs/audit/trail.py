@@ -61,12 +61,9 @@ def append(
     """
     _lock_chain(session)
     prev = session.scalar(select(AuditEvent.entry_hash).order_by(AuditEvent.id.desc()).limit(1)) or ""
-    event = AuditEvent(
-        at=datetime.now(UTC),
-        actor=redact_text(actor[:256])[:128], role=role[:32], source_address=source_address[:64], action=action[:64],
-        outcome=outcome[:16], patient_id=patient_id[:64], study_instance_uid=study_instance_uid[:64],
-        detail=redact_text(detail[:4000])[:2000], prev_hash=prev,
-    )
+    fields = {"action": action, "actor": actor, "role": role, "outcome": outcome, "source_address": source_address,
+              "patient_id": patient_id, "study_instance_uid": study_instance_uid, "detail": detail}
+    event = AuditEvent(at=datetime.now(UTC), prev_hash=prev, **dict(zip(_VALUES, _values(fields), strict=True)))
     event.entry_hash = entry_hash(event)
     session.add(event)
     session.flush()

@@ -34,14 +34,17 @@ _ADD = insert(_task_t)
 
 
 def arm_derived_tasks(session: Session, subject_uid: str, sha256: str, kinds: tuple[str, ...], *,
-                      newly_armed_only: bool = False) -> list[int]:
+                      newly_armed_only: bool = False, made: bool = False) -> list[int]:
     """Outbox rows for ``subject_uid`` (their ids); an existing row (content that was current before, or a
     series already known) is re-armed instead of adding a second one.
 
     ``newly_armed_only``: leave out the ids of rows that were already pending, queued or running. Ingest notifies
     the relay of the ids it gets, and a series row re-armed by each of its 500 instances needs publishing once:
     a queued or running row sees the new instances when it runs, and a pending one is published by the relay's
-    sweep (saves the relay a claim transaction per received instance, issue 13)."""
+    sweep (saves the relay a claim transaction per received instance, issue 13).
+
+    ``made``: the work is done already (:func:`record_fragment_made`): a new row is added, and a done or failed one
+    recorded, as done instead of pending."""
     existing = {kind: (task_id, state) for task_id, kind, state in session.execute(
         _ARMED, {"subject": subject_uid, "sha": sha256, "kinds": list(kinds)})}
     ids = []
@@ -49,14 +52,15 @@ def arm_derived_tasks(session: Session, subject_uid: str, sha256: str, kinds: tu
         found = existing.get(kind)
         if found is None:
             result = cast(CursorResult[Any], session.execute(_ADD, {
-                "kind": kind, "subject_uid": subject_uid, "sha256": sha256, "state": JobState.PENDING,
+                "kind": kind, "subject_uid": subject_uid, "sha256": sha256,
+                "state": JobState.DONE if made else JobState.PENDING,
                 "attempts": 0, "last_error": "", "owner": "", "crashes": 0}))
             ids.append(int(result.inserted_primary_key[0]))  # type: ignore[index]  # one row inserted: never None
             continue
         task_id, state = found
         rearmed = state in (JobState.DONE, JobState.FAILED)
         if rearmed:  # pending or queued rows will run and see the new state
-            session.execute(_REARM, {"task_id": task_id})
+            session.execute(_MADE if made else _REARM, {"task_id": task_id})
         if rearmed or not newly_armed_only:
             ids.append(task_id)
     return ids
@@ -66,14 +70,7 @@ def record_fragment_made(session: Session, sop_uid: str, sha256: str) -> None:
     """Ingest made this instance version's fragment itself (:mod:`pacs.ingest.fragment`): its instance row is
     recorded done (readers take the fragment as current) instead of armed. A row already pending or running for
     the same content is left to run: it writes the same fragment."""
-    existing = {kind: (task_id, state) for task_id, kind, state in session.execute(
-        _ARMED, {"subject": sop_uid, "sha": sha256, "kinds": [INSTANCE_DERIVED_KIND]})}
-    found = existing.get(INSTANCE_DERIVED_KIND)
-    if found is None:
-        session.execute(_ADD, {"kind": INSTANCE_DERIVED_KIND, "subject_uid": sop_uid, "sha256": sha256,
-                               "state": JobState.DONE, "attempts": 0, "last_error": "", "owner": "", "crashes": 0})
-    elif found[1] in (JobState.DONE, JobState.FAILED):
-        session.execute(_MADE, {"task_id": found[0]})
+    arm_derived_tasks(session, sop_uid, sha256, (INSTANCE_DERIVED_KIND,), made=True)
 
 
 def redo_newer_version(session: Session, sop_uid: str) -> None:
