@@ -22,7 +22,7 @@ from pacs import audit
 from pacs.context import AppContext
 from pacs.errors import InvalidInput
 from pacs.i18n import choose_language, environment, gettext
-from pacs.reports.pdf import REPORT_TIMEZONE
+from pacs.reports.document import REPORT_TIMEZONE
 from pacs.security.authenticate import load_or_create_secret
 from pacs.sharing.links import (
     BirthDateRequired,

@@ -43,7 +43,7 @@ from pacs.dicomweb.wado import Unrenderable
 from pacs.errors import NotFound
 from pacs.imaging.render import placeholder
 from pacs.jobs import utcnow
-from pacs.reports.pdf import REPORT_TIMEZONE
+from pacs.reports.document import REPORT_TIMEZONE
 from pacs.security.authenticate import Authenticator
 from pacs.security.principal import Principal
 from pacs.security.roles import Capability

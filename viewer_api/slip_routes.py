@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from pacs.security.principal import Principal
 from pacs.security.roles import Capability
 from pacs.sharing.links import MAX_DAYS, MIN_DAYS, ShareScope, lifetime_days
-from pacs.sharing.slip import issue_result_slip
 from viewer_api.security import audited, context, require
 from viewer_api.urls import public_base
 
@@ -40,6 +39,8 @@ class SlipRequest(BaseModel):
              response_class=Response, responses={200: {"content": {"application/pdf": {}}}})
 def result_slip(study: str, body: SlipRequest, request: Request,
                 principal: Principal = require(Capability.SHARE_CREATE)) -> Response:  # noqa: B008
+    from pacs.sharing.slip import issue_result_slip  # fpdf loads when a slip is made (pacs.reports.document)
+
     ctx = context(request)
     days = lifetime_days(body.expires_in_days, ctx.settings)
     with audited(request, principal, "share.slip", study):

@@ -10,6 +10,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from zoneinfo import ZoneInfo
+
+# Times printed on (and written into) report documents are the facility's local time. Defined here, not with the
+# PDF builder, so that pages and routes showing times do not load the PDF library (fpdf and fontTools, ~28 MB per
+# process) until a PDF is made.
+REPORT_TIMEZONE = ZoneInfo("Asia/Ho_Chi_Minh")
+
+
+def display_name(pn: str) -> str:
+    """A DICOM PN shown as "Family Given Middle" (first component group; ``Nguyễn^Văn An`` → ``Nguyễn Văn An``)."""
+    alphabetic = pn.split("=", 1)[0]
+    parts = [p.strip() for p in alphabetic.split("^")][:3]
+    return " ".join(p for p in parts if p)
 
 
 @dataclass(frozen=True)

@@ -21,13 +21,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from zoneinfo import ZoneInfo
 
 from fpdf import FPDF, FontFace
 from fpdf.enums import Align, XPos, YPos
 
 from pacs.errors import PacsError
-from pacs.reports.document import ReportDocument
+from pacs.reports.document import REPORT_TIMEZONE, ReportDocument, display_name
 from pacs.sharing.qr import place_qr
 
 __all__ = [
@@ -46,9 +45,6 @@ __all__ = [
     "plain_text",
     "render_report_pdf",
 ]
-
-# Times printed on (and written into) report documents are the facility's local time.
-REPORT_TIMEZONE = ZoneInfo("Asia/Ho_Chi_Minh")
 
 FONT_DIR_ENV = "PACS_REPORT_FONT_DIR"
 DEFAULT_FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")  # Debian's fonts-dejavu-core
@@ -139,13 +135,6 @@ def font_dir() -> Path:
     """Where the DejaVu fonts are read from: ``$PACS_REPORT_FONT_DIR``, else Debian's folder."""
     configured = os.environ.get(FONT_DIR_ENV, "").strip()
     return Path(configured) if configured else DEFAULT_FONT_DIR
-
-
-def display_name(pn: str) -> str:
-    """A DICOM PN shown as "Family Given Middle" (first component group; ``Nguyễn^Văn An`` → ``Nguyễn Văn An``)."""
-    alphabetic = pn.split("=", 1)[0]
-    parts = [p.strip() for p in alphabetic.split("^")][:3]
-    return " ".join(p for p in parts if p)
 
 
 def render_report_pdf(doc: ReportDocument, *, language: str = "vi", share_url: str | None = None,

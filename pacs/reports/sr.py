@@ -52,8 +52,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import UID
 
 from pacs.errors import InvalidInput
-from pacs.reports.document import ReportDocument
-from pacs.reports.pdf import REPORT_TIMEZONE
+from pacs.reports.document import REPORT_TIMEZONE, ReportDocument
 
 __all__ = [
     "DIAGNOSTIC_IMAGING_REPORT",

@@ -35,7 +35,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-import httpx
 import jwt
 
 from pacs.settings import Settings
@@ -212,6 +211,8 @@ class Provider:
             if now - self._discovered_at < DISCOVERY_TTL_S or now - self._failed_at < DISCOVERY_RETRY_S:
                 return self._discovered
         url = self._settings.oidc_issuer.rstrip("/") + "/.well-known/openid-configuration"
+        import httpx  # only a process that signs people in through a provider loads the HTTP client
+
         try:
             answer = httpx.get(url, timeout=self._timeout, follow_redirects=False)
             answer.raise_for_status()
@@ -249,6 +250,8 @@ class Provider:
 
     def exchange(self, code: str, redirect_uri: str, verifier: str) -> dict[str, Any]:
         """The token endpoint's answer for ``code`` (RFC 6749 4.1.3 with the PKCE verifier)."""
+        import httpx
+
         settings = self._settings
         form = {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri,
                 "code_verifier": verifier}

@@ -25,9 +25,9 @@ from pacs.dicomweb.resources import resolve
 from pacs.dicomweb.wado import Wado
 from pacs.errors import NotFound
 from pacs.imaging.cache import RenderedCache
+from pacs.reports.document import display_name
 from pacs.reports.lifecycle import report_document
 from pacs.reports.models import SIGNED_STATES, KeyImageSelection, Report, ReportVersion
-from pacs.reports.pdf import display_name, render_report_pdf
 from pacs.reports.publish import facility_names
 from pacs.security.access import may_see_study
 from pacs.sharing.links import OpenedLink, ShareScope
@@ -126,6 +126,8 @@ def report_pdf(ctx: AppContext, opened: OpenedLink, number: int, *, language: st
         if chosen is None:
             raise NotFound("no signed report")
         doc = report_document(session, chosen.report_id, chosen.version, facility_name=facility_names(ctx))
+    from pacs.reports.pdf import render_report_pdf  # fpdf loads when a PDF is made (pacs.reports.document)
+
     pdf = render_report_pdf(doc, language=language, share_url=share_url, share_expires_at=opened.expires_at)
     return pdf, f"report-{chosen.report_id}-v{chosen.version}.pdf"
 

@@ -12,11 +12,14 @@ stays sharp however the PDF scales it.
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import segno
-from fpdf import FPDF
 
 from pacs.errors import InvalidInput
+
+if TYPE_CHECKING:  # the pages' QR codes (qr_png) do not load the PDF library
+    from fpdf import FPDF
 
 __all__ = ["MAX_QR_TEXT", "QUIET_ZONE", "place_qr", "qr_code", "qr_png"]
 

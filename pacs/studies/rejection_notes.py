@@ -16,7 +16,6 @@ import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from highdicom.ko import KeyObjectSelection, KeyObjectSelectionDocument
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
@@ -96,6 +95,9 @@ def build_rejection_note(
         ds.SOPInstanceUID = ref.sop_instance_uid
         ds.SOPClassUID = ref.sop_class_uid
         evidence.append(ds)
+    # highdicom (~20 MB per process) loads when a note is made, not with every ingest that checks for one
+    from highdicom.ko import KeyObjectSelection, KeyObjectSelectionDocument
+
     try:
         content = KeyObjectSelection(document_title=title_code(reason), referenced_objects=evidence)
         return KeyObjectSelectionDocument(

@@ -46,7 +46,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
 from pacs.i18n import LANGUAGES, choose_language, gettext, new_environment
-from pacs.reports.pdf import REPORT_TIMEZONE
+from pacs.reports.document import REPORT_TIMEZONE
 from pacs.security.access import Forbidden, authorize
 from pacs.security.authenticate import AuthenticationError
 from pacs.security.principal import Principal

@@ -502,7 +502,7 @@ def _time(value: str) -> str:
 def _when(value: Any, language: str) -> str:
     if value is None:
         return ""
-    from pacs.reports.pdf import REPORT_TIMEZONE
+    from pacs.reports.document import REPORT_TIMEZONE
 
     local = value.astimezone(REPORT_TIMEZONE)
     return local.strftime("%d/%m/%Y %H:%M") if language == "vi" else local.strftime("%Y-%m-%d %H:%M")
