@@ -86,11 +86,16 @@ def _tree(pid: int) -> list[psutil.Process]:
 
 
 def tree_rss(pid: int) -> int:
-    total = 0
+    return sum(process_rss(pid))
+
+
+def process_rss(pid: int) -> list[int]:
+    """The resident memory of each process of the tree (a Celery worker's pool children are processes of theirs)."""
+    sizes = []
     for proc in _tree(pid):
         with contextlib.suppress(psutil.Error):
-            total += proc.memory_info().rss
-    return total
+            sizes.append(proc.memory_info().rss)
+    return sizes
 
 
 def tree_cpu_s(pid: int) -> float:
@@ -109,12 +114,15 @@ class RssSampler:
         self.pids = pids
         self.interval = interval
         self.peak: dict[str, int] = dict.fromkeys(pids, 0)
+        self.largest: dict[str, int] = dict.fromkeys(pids, 0)  # the peak of the tree's largest single process
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
     def _sample(self) -> None:
         for name, pid in self.pids.items():
-            self.peak[name] = max(self.peak[name], tree_rss(pid))
+            sizes = process_rss(pid)
+            self.peak[name] = max(self.peak[name], sum(sizes))
+            self.largest[name] = max(self.largest[name], *sizes, 0)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -382,6 +390,7 @@ class RunResult:
     elapsed_s: float = 0.0
     idle_rss: dict[str, int] = field(default_factory=dict)
     peak_rss: dict[str, int] = field(default_factory=dict)
+    peak_process_rss: dict[str, int] = field(default_factory=dict)  # of the largest single process of each tree
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds (user + system) during the send
     cpu_settled: float = 0.0  # all processes' CPU seconds from the send's start until they fell idle after it
 
@@ -461,6 +470,7 @@ def run_once(system: str, mode: str, parallel: int, repeat: int, files: list[Pat
             _wait_idle(server.pids)  # derived work (thumbnails, metadata) queued during the send runs to its end
             result.cpu_settled = sum(tree_cpu_s(pid) - cpu_before[name] for name, pid in server.pids.items())
             result.peak_rss = sampler.peak
+            result.peak_process_rss = sampler.largest
             result.elapsed_s = sent.elapsed_s
             if any(rc != 0 for rc in sent.returncodes):
                 result.problems.append(f"storescu exit codes {sent.returncodes}:\n{sent.output_tail}")
@@ -524,6 +534,13 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.0f}"
 
 
+def _largest_part(name: str, runs: list[RunResult]) -> str:
+    """" (largest process N)" when the tree's peak is of several processes (a Celery worker and its pool)."""
+    largest = max(r.peak_process_rss.get(name, 0) for r in runs)
+    tree = max(r.peak_rss.get(name, 0) for r in runs)
+    return f" (largest process {_mb(largest)})" if 0 < largest < tree else ""
+
+
 def print_results(results: list[RunResult], systems: list[str], modes: list[str]) -> None:
     table = Table(title="Ingest over DIMSE C-STORE (DCMTK storescu, loopback): medians over runs")
     for col, justify in (("system", "left"), ("mode", "left"), ("instances/s", "right"), ("MB/s", "right"),
@@ -557,7 +574,8 @@ def print_results(results: list[RunResult], systems: list[str], modes: list[str]
             per_instance = [f"{d[system, mode]:.1f}" if (system, mode) in d else "-"
                             for d in (cpu_medians, settled_medians, wall_medians)]
             names = list(dict.fromkeys(name for r in runs for name in r.peak_rss))
-            peak = " + ".join(f"{name} {_mb(max(r.peak_rss.get(name, 0) for r in runs))}" for name in names)
+            peak = " + ".join(f"{name} {_mb(max(r.peak_rss.get(name, 0) for r in runs))}"
+                              + _largest_part(name, runs) for name in names)
             idle = " + ".join(f"{name} {_mb(max(r.idle_rss.get(name, 0) for r in runs))}" for name in names)
             table.add_row(system, mode, f"{rate:.1f}" if good else "FAILED", f"{mb:.1f}" if good else "-", spread,
                           cpu, *per_instance, idle or "-", peak or "-", f"{len(good)}/{len(runs)}")
