@@ -15,6 +15,7 @@ from pynetdicom import AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
 
 from dicom_scp.association_checks import REGISTERED
+from dicom_scp.received import received_part10
 from pacs.aes import AERegistry, sender_rights
 from pacs.context import AppContext
 from pacs.dimse_status import REFUSED_NOT_AUTHORIZED, error_comment
@@ -46,7 +47,7 @@ def handle_store(event: evt.Event, ingestor: Ingestor, ctx: AppContext) -> Datas
     request = event.request
     assert isinstance(request, C_STORE)  # the event this handler is bound to
     outcome = ingestor.ingest(
-        event.encoded_dataset(include_meta=True),
+        received_part10(event),  # event.encoded_dataset(include_meta=True), without pydicom's writer
         _source(event, ctx, calling_ae),
         expected_sop_instance_uid=str(request.AffectedSOPInstanceUID or "") or None,
         expected_sop_class_uid=str(request.AffectedSOPClassUID or "") or None,

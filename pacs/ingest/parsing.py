@@ -10,16 +10,20 @@ import io
 import zlib
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cache
 
 import pydicom
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 from pydicom.filewriter import write_file_meta_info
+from pydicom.tag import BaseTag
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from pacs.charset import assumes_utf8, text_of
+from pacs.raw_values import ascii_safe_charset, fast_path_available, int_of_raw, text_of_raw
 from pacs.text import fold
 from storage.keys import (  # also the DIMSE services' UID check (dicom_scp imports it from here)
     is_archived_uid,
@@ -29,6 +33,8 @@ from storage.keys import (  # also the DIMSE services' UID check (dicom_scp impo
 PREAMBLE = b"\x00" * 128 + b"DICM"
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 DEFLATED = "1.2.840.10008.1.2.1.99"
+_DEFLATED_UID = DEFLATED.encode("ascii")
+_DEFLATED_SCAN_LIMIT = 8 * 1024**2  # objects up to this size are searched for _DEFLATED_UID
 DEFAULT_MAX_INFLATED_BYTES = 512 * 1024**2  # a deflated dataset may inflate to at most this (PACS_MAX_INFLATED_BYTES)
 _DEFER_SIZE = 64 * 1024  # values above this are skipped while parsing (never a second copy of pixel data)
 _INFLATE_IN_CHUNK = 256 * 1024  # compressed bytes fed to zlib per step
@@ -84,6 +90,7 @@ def parse_received(
     expected_sop_class_uid: str | None = None,
     max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
     strict_uids: bool = True,
+    plain_values: bool = True,
 ) -> ReceivedObject:
     """Validate and identify ``data`` (a Part-10 file or a bare dataset), or raise ObjectRejected.
 
@@ -91,12 +98,16 @@ def parse_received(
     and refused as soon as it would exceed ``max_inflated_bytes`` (a decompression bomb is never
     inflated in full), lying lengths are refused as truncated or malformed, and anything pydicom
     trips over is refused as malformed.
+
+    ``plain_values``: plain values are read from their raw bytes (:mod:`pacs.raw_values`, the same result);
+    False reads every value through pydicom (the reference the tests compare with).
     """
     try:
         return _parse_received(data, max_bytes=max_bytes, assume_utf8_for_latin1=assume_utf8_for_latin1,
                                expected_sop_instance_uid=expected_sop_instance_uid,
                                expected_sop_class_uid=expected_sop_class_uid,
-                               max_inflated_bytes=max_inflated_bytes, strict_uids=strict_uids)
+                               max_inflated_bytes=max_inflated_bytes, strict_uids=strict_uids,
+                               plain_values=plain_values)
     except ObjectRejected:
         raise
     except MemoryError as exc:
@@ -114,6 +125,7 @@ def _parse_received(
     expected_sop_class_uid: str | None,
     max_inflated_bytes: int,
     strict_uids: bool,
+    plain_values: bool = True,
 ) -> ReceivedObject:
     if len(data) > max_bytes:
         raise ObjectRejected(RejectReason.TOO_LARGE, f"object of {len(data)} bytes exceeds {max_bytes}")
@@ -129,9 +141,11 @@ def _parse_received(
     if not tsyntax:
         raise ObjectRejected(RejectReason.NOT_DICOM, "File Meta Information has no Transfer Syntax UID")
 
+    values = _Values(ds, assume_utf8_for_latin1, plain_values and fast_path_available())
+    text, integer, decode = values.text, values.integer, values.decoded
     uids = {}
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
-        value = _text(ds, keyword)
+        value = text(keyword)
         if not value:
             if keyword == "SOPClassUID" and str(meta.get("MediaStorageSOPClassUID", "")) == MEDIA_STORAGE_DIRECTORY:
                 raise ObjectRejected(RejectReason.NOT_STORABLE, "a DICOMDIR is a media index, not an instance")
@@ -150,7 +164,7 @@ def _parse_received(
     if expected_sop_class_uid and expected_sop_class_uid != uids["SOPClassUID"]:
         raise ObjectRejected(RejectReason.MISMATCH, "dataset SOP Class UID differs from the request's")
 
-    decode = _TextDecoder(ds, assume_utf8_for_latin1)
+    values.start_decoding()
     patient_name = decode("PatientName")
     description = decode("StudyDescription")
     return ReceivedObject(
@@ -165,12 +179,12 @@ def _parse_received(
             "issuer_of_patient_id": decode("IssuerOfPatientID")[:64],
             "patient_name": patient_name[:324],
             "patient_name_search": fold(patient_name)[:324],
-            "patient_birth_date": _text(ds, "PatientBirthDate")[:8],
-            "patient_sex": _text(ds, "PatientSex")[:16],
+            "patient_birth_date": text("PatientBirthDate")[:8],
+            "patient_sex": text("PatientSex")[:16],
         },
         study={
-            "study_date": _text(ds, "StudyDate")[:8],
-            "study_time": _text(ds, "StudyTime")[:16],
+            "study_date": text("StudyDate")[:8],
+            "study_time": text("StudyTime")[:16],
             "accession_number": decode("AccessionNumber")[:64],
             "study_id": decode("StudyID")[:16],
             "study_description": description[:256],
@@ -180,19 +194,19 @@ def _parse_received(
             "specific_character_set": "\\".join(_charsets(ds))[:128],
         },
         series={
-            "modality": _text(ds, "Modality")[:16],
-            "series_number": _int(ds, "SeriesNumber"),
+            "modality": text("Modality")[:16],
+            "series_number": integer("SeriesNumber"),
             "series_description": decode("SeriesDescription")[:256],
-            "body_part_examined": _text(ds, "BodyPartExamined")[:64],
-            "series_date": _text(ds, "SeriesDate")[:8],
-            "series_time": _text(ds, "SeriesTime")[:16],
+            "body_part_examined": text("BodyPartExamined")[:64],
+            "series_date": text("SeriesDate")[:8],
+            "series_time": text("SeriesTime")[:16],
             "station_name": decode("StationName")[:64],
         },
         instance={
-            "instance_number": _int(ds, "InstanceNumber"),
-            "rows": _int(ds, "Rows"),
-            "columns": _int(ds, "Columns"),
-            "number_of_frames": _int(ds, "NumberOfFrames"),
+            "instance_number": integer("InstanceNumber"),
+            "rows": integer("Rows"),
+            "columns": integer("Columns"),
+            "number_of_frames": integer("NumberOfFrames"),
         },
         dataset=ds,
     )
@@ -200,7 +214,7 @@ def _parse_received(
 
 def _read_dataset(data: bytes, *, has_preamble: bool, max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES) -> Dataset:
     """Parse every element (so truncation is noticed) without keeping a second copy of pixel data."""
-    meta = _peek_file_meta(data, has_preamble)
+    meta = _peek_file_meta(data, has_preamble) if _may_be_deflated(data) else None
     if meta is not None and str(meta[0].get("TransferSyntaxUID", "")).strip(" \x00") == DEFLATED:
         if not has_preamble:  # it would be wrapped under another transfer syntax: refuse
             raise ObjectRejected(RejectReason.NOT_DICOM, "deflated dataset without the DICM prefix")
@@ -221,6 +235,13 @@ def _read_dataset(data: bytes, *, has_preamble: bool, max_inflated_bytes: int = 
     if len(ds) == 0:
         raise ObjectRejected(RejectReason.NOT_DICOM, "not a DICOM object: no data elements")
     return ds
+
+
+def _may_be_deflated(data: bytes) -> bool:
+    """Could the File Meta Information name the Deflated transfer syntax?  Its UID's bytes must then occur in
+    ``data``; looking for them costs far less than reading the File Meta Information a second time (``dcmread``
+    reads it again), so the peek is skipped when they do not. A large object is peeked at without looking."""
+    return len(data) > _DEFLATED_SCAN_LIMIT or _DEFLATED_UID in data
 
 
 def _peek_file_meta(data: bytes, has_preamble: bool) -> tuple[FileMetaDataset, int] | None:
@@ -359,16 +380,65 @@ def _wrap_bare_dataset(data: bytes, ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
-class _TextDecoder:
-    """Decodes text attributes with the dataset's Specific Character Set, and UTF-8 sent under a
-    Latin-1 label as UTF-8 when ``assume_utf8_for_latin1`` (the rule of :mod:`pacs.charset`)."""
+class _Values:
+    """The values ingest reads: plain ones from their raw bytes (:mod:`pacs.raw_values`), others through pydicom
+    (:func:`_text`, :func:`_int`, :func:`pacs.charset.text_of`: the same result, the reference)."""
 
-    def __init__(self, ds: Dataset, assume_utf8_for_latin1: bool) -> None:
+    def __init__(self, ds: Dataset, assume_utf8_for_latin1: bool, plain: bool) -> None:
         self._ds = ds
-        self._utf8 = assumes_utf8(ds, assume_utf8_for_latin1)
+        self._elements = ds._dict
+        self._plain = plain
+        self._assume_utf8_for_latin1 = assume_utf8_for_latin1
+        self._utf8 = False  # assumes_utf8(ds, ...): see start_decoding
+        self._text_ok = False  # ascii_safe_charset(ds)
 
-    def __call__(self, keyword: str) -> str:
+    def start_decoding(self) -> None:
+        """Read the Specific Character Set for :meth:`decoded` (where ingest always did: after the UIDs)."""
+        self._utf8 = assumes_utf8(self._ds, self._assume_utf8_for_latin1)
+        self._text_ok = self._plain and ascii_safe_charset(self._ds)
+
+    def text(self, keyword: str) -> str:
+        """:func:`_text`: a string or UID value, values joined with a backslash, '' when absent."""
+        tag, vr = _tag_vr(keyword)
+        raw = self._elements.get(tag)
+        if raw is None:
+            return ""
+        if self._plain:
+            text = text_of_raw(raw, vr, False)
+            if text is not None:
+                return text
+        return _text(self._ds, keyword)
+
+    def decoded(self, keyword: str) -> str:
+        """:func:`pacs.charset.text_of` under the dataset's UTF-8 rule."""
+        tag, vr = _tag_vr(keyword)
+        raw = self._elements.get(tag)
+        if raw is None:
+            return ""
+        if self._plain:
+            text = text_of_raw(raw, vr, self._text_ok)
+            if text is not None:
+                return text
         return text_of(self._ds, keyword, self._utf8)
+
+    def integer(self, keyword: str) -> int | None:
+        """:func:`_int`: the first value as a 32-bit int, None when absent or not one."""
+        tag, vr = _tag_vr(keyword)
+        raw = self._elements.get(tag)
+        if raw is None:
+            return None
+        if self._plain:
+            plain, number = int_of_raw(raw, vr)
+            if plain:
+                return number if number is None or -(2**31) <= number < 2**31 else None
+        return _int(self._ds, keyword)
+
+
+@cache
+def _tag_vr(keyword: str) -> tuple[BaseTag, str]:
+    tag = tag_for_keyword(keyword)
+    assert tag is not None, keyword
+    return BaseTag(tag), dictionary_VR(tag)
 
 
 def _charsets(ds: Dataset) -> list[str]:
