@@ -7,12 +7,13 @@ publishes them and the workers run them (:mod:`pacs.derived.relay`, :mod:`pacs.d
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import cast
 
-from sqlalchemy import CursorResult, Table, bindparam, func, insert, select, update
+from sqlalchemy import Connection, Table, and_, bindparam, func, insert, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from pacs.db.models import DerivedTask, Instance, Series
+from pacs.db.prepared import Prepared
 from pacs.derived.kinds import INSTANCE_DERIVED_KIND, SERIES_METADATA_KIND
 from pacs.jobs import JobState
 
@@ -31,6 +32,13 @@ _REARM = (update(_task_t).where(_task.id == bindparam("task_id"))
 _MADE = (update(_task_t).where(_task.id == bindparam("task_id"))
          .values(state=JobState.DONE, last_error="", updated_at=func.now()))
 _ADD = insert(_task_t)
+# the rows of both subjects ingest arms (arm_ingested): each branch one lookup on the unique (kind, subject, sha256)
+_ARMED_AT_INGEST = Prepared(  # on the driver's cursor (pacs.db.prepared)
+    select(_task.id, _task.subject_uid, _task.sha256, _task.kind, _task.state)
+    .where(or_(*(and_(_task.kind == kind, _task.subject_uid == bindparam(subject), _task.sha256 == sha)
+                 for kinds, subject, sha in ((INSTANCE_TASKS, "sop", bindparam("sha")),
+                                             (SERIES_TASKS, "series", literal("")))
+                 for kind in kinds))))
 
 
 def arm_derived_tasks(session: Session, subject_uid: str, sha256: str, kinds: tuple[str, ...], *,
@@ -45,25 +53,10 @@ def arm_derived_tasks(session: Session, subject_uid: str, sha256: str, kinds: tu
 
     ``made``: the work is done already (:func:`record_fragment_made`): a new row is added, and a done or failed one
     recorded, as done instead of pending."""
-    existing = {kind: (task_id, state) for task_id, kind, state in session.execute(
+    connection = session.connection()  # prebuilt Core statements, no ORM (issue 13)
+    existing = {(subject_uid, sha256, kind): (task_id, state) for task_id, kind, state in connection.execute(
         _ARMED, {"subject": subject_uid, "sha": sha256, "kinds": list(kinds)})}
-    ids = []
-    for kind in kinds:
-        found = existing.get(kind)
-        if found is None:
-            result = cast(CursorResult[Any], session.execute(_ADD, {
-                "kind": kind, "subject_uid": subject_uid, "sha256": sha256,
-                "state": JobState.DONE if made else JobState.PENDING,
-                "attempts": 0, "last_error": "", "owner": "", "crashes": 0}))
-            ids.append(int(result.inserted_primary_key[0]))  # type: ignore[index]  # one row inserted: never None
-            continue
-        task_id, state = found
-        rearmed = state in (JobState.DONE, JobState.FAILED)
-        if rearmed:  # pending or queued rows will run and see the new state
-            session.execute(_MADE if made else _REARM, {"task_id": task_id})
-        if rearmed or not newly_armed_only:
-            ids.append(task_id)
-    return ids
+    return _arm(connection, existing, subject_uid, sha256, kinds, newly_armed_only=newly_armed_only, made=made)
 
 
 def record_fragment_made(session: Session, sop_uid: str, sha256: str) -> None:
@@ -71,6 +64,40 @@ def record_fragment_made(session: Session, sop_uid: str, sha256: str) -> None:
     recorded done (readers take the fragment as current) instead of armed. A row already pending or running for
     the same content is left to run: it writes the same fragment."""
     arm_derived_tasks(session, sop_uid, sha256, (INSTANCE_DERIVED_KIND,), made=True)
+
+
+def arm_ingested(session: Session, sop_uid: str, sha256: str, series_uid: str, *, fragment_made: bool) -> list[int]:
+    """Ingest's outbox rows for a new current version of an instance, read in one statement: the instance's
+    (:func:`record_fragment_made` when ``fragment_made``, else armed) and its series' (armed, its id only when
+    newly armed); the ids to hand to the relay."""
+    connection = session.connection()
+    existing = {(subject, sha, kind): (task_id, state) for task_id, subject, sha, kind, state in _ARMED_AT_INGEST.all(
+        connection, {"sop": sop_uid, "sha": sha256, "series": series_uid})}
+    tasks = _arm(connection, existing, sop_uid, sha256, INSTANCE_TASKS, made=fragment_made)
+    return ([] if fragment_made else tasks) + _arm(connection, existing, series_uid, "", SERIES_TASKS,
+                                                   newly_armed_only=True)
+
+
+def _arm(connection: Connection, existing: dict[tuple[str, str, str], tuple[int, str]], subject_uid: str,
+         sha256: str, kinds: tuple[str, ...], *, newly_armed_only: bool = False, made: bool = False) -> list[int]:
+    """:func:`arm_derived_tasks` given the rows that exist (by subject, content and kind)."""
+    ids = []
+    for kind in kinds:
+        found = existing.get((subject_uid, sha256, kind))
+        if found is None:
+            result = connection.execute(_ADD, {
+                "kind": kind, "subject_uid": subject_uid, "sha256": sha256,
+                "state": JobState.DONE if made else JobState.PENDING,
+                "attempts": 0, "last_error": "", "owner": "", "crashes": 0})
+            ids.append(int(result.inserted_primary_key[0]))  # type: ignore[index]  # one row inserted: never None
+            continue
+        task_id, state = found
+        rearmed = state in (JobState.DONE, JobState.FAILED)
+        if rearmed:  # pending or queued rows will run and see the new state
+            connection.execute(_MADE if made else _REARM, {"task_id": task_id})
+        if rearmed or not newly_armed_only:
+            ids.append(task_id)
+    return ids
 
 
 def redo_newer_version(session: Session, sop_uid: str) -> None:

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from pacs.aes import validate_ae_title
 from pacs.db.dml import affected_rows
 from pacs.db.models import ApplicationEntity, ForwardJob, ForwardRule
+from pacs.db.prepared import Prepared
 from pacs.errors import Conflict, InvalidInput, NotFound
 from pacs.jobs import JobState, utcnow
 from storage.keys import is_valid_uid
@@ -68,10 +69,10 @@ def destinations_for(rules: list[RuleRecord], subject: RuleMatch) -> dict[str, s
 
 
 _rule = cast(Table, ForwardRule.__table__).c
-# prebuilt on the table: ingest runs it for every object it indexes
-_ENABLED_RULES = (select(_rule.id, _rule.name, _rule.destination_ae, _rule.source_ae, _rule.modality,
-                         _rule.body_part_examined, _rule.sop_class_uid)
-                  .where(_rule.enabled.is_(True)).order_by(_rule.id))
+# prebuilt on the table: ingest runs it for every object it indexes (on the driver's cursor, pacs.db.prepared)
+_ENABLED_RULES = Prepared(select(_rule.id, _rule.name, _rule.destination_ae, _rule.source_ae, _rule.modality,
+                                 _rule.body_part_examined, _rule.sop_class_uid)
+                          .where(_rule.enabled.is_(True)).order_by(_rule.id))
 
 
 def queue_forwards(session: Session, obj: ReceivedObject, source: IngestSource, sha256: str) -> int:
@@ -81,12 +82,12 @@ def queue_forwards(session: Session, obj: ReceivedObject, source: IngestSource, 
     version it names was committed. Costs one query over the (small) rule table when nothing
     matches. A version that was current before (A-B-A re-sends) re-arms its old job.
     """
-    rows = session.execute(_ENABLED_RULES).all()
+    rows = _ENABLED_RULES.all(session.connection(), {})
     if not rows:
         return 0
-    rule_ids = {r.name: r.id for r in rows}
-    rules = [RuleRecord(r.name, r.destination_ae, r.source_ae, r.modality, r.body_part_examined, r.sop_class_uid,
-                        True) for r in rows]
+    rule_ids = {name: rule_id for rule_id, name, *_rest in rows}
+    rules = [RuleRecord(name, destination, source_ae, modality, body_part, sop_class, True)
+             for _id, name, destination, source_ae, modality, body_part, sop_class in rows]
     subject = RuleMatch(source.calling_ae, str(obj.series.get("modality") or ""),
                         str(obj.series.get("body_part_examined") or ""), obj.sop_class_uid)
     targets = destinations_for(rules, subject)

@@ -5,21 +5,25 @@ Order of writes (nothing acknowledged is ever lost, nothing half-written is ever
 1. Parse and validate the received bytes (pure; a refusal here writes nothing).
 2. Look up the SOP Instance UID in the index. Identical content (same SHA-256) is an
    idempotent success and writes nothing. Different content follows the duplicate policy.
-   Read with it (:mod:`pacs.ingest.ownership`): the order whose Study Instance UID the object carries,
-   and the study's owner (facility, patient). If :func:`pacs.security.filing_rules.decide` says *hold*
+   Read with it, in the same statement (:func:`pacs.ingest.ownership.snapshot`, on a read-only connection):
+   whether it was rejected (IOCM), the order whose Study Instance UID the object carries, and the study's owner
+   (facility, patient). If :func:`pacs.security.filing_rules.decide` says *hold*
    (a sender that may not write that study, a patient that is not the study's), the object goes to the
    reconciliation queue instead: put under ``reconciliation/{sha256}.dcm``, then one transaction
    adds the queue row and the audit event (:mod:`pacs.reconciliation`); steps 3-5 do not happen.
 3. Put the bytes, unchanged, in the object store under a content-addressed key
    (``dicom/{study}/{series}/{sop}/{sha256}.dcm``), durable when ``put`` returns. A prior
    version has another key, so nothing is ever overwritten. Store down → failure, nothing indexed.
-4. One index transaction: the policy decided again with the rows locked (a *hold* now rolls back,
+4. One index transaction: the policy decided again with the rows locked, on what is read now (never on what
+   step 2 or an earlier object read; SQLite: one statement under the write lock; PostgreSQL: the current
+   version's row lock, then that statement) (a *hold* now rolls back,
    removes the object of step 3 when this call created it and holds it as in step 2; a *claim*
    first moves a provisional study's objects to the reconciliation queue, :mod:`pacs.ingest.claim`: copied
    under ``reconciliation/`` before their rows are removed, their ``dicom/`` objects deleted after commit),
    patient/study/series/instance rows, the prior version (if any), the queue row a person's
    resolution marks (:mod:`pacs.reconciliation`), the outbox rows for derived work, the forward jobs
-   of matching rules, and the audit event.
+   of matching rules, and the audit event. A new instance's statements are prebuilt Core statements run on the
+   session's connection (the ORM only for the rare paths: a new version, a claim, a correction, a resolution).
    Only after this commit is success reported. If the commit fails, the object written in step 3
    is removed again when this call created it (it stays invisible either way: queries read the
    index, and ``pacs check`` lists unreferenced objects).
@@ -38,20 +42,15 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import TypedDict, cast
 
-from sqlalchemy import Table, bindparam, select
+from sqlalchemy import Engine, Table, bindparam, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 import pacs.studies.rejection as rejection
 from pacs import audit, metrics
 from pacs.db.models import Instance
-from pacs.derived.outbox import (
-    INSTANCE_TASKS,
-    SERIES_TASKS,
-    arm_derived_tasks,
-    record_fragment_made,
-    redo_newer_version,
-)
+from pacs.db.prepared import Prepared
+from pacs.derived.outbox import arm_ingested, redo_newer_version
 from pacs.errors import PacsError
 from pacs.failpoints import failpoint
 from pacs.forwarding.rules import queue_forwards
@@ -59,7 +58,7 @@ from pacs.ingest.claim import ClaimStoreFailed, claim_provisional_study
 from pacs.ingest.fragment import make_fragment
 from pacs.ingest.index_writer import index_instance
 from pacs.ingest.outcome import IngestOutcome, IngestStatus
-from pacs.ingest.ownership import decide, order_patient
+from pacs.ingest.ownership import Snapshot, decide, order_patient, snapshot
 from pacs.ingest.parsing import (
     DEFAULT_MAX_INFLATED_BYTES,
     ObjectRejected,
@@ -84,10 +83,8 @@ TaskNotifier = Callable[[Iterable[int]], None]
 
 # Prebuilt with a bound parameter (every received object runs them; see pacs.ingest.index_writer)
 _instance = cast(Table, Instance.__table__).c
-_CURRENT_VERSION = (select(_instance.id, _instance.sha256, _instance.object_key, _instance.series_fk,
-                           _instance.source_ae).where(_instance.sop_instance_uid == bindparam("sop")))
-_CURRENT_VERSION_LOCKED = _CURRENT_VERSION.with_for_update()
-_CURRENT_SHA = select(_instance.sha256).where(_instance.sop_instance_uid == bindparam("sop"))
+_CURRENT_VERSION_LOCKED = select(_instance.id).where(_instance.sop_instance_uid == bindparam("sop")).with_for_update()
+_CURRENT_SHA = Prepared(select(_instance.sha256).where(_instance.sop_instance_uid == bindparam("sop")))
 
 
 class _ObjectIds(TypedDict):
@@ -118,7 +115,9 @@ class Ingestor:
     ) -> None:
         self._national_ids = national_ids  # link records to persons by national IDs (pacs.persons); None: off
         self._sessions = sessions
-        self._read_sessions = read_sessions or sessions
+        # the per-object reads (step 2, the fragment's version check) run on the read-only pool's connections,
+        # without an ORM session (nothing there needs one, and its machinery cost more than the reads, issue 13)
+        self._read_engine = cast(Engine, (read_sessions or sessions).kw["bind"])
         self._store = store
         self._policy = duplicate_policy
         self._max_bytes = max_object_bytes
@@ -183,12 +182,14 @@ class Ingestor:
                          study_instance_uid=obj.study_instance_uid, sha256=sha256,
                          series_instance_uid=obj.series_instance_uid)
         try:
-            with self._read_sessions() as session:
-                current = session.execute(_CURRENT_VERSION, {"sop": obj.sop_instance_uid}).one_or_none()
+            # on a connection of the read-only pool (no ORM session: nothing here needs one, issue 13)
+            with self._read_engine.connect() as connection:
+                known = snapshot(connection, obj)  # one statement: the current version, its rejection, the owners
+                current = known.current
                 current_sha = current.sha256 if current is not None else None
-                # a new SOP instance only: was it rejected (IOCM)? one indexed lookup
-                rejected = current is None and rejection.is_rejected(session, obj.sop_instance_uid)
-                early = decide(session, obj, current, source) if current_sha != sha256 else None
+                # a new SOP instance only: was it rejected (IOCM)?
+                rejected = current is None and known.rejected
+                early = decide(connection, obj, current, source, known) if current_sha != sha256 else None
         except SQLAlchemyError as exc:
             return self._index_failed(obj, sha256, exc, stored=False)
 
@@ -233,14 +234,21 @@ class Ingestor:
         tombstoned = False
         try:
             with self._sessions() as session, session.begin():
-                locked = session.execute(_CURRENT_VERSION_LOCKED, {"sop": obj.sop_instance_uid}).one_or_none()
+                connection = session.connection()  # the hot path's statements run on it (Core, no ORM)
+                under_lock: Snapshot | None = None
+                if connection.dialect.name == "sqlite":
+                    # the transaction holds the database's write lock (BEGIN IMMEDIATE): one statement reads it all
+                    under_lock = snapshot(connection, obj)
+                    locked = under_lock.current.id if under_lock.current is not None else None
+                else:  # the current version's row lock first; the policy's reads after it (decide)
+                    locked = connection.scalar(_CURRENT_VERSION_LOCKED, {"sop": obj.sop_instance_uid})
                 # a new version (rare) updates the current row through the ORM; a new instance needs no object
-                replaces = None if locked is None else session.get_one(Instance, locked.id, populate_existing=True)
+                replaces = None if locked is None else session.get_one(Instance, locked, populate_existing=True)
                 if replaces is not None and replaces.sha256 == sha256:
                     return IngestOutcome(IngestStatus.DUPLICATE, "identical object already stored", **ids)
                 if (replaces is None) != (current_sha is None):
                     raise IntegrityError("instance changed concurrently", None, Exception())
-                decision = decide(session, obj, replaces, source)
+                decision = decide(connection, obj, replaces, source, under_lock)
                 if decision.verdict is filing_rules.Verdict.REFUSE:
                     raise _Refused(decision.message)
                 if decision.verdict is filing_rules.Verdict.HOLD:
@@ -262,12 +270,9 @@ class Ingestor:
                 # a deletion's tombstone of this very key: its object may be (about to be) deleted, so it is put
                 # again after the commit (pacs.studies.tombstones; waits while a deletion holds the row)
                 tombstoned = tombstones.clear(session, key)
-                if fragment is not None:
-                    tasks = []
-                    record_fragment_made(session, obj.sop_instance_uid, sha256)
-                else:
-                    tasks = arm_derived_tasks(session, obj.sop_instance_uid, sha256, INSTANCE_TASKS)
-                tasks += arm_derived_tasks(session, obj.series_instance_uid, "", SERIES_TASKS, newly_armed_only=True)
+                # the instance's outbox row (recorded done when its fragment was made here) and its series'
+                tasks = arm_ingested(session, obj.sop_instance_uid, sha256, obj.series_instance_uid,
+                                     fragment_made=fragment is not None)
                 queue_forwards(session, obj, source, sha256)
                 session.flush()
                 _audit(session, obj, source, "instance.store" if replaces is None else "instance.store-new-version",
@@ -318,8 +323,8 @@ class Ingestor:
         try:
             # read on the read-only pool (no write lock: SQLite's BEGIN IMMEDIATE would queue behind every other
             # ingest); a newer version committed after this read puts its own fragment after its commit, after ours
-            with self._read_sessions() as session:
-                current = session.scalar(_CURRENT_SHA, {"sop": obj.sop_instance_uid})
+            with self._read_engine.connect() as connection:
+                current = _CURRENT_SHA.scalar(connection, {"sop": obj.sop_instance_uid})
             if current is not None and current != sha256:
                 with self._sessions() as session, session.begin():
                     redo_newer_version(session, obj.sop_instance_uid)

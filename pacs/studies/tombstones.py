@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import cast
 
-from sqlalchemy import CursorResult, DateTime, Integer, String, Table, bindparam, delete, func, insert
+from sqlalchemy import DateTime, Integer, String, Table, bindparam, delete, func, insert
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from pacs.db.models import Base
@@ -61,5 +61,4 @@ _CLEAR = delete(cast(Table, DeletedObject.__table__)).where(
 def clear(session: Session, key: str) -> bool:
     """Ingest, in its index transaction: remove ``key``'s tombstone; True when there was one (the object may be
     deleted, or about to be: put the bytes again after the commit). Waits while a deletion holds the row."""
-    result = session.execute(_CLEAR, {"key": key})
-    return bool(result.rowcount) if isinstance(result, CursorResult) else False
+    return bool(session.connection().execute(_CLEAR, {"key": key}).rowcount)  # Core, no ORM (issue 13)
