@@ -22,6 +22,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, text
+from starlette.routing import Match
 
 from pacs import audit
 from pacs.context import AppContext
@@ -51,6 +52,25 @@ def test_every_dicomweb_read_route_takes_the_fast_lane() -> None:
     taken = read_routes(routes)
     assert [t.route.path for t in taken] == [r.path for r in routes]
     assert {t.capability.value if t.capability else None for t in taken} == {"study.search", "study.read"}
+
+
+def test_the_fast_lane_tries_the_route_every_route_in_order_would_find() -> None:
+    """Only the routes with as many path segments as the request are tried: the first match is still the route
+    that trying each one in order finds (a bulk data path takes any number of segments)."""
+    routes = [r for r in [*qido.router.routes, *wado.router.routes] if isinstance(r, APIRoute)]
+    lane = DicomwebReads(FastAPI(), routes)
+    uid = "1.2.3"
+    paths = [r.path.replace("{tag_path:path}", "00880200/0/7FE00010").replace("{frames}", "1,2")
+             .replace("{resource}", "patients").replace("{study}", uid).replace("{series}", uid)
+             .replace("{sop}", uid) for r in routes]
+    paths += ["/dicom-web/studies/1.2/series/1.3/instances/1.4/bulkdata/00100010", "/dicom-web/studies/",
+              "/dicom-web/studies/1.2/unknown/x", "/dicom-web/studies/1.2/series/1.3/instances/1.4/frames/1/x/y"]
+    for path in paths:
+        scope = {"type": "http", "method": "GET", "path": path, "root_path": "", "path_params": {}}
+        every = next((r.route.path for r in lane.routes if r.route.matches(scope)[0] is Match.FULL), None)
+        tried = next((r.route.path for r in lane._candidates(path) if r.route.matches(scope)[0] is Match.FULL), None)
+        assert tried == every, path
+    assert sum(1 for path in paths if lane._candidates(path) and len(lane._candidates(path)) < len(lane.routes))
 
 
 def _apps(world: World) -> tuple[FastAPI, FastAPI]:

@@ -6,11 +6,15 @@
   token is never trusted; the memory is bounded;
 - the WADO target statement prebuilt per access scope on PostgreSQL answers as the per-request statement does for
   every kind of scope and target, and compares an open consult's expiry with the time of each request, not with
-  the time it was built.
+  the time it was built;
+- the QIDO-RS statement prebuilt per query shape and scope answers as the statement built for each query does, is
+  used only for exact values (wildcards, names, dates, lists are built per request), and every search is still
+  audited.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -30,6 +34,8 @@ from pacs.dicomweb import resources
 from pacs.dicomweb.resources import resolve
 from pacs.errors import NotFound
 from pacs.ingest import Ingestor, IngestSource
+from pacs.query.attributes import Level, supported_keywords
+from pacs.query.engine import Head, Query, QueryEngine, QueryResult, prepare
 from pacs.security.accounts import create_token, revoke_token
 from pacs.security.models import ApiToken
 from pacs.security.principal import UNRESTRICTED, AccessScope, Principal, scope_for
@@ -239,3 +245,82 @@ def test_the_prebuilt_target_statement_compares_a_consult_with_the_time_of_each_
         time.sleep(0.001)
     assert _resolved(pg_ctx, scope, a_study, a_series, a_sop) is None
     assert _resolved(pg_ctx, scope, a_study) is None
+
+
+# -- the QIDO-RS statement prebuilt per query shape ----------------------------------------------------------
+
+
+def _heads(ctx: AppContext, query: Query) -> tuple[Head, Head, bool]:
+    """(the engine's head, the head of the statement built for this very query, whether a prebuilt shape ran)."""
+    result = QueryEngine(ctx.read_sessions).search(query)
+    built = QueryResult(prepare(query), ctx.read_sessions, 200)
+    return result.head(200), built.head(200), result._shape is not None
+
+
+@pytest.mark.integration
+def test_the_prebuilt_search_answers_as_the_statement_built_for_each_query(
+        pg_ctx: AppContext, archive: dict[str, tuple[str, str, str]]) -> None:
+    (a_study, a_series, a_sop), (b_study, _, _) = archive["a1"], archive["b1"]
+    scopes = {"archive-wide": UNRESTRICTED, "facility A": scope_for(Role.RADIOLOGIST, "A"),
+              "facility B": scope_for(Role.CLINICIAN, "B"), "patient PX of A": scope_for(Role.PATIENT, "A", "PX"),
+              "a share link of b1": AccessScope(study_uids=frozenset({b_study}))}
+    every = {level: tuple(supported_keywords(level)) for level in (Level.STUDY, Level.SERIES, Level.IMAGE)}
+    exact = [  # (level, filters): exact values, so each runs a prebuilt statement
+        (Level.STUDY, {"PatientID": "PX"}), (Level.STUDY, {"PatientID": "PB"}), (Level.STUDY, {"PatientID": "NONE"}),
+        (Level.STUDY, {"StudyInstanceUID": a_study}), (Level.STUDY, {"StudyInstanceUID": b_study, "PatientID": "PX"}),
+        (Level.STUDY, {"PatientID": "PX", "AccessionNumber": ""}),
+        (Level.SERIES, {"StudyInstanceUID": a_study}), (Level.SERIES, {"SeriesInstanceUID": a_series}),
+        (Level.IMAGE, {"SOPInstanceUID": a_sop}), (Level.IMAGE, {"StudyInstanceUID": a_study, "PatientID": "PX"}),
+    ]
+    for why, scope in scopes.items():
+        for level, filters in exact:
+            query = Query(level, filters=filters, returns=every[level], limit=10_000, relational=True, scope=scope)
+            prebuilt, built, shaped = _heads(pg_ctx, query)
+            assert shaped, (why, filters)
+            assert prebuilt == built, (why, filters)
+    # the same shape with another value: the statement built once answers for the new value
+    facility_a = scopes["facility A"]
+    first = Query(Level.STUDY, filters={"PatientID": "PX"}, returns=every[Level.STUDY], limit=10_000,
+                  relational=True, scope=facility_a)
+    assert [r["StudyInstanceUID"] for r in _heads(pg_ctx, first)[0].rows] == [a_study]
+    other = Query(Level.STUDY, filters={"PatientID": "PB"}, returns=every[Level.STUDY], limit=10_000,
+                  relational=True, scope=facility_a)
+    assert _heads(pg_ctx, other)[0].rows == []  # PB's study is at B: outside facility A's scope
+    assert [r["StudyInstanceUID"] for r in _heads(pg_ctx, dataclasses.replace(
+        other, scope=UNRESTRICTED))[0].rows] == [b_study]
+
+
+@pytest.mark.integration
+def test_a_search_that_is_not_on_exact_values_is_built_per_request(
+        pg_ctx: AppContext, archive: dict[str, tuple[str, str, str]]) -> None:
+    a_study = archive["a1"][0]
+    for filters in ({"PatientID": "P*"}, {"PatientID": "P?"}, {"PatientName": "name^px"}, {"StudyDate": "2020-"},
+                    {"StudyInstanceUID": f"{a_study}\\{archive['b1'][0]}"}, {"PatientID": " PX"},
+                    {"ModalitiesInStudy": "OT"}, {"PatientID": "P\x01X"}):
+        query = Query(Level.STUDY, filters=filters, limit=10_000, relational=True, scope=UNRESTRICTED)
+        engine_head, built, shaped = _heads(pg_ctx, query)
+        assert not shaped, filters
+        assert engine_head == built, filters
+    named = _heads(pg_ctx, Query(Level.STUDY, filters={"PatientName": "name^px"}, relational=True))[0]
+    assert [r["StudyInstanceUID"] for r in named.rows] == [a_study]  # a name is still matched without case
+
+
+@pytest.mark.integration
+def test_every_prebuilt_search_over_http_is_answered_and_audited(
+        pg_ctx: AppContext, archive: dict[str, tuple[str, str, str]]) -> None:
+    with pg_ctx.sessions() as session, session.begin():
+        token = create_token(session, "searcher", "radiologist", days=1, facility="A")
+    sent = {"Authorization": f"Bearer {token.secret}", "Accept": "application/dicom+json"}
+
+    def searches() -> int:
+        with pg_ctx.read_sessions() as session:
+            return len(session.scalars(select(AuditEvent.id).where(AuditEvent.action == "dicomweb.search")).all())
+
+    with TestClient(create_app(pg_ctx)) as client:
+        before = searches()
+        for patient, found in (("PX", [archive["a1"][0]]), ("PB", []), ("PX", [archive["a1"][0]])):
+            answer = client.get(f"/dicom-web/studies?PatientID={patient}", headers=sent)
+            assert answer.status_code == 200
+            assert [row["0020000D"]["Value"][0] for row in answer.json()] == found
+            assert answer.headers["X-Total-Count"] == str(len(found))
+        assert searches() == before + 3  # one committed row per search, each before its answer was read

@@ -3,6 +3,7 @@ middleware). Connection-level limits (header timeout, per-client cap) are in ``v
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import socket
@@ -182,6 +183,7 @@ def trusted_host_names(configured: Iterable[str], public_url: str, http_host: st
     return [n for n in names if n]
 
 
+@functools.lru_cache(maxsize=256)  # every request's Host is checked; a client sends the same one each time
 def _host_only(value: str) -> str:
     """'Example.org:8000' -> 'example.org'; '[::1]:8000' -> '::1'; 'host.' -> 'host'."""
     text = value.strip().lower()

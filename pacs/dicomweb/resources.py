@@ -16,19 +16,18 @@ long download never holds a transaction or a study's rows.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, Select, String, bindparam, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacs.consults.grants import NOW_PARAM
 from pacs.db.models import DerivedTask, Instance, Patient, Series, Study
 from pacs.derived.kinds import INSTANCE_DERIVED_KIND, SERIES_METADATA_KIND
 from pacs.errors import IndexUnavailable, InvalidInput, NotFound
+from pacs.query.prebuilt import Compiled, compile_statement, fetch
 from pacs.query.sessions import read_path_engine, single_statement
 from pacs.security.access import study_condition
 from pacs.security.principal import AccessScope
@@ -84,7 +83,8 @@ def resolve(sessions: sessionmaker[Session], scope: AccessScope, study_uid: str,
     engine = read_path_engine(sessions.kw.get("bind"))
     prebuilt = _prebuilt(engine, scope, (what, series_uid is not None)) if engine is not None else None
     if engine is not None and prebuilt is not None:  # PostgreSQL: the statement built for this scope, raw
-        row = _prebuilt_row(engine, prebuilt, {"r_study": study_uid, "r_series": series_uid, "r_sop": sop_uid})
+        rows = fetch(engine, prebuilt, {"r_study": study_uid, "r_series": series_uid, "r_sop": sop_uid}, first=True)
+        row = rows[0] if rows else None
     else:
         try:
             with single_statement(sessions) as session:
@@ -112,66 +112,31 @@ def _resolve_statement(scope: AccessScope, what: str, study_uid: Any, series_uid
                                                                          ).limit(1)
 
 
-@dataclass(frozen=True)
-class _Prebuilt:
-    sql: str
-    params: dict[str, Any]  # the scope's values
-    clock: tuple[str, ...]  # parameters that hold "now" (an open consult's expiry is compared with it)
-
-
 # (scope, kind of target) -> the resolve statement compiled for PostgreSQL with the UIDs as parameters, and its
 # other parameters (the scope's values). Built once per scope a process sees; a viewer's hundreds of requests
 # then skip building, cache-keying and compiling it (and psycopg prepares it on the server after a few uses).
-_PREBUILT: dict[tuple[AccessScope, tuple[str, bool]], _Prebuilt | None] = {}
+_PREBUILT: dict[tuple[AccessScope, tuple[str, bool]], Compiled | None] = {}
 _PREBUILT_MAX = 512
 _prebuilt_lock = threading.Lock()
 _UNBUILT = object()
 
 
-def _prebuilt(engine: Engine, scope: AccessScope, kind: tuple[str, bool]) -> _Prebuilt | None:
+def _prebuilt(engine: Engine, scope: AccessScope, kind: tuple[str, bool]) -> Compiled | None:
     """``kind``: what the target is, and whether the path names a series. None: this scope's statement holds a
     time that is not "now" (it is then built per request)."""
     key = (scope, kind)
     known = _PREBUILT.get(key, _UNBUILT)
     if known is not _UNBUILT:
-        return known if isinstance(known, _Prebuilt) else None
+        return known if isinstance(known, Compiled) else None
     what, with_series = kind
     study, series, sop = (bindparam(name, "", type_=String) for name in ("r_study", "r_series", "r_sop"))
-    compiled = _resolve_statement(scope, what, study, series if with_series else None, sop).compile(
-        dialect=engine.dialect, compile_kwargs={"render_postcompile": True})
-    params = dict(compiled.params)
-    # consult_grant's "now" is set to the moment of each execution; a statement holding any other time (none does
-    # today) is left to the per-request path rather than guessed at
-    clock = tuple(name for name in params if name.startswith(NOW_PARAM))
-    others = [value for name, value in params.items() if isinstance(value, datetime) and name not in clock]
-    found = _Prebuilt(str(compiled), params, clock) if not others else None
+    # consult_grant's "now" is set to the moment of each execution (pacs.query.prebuilt)
+    found = compile_statement(engine, _resolve_statement(scope, what, study, series if with_series else None, sop))
     with _prebuilt_lock:
         if len(_PREBUILT) >= _PREBUILT_MAX:
             _PREBUILT.clear()
         _PREBUILT[key] = found
     return found
-
-
-def _prebuilt_row(engine: Engine, prebuilt: _Prebuilt, uids: dict[str, str | None]) -> Sequence[Any] | None:
-    params = {**prebuilt.params, **uids}
-    if prebuilt.clock:
-        now = datetime.now(UTC)
-        params.update((name, now) for name in prebuilt.clock)
-    try:
-        raw = engine.raw_connection()
-    except SQLAlchemyError as exc:
-        raise IndexUnavailable("index database unavailable") from exc
-    try:
-        cursor = raw.cursor()
-        cursor.execute(prebuilt.sql, params)
-        row: Sequence[Any] | None = cursor.fetchone()
-        cursor.close()
-    except Exception as exc:
-        raw.invalidate()  # whatever state it is in, the connection does not go back to the pool
-        raise IndexUnavailable("index database unavailable") from exc
-    finally:
-        raw.close()
-    return row
 
 
 def _instances(target: Target) -> Select:

@@ -28,7 +28,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -38,6 +38,7 @@ from pacs.dicomweb import media
 from pacs.dicomweb.documents import MetadataDocuments
 from pacs.dicomweb.media import FrameFormat, MediaRange
 from pacs.dicomweb.multipart import MultipartWriter
+from pacs.dicomweb.native_frames import native_frames
 from pacs.dicomweb.objects import (
     FrameError,
     FrameReader,
@@ -73,6 +74,15 @@ MAX_FRAMES_PER_REQUEST = 10_000
 # shared ward PC. A client that keeps its own copy anyway may revalidate with ``If-None-Match``.
 _SMALL_INT = re.compile(r"^[0-9]{1,9}$")
 _TAG_PATH = re.compile(r"^[0-9A-Fa-f]{8}(/[0-9]{1,6}/[0-9A-Fa-f]{8})*$")
+
+
+class FrameLayout(Protocol):
+    """What picks the frames of a request: a :class:`FrameReader` or a native layout (pacs.dicomweb.native_frames)."""
+
+    @property
+    def count(self) -> int: ...
+
+    def check(self, number: int) -> int: ...
 
 
 class Unrenderable(Exception):
@@ -179,7 +189,11 @@ class Wado:
         return Body(writer.content_type, [*writer.part(media.OCTET_STREAM, value), writer.end()])
 
     def _frame_body(self, item: StoredInstance, fmt: FrameFormat,
-                    indexes_of: Callable[[FrameReader], Sequence[int]]) -> Body:
+                    indexes_of: Callable[[FrameLayout], Sequence[int]]) -> Body:
+        if not fmt.decode:  # one frame of a native object, as stored: located without pydicom
+            single = self._native_frame_body(item, fmt, indexes_of)
+            if single is not None:
+                return single
         stack = contextlib.ExitStack()
         try:
             fp: BinaryIO = stack.enter_context(open_seekable(self.store, item.object_key))
@@ -224,6 +238,22 @@ class Wado:
                 yield writer.end()
 
         return Body(writer.content_type, chunks())
+
+    def _native_frame_body(self, item: StoredInstance, fmt: FrameFormat,
+                           indexes_of: Callable[[FrameLayout], Sequence[int]]) -> Body | None:
+        """One frame of a native little-endian object as stored (:mod:`pacs.dicomweb.native_frames`); None for
+        anything else (several frames, another layout, a short object), which :class:`FrameReader` then reads."""
+        with open_seekable(self.store, item.object_key) as fp:
+            layout = native_frames(fp)
+            if layout is None:
+                return None
+            indexes = indexes_of(layout)  # NotFound for a frame the object does not have, as FrameReader says
+            if len(indexes) != 1 or (data := layout.stored(indexes[0])) is None:
+                return None
+        writer = MultipartWriter(fmt.media_type)
+        part_type = f"{fmt.media_type}; transfer-syntax={fmt.transfer_syntax}"
+        return Body(writer.content_type, [*writer.part(part_type, data), writer.end()],
+                    {"ETag": etag(item.sha256, "frames", indexes[0], fmt.media_type, fmt.transfer_syntax)})
 
     # -- rendered and thumbnails ------------------------------------------------------------------
 

@@ -7,7 +7,9 @@ sending anything) and returns a :class:`QueryResult`: iterating it streams ``{ke
 dicts from the database in batches; ``count()`` counts the same matches; ``head(n)`` reads at most
 ``n`` of them with one plain statement and knows their total without counting when they are all
 there (what a search with a few matches needs: one round trip instead of a count, a cursor and its
-fetches).
+fetches). On PostgreSQL, ``head`` of a query whose keys are matched on exact values (a Patient ID, an Accession
+Number, a UID) or not at all runs a statement compiled once per query shape and access scope
+(:mod:`pacs.query.prebuilt`): a viewer's searches differ only in those values.
 
 Rules (PS3.4 C.4.1.2, C.2.2.1):
 
@@ -26,12 +28,13 @@ Values come from the network: they are bound as SQL parameters, never spliced in
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, exists, func, or_, select
+from sqlalchemy import ColumnElement, Engine, Select, and_, exists, func, or_, select
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
@@ -51,7 +54,8 @@ from pacs.query.attributes import (
     attribute_at,
     scoped_patient_total,
 )
-from pacs.query.sessions import single_statement
+from pacs.query.prebuilt import Compiled, compile_statement, fetch
+from pacs.query.sessions import read_path_engine, single_statement
 from pacs.security.access import study_condition
 from pacs.security.principal import AccessScope
 from pacs.text import fold
@@ -185,16 +189,28 @@ class Head:
 
 
 class QueryResult:
-    """The matches of one prepared query. Iterate once to stream them; ``count()`` at any time."""
+    """The matches of one query. Iterate once to stream them; ``count()`` at any time."""
 
-    def __init__(self, prepared: PreparedQuery, sessions: sessionmaker[Session], batch_size: int) -> None:
-        self.prepared = prepared
+    def __init__(self, prepared: PreparedQuery | None, sessions: sessionmaker[Session], batch_size: int,
+                 query: Query | None = None, shape: _Shape | None = None) -> None:
+        """``prepared``, or (a query of a prebuilt ``shape``) the ``query``, prepared only when a count or the
+        stream needs its statements."""
+        self._prepared = prepared
+        self._query = query
+        self._shape = shape
         self._sessions = sessions
         self._batch_size = batch_size
 
     @property
+    def prepared(self) -> PreparedQuery:
+        if self._prepared is None:
+            assert self._query is not None
+            self._prepared = prepare(self._query)
+        return self._prepared
+
+    @property
     def keys(self) -> tuple[str, ...]:
-        return self.prepared.keys
+        return self._shape.keys if self._shape is not None else self.prepared.keys
 
     def __iter__(self) -> Iterator[Row]:
         """Rows streamed from the database (a server-side cursor on PostgreSQL), ``batch_size`` at a time.
@@ -217,16 +233,37 @@ class QueryResult:
         ``complete`` when they are all the rows the query returns; the total of matches is then known
         without a count, unless the query's limit cut the answer or its offset lies past the last match.
         """
-        limit, offset = self.prepared.limit, self.prepared.offset
-        fetch = size + 1 if limit is None else min(limit, size + 1)
-        with _index_errors(), single_statement(self._sessions) as session:
-            mappings = session.execute(self.prepared.statement.limit(fetch)).mappings().all()
-        rows = [self._row(m) for m in mappings]
+        if self._shape is not None:
+            limit, offset = self._shape.limit, self._shape.offset
+        else:
+            limit, offset = self.prepared.limit, self.prepared.offset
+        fetch_rows = size + 1 if limit is None else min(limit, size + 1)
+        rows = self._prebuilt_head(fetch_rows)
+        if rows is None:
+            with _index_errors(), single_statement(self._sessions) as session:
+                mappings = session.execute(self.prepared.statement.limit(fetch_rows)).mappings().all()
+            rows = [self._row(m) for m in mappings]
         if len(rows) > size:  # more than asked for: a cursor over all of them (and a count) will tell
             return Head(rows[:size], False, None)
-        if len(rows) < fetch and (rows or not offset):
+        if len(rows) < fetch_rows and (rows or not offset):
             return Head(rows, True, offset + len(rows))  # the last match is among them
         return Head(rows, True, None)  # cut by the limit, or an offset past every match: count them
+
+    def _prebuilt_head(self, fetch_rows: int) -> list[Row] | None:
+        """The first ``fetch_rows`` rows by the statement compiled for this query's shape (None: not prebuilt)."""
+        shape, query = self._shape, self._query
+        if shape is None or query is None:
+            return None
+        head = shape.head(fetch_rows)
+        if head is None:
+            return None
+        values = {name: query.filters[keyword] for name, keyword in head.slots}
+        columns, keys = shape.columns, shape.keys
+        rows = []
+        for raw in fetch(shape.engine, head.compiled, values):
+            row: Row = {k: _plain(v) for k, v in zip(columns, raw, strict=True)}
+            rows.append({k: row.get(k) for k in keys})
+        return rows
 
     def _row(self, mapping: Any) -> Row:
         row: Row = {k: _plain(mapping[k]) for k in self.prepared.columns}
@@ -242,10 +279,133 @@ class QueryEngine:
 
     def search(self, query: Query) -> QueryResult:
         """Check ``query`` (raising :class:`QueryError` now) and return its lazily run result."""
+        shape = _shape_of(query, self._sessions)
+        if shape is not None:  # checked when the shape was first built: the same checks, the same outcome
+            return QueryResult(None, self._sessions, self._batch_size, query, shape)
         return QueryResult(prepare(query), self._sessions, self._batch_size)
 
     def count(self, query: Query) -> int:
         return self.search(query).count()
+
+
+# -- statements prebuilt per query shape (PostgreSQL) -----------------------------------------------
+#
+# A query's shape is everything but the values of its keys: level, model, scope, limit, offset, returned keys,
+# and for each key whether it is matched on one plain value (exact matching, C.2.2.2.1) or not at all. A key of
+# default matching whose value has no wildcard, list separator, range, padding or control character is matched
+# with ``column = value`` whatever the value is, so the statement of one such query, compiled with placeholder
+# values, serves every query of the shape with the real values bound in their place. Any other query (names,
+# wildcards, dates, lists, numbers) is built per request as before.
+
+_PLACEHOLDER = "\x1fpacs-key-{}\x1f"  # a plain value no client can send (control characters are not plain)
+_PLAIN_EXCLUDED = frozenset("*?\\")
+_SHAPES_MAX = 512
+_shapes: dict[tuple[Any, ...], _Shape | None] = {}
+_shapes_lock = threading.Lock()
+_UNBUILT = object()
+
+
+@dataclass
+class _Shape:
+    """A query shape: its keys, the columns read, and its head statements (per number of rows fetched)."""
+
+    query: Query  # the shape's query, with placeholder values
+    placeholders: dict[str, str]  # keyword -> its placeholder value
+    keys: tuple[str, ...]
+    columns: tuple[str, ...]
+    limit: int | None
+    offset: int
+    engine: Engine
+    heads: dict[int, _Head | None] = field(default_factory=dict)
+
+    def head(self, fetch_rows: int) -> _Head | None:
+        known = self.heads.get(fetch_rows, _UNBUILT)
+        if known is _UNBUILT:
+            known = _compiled_head(self, fetch_rows)
+            with _shapes_lock:
+                self.heads[fetch_rows] = known
+        return known if isinstance(known, _Head) else None
+
+
+@dataclass(frozen=True)
+class _Head:
+    compiled: Compiled
+    slots: tuple[tuple[str, str], ...]  # (parameter name, keyword whose value it takes)
+
+
+def _compiled_head(shape: _Shape, fetch_rows: int) -> _Head | None:
+    """The shape's statement for its first ``fetch_rows`` rows, when each placeholder is bound as it is (so any
+    plain value can take its place) and nowhere else (not in a pattern, not folded); else None."""
+    compiled = compile_statement(shape.engine, prepare(shape.query).statement.limit(fetch_rows))
+    if compiled is None:
+        return None
+    slots = tuple((name, keyword) for keyword, placeholder in shape.placeholders.items()
+                  for name, bound in compiled.params.items() if bound == placeholder)
+    if {keyword for _, keyword in slots} != set(shape.placeholders):
+        return None  # a value that is not a parameter of its own (none today): built per request
+    named = {name for name, _ in slots}
+    if any(isinstance(value, str) and "\x1f" in value and name not in named for name, value in compiled.params.items()):
+        return None
+    return _Head(compiled, slots)
+
+
+def _plain(value: Any) -> Value:
+    if value is None or isinstance(value, int | str):
+        return value
+    return int(value) if isinstance(value, Decimal) else str(value)
+
+
+def _is_plain(value: str) -> bool:
+    return (bool(value) and value.strip(" \x00") == value and value != "*"
+            and not any(c in _PLAIN_EXCLUDED or c < " " for c in value))
+
+
+def _shape_of(query: Query, sessions: sessionmaker[Session]) -> _Shape | None:
+    """The prebuilt shape of ``query`` (PostgreSQL, exact values only), else None."""
+    if (query.limit is not None and query.limit < 0) or query.offset < 0:
+        return None
+    try:
+        level = Level(str(query.level).strip().upper())
+    except ValueError:
+        return None
+    kinds: list[tuple[str, str | None]] = []
+    for keyword, value in query.filters.items():
+        value = value or ""
+        if value in ("", "*"):
+            kinds.append((keyword, value))  # not matched (universal)
+            continue
+        attr = attribute_at(keyword, level)
+        if (attr is None or attr.matching is not Matching.DEFAULT or attr.vr in matching.RANGE_VRS
+                or attr.vr in INTEGER_VRS or not _is_plain(value)):
+            return None
+        kinds.append((keyword, None))
+    key = (str(query.level), str(query.root), query.scope, tuple(kinds), tuple(query.returns), query.limit,
+           query.offset, query.relational)
+    known = _shapes.get(key, _UNBUILT)
+    if known is _UNBUILT:
+        known = _build_shape(query, kinds, sessions)
+        with _shapes_lock:
+            if len(_shapes) >= _SHAPES_MAX:
+                _shapes.clear()
+            _shapes[key] = known
+    return known if isinstance(known, _Shape) else None
+
+
+def _build_shape(query: Query, kinds: list[tuple[str, str | None]], sessions: sessionmaker[Session]
+                 ) -> _Shape | None:
+    engine = read_path_engine(sessions.kw.get("bind"))
+    if engine is None:
+        return None
+    placeholders = {keyword: _PLACEHOLDER.format(i) for i, (keyword, universal) in enumerate(kinds)
+                    if universal is None}
+    filters = {keyword: placeholders.get(keyword, universal or "") for keyword, universal in kinds}
+    shaped = Query(query.level, query.root, filters, tuple(query.returns), limit=query.limit, offset=query.offset,
+                   relational=query.relational, scope=query.scope)
+    try:
+        prepared = prepare(shaped)
+    except QueryError:
+        return None  # refused: prepare() says why to the caller, per request
+    return _Shape(shaped, placeholders, prepared.keys, prepared.columns, prepared.limit, prepared.offset, engine)
 
 
 # -- building blocks ------------------------------------------------------------------------------
@@ -342,12 +502,6 @@ def _modalities_in_study(attr: Attribute, value: str) -> ColumnElement[bool]:
     series = aliased(Series)  # the outer query may select from series itself
     has_series = exists().where(series.study_fk == Study.id, series.modality.in_(wanted))
     return and_(matching.multi_valued(attr.column, "\\".join(wanted)), has_series)
-
-
-def _plain(value: Any) -> Value:
-    if value is None or isinstance(value, int | str):
-        return value
-    return int(value) if isinstance(value, Decimal) else str(value)
 
 
 class _index_errors:

@@ -6,31 +6,40 @@ turn, has its dependencies solved, and crosses into the thread pool twice (the t
 with the routes' own matchers, in the routers' order, and runs in *one* thread-pool call exactly what the
 route would: :func:`viewer_api.security.authenticate_request` (the bearer token, the route's capability as
 declared with ``require(...)``, refusals audited), then the route's own function. Errors become responses
-through the application's exception handlers, as Starlette's ExceptionMiddleware does. Routes are taken only
-when their signature is the request, path parameters and the principal, with the one ``require(...)``
-dependency; anything else (another method, an unknown path, another kind of route) goes on to FastAPI.
-The routes stay declared there (OpenAPI, the route matrix) and answer the same.
+through the application's exception handlers, as Starlette's ExceptionMiddleware does (built only when a route
+raised: a success is sent as the route returned it). The thread-pool call goes to an executor of the process
+(:data:`READ_THREADS` threads, as many as Starlette's own pool has tokens) with the request's context variables:
+the same hop without anyio's capacity limiter, cancel scopes and backend lookups on each request. Routes are taken
+only when their signature is the request, path parameters and the principal, with the one ``require(...)``
+dependency; anything else (another method, an unknown path, another kind of route) goes on to FastAPI. Only the
+routes whose path has as many segments as the request's are tried. The routes stay declared there (OpenAPI, the
+route matrix) and answer the same.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import inspect
+import os
+import threading
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi.routing import APIRoute
-from starlette.concurrency import run_in_threadpool
 from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Match
+from starlette.routing import Match, get_route_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pacs.security.roles import Capability
 from viewer_api.security import REQUIREMENTS, authenticate_request
 
 PREFIX = "/dicom-web/"
+READ_THREADS = 40  # anyio's default thread limit, which bounds Starlette's run_in_threadpool
 
 
 @dataclass(frozen=True)
@@ -57,16 +66,51 @@ def read_routes(routes: Iterable[Any]) -> list[ReadRoute]:
     return found
 
 
+_threads: tuple[int, ThreadPoolExecutor] | None = None  # (the process it was started in, the executor)
+_threads_lock = threading.Lock()
+
+
+def _executor() -> ThreadPoolExecutor:
+    """The process's executor for the read routes, started with its first request (a forked child starts its own:
+    the parent's threads do not exist there)."""
+    global _threads
+    started = _threads
+    if started is None or started[0] != os.getpid():
+        with _threads_lock:
+            if _threads is None or _threads[0] != os.getpid():
+                _threads = (os.getpid(), ThreadPoolExecutor(READ_THREADS, thread_name_prefix="dicomweb-read"))
+            started = _threads
+    return started[1]
+
+
+def _may_match(route: APIRoute, depth: int) -> bool:
+    """Whether ``route`` can match a path with ``depth`` slashes."""
+    own = route.path.count("/")
+    return depth == own or (depth > own and ":path}" in route.path)
+
+
 class DicomwebReads:
     """ASGI middleware answering the routes of ``routes`` (see the module's description)."""
 
     def __init__(self, app: ASGIApp, routes: Iterable[Any]) -> None:
         self.app = app
         self.routes = read_routes(routes)
+        # the routes a path of n segments may match, in order (a str parameter is one segment, a path one or more):
+        # the others cannot match it, and trying each one's pattern costs more than the route itself on the loop
+        self._by_depth: dict[int, tuple[ReadRoute, ...]] = {}
+
+    def _candidates(self, path: str) -> tuple[ReadRoute, ...]:
+        depth = path.count("/")
+        found = self._by_depth.get(depth)
+        if found is None:
+            found = tuple(read for read in self.routes if _may_match(read.route, depth))
+            if len(self._by_depth) < 64:  # depths a client can send: bounded
+                self._by_depth[depth] = found
+        return found
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "GET" and scope["path"].startswith(PREFIX):
-            for read in self.routes:
+            for read in self._candidates(get_route_path(scope)):
                 match, child = read.route.matches(scope)
                 if match is Match.FULL:
                     scope.update(child)
@@ -86,11 +130,18 @@ class DicomwebReads:
             response: Response = read.route.endpoint(request=request, principal=principal, **params)
             return response
 
-        async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
-            response = await run_in_threadpool(call)
-            await response(scope, receive, send)
+        context = contextvars.copy_context()  # as run_in_threadpool: the route sees the request's context
+        try:
+            response = await asyncio.get_running_loop().run_in_executor(_executor(), context.run, call)
+        except Exception as exc:
+            failure = exc
 
-        await self._with_handlers(scope["app"], endpoint)(scope, receive, send)
+            async def failed(scope: Scope, receive: Receive, send: Send) -> None:
+                raise failure
+
+            await self._with_handlers(scope["app"], failed)(scope, receive, send)
+            return
+        await response(scope, receive, send)
 
     def _with_handlers(self, app: Any, endpoint: ASGIApp) -> ASGIApp:
         """``endpoint`` wrapped as Starlette wraps the router: the application's exception handlers (all but
