@@ -158,7 +158,9 @@ def test_a_signed_in_user_opens_the_study_in_ohif_in_vietnamese(world: UiWorld, 
         sign_in(page, world.base_url, username, password)
         page.goto(f"{world.base_url}/ui/viewer/{CT.study_uid}")
         page.wait_for_url(re.compile(rf"/ohif/viewer\?StudyInstanceUIDs={re.escape(CT.study_uid)}$"))
-        expect(page.locator("canvas.cornerstone-canvas").first).to_be_visible()
+        # OHIF loads its 5 MB of JavaScript before the first image: a loaded 2-core machine takes more than expect's
+        # default 5 s (tests/test_ohif.py waits as long)
+        expect(page.locator("canvas.cornerstone-canvas").first).to_be_visible(timeout=90_000)
         corner = page.locator(".overlay-item")  # the viewport's corners: name and ID lead the top left one
         expect(corner.first).to_have_text("Nguyễn, Văn An")
         expect(corner.nth(1)).to_have_text("DEMO-0001")
