@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import TypedDict, cast
 
-from sqlalchemy import Engine, Table, bindparam, select
+from sqlalchemy import Table, bindparam, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -68,6 +68,7 @@ from pacs.ingest.parsing import (
 )
 from pacs.ingest.source import IngestSource, who
 from pacs.persons.identifiers import NationalIdPolicy
+from pacs.query.sessions import single_statement_engine
 from pacs.reconciliation import service as reconciliation
 from pacs.security import filing_rules
 from pacs.settings import DuplicatePolicy
@@ -115,9 +116,10 @@ class Ingestor:
     ) -> None:
         self._national_ids = national_ids  # link records to persons by national IDs (pacs.persons); None: off
         self._sessions = sessions
-        # the per-object reads (step 2, the fragment's version check) run on the read-only pool's connections,
-        # without an ORM session (nothing there needs one, and its machinery cost more than the reads, issue 13)
-        self._read_engine = cast(Engine, (read_sessions or sessions).kw["bind"])
+        # the per-object reads (step 2, the fragment's version check) are single statements without an ORM session
+        # (nothing there needs one, and its machinery cost more than the reads, issue 13), on the read path's pool
+        # where there is one (PostgreSQL: autocommit, no ping round trip per checkout)
+        self._read_engine = single_statement_engine(read_sessions or sessions)
         self._store = store
         self._policy = duplicate_policy
         self._max_bytes = max_object_bytes

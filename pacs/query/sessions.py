@@ -75,6 +75,16 @@ def _create_sibling(engine: Engine) -> Engine:
     return sibling
 
 
+def single_statement_engine(sessions: sessionmaker[Session]) -> Engine:
+    """The engine for single read statements run without a session (ingest's per-object lookups): the read
+    path's (:func:`read_path_engine`: autocommit, no ping per checkout) on PostgreSQL, else ``sessions``' own."""
+    bind = sessions.kw.get("bind")
+    engine = read_path_engine(bind) or _main_engine(bind)
+    if engine is None:
+        raise TypeError("sessions bound to no engine")
+    return engine
+
+
 def read_path_sessions(sessions: sessionmaker[Session]) -> sessionmaker[Session]:
     """Sessions on the read path's engine for ``sessions``' database (``sessions`` itself on SQLite). Only for
     reads: every statement commits on its own."""
