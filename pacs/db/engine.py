@@ -8,13 +8,16 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from pacs.db.sqlite_writers import WriterGate
+
 READ_ONLY_OPTION = "pacs_read_only"
+SQLITE_BUSY_TIMEOUT_S = 30.0
 
 
 def make_engine(url: str) -> Engine:
     """Create the process's engine; SQLite gets WAL and a busy timeout for concurrent associations."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: sqlite3.Connection, _record: ConnectionPoolEntry) -> None:
@@ -24,18 +27,23 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
             # PS3.4 matching is case-sensitive (PN is matched on folded columns); SQLite's LIKE is not by default.
             cur.execute("PRAGMA case_sensitive_like=ON")
             cur.close()
+
+        writers = WriterGate(SQLITE_BUSY_TIMEOUT_S)  # this process's writers queue on a lock (pacs.db.sqlite_writers)
+        writers.install(engine.dialect)
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Connection) -> None:
             # Writers take the write lock up front (BEGIN IMMEDIATE): concurrent associations then
             # wait on busy_timeout instead of failing with "database is locked" on lock upgrade.
             # Read-only sessions (see make_read_session_factory) must not queue behind writers.
-            read_only = conn.get_execution_options().get(READ_ONLY_OPTION, False)
-            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+            if conn.get_execution_options().get(READ_ONLY_OPTION, False):
+                conn.exec_driver_sql("BEGIN")
+            else:
+                writers.begin(conn.connection.dbapi_connection, lambda: conn.exec_driver_sql("BEGIN IMMEDIATE"))
 
         return engine
     return create_engine(
