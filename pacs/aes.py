@@ -23,10 +23,10 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from sqlalchemy import Table, bindparam, delete, select
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs.ae_access import PeerCertificate, identity_mismatch, normal_tls_subject
@@ -161,6 +161,7 @@ def lookup(session: Session, title: str) -> AERecord | None:
     return _record(row) if row is not None else None
 
 
+_LOST_CONNECTION_RETRIES = 3
 _ae = cast(Table, ApplicationEntity.__table__).c
 # every association (EVT_REQUESTED) and several DIMSE requests ask it: one prebuilt statement on the driver's cursor
 # (pacs.db.prepared), not an ORM session and query (~1.5 ms of CPU per association, issue 13)
@@ -185,8 +186,14 @@ class AERegistry:
         if not title:
             return None
         try:
-            with single_statement_engine(self._read_sessions).connect() as connection:
-                row = _BY_TITLE.one_or_none(connection, {"title": title})
+            for attempt in range(_LOST_CONNECTION_RETRIES + 1):
+                try:
+                    row = self._by_title(title)
+                    break
+                except DBAPIError as exc:
+                    # a pooled connection the database dropped (a restart, a cut): invalidated, ask on another
+                    if not exc.connection_invalidated or attempt == _LOST_CONNECTION_RETRIES:
+                        raise
         except SQLAlchemyError as exc:
             raise IndexUnavailable(f"AE registry unavailable: {_first_line(exc)}") from exc
         if row is None:
@@ -195,6 +202,10 @@ class AERegistry:
          archive_wide, tls_subject) = row
         return AERecord(ae_title, host, port, description, bool(allow_store), bool(allow_query), bool(allow_retrieve),
                         bool(check_host), facility, archive_wide=bool(archive_wide), tls_subject=tls_subject or "")
+
+    def _by_title(self, title: str) -> tuple[Any, ...] | None:
+        with single_statement_engine(self._read_sessions).connect() as connection:
+            return _BY_TITLE.one_or_none(connection, {"title": title})
 
     def calling_peer(self, title: str, peer_address: str) -> AERecord | None:
         """The registered AE a peer at ``peer_address`` calling as ``title`` is; None for an unknown AE,

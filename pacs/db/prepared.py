@@ -6,7 +6,8 @@ against ~26 µs for the one-row snapshot of :mod:`pacs.ingest.ownership` on SQLi
 statement once per dialect and runs it on the DBAPI cursor of the caller's connection, inside whatever transaction
 that connection is in. Only for SELECTs whose result columns need no type conversion (integers, strings, and
 booleans read with ``bool()``: SQLite returns them as integers); a driver error is raised as SQLAlchemy's
-(:class:`sqlalchemy.exc.DBAPIError` and its subclasses), as :meth:`Connection.execute` would.
+(:class:`sqlalchemy.exc.DBAPIError` and its subclasses), as :meth:`Connection.execute` would, and a connection
+the database dropped is invalidated (``connection_invalidated`` on the error) instead of going back to the pool.
 """
 
 from __future__ import annotations
@@ -39,8 +40,12 @@ class Prepared:
             cursor.execute(sql, bound)
             return list(cursor.fetchall())
         except connection.dialect.loaded_dbapi.Error as error:
+            # as Connection.execute would: a connection the database dropped is not given back to the pool
+            lost = connection.dialect.is_disconnect(error, dbapi_connection, cursor)
+            if lost:
+                connection.invalidate(error)
             raise DBAPIError.instance(sql, bound, error, connection.dialect.loaded_dbapi.Error,
-                                      dialect=connection.dialect) from error
+                                      dialect=connection.dialect, connection_invalidated=lost) from error
         finally:
             cursor.close()
 
