@@ -2,9 +2,9 @@
 
 SQLite has one writer at a time. A connection whose ``BEGIN IMMEDIATE`` finds the write lock taken waits in SQLite's
 busy handler, which *sleeps* between attempts: 1, 2, 5, 10, 15, 20, 25, 25, 25, 50, 50, 100 ms, then 100 ms until the
-busy timeout. With four associations storing into the embedded archive, each write transaction holds the lock for
-about a millisecond, yet the threads waiting for it slept ~40 ms on average per transaction (14.5 s of sleep for 361
-transactions while 300 CT slices arrived over 4 associations: issue 13).
+busy timeout, so a waiter sleeps on past the moment the lock is free. With four associations storing into the
+embedded archive, the threads waiting for it spent ~40 ms per transaction in ``BEGIN IMMEDIATE`` (14.5 s for 361
+transactions while 300 CT slices arrived over 4 associations, a loaded 2-core machine: issue 13).
 
 :class:`WriterGate` takes a process-wide lock before ``BEGIN IMMEDIATE`` and gives it back once that transaction has
 committed or rolled back (or its connection closed), so the next writer of this process starts the moment the
