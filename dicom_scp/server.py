@@ -58,7 +58,15 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
-from dicom_scp import association_checks, association_events, presentation_contexts, reactors, store_messages, uid_memo
+from dicom_scp import (
+    association_checks,
+    association_events,
+    association_pdus,
+    presentation_contexts,
+    reactors,
+    store_messages,
+    uid_memo,
+)
 from dicom_scp.services import SERVICES
 from dicom_scp.tls import server_ssl_context
 from pacs import association_limits
@@ -81,6 +89,7 @@ def build_ae(ctx: AppContext) -> AE:
     s = ctx.settings
     uid_memo.install()  # conformant UIDs validated once, not on every association (dicom_scp.uid_memo)
     store_messages.install()  # C-STORE command sets by struct, as pynetdicom encodes them (dicom_scp.store_messages)
+    association_pdus.install()  # A-ASSOCIATE-RQ items decoded, -AC encoded as pynetdicom does (association_pdus)
     if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
         # pynetdicom's standard event handlers format every PDU and DIMSE message for log lines at INFO and
         # DEBUG, dropped at `pacs`'s WARNING: not bound, they cost nothing (its warnings and errors stay)
