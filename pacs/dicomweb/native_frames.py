@@ -8,6 +8,10 @@ values it needs, and stops at the pixel data. Every step is bounded by the file'
 (another transfer syntax, encapsulated or bit-packed pixel data, an odd length, a value of the wrong size, no pixel
 data) returns None and the caller parses the object with pydicom as before (:class:`pacs.dicomweb.objects.FrameReader`),
 which then also produces the errors.
+
+The walk also keeps every top-level element of the Image Pixel group (0028,xxxx) and the tags it passed, so that
+``/rendered`` of a plain single-frame grayscale image can build the few attributes rendering reads
+(:func:`pacs.dicomweb.rendering.plain_image`) without parsing the rest of the object either.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _PIXEL_DATA = 0x7FE00010
 # the values read: Samples per Pixel, Number of Frames, Rows, Columns, Bits Allocated
 _SAMPLES, _FRAMES, _ROWS, _COLUMNS, _BITS = 0x00280002, 0x00280008, 0x00280010, 0x00280011, 0x00280100
+_IMAGE_GROUP = 0x0028
 _US = struct.Struct("<H")
 _TAG = struct.Struct("<HH")
 _EXPLICIT_SHORT = struct.Struct("<HH2sH")
@@ -52,6 +57,9 @@ class NativeFrames:
     samples: int
     bits: int
     count: int
+    tags: frozenset[int] = frozenset()  # the top-level tags before the pixel data
+    image: tuple[tuple[int, bytes, bytes], ...] = ()  # top-level (0028,xxxx) elements: (tag, VR or b"", value)
+    pixel_vr: bytes = b""  # the pixel data's VR (b"" in Implicit VR)
 
     def check(self, number: int) -> int:
         """The zero-based index of 1-based frame ``number``; NotFound when the instance has no such frame."""
@@ -89,12 +97,15 @@ def _read(fp: BinaryIO) -> NativeFrames:
     if not explicit and syntax != IMPLICIT_LE:
         raise _Unexpected
     values: dict[int, bytes] = {}
+    tags: list[int] = []
+    image: list[tuple[int, bytes, bytes]] = []
     while True:
         tag, vr, length, pos = _element(head, pos, explicit)
         if tag == _PIXEL_DATA:
             if length == _UNDEFINED or (explicit and vr not in (b"OB", b"OW")):
                 raise _Unexpected  # encapsulated
             break
+        tags.append(tag)
         if tag > _PIXEL_DATA:
             raise _Unexpected  # no (integer) pixel data
         if tag in (0x7FE00008, 0x7FE00009):
@@ -104,8 +115,12 @@ def _read(fp: BinaryIO) -> NativeFrames:
                 raise _Unexpected  # its items are Implicit VR: left to pydicom
             pos = _skip_sequence(head, pos, explicit)
             continue
-        if tag in (_SAMPLES, _FRAMES, _ROWS, _COLUMNS, _BITS):
-            values[tag] = head[pos:pos + length]
+        if tag >> 16 == _IMAGE_GROUP:
+            if pos + length > len(head):
+                raise _Unexpected  # the value runs past what was read
+            image.append((tag, vr, head[pos:pos + length]))
+            if tag in (_SAMPLES, _FRAMES, _ROWS, _COLUMNS, _BITS):
+                values[tag] = head[pos:pos + length]
         pos += length
     rows, columns, bits = _us(values, _ROWS), _us(values, _COLUMNS), _us(values, _BITS)
     samples = _us(values, _SAMPLES) if _SAMPLES in values else 1
@@ -114,7 +129,8 @@ def _read(fp: BinaryIO) -> NativeFrames:
     frame_bytes = rows * columns * samples * bits // 8
     claimed = _frames(values.get(_FRAMES))
     count = max(min(claimed, length // frame_bytes), 1)
-    return NativeFrames(fp, syntax, pos, length, rows, columns, samples, bits, count)
+    return NativeFrames(fp, syntax, pos, length, rows, columns, samples, bits, count, frozenset(tags), tuple(image),
+                        vr if explicit else b"")
 
 
 def _file_meta(head: bytes, pos: int) -> tuple[int, str]:

@@ -49,7 +49,7 @@ from pacs.dicomweb.objects import (
     stream_converted,
     stream_stored,
 )
-from pacs.dicomweb.rendering import RenderParams, render, render_thumbnail
+from pacs.dicomweb.rendering import RenderParams, plain_image, render, render_thumbnail
 from pacs.dicomweb.resources import (
     StoredInstance,
     Target,
@@ -282,7 +282,12 @@ class Wado:
 
     def _render(self, item: StoredInstance, numbers: list[int], params: RenderParams, media_type: str) -> list[bytes]:
         with open_seekable(self.store, item.object_key) as fp:
-            ds = _read_image(fp)
+            # a plain single-frame grayscale image: only what rendering reads of it, without pydicom's full parse
+            layout = native_frames(fp) if numbers == [1] else None
+            ds = plain_image(layout) if layout is not None else None
+            if ds is None:
+                fp.seek(0)
+                ds = _read_image(fp)
             count = _frame_count(ds)
             for n in numbers:
                 if not 1 <= n <= count:

@@ -97,6 +97,9 @@ _AUTO_WINDOW_SAMPLE: Final = 1 << 20
 _LUT_MAX_ENTRIES: Final = 1 << 16
 
 _PIXEL_KEYWORDS: Final = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_NATIVE_LE: Final = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+_NATIVE_DTYPES: Final[dict[tuple[int, int], np.dtype[Any]]] = {
+    (8, 0): np.dtype("u1"), (8, 1): np.dtype("i1"), (16, 0): np.dtype("<u2"), (16, 1): np.dtype("<i2")}
 _MONOCHROME: Final = ("MONOCHROME1", "MONOCHROME2")
 _YBR_FULL: Final = ("YBR_FULL", "YBR_FULL_422")
 _VOI_FUNCTIONS: Final = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
@@ -383,6 +386,9 @@ def _decode(ds: Dataset, frame: int, geometry: _Geometry, tsyntax: UID) -> tuple
     interpretation; colour handling must follow that reported value, not the
     dataset's, or YBR data would be converted twice.
     """
+    native = _native_grey(ds, frame, geometry, tsyntax)
+    if native is not None:
+        return native
     try:
         decoder = get_decoder(tsyntax)
     except NotImplementedError as exc:
@@ -423,6 +429,36 @@ def _decode(ds: Dataset, frame: int, geometry: _Geometry, tsyntax: UID) -> tuple
         raise RenderError(f"decoded frame has shape {arr.shape}, expected {expected}")
     bits_stored = int(props.get("bits_stored") or ds.get("BitsStored") or arr.dtype.itemsize * 8)
     return arr, out_pi, bits_stored
+
+
+def _native_grey(ds: Dataset, frame: int, geometry: _Geometry, tsyntax: UID) -> tuple[NDArray[Any], str, int] | None:
+    """One frame of native little-endian 8- or 16-bit grayscale pixel data, as pydicom's native decoder returns it
+    (the frame's bytes as integers of Pixel Representation's signedness, the bits above Bits Stored cleared or
+    sign-extended), without its per-call option handling, which costs more than the copy itself for a CT slice.
+
+    None for anything else, and whenever pydicom would refuse the dataset (an attribute missing or out of range,
+    pixel data shorter than Number of Frames says): pydicom then decodes it, or names the problem.
+    """
+    if tsyntax not in _NATIVE_LE or geometry.samples != 1 or "PixelData" not in ds:
+        return None
+    pi = ds.get("PhotometricInterpretation")
+    samples, allocated = ds.get("SamplesPerPixel"), ds.get("BitsAllocated")
+    stored, representation = ds.get("BitsStored"), ds.get("PixelRepresentation")
+    if not (isinstance(pi, str) and pi in _MONOCHROME and samples == 1 and allocated in (8, 16)
+            and isinstance(stored, int) and 1 <= stored <= allocated and representation in (0, 1)):
+        return None
+    data = ds.PixelData
+    size = geometry.rows * geometry.columns * allocated // 8
+    if not isinstance(data, bytes) or len(data) < size * geometry.frames:
+        return None
+    dtype = _NATIVE_DTYPES[(allocated, representation)]
+    arr = np.frombuffer(data, dtype, count=geometry.rows * geometry.columns, offset=frame * size)
+    arr = arr.reshape(geometry.rows, geometry.columns)
+    if stored < allocated:  # as pydicom's correct_unused_bits: shift out the unused bits and back (sign-extending)
+        shift = allocated - stored
+        arr = np.left_shift(arr, shift)
+        np.right_shift(arr, shift, out=arr)
+    return arr, pi, stored
 
 
 def _fragment(ds: Dataset, frame: int, geometry: _Geometry) -> bytes:
@@ -657,9 +693,19 @@ def _grey_to_display(
     table = _display_table(arr, attrs, window, inverse=inverse)
     if table is not None:
         levels, low = table
-        return levels[np.subtract(arr, low, dtype=np.intp)]
+        return np.take(levels, _table_indexes(arr, low))  # take: the same levels as levels[...], faster
     values = _modality_values(arr, attrs)
     return _levels(_voi(values, attrs, window), inverse=inverse)
+
+
+def _table_indexes(arr: NDArray[Any], low: int) -> NDArray[Any]:
+    """``arr - low``: each pixel's entry in a :func:`_display_table` starting at ``low``. For 8- and 16-bit data in
+    the array's own width, unsigned: the difference modulo 2**bits is the exact one, as the table has at most that
+    many entries (and one narrow pass costs less than widening every pixel to a 64-bit index)."""
+    if arr.dtype.itemsize <= 2 and arr.dtype.isnative:
+        unsigned = np.dtype(f"u{arr.dtype.itemsize}")
+        return np.subtract(arr.view(unsigned), unsigned.type(low % (1 << (8 * arr.dtype.itemsize))))
+    return np.subtract(arr, low, dtype=np.intp)
 
 
 def _levels(display: NDArray[np.floating[Any]], *, inverse: bool) -> NDArray[np.uint8]:
