@@ -35,9 +35,7 @@ class Pipeline:
     retention: PollingLoop | None = None  # rejected instances past retention: embedded mode (`pacs worker` scaled)
 
     @classmethod
-    def start(cls, settings: Settings, *, answer_first: bool = True) -> Pipeline:
-        """``answer_first``: ingest's post-commit work after each answer, on its own thread (a receiving process:
-        `pacs serve`, `pacs scp`); False does it before returning, in order (`pacs import`, which answers nobody)."""
+    def start(cls, settings: Settings) -> Pipeline:
         ctx = AppContext.create(settings)
         # registered before the relay's first sweep claims anything (pacs.derived.lease)
         lease.process_heartbeat(ctx, ctx.sessions, settings.task_lease_s)
@@ -45,7 +43,7 @@ class Pipeline:
         relay = OutboxRelay(ctx, publisher, poll_s=settings.outbox_poll_s,
                             requeue_after=timedelta(seconds=settings.task_requeue_s),
                             requeue_all_queued=settings.embedded_workers).start()
-        ingestor = make_ingestor(ctx, notify=relay.notify, after_commit=answer_first)
+        ingestor = make_ingestor(ctx, notify=relay.notify, after_commit=True)
         ctx.extras["publisher"] = publisher
         ctx.extras["outbox_relay"] = relay  # report signing nudges it (pacs.reports.service)
         ctx.extras["ingest_notify"] = relay.notify  # objects the archive makes itself (SR, KOS)

@@ -464,7 +464,7 @@ def import_(
     except (FileNotFoundError, OSError) as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from exc
-    pipeline = Pipeline.start(settings, answer_first=False)  # nobody waits for an answer: no post-commit thread
+    pipeline = Pipeline.start(settings)
     summary = ImportSummary()
     armed: set[int] = set()  # derived tasks of what was imported
     if wait is None:
