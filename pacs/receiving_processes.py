@@ -385,7 +385,7 @@ def _receive(settings: Settings, index: int, count: int, role: str, shared: Shar
     ctx = AppContext.create(settings)
     ctx.extras["commitment_reporter"] = _WakeReporter(parent)
     ctx.extras["ingest_notify"] = parent.notify
-    ingestor = make_ingestor(ctx, notify=parent.notify, after_commit=True)
+    ingestor = make_ingestor(ctx, notify=parent.notify)
     listeners = start_scp(ctx, ingestor, shared=shared, reuse_port=True)
     from pacs.heap import freeze_startup_heap
 
@@ -411,7 +411,6 @@ def _receive(settings: Settings, index: int, count: int, role: str, shared: Shar
     while not stop.wait(METRICS_PUSH_S):
         parent.send(("metrics", metrics.snapshot()))
     left = listeners.close(settings.dicom_drain_s)
-    ingestor.close()  # the fragments and wake-ups of what was just acknowledged
     parent.send(("metrics", metrics.snapshot()))
     parent.send(("bye", os.getpid(), left))
     ctx.close()

@@ -16,7 +16,6 @@ from pacs.forwarding.delivery import ForwardDelivery
 from pacs.hl7.listener import Hl7Listener
 from pacs.hl7.outbound import Hl7Delivery
 from pacs.ingest import Ingestor, TaskNotifier
-from pacs.ingest.after_commit import AfterCommit
 from pacs.persons.identifiers import NationalIdPolicy
 from pacs.polling import PollingLoop
 from pacs.settings import Settings
@@ -43,7 +42,7 @@ class Pipeline:
         relay = OutboxRelay(ctx, publisher, poll_s=settings.outbox_poll_s,
                             requeue_after=timedelta(seconds=settings.task_requeue_s),
                             requeue_all_queued=settings.embedded_workers).start()
-        ingestor = make_ingestor(ctx, notify=relay.notify, after_commit=True)
+        ingestor = make_ingestor(ctx, notify=relay.notify)
         ctx.extras["publisher"] = publisher
         ctx.extras["outbox_relay"] = relay  # report signing nudges it (pacs.reports.service)
         ctx.extras["ingest_notify"] = relay.notify  # objects the archive makes itself (SR, KOS)
@@ -58,7 +57,6 @@ class Pipeline:
     def stop(self) -> None:
         if self.hl7_listener is not None:
             self.hl7_listener.stop()
-        self.ingestor.close()  # its queued fragments and wake-ups, before the relay and the context go
         if self.retention is not None:
             self.retention.stop()
         if self.hl7_delivery is not None:
@@ -98,11 +96,8 @@ class Pipeline:
         return remaining
 
 
-def make_ingestor(ctx: AppContext, notify: TaskNotifier | None = None, *, after_commit: bool = False) -> Ingestor:
-    """The process's ingest service, configured from its settings (C-STORE, STOW-RS and import share it).
-
-    ``after_commit``: a receiving process's; its post-commit work runs after the answer, on one thread
-    (:mod:`pacs.ingest.after_commit`); the process calls :meth:`Ingestor.close` before closing ``ctx``."""
+def make_ingestor(ctx: AppContext, notify: TaskNotifier | None = None) -> Ingestor:
+    """The process's ingest service, configured from its settings (C-STORE, STOW-RS and import share it)."""
     settings = ctx.settings
     return Ingestor(
         ctx.sessions,
@@ -114,7 +109,6 @@ def make_ingestor(ctx: AppContext, notify: TaskNotifier | None = None, *, after_
         read_sessions=ctx.read_sessions,
         max_inflated_bytes=settings.max_inflated_bytes,
         national_ids=NationalIdPolicy.from_settings(settings.national_id_issuers, settings.national_id_attribute),
-        after_commit=AfterCommit() if after_commit else None,
     )
 
 

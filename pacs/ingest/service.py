@@ -27,11 +27,9 @@ Order of writes (nothing acknowledged is ever lost, nothing half-written is ever
    Only after this commit is success reported. If the commit fails, the object written in step 3
    is removed again when this call created it (it stays invisible either way: queries read the
    index, and ``pacs check`` lists unreferenced objects).
-5. After commit, a new instance's DICOM JSON fragment (made from the parsed dataset before the transaction, its
-   outbox row recorded done in step 4; :mod:`pacs.ingest.fragment`) is put under ``derived/metadata/``, and the
-   outbox rows are handed to the publisher without waiting on the broker. Given an
-   :class:`~pacs.ingest.after_commit.AfterCommit` (the receiving processes), both happen on its thread after the
-   answer: nothing acknowledged depends on them (readers make a missing fragment, the relay publishes armed rows).
+5. After commit, a new instance's DICOM JSON fragment (made from the parsed dataset, its outbox row recorded done
+   in step 4; :mod:`pacs.ingest.fragment`) is put under ``derived/metadata/``, and the outbox rows are handed to
+   the publisher without waiting on the broker.
 """
 
 
@@ -42,7 +40,6 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
-from functools import partial
 from typing import TypedDict, cast
 
 from sqlalchemy import Table, bindparam, select
@@ -57,7 +54,6 @@ from pacs.derived.outbox import arm_ingested, redo_newer_version
 from pacs.errors import PacsError
 from pacs.failpoints import failpoint
 from pacs.forwarding.rules import queue_forwards
-from pacs.ingest.after_commit import AfterCommit
 from pacs.ingest.claim import ClaimStoreFailed, claim_provisional_study
 from pacs.ingest.fragment import make_fragment
 from pacs.ingest.index_writer import index_instance
@@ -117,10 +113,7 @@ class Ingestor:
         read_sessions: sessionmaker[Session] | None = None,
         max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
         national_ids: NationalIdPolicy | None = None,
-        after_commit: AfterCommit | None = None,
     ) -> None:
-        # step 5 after the answer, on its thread (None: inline, before the answer)
-        self._after_commit = after_commit
         self._national_ids = national_ids  # link records to persons by national IDs (pacs.persons); None: off
         self._sessions = sessions
         # the per-object reads (step 2, the fragment's version check) are single statements without an ORM session
@@ -133,22 +126,6 @@ class Ingestor:
         self._max_inflated = max_inflated_bytes
         self._utf8 = assume_utf8_for_latin1
         self._notify = notify
-
-    def flush(self, timeout: float | None = None) -> bool:
-        """Wait until step 5 of every object ingested so far has been done (False: ``timeout`` passed first)."""
-        return self._after_commit is None or self._after_commit.flush(timeout)
-
-    def close(self, timeout: float | None = 30.0) -> None:
-        """Do step 5 of what is queued, then do it inline (a process stopping: call before closing its context)."""
-        if self._after_commit is not None:
-            self._after_commit.close(timeout)
-
-    def _after_answer(self, job: Callable[[], None], size: int = 0) -> None:
-        """Step 5's ``job``, after the answer when there is an :class:`AfterCommit`, else now."""
-        if self._after_commit is None:
-            job()
-        else:
-            self._after_commit.submit(job, size)
 
     def ingest(
         self,
@@ -195,7 +172,7 @@ class Ingestor:
             except SQLAlchemyError as exc:
                 outcome = self._index_failed(obj, sha256, exc)
         if outcome.ok and outcome.derived_task_ids and self._notify is not None:
-            self._after_answer(partial(self._notify, outcome.derived_task_ids))  # after the fragment's put
+            self._notify(outcome.derived_task_ids)
         failpoint("ingest.before_response")
         return outcome
 
@@ -320,9 +297,8 @@ class Ingestor:
             undo()
             return self._index_failed(obj, sha256, exc)
         failpoint("ingest.after_index_commit")
-        if fragment is not None:  # holds the fragment and the UIDs, never the object
-            self._after_answer(partial(self._put_fragment, obj.study_instance_uid, obj.series_instance_uid,
-                                       obj.sop_instance_uid, fragment, sha256), len(fragment))
+        if fragment is not None:
+            self._put_fragment(obj, fragment, sha256)
         if tombstoned:
             failed = self._put_again(obj, key)
             if failed is not None:
@@ -334,28 +310,28 @@ class Ingestor:
             else IngestStatus.NEW_VERSION
         return IngestOutcome(status, "", derived_task_ids=task_ids, **ids)
 
-    def _put_fragment(self, study_uid: str, series_uid: str, sop_uid: str, fragment: bytes, sha256: str) -> None:
+    def _put_fragment(self, obj: ReceivedObject, fragment: bytes, sha256: str) -> None:
         """Put a new instance's DICOM JSON fragment (pacs.ingest.fragment), after the commit that recorded its row
         done. Put only now, a fragment is never of content that did not commit. Missing (a crash before the put, a
         store that refused it), readers make it from the object (:mod:`pacs.dicomweb.documents`,
         :mod:`pacs.derived.series`). Put late (a newer version committed meanwhile, its fragment maybe written
         already by a worker): the newer version's work is armed again, as a worker superseded does."""
-        key = instance_metadata_key(study_uid, series_uid, sop_uid)
+        key = instance_metadata_key(obj.study_instance_uid, obj.series_instance_uid, obj.sop_instance_uid)
         try:
             self._store.put(key, fragment, length=len(fragment), content_type="application/dicom+json")
         except StorageError as exc:
-            log.warning("fragment of %s not put (made again when it is read): %s", sop_uid, exc)
+            log.warning("fragment of %s not put (made again when it is read): %s", obj.sop_instance_uid, exc)
             return
         try:
             # read on the read-only pool (no write lock: SQLite's BEGIN IMMEDIATE would queue behind every other
             # ingest); a newer version committed after this read puts its own fragment after its commit, after ours
             with self._read_engine.connect() as connection:
-                current = _CURRENT_SHA.scalar(connection, {"sop": sop_uid})
+                current = _CURRENT_SHA.scalar(connection, {"sop": obj.sop_instance_uid})
             if current is not None and current != sha256:
                 with self._sessions() as session, session.begin():
-                    redo_newer_version(session, sop_uid)
+                    redo_newer_version(session, obj.sop_instance_uid)
         except SQLAlchemyError as exc:  # the index went away after our commit: readers check the version
-            log.warning("could not check the version of %s's fragment: %s", sop_uid, exc)
+            log.warning("could not check the version of %s's fragment: %s", obj.sop_instance_uid, exc)
             return
         if current is None:  # deleted meanwhile: its derived objects went with it, so this one goes too
             self._discard(key)
