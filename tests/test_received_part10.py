@@ -18,7 +18,7 @@ from pynetdicom.dsutils import create_file_meta, encode_file_meta, split_dataset
 
 from dicom_scp.received import file_meta_bytes, received_part10
 from tests.support.corpus import corpus_dicom_files
-from tests.support.datasets import make_dataset
+from tests.support.datasets import make_dataset, random_uid
 from tests.support.net import free_port
 from tests.support.senders import send_dataset, send_file_raw
 from tests.support.tiers import starts_servers
@@ -29,22 +29,11 @@ def _pynetdicom(sop_class: str, sop_instance: str, syntax: str) -> bytes:
                                              transfer_syntax=UID(syntax)))
 
 
-def _uid(rng: random.Random, length: int) -> str:
-    """A valid UID of ``length`` characters: digit components without leading zeros, joined by dots."""
-    uid = rng.choice("123456789")
-    while len(uid) < length:
-        if uid[-1] != "." and len(uid) < length - 1 and rng.random() < 0.25:
-            uid += "."
-        else:
-            uid += rng.choice("123456789" if uid[-1] == "." else "0123456789")
-    return uid
-
-
 @pytest.mark.parametrize("syntax", [str(ts) for ts in AllTransferSyntaxes])
 def test_file_meta_is_encoded_as_pynetdicom_encodes_it(syntax: str) -> None:
     rng = random.Random(syntax)
     for length in range(1, 65):  # odd and even lengths: padding
-        sop_class, sop_instance = _uid(rng, rng.randint(1, 64)), _uid(rng, length)
+        sop_class, sop_instance = random_uid(rng, rng.randint(1, 64)), random_uid(rng, length)
         assert file_meta_bytes(sop_class, sop_instance, syntax) == _pynetdicom(sop_class, sop_instance, syntax)
 
 

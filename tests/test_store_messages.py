@@ -24,7 +24,7 @@ from sqlalchemy import select
 from dicom_scp import store_messages
 from pacs.db.models import Instance
 from pacs.security.filing_rules import REFUSAL
-from tests.support.datasets import make_dataset
+from tests.support.datasets import make_dataset, random_uid
 from tests.support.dcmtk import storescu
 from tests.support.senders import send_dataset, send_file_raw
 from tests.support.stack import EmbeddedPacs
@@ -36,17 +36,6 @@ _original_receive = store_messages._original_receive_primitive
 STATUSES = (0x0000, 0x0001, 0x0107, 0x0116, 0x0117, 0x0122, 0x0124, 0x0210, 0x0211, 0xA700, 0xA701, 0xA702,
             0xA7FF, 0xA900, 0xA9FF, 0xB000, 0xB006, 0xB007, 0xC000, 0xC001, 0xC002, 0xC211, 0xCFFF, 0xFE00, 0xFF00,
             0xFF01, 0xFFFF)
-
-
-def _uid(rng: random.Random, length: int) -> str:
-    """A conformant UID of ``length`` characters: digit components without leading zeros, joined by dots."""
-    uid = rng.choice("123456789")
-    while len(uid) < length:
-        if uid[-1] != "." and len(uid) < length - 1 and rng.random() < 0.25:
-            uid += "."
-        else:
-            uid += rng.choice("123456789" if uid[-1] == "." else "0123456789")
-    return uid
 
 
 def _association(max_pdu: int = 16382) -> Association:
@@ -126,13 +115,14 @@ def test_responses_are_pynetdicoms_bytes(pynetdicom_calls: list[str]) -> None:
     for message_id in [*range(0, 70), *range(65500, 65536), *rng.sample(range(65536), 300)]:
         status = STATUSES[message_id % len(STATUSES)]
         comment = comments[message_id % len(comments)] if message_id % 3 else None
-        rsp = _response(message_id, status, _uid(rng, rng.randint(1, 64)), _uid(rng, 1 + message_id % 64), comment)
+        sop_class, sop_instance = random_uid(rng, rng.randint(1, 64)), random_uid(rng, 1 + message_id % 64)
+        rsp = _response(message_id, status, sop_class, sop_instance, comment)
         ours, theirs = _ours_and_pynetdicoms(rsp, context_id=1 + 2 * (message_id % 128))
         assert ours == theirs, (message_id, status, comment)
         checked += 1
     for length in range(1, 65):  # every UID length, odd and even (the NUL pad), both UIDs
         for status in (0x0000, 0xB000, 0xC001):
-            rsp = _response(length, status, _uid(rng, length), _uid(rng, 65 - length), "c" * (length % 65))
+            rsp = _response(length, status, random_uid(rng, length), random_uid(rng, 65 - length), "c" * (length % 65))
             ours, theirs = _ours_and_pynetdicoms(rsp)
             assert ours == theirs
             checked += 1
@@ -297,7 +287,7 @@ def _received(pdatas: list[P_DATA], receive: Callable[[DIMSEServiceProvider, Any
 
 def test_requests_are_decoded_as_pynetdicom_decodes_them(pynetdicom_calls: list[str]) -> None:
     rng = random.Random(11)
-    requests = [_request(message_id, _uid(rng, 1 + message_id % 64), message_id % 3)
+    requests = [_request(message_id, random_uid(rng, 1 + message_id % 64), message_id % 3)
                 for message_id in [*range(0, 70), *range(65500, 65536), *rng.sample(range(65536), 100)]]
     requests += [_request(1, "1.2.3", 0, "MOVESCU", 0), _request(2, "1.2.3", 1, " A ", 65535),
                  _request(3, "1.2.3", 2, "X" * 16, 12345), _request(4, "1.2.3", originator_id=9)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import random
 from typing import Any
 
 import numpy as np
@@ -57,3 +58,14 @@ def dataset_bytes(part10: bytes) -> bytes:
     read_preamble(fh, False)
     _read_file_meta_info(fh)
     return part10[fh.tell():]
+
+
+def random_uid(rng: random.Random, length: int) -> str:
+    """A conformant UID of ``length`` characters (1-64): digit components without leading zeros, joined by dots."""
+    uid = rng.choice("123456789")
+    while len(uid) < length:
+        if uid[-1] != "." and len(uid) < length - 1 and rng.random() < 0.25:
+            uid += "."
+        else:
+            uid += rng.choice("123456789" if uid[-1] == "." else "0123456789")
+    return uid
