@@ -9,15 +9,15 @@ digits and dots, leading zeros) take pynetdicom's path, with its errors.
 
 from __future__ import annotations
 
-import re
 import struct
 from typing import Final
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.dimse_primitives import C_STORE
 
+from pacs.uids import is_valid_uid
+
 PREAMBLE: Final = b"\x00" * 128 + b"DICM"
-_PLAIN_UID: Final = re.compile(r"(?=.{1,64}\Z)(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")  # valid: nothing to warn about
 
 
 def _element(group_element: bytes, vr: bytes, value: bytes) -> bytes:
@@ -43,8 +43,7 @@ _IMPLEMENTATION: Final = (_element(b"\x02\x00\x12\x00", b"UI", _uid(PYNETDICOM_I
 
 def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes | None:
     """pynetdicom's encoded File Meta Information for these UIDs; None unless all three are plain."""
-    if not (_PLAIN_UID.fullmatch(sop_class_uid) and _PLAIN_UID.fullmatch(sop_instance_uid)
-            and _PLAIN_UID.fullmatch(transfer_syntax_uid)):
+    if not (is_valid_uid(sop_class_uid) and is_valid_uid(sop_instance_uid) and is_valid_uid(transfer_syntax_uid)):
         return None
     body = b"".join((
         _VERSION,

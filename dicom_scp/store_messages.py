@@ -48,11 +48,12 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import decode
 from pynetdicom.pdu_primitives import P_DATA
 
+from pacs.uids import is_valid_uid
+
 _original_send_msg = DIMSEServiceProvider.send_msg
 _original_receive_primitive = DIMSEServiceProvider.receive_primitive
 _install_lock = threading.Lock()
 
-_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")  # pydicom's UI expression (valuerep), as fullmatch
 _LO_TEXT = re.compile(r"[\x20-\x5b\x5d-\x7e]*")  # printable ASCII but the backslash (pydicom's value delimiter)
 _AE_TEXT = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
 _ELEMENT = struct.Struct("<HHI")  # Implicit VR Little Endian: group, element, value length
@@ -70,7 +71,7 @@ _RQ_REQUIRED = {0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1000}
 
 def _uid_element(element: int, value: Any) -> bytes | None:
     """A UI element as pydicom writes it (NUL-padded to an even length), or None for an unusual value."""
-    if not isinstance(value, str) or len(value) > 64 or not _UID.fullmatch(value):
+    if not is_valid_uid(value):  # pydicom's UI expression, at most 64 characters
         return None
     raw = value.encode("ascii")
     if len(raw) % 2:
@@ -134,7 +135,7 @@ def _uid_value(raw: bytes) -> UID | None:
     """The UID pydicom and pynetdicom make of a UI value (a trailing NUL pad dropped) when that takes no warning
     or error: a conformant UID; else None (unusual)."""
     text = raw[:-1] if raw.endswith(b"\x00") else raw
-    if not 0 < len(text) <= 64 or not _UID.fullmatch(text.decode("latin-1")):
+    if not is_valid_uid(text.decode("latin-1")):
         return None
     # pydicom's UID() would validate it against the same expression and strip nothing: the same UID, made directly
     return str.__new__(UID, text.decode("ascii"))

@@ -25,6 +25,8 @@ from pydicom.hooks import hooks
 from pydicom.tag import _LUT_DESCRIPTOR_TAGS
 from pydicom.values import converters
 
+from storage.keys import is_valid_uid
+
 __all__ = ["BULK", "ascii_safe_charset", "fast_path_available", "int_of_raw", "json_of_raw", "plain_vr",
            "text_of_raw"]
 
@@ -41,7 +43,6 @@ _SINGLE_TEXT_VRS: Final = {"ST": 1024, "LT": 10240, "UT": 0}
 _PN_COMPONENT_MAX: Final = 64
 # pydicom's own validation patterns (pydicom.valuerep.VR_REGEXES): a value outside them takes pydicom's path,
 # which warns about it
-_UID: Final = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 _IS: Final = re.compile(r" *[+\-]?\d+ *")
 _DS: Final = re.compile(r" *[+\-]?(\d+|\d+\.\d*|\.\d+)([eE][+\-]?\d+)? *")
 #: what :func:`json_of_raw` returns for bulk data
@@ -116,7 +117,7 @@ def json_of_raw(raw: RawDataElement, vr: str, text_ok: bool, threshold: int) -> 
         return _strings(value.decode("latin-1").rstrip(" \x00").split("\\"), vr)
     if vr == "UI":
         uids = value.decode("latin-1").rstrip(" \x00").split("\\")
-        if not all(len(u) <= 64 and _UID.fullmatch(u) for u in uids):
+        if not all(is_valid_uid(u) for u in uids):  # pydicom's UI expression
             return None
         return {"vr": vr, "Value": uids}
     if vr == "IS":
@@ -182,7 +183,7 @@ def text_of_raw(raw: Any, expected_vr: str, text_ok: bool) -> str | None:
         text = value.decode("latin-1").rstrip(" \x00")
         if not text and value:
             return None
-        if text and not all(len(u) <= 64 and _UID.fullmatch(u) for u in text.split("\\")):
+        if text and not all(is_valid_uid(u) for u in text.split("\\")):
             return None
         return text
     if not text_ok:

@@ -17,21 +17,21 @@ from storage.errors import InvalidKey
 #: more than one digit (``1.02.3`` is not a UID: systems that compare components as numbers
 #: would take it for ``1.2.3``). Every UID that arrives (C-STORE, STOW-RS, request parameters)
 #: is checked with this rule by :func:`is_valid_uid`.
-UID_RE = re.compile(r"^(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*$")
+UID_RE = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")  # whole value: fullmatch
 #: Keys are checked on charset only (:func:`_key_uid`): objects stored before the leading-zero
 #: rule keep valid keys, so ``pacs reindex``/``pacs check`` still see them as instances (an
 #: acknowledged object is never mistaken for an orphan) and their derived files can be built.
-_KEY_UID_RE = re.compile(r"^[0-9]+(?:\.[0-9]+)*$")
+_KEY_UID_RE = re.compile(r"^[0-9]+(?:\.[0-9]+)*\Z")
 UID_MAX_LEN = 64
 
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
 
 KEY_MAX_LEN = 1024
-_SEGMENT_RE = re.compile(r"^[A-Za-z0-9._-]+$")
-_PARTIAL_SEGMENT_RE = re.compile(r"^[A-Za-z0-9._-]*$")
+_SEGMENT_RE = re.compile(r"^[A-Za-z0-9._-]+\Z")
+_PARTIAL_SEGMENT_RE = re.compile(r"^[A-Za-z0-9._-]*\Z")
 
 _INSTANCE_KEY_RE = re.compile(
-    r"^dicom/(?P<study>[0-9.]+)/(?P<series>[0-9.]+)/(?P<sop>[0-9.]+)/(?P<sha>[0-9a-f]{64})\.dcm$"
+    r"^dicom/(?P<study>[0-9.]+)/(?P<series>[0-9.]+)/(?P<sop>[0-9.]+)/(?P<sha>[0-9a-f]{64})\.dcm\Z"
 )
 
 
@@ -43,8 +43,9 @@ def _show(value: object, limit: int = 80) -> str:
 
 def is_valid_uid(s: object) -> TypeGuard[str]:
     """A UID as PS3.5 §9.1 defines it: digits and dots, no empty component, no leading zero in a
-    component (``0`` alone is one), at most 64 characters."""
-    return isinstance(s, str) and 0 < len(s) <= UID_MAX_LEN and UID_RE.match(s) is not None
+    component (``0`` alone is one), at most 64 characters; nothing else, not even a trailing newline. The one UID
+    rule of the archive: keys, ingest, and the DIMSE shortcuts that must agree with pydicom's UI expression."""
+    return isinstance(s, str) and 0 < len(s) <= UID_MAX_LEN and UID_RE.fullmatch(s) is not None
 
 
 def is_archived_uid(s: object) -> TypeGuard[str]:

@@ -59,6 +59,8 @@ BAD_KEYS = [
     "a\\..\\b",
     "nul\x00byte",
     "tab\tkey",
+    "newline\n",  # a trailing newline: whole-value matches, not ``$``
+    "dicom/1.2/newline\n/x",
     "é",
     ".hidden",
     "a/.tmp-123",
@@ -442,6 +444,7 @@ def test_valid_uids(uid: str) -> None:
         " 1.2",
         "1/2",
         "1.2\x00",
+        "1.2\n",  # a trailing newline: a whole-value match, not ``$``
         "1.02.3",  # PS3.5 §9.1: no leading zero in a component
         "1.2.840.0010.1",
         "01.2",
