@@ -30,9 +30,10 @@ The listeners are pynetdicom's threaded server hardened against hostile peers (S
   for the header. From any other peer a PROXY header is just an invalid PDU (A-ABORT).
 
 Several receiving processes (``PACS_DICOM_PROCESSES``, ``pacs.receiving_processes``) each run
-:func:`start_scp` with ``shared`` (:class:`pacs.shared_limits.SharedLimits`) and ``reuse_port``: the listeners
-bind with ``SO_REUSEPORT`` (the kernel spreads connections over the processes), and every limit above counts
-the connections and associations of all of them.
+:func:`start_scp` with ``shared`` (:class:`pacs.shared_limits.SharedLimits`) and ``listening``: the listening
+sockets their supervisor made, which they all accept from (the process that gets to ``accept`` first takes the
+connection, so a busy one takes fewer), and every limit above counts the connections and associations of all of
+them.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import MethodType
-from typing import Any
+from typing import Any, NamedTuple
 
 from pynetdicom import AE, _config, evt
 from pynetdicom.dul import DULServiceProvider
@@ -158,10 +159,11 @@ class Listeners:
 
 
 def start_scp(ctx: AppContext, ingestor: Ingestor, *, shared: SharedLimits | None = None,
-              reuse_port: bool = False) -> Listeners:
+              listening: ListeningSockets | None = None) -> Listeners:
     """Start listening in background threads; call ``shutdown()`` on the result to stop.
 
-    ``shared``: the limits are kept with other receiving processes; ``reuse_port``: bind with SO_REUSEPORT."""
+    ``shared``: the limits are kept with other receiving processes; ``listening``: accept from these sockets (made
+    and shared by the receiving processes' supervisor) instead of binding the ports."""
     ae = build_ae(ctx)
 
     def is_alive(assoc: Any) -> bool:  # the register's tokens are the Associations (threads)
@@ -184,16 +186,25 @@ def start_scp(ctx: AppContext, ingestor: Ingestor, *, shared: SharedLimits | Non
     guard = ConnectionGuard(ctx, shared=shared, ae=ae)
     evt_handlers.append((evt.EVT_CONN_CLOSE, guard.on_conn_close))
     address = (ctx.settings.dicom_host, ctx.settings.dicom_port)
-    listeners = Listeners(_start_server(ae, address, evt_handlers, guard, reuse_port=reuse_port), guard=guard)
+    listeners = Listeners(_start_server(ae, address, evt_handlers, guard,
+                                        listening=listening.dicom if listening is not None else None), guard=guard)
     guard.start_reaper()
     log.info("DICOM SCP %s listening on %s:%s", ctx.settings.ae_title, *listeners.server_address)
     ssl_context = server_ssl_context(ctx.settings)
     if ssl_context is not None:
         tls_address = (ctx.settings.dicom_host, ctx.settings.dicom_tls_port)
-        listeners.tls = _start_server(ae, tls_address, evt_handlers, guard, ssl_context, reuse_port=reuse_port)
+        listeners.tls = _start_server(ae, tls_address, evt_handlers, guard, ssl_context,
+                                      listening=listening.tls if listening is not None else None)
         log.info("DICOM TLS listening on %s:%s (client certificate %s)", *listeners.tls.server_address[:2],
                  "required" if ctx.settings.tls_require_client_cert else "optional")
     return listeners
+
+
+class ListeningSockets(NamedTuple):
+    """The listening sockets several receiving processes share (``pacs.receiving_processes`` makes them)."""
+
+    dicom: socket.socket
+    tls: socket.socket | None
 
 
 Route = tuple[set[str], Callable[..., Any], list[Any]]
@@ -485,6 +496,10 @@ class ConnectionGuard:
         return header.source
 
 
+ACCEPT_DEFER_S = 0.001  # a receiving process's wait before accepting from a shared socket, per association it has
+ACCEPT_DEFER_MAX = 4  # open, up to this many (GuardedAssociationServer.get_request)
+
+
 class GuardedAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded association server with connection admission (see the module docstring)."""
 
@@ -492,20 +507,39 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
     def __init__(self, ae: AE, address: tuple[str, int], ae_title: str, contexts: list[PresentationContext],
                  ssl_context: ssl.SSLContext | None = None, evt_handlers: list[evt.EventHandlerType] | None = None,
-                 *, guard: ConnectionGuard, reuse_port: bool = False) -> None:
+                 *, guard: ConnectionGuard, listening: socket.socket | None = None) -> None:
         self.guard = guard
-        self.reuse_port = reuse_port
+        self.listening = listening
         self._accepting_stopped = False
         self._last_gc = time.monotonic()
         super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers,
                          request_handler=GuardedRequestHandler)
 
     def server_bind(self) -> None:
-        """pynetdicom's bind, with SO_REUSEPORT for several receiving processes on one port (Linux)."""
-        if self.reuse_port:
-            assert self.socket is not None
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        """pynetdicom's bind; or, given a listening socket shared with other receiving processes, that socket
+        instead, non-blocking: a process whose ``accept`` lost the connection to another returns to its loop
+        (``socketserver`` ignores the ``BlockingIOError``) rather than wait in ``accept``."""
+        if self.listening is None:
+            super().server_bind()
+            return
+        assert self.socket is not None
+        self.socket.close()  # the one socketserver made, never bound
+        self.socket = self.listening
+        self.socket.setblocking(False)  # of the open file: the same in every process that shares it
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self.listening is None:  # a shared socket listens already
+            super().server_activate()
+
+    def server_close(self) -> None:
+        """pynetdicom's shuts the listening socket down before closing it, which for a shared one would end the
+        other processes' accepting too: a shared socket is only closed (this process's descriptor)."""
+        if self.listening is None:
+            super().server_close()
+            return
+        assert self.socket is not None
+        self.socket.close()
 
     def service_actions(self) -> None:
         """pynetdicom's runs a full ``gc.collect()`` on every 60th pass of the accept loop (every 60th connection):
@@ -537,8 +571,17 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         super().shutdown()
 
     def get_request(self) -> tuple[Any, Any]:
-        """Accept; for TLS only wrap the socket: the handshake is done in the connection's thread."""
+        """Accept; for TLS only wrap the socket: the handshake is done in the connection's thread.
+
+        On a socket shared with other receiving processes, a process that has associations open first waits
+        :data:`ACCEPT_DEFER_S` per association (up to :data:`ACCEPT_DEFER_MAX`), so an idler process takes the
+        connection if it can: every process is woken by each connection, and the first to accept gets it. None
+        is ever starved: whoever waited accepts what nobody else took."""
         assert self.socket is not None
+        if self.listening is not None:
+            busy = sum(1 for assoc in self.ae.active_associations if assoc.is_acceptor)
+            if busy:
+                time.sleep(min(busy, ACCEPT_DEFER_MAX) * ACCEPT_DEFER_S)
         client, address = self.socket.accept()
         if self.ssl_context:
             client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
@@ -597,10 +640,11 @@ class GuardedRequestHandler(RequestHandler):
 
 
 def _start_server(ae: AE, address: tuple[str, int], evt_handlers: list[evt.EventHandlerType], guard: ConnectionGuard,
-                  ssl_context: ssl.SSLContext | None = None, *, reuse_port: bool = False) -> GuardedAssociationServer:
+                  ssl_context: ssl.SSLContext | None = None, *,
+                  listening: socket.socket | None = None) -> GuardedAssociationServer:
     """``AE.start_server(block=False)`` with our server class."""
     server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
-                            server_class=GuardedAssociationServer, guard=guard, reuse_port=reuse_port)
+                            server_class=GuardedAssociationServer, guard=guard, listening=listening)
     assert isinstance(server, GuardedAssociationServer)  # make_server's type cannot tell from server_class
     server.contexts = presentation_contexts.shared(server.contexts)  # built once, shared read-only by associations
     thread = threading.Thread(target=make_target(server.serve_forever), name=f"AcceptorServer@{address[1]}",

@@ -1,9 +1,13 @@
 """Several DICOM receiving processes on one port (``PACS_DICOM_PROCESSES``, ``--dicom-processes``; issue 13).
 
 pynetdicom decodes every PDU in Python under one GIL, so one process receives C-STOREs on about one core. With
-``N`` over 1, `pacs serve` (and `pacs scp`) start ``N`` receiving processes that each listen on the DICOM port
-(and the TLS port) with ``SO_REUSEPORT`` (Linux): the kernel spreads the incoming connections over them. The
-main process (the *supervisor*) does not listen for DICOM; it runs everything else once: the HTTP API, the
+``N`` over 1, `pacs serve` (and `pacs scp`) start ``N`` receiving processes that all accept from one listening
+socket on the DICOM port (and one on the TLS port). Every connection wakes them all and the first to accept takes
+it; one with associations open waits a little first (``dicom_scp.server.GuardedAssociationServer.get_request``),
+so the connections spread over the processes by how busy they are (``SO_REUSEPORT``, one socket per process, let
+the kernel spread them by a hash of the addresses: all four of a 4-association send went to one process in two
+tries out of five, issue 13). The main process (the *supervisor*) makes the sockets and keeps them open, but never
+accepts a DICOM connection; it runs everything else once: the HTTP API, the
 outbox relay and the in-process derived-work pool, forward delivery, the storage-commitment reporter (the
 N-EVENT-REPORT sender is its loop, so reports are sent once), HL7, retention and the schedulers.
 
@@ -14,11 +18,12 @@ reporter after an N-ACTION, and its metrics (:func:`pacs.metrics.snapshot`: push
 demand at each scrape; the supervisor adds them to its own). The association limits, the connection limits
 and the pre-association budget hold for the whole server: :mod:`pacs.shared_limits`, one table in shared memory.
 
-The supervisor binds the ports first (a socket with ``SO_REUSEPORT`` that never listens: port 0 becomes a real
-port, and the port stays ours while a receiving process restarts), then starts the processes and waits until
-each listens. `pacs serve` starts them before it starts any thread of its own: they are *forked* (every module
-already imported, a start in a fraction of a second, where a fresh interpreter imports for seconds); one started
-again later, when the supervisor runs threads, is *spawned* (a fresh interpreter: nothing inherited from them).
+The supervisor makes the listening sockets first (port 0 becomes a real port; the backlog stays, so connections
+wait there while a receiving process restarts; ``SO_REUSEPORT`` only lets a server started again bind while the
+processes of the last one drain), then starts the processes and waits until each accepts. `pacs serve` starts
+them before it starts any thread of its own: they are *forked* (every module already imported, a start in a
+fraction of a second, where a fresh interpreter imports for seconds); one started again later, when the supervisor
+runs threads, is *spawned* (a fresh interpreter: nothing inherited from them but the sockets, passed to it).
 
 Receiving processes ignore SIGINT and SIGTERM (a terminal's Ctrl-C and `kill` of the process group reach
 every process): they stop when the supervisor says so, or when its pipe closes (the supervisor died: no
@@ -28,13 +33,15 @@ started again (its rows in the shared table dropped first); one that keeps dying
 ``RESTART_WINDOW_S``) is not, nor one that ends before it first listened (a configuration error, say a TLS
 key that cannot be read): the supervisor calls ``on_fatal`` and the command exits non-zero.
 
-``PACS_DICOM_PROCESSES=0`` (the default) means :func:`default_processes`: 1, measured (issue 13): see there.
+``PACS_DICOM_PROCESSES=0`` (the default) means :func:`default_processes`: the usable cores, up to
+:data:`DEFAULT_MAX_PROCESSES`, measured (issue 13): see there.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -45,11 +52,15 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pacs import metrics
 from pacs.settings import Settings
 from pacs.shared_limits import SharedLimits
+
+if TYPE_CHECKING:
+    from dicom_scp.server import ListeningSockets
 
 log = logging.getLogger("pacs.receiving")
 
@@ -58,17 +69,37 @@ RESTART_WINDOW_S = 60.0
 READY_TIMEOUT_S = 120.0
 METRICS_PUSH_S = 1.0
 PULL_TIMEOUT_S = 1.0
+DEFAULT_MAX_PROCESSES = 4  # receiving processes by default, whatever the cores (default_processes)
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" in µs, or "max <period>"
 
 
 def default_processes() -> int:
-    """The number of receiving processes when ``PACS_DICOM_PROCESSES`` is 0.
+    """The number of receiving processes when ``PACS_DICOM_PROCESSES`` is 0: the cores this process may run on,
+    up to :data:`DEFAULT_MAX_PROCESSES` (1 core: the DICOM services in the main process).
 
-    1: the DICOM services in the main process, as before issue 13. Measured on the 2-core test host
-    (``python -m bench.ingest --dicom-processes N``, README "Several DICOM receiving processes"), two processes
-    did not beat one there (more CPU per instance, 2.4 times the memory, no idle core to gain on a busy host);
-    set ``PACS_DICOM_PROCESSES`` to the number of cores on a host where cores sit idle during ingest.
+    Measured on the 2-core test host (README "Several DICOM receiving processes"): with two receiving processes
+    four associations store 30-40 % more instances per second than with one, one association as many, at the same
+    CPU per instance, for ~190 MB more resident memory per process. Each process costs that memory whether
+    associations come or not, hence the cap; raise ``PACS_DICOM_PROCESSES`` on a host with more cores and many
+    modalities sending at once.
     """
-    return 1
+    return max(1, min(usable_cores(), DEFAULT_MAX_PROCESSES))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), fewer where its cgroup's CPU quota allows fewer (a
+    container with a CPU limit sees every core of its host)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 here, or a line we do not know
+        pass
+    return cores
 
 
 def effective_processes(settings: Settings) -> int:
@@ -107,7 +138,7 @@ class ReceivingProcesses:
         self.mp = multiprocessing.get_context("spawn")
         self.shared = SharedLimits.for_settings(settings, count, self.mp)
         self.children: dict[int, _Child] = {}
-        self._reserved: list[socket.socket] = []
+        self._listening: list[socket.socket] = []
         self._stopping = threading.Event()
         self._restarts: deque[float] = deque()
         self._lock = threading.Lock()  # children, and one pull at a time
@@ -119,12 +150,16 @@ class ReceivingProcesses:
     # -- start -------------------------------------------------------------------------------------------
 
     def start(self) -> ReceivingProcesses:
-        import dicom_scp.server  # noqa: F401  # imported once here, inherited by forked receiving processes
+        # imported once here, inherited by forked receiving processes
         import pacs.runtime  # noqa: F401
+        from dicom_scp.server import GuardedAssociationServer, ListeningSockets
 
-        self.port = self._reserve(self.settings.dicom_port)
-        if self.settings.tls_cert_file is not None:
-            self.tls_port = self._reserve(self.settings.dicom_tls_port)
+        backlog = GuardedAssociationServer.request_queue_size
+        dicom = self._listen(self.settings.dicom_port, backlog)
+        tls = self._listen(self.settings.dicom_tls_port, backlog) if self.settings.tls_cert_file is not None else None
+        self.sockets = ListeningSockets(dicom, tls)
+        self.port = int(dicom.getsockname()[1])
+        self.tls_port = int(tls.getsockname()[1]) if tls is not None else None
         self.child_settings = self.settings.model_copy(update={
             "dicom_port": self.port, **({"dicom_tls_port": self.tls_port} if self.tls_port is not None else {})})
         for index in range(1, self.count + 1):
@@ -133,26 +168,35 @@ class ReceivingProcesses:
         self._monitor.start()
         return self
 
-    def _reserve(self, port: int) -> int:
-        """Bind (never listen) the port with SO_REUSEPORT: port 0 gets its number, and it stays ours."""
+    def _listen(self, port: int, backlog: int) -> socket.socket:
+        """The listening socket every receiving process accepts from (port 0 gets its number here); it stays
+        open while a receiving process restarts, so connections wait in its backlog for the others."""
         family = socket.AF_INET6 if ":" in self.settings.dicom_host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((self.settings.dicom_host, port))
-        self._reserved.append(sock)
-        return int(sock.getsockname()[1])
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if hasattr(socket, "SO_REUSEPORT"):  # a server started again binds while the last one's processes drain
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((self.settings.dicom_host, port))
+            sock.listen(backlog)
+            sock.setblocking(False)  # the receiving processes race to accept (dicom_scp.server)
+        except OSError:
+            sock.close()
+            raise
+        self._listening.append(sock)
+        return sock
 
     def _spawn(self, index: int, restart: bool = False) -> _Child:
         ours, theirs = self.mp.Pipe(duplex=True)
         # forked while this process has no thread yet (everything imported: a quick start), else spawned
         forked = threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods()
         mp = multiprocessing.get_context("fork") if forked else self.mp
-        with self._lock:  # a forked child closes what it inherited of the others' pipes and of the ports
+        with self._lock:  # a forked child closes what it inherited of the others' pipes
             inherited = [c.conn.fileno() for c in self.children.values() if not c.conn.closed] + \
-                [sock.fileno() for sock in self._reserved] + [ours.fileno()] if forked else []
+                [ours.fileno()] if forked else []
         process = mp.Process(target=child_main, name=f"pacs-dicom-{index}", daemon=True,
-                             args=(self.child_settings, index, self.count, self.role, self.shared, theirs, inherited))
+                             args=(self.child_settings, index, self.count, self.role, self.shared, theirs, inherited,
+                                   self.sockets))
         process.start()
         theirs.close()
         child = _Child(index, process, ours, restart=restart)
@@ -270,6 +314,11 @@ class ReceivingProcesses:
         if self.on_fatal is not None:
             self.on_fatal(why)
 
+    def _close_listening(self) -> None:
+        for sock in self._listening:
+            sock.close()
+        self._listening.clear()
+
     # -- metrics ---------------------------------------------------------------------------------------------
 
     def pull_metrics(self, timeout: float = PULL_TIMEOUT_S) -> None:
@@ -286,13 +335,15 @@ class ReceivingProcesses:
     # -- stop --------------------------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Stop every receiving process (each drains its associations, bounded), then release the ports."""
+        """Stop every receiving process (each drains its associations, bounded) and release the ports: no new
+        connection is accepted once the processes have been told (what waits in the backlog then is refused)."""
         self._stopping.set()
         started = time.monotonic()
         with self._lock:
             children = list(self.children.values())
         for child in children:
             child.send(("stop",))
+        self._close_listening()
         deadline = time.monotonic() + self.settings.dicom_drain_s + 15
         for child in children:
             child.process.join(max(0.1, deadline - time.monotonic()))
@@ -306,9 +357,6 @@ class ReceivingProcesses:
             self.shared.purge(child.process.pid)
             with contextlib.suppress(OSError):
                 child.conn.close()
-        for sock in self._reserved:
-            sock.close()
-        self._reserved.clear()
         log.info("DICOM receiving processes stopped in %.1f s", time.monotonic() - started)
 
 
@@ -344,14 +392,15 @@ class _WakeReporter:
 
 
 def child_main(settings: Settings, index: int, count: int, role: str, shared: SharedLimits, conn: Any,
-               inherited: list[int] | None = None) -> None:
+               inherited: list[int] | None = None, sockets: ListeningSockets | None = None) -> None:
     """A receiving process: the DICOM services and an Ingestor, until the supervisor stops it (``inherited``:
-    file descriptors a forked one closes: the supervisor's ends of the other pipes, its port reservations).
+    file descriptors a forked one closes: the supervisor's ends of the other pipes; ``sockets``: the listening
+    sockets it accepts from, shared with the supervisor and the other receiving processes).
     It ends with ``os._exit``: 0, or 1 after logging what went wrong (multiprocessing's own exit would wait for
     every non-daemon thread the services started)."""
     code = 1
     try:
-        _receive(settings, index, count, role, shared, conn, inherited)
+        _receive(settings, index, count, role, shared, conn, inherited, sockets)
         code = 0
     except BaseException:
         log.exception("DICOM receiving process %d failed", index)
@@ -361,7 +410,7 @@ def child_main(settings: Settings, index: int, count: int, role: str, shared: Sh
 
 
 def _receive(settings: Settings, index: int, count: int, role: str, shared: SharedLimits, conn: Any,
-             inherited: list[int] | None) -> None:
+             inherited: list[int] | None, sockets: ListeningSockets | None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):  # the supervisor decides (see the module docstring)
         signal.signal(sig, signal.SIG_IGN)
     for fd in inherited or ():
@@ -386,7 +435,7 @@ def _receive(settings: Settings, index: int, count: int, role: str, shared: Shar
     ctx.extras["commitment_reporter"] = _WakeReporter(parent)
     ctx.extras["ingest_notify"] = parent.notify
     ingestor = make_ingestor(ctx, notify=parent.notify)
-    listeners = start_scp(ctx, ingestor, shared=shared, reuse_port=True)
+    listeners = start_scp(ctx, ingestor, shared=shared, listening=sockets)
     from pacs.heap import freeze_startup_heap
 
     freeze_startup_heap()  # full garbage collections walk only what is made from now on

@@ -96,10 +96,10 @@ class Settings(BaseSettings):
     dicom_max_unassociated_per_peer: int = Field(default=0, ge=0, le=1000, description="Connections from one "
                                                  "address that have not associated yet (0: "
                                                  "PACS_MAX_ASSOCIATIONS_PER_PEER); more are closed at once")
-    dicom_processes: int = Field(default=0, ge=0, le=64, description="DICOM receiving processes sharing the "
-                                 "DICOM port(s) with SO_REUSEPORT (Linux), started by `pacs serve` / `pacs scp`; "
-                                 "workers, relays and schedulers still run once, in the parent. 1: the DICOM "
-                                 "services run in the main process; 0: decide (pacs.receiving_processes)")
+    dicom_processes: int = Field(default=0, ge=0, le=64, description="DICOM receiving processes accepting from "
+                                 "the DICOM port(s), started by `pacs serve` / `pacs scp`; workers, relays and "
+                                 "schedulers still run once, in the parent. 1: the DICOM services run in the main "
+                                 "process; 0: the usable cores, up to 4 (pacs.receiving_processes)")
     dicom_drain_s: float = Field(default=20.0, ge=0, description="On shutdown, how long the DICOM "
                                  "listeners (in `pacs serve` or each receiving process) wait for open associations "
                                  "to end before they close them")

@@ -67,16 +67,12 @@ class Server:
     def port(self) -> int:
         return self.pacs.port
 
-    @property
-    def process(self) -> psutil.Process:
-        assert self.pacs.proc.proc is not None
-        return psutil.Process(self.pacs.proc.proc.pid)
-
     def rss(self) -> int:
-        return self.process.memory_info().rss
+        """`pacs serve` and its DICOM receiving processes (the default on a multi-core host)."""
+        return self.pacs.proc.rss_bytes()
 
     def threads(self) -> int:
-        return self.process.num_threads()
+        return self.pacs.proc.num_threads()
 
     @property
     def dicom_ports(self) -> set[int]:
@@ -137,7 +133,7 @@ def _settle(server: Server, baseline_threads: int) -> None:
     ports but the listeners, and the thread count back to normal and steady (the serve process's other
     thread pools come and go, so one low reading alone proves nothing)."""
     def open_connections() -> int:
-        return sum(1 for c in server.process.net_connections(kind="tcp")
+        return sum(1 for c in server.pacs.proc.tcp_connections()
                    if c.status != psutil.CONN_LISTEN and c.laddr and c.laddr.port in server.dicom_ports)
 
     def settled() -> bool:

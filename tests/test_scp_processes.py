@@ -1,9 +1,9 @@
 """Several DICOM receiving processes on one port (issue 13: `pacs serve` with ``PACS_DICOM_PROCESSES=2``).
 
-One `pacs serve` for the module, two receiving processes on its DICOM port (SO_REUSEPORT), small association
-limits (12 in all, 8 per address, none reserved) so they can be filled from the test:
+One `pacs serve` for the module, two receiving processes on its DICOM port (one listening socket they all accept
+from), small association limits (12 in all, 8 per address, none reserved) so they can be filled from the test:
 
-- concurrent storescu associations are spread by the kernel over both processes (each process's C-STOREs are
+- concurrent storescu associations are spread over both processes (each process's C-STOREs are
   counted in ``pacs_dicom_receiver_objects_total{receiver}`` on the parent's /metrics), every instance is
   indexed, and its thumbnail made once;
 - the rest runs once, in the parent: one task owner (the derived-work pool) in the index, the HTTP port bound
@@ -179,12 +179,21 @@ def test_the_rest_runs_once_in_the_parent(pacs: EmbeddedPacs, tmp_path: Path) ->
     children = receivers(pacs)
     http_port = int(pacs.http_url.rsplit(":", 1)[1])
 
-    def listening(proc: psutil.Process) -> set[int]:
-        return {c.laddr.port for c in proc.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+    def listening(proc: psutil.Process) -> dict[int, set[int]]:
+        """Listening port -> the inodes of the sockets listening on it (one shared socket: one inode)."""
+        ports: dict[int, set[int]] = {}
+        for c in proc.net_connections(kind="tcp"):
+            if c.status == psutil.CONN_LISTEN:
+                ports.setdefault(c.laddr.port, set()).add(os.stat(f"/proc/{proc.pid}/fd/{c.fd}").st_ino)
+        return ports
 
-    assert http_port in listening(parent) and pacs.port not in listening(parent)
+    in_parent = listening(parent)
+    assert http_port in in_parent
     for child in children:
-        assert listening(child) == {pacs.port}  # DICOM only: no HTTP, no HL7 there
+        # DICOM only, no HTTP, no HL7 there; on the one socket the parent made and keeps (never accepting from it)
+        # so that a receiving process started again finds the connections that waited meanwhile
+        assert listening(child) == {pacs.port: in_parent[pacs.port]}
+    assert len(in_parent[pacs.port]) == 1
     with pacs.ctx.read_sessions() as session:
         owners = set(session.scalars(select(TaskOwner.pid)))
     assert owners == {parent.pid}  # one derived-work pool (its heartbeat row), the parent's
@@ -286,9 +295,9 @@ def test_sigterm_drains_open_associations_and_leaves_no_process(pacs: EmbeddedPa
 
 
 def test_sigterm_drains_open_associations_with_one_process(tmp_path: Path) -> None:
-    """The default (no receiving processes): the same shutdown. SIGTERM used to end `pacs serve` with status 143
-    once uvicorn had stopped, cutting the associations in flight and never stopping the workers."""
-    server = EmbeddedPacs(tmp_path, {"PACS_DICOM_DRAIN_S": "20"})
+    """No receiving processes (1, the default on a 1-core host): the same shutdown. SIGTERM used to end `pacs serve`
+    with status 143 once uvicorn had stopped, cutting the associations in flight and never stopping the workers."""
+    server = EmbeddedPacs(tmp_path, {"PACS_DICOM_DRAIN_S": "20", "PACS_DICOM_PROCESSES": "1"})
     try:
         assert server.proc.proc is not None
         assoc = associate(server.port, aet="INFLIGHT")

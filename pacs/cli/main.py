@@ -62,8 +62,8 @@ def _wait_for_signal() -> None:
 
 DicomProcesses = Annotated[int | None, typer.Option(
     "--dicom-processes", min=0, max=64, show_default=False,
-    help="DICOM receiving processes sharing the DICOM port(s) (SO_REUSEPORT, Linux); the rest runs once in this "
-    "process. Default: PACS_DICOM_PROCESSES; 0: decide (1 today, see README)")]
+    help="DICOM receiving processes accepting from the DICOM port(s); the rest runs once in this process. "
+    "Default: PACS_DICOM_PROCESSES; 0: the usable cores, up to 4 (see README)")]
 
 
 @dataclass

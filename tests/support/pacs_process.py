@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import psutil
 from pynetdicom import AE
@@ -65,15 +66,35 @@ class PacsProcess:
 
         wait_until(ready, timeout=timeout, interval=0.1, what=f"pacs {self.args[0]} on port {port}")
 
-    def rss_bytes(self) -> int:
-        """Resident memory of the process and its children (Celery forks workers)."""
+    def tree(self) -> list[psutil.Process]:
+        """The process and its children (Celery's forked workers, `pacs serve`'s DICOM receiving processes)."""
         assert self.proc is not None
         proc = psutil.Process(self.proc.pid)
-        total = proc.memory_info().rss
-        for child in proc.children(recursive=True):
+        return [proc, *proc.children(recursive=True)]
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the process and its children."""
+        total = 0
+        for proc in self.tree():
             with contextlib.suppress(psutil.Error):
-                total += child.memory_info().rss
+                total += proc.memory_info().rss
         return total
+
+    def num_threads(self) -> int:
+        """Threads of the process and its children (wherever the DICOM connections are served)."""
+        total = 0
+        for proc in self.tree():
+            with contextlib.suppress(psutil.Error):
+                total += proc.num_threads()
+        return total
+
+    def tcp_connections(self) -> list[Any]:
+        """The TCP sockets of the process and its children (psutil's ``pconn`` tuples)."""
+        found: list[Any] = []
+        for proc in self.tree():
+            with contextlib.suppress(psutil.Error):
+                found += proc.net_connections(kind="tcp")
+        return found
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
         if self.proc is None or self.proc.poll() is not None:
