@@ -95,6 +95,15 @@ def receivers(pacs: EmbeddedPacs) -> list[psutil.Process]:
     return found
 
 
+def listening_sockets(proc: psutil.Process) -> dict[int, set[int]]:
+    """Listening port -> the inodes of the process's sockets listening on it (one shared socket: one inode)."""
+    ports: dict[int, set[int]] = {}
+    for c in proc.net_connections(kind="tcp"):
+        if c.status == psutil.CONN_LISTEN:
+            ports.setdefault(c.laddr.port, set()).add(os.stat(f"/proc/{proc.pid}/fd/{c.fd}").st_ino)
+    return ports
+
+
 def scrape(pacs: EmbeddedPacs) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     text = httpx.get(f"{pacs.http_url}/metrics", timeout=30).text
     return {(s.name, tuple(sorted(s.labels.items()))): float(s.value)
@@ -179,20 +188,12 @@ def test_the_rest_runs_once_in_the_parent(pacs: EmbeddedPacs, tmp_path: Path) ->
     children = receivers(pacs)
     http_port = int(pacs.http_url.rsplit(":", 1)[1])
 
-    def listening(proc: psutil.Process) -> dict[int, set[int]]:
-        """Listening port -> the inodes of the sockets listening on it (one shared socket: one inode)."""
-        ports: dict[int, set[int]] = {}
-        for c in proc.net_connections(kind="tcp"):
-            if c.status == psutil.CONN_LISTEN:
-                ports.setdefault(c.laddr.port, set()).add(os.stat(f"/proc/{proc.pid}/fd/{c.fd}").st_ino)
-        return ports
-
-    in_parent = listening(parent)
+    in_parent = listening_sockets(parent)
     assert http_port in in_parent
     for child in children:
         # DICOM only, no HTTP, no HL7 there; on the one socket the parent made and keeps (never accepting from it)
         # so that a receiving process started again finds the connections that waited meanwhile
-        assert listening(child) == {pacs.port: in_parent[pacs.port]}
+        assert listening_sockets(child) == {pacs.port: in_parent[pacs.port]}
     assert len(in_parent[pacs.port]) == 1
     with pacs.ctx.read_sessions() as session:
         owners = set(session.scalars(select(TaskOwner.pid)))
@@ -266,7 +267,15 @@ def test_a_killed_receiving_process_is_started_again(pacs: EmbeddedPacs, tmp_pat
         return len(now) == 2 and victim not in now
 
     wait_until(replaced, timeout=120, interval=0.5, what="the receiving process started again")
-    # the new one listens (every association of 8 lands in a listening process, whichever)
+    # the new one (spawned: a fresh interpreter) was handed the parent's listening socket and accepts from it
+    (new,) = [p for p in receivers(pacs) if p.pid not in before]
+    assert pacs.proc.proc is not None
+
+    def accepting_on_the_shared_socket() -> bool:
+        shared = listening_sockets(psutil.Process(pacs.proc.proc.pid))[pacs.port]
+        return listening_sockets(new) == {pacs.port: shared}
+
+    wait_until(accepting_on_the_shared_socket, timeout=60, interval=0.5, what="the new process on the shared socket")
     files = write_files(tmp_path / "after", generate_uid(), generate_uid(), 2, 1)
     wait_until(lambda: all(storescu(pacs.port, files).success for _ in range(8)), timeout=120, interval=1,
                what="stores after the restart")
