@@ -155,29 +155,6 @@ def _with_modality(modalities: str, modality: str) -> str:
     return modalities
 
 
-class CountChange(NamedTuple):
-    """A change of a study's and one of its series' instance counters, not yet written (:func:`apply_counts`)."""
-
-    study_id: int
-    series_id: int
-    delta: int
-
-
-def apply_counts(session: Session, counts: list[CountChange]) -> None:
-    """Write the counter changes :func:`index_instance` left in ``counts``.
-
-    Every instance of a study updates the same two rows, so on PostgreSQL the transactions of the associations
-    sending one study wait for each other from these updates to their commit. Applied just before the audit row
-    (which holds the chain's lock to the commit anyway), they add two statements to that wait instead of the
-    rest of the transaction's: four associations sending one CT series waited 68 % of their time on PostgreSQL
-    with the updates made first (issue 13)."""
-    if counts:
-        connection = session.connection()
-        for change in counts:
-            _count(connection, change.study_id, change.series_id, change.delta)
-        counts.clear()
-
-
 def _count(connection: Connection, study_id: int, series_id: int, delta: int) -> None:
     connection.execute(_COUNT_STUDY, {"target_study": study_id, "by": delta})
     connection.execute(_COUNT_SERIES, {"target_series": series_id, "by": delta})
@@ -199,7 +176,6 @@ def index_instance(
     study_patient: dict[str, str] | None = None,
     national_ids: NationalIdPolicy | None = None,
     correction: Correction | None = None,
-    counts: list[CountChange] | None = None,
 ) -> int:
     """Record ``obj`` as the current version of its SOP instance; keep ``replaces`` as a prior version. Returns the
     instance row's id.
@@ -209,9 +185,7 @@ def index_instance(
     ``national_ids``: link the patient record to its person by the national IDs the object carries (pacs.persons;
     not when the study is filed under an order's other patient: the object's identifiers are not that patient's).
     ``correction``: a corrected version (pacs.ingest.source.Correction): its patient and study values replace the
-    index's, and its series row moves to its study when it was under another one.
-    ``counts``: a new instance's study and series counters are not updated here but appended to this list, for the
-    caller to apply with :func:`apply_counts` as late as it can before its commit (see there)."""
+    index's, and its series row moves to its study when it was under another one."""
     session.flush()  # the caller's ORM changes first (e.g. a claim's removals): the statements below do not autoflush
     connection = session.connection()  # the statements every object runs go to it directly (no ORM, issue 13)
     corrected = correction is not None and correction.study_instance_uid == obj.study_instance_uid
@@ -227,7 +201,7 @@ def index_instance(
         # counter update below locks it; a new series is what takes the study's lock, to count it once)
         series = _Row(*known[:3])
         return _write_instance(session, connection, obj, series, replaces, _attributes(
-            obj, object_key, sha256, received_at, source, source_ae, source_address), counts)
+            obj, object_key, sha256, received_at, source, source_ae, source_address))
     study = _get_or_create_study(connection, obj, patient_id, facility, provisional)
     if corrected and correction is not None:
         study_orm = session.get_one(Study, study.id, populate_existing=True)
@@ -241,7 +215,7 @@ def index_instance(
     # created it meanwhile)
     series, _new = _get_or_create_series(connection, obj, study, known)
     return _write_instance(session, connection, obj, series, replaces, _attributes(
-        obj, object_key, sha256, received_at, source, source_ae, source_address), counts)
+        obj, object_key, sha256, received_at, source, source_ae, source_address))
 
 
 def _attributes(obj: ReceivedObject, object_key: str, sha256: str, received_at: datetime, source: str,
@@ -263,17 +237,13 @@ def _attributes(obj: ReceivedObject, object_key: str, sha256: str, received_at: 
 
 
 def _write_instance(session: Session, connection: Connection, obj: ReceivedObject, series: _Row,
-                    replaces: Instance | None, attrs: dict[str, Any], counts: list[CountChange] | None) -> int:
-    """The instance row (a new one, or ``replaces`` updated with its prior version kept) and the counters (a new
-    one's in ``counts`` when given)."""
+                    replaces: Instance | None, attrs: dict[str, Any]) -> int:
+    """The instance row (a new one, or ``replaces`` updated with its prior version kept) and the counters."""
     if replaces is None:
         # raises IntegrityError now if a concurrent sender won the race
         row = {"sop_instance_uid": obj.sop_instance_uid, "series_fk": series.id, "version": 1, **attrs}
         result = connection.execute(_INSERT_INSTANCE, row)
-        if counts is None:
-            _count(connection, series.parent_fk, series.id, +1)
-        else:
-            counts.append(CountChange(series.parent_fk, series.id, +1))
+        _count(connection, series.parent_fk, series.id, +1)
         return int(result.inserted_primary_key[0])  # type: ignore[index]  # one row inserted: never None
 
     session.add(InstanceVersion(

@@ -56,7 +56,7 @@ from pacs.failpoints import failpoint
 from pacs.forwarding.rules import queue_forwards
 from pacs.ingest.claim import ClaimStoreFailed, claim_provisional_study
 from pacs.ingest.fragment import make_fragment
-from pacs.ingest.index_writer import CountChange, apply_counts, index_instance
+from pacs.ingest.index_writer import index_instance
 from pacs.ingest.outcome import IngestOutcome, IngestStatus
 from pacs.ingest.ownership import Snapshot, decide, order_patient, snapshot
 from pacs.ingest.parsing import (
@@ -233,7 +233,6 @@ class Ingestor:
 
         now = datetime.now(UTC)
         evicted: list[str] = []
-        counts: list[CountChange] = []  # applied last, just before the audit row (index_writer.apply_counts)
         tombstoned = False
         try:
             with self._sessions() as session, session.begin():
@@ -264,7 +263,7 @@ class Ingestor:
                                source=source.transport, source_ae=source.calling_ae,
                                source_address=source.address, replaces=replaces, facility=decision.facility,
                                provisional=decision.provisional, study_patient=order_patient(session, obj, source),
-                               national_ids=self._national_ids, correction=source.correction, counts=counts)
+                               national_ids=self._national_ids, correction=source.correction)
                 if source.resolution is not None:
                     try:
                         reconciliation.mark_resolved(session, source.resolution, obj.study_instance_uid)
@@ -278,7 +277,6 @@ class Ingestor:
                                      fragment_made=fragment is not None)
                 queue_forwards(session, obj, source, sha256)
                 session.flush()
-                apply_counts(session, counts)
                 _audit(session, obj, source, "instance.store" if replaces is None else "instance.store-new-version",
                        f"sha256={sha256}" + (f" replaces={replaces.sha256 if replaces else ''}"))
                 task_ids = tuple(tasks)
