@@ -4,9 +4,9 @@
   another process (``pacs token revoke``) it is refused by those routes after at most that long, at once by every
   other route, and at once by every route when the revocation is made in this process (the admin page); an expired
   token is never trusted; the memory is bounded;
-- the WADO target statement prebuilt per access scope on PostgreSQL answers as the per-request statement does for
-  every kind of scope and target, and compares an open consult's expiry with the time of each request, not with
-  the time it was built;
+- the WADO target statement prebuilt per access scope (PostgreSQL and SQLite) answers as the per-request statement
+  does for every kind of scope and target, and compares an open consult's expiry with the time of each request,
+  not with the time it was built (on SQLite such a scope's statement is built per request);
 - the QIDO-RS statement prebuilt per query shape and scope answers as the statement built for each query does, is
   used only for exact values (wildcards, names, dates, lists are built per request), and every search is still
   audited.
@@ -168,10 +168,33 @@ def test_an_expired_token_is_refused_by_the_dicomweb_reads(pg_ctx: AppContext) -
 # -- the prebuilt WADO target statement ----------------------------------------------------------------------
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def target_ctx(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AppContext]:
+    """The index the WADO target statements run on: the embedded archive's SQLite, or PostgreSQL."""
+    if request.param == "postgresql":
+        yield request.getfixturevalue("pg_ctx")
+        return
+    ctx = AppContext.create(Settings(data_dir=tmp_path / "data", database_url=""))
+    try:
+        migrate.upgrade(ctx.engine)
+        yield ctx
+    finally:
+        ctx.close()
+
+
 @pytest.fixture()
 def archive(pg_ctx: AppContext) -> dict[str, tuple[str, str, str]]:
+    return _two_facilities(pg_ctx)
+
+
+@pytest.fixture()
+def target_archive(target_ctx: AppContext) -> dict[str, tuple[str, str, str]]:
+    return _two_facilities(target_ctx)
+
+
+def _two_facilities(ctx: AppContext) -> dict[str, tuple[str, str, str]]:
     """Two facilities' studies: a1 of patient PX at A, b1 of patient PB at B, one instance each."""
-    ingestor = Ingestor(pg_ctx.sessions, pg_ctx.store)
+    ingestor = Ingestor(ctx.sessions, ctx.store)
     made: dict[str, tuple[str, str, str]] = {}
     for name, facility, patient in (("a1", "A", "PX"), ("b1", "B", "PB")):
         study, series, sop = generate_uid(), generate_uid(), generate_uid()
@@ -193,9 +216,13 @@ def _resolved(ctx: AppContext, scope: AccessScope, study: str, series: str | Non
             target.instance.sop_uid if target.instance else None)
 
 
-@pytest.mark.integration
-def test_the_prebuilt_target_statement_answers_within_each_scope(pg_ctx: AppContext,
-                                                                  archive: dict[str, tuple[str, str, str]]) -> None:
+def _prebuilt(ctx: AppContext, scope: AccessScope, kind: tuple[str, bool]) -> resources.Compiled | None:
+    return resources._PREBUILT.get((ctx.engine.dialect.name, scope, kind))
+
+
+def test_the_prebuilt_target_statement_answers_within_each_scope(
+        target_ctx: AppContext, target_archive: dict[str, tuple[str, str, str]]) -> None:
+    pg_ctx, archive = target_ctx, target_archive
     (a_study, a_series, _), (b_study, b_series, b_sop) = archive["a1"], archive["b1"]
     visible = {  # scope -> the studies it sees
         "archive-wide": (UNRESTRICTED, {"a1", "b1"}),
@@ -219,17 +246,17 @@ def test_the_prebuilt_target_statement_answers_within_each_scope(pg_ctx: AppCont
         assert _resolved(pg_ctx, scope, a_study, b_series, b_sop) is None, why
         assert _resolved(pg_ctx, scope, generate_uid()) is None, why
         for kind in (("study", False), ("series", True), ("instance", True)):
-            assert resources._PREBUILT.get((scope, kind)) is not None, (why, kind)  # the prebuilt path answered
+            assert _prebuilt(pg_ctx, scope, kind) is not None, (why, kind)  # the prebuilt path answered
 
 
-@pytest.mark.integration
 def test_the_prebuilt_target_statement_compares_a_consult_with_the_time_of_each_request(
-        pg_ctx: AppContext, archive: dict[str, tuple[str, str, str]]) -> None:
+        target_ctx: AppContext, target_archive: dict[str, tuple[str, str, str]]) -> None:
+    pg_ctx, archive = target_ctx, target_archive
     a_study, a_series, a_sop = archive["a1"]
     scope = scope_for(Role.RADIOLOGIST, "B")  # a consulted facility's doctor
     built = datetime.now(UTC)
     assert _resolved(pg_ctx, scope, a_study, a_series, a_sop) is None  # built now, with "now" in it
-    assert resources._PREBUILT.get((scope, ("instance", True))) is not None
+    assert _prebuilt(pg_ctx, scope, ("instance", True)) is not None
     with pg_ctx.sessions() as session, session.begin():
         consult = Consult(study_instance_uid=a_study, patient_id="PX", study_facility="A", requested_by="dr.a",
                           requesting_facility="A", consulted_facility="B", question="?", state="open",
