@@ -3,8 +3,8 @@
 With one receiving process the limits live in that process (:class:`pacs.association_limits.LiveAssociations`,
 :class:`pacs.connection_budget.PreAssociationBudget`, ``dicom_scp.server.ConnectionGuard``). With several, the
 processes accept from one listening socket (``pacs.receiving_processes``), and each limit must still hold for the
-whole server: ``PACS_MAX_ASSOCIATIONS`` in all and per peer, the connection limits (twice those) and the budget of connections
-that have not associated yet.
+whole server: ``PACS_MAX_ASSOCIATIONS`` in all and per peer, the connection limits (twice those) and the budget of
+connections that have not associated yet.
 
 They share one table in shared memory (:class:`SharedLimits`, made by the supervising process before it starts
 the receiving ones, ``pacs.receiving_processes``), guarded by one cross-process lock. A row is one holding of one
