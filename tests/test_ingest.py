@@ -9,7 +9,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import Engine, event, func, select
@@ -20,8 +22,12 @@ from pacs.db import migrate
 from pacs.db.engine import make_engine, make_session_factory
 from pacs.db.models import AuditEvent, DerivedTask, Instance, InstanceVersion, Patient, Series, Study
 from pacs.ingest import Ingestor, IngestSource, IngestStatus
+from pacs.ingest import service as ingest_service
 from pacs.ingest.parsing import RejectReason
 from pacs.settings import DuplicatePolicy
+from pacs.studies import tombstones
+from pacs.studies.deletion import sweep_tombstones
+from pacs.studies.tombstones import DeletedObject
 from storage import ObjectStore, StorageUnavailable, open_store
 from storage.keys import instance_key
 from tests.support.datasets import make_dataset, make_instance, to_bytes
@@ -178,18 +184,77 @@ def test_store_failure_is_reported_and_nothing_indexed(backend: Backend) -> None
     assert backend.count(Instance) == 0 and backend.count(Study) == 0 and backend.count(DerivedTask) == 0
 
 
-def test_index_failure_at_commit_is_reported_and_the_object_removed(backend: Backend) -> None:
-    def fail_commit(session: Session) -> None:
-        raise OperationalError("COMMIT", {}, Exception("injected: connection to the index lost"))
+class _FailCommits:
+    """A ``before_commit`` listener failing the next ``times`` commits of a session factory (from when armed)."""
 
-    event.listen(backend.sessions, "before_commit", fail_commit)
-    try:
+    def __init__(self, sessions: sessionmaker[Session], times: int = 1, armed: bool = True) -> None:
+        self.sessions, self.left, self.armed = sessions, times, armed
+
+    def __call__(self, session: Session) -> None:
+        if self.armed and self.left > 0:
+            self.left -= 1
+            raise OperationalError("COMMIT", {}, Exception("injected: connection to the index lost"))
+
+    def __enter__(self) -> _FailCommits:
+        event.listen(self.sessions, "before_commit", self)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        event.remove(self.sessions, "before_commit", self)
+
+
+def _sweep(backend: Backend, hours: float) -> int:
+    """The retention sweep's tombstone pass, ``hours`` from now."""
+    ctx = SimpleNamespace(sessions=backend.sessions, read_sessions=backend.sessions, store=backend.store)
+    return sweep_tombstones(ctx, now=datetime.now(UTC) + timedelta(hours=hours))  # type: ignore[arg-type]
+
+
+def _pending_tombstones(backend: Backend) -> list[str]:
+    with backend.sessions() as s:
+        return list(s.scalars(select(DeletedObject.object_key).where(DeletedObject.state == tombstones.PENDING)))
+
+
+def test_index_failure_at_commit_is_reported_and_the_object_removed_by_the_sweep(backend: Backend) -> None:
+    with _FailCommits(backend.sessions):
         outcome = backend.ingestor().ingest(make_instance(), SOURCE)
-    finally:
-        event.remove(backend.sessions, "before_commit", fail_commit)
     assert outcome.status is IngestStatus.INDEX_UNAVAILABLE
     assert backend.count(Instance) == 0 and backend.count(Study) == 0
-    assert backend.objects() == []  # the object written before the failed commit was removed again
+    # the object written before the failed commit is left to the retention sweep, with a pending tombstone
+    (key,) = backend.objects()
+    assert _pending_tombstones(backend) == [key]
+    assert _sweep(backend, hours=0.5) == 0  # not before an hour: another ingest of these bytes may still commit
+    assert _sweep(backend, hours=2) == 1
+    assert backend.objects() == [] and _pending_tombstones(backend) == []
+
+
+def test_index_failure_leaves_the_object_that_another_ingest_of_the_same_bytes_committed(
+        backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A modality gives up on an association stuck behind the index and sends the object again on another: both
+    ingests put the same content-addressed key; the second commits and is acknowledged, then the first fails. The
+    first used to delete the key it had created, under the acknowledged instance."""
+    data = make_instance()
+    ingestor = backend.ingestor()
+    failing = _FailCommits(backend.sessions, armed=False)
+    second: list[IngestStatus] = []
+    calls: list[int] = []
+    real_fragment = ingest_service.make_fragment
+
+    def fragment_then_the_resend(obj, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 1:  # the first ingest has put the object and not begun its transaction yet
+            second.append(ingestor.ingest(data, SOURCE).status)  # (its own fragment: the second call)
+            failing.armed = True  # the first ingest's commit fails
+        return real_fragment(obj, **kwargs)
+
+    monkeypatch.setattr(ingest_service, "make_fragment", fragment_then_the_resend)
+    with failing:
+        first = ingestor.ingest(data, SOURCE)
+    assert second == [IngestStatus.STORED] and first.status is IngestStatus.INDEX_UNAVAILABLE
+    with backend.sessions() as s:
+        key = s.scalars(select(Instance.object_key)).one()
+    assert backend.store.get_bytes(key) == data  # the acknowledged instance's object is there
+    assert _sweep(backend, hours=2) == 0  # and stays: an index row names it
+    assert backend.store.get_bytes(key) == data and _pending_tombstones(backend) == []
 
 
 def test_index_failure_never_removes_an_object_that_was_already_there(backend: Backend) -> None:

@@ -24,9 +24,12 @@ Order of writes (nothing acknowledged is ever lost, nothing half-written is ever
    resolution marks (:mod:`pacs.reconciliation`), the outbox rows for derived work, the forward jobs
    of matching rules, and the audit event. A new instance's statements are prebuilt Core statements run on the
    session's connection (the ORM only for the rare paths: a new version, a claim, a correction, a resolution).
-   Only after this commit is success reported. If the commit fails, the object written in step 3
-   is removed again when this call created it (it stays invisible either way: queries read the
-   index, and ``pacs check`` lists unreferenced objects).
+   Only after this commit is success reported. If the commit fails, the object written in step 3 is not
+   removed at once, even when this call created it: its key is content-addressed, so another ingest of the very
+   same bytes may have put it too and committed (or be about to). It gets a pending tombstone instead
+   (:func:`Ingestor._discard_later`); the retention sweep removes it an hour later unless an index row names it by
+   then, and an ingest of those bytes meanwhile takes the tombstone and puts them again after its commit. It stays
+   invisible either way: queries read the index, and ``pacs check`` lists unreferenced objects.
 5. After commit, a new instance's DICOM JSON fragment (made from the parsed dataset, its outbox row recorded done
    in step 4; :mod:`pacs.ingest.fragment`) is put under ``derived/metadata/``, and the outbox rows are handed to
    the publisher without waiting on the broker.
@@ -227,9 +230,9 @@ class Ingestor:
         # a new instance's fragment, put after the commit: its row then needs no derived work (pacs.ingest.fragment)
         fragment = make_fragment(obj, assume_utf8_for_latin1=self._utf8) if current_sha is None else None
 
-        def undo() -> None:  # the transaction did not commit: nothing this call wrote stays
+        def undo() -> None:  # the transaction did not commit: nothing this call wrote stays (an hour later)
             if not existed:
-                self._discard(key)
+                self._discard_later(key)
 
         now = datetime.now(UTC)
         evicted: list[str] = []
@@ -398,6 +401,23 @@ class Ingestor:
         log.warning("held object %s from %s for reconciliation (%s, queue %s)", obj.sop_instance_uid, who(source),
                     decision.reason, decision.facility or "-")
         return IngestOutcome(IngestStatus.HELD, decision.message if decision.warn else "", warn=decision.warn, **ids)
+
+    def _discard_later(self, key: str) -> None:
+        """Leave ``key`` (a ``dicom/`` object this call put, whose transaction did not commit) to the retention sweep
+        with a pending tombstone, rather than delete it now.
+
+        Another ingest of the same bytes puts the same key (content-addressed). Deleting now lost its object when
+        that ingest committed between this one's put and its failure: a modality that gave up on an association
+        stuck behind the index's lock and sent the object again on another. With the tombstone, an ingest that
+        commits before the sweep takes it (:func:`pacs.studies.tombstones.clear`: the bytes are put again after
+        its commit), and the sweep keeps an object an index row names (:func:`pacs.studies.deletion.
+        delete_tombstoned`). The index unreachable, the object stays where it is: ``pacs check`` lists it."""
+        try:
+            with self._sessions() as session, session.begin():
+                tombstones.add(session, [key])
+        except SQLAlchemyError as exc:
+            log.warning("%s left in the store for pacs check (no tombstone, the index is unavailable): %s",
+                        key, str(exc).splitlines()[0][:300])
 
     def _discard(self, key: str) -> None:
         try:
