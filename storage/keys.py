@@ -90,10 +90,13 @@ def instance_key(study_uid: str, series_uid: str, sop_uid: str, sha256_hex: str)
     return f"dicom/{study}/{series}/{sop}/{sha}.dcm"
 
 
+RECONCILIATION_PREFIX = "reconciliation/"
+
+
 def reconciliation_key(sha256_hex: str) -> str:
     """``reconciliation/{sha256}.dcm``: an object held, not filed (pacs.reconciliation); outside ``dicom/``,
     so ``pacs reindex`` never files it and ``pacs check`` never takes it for an orphan instance."""
-    return f"reconciliation/{_require_sha256(sha256_hex)}.dcm"
+    return f"{RECONCILIATION_PREFIX}{_require_sha256(sha256_hex)}.dcm"
 
 
 def correction_marker_key(sop_uid: str, sha256_hex: str) -> str:

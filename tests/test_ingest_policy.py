@@ -162,6 +162,50 @@ def test_another_facility_cannot_overwrite_extend_or_empty_a_study(archive) -> N
         is IngestStatus.NEW_VERSION
 
 
+def test_a_failed_hold_leaves_the_held_object_another_hold_of_the_same_bytes_committed(
+        archive, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two holds of the same bytes share their reconciliation/ key (content-addressed): the second commits (the
+    sender is acknowledged), then the first one's transaction fails. Its object stays for the retention sweep,
+    which keeps it while the queue's row names it."""
+    from sqlalchemy import event
+    from sqlalchemy.exc import OperationalError
+
+    ctx, ingestor = archive
+    study, series = generate_uid(), generate_uid()
+    assert ingestor.ingest(make_instance(StudyInstanceUID=study, SeriesInstanceUID=series, PatientID="PB"),
+                           IngestSource("dimse", calling_ae="CT_B", facility="B")).ok
+    intruder = make_instance(StudyInstanceUID=study, SeriesInstanceUID=series)  # into B's series: held
+    sender = IngestSource("stow", user="token:tech-a", facility="A")
+    real_put = ctx.store.put
+    second: list[IngestStatus] = []
+    fail_next_commit = [False]
+
+    def put_then_the_resend(key: str, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        real_put(key, *args, **kwargs)
+        if key.startswith("reconciliation/") and not second:
+            second.append(IngestStatus.HELD)  # (a placeholder while the resend runs: its own put comes here too)
+            second[0] = ingestor.ingest(intruder, sender).status
+            fail_next_commit[0] = True
+
+    def fail_commit(_session) -> None:  # type: ignore[no-untyped-def]
+        if fail_next_commit[0]:
+            fail_next_commit[0] = False
+            raise OperationalError("COMMIT", {}, Exception("injected: connection to the index lost"))
+
+    monkeypatch.setattr(ctx.store, "put", put_then_the_resend)
+    event.listen(ctx.sessions, "before_commit", fail_commit)
+    try:
+        first = ingestor.ingest(intruder, sender)
+    finally:
+        event.remove(ctx.sessions, "before_commit", fail_commit)
+    assert second == [IngestStatus.HELD] and first.status is IngestStatus.INDEX_UNAVAILABLE
+    (held,) = [o.key for o in ctx.store.list("reconciliation/")]
+    with ctx.read_sessions() as session:
+        assert [i.object_key for i in list_items(session, frozenset({"B"}))] == [held]
+    sweep_tombstones(ctx, now=datetime.now(UTC) + timedelta(hours=2))
+    assert ctx.store.get_bytes(held) == intruder  # the acknowledged hold's object stays
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
 def any_archive(request: pytest.FixtureRequest, tmp_path: Path):
     url = "" if request.param == "sqlite" else request.getfixturevalue("fresh_pg_url")

@@ -391,20 +391,26 @@ class Ingestor:
             with self._sessions() as session, session.begin():
                 row, created = reconciliation.hold(session, reconciliation.HeldObject.received(obj, source),
                                                    decision, key=key, sha256=sha256)
+                # the same bytes held before by an ingest that failed: its tombstone is ours to take (as in step 4)
+                tombstoned = tombstones.clear(session, key)
                 if created:
                     _audit(session, obj, source, "instance.hold", f"sha256={sha256} held={row.id} "
                            f"queue={decision.facility or '-'} reason={decision.reason}")
         except SQLAlchemyError as exc:
             if not existed:
-                self._discard(key)
+                self._discard_later(key)  # another hold of these bytes may share the key
             return self._index_failed(obj, sha256, exc)
+        if tombstoned:
+            failed = self._put_again(obj, key)
+            if failed is not None:
+                return IngestOutcome(IngestStatus.STORAGE_UNAVAILABLE, failed, **ids)
         log.warning("held object %s from %s for reconciliation (%s, queue %s)", obj.sop_instance_uid, who(source),
                     decision.reason, decision.facility or "-")
         return IngestOutcome(IngestStatus.HELD, decision.message if decision.warn else "", warn=decision.warn, **ids)
 
     def _discard_later(self, key: str) -> None:
-        """Leave ``key`` (a ``dicom/`` object this call put, whose transaction did not commit) to the retention sweep
-        with a pending tombstone, rather than delete it now.
+        """Leave ``key`` (an object this call put under ``dicom/`` or ``reconciliation/``, whose transaction did not
+        commit) to the retention sweep with a pending tombstone, rather than delete it now.
 
         Another ingest of the same bytes puts the same key (content-addressed). Deleting now lost its object when
         that ingest committed between this one's put and its failure: a modality that gave up on an association

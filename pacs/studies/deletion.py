@@ -45,6 +45,7 @@ from pacs.context import AppContext
 from pacs.db.models import DerivedTask, ForwardJob, Instance, InstanceVersion, Patient, Series, Study
 from pacs.errors import InvalidInput, NotFound
 from pacs.persons.models import Person, PersonIdentifier
+from pacs.reconciliation.models import ReconciliationItem
 from pacs.reports.models import Hl7Outbound, KeyImageSelection, Report, ReportVersion, StudyClaim
 from pacs.ris.models import ImagingOrder
 from pacs.security.access import authorize, owned_study_condition
@@ -58,6 +59,7 @@ from pacs.studies.models import RejectedInstance, RejectionNote
 from pacs.studies.tombstones import DeletedObject
 from storage import StorageError
 from storage.keys import (
+    RECONCILIATION_PREFIX,
     correction_marker_prefix,
     instance_metadata_key,
     is_archived_uid,
@@ -535,7 +537,12 @@ def delete_tombstoned(ctx: AppContext, cleanup: StoreCleanup, key: str, sop_uid:
 
 
 def _names_key(session: Session, key: str, sop_uid: str) -> bool:
-    """Whether an index row (current, prior, rejected version or rejection note) names ``key``."""
+    """Whether an index row (current, prior, rejected version or rejection note) or a held object of the
+    reconciliation queue (a ``reconciliation/`` key: a failed ingest's tombstone, pacs.ingest.service) names
+    ``key``."""
+    if key.startswith(RECONCILIATION_PREFIX):
+        return session.scalar(select(ReconciliationItem.id).where(ReconciliationItem.object_key == key)
+                              .limit(1)) is not None
     return any(session.scalar(select(model.id).where(model.sop_instance_uid == sop_uid, model.object_key == key)
                               .limit(1)) is not None
                for model in (Instance, InstanceVersion, RejectedInstance, RejectionNote))
