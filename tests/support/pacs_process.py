@@ -7,8 +7,9 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 from pynetdicom import AE
@@ -32,6 +33,9 @@ def dicom_echo(port: int, aec: str = "PACS") -> bool:
         return bool(status) and status.Status == 0
     finally:
         assoc.release()
+
+
+T = TypeVar("T")
 
 
 class PacsProcess:
@@ -72,29 +76,25 @@ class PacsProcess:
         proc = psutil.Process(self.proc.pid)
         return [proc, *proc.children(recursive=True)]
 
-    def rss_bytes(self) -> int:
-        """Resident memory of the process and its children."""
-        total = 0
+    def _over_tree(self, measure: Callable[[psutil.Process], T]) -> list[T]:
+        """``measure`` of each process of :meth:`tree` still there."""
+        found: list[T] = []
         for proc in self.tree():
             with contextlib.suppress(psutil.Error):
-                total += proc.memory_info().rss
-        return total
+                found.append(measure(proc))
+        return found
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the process and its children."""
+        return sum(self._over_tree(lambda proc: proc.memory_info().rss))
 
     def num_threads(self) -> int:
         """Threads of the process and its children (wherever the DICOM connections are served)."""
-        total = 0
-        for proc in self.tree():
-            with contextlib.suppress(psutil.Error):
-                total += proc.num_threads()
-        return total
+        return sum(self._over_tree(lambda proc: proc.num_threads()))
 
     def tcp_connections(self) -> list[Any]:
         """The TCP sockets of the process and its children (psutil's ``pconn`` tuples)."""
-        found: list[Any] = []
-        for proc in self.tree():
-            with contextlib.suppress(psutil.Error):
-                found += proc.net_connections(kind="tcp")
-        return found
+        return [conn for conns in self._over_tree(lambda proc: proc.net_connections(kind="tcp")) for conn in conns]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
         if self.proc is None or self.proc.poll() is not None:
