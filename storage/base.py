@@ -38,6 +38,8 @@ class ObjectStore(Protocol):
         data: bytes | BinaryIO,
         length: int | None = None,
         content_type: str = "application/octet-stream",
+        *,
+        durable: bool = True,
     ) -> None:
         """Store ``data`` under ``key``; durable and visible atomically when this returns.
 
@@ -46,6 +48,10 @@ class ObjectStore(Protocol):
         stream raises ``ValueError`` and stores nothing. Overwriting an
         existing key replaces it; a concurrent reader sees the old or the new
         object, never a mix or a partial one.
+
+        ``durable=False`` is for objects that can be made again from others (a DICOM JSON fragment): still
+        visible atomically while the machine runs, but a backend may skip forcing it to disk, so after a power
+        cut it may be missing, empty or an older version. Its readers must check what they read.
         """
         ...
 

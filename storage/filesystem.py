@@ -82,16 +82,20 @@ class FilesystemStore:
 
     # -- writing ---------------------------------------------------------------------------------
 
-    def _make_parents(self, key: str, parent: Path) -> None:
-        """Create the folders between root and ``parent``, fsyncing each new entry.
+    def _make_parents(self, key: str, parent: Path) -> list[Path]:
+        """Create the folders between root and ``parent``; the folders whose entries changed (to fsync).
 
         Deliberately never creates ``root`` itself: if the volume behind it has
         been unmounted we must fail, not quietly fill the disk underneath.
+        The caller fsyncs the returned folders after its file's own fsyncs (not one by one here): the order of
+        the fsyncs does not matter as long as all are done before ``put`` returns, and on a journalling
+        filesystem the file's fsync has then already committed the new folders, so theirs cost little.
         """
         if parent.is_dir():
-            return
+            return []
         if not self.root.is_dir():
             raise StorageUnavailable(f"filesystem store root is missing: {self.root}")
+        changed: list[Path] = []
         current = self.root
         for part in parent.relative_to(self.root).parts:
             current = current / part
@@ -103,16 +107,17 @@ class FilesystemStore:
                 continue
             except OSError as exc:
                 raise _translate(exc, key, missing_is_not_found=False) from exc
-            with _os_errors(key, missing_is_not_found=False):
-                _fsync_dir(current.parent)
+            changed.append(current.parent)
+        return changed
 
-    def _create_temp(self, key: str, parent: Path) -> tuple[Path, BinaryIO]:
+    def _create_temp(self, key: str, parent: Path) -> tuple[Path, BinaryIO, list[Path]]:
         # A concurrent delete may prune a just-created empty folder: retry a few times.
+        changed: list[Path] = []
         for attempt in range(3):
-            self._make_parents(key, parent)
+            changed += self._make_parents(key, parent)
             tmp = parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
             try:
-                return tmp, open(tmp, "xb")  # closed by put()
+                return tmp, open(tmp, "xb"), changed  # closed by put()
             except FileNotFoundError as exc:
                 if attempt == 2:
                     raise _translate(exc, key, missing_is_not_found=False) from exc
@@ -126,10 +131,14 @@ class FilesystemStore:
         data: bytes | BinaryIO,
         length: int | None = None,
         content_type: str = "application/octet-stream",
+        *,
+        durable: bool = True,
     ) -> None:
+        """Write a temp file beside the target, fsync it, rename it over the target, then fsync the folder (and
+        any folder made for it). ``durable=False`` skips the fsyncs: the rename still makes it appear whole."""
         path = self._path(key)
         source, _ = normalize_source(data, length)
-        tmp, out = self._create_temp(key, path.parent)
+        tmp, out, new_folders = self._create_temp(key, path.parent)
         try:
             with out:
                 while True:
@@ -140,15 +149,19 @@ class FilesystemStore:
                         out.write(chunk)
                 with _os_errors(key, missing_is_not_found=False):
                     out.flush()
-                    os.fsync(out.fileno())
+                    if durable:
+                        os.fsync(out.fileno())
             try:
                 os.replace(tmp, path)
             except IsADirectoryError:
                 raise StorageError(f"key {key!r} conflicts with an existing key prefix") from None
             except OSError as exc:
                 raise _translate(exc, key, missing_is_not_found=False) from exc
-            with _os_errors(key, missing_is_not_found=False):
-                _fsync_dir(path.parent)
+            if durable:
+                with _os_errors(key, missing_is_not_found=False):
+                    _fsync_dir(path.parent)
+                    for folder in reversed(new_folders):  # the deepest first: each entry, then the one above
+                        _fsync_dir(folder)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)

@@ -256,6 +256,8 @@ class S3Store:
         data: bytes | BinaryIO,
         length: int | None = None,
         content_type: str = "application/octet-stream",
+        *,
+        durable: bool = True,  # an acknowledged S3 PUT is as durable as the server makes it, either way
     ) -> None:
         validate_key(key)
         source, n = normalize_source(data, length)  # checks data and length before any request

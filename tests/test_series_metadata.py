@@ -275,6 +275,8 @@ def test_series_task_waits_rebuilds_lost_fragments_and_notices_late_instances(
     local.settings.series_settle_s = 0
 
     local.store.delete(instance_metadata_key(study_uid, series_uid, sops[0]))  # a lost fragment
+    # and one a power cut left empty (fragments are put without forcing them to disk)
+    local.store.put(instance_metadata_key(study_uid, series_uid, sops[1]), b"", durable=False)
     real_put = local.store.put
     late: list[str] = []
 
@@ -287,6 +289,7 @@ def test_series_task_waits_rebuilds_lost_fragments_and_notices_late_instances(
     assert _run_tasks(local, SERIES_METADATA_KIND)[series_uid] == "deferred"  # built, but not marked done: it is stale
     assert _task(local, SERIES_METADATA_KIND, series_uid).state == "pending"
     assert local.store.exists(instance_metadata_key(study_uid, series_uid, sops[0]))  # made again
+    assert _sop(json.loads(local.store.get_bytes(instance_metadata_key(study_uid, series_uid, sops[1])))) == sops[1]
     _run_tasks(local, INSTANCE_DERIVED_KIND)
     assert _run_tasks(local, SERIES_METADATA_KIND)[series_uid] == "done"
     doc = _series_document(local, study_uid, series_uid)

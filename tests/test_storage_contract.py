@@ -240,6 +240,14 @@ def test_overwrite_replaces(store: ObjectStore, ns: str) -> None:
     assert [o.key for o in store.list(ns)] == [f"{ns}k"]
 
 
+@pytest.mark.parametrize("payload", [b"", b"{}", os.urandom(70_000)])
+def test_put_not_forced_to_disk_reads_back_like_any_put(store: ObjectStore, ns: str, payload: bytes) -> None:
+    store.put(f"{ns}derived/a/b.json", b"older", durable=False)
+    store.put(f"{ns}derived/a/b.json", payload, length=len(payload), durable=False)
+    assert store.get_bytes(f"{ns}derived/a/b.json") == payload
+    assert [o.key for o in store.list(ns)] == [f"{ns}derived/a/b.json"]
+
+
 def test_reader_never_sees_a_partial_object(store: ObjectStore, ns: str) -> None:
     new_key, old_key = f"{ns}new/obj", f"{ns}old/obj"
     old = b"old version " * 1000
@@ -404,6 +412,48 @@ def test_filesystem_temp_files_are_never_listed_and_cleaned_up(tmp_path: Path) -
         "not a key",
         "real",
     ]
+
+
+def _record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The paths fsync(2) is called on from now on (the store's own calls go through os.fsync)."""
+    synced: list[Path] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+def test_filesystem_put_syncs_the_file_and_every_folder_entry_it_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a power cut after ``put`` returned cannot undo: the file's bytes, its name in its folder, and the name of
+    every folder made for it in the folder above (fsynced after the file, so a journal commits them once)."""
+    root = tmp_path / "s"
+    store = FilesystemStore(root)
+    store.put("dicom/1.2/old", b"x")
+    synced = _record_fsyncs(monkeypatch)
+    store.put("dicom/1.2/1.3/1.4/obj.dcm", b"payload")
+    file_syncs = [p for p in synced if p.name.startswith(TMP_PREFIX)]  # the temp file, before its rename
+    assert len(file_syncs) == 1 and file_syncs[0].parent == root / "dicom" / "1.2" / "1.3" / "1.4"
+    assert synced.index(file_syncs[0]) == 0
+    assert set(synced[1:]) == {root / "dicom" / "1.2" / "1.3" / "1.4", root / "dicom" / "1.2" / "1.3",
+                               root / "dicom" / "1.2"}
+    synced.clear()
+    store.put("dicom/1.2/1.3/1.4/obj.dcm", b"again")  # the folders exist: the file and its own folder
+    assert len(synced) == 2 and synced[1] == root / "dicom" / "1.2" / "1.3" / "1.4"
+
+
+def test_filesystem_put_not_forced_to_disk_makes_no_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = FilesystemStore(tmp_path / "s")
+    synced = _record_fsyncs(monkeypatch)
+    store.put("derived/metadata/1.2/1.3/1.4.json", b"{}", durable=False)
+    store.put("derived/metadata/1.2/1.3/1.4.json", b"{1}", durable=False)
+    assert synced == [] and store.get_bytes("derived/metadata/1.2/1.3/1.4.json") == b"{1}"
+    assert not [p for p in (tmp_path / "s").rglob("*") if p.name.startswith(TMP_PREFIX)]
 
 
 def test_filesystem_refuses_to_recreate_a_vanished_root(tmp_path: Path) -> None:

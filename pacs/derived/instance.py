@@ -59,7 +59,7 @@ def build_thumbnail_and_fragment(ctx: AppContext, sop_uid: str, sha256: str) -> 
     ctx.store.put(key, image, length=len(image), content_type="image/jpeg")
     if fragment is not None:
         ctx.store.put(instance_metadata_key(study_uid, series_uid, sop_uid), fragment, length=len(fragment),
-                      content_type="application/dicom+json")
+                      content_type="application/dicom+json", durable=False)  # checked when read (whole_fragment)
     failpoint("derived.after_write")
     with ctx.sessions() as session, session.begin():
         instance = session.scalars(

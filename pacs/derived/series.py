@@ -150,8 +150,13 @@ def _add_fragment(ctx: AppContext, writer: metadata.JsonArrayWriter, study_uid: 
                   member: _Member, notes: list[str]) -> None:
     key = instance_metadata_key(study_uid, series_uid, member.sop_uid)
     try:
-        stream = ctx.store.open(key)
+        stored: bytes | None = ctx.store.get_bytes(key)  # a fragment is a few kB
     except ObjectNotFound:  # its instance task failed, or ran before fragments existed: make it here
+        stored = None
+    if stored is not None and not metadata.whole_fragment(stored):  # cut short by a power cut: made again
+        log.warning("series %s: stored fragment %s is not a whole JSON object: made again", series_uid, key)
+        stored = None
+    if stored is None:
         try:
             with open_seekable(ctx.store, member.object_key) as fp:
                 data = metadata.instance_metadata(fp, study_uid, series_uid, member.sop_uid,
@@ -162,11 +167,10 @@ def _add_fragment(ctx: AppContext, writer: metadata.JsonArrayWriter, study_uid: 
             notes.append(f"{member.sop_uid} left out: {exc}"[:300])
             log.warning("series %s: instance %s left out of the metadata: %s", series_uid, member.sop_uid, exc)
             return
-        ctx.store.put(key, data, length=len(data), content_type="application/dicom+json")
+        ctx.store.put(key, data, length=len(data), content_type="application/dicom+json", durable=False)
         writer.add(data)
         return
-    with stream:
-        writer.add(stream)
+    writer.add(stored)
 
 
 def _representative_thumbnail(ctx: AppContext, members: list[_Member], target: str, notes: list[str], *,

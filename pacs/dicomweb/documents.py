@@ -88,11 +88,15 @@ class MetadataDocuments:
 
     def _fragment(self, member: StoredInstance) -> Iterable[bytes] | None:
         if member.fragment_current:
+            key = instance_metadata_key(member.study_uid, member.series_uid, member.sop_uid)
             try:
-                return [self.store.get_bytes(instance_metadata_key(member.study_uid, member.series_uid,
-                                                                   member.sop_uid))]
+                stored = self.store.get_bytes(key)
             except ObjectNotFound:
                 pass
+            else:
+                if metadata.whole_fragment(stored):
+                    return [stored]
+                log.warning("stored fragment %s is not a whole JSON object: made from the object instead", key)
         try:
             with open_seekable(self.store, member.object_key) as fp:
                 return [metadata.instance_metadata(fp, member.study_uid, member.series_uid, member.sop_uid,

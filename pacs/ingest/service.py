@@ -231,6 +231,8 @@ class Ingestor:
         fragment = make_fragment(obj, assume_utf8_for_latin1=self._utf8) if current_sha is None else None
 
         def undo() -> None:  # the transaction did not commit: nothing this call wrote stays (an hour later)
+            # a key there before the put is never tombstoned: no index row may name it now (an index restored from
+            # an older backup), and then it is what `pacs reindex` recovers the instance from
             if not existed:
                 self._discard_later(key)
 
@@ -321,7 +323,9 @@ class Ingestor:
         already by a worker): the newer version's work is armed again, as a worker superseded does."""
         key = instance_metadata_key(obj.study_instance_uid, obj.series_instance_uid, obj.sop_instance_uid)
         try:
-            self._store.put(key, fragment, length=len(fragment), content_type="application/dicom+json")
+            # not forced to disk: made again from the object when a power cut leaves it missing or cut short
+            self._store.put(key, fragment, length=len(fragment), content_type="application/dicom+json",
+                            durable=False)
         except StorageError as exc:
             log.warning("fragment of %s not put (made again when it is read): %s", obj.sop_instance_uid, exc)
             return
