@@ -104,6 +104,8 @@ class FilesystemStore:
             except FileExistsError:
                 if not current.is_dir():
                     raise StorageError(f"key {key!r} conflicts with an existing object {current}") from None
+                if current == parent:  # missing a moment ago: a concurrent put made it and may not have synced it
+                    changed.append(current.parent)
                 continue
             except OSError as exc:
                 raise _translate(exc, key, missing_is_not_found=False) from exc
@@ -135,7 +137,8 @@ class FilesystemStore:
         durable: bool = True,
     ) -> None:
         """Write a temp file beside the target, fsync it, rename it over the target, then fsync the folder (and
-        any folder made for it). ``durable=False`` skips the fsyncs: the rename still makes it appear whole."""
+        any folder made for it). ``durable=False`` skips the file's and its folder's fsyncs (the rename still makes
+        it appear whole), not those of the folders it made: a durable put into them later relies on them."""
         path = self._path(key)
         source, _ = normalize_source(data, length)
         tmp, out, new_folders = self._create_temp(key, path.parent)
@@ -157,11 +160,11 @@ class FilesystemStore:
                 raise StorageError(f"key {key!r} conflicts with an existing key prefix") from None
             except OSError as exc:
                 raise _translate(exc, key, missing_is_not_found=False) from exc
-            if durable:
-                with _os_errors(key, missing_is_not_found=False):
+            with _os_errors(key, missing_is_not_found=False):
+                if durable:
                     _fsync_dir(path.parent)
-                    for folder in reversed(new_folders):  # the deepest first: each entry, then the one above
-                        _fsync_dir(folder)
+                for folder in reversed(new_folders):  # the deepest first: each entry, then the one above
+                    _fsync_dir(folder)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -447,13 +448,45 @@ def test_filesystem_put_syncs_the_file_and_every_folder_entry_it_made(
     assert len(synced) == 2 and synced[1] == root / "dicom" / "1.2" / "1.3" / "1.4"
 
 
-def test_filesystem_put_not_forced_to_disk_makes_no_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = FilesystemStore(tmp_path / "s")
+def test_filesystem_put_not_forced_to_disk_syncs_only_the_folders_it_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Neither the file nor its name is forced to disk; the folders it made are, since a durable put into them
+    later (a series document beside its fragments) relies on their names being on disk."""
+    root = tmp_path / "s"
+    store = FilesystemStore(root)
+    store.put("derived/x", b"1")
     synced = _record_fsyncs(monkeypatch)
     store.put("derived/metadata/1.2/1.3/1.4.json", b"{}", durable=False)
+    assert sorted(synced) == sorted([root / "derived", root / "derived" / "metadata",
+                                     root / "derived" / "metadata" / "1.2"])
+    synced.clear()
     store.put("derived/metadata/1.2/1.3/1.4.json", b"{1}", durable=False)
+    store.put("derived/metadata/1.2/1.3/1.5.json", b"{2}", durable=False)
     assert synced == [] and store.get_bytes("derived/metadata/1.2/1.3/1.4.json") == b"{1}"
-    assert not [p for p in (tmp_path / "s").rglob("*") if p.name.startswith(TMP_PREFIX)]
+    assert not [p for p in root.rglob("*") if p.name.startswith(TMP_PREFIX)]
+
+
+def test_filesystem_put_into_a_folder_a_concurrent_put_just_made_syncs_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two puts into one new folder (the same SOP Instance sent twice at once): the one whose mkdir lost the race
+    must not return before the folder's name is on disk, which the winner may not have synced yet."""
+    root = tmp_path / "s"
+    store = FilesystemStore(root)
+    store.put("dicom/1.2/1.3/old", b"x")
+    real_mkdir = os.mkdir
+
+    def mkdir_lost_to_a_concurrent_put(path: Any, *args: Any) -> None:
+        if Path(path).name == "1.4":
+            real_mkdir(path, *args)  # the other put's mkdir, just before ours
+        real_mkdir(path, *args)
+
+    monkeypatch.setattr(os, "mkdir", mkdir_lost_to_a_concurrent_put)
+    synced = _record_fsyncs(monkeypatch)
+    store.put("dicom/1.2/1.3/1.4/obj.dcm", b"payload")
+    assert root / "dicom" / "1.2" / "1.3" in synced
+    assert store.get_bytes("dicom/1.2/1.3/1.4/obj.dcm") == b"payload"
 
 
 def test_filesystem_refuses_to_recreate_a_vanished_root(tmp_path: Path) -> None:

@@ -31,7 +31,8 @@ Order of writes (nothing acknowledged is ever lost, nothing half-written is ever
    then, and an ingest of those bytes meanwhile takes the tombstone and puts them again after its commit. It stays
    invisible either way: queries read the index, and ``pacs check`` lists unreferenced objects.
 5. After commit, a new instance's DICOM JSON fragment (made from the parsed dataset, its outbox row recorded done
-   in step 4; :mod:`pacs.ingest.fragment`) is put under ``derived/metadata/``, and the outbox rows are handed to
+   in step 4; :mod:`pacs.ingest.fragment`) is put under ``derived/metadata/`` without forcing it to disk (readers
+   make it again from the object when a power cut left it missing or cut short), and the outbox rows are handed to
    the publisher without waiting on the broker.
 """
 
