@@ -49,9 +49,10 @@ class ObjectStore(Protocol):
         existing key replaces it; a concurrent reader sees the old or the new
         object, never a mix or a partial one.
 
-        ``durable=False`` is for objects that can be made again from others (a DICOM JSON fragment): still
-        visible atomically while the machine runs, but a backend may skip forcing it to disk, so after a power
-        cut it may be missing, empty or an older version. Its readers must check what they read.
+        ``durable=False`` is for objects that can be made again from others (a DICOM JSON fragment): visible
+        atomically, and its name as durable as any put's, but a backend may skip forcing its bytes to disk: after
+        a power cut it may read empty or with a hole of zeros (never another object's bytes). Its readers must
+        check what they read.
         """
         ...
 

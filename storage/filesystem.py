@@ -137,8 +137,12 @@ class FilesystemStore:
         durable: bool = True,
     ) -> None:
         """Write a temp file beside the target, fsync it, rename it over the target, then fsync the folder (and
-        any folder made for it). ``durable=False`` skips the file's and its folder's fsyncs (the rename still makes
-        it appear whole), not those of the folders it made: a durable put into them later relies on them."""
+        any folder made for it).
+
+        ``durable=False`` skips only the file's own fsync. The folder's still makes the rename (and any earlier
+        unlink or rename in that folder) last, so after a power cut the key names this object's bytes or a cut-short
+        copy of them (empty, or a hole of zeros: ext4's default ``data=ordered``, XFS and btrfs never show another
+        file's old blocks), never an earlier object under the same key, e.g. a deleted instance's fragment."""
         path = self._path(key)
         source, _ = normalize_source(data, length)
         tmp, out, new_folders = self._create_temp(key, path.parent)
@@ -161,8 +165,7 @@ class FilesystemStore:
             except OSError as exc:
                 raise _translate(exc, key, missing_is_not_found=False) from exc
             with _os_errors(key, missing_is_not_found=False):
-                if durable:
-                    _fsync_dir(path.parent)
+                _fsync_dir(path.parent)
                 for folder in reversed(new_folders):  # the deepest first: each entry, then the one above
                     _fsync_dir(folder)
         except BaseException:

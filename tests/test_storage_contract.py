@@ -448,22 +448,25 @@ def test_filesystem_put_syncs_the_file_and_every_folder_entry_it_made(
     assert len(synced) == 2 and synced[1] == root / "dicom" / "1.2" / "1.3" / "1.4"
 
 
-def test_filesystem_put_not_forced_to_disk_syncs_only_the_folders_it_made(
+def test_filesystem_put_not_forced_to_disk_syncs_names_not_bytes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Neither the file nor its name is forced to disk; the folders it made are, since a durable put into them
-    later (a series document beside its fragments) relies on their names being on disk."""
+    """The file's bytes are not forced to disk; every name is (its own, after the rename, and those of the folders
+    it made), so a power cut can leave the key cut short but never bring back an earlier object under it (a
+    deleted instance's fragment), and a durable put into those folders later can rely on their names."""
     root = tmp_path / "s"
     store = FilesystemStore(root)
     store.put("derived/x", b"1")
     synced = _record_fsyncs(monkeypatch)
     store.put("derived/metadata/1.2/1.3/1.4.json", b"{}", durable=False)
-    assert sorted(synced) == sorted([root / "derived", root / "derived" / "metadata",
-                                     root / "derived" / "metadata" / "1.2"])
+    folder = root / "derived" / "metadata" / "1.2" / "1.3"
+    assert synced[0] == folder  # no fsync of the temp file: its folder first, after the rename
+    assert sorted(synced[1:]) == sorted([root / "derived", root / "derived" / "metadata", folder.parent])
     synced.clear()
-    store.put("derived/metadata/1.2/1.3/1.4.json", b"{1}", durable=False)
+    store.put("derived/metadata/1.2/1.3/1.5.json", b"{1}", durable=False)
+    store.delete("derived/metadata/1.2/1.3/1.4.json")  # made to last by the next put's folder sync
     store.put("derived/metadata/1.2/1.3/1.5.json", b"{2}", durable=False)
-    assert synced == [] and store.get_bytes("derived/metadata/1.2/1.3/1.4.json") == b"{1}"
+    assert synced == [folder, folder] and store.get_bytes("derived/metadata/1.2/1.3/1.5.json") == b"{2}"
     assert not [p for p in root.rglob("*") if p.name.startswith(TMP_PREFIX)]
 
 

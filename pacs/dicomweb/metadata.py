@@ -126,9 +126,10 @@ def encode_json(value: Any) -> bytes:
 def whole_fragment(data: bytes) -> bool:
     """Whether stored fragment bytes can be an object :func:`encode_json` wrote: ``{`` … ``}`` and no NUL byte.
 
-    Fragments are put without forcing them to disk (they can be made again from the object), so after a power cut
-    one may read empty or with a hole of zeros; compact JSON never holds a raw NUL (``json`` escapes it), so this
-    cheap check is what tells such a file from a whole one.
+    Fragments are put without forcing their bytes to disk (they can be made again from the object; their names are
+    synced, :meth:`storage.filesystem.FilesystemStore.put`), so after a power cut one may read empty or with a hole
+    of zeros; compact JSON never holds a raw NUL (``json`` escapes it), so this cheap check tells such a file from a
+    whole one.
     """
     return len(data) >= 2 and data[:1] == b"{" and data[-1:] == b"}" and b"\x00" not in data
 
