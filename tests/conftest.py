@@ -11,8 +11,10 @@ import warnings
 from collections.abc import Iterator
 
 import pytest
+from pynetdicom.association import Association
 
 from tests.support.postgres import create_database, drop_database
+from tests.support.pynetdicom_clients import hold_responses
 from tests.support.scheduling import longest_modules_first
 from tests.support.seaweed import SeaweedS3
 from tests.support.tiers import pytest_collection_modifyitems as mark_tiers
@@ -34,6 +36,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def _quiet_pydicom_warnings() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
+        yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _clients_keep_their_responses() -> Iterator[None]:
+    """The tests' pynetdicom clients keep the response they wait for (tests/support/pynetdicom_clients.py)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Association, "_serve_request", hold_responses(Association._serve_request))
         yield
 
 

@@ -44,3 +44,19 @@ def test_an_abort_with_no_rejection_behind_it_is_none() -> None:
 
 def test_an_association_that_was_not_rejected_or_aborted_is_none() -> None:
     assert rejection_of(Association(AE(), "requestor")) is None
+
+
+def test_the_tests_own_clients_keep_the_response_a_sender_waits_for() -> None:
+    """tests/support/pynetdicom_clients.py, installed for the whole test process by tests/conftest.py: the
+    pynetdicom race replayed by hand on a test's client (the reactor takes a C-ECHO response off the queue)."""
+    from pynetdicom import dimse_primitives
+
+    assoc = Association(AE(), "requestor")
+    rsp = dimse_primitives.C_ECHO()
+    rsp.MessageIDBeingRespondedTo, rsp.Status = 1, 0x0000
+    assoc._reactor_checkpoint.clear()  # what send_c_echo does before it sends
+    assoc._serve_request(rsp, 1)  # the reactor caught between its checkpoint wait and the queue
+    assert assoc.dimse.get_msg(block=False) == (1, rsp)  # still there for the sender
+    assoc._reactor_checkpoint.set()  # nobody waiting: pynetdicom's own handling (logged and dropped)
+    assoc._serve_request(rsp, 1)
+    assert assoc.dimse.get_msg(block=False) == (None, None)
