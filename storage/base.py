@@ -73,7 +73,8 @@ class ObjectStore(Protocol):
         ...
 
     def delete(self, key: str) -> None:
-        """Remove the object; deleting a missing key is not an error."""
+        """Remove the object; deleting a missing key is not an error. Once this returns the removal lasts: a
+        power cut does not bring the object back (callers mark a deletion done right after)."""
         ...
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:

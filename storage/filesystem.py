@@ -174,6 +174,11 @@ class FilesystemStore:
             raise
 
     def delete(self, key: str) -> None:
+        """Unlink the file, then fsync its folder: once this returns, a power cut cannot bring the object back.
+
+        Callers record a deletion as done right after (a tombstone marked gone, an index row removed); an unlink
+        still only in memory would come back after a power cut as an object no row names, an orphan that ``pacs
+        reindex`` would index again: a deleted instance back in the archive."""
         path = self._path(key)
         try:
             os.unlink(path)
@@ -183,7 +188,21 @@ class FilesystemStore:
             if exc.errno == errno.EPERM and path.is_dir():  # unlink(2) on a folder: not an object
                 return
             raise _translate(exc, key, missing_is_not_found=False) from exc
+        with _os_errors(key, missing_is_not_found=False):
+            self._sync_removal(path.parent)
         self._prune_empty_parents(path.parent)
+
+    def _sync_removal(self, folder: Path) -> None:
+        """fsync the folder a name was just removed from; pruned meanwhile by a concurrent delete, the nearest
+        folder left above it (whose entry removal, journaled after the unlink, cannot last without it)."""
+        while True:
+            try:
+                _fsync_dir(folder)
+                return
+            except FileNotFoundError:
+                if folder == self.root:
+                    raise
+                folder = folder.parent
 
     def _prune_empty_parents(self, folder: Path) -> None:
         """Best effort: remove folders left empty by a delete, up to (not including) root."""

@@ -464,10 +464,35 @@ def test_filesystem_put_not_forced_to_disk_syncs_names_not_bytes(
     assert sorted(synced[1:]) == sorted([root / "derived", root / "derived" / "metadata", folder.parent])
     synced.clear()
     store.put("derived/metadata/1.2/1.3/1.5.json", b"{1}", durable=False)
-    store.delete("derived/metadata/1.2/1.3/1.4.json")  # made to last by the next put's folder sync
     store.put("derived/metadata/1.2/1.3/1.5.json", b"{2}", durable=False)
     assert synced == [folder, folder] and store.get_bytes("derived/metadata/1.2/1.3/1.5.json") == b"{2}"
     assert not [p for p in root.rglob("*") if p.name.startswith(TMP_PREFIX)]
+
+
+def test_filesystem_delete_lasts_once_it_returns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deletion is recorded as done right after ``delete`` returns (a tombstone marked gone): the unlink must be
+    on disk by then, or a power cut brings back an object no index row names, which ``pacs reindex`` would index
+    again. The folder is synced after the unlink; a folder pruned by a concurrent delete meanwhile, the one above."""
+    root = tmp_path / "s"
+    store = FilesystemStore(root)
+    store.put("dicom/1.2/1.3/1.4/a.dcm", b"a")
+    store.put("dicom/1.2/1.3/1.4/b.dcm", b"b")
+    synced = _record_fsyncs(monkeypatch)
+    store.delete("dicom/1.2/1.3/1.4/a.dcm")
+    assert synced == [root / "dicom" / "1.2" / "1.3" / "1.4"] and not store.exists("dicom/1.2/1.3/1.4/a.dcm")
+    synced.clear()
+    store.delete("dicom/1.2/1.3/1.4/a.dcm")  # missing: nothing removed, nothing to sync
+    assert synced == []
+
+    real_unlink = os.unlink
+
+    def unlink_then_a_concurrent_prune(path: Any, *args: Any) -> None:
+        real_unlink(path, *args)
+        os.rmdir(Path(path).parent)  # the other delete's prune of the folder just left empty
+
+    monkeypatch.setattr(os, "unlink", unlink_then_a_concurrent_prune)
+    store.delete("dicom/1.2/1.3/1.4/b.dcm")
+    assert synced == [root / "dicom" / "1.2" / "1.3"] and not (root / "dicom" / "1.2" / "1.3" / "1.4").exists()
 
 
 def test_filesystem_put_into_a_folder_a_concurrent_put_just_made_syncs_its_name(
