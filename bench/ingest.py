@@ -1,5 +1,6 @@
 """Ingest benchmark: a CT study sent with DCMTK's storescu to our embedded and scaled configurations and to
-Debian's Orthanc, on loopback, from an empty archive each time.
+Debian's Orthanc (its SQLite index, and with the scaled runs its PostgreSQL index), on loopback, from an empty
+archive each time.
 
     python -m bench.ingest [--slices 500] [--size 512] [--repeats 3] [--parallel 4] [--one-image 30]
                            [--skip-scaled] [--skip-orthanc] [--keep]
@@ -36,7 +37,13 @@ from rich.table import Table
 
 from bench.environment import environment_table
 from bench.generate_ct import write_ct_series
-from bench.orthanc import OrthancServer, find_orthanc, orthanc_version
+from bench.orthanc import (
+    OrthancServer,
+    find_orthanc,
+    find_postgresql_index_plugin,
+    orthanc_version,
+    postgresql_plugin_version,
+)
 from tests.support.dcmtk import dcmtk, dcmtk_env
 from tests.support.net import free_port, wait_until
 from tests.support.pacs_process import PacsProcess, run_pacs
@@ -47,7 +54,10 @@ OUT_DIR = BENCH_DIR / "out"
 BROKER_URL = os.environ.get("PACS_BENCH_REDIS_URL", "redis://127.0.0.1:6379/8")
 SEND_TIMEOUT_S = 3600  # a stall guard only: a send that takes an hour is a hang, not a slow result
 
-EMBEDDED, SCALED, ORTHANC = "ours embedded", "ours scaled", "Orthanc"
+EMBEDDED, SCALED, ORTHANC, ORTHANC_PG = "ours embedded", "ours scaled", "Orthanc", "Orthanc PostgreSQL"
+# ours ÷ which Orthanc: each of our modes against Orthanc's default (SQLite index), and the scaled one also against
+# Orthanc with its PostgreSQL index (issue 13's reference for the scaled mode)
+COMPARED = ((EMBEDDED, ORTHANC), (SCALED, ORTHANC), (SCALED, ORTHANC_PG))
 
 _WIDTH = max(shutil.get_terminal_size((160, 24)).columns, 150)
 out = Console(width=_WIDTH)
@@ -365,9 +375,14 @@ def scaled_server(run_dir: Path, infra: ScaledInfra, keep: bool) -> Iterator[Ser
 
 
 @contextlib.contextmanager
-def orthanc_server(run_dir: Path, keep: bool) -> Iterator[Server]:
-    server = OrthancServer(run_dir / "orthanc").start()
+def orthanc_server(run_dir: Path, keep: bool, *, postgresql: bool = False) -> Iterator[Server]:
+    """Orthanc with its SQLite index, or with ``postgresql`` its index in a new database of the local PostgreSQL."""
+    from tests.support.postgres import create_database, drop_database
+
+    db_name = create_database()[0] if postgresql else None
+    server = OrthancServer(run_dir / "orthanc", postgresql_database=db_name)
     try:
+        server.start()
         assert server.proc is not None
         yield Server(server.dicom_port, "ORTHANC", {"Orthanc": server.proc.pid}, server.count_instances,
                      {"Orthanc": (server.log_path, ORTHANC_ERRORS)}, lambda: None)
@@ -375,6 +390,8 @@ def orthanc_server(run_dir: Path, keep: bool) -> Iterator[Server]:
         server.stop()
         if not keep:
             shutil.rmtree(run_dir / "orthanc" / "storage", ignore_errors=True)
+            if db_name is not None:
+                drop_database(db_name)
 
 
 # -- one run -----------------------------------------------------------------------------------------
@@ -454,7 +471,7 @@ def run_once(system: str, mode: str, parallel: int, repeat: int, files: list[Pat
         assert infra is not None
         starter = scaled_server(run_dir, infra, keep)
     else:
-        starter = orthanc_server(run_dir, keep)
+        starter = orthanc_server(run_dir, keep, postgresql=system == ORTHANC_PG)
     try:
         with starter as server:
             time.sleep(1.0)  # let start-up work (imports, schema checks, first connections) finish
@@ -514,7 +531,9 @@ def _version(cmd: list[str], pattern: str) -> str:
 def print_environment(args: argparse.Namespace, files: list[Path], total_bytes: int) -> None:
     table = environment_table()
     table.add_row("DCMTK (storescu)", _version([dcmtk("storescu"), "--version"], r"v(\d+\.\d+\.\d+)"))
-    table.add_row("Orthanc", orthanc_version())
+    table.add_row("Orthanc", orthanc_version() + (f" (PostgreSQL index plugin {postgresql_plugin_version()}, "
+                                                  "its index on the local PostgreSQL, files on disk)"
+                                                  if args.orthanc_postgresql else ""))
     if not args.skip_scaled:
         from tests.support.seaweed import find_weed
 
@@ -581,22 +600,21 @@ def print_results(results: list[RunResult], systems: list[str], modes: list[str]
                           cpu, *per_instance, idle or "-", peak or "-", f"{len(good)}/{len(runs)}")
     out.print(table)
 
-    if ORTHANC in systems:
+    pairs = [(mine, theirs) for mine, theirs in COMPARED if mine in systems and theirs in systems]
+    if pairs:
         ratios = Table(title="Ours ÷ Orthanc, medians: instances/s (> 1: we are faster); server CPU and wall "
                              "per instance (< 1: we use less)")
         ratios.add_column("mode")
         ratios.add_column("figure")
-        ours = [s for s in systems if s != ORTHANC]
-        for system in ours:
-            ratios.add_column(system, justify="right")
+        for mine, theirs in pairs:
+            ratios.add_column(f"{mine} ÷ {theirs}", justify="right")
         for mode in modes:
             for figure, table_of in (("instances/s", medians), ("CPU ms/inst", cpu_medians),
                                      ("… incl. derived", settled_medians), ("wall ms/inst", wall_medians)):
-                base = table_of.get((ORTHANC, mode))
                 cells = []
-                for system in ours:
-                    mine = table_of.get((system, mode))
-                    cells.append(f"{mine / base:.2f}" if base and mine else "-")
+                for mine, theirs in pairs:
+                    value, base = table_of.get((mine, mode)), table_of.get((theirs, mode))
+                    cells.append(f"{value / base:.2f}" if base and value else "-")
                 ratios.add_row(mode, figure, *cells)
         out.print(ratios)
 
@@ -646,6 +664,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="files sent one association each, one after the other (default 30; 0 leaves the mode out)")
     parser.add_argument("--skip-scaled", action="store_true", help="leave out scp + worker on PostgreSQL/S3/Redis")
     parser.add_argument("--skip-orthanc", action="store_true", help="leave out Debian's Orthanc")
+    parser.add_argument("--skip-orthanc-postgresql", action="store_true",
+                        help="leave out Orthanc with its PostgreSQL index (run only with the scaled mode and Orthanc)")
     parser.add_argument("--keep", action="store_true", help="keep each run's archive (data, database, bucket)")
     parser.add_argument("--dicom-processes", type=int, default=None, metavar="N",
                         help="DICOM receiving processes of `pacs serve` / `pacs scp` (PACS_DICOM_PROCESSES; "
@@ -663,11 +683,17 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_orthanc and find_orthanc() is None:
         err.print("[yellow]Orthanc is not installed (apt-get install orthanc): running without it[/yellow]")
         args.skip_orthanc = True
+    args.orthanc_postgresql = not (args.skip_orthanc or args.skip_scaled or args.skip_orthanc_postgresql)
+    if args.orthanc_postgresql and find_postgresql_index_plugin() is None:
+        err.print("[yellow]Orthanc's PostgreSQL index plugin is not installed (apt-get install orthanc-postgresql): "
+                  "running without it[/yellow]")
+        args.orthanc_postgresql = False
     files = study_files(args.slices, args.size)
     total_bytes = sum(f.stat().st_size for f in files)
     print_environment(args, files, total_bytes)
 
-    systems = [EMBEDDED] + ([] if args.skip_scaled else [SCALED]) + ([] if args.skip_orthanc else [ORTHANC])
+    systems = [EMBEDDED] + ([] if args.skip_scaled else [SCALED]) + ([] if args.skip_orthanc else [ORTHANC]) \
+        + ([ORTHANC_PG] if args.orthanc_postgresql else [])
     modes = [(1, "1 association")]
     if args.parallel > 1:
         modes.append((args.parallel, f"{args.parallel} in parallel"))
@@ -691,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
                     results.append(r)
                     status = "ok" if r.ok else "[red]FAILED[/red]"
                     peak = ", ".join(f"{k} {_mb(v)} MB" for k, v in r.peak_rss.items())
-                    err.print(f"[{repeat}/{args.repeats}] {system:14} {mode:14} {r.elapsed_s:7.2f} s "
+                    err.print(f"[{repeat}/{args.repeats}] {system:18} {mode:14} {r.elapsed_s:7.2f} s "
                               f"{r.rate:7.1f} inst/s {r.mb_s:6.1f} MB/s  cpu {r.cpu_s:5.1f} s  peak {peak}  {status}")
                     for problem in r.problems:
                         err.print(f"    [red]{problem}[/red]")

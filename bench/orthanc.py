@@ -2,7 +2,9 @@
 
 Each :class:`OrthancServer` gets its own storage folder and SQLite index under ``workdir``, free DICOM and
 HTTP ports, no plugins, and ``TCP_NODELAY=1`` in its environment (DCMTK, which Orthanc's DICOM layer is
-built on, keeps Nagle's algorithm on otherwise: ~40 ms per C-STORE response).
+built on, keeps Nagle's algorithm on otherwise: ~40 ms per C-STORE response). Given ``postgresql_database``, its
+index is that PostgreSQL database instead (Debian's ``orthanc-postgresql`` index plugin, the files still in the
+storage folder): the reference issue 13 names for our scaled mode.
 
     server = OrthancServer(tmp / "orthanc").start()   # waits until C-ECHO and GET /system answer
     ... storescu -aec ORTHANC 127.0.0.1 server.dicom_port ...
@@ -13,6 +15,7 @@ built on, keeps Nagle's algorithm on otherwise: ~40 ms per C-STORE response).
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import re
@@ -28,6 +31,11 @@ from tests.support.net import free_port, wait_until
 
 ORTHANC_BIN = os.environ.get("ORTHANC_BIN", "/usr/sbin/Orthanc")
 AE_TITLE = "ORTHANC"
+# Debian's orthanc-postgresql names its plugins with their version (libOrthancPostgreSQLIndex.so.4.0)
+POSTGRESQL_PLUGIN_GLOB = "/usr/lib/orthanc/libOrthancPostgreSQLIndex.so*"
+# The index plugin's connection pool (its default is 1: one index transaction at a time); as many as the
+# bench's parallel associations, so that Orthanc is not held back by the setting
+POSTGRESQL_INDEX_CONNECTIONS = 4
 
 
 def find_orthanc() -> str | None:
@@ -36,6 +44,20 @@ def find_orthanc() -> str | None:
         if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
     return None
+
+
+def find_postgresql_index_plugin() -> str | None:
+    """Path of the PostgreSQL index plugin ($ORTHANC_POSTGRESQL_PLUGIN, else Debian's orthanc-postgresql), or None."""
+    candidates = [os.environ.get("ORTHANC_POSTGRESQL_PLUGIN", ""), *sorted(glob.glob(POSTGRESQL_PLUGIN_GLOB))]
+    return next((c for c in candidates if c and os.path.isfile(c)), None)
+
+
+def postgresql_plugin_version() -> str:
+    plugin = find_postgresql_index_plugin()
+    if plugin is None:
+        return "not installed"
+    match = re.search(r"\.so\.(\d+(\.\d+)*)$", plugin)
+    return match.group(1) if match else os.path.basename(plugin)
 
 
 def orthanc_version() -> str:
@@ -53,8 +75,9 @@ def orthanc_version() -> str:
 class OrthancServer:
     """One Orthanc process with an empty store, owned by the benchmark."""
 
-    def __init__(self, workdir: Path, startup_timeout: float = 60.0) -> None:
+    def __init__(self, workdir: Path, startup_timeout: float = 60.0, postgresql_database: str | None = None) -> None:
         self.workdir = Path(workdir)
+        self.postgresql_database = postgresql_database
         self.startup_timeout = startup_timeout
         self.dicom_port = free_port()
         self.http_port = free_port()
@@ -86,6 +109,28 @@ class OrthancServer:
             "DicomAlwaysAllowEcho": True,
             "DicomAlwaysAllowStore": True,
             "DicomModalities": {},
+            **(self._postgresql_index() if self.postgresql_database else {}),
+        }
+
+    def _postgresql_index(self) -> dict[str, object]:
+        """The index in ``postgresql_database`` on the local server (trust auth for ``postgres``), files on disk."""
+        plugin = find_postgresql_index_plugin()
+        if plugin is None:
+            raise RuntimeError("Orthanc's PostgreSQL index plugin not found (apt-get install orthanc-postgresql), "
+                               "or set ORTHANC_POSTGRESQL_PLUGIN")
+        return {
+            "Plugins": [plugin],
+            "PostgreSQL": {
+                "EnableIndex": True,
+                "EnableStorage": False,
+                "Host": "127.0.0.1",
+                "Port": 5432,
+                "Database": self.postgresql_database,
+                "Username": "postgres",
+                "Password": "",
+                "Lock": False,
+                "IndexConnectionsCount": POSTGRESQL_INDEX_CONNECTIONS,
+            },
         }
 
     def start(self) -> OrthancServer:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Benchmarks: installs what they need when missing (DCMTK, Orthanc and its DICOMweb plugin from Debian, curl,
-# the venv with the test extras), then runs one of them with the arguments given. The first argument may
+# Benchmarks: installs what they need when missing (DCMTK, Orthanc and its DICOMweb and PostgreSQL plugins from
+# Debian, curl, the venv with the test extras), then runs one of them with the arguments given. The first argument may
 # name the benchmark (ingest, query, dicomweb, reading_list, index_scale, ui_browser, ohif or crash_drill; ingest when
 # it is an option or absent), e.g.
 #   scripts/bench.sh                                 # ingest: 500 slices 512x512, 3 repeats, 4 in parallel
@@ -23,6 +23,9 @@ missing=()
 [[ -x /usr/bin/storescu && -x /usr/bin/echoscu ]] || missing+=(dcmtk)
 [[ -x "${ORTHANC_BIN:-/usr/sbin/Orthanc}" ]] || missing+=(orthanc)
 [[ -f "${ORTHANC_DICOMWEB_PLUGIN:-/usr/share/orthanc/plugins/libOrthancDicomWeb.so}" ]] || missing+=(orthanc-dicomweb)
+# ingest compares the scaled mode with Orthanc on its PostgreSQL index too
+compgen -G "/usr/lib/orthanc/libOrthancPostgreSQLIndex.so*" >/dev/null || [[ -f "${ORTHANC_POSTGRESQL_PLUGIN:-}" ]] \
+  || missing+=(orthanc-postgresql)
 command -v curl >/dev/null || missing+=(curl)
 [[ -x /usr/bin/chromium ]] || missing+=(chromium)  # the ohif bench (Playwright drives Debian's Chromium)
 if ((${#missing[@]})); then
