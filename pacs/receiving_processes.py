@@ -428,6 +428,7 @@ def _receive(settings: Settings, index: int, count: int, role: str, shared: Shar
 
     from dicom_scp.server import start_scp
     from pacs.context import AppContext
+    from pacs.ingest.fragment_writer import drain_fragments
     from pacs.runtime import make_ingestor
 
     parent = _Parent(conn)
@@ -460,6 +461,7 @@ def _receive(settings: Settings, index: int, count: int, role: str, shared: Shar
     while not stop.wait(METRICS_PUSH_S):
         parent.send(("metrics", metrics.snapshot()))
     left = listeners.close(settings.dicom_drain_s)
+    drain_fragments()  # the fragments of objects answered already (pacs.ingest.fragment_writer)
     parent.send(("metrics", metrics.snapshot()))
     parent.send(("bye", os.getpid(), left))
     ctx.close()

@@ -16,6 +16,7 @@ from pacs.forwarding.delivery import ForwardDelivery
 from pacs.hl7.listener import Hl7Listener
 from pacs.hl7.outbound import Hl7Delivery
 from pacs.ingest import Ingestor, TaskNotifier
+from pacs.ingest.fragment_writer import drain_fragments, fragment_writer
 from pacs.persons.identifiers import NationalIdPolicy
 from pacs.polling import PollingLoop
 from pacs.settings import Settings
@@ -65,6 +66,7 @@ class Pipeline:
             self.commitment.stop()
         if self.forwarder is not None:
             self.forwarder.stop()
+        drain_fragments()  # the fragments of objects answered already (pacs.ingest.fragment_writer)
         self.relay.stop()
         publisher = self.ctx.extras.get("publisher")
         if isinstance(publisher, InProcessPublisher):
@@ -109,6 +111,7 @@ def make_ingestor(ctx: AppContext, notify: TaskNotifier | None = None) -> Ingest
         read_sessions=ctx.read_sessions,
         max_inflated_bytes=settings.max_inflated_bytes,
         national_ids=NationalIdPolicy.from_settings(settings.national_id_issuers, settings.national_id_attribute),
+        fragment_writer=fragment_writer(),  # fragments put after the answer (drained when the process stops)
     )
 
 

@@ -32,8 +32,9 @@ Order of writes (nothing acknowledged is ever lost, nothing half-written is ever
    invisible either way: queries read the index, and ``pacs check`` lists unreferenced objects.
 5. After commit, a new instance's DICOM JSON fragment (made from the parsed dataset, its outbox row recorded done
    in step 4; :mod:`pacs.ingest.fragment`) is put under ``derived/metadata/`` without forcing it to disk (readers
-   make it again from the object when a power cut left it missing or cut short), and the outbox rows are handed to
-   the publisher without waiting on the broker.
+   make it again from the object when a power cut left it missing or cut short) — by the process's fragment
+   writer after the answer, where the ingest service has one (:mod:`pacs.ingest.fragment_writer`; the runtime's
+   does) — and the outbox rows are handed to the publisher without waiting on the broker.
 """
 
 
@@ -44,6 +45,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
+from functools import partial
 from typing import TypedDict, cast
 
 from sqlalchemy import Table, bindparam, select
@@ -60,6 +62,7 @@ from pacs.failpoints import failpoint
 from pacs.forwarding.rules import queue_forwards
 from pacs.ingest.claim import ClaimStoreFailed, claim_provisional_study
 from pacs.ingest.fragment import make_fragment
+from pacs.ingest.fragment_writer import FragmentWriter
 from pacs.ingest.index_writer import index_instance
 from pacs.ingest.outcome import IngestOutcome, IngestStatus
 from pacs.ingest.ownership import Snapshot, decide, order_patient, snapshot
@@ -117,7 +120,10 @@ class Ingestor:
         read_sessions: sessionmaker[Session] | None = None,
         max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
         national_ids: NationalIdPolicy | None = None,
+        fragment_writer: FragmentWriter | None = None,
     ) -> None:
+        # where new instances' fragments are put after the answer (pacs.ingest.fragment_writer); None: before it
+        self._fragments = fragment_writer
         self._national_ids = national_ids  # link records to persons by national IDs (pacs.persons); None: off
         self._sessions = sessions
         # the per-object reads (step 2, the fragment's version check) are single statements without an ORM session
@@ -304,7 +310,12 @@ class Ingestor:
             return self._index_failed(obj, sha256, exc)
         failpoint("ingest.after_index_commit")
         if fragment is not None:
-            self._put_fragment(obj, fragment, sha256)
+            put = partial(self._put_fragment, obj.study_instance_uid, obj.series_instance_uid, obj.sop_instance_uid,
+                          fragment, sha256)  # the UIDs and the fragment only: a queued job never holds the object
+            if self._fragments is not None:
+                self._fragments.submit(put)
+            else:
+                put()
         if tombstoned:
             failed = self._put_again(obj, key)
             if failed is not None:
@@ -316,30 +327,31 @@ class Ingestor:
             else IngestStatus.NEW_VERSION
         return IngestOutcome(status, "", derived_task_ids=task_ids, **ids)
 
-    def _put_fragment(self, obj: ReceivedObject, fragment: bytes, sha256: str) -> None:
+    def _put_fragment(self, study_uid: str, series_uid: str, sop_uid: str, fragment: bytes, sha256: str) -> None:
         """Put a new instance's DICOM JSON fragment (pacs.ingest.fragment), after the commit that recorded its row
-        done. Put only now, a fragment is never of content that did not commit. Missing (a crash before the put, a
-        store that refused it), readers make it from the object (:mod:`pacs.dicomweb.documents`,
-        :mod:`pacs.derived.series`). Put late (a newer version committed meanwhile, its fragment maybe written
-        already by a worker): the newer version's work is armed again, as a worker superseded does."""
-        key = instance_metadata_key(obj.study_instance_uid, obj.series_instance_uid, obj.sop_instance_uid)
+        done (and, with a fragment writer, after the answer). Put only now, a fragment is never of content that did
+        not commit. Missing (a crash before the put, a store that refused it), readers make it from the object
+        (:mod:`pacs.dicomweb.documents`, :mod:`pacs.derived.series`). Put late (a newer version committed meanwhile,
+        its fragment maybe written already by a worker): the newer version's work is armed again, as a worker
+        superseded does. Put after the instance was deleted: deleted again."""
+        key = instance_metadata_key(study_uid, series_uid, sop_uid)
         try:
             # not forced to disk: made again from the object when a power cut leaves it missing or cut short
             self._store.put(key, fragment, length=len(fragment), content_type="application/dicom+json",
                             durable=False)
         except StorageError as exc:
-            log.warning("fragment of %s not put (made again when it is read): %s", obj.sop_instance_uid, exc)
+            log.warning("fragment of %s not put (made again when it is read): %s", sop_uid, exc)
             return
         try:
             # read on the read-only pool (no write lock: SQLite's BEGIN IMMEDIATE would queue behind every other
             # ingest); a newer version committed after this read puts its own fragment after its commit, after ours
             with self._read_engine.connect() as connection:
-                current = _CURRENT_SHA.scalar(connection, {"sop": obj.sop_instance_uid})
+                current = _CURRENT_SHA.scalar(connection, {"sop": sop_uid})
             if current is not None and current != sha256:
                 with self._sessions() as session, session.begin():
-                    redo_newer_version(session, obj.sop_instance_uid)
+                    redo_newer_version(session, sop_uid)
         except SQLAlchemyError as exc:  # the index went away after our commit: readers check the version
-            log.warning("could not check the version of %s's fragment: %s", obj.sop_instance_uid, exc)
+            log.warning("could not check the version of %s's fragment: %s", sop_uid, exc)
             return
         if current is None:  # deleted meanwhile: its derived objects went with it, so this one goes too
             self._discard(key)
