@@ -121,9 +121,10 @@ def check_command(
                                                  "written less than this long ago (a write may be in flight)")]
     = 60.0,
 ) -> None:
-    """Verify every indexed object in the store (exists, size, SHA-256) and list unindexed objects.
+    """Verify every indexed object in the store (exists, size, SHA-256), and every object held in the
+    reconciliation queue, and list unindexed objects.
 
-    Errors: an indexed object missing, of another size, corrupt or unreadable. Warnings: orphans (objects
+    Errors: an indexed or held object missing, of another size, corrupt or unreadable. Warnings: orphans (objects
     under dicom/ no index row references, left by an ingest that died before its index commit) and
     temporary files (.tmp-* of interrupted writes). --repair removes those warnings' files once older
     than --grace-minutes, never an object an index row points at, and prints what it removed.

@@ -3,8 +3,9 @@
 Two passes, both streaming and in short transactions:
 
 1. every object the index references (current instances, prior versions, rejected instances and the
-   rejection notes, :mod:`pacs.studies.rejection`) is read back in 1 MiB
-   chunks and its existence, size and SHA-256 compared with the index row;
+   rejection notes, :mod:`pacs.studies.rejection`, and the objects held in the reconciliation queue while a row
+   pending or separated names them, :mod:`pacs.reconciliation`: acknowledged to their senders, and the only copy
+   of a pending one) is read back in 1 MiB chunks and its existence, size and SHA-256 compared with the row;
 2. the ``dicom/`` listing is compared with the index: an object no row references is an orphan (left by
    an ingest that died, or whose index commit failed and whose clean-up failed too, or by hand); and the
    temporary files of interrupted writes (``.tmp-*``, filesystem store) are listed.
@@ -22,12 +23,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 
-from sqlalchemy import func, select, union_all
+from sqlalchemy import ColumnElement, func, select, union_all
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs.db.models import Instance, InstanceVersion
 from pacs.maintenance import NoProgress, ProgressSink, file_modes
 from pacs.maintenance.repair import temporary_files
+from pacs.reconciliation.models import PENDING, SEPARATED, ReconciliationItem
 from pacs.studies.models import RejectedInstance, RejectionNote
 from storage import ObjectNotFound, ObjectStore, StorageError, StorageUnavailable
 from storage.base import CHUNK_SIZE
@@ -48,6 +50,14 @@ class ProblemKind(StrEnum):
 # the index rows that reference a stored object under dicom/ (rejected instances and rejection notes too)
 _REFERENCING: tuple[type[Instance] | type[InstanceVersion] | type[RejectedInstance] | type[RejectionNote], ...] = (
     Instance, InstanceVersion, RejectedInstance, RejectionNote)
+
+# the rows pass 1 verifies the objects of: every row of each of these, and the reconciliation queue's rows whose held
+# copy is still kept (resolved by filing or discarding, the copy is removed, best effort: pacs.reconciliation)
+_VERIFIED: tuple[tuple[type[Instance] | type[InstanceVersion] | type[RejectedInstance] | type[RejectionNote]
+                       | type[ReconciliationItem], ColumnElement[bool] | None], ...] = (
+    *((model, None) for model in _REFERENCING),
+    (ReconciliationItem, ReconciliationItem.state.in_((PENDING, SEPARATED))),
+)
 
 WARNINGS = frozenset({ProblemKind.ORPHAN, ProblemKind.TEMPORARY})  # the archive is whole; --repair collects them
 
@@ -102,16 +112,16 @@ def check(sessions: sessionmaker[Session], store: ObjectStore, *, batch_size: in
     started = time.monotonic()
     summary = CheckSummary()
     with sessions() as session:
-        total = sum(session.scalar(select(func.count()).select_from(model)) or 0
-                    for model in _REFERENCING)
+        total = sum(session.scalar(select(func.count()).select_from(model).where(*_kept(kept))) or 0
+                    for model, kept in _VERIFIED)
     progress.phase("verifying", total)
-    for model in _REFERENCING:
+    for model, kept in _VERIFIED:
         last_id = 0
         while True:
             with sessions() as session:
                 rows = session.execute(
                     select(model.id, model.sop_instance_uid, model.object_key, model.size, model.sha256)
-                    .where(model.id > last_id).order_by(model.id).limit(batch_size)).all()
+                    .where(model.id > last_id, *_kept(kept)).order_by(model.id).limit(batch_size)).all()
             if not rows:
                 break
             last_id = rows[-1][0]
@@ -129,6 +139,10 @@ def check(sessions: sessionmaker[Session], store: ObjectStore, *, batch_size: in
     summary.lax_modes = file_modes.archive_warnings(sessions, store)
     summary.seconds = round(time.monotonic() - started, 3)
     return summary
+
+
+def _kept(condition: ColumnElement[bool] | None) -> tuple[ColumnElement[bool], ...]:
+    return () if condition is None else (condition,)
 
 
 def verify_object(store: ObjectStore, key: str, size: int, sha256: str,
