@@ -35,14 +35,21 @@ Job = Callable[[], None]
 
 
 class FragmentWriter:
-    """A bounded queue of fragment puts and the one daemon thread that runs them (started on first use, and again
-    in a forked child, which has the queue's state but not its thread)."""
+    """A bounded queue of fragment puts and the one daemon thread that runs them, started on first use (in a forked
+    child too: the receiving processes of `pacs serve` are forked, and a child has none of its parent's threads)."""
 
     def __init__(self, capacity: int = CAPACITY) -> None:
         self._capacity = capacity
+        self._forked()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._forked)
+
+    def _forked(self) -> None:
+        """A new, empty writer: at creation, and in a forked child (whose copies of the parent's queue and lock may
+        hold the parent's jobs, or be held by one of the parent's threads that the child does not have)."""
         self._lock = threading.Lock()
         self._pid = -1
-        self._queue: queue.Queue[Job] = queue.Queue(capacity)
+        self._queue: queue.Queue[Job] = queue.Queue(self._capacity)
 
     def submit(self, job: Job) -> None:
         """Run ``job`` on the writer's thread; when its queue is full, here and now."""
@@ -74,7 +81,6 @@ class FragmentWriter:
         with self._lock:
             if self._pid == os.getpid():
                 return
-            self._queue = queue.Queue(self._capacity)  # a forked child's copy may hold its parent's jobs
             threading.Thread(target=self._run, args=(self._queue,), name="pacs-fragments", daemon=True).start()
             self._pid = os.getpid()
 
@@ -100,5 +106,5 @@ def fragment_writer() -> FragmentWriter:
 
 
 def drain_fragments(timeout: float = DRAIN_S) -> bool:
-    """Wait for the process's queued fragment puts (a process stopping; a test about to look at fragments)."""
+    """Wait for the process's queued fragment puts (a process stopping)."""
     return _WRITER.drain(timeout)

@@ -53,8 +53,8 @@ _REFERENCING: tuple[type[Instance] | type[InstanceVersion] | type[RejectedInstan
 
 # the rows pass 1 verifies the objects of: every row of each of these, and the reconciliation queue's rows whose held
 # copy is still kept (resolved by filing or discarding, the copy is removed, best effort: pacs.reconciliation)
-_VERIFIED: tuple[tuple[type[Instance] | type[InstanceVersion] | type[RejectedInstance] | type[RejectionNote]
-                       | type[ReconciliationItem], ColumnElement[bool] | None], ...] = (
+_VERIFIED: tuple[tuple[type[Instance | InstanceVersion | RejectedInstance | RejectionNote | ReconciliationItem],
+                       ColumnElement[bool] | None], ...] = (
     *((model, None) for model in _REFERENCING),
     (ReconciliationItem, ReconciliationItem.state.in_((PENDING, SEPARATED))),
 )
