@@ -1,13 +1,17 @@
 """`pacs check` verifies the objects held in the reconciliation queue like indexed ones: a held object is an
 acknowledged image (its sender was answered) and, while it waits for a person, the archive's only copy. Missing,
 cut short or corrupt, it is an error (exit 1), named by its ``reconciliation/`` key; a resolved row whose copy was
-removed (filed, discarded) is not. SQLite + filesystem, the check's own function and the CLI in-process."""
+removed (filed, discarded) is not. An object under ``reconciliation/`` that no queue row names is an orphan (a
+warning), which ``--repair`` collects like the others. SQLite + filesystem, the check's own function and the CLI
+in-process."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import os
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,6 +22,7 @@ import pytest
 from pacs.context import AppContext
 from pacs.db import migrate
 from pacs.maintenance.check import ProblemKind, check
+from pacs.maintenance.repair import repair
 from pacs.reconciliation.models import DISCARDED, FILED, PENDING, SEPARATED, ReconciliationItem
 from pacs.settings import Settings
 from storage.keys import reconciliation_key
@@ -76,3 +81,25 @@ def test_pacs_check_exits_1_on_a_lost_held_object(ctx: AppContext, tmp_path: Pat
     assert lost.returncode == 1, lost.stdout
     report = json.loads(lost.stdout)
     assert [(p["kind"], p["key"]) for p in report["problems"]] == [("missing", key)]
+
+
+def test_a_held_object_no_queue_row_names_is_an_orphan_that_repair_collects_when_old(ctx: AppContext) -> None:
+    """A hold that died between its put and its commit leaves an object under reconciliation/ that no row names:
+    a warning, collected by --repair once older than the grace period; a held object a row names never is."""
+    named, _ = _hold(ctx, PENDING, "NAMED")
+    resolved, _ = _hold(ctx, FILED, "RESOLVED")  # resolved, its copy's removal failed: a row still names it
+    data = make_instance(PatientID="DIED")
+    orphan = reconciliation_key(hashlib.sha256(data).hexdigest())
+    ctx.store.put(orphan, data)
+
+    summary = check(ctx.sessions, ctx.store)
+    assert summary.ok and summary.listed == 3
+    assert [(p.kind, p.key) for p in summary.warnings] == [(ProblemKind.ORPHAN, orphan)]
+
+    orphans = [p.key for p in summary.warnings]
+    assert repair(ctx.sessions, ctx.store, orphans).removed_orphans == []  # too young: a hold may be in flight
+    old = time.time() - 3 * 3600
+    for key in (named, resolved, orphan):
+        os.utime(ctx.store.root / key, (old, old))  # type: ignore[attr-defined]  # the embedded filesystem store
+    assert repair(ctx.sessions, ctx.store, [*orphans, named, resolved]).removed_orphans == [orphan]
+    assert not ctx.store.exists(orphan) and ctx.store.exists(named) and ctx.store.exists(resolved)

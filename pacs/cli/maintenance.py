@@ -125,7 +125,8 @@ def check_command(
     reconciliation queue, and list unindexed objects.
 
     Errors: an indexed or held object missing, of another size, corrupt or unreadable. Warnings: orphans (objects
-    under dicom/ no index row references, left by an ingest that died before its index commit) and
+    under dicom/ no index row references, left by an ingest that died before its index commit; objects under
+    reconciliation/ no queue row names) and
     temporary files (.tmp-* of interrupted writes). --repair removes those warnings' files once older
     than --grace-minutes, never an object an index row points at, and prints what it removed.
 
@@ -178,7 +179,7 @@ def check_command(
             out.print(f"[yellow]warning: {warning}[/yellow]", soft_wrap=True)
         counts = ", ".join(f"{n} {kind}" for kind, n in sorted(summary.counts().items())) or "no problems"
         out.print(f"checked {summary.checked} objects ({summary.bytes_read / 1e6:.1f} MB), listed {summary.listed} "
-                  f"under dicom/ in {summary.seconds:.1f} s: {counts}")
+                  f"under dicom/ and reconciliation/ in {summary.seconds:.1f} s: {counts}")
         if repaired is not None:
             for key in repaired.removed_orphans:
                 out.print(f"removed orphan {key}", soft_wrap=True)

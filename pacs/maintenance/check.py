@@ -7,8 +7,10 @@ Two passes, both streaming and in short transactions:
    pending or separated names them, :mod:`pacs.reconciliation`: acknowledged to their senders, and the only copy
    of a pending one) is read back in 1 MiB chunks and its existence, size and SHA-256 compared with the row;
 2. the ``dicom/`` listing is compared with the index: an object no row references is an orphan (left by
-   an ingest that died, or whose index commit failed and whose clean-up failed too, or by hand); and the
-   temporary files of interrupted writes (``.tmp-*``, filesystem store) are listed.
+   an ingest that died, or whose index commit failed and whose clean-up failed too, or by hand); so is the
+   ``reconciliation/`` listing with the queue (an object no queue row names: a hold that died before its commit,
+   or whose commit failed, until the retention sweep removes it); and the temporary files of interrupted writes
+   (``.tmp-*``, filesystem store) are listed.
 
 Problems in pass 1 are errors (an indexed object is not as acknowledged). Orphans and temporary files are
 warnings: nothing acknowledged is affected, and ``pacs check --repair`` collects them after a grace period
@@ -33,7 +35,7 @@ from pacs.reconciliation.models import PENDING, SEPARATED, ReconciliationItem
 from pacs.studies.models import RejectedInstance, RejectionNote
 from storage import ObjectNotFound, ObjectStore, StorageError, StorageUnavailable
 from storage.base import CHUNK_SIZE
-from storage.keys import parse_instance_key
+from storage.keys import RECONCILIATION_PREFIX, parse_instance_key
 
 INSTANCE_PREFIX = "dicom/"
 
@@ -43,7 +45,7 @@ class ProblemKind(StrEnum):
     SIZE = "size"  # stored with another size than indexed (truncated, appended to)
     CORRUPT = "corrupt"  # same size, different SHA-256
     UNREADABLE = "unreadable"  # the store refused to read it (not a transient outage)
-    ORPHAN = "orphan"  # in the store under dicom/, referenced by no index row (a warning)
+    ORPHAN = "orphan"  # in the store under dicom/ (reconciliation/), referenced by no index (queue) row: a warning
     TEMPORARY = "temporary"  # a .tmp-* file of an interrupted write (a warning)
 
 
@@ -74,7 +76,7 @@ class Problem:
 class CheckSummary:
     checked: int = 0  # index rows whose object was verified
     bytes_read: int = 0
-    listed: int = 0  # objects listed under dicom/
+    listed: int = 0  # objects listed under dicom/ and reconciliation/
     problems: list[Problem] = field(default_factory=list)
     seconds: float = 0.0
     lax_modes: list[str] = field(default_factory=list)  # warnings, not problems (pacs.maintenance.file_modes)
@@ -186,6 +188,16 @@ def _find_orphans(sessions: sessionmaker[Session], store: ObjectStore, summary: 
             batch = []
     if batch:
         _orphans_in(sessions, batch, summary)
+    held: list[str] = []
+    for info in store.list(RECONCILIATION_PREFIX):
+        summary.listed += 1
+        progress.advance()
+        held.append(info.key)
+        if len(held) >= batch_size:
+            _held_orphans_in(sessions, held, summary)
+            held = []
+    if held:
+        _held_orphans_in(sessions, held, summary)
 
 
 def _orphans_in(sessions: sessionmaker[Session], batch: list[tuple[str, str]], summary: CheckSummary) -> None:
@@ -201,3 +213,15 @@ def _orphans_in(sessions: sessionmaker[Session], batch: list[tuple[str, str]], s
     for key, sop_uid in batch:
         if key not in referenced:
             summary.problems.append(Problem(ProblemKind.ORPHAN, key, sop_uid, "referenced by no index row"))
+
+
+def _held_orphans_in(sessions: sessionmaker[Session], keys: list[str], summary: CheckSummary) -> None:
+    """Keys under reconciliation/ that no queue row names (held objects are keyed by their SHA-256, which the queue
+    indexes)."""
+    digests = {key: key.removeprefix(RECONCILIATION_PREFIX).removesuffix(".dcm") for key in keys}
+    with sessions() as session:
+        named = set(session.scalars(select(ReconciliationItem.object_key)
+                                    .where(ReconciliationItem.sha256.in_(sorted(set(digests.values()))))))
+    for key in keys:
+        if key not in named:
+            summary.problems.append(Problem(ProblemKind.ORPHAN, key, "", "named by no reconciliation queue row"))
