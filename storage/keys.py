@@ -99,6 +99,14 @@ def reconciliation_key(sha256_hex: str) -> str:
     return f"{RECONCILIATION_PREFIX}{_require_sha256(sha256_hex)}.dcm"
 
 
+def parse_reconciliation_key(key: str) -> str | None:
+    """Inverse of :func:`reconciliation_key`: the held object's SHA-256, or None if ``key`` is not one."""
+    if not isinstance(key, str) or not key.startswith(RECONCILIATION_PREFIX) or not key.endswith(".dcm"):
+        return None
+    sha = key[len(RECONCILIATION_PREFIX):-len(".dcm")]
+    return sha if SHA256_RE.match(sha) else None
+
+
 def correction_marker_key(sop_uid: str, sha256_hex: str) -> str:
     """``corrections/{sop}/{sha256}``: written by the archive before it ingests a corrected version of one of its
     objects (pacs.studies.corrections), so that ``pacs reindex`` applies that version's values as ingest did —

@@ -30,6 +30,8 @@ from storage.keys import (
     instance_key,
     is_valid_uid,
     parse_instance_key,
+    parse_reconciliation_key,
+    reconciliation_key,
     require_uid,
     thumbnail_key,
     validate_key,
@@ -615,6 +617,13 @@ def test_keys_of_objects_stored_before_the_leading_zero_rule_stay_valid() -> Non
 )
 def test_parse_instance_key_rejects_other_keys(key: str) -> None:
     assert parse_instance_key(key) is None
+
+
+@pytest.mark.parametrize("key", [f"reconciliation/{SHA.upper()}.dcm", f"reconciliation/{SHA}", f"dicom/{SHA}.dcm",
+                                 f"reconciliation/x/{SHA}.dcm", "reconciliation/.dcm", ""])
+def test_reconciliation_keys_parse_back_and_nothing_else_does(key: str) -> None:
+    assert parse_reconciliation_key(reconciliation_key(SHA)) == SHA
+    assert parse_reconciliation_key(key) is None
 
 
 def test_validate_key_and_prefix() -> None:

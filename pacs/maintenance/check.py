@@ -35,7 +35,7 @@ from pacs.reconciliation.models import PENDING, SEPARATED, ReconciliationItem
 from pacs.studies.models import RejectedInstance, RejectionNote
 from storage import ObjectNotFound, ObjectStore, StorageError, StorageUnavailable
 from storage.base import CHUNK_SIZE
-from storage.keys import RECONCILIATION_PREFIX, parse_instance_key
+from storage.keys import RECONCILIATION_PREFIX, parse_instance_key, parse_reconciliation_key
 
 INSTANCE_PREFIX = "dicom/"
 
@@ -218,10 +218,10 @@ def _orphans_in(sessions: sessionmaker[Session], batch: list[tuple[str, str]], s
 def _held_orphans_in(sessions: sessionmaker[Session], keys: list[str], summary: CheckSummary) -> None:
     """Keys under reconciliation/ that no queue row names (held objects are keyed by their SHA-256, which the queue
     indexes)."""
-    digests = {key: key.removeprefix(RECONCILIATION_PREFIX).removesuffix(".dcm") for key in keys}
+    digests = {sha for key in keys if (sha := parse_reconciliation_key(key)) is not None}
     with sessions() as session:
         named = set(session.scalars(select(ReconciliationItem.object_key)
-                                    .where(ReconciliationItem.sha256.in_(sorted(set(digests.values()))))))
+                                    .where(ReconciliationItem.sha256.in_(sorted(digests)))))
     for key in keys:
         if key not in named:
             summary.problems.append(Problem(ProblemKind.ORPHAN, key, "", "named by no reconciliation queue row"))

@@ -64,6 +64,7 @@ from storage.keys import (
     instance_metadata_key,
     is_archived_uid,
     parse_instance_key,
+    parse_reconciliation_key,
     series_metadata_key,
     series_thumbnail_key,
     study_thumbnail_key,
@@ -540,9 +541,10 @@ def _names_key(session: Session, key: str, sop_uid: str) -> bool:
     """Whether an index row (current, prior, rejected version or rejection note) or a held object of the
     reconciliation queue (a ``reconciliation/`` key: a failed ingest's tombstone, pacs.ingest.service) names
     ``key``."""
-    if key.startswith(RECONCILIATION_PREFIX):
-        return session.scalar(select(ReconciliationItem.id).where(ReconciliationItem.object_key == key)
-                              .limit(1)) is not None
+    if key.startswith(RECONCILIATION_PREFIX):  # held objects are keyed by their SHA-256, which the queue indexes
+        return session.scalar(select(ReconciliationItem.id).where(
+            ReconciliationItem.sha256 == (parse_reconciliation_key(key) or ""),
+            ReconciliationItem.object_key == key).limit(1)) is not None
     return any(session.scalar(select(model.id).where(model.sop_instance_uid == sop_uid, model.object_key == key)
                               .limit(1)) is not None
                for model in (Instance, InstanceVersion, RejectedInstance, RejectionNote))
